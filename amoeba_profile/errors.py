@@ -1,0 +1,37 @@
+"""One exception family so the CLI can map every failure to a one-line message and an exit code."""
+
+
+class AmoebaError(Exception):
+    """Base of every error the toolkit raises on purpose; the message is one actionable line."""
+
+    exit_code = 1
+
+
+class UsageError(AmoebaError):
+    """The caller asked for something malformed (bad option value, unknown model name)."""
+
+    exit_code = 2
+
+
+class ArchError(UsageError):
+    """A model architecture is unknown or its config is unsupported; the message names the field."""
+
+
+class UnsupportedShape(AmoebaError):
+    """A subnet shape that a backend or the design space cannot express."""
+
+
+class BackendUnavailable(AmoebaError):
+    """A backend whose library or hardware is missing; the message carries the install hint."""
+
+
+class LutError(AmoebaError):
+    """A latency table that is missing, malformed or incompatible; the message names file and row."""
+
+
+class OutOfRange(AmoebaError):
+    """A prediction that would need extrapolation beyond the measured grid."""
+
+
+class InfeasibleBudget(AmoebaError):
+    """No shape fits the budget; the message names the fastest shape and its latency."""

@@ -1,0 +1,46 @@
+"""The workload a latency is asked for, and the one place the metrics are defined.
+
+Definitions (all in milliseconds, for one request of ``batch`` sequences):
+
+- ``ttft_ms``: time to first token = the prefill forward over ``prompt_len`` tokens, which
+  produces the logits of the first generated token.
+- ``tpot_ms``: time per output token = the mean decode step over the ``gen_len - 1`` steps that
+  produce tokens 2..gen_len. Step i (1-based) runs with ``prompt_len + i - 1`` tokens already in
+  the KV cache; decode cost grows with that context, so it is integrated, not sampled once.
+- ``e2e_ms``: ttft + the sum of those decode steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")
+METRIC_ALIASES = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
+
+
+def metric_name(text: str) -> str:
+    """'tpot' or 'tpot_ms' -> 'tpot_ms'."""
+    name = METRIC_ALIASES.get(text, text)
+    if name not in METRICS:
+        raise UsageError(f"unknown metric {text!r}: use one of ttft, tpot, e2e")
+    return name
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 1
+    prompt_len: int = 128
+    gen_len: int = 128
+
+    def __post_init__(self) -> None:
+        for field in ("batch", "prompt_len", "gen_len"):
+            if getattr(self, field) < 1:
+                raise UsageError(f"workload {field} must be >= 1, got {getattr(self, field)}")
+
+    def decode_contexts(self) -> np.ndarray:
+        """KV-cache lengths seen by each decode step (empty when gen_len == 1)."""
+        return np.arange(self.prompt_len, self.prompt_len + self.gen_len - 1, dtype=np.int64)

@@ -1,0 +1,42 @@
+"""Deployment-flow adapters and their registry.
+
+Every backend module imports its heavy library lazily, so listing backends never fails: a
+missing library is an ``Availability`` with a reason and an install hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..errors import BackendUnavailable, UsageError
+from .base import Availability, Backend, BuiltUnit, Capabilities
+
+# name -> "module:class", resolved on demand.
+REGISTRY: dict[str, str] = {
+    "pytorch": "amoeba_profile.backends.pytorch:PyTorchBackend",
+}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise UsageError(f"unknown backend {name!r}: use one of {sorted(REGISTRY)}")
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """An instance ready to measure, or BackendUnavailable with the install hint."""
+    cls = backend_class(name)
+    available = cls.availability()
+    if not available.ok:
+        hint = f" ({available.install_hint})" if available.install_hint else ""
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {available.reason}{hint}")
+    return cls(**options)
+
+
+def list_backends() -> list[tuple[str, Availability, Capabilities]]:
+    return [(name, backend_class(name).availability(), backend_class(name).capabilities()) for name in REGISTRY]
+
+
+__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "REGISTRY", "backend_class", "get_backend", "list_backends"]
