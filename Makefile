@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (set up + the main job on CPU) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OUT    ?= out/lut
+BUDGET ?= 120
+
+.PHONY: setup demo test bench clean
+
+# torch is pinned first: 2.13.0 resolves to the CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/amoeba-profile build-lut --model tinyllama-1.1b --out $(OUT)
+	$(BIN)/amoeba-profile show --lut $(OUT)
+	$(BIN)/amoeba-profile select --lut $(OUT) --metric tpot --budget-ms $(BUDGET)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/composition_error.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,205 @@
+"""Latency lookup tables: tidy CSV rows plus a JSON sidecar with provenance.
+
+A table lives at ``<out>/<device-slug>/<backend>/<model>-<dtype>.csv`` with
+``<model>-<dtype>.meta.json`` beside it. Files appear atomically (write, fsync, rename), the
+sidecar carries the CSV's SHA-256, and loading validates every row and names file and row on
+error. Tables are never pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .entry import COMPONENTS, PHASES, Entry
+from .errors import LutError
+from .measure import Measurement
+
+SCHEMA_VERSION = 1
+KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
+STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
+COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + [
+    "flags", "wall_s", "samples_ms", "subnet_json", "note",
+]
+INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
+STATUSES = ("ok", "oom", "unsupported", "error")
+SOURCES = ("measured", "roofline")
+METHODS = ("isolated", "stacked", "whole")
+
+
+def table_path(out_dir: Path, device_slug: str, backend: str, model: str, dtype: str) -> Path:
+    return Path(out_dir) / device_slug / backend / f"{model}-{dtype}.csv"
+
+
+def sidecar_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.name.removesuffix(".csv") + ".meta.json")
+
+
+def entry_key_of_row(row: dict[str, Any]) -> str:
+    return (
+        f"{row['component']}|{row['phase']}|b{int(row['batch'])}|t{int(row['tokens'])}|c{int(row['context'])}"
+        f"|h{int(row['heads'])}|kv{int(row['kv_heads'])}|f{int(row['ffn'])}|s{row['subnet_id'] or ''}"
+    )
+
+
+def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
+                 wall_s: float, rounds: int = 0, flags: str = "", note: str = "") -> dict[str, Any]:
+    """One tidy row; stats are NaN unless status is ``ok``."""
+    row: dict[str, Any] = {
+        "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
+        "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
+        "num_layers": entry.num_layers, "subnet_id": entry.subnet_id, "method": method, "source": "measured",
+        "status": status, "repeat": repeat, "rounds": rounds, "flags": flags, "wall_s": round(wall_s, 3), "note": note,
+        "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
+    }
+    if measurement is None:
+        row.update({c: math.nan for c in STAT_COLUMNS}, n=0, samples_ms="[]")
+    else:
+        row.update(
+            n=measurement.n, median_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms,
+            mean_ms=measurement.mean_ms, std_ms=measurement.std_ms, cv=measurement.cv,
+            samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
+        )
+    return row
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for column in ("subnet_id", "flags", "note", "subnet_json"):
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class Lut:
+    """A loaded, validated table: rows (DataFrame) + sidecar meta."""
+
+    frame: pd.DataFrame
+    meta: dict[str, Any]
+    path: Path | None = None
+    ok: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ok = self.frame[self.frame["status"] == "ok"]
+
+    @property
+    def is_roofline(self) -> bool:
+        return bool((self.frame["source"] == "roofline").any())
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Write CSV and sidecar so that a reader never sees a half-written table."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
+    meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
+    _fsync_write(path, data)
+    _fsync_write(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _bad(path: Path, index: int, message: str) -> LutError:
+    # CSV line = header line + 1-based row number.
+    return LutError(f"{path}: row {index + 1} (line {index + 2}): {message}")
+
+
+def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
+    for column, allowed in (("component", COMPONENTS), ("phase", PHASES), ("status", STATUSES),
+                            ("source", SOURCES), ("method", METHODS)):
+        bad = ~frame[column].isin(allowed)
+        if bad.any():
+            i = int(bad.idxmax())
+            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not one of {list(allowed)}")
+    for column in INT_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | (values < 0) | (values != values.round())
+        if bad.any():
+            i = int(bad.idxmax())
+            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not a non-negative integer")
+        frame[column] = values.astype("int64")
+    for column in STAT_COLUMNS[1:] + ["wall_s"]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    ok = frame["status"] == "ok"
+    stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
+    bad = ~(stats.gt(0).all(axis=1) & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
+            & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
+    if bad.any():
+        i = int(bad[bad].index[0])
+        raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
+                            f"p90={frame.at[i, 'p90_ms']} are not positive with p10 <= median <= p90")
+    for column in ("subnet_id", "flags", "note", "subnet_json"):
+        frame[column] = frame[column].fillna("").astype(str)
+    keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
+    dup = keys.duplicated()
+    if dup.any():
+        i = int(dup.idxmax())
+        raise _bad(path, i, f"duplicate entry {keys[i]}")
+    return frame
+
+
+def load_table(path: Path | str) -> Lut:
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such table; build one with 'amoeba-profile build-lut'")
+    meta_path = sidecar_path(path)
+    if not meta_path.is_file():
+        raise LutError(f"{path}: sidecar {meta_path.name} is missing; a table without provenance is refused")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LutError(f"{meta_path}: sidecar is not valid JSON ({exc})") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise LutError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, this tool reads {SCHEMA_VERSION}")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("content_sha256"):
+        raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore it")
+    try:
+        frame = pd.read_csv(path, dtype={"subnet_id": str, "flags": str, "note": str, "subnet_json": str,
+                                         "samples_ms": str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    return Lut(_validate(path, frame), meta, path)
+
+
+def find_tables(path: Path | str) -> list[Path]:
+    """The table files at ``path``: the file itself, or every table under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.csv") if sidecar_path(p).is_file())
+    raise LutError(f"{path}: no such file or folder")
+
+
+def load_one(path: Path | str) -> Lut:
+    """The single table at ``path``; a folder holding several is an error listing them."""
+    tables = find_tables(path)
+    if not tables:
+        raise LutError(f"{path}: holds no tables; build one with 'amoeba-profile build-lut'")
+    if len(tables) > 1:
+        listing = ", ".join(str(t) for t in tables[:6])
+        raise LutError(f"{path}: holds {len(tables)} tables; pass one file: {listing}")
+    return load_table(tables[0])

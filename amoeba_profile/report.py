@@ -1,0 +1,105 @@
+"""Render tables, selections and backend lists for people (rich) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .backends import list_backends
+from .lut import Lut
+from .select import Selection, describe, width_text
+
+
+def lut_summary(lut: Lut) -> dict[str, Any]:
+    meta, frame = lut.meta, lut.frame
+    counts = frame.groupby(["component", "status"]).size()
+    return {
+        "path": str(lut.path),
+        "device_slug": meta.get("device_slug"),
+        "device": meta.get("device"),
+        "backend": meta.get("backend"),
+        "backend_env": meta.get("backend_env"),
+        "dtype": meta.get("dtype"),
+        "model": meta.get("arch", {}).get("name"),
+        "source": meta.get("source"),
+        "grid": meta.get("grid"),
+        "protocol": meta.get("protocol"),
+        "clock": meta.get("clock"),
+        "created_at": meta.get("created_at"),
+        "tool_version": meta.get("tool_version"),
+        "content_sha256": meta.get("content_sha256"),
+        "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
+    }
+
+
+def lut_table(lut: Lut, title: str = "latency table") -> Table:
+    table = Table(title=title)
+    for column in ("component", "phase", "tokens", "context", "heads", "kv", "ffn", "layers", "median ms", "p90 ms", "cv", "n", "status"):
+        table.add_column(column, justify="right" if column not in ("component", "phase", "status") else "left")
+    for row in lut.frame.itertuples():
+        table.add_row(
+            row.component, row.phase, str(row.tokens), str(row.context), str(row.heads or ""), str(row.kv_heads or ""),
+            str(row.ffn or ""), str(row.num_layers or ""),
+            f"{row.median_ms:.3f}" if row.status == "ok" else "-", f"{row.p90_ms:.3f}" if row.status == "ok" else "-",
+            f"{row.cv:.3f}" if row.status == "ok" else "-", str(row.n), row.status + (f" {row.flags}" if row.flags else ""),
+        )
+    return table
+
+
+def selection_table(selection: Selection) -> Table:
+    table = Table(title=f"top {len(selection.top_k)} within {selection.budget_ms:g} ms {selection.metric} ({selection.stat})")
+    for column in ("", "layers", "width", "kept layers", "quality", selection.metric, "source"):
+        table.add_column(column)
+    for cand in selection.top_k:
+        mark = "pick" if cand is selection.pick else ""
+        kept = cand.subnet.kept_indices
+        table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
+                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.prediction.source)
+    return table
+
+
+def pareto_table(selection: Selection) -> Table:
+    table = Table(title="Pareto front (latency vs quality)")
+    for column in ("shape", selection.metric, "quality", "fits"):
+        table.add_column(column)
+    for cand in selection.pareto:
+        table.add_row(describe(cand.subnet), f"{cand.latency_ms:.1f}", f"{cand.quality:.3f}",
+                      "yes" if cand.latency_ms <= selection.budget_ms else "no")
+    return table
+
+
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ",".join(parts)
+
+
+def backends_rows() -> list[dict[str, Any]]:
+    return [
+        {"name": name, "available": avail.ok, "reason": avail.reason, "install_hint": avail.install_hint,
+         "per_layer_heads": caps.per_layer_heads, "per_layer_ffn": caps.per_layer_ffn,
+         "components": list(caps.components), "dtypes": list(caps.dtypes), "devices": list(caps.devices)}
+        for name, avail, caps in list_backends()
+    ]
+
+
+def backends_table() -> Table:
+    table = Table(title="backends")
+    for column in ("backend", "available", "why", "per-layer widths", "devices"):
+        table.add_column(column)
+    for row in backends_rows():
+        table.add_row(row["name"], "yes" if row["available"] else "no",
+                      row["reason"] + (f" ({row['install_hint']})" if row["install_hint"] and not row["available"] else ""),
+                      "heads+ffn" if row["per_layer_heads"] and row["per_layer_ffn"] else "no",
+                      ",".join(row["devices"]))
+    return table
+
+
+def print_json(console: Console, data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny architectures (hidden 64-128, 4 layers) so the suite runs on 2 cores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from amoeba_profile.arch import ModelArch
+from amoeba_profile.entry import Entry
+from amoeba_profile.lut import Lut, measured_row, rows_frame
+from amoeba_profile.measure import Measurement, TimingProtocol
+
+TINY_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+    "vocab_size": 256,
+    "hidden_act": "silu",
+    "max_position_embeddings": 512,
+}
+
+# Few samples: the tests check the machinery, not the figures (benchmarks/ does that).
+FAST_PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=2, min_round_s=0.0)
+
+
+@pytest.fixture
+def tiny_arch() -> ModelArch:
+    return ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return folder / "config.json"
+
+
+def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_len=16, meta=None) -> Lut:
+    """A table with known values: attn(heads, phase, context), mlp(ffn, phase), base(phase, context) in ms."""
+    rows = []
+
+    def add(entry: Entry, value: float) -> None:
+        rows.append(measured_row(entry, Measurement.from_samples([value, value, value]), "ok",
+                                 method="isolated", repeat=1, wall_s=0.0))
+
+    heads_set = sorted({h for h in range(arch.group_size, arch.num_heads + 1, arch.group_size)})
+    for heads in heads_set:
+        kv = heads // arch.group_size
+        add(Entry("attn", "prefill", 1, prompt_len, 0, heads, kv), attn(heads, "prefill", 0))
+        for c in contexts:
+            add(Entry("attn", "decode", 1, 1, c, heads, kv), attn(heads, "decode", c))
+    for ffn in (arch.ffn_size // 2, arch.ffn_size):
+        add(Entry("mlp", "prefill", 1, prompt_len, 0, ffn=ffn), mlp(ffn, "prefill"))
+        add(Entry("mlp", "decode", 1, 1, 0, ffn=ffn), mlp(ffn, "decode"))
+    add(Entry("base", "prefill", 1, prompt_len, 0), base("prefill", 0))
+    for c in contexts:
+        add(Entry("base", "decode", 1, 1, c), base("decode", c))
+    full_meta = {"arch": arch.to_dict(), "source": "measured", "grid": {"widths": [1.0, 0.5], "batch": 1}}
+    full_meta.update(meta or {})
+    return Lut(rows_frame(rows), full_meta)

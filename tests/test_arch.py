@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from amoeba_profile.arch import BUILTIN_ARCHS, ModelArch, from_hf_config, resolve_arch
+from amoeba_profile.errors import ArchError
+
+MISTRAL_7B = {
+    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "vocab_size": 32000, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+}
+
+
+def test_builtins_are_consistent():
+    assert {"llama2-7b", "vicuna-7b", "llama2-13b", "llama3-8b", "tinyllama-1.1b"} <= set(BUILTIN_ARCHS)
+    for arch in BUILTIN_ARCHS.values():
+        arch.check()
+    assert BUILTIN_ARCHS["llama3-8b"].group_size == 4
+    assert BUILTIN_ARCHS["tinyllama-1.1b"].group_size == 8
+    assert BUILTIN_ARCHS["llama2-7b"].head_dim * 32 == 4096
+
+
+def test_foreign_mistral_gqa_config(tmp_path):
+    folder = tmp_path / "Mistral-7B-v0.1"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MISTRAL_7B))
+    arch = resolve_arch(str(folder))
+    assert arch.name == "mistral-7b-v0.1"
+    assert (arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.ffn_size) == (32, 8, 128, 14336)
+    assert arch.group_size == 4
+
+
+def test_head_dim_needed_when_heads_do_not_divide_hidden():
+    config = dict(MISTRAL_7B, num_attention_heads=24, num_key_value_heads=8)
+    with pytest.raises(ArchError, match="head_dim"):
+        from_hf_config(config, "x", "cfg.json")
+    arch = from_hf_config(dict(config, head_dim=128), "x", "cfg.json")
+    assert arch.num_heads * arch.head_dim == 3072
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"num_key_value_heads": 5}, "num_key_value_heads"),
+        ({"model_type": "gpt2"}, "model_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"hidden_size": -1}, "hidden_size"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_bad_config_names_the_field(change, field):
+    with pytest.raises(ArchError, match=field) as info:
+        from_hf_config(dict(MISTRAL_7B, **change), "x", "my/config.json")
+    assert "my/config.json" in str(info.value)
+
+
+def test_missing_field_is_named():
+    config = dict(MISTRAL_7B)
+    del config["intermediate_size"]
+    with pytest.raises(ArchError, match="missing field 'intermediate_size'"):
+        from_hf_config(config, "x", "c.json")
+
+
+def test_unknown_name_and_unreadable_file(tmp_path):
+    with pytest.raises(ArchError, match="unknown model 'llama9'"):
+        resolve_arch("llama9")
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ArchError, match="not a readable JSON"):
+        resolve_arch(str(bad))
+
+
+def test_round_trip_dict():
+    arch = BUILTIN_ARCHS["llama3-8b"]
+    assert ModelArch.from_dict(arch.to_dict()) == arch

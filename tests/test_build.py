@@ -1,0 +1,145 @@
+"""Builds on a tiny architecture: resume after kill -9, locking, OOM rows, reuse of finished tables."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from amoeba_profile.arch import resolve_arch
+from amoeba_profile.backends import get_backend
+from amoeba_profile.build import BuildPlan, run_build
+from amoeba_profile.errors import LutError
+from amoeba_profile.lut import load_table
+from amoeba_profile.measure import TimingProtocol
+from amoeba_profile.subnet import Subnet
+
+from conftest import FAST_PROTOCOL
+
+
+def _plan(arch, **kw):
+    return BuildPlan(arch, (1.0, 0.5), (16,), (16, 32), **kw)
+
+
+def test_build_writes_complete_table(tmp_path, tiny_arch):
+    backend = get_backend("pytorch")
+    whole = Subnet.uniform(tiny_arch, 3, 0.5)
+    plan = _plan(tiny_arch, whole=(whole,))
+    seen = []
+    result = run_build(plan, backend, tmp_path, FAST_PROTOCOL, lambda d, t, label: seen.append((d, t)))
+    lut = load_table(result.path)
+    assert len(lut.frame) == len(plan.entries()) == result.measured
+    assert (lut.frame.status == "ok").all()
+    assert set(lut.frame.component) == {"attn", "mlp", "base", "model"}
+    assert (lut.frame.n >= FAST_PROTOCOL.rounds * FAST_PROTOCOL.samples_per_round).all()
+    assert lut.meta["device_slug"] and lut.meta["backend_env"]["torch"] and lut.meta["protocol"]["rounds"] == 2
+    assert lut.frame[lut.frame.component == "model"].subnet_id.eq(whole.id).all()
+    assert seen[-1][0] == seen[-1][1]
+    assert not list(tmp_path.rglob("*.journal.jsonl"))
+    # A second build of the same plan measures nothing and keeps every row.
+    again = run_build(plan, backend, tmp_path, FAST_PROTOCOL)
+    assert again.measured == 0 and again.reused == len(plan.entries())
+    # A wider plan measures only what is new.
+    wider = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 32, 64), whole=(whole,))
+    third = run_build(wider, backend, tmp_path, FAST_PROTOCOL)
+    assert third.reused == len(plan.entries()) and third.measured == len(wider.entries()) - len(plan.entries())
+
+
+def test_resume_after_kill_9(tmp_path, tiny_config_path):
+    """A real build process is killed mid-way; the rerun finishes with nothing lost or duplicated."""
+    args = [sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--model", str(tiny_config_path),
+            "--out", str(tmp_path), "--contexts", "16,32,64,128", "--prompt-len", "16", "--widths", "1,1/2",
+            "--whole", "4x1,2x1/2"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    journal = None
+    while time.monotonic() < deadline:
+        found = list(tmp_path.rglob("*.journal.jsonl"))
+        if found and sum(1 for _ in found[0].open()) >= 6:
+            journal = found[0]
+            break
+        time.sleep(0.05)
+    assert journal is not None, "build never wrote its journal"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = [json.loads(line) for line in journal.read_text().splitlines() if line.strip().endswith("}")]
+    done_before = {(r["key"], r["round"]) for r in before if r.get("kind") == "result"}
+    assert done_before
+    table = journal.with_name(journal.name.removesuffix(".journal.jsonl"))
+    assert not table.exists()  # nothing half-written appeared
+
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    lut = load_table(table)
+    assert not journal.exists()
+    arch = resolve_arch(str(tiny_config_path))
+    plan = BuildPlan(arch, (1.0, 0.5), (16,), (16, 32, 64, 128),
+                     whole=(Subnet.uniform(arch, 4, 1.0), Subnet.uniform(arch, 2, 0.5)))
+    assert len(lut.frame) == len(plan.entries())
+    assert (lut.frame.status == "ok").all()
+    # every (entry, round) measured exactly once: the regular rounds, plus at most one CV re-measure round
+    rounds = TimingProtocol().rounds
+    assert lut.frame["rounds"].isin([rounds, rounds + 1]).all()
+
+
+def test_lock_serializes_builds(tmp_path, tiny_arch):
+    from filelock import FileLock
+
+    backend = get_backend("pytorch")
+    first = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL)
+    with FileLock(str(first.path) + ".lock"):
+        with pytest.raises(LutError, match="another build"):
+            run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL, lock_timeout_s=0)
+
+
+def test_journal_of_other_plan_is_not_mixed(tmp_path, tiny_arch):
+    backend = get_backend("pytorch")
+    path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
+    journal = path.with_name(path.name + ".journal.jsonl")
+    journal.write_text(json.dumps({"kind": "header", "identity": "someone-else"}) + "\n")
+    with pytest.raises(LutError, match="unfinished build with other options"):
+        run_build(BuildPlan(tiny_arch, (1.0,), (16,), (16, 48)), backend, tmp_path, FAST_PROTOCOL)
+
+
+class _OomOnWideMlp:
+    """Wraps the real backend; building the widest MLP fails like an allocator would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def build(self, arch, entry):
+        if entry.component == "mlp" and entry.ffn == arch.ffn_size:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
+        return self.inner.build(arch, entry)
+
+
+def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
+    backend = _OomOnWideMlp(get_backend("pytorch"))
+    result = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL)
+    lut = load_table(result.path)
+    oom = lut.frame[lut.frame.status == "oom"]
+    assert set(oom.component) == {"mlp"} and set(oom.ffn) == {tiny_arch.ffn_size}
+    assert "allocate" in oom.note.iloc[0]
+    assert (lut.frame[lut.frame.status != "oom"].median_ms > 0).all()
+    assert len(result.oom) == 2
+
+
+def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
+    class Broken(_OomOnWideMlp):
+        def build(self, arch, entry):
+            if entry.component == "mlp":
+                raise ValueError("driver exploded")
+            return self.inner.build(arch, entry)
+
+    from amoeba_profile.errors import AmoebaError
+
+    with pytest.raises(AmoebaError, match="driver exploded.*rerun to resume"):
+        run_build(_plan(tiny_arch), Broken(get_backend("pytorch")), tmp_path, FAST_PROTOCOL)
+    journal = next(tmp_path.rglob("*.journal.jsonl"))
+    assert sum(1 for line in journal.open() if '"result"' in line) > 0

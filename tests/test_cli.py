@@ -1,0 +1,91 @@
+"""The CLI end to end on a tiny architecture, through the real console entry point."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "amoeba_profile.cli"]
+
+
+def run(*args, check_rc=None):
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr + proc.stdout
+    return proc
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    import json as _json
+
+    from conftest import TINY_CONFIG
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "tiny").mkdir()
+    config = root / "tiny" / "config.json"
+    config.write_text(_json.dumps(TINY_CONFIG))
+    out = root / "lut"
+    proc = run("build-lut", "--backend", "pytorch", "--model", str(config), "--out", str(out), "--quick",
+               "--prompt-len", "16", "--contexts", "16,64", "--whole", "4x1", check_rc=0)
+    assert "table:" in proc.stdout
+    return out
+
+
+def test_show_json(built):
+    data = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)
+    assert data["backend"] == "pytorch" and data["model"] == "tiny" and data["dtype"] == "float32"
+    assert data["grid"]["contexts"] == [16, 64]
+    assert data["rows"]["model/ok"] == 3 and data["device"]["cpu_count"] >= 1
+    assert all(row["median_ms"] > 0 for row in data["table"])
+
+
+def test_select_json_and_text(built):
+    data = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--metric", "tpot",
+                          "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    assert data["subnet"]["num_layers"] == 4 and data["subnet"]["kept_layers"] == [0, 1, 2, 3]
+    assert data["predicted_ms"]["source"] in ("measured", "interpolated")
+    assert data["metric"] == "tpot_ms" and data["budget_ms"] == 1000 and data["top_k"]
+    assert data["predicted_ms"]["value"] <= 1000
+    text = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+               check_rc=0).stdout
+    assert "pick:" in text and "Pareto" in text
+
+
+def test_impossible_budget_exits_1_with_one_line(built):
+    proc = run("select", "--lut", str(built), "--budget-ms", "0.0001", "--prompt-len", "16", "--gen-len", "30",
+               check_rc=1)
+    assert proc.stderr.startswith("error: no shape fits") and "fastest is" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_out_of_range_workload_exits_1(built):
+    proc = run("select", "--lut", str(built), "--budget-ms", "100", "--prompt-len", "16", "--gen-len", "500",
+               check_rc=1)
+    assert "outside the measured range" in proc.stderr
+
+
+def test_usage_errors_exit_2(built, tmp_path):
+    assert run("select", "--lut", str(built), "--budget-ms", "abc").returncode == 2
+    assert run("select", "--lut", str(built), "--budget-ms", "5", "--metric", "speed").returncode == 2
+    proc = run("build-lut", "--model", "llama9", "--out", str(tmp_path), check_rc=2)
+    assert "unknown model 'llama9'" in proc.stderr
+    assert run("build-lut", "--model", "tinyllama-1.1b", "--backend", "vllm", "--out", str(tmp_path)).returncode == 2
+
+
+def test_corrupt_table_is_one_line(built, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    table = next(copy.rglob("*.csv"))
+    table.write_text(table.read_text()[:200])
+    proc = run("show", "--lut", str(copy), check_rc=1)
+    assert proc.stderr.startswith(f"error: {table}") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_backends_json():
+    data = json.loads(run("backends", "--json", check_rc=0).stdout)
+    pytorch = next(b for b in data if b["name"] == "pytorch")
+    assert pytorch["available"] is True and pytorch["per_layer_ffn"] is True

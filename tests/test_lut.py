@@ -1,0 +1,110 @@
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from amoeba_profile.entry import Entry
+from amoeba_profile.errors import LutError
+from amoeba_profile.lut import (find_tables, load_one, load_table, measured_row, rows_frame, sidecar_path,
+                                table_path, write_table)
+from amoeba_profile.measure import Measurement
+from amoeba_profile.subnet import Subnet
+
+from conftest import synthetic_lut
+
+
+def _write(tmp_path, lut):
+    path = table_path(tmp_path, "cpu-test", "pytorch", "tiny", "float32")
+    write_table(path, lut.frame, lut.meta)
+    return path
+
+
+def _flat(tiny_arch):
+    return synthetic_lut(tiny_arch, lambda h, p, c: 1.0 + h, lambda f, p: 2.0 + f / 64, lambda p, c: 3.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(samples=st.lists(st.floats(0.001, 1e4, allow_nan=False), min_size=1, max_size=12),
+       layers=st.integers(1, 4), context=st.integers(0, 4096))
+def test_round_trip_preserves_rows(tmp_path_factory, samples, layers, context):
+    from amoeba_profile.arch import ModelArch
+
+    arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)
+    subnet = Subnet.uniform(arch, layers, 0.5)
+    rows = [measured_row(Entry("model", "decode", 1, 1, context, subnet=subnet), Measurement.from_samples(samples),
+                         "ok", method="whole", repeat=1, wall_s=1.5),
+            measured_row(Entry("mlp", "prefill", 1, 16, 0, ffn=64), None, "oom", method="stacked", repeat=1, wall_s=0)]
+    path = tmp_path_factory.mktemp("rt") / "t.csv"
+    write_table(path, rows_frame(rows), {"arch": arch.to_dict()})
+    loaded = load_table(path)
+    row = loaded.frame[loaded.frame.component == "model"].iloc[0]
+    assert row["median_ms"] == pytest.approx(Measurement.from_samples(samples).median_ms, rel=1e-5)
+    assert json.loads(row["samples_ms"]) == pytest.approx(samples, rel=1e-4, abs=1e-5)
+    assert Subnet.from_json(row["subnet_json"]) == subnet and row["subnet_id"] == subnet.id
+    assert len(loaded.ok) == 1 and loaded.meta["rows"] == 2
+
+
+def test_layout_and_discovery(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    assert path == tmp_path / "cpu-test" / "pytorch" / "tiny-float32.csv"
+    assert sidecar_path(path).name == "tiny-float32.meta.json"
+    assert find_tables(tmp_path) == [path]
+    assert load_one(tmp_path).path == path
+    write_table(path.with_name("other-float32.csv"), _flat(tiny_arch).frame, {})
+    with pytest.raises(LutError, match="holds 2 tables"):
+        load_one(tmp_path)
+
+
+def test_edited_table_is_refused(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    path.write_text(path.read_text().replace("ok", "ok ", 1))
+    with pytest.raises(LutError, match="SHA-256"):
+        load_table(path)
+
+
+def _rewrite_with_hash(path, text):
+    import hashlib
+
+    path.write_text(text)
+    meta = json.loads(sidecar_path(path).read_text())
+    meta["content_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    sidecar_path(path).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("status", "fine", r"row 2 \(line 3\): status='fine'"),
+    ("median_ms", "-4", r"row 2 \(line 3\): latency stats"),
+    ("heads", "2.5", r"row 2 \(line 3\): heads='?2.5'? is not a non-negative integer"),
+    ("component", "gpu", r"row 2 \(line 3\): component='gpu'"),
+])
+def test_malformed_row_is_named(tmp_path, tiny_arch, column, value, message):
+    path = _write(tmp_path, _flat(tiny_arch))
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[2].split(",")
+    cells[header.index(column)] = value
+    lines[2] = ",".join(cells)
+    _rewrite_with_hash(path, "\n".join(lines) + "\n")
+    with pytest.raises(LutError, match=message) as info:
+        load_table(path)
+    assert str(path) in str(info.value)
+
+
+def test_duplicate_and_missing_files(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    lines = path.read_text().splitlines()
+    _rewrite_with_hash(path, "\n".join(lines + [lines[1]]) + "\n")
+    with pytest.raises(LutError, match="duplicate entry"):
+        load_table(path)
+    sidecar_path(path).unlink()
+    with pytest.raises(LutError, match="sidecar .* missing"):
+        load_table(path)
+    with pytest.raises(LutError, match="no such table"):
+        load_table(tmp_path / "none.csv")
+
+
+def test_truncated_csv(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    _rewrite_with_hash(path, "component,phase\nattn\n")
+    with pytest.raises(LutError, match="missing columns"):
+        load_table(path)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from amoeba_profile.errors import OutOfRange
+from amoeba_profile.predict import Predictor
+from amoeba_profile.subnet import LayerShape, Subnet
+from amoeba_profile.workload import Workload
+
+from conftest import synthetic_lut
+
+
+def attn(heads, phase, context):
+    return 0.1 * heads if phase == "prefill" else 0.01 * heads + 0.001 * context
+
+
+def mlp(ffn, phase):
+    return 0.02 * ffn if phase == "prefill" else 0.002 * ffn
+
+
+def base(phase, context):
+    return 5.0 if phase == "prefill" else 1.0 + 0.01 * context
+
+
+@pytest.fixture
+def lut(tiny_arch):
+    return synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
+
+
+def test_exact_grid_point_is_measured(tiny_arch, lut):
+    subnet = Subnet.uniform(tiny_arch, 4, 1.0)
+    p = Predictor(lut).predict(subnet, Workload(1, 16, 2))
+    assert p.source == "measured"
+    assert p.ttft_ms == pytest.approx(5.0 + 4 * (0.1 * 8 + 0.02 * 128))
+    # one decode step at context 16
+    assert p.tpot_ms == pytest.approx(1.16 + 4 * (0.08 + 0.016 + 0.256))
+    assert p.e2e_ms == pytest.approx(p.ttft_ms + p.tpot_ms)
+
+
+def test_integrates_decode_over_contexts(tiny_arch, lut):
+    subnet = Subnet.uniform(tiny_arch, 2, 1.0)
+    workload = Workload(1, 16, 40)  # contexts 16..54
+    p = Predictor(lut).predict(subnet, workload)
+    contexts = np.arange(16, 55)
+    per_step = (1.0 + 0.01 * contexts) + 2 * (0.08 + 0.001 * contexts + 0.256)
+    assert p.tpot_ms == pytest.approx(per_step.mean())
+    assert p.e2e_ms == pytest.approx(p.ttft_ms + per_step.sum())
+    assert p.source == "interpolated"  # contexts between 16 and 64 are interpolated
+
+
+def test_interpolates_between_widths(tiny_arch, lut):
+    # heads 6 (kv 3) is measured; ffn 96 lies between 64 and 128
+    subnet = Subnet(tiny_arch, (LayerShape(0, 6, 3, 96),))
+    p = Predictor(lut).predict(subnet, Workload(1, 16, 2))
+    assert p.ttft_ms == pytest.approx(5.0 + 0.6 + 0.02 * 96)
+    assert p.source == "interpolated"
+
+
+def test_refuses_to_extrapolate(tiny_arch, lut):
+    predictor = Predictor(lut)
+    with pytest.raises(OutOfRange, match=r"context.*outside the measured range \[16, 64\]"):
+        predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 60))
+    with pytest.raises(OutOfRange, match="ffn"):
+        predictor.predict(Subnet(tiny_arch, (LayerShape(0, 8, 4, 10),)), Workload(1, 16, 2))
+    with pytest.raises(OutOfRange, match="tokens"):
+        predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 32, 2))
+    with pytest.raises(OutOfRange, match="batch 2"):
+        predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(2, 16, 2))
+
+
+def test_p90_and_roofline_tags(tiny_arch):
+    lut = synthetic_lut(tiny_arch, attn, mlp, base)
+    lut.frame["source"] = "roofline"
+    from amoeba_profile.lut import Lut
+
+    p = Predictor(Lut(lut.frame, lut.meta)).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2), "p90")
+    assert p.source == "roofline" and p.stat == "p90"
