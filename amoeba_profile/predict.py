@@ -72,7 +72,7 @@ class Predictor:
         self.roofline = lut.is_roofline
         ok = lut.ok
         self._rows = {key: group for key, group in ok.groupby(["component", "phase", "batch"])}
-        self._cache: dict[tuple, tuple[float, np.ndarray, str]] = {}
+        self._cache: dict[tuple, tuple[np.ndarray, str]] = {}
 
     def _rows_for(self, component: str, phase: str, batch: int) -> pd.DataFrame:
         rows = self._rows.get((component, phase, batch))
@@ -97,54 +97,53 @@ class Predictor:
         values, x_exact = _interp(pivot.columns.to_numpy(float), at_x, x, f"{what} {x_col} ({shape_col}={shape_val:g})")
         return values, "measured" if shape_exact and x_exact else "interpolated"
 
-    def _layer(self, heads: int, kv_heads: int, ffn: int, workload: Workload, stat_col: str) -> tuple[float, np.ndarray, str]:
-        """(prefill ms, decode ms per context, source) of one decoder layer shape."""
-        key = (heads, kv_heads, ffn, workload, stat_col)
-        if key in self._cache:
-            return self._cache[key]
-        b, p, contexts = workload.batch, np.array([workload.prompt_len]), workload.decode_contexts()
-        attn_rows = {ph: self._rows_for("attn", ph, b) for ph in ("prefill", "decode")}
-        # Interpolating in heads is only meaningful at the same GQA group size.
-        group = {ph: r[r["heads"] == r["kv_heads"] * (heads // kv_heads)] for ph, r in attn_rows.items()}
-        attn_pre, s1 = self._curve("attn", "prefill", b, "heads", heads, "tokens", p, stat_col, group["prefill"])
-        mlp_pre, s2 = self._curve("mlp", "prefill", b, "ffn", ffn, "tokens", p, stat_col)
-        sources = [s1, s2]
-        decode = np.zeros(len(contexts))
-        if len(contexts):
-            attn_dec, s3 = self._curve("attn", "decode", b, "heads", heads, "context", contexts, stat_col, group["decode"])
-            mlp_dec, s4 = self._curve("mlp", "decode", b, "ffn", ffn, "context", np.array([0]), stat_col)
-            decode = attn_dec + mlp_dec[0]
-            sources += [s3, s4]
-        result = (float(attn_pre[0] + mlp_pre[0]), decode, worst_source(*sources))
-        self._cache[key] = result
-        return result
+    def _layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
+               stat_col: str) -> tuple[np.ndarray, str]:
+        """One decoder-layer shape: prefill ms at prompt lengths ``x``, or decode ms at contexts ``x``."""
+        key = (heads, kv_heads, ffn, phase, batch, x.tobytes(), stat_col)
+        if key not in self._cache:
+            attn_rows = self._rows_for("attn", phase, batch)
+            # Interpolating in heads is only meaningful at the same GQA group size.
+            same_group = attn_rows[attn_rows["heads"] == attn_rows["kv_heads"] * (heads // kv_heads)]
+            x_col = "tokens" if phase == "prefill" else "context"
+            attn, s1 = self._curve("attn", phase, batch, "heads", heads, x_col, x, stat_col, same_group)
+            # The MLP sees one token per decode step whatever the context: one row at context 0.
+            mlp_x = x if phase == "prefill" else np.array([0])
+            mlp, s2 = self._curve("mlp", phase, batch, "ffn", ffn, x_col, mlp_x, stat_col)
+            self._cache[key] = (attn + mlp, worst_source(s1, s2))
+        return self._cache[key]
+
+    def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> tuple[np.ndarray, str]:
+        """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``."""
+        x_col = "tokens" if phase == "prefill" else "context"
+        total, source = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
+        total = total.copy()
+        sources = [source]
+        for layer in subnet.layers:
+            values, s = self._layer(layer.heads, layer.kv_heads, layer.ffn, phase, batch, x, stat_col)
+            total += values
+            sources.append(s)
+        return total, ("roofline" if self.roofline else worst_source(*sources))
 
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
+        stat_col = self._stat_col(stat)
+        prefill, source = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]), stat_col)
+        contexts = workload.decode_contexts()
+        if len(contexts) == 0:
+            return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source)
+        decode, decode_source = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
+        return Prediction(subnet, workload, stat, float(prefill[0]), float(decode.mean()),
+                          float(prefill[0] + decode.sum()), worst_source(source, decode_source))
+
+    def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
+                 stat: str = "median") -> tuple[float, str]:
+        """Predicted time of one forward: a prefill of ``tokens`` or one decode step at ``context``."""
+        x = np.array([tokens if phase == "prefill" else context])
+        values, source = self._phase(subnet, phase, batch, x, self._stat_col(stat))
+        return float(values[0]), source
+
+    @staticmethod
+    def _stat_col(stat: str) -> str:
         if stat not in STATS:
             raise UsageError(f"unknown statistic {stat!r}: use median or p90")
-        stat_col = STATS[stat]
-        b, contexts = workload.batch, workload.decode_contexts()
-        base_pre, source = self._curve("base", "prefill", b, None, 0, "tokens", np.array([workload.prompt_len]), stat_col)
-        prefill = float(base_pre[0])
-        decode = np.zeros(len(contexts))
-        sources = [source]
-        if len(contexts):
-            base_dec, s = self._curve("base", "decode", b, None, 0, "context", contexts, stat_col)
-            decode += base_dec
-            sources.append(s)
-        for layer in subnet.layers:
-            pre, dec, s = self._layer(layer.heads, layer.kv_heads, layer.ffn, workload, stat_col)
-            prefill += pre
-            decode += dec
-            sources.append(s)
-        source = "roofline" if self.roofline else worst_source(*sources)
-        tpot = float(decode.mean()) if len(contexts) else float("nan")
-        return Prediction(subnet, workload, stat, prefill, tpot, prefill + float(decode.sum()), source)
-
-    def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int, stat: str = "median") -> tuple[float, str]:
-        """Predicted time of one forward (a prefill of ``tokens`` or one decode step at ``context``)."""
-        if phase == "prefill":
-            prediction = self.predict(subnet, Workload(batch, tokens, 1), stat)
-            return prediction.ttft_ms, prediction.source
-        prediction = self.predict(subnet, Workload(batch, context, 2), stat)
-        return prediction.tpot_ms, prediction.source
+        return STATS[stat]
