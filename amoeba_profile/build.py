@@ -26,6 +26,7 @@ from . import __version__
 from .arch import ModelArch
 from .backends import Backend
 from .device import fingerprint
+from .device.monitor import Monitor, entry_context, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError
 from .lut import entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
@@ -199,6 +200,9 @@ def _build_locked(plan, backend, path, device, protocol, progress) -> BuildResul
     for entry in todo:
         units[entry.unit].append(entry)
     clock = Clock(backend.device)
+    monitor = monitor_for(backend.device)
+    meta["monitor"] = monitor.source
+    meta["state_at_start"] = monitor.sample()
     total = len(todo) * protocol.rounds
     counter = [len({d for d in done if d[0] in {e.key for e in todo}})]
 
@@ -214,16 +218,19 @@ def _build_locked(plan, backend, path, device, protocol, progress) -> BuildResul
         for unit_key, entries in units.items():
             pending = [e for e in entries if (e.key, round_index) not in done]
             if pending and unit_key not in failed_units:
-                _measure_unit(plan.arch, backend, pending, round_index, clock, protocol, journal, failed_units, tick)
-    _remeasure_noisy(plan.arch, backend, units, clock, protocol, journal, failed_units, done, tick)
+                _measure_unit(plan.arch, backend, pending, round_index, clock, monitor, protocol, journal,
+                              failed_units, tick)
+    _remeasure_noisy(plan.arch, backend, units, clock, monitor, protocol, journal, failed_units, done, tick)
     rows, oom = _aggregate(todo, journal.records, protocol.cv_threshold)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta["state_at_end"] = monitor.sample()
     write_table(path, rows_frame(kept + rows), dict(meta, created_at=created))
     journal.path.unlink(missing_ok=True)
     return BuildResult(path, len(todo), len(kept), oom, time.perf_counter() - started)
 
 
-def _measure_unit(arch, backend, entries, round_index, clock, protocol, journal, failed_units, tick) -> None:
+def _measure_unit(arch, backend, entries, round_index, clock, monitor: Monitor, protocol, journal, failed_units,
+                  tick) -> None:
     unit_key = entries[0].unit
     t0 = time.perf_counter()
     try:
@@ -242,8 +249,10 @@ def _measure_unit(arch, backend, entries, round_index, clock, protocol, journal,
             t1 = time.perf_counter()
             try:
                 piece = unit.workpiece(entry)
-                warm_up(piece, clock, protocol)
+                before = monitor.sample()
+                warm_runs = warm_up(piece, clock, protocol)
                 samples = sample(piece, clock, protocol)
+                after = monitor.sample()
             except Exception as exc:  # noqa: BLE001
                 if not backend.is_out_of_memory(exc):
                     raise AmoebaError(f"measuring {entry.key} failed: {exc}; measured entries are kept, rerun to resume") from exc
@@ -255,13 +264,14 @@ def _measure_unit(arch, backend, entries, round_index, clock, protocol, journal,
             journal.append({
                 "key": entry.key, "round": round_index, "status": "ok", "repeat": unit.repeat, "wall_s": wall,
                 "samples_ms": [s / unit.repeat for s in samples],
+                "context": entry_context(before, after, (warm_runs + len(samples)) * unit.repeat),
             })
             tick(entry.key)
     finally:
         unit.close()
 
 
-def _remeasure_noisy(arch, backend, units, clock, protocol, journal, failed_units, done, tick) -> None:
+def _remeasure_noisy(arch, backend, units, clock, monitor, protocol, journal, failed_units, done, tick) -> None:
     """Entries whose CV exceeds the threshold get one extra round (the protocol's re-measure)."""
     extra = protocol.rounds
     by_key: dict[str, list[float]] = defaultdict(list)
@@ -275,7 +285,7 @@ def _remeasure_noisy(arch, backend, units, clock, protocol, journal, failed_unit
             and (e.key, extra) not in done and (e.key, extra) not in journal.done()
         ]
         if noisy and unit_key not in failed_units:
-            _measure_unit(arch, backend, noisy, extra, clock, protocol, journal, failed_units, tick)
+            _measure_unit(arch, backend, noisy, extra, clock, monitor, protocol, journal, failed_units, tick)
 
 
 def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold: float) -> tuple[list[dict[str, Any]], list[str]]:
@@ -294,8 +304,27 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         samples = [s for r in results for s in r["samples_ms"]]
         measurement = Measurement.from_samples(samples)
         repeat = results[0]["repeat"]
-        flags = "high_cv" if measurement.cv > cv_threshold else ""
+        contexts = [r.get("context", {}) for r in results]
+        flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
+                                 ("throttled", any(c.get("throttled") for c in contexts))) if on]
         rows.append(measured_row(entry, measurement, "ok", method=_method(entry, repeat), repeat=repeat,
-                                 wall_s=sum(r["wall_s"] for r in results), rounds=len(results), flags=flags))
+                                 wall_s=sum(r["wall_s"] for r in results), rounds=len(results), flags=";".join(flags),
+                                 context=_summarize_context(contexts)))
     return rows, oom
 
+
+def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean power."""
+    def values(key: str) -> list[float]:
+        return [c[key] for c in contexts if c.get(key) is not None]
+
+    out: dict[str, float] = {}
+    if values("energy_mj_per_step"):
+        out["energy_mj"] = float(sorted(values("energy_mj_per_step"))[len(values("energy_mj_per_step")) // 2])
+    if values("temperature_c"):
+        out["temperature_c"] = max(values("temperature_c"))
+    if values("clock_mhz"):
+        out["clock_mhz"] = min(values("clock_mhz"))
+    if values("power_w"):
+        out["power_w"] = sum(values("power_w")) / len(values("power_w"))
+    return out

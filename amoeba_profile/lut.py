@@ -26,13 +26,14 @@ from .measure import Measurement
 SCHEMA_VERSION = 1
 KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
 STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
-COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + [
+CONTEXT_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]
+COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + CONTEXT_COLUMNS + [
     "flags", "wall_s", "samples_ms", "subnet_json", "note",
 ]
 INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
-METHODS = ("isolated", "stacked", "whole")
+METHODS = ("isolated", "stacked", "whole", "computed")
 
 
 def table_path(out_dir: Path, device_slug: str, backend: str, model: str, dtype: str) -> Path:
@@ -51,15 +52,17 @@ def entry_key_of_row(row: dict[str, Any]) -> str:
 
 
 def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
-                 wall_s: float, rounds: int = 0, flags: str = "", note: str = "") -> dict[str, Any]:
-    """One tidy row; stats are NaN unless status is ``ok``."""
-    row: dict[str, Any] = {
+                 wall_s: float, rounds: int = 0, flags: str = "", note: str = "",
+                 context: dict[str, float] | None = None) -> dict[str, Any]:
+    """One tidy row; stats are NaN unless status is ``ok``; ``context`` fills the device-state columns."""
+    row: dict[str, Any] = {c: (context or {}).get(c, math.nan) for c in CONTEXT_COLUMNS}
+    row.update({
         "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
         "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
         "num_layers": entry.num_layers, "subnet_id": entry.subnet_id, "method": method, "source": "measured",
         "status": status, "repeat": repeat, "rounds": rounds, "flags": flags, "wall_s": round(wall_s, 3), "note": note,
         "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
-    }
+    })
     if measurement is None:
         row.update({c: math.nan for c in STAT_COLUMNS}, n=0, samples_ms="[]")
     else:
@@ -124,6 +127,9 @@ def _bad(path: Path, index: int, message: str) -> LutError:
 
 
 def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    for column in CONTEXT_COLUMNS:  # optional: device-state columns may be absent
+        if column not in frame.columns:
+            frame[column] = math.nan
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
@@ -140,7 +146,7 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
             i = int(bad.idxmax())
             raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not a non-negative integer")
         frame[column] = values.astype("int64")
-    for column in STAT_COLUMNS[1:] + ["wall_s"]:
+    for column in STAT_COLUMNS[1:] + CONTEXT_COLUMNS + ["wall_s"]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     ok = frame["status"] == "ok"
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
@@ -181,7 +187,7 @@ def load_table(path: Path | str) -> Lut:
                                          "samples_ms": str}, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
-    return Lut(_validate(path, frame), meta, path)
+    return Lut(_validate(path, frame)[COLUMNS], meta, path)
 
 
 def find_tables(path: Path | str) -> list[Path]:

@@ -1,0 +1,112 @@
+"""What device a table was measured on: detection, a stable slug, and a fingerprint.
+
+Sources, in order: CUDA GPUs through NVML; Jetson boards through sysfs and ``nvpmodel`` (NVML does
+not work there); the CPU through /proc. Readers are parameters, so tests replay recorded values.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+from .cpu import cpu_info, cpu_model
+from .cpu import last_level_cache_bytes as _cpu_llc
+from .jetson import JetsonReader
+from .nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
+from .specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
+
+
+def slugify(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|nvidia|geforce|processor|cpu @.*", " ", text.lower())
+    return "-".join(re.findall(r"[a-z0-9]+", text)) or "unknown"
+
+
+def gpu_slug(name: str) -> str:
+    """``NVIDIA RTX A5000`` -> ``rtx-a5000``; ``NVIDIA H100 80GB HBM3`` -> ``h100-sxm``."""
+    spec = match_gpu_name(name)
+    return spec.slug if spec else slugify(name)
+
+
+def jetson_slug(compatible: str, model: str) -> str:
+    spec = match_jetson(compatible, model)
+    return spec.slug if spec else slugify(model.replace("Jetson", ""))
+
+
+def cpu_slug(root: Path = Path("/")) -> str:
+    return "cpu-" + slugify(cpu_model(root))
+
+
+def last_level_cache_bytes(device: str = "cpu", root: Path = Path("/")) -> int:
+    """Largest cache level (CPU: sysfs; CUDA: the GPU's L2)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    return _cpu_llc(root)
+
+
+def _cuda_index(device: str) -> int:
+    return int(device.split(":")[1]) if ":" in device else 0
+
+
+def device_slug(device: str = "cpu", root: Path = Path("/")) -> str:
+    """Folder name for tables measured on ``device``."""
+    if device.startswith("cuda"):
+        jetson = JetsonReader(root)
+        if jetson.is_jetson():
+            info = jetson.static()
+            return jetson_slug(info["compatible"], info["model"] or "")
+        import torch
+
+        return gpu_slug(torch.cuda.get_device_name(device))
+    return cpu_slug(root)
+
+
+def fingerprint(device: str = "cpu", root: Path = Path("/")) -> dict[str, Any]:
+    """Identity of the measuring machine; tables with different fingerprints are never merged silently."""
+    cpu = cpu_info(root)
+    info: dict[str, Any] = {
+        "slug": device_slug(device, root),
+        "cpu": cpu["model"],
+        "cpu_count": cpu["threads"],
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "llc_bytes": cpu["llc_bytes"],
+    }
+    if device.startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_mem_mb=props.total_memory // (1 << 20),
+                    compute_capability=f"{props.major}.{props.minor}")
+    return info
+
+
+def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: JetsonReader | None = None,
+           nvml_factory=NvmlReader) -> dict[str, Any]:
+    """Everything profile-device reports about this machine, without running anything heavy."""
+    report: dict[str, Any] = {"cpu": cpu_info(root), "cpu_slug": cpu_slug(root), "gpus": [], "jetson": None, "notes": []}
+    jetson = jetson or JetsonReader(root)
+    if jetson.is_jetson():
+        static = jetson.static()
+        slug = jetson_slug(static["compatible"], static["model"] or "")
+        report["jetson"] = {**static, **jetson.state(), "slug": slug}
+        report["notes"].append("Jetson: NVML is not available; state read from sysfs and nvpmodel")
+        return report
+    if gpu_reader is None:
+        try:
+            gpu_reader = nvml_factory()
+        except NvmlUnavailable as exc:
+            report["notes"].append(f"no NVML: {exc}")
+            return report
+    for index in range(gpu_reader.count()):
+        static = gpu_reader.static(index)
+        report["gpus"].append({"index": index, **static, "slug": gpu_slug(static["name"]),
+                               **describe_state(gpu_reader.state(index))})
+    return report
+
+
+__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "cpu_slug", "detect", "device_slug",
+           "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs", "slugify"]

@@ -1,0 +1,100 @@
+"""Device state sampled around every measured entry: clocks, temperature, throttling, power, energy.
+
+Sources: NVML on CUDA GPUs (with its total-energy counter), sysfs on Jetson (INA3221 power,
+integrated as the mean of the two readings times the elapsed time), and on CPUs the RAPL energy
+counter where the kernel exposes it. A source that is missing yields empty samples, never an error.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .jetson import JetsonReader
+from .nvml import NvmlReader, NvmlUnavailable, describe_state
+
+
+class Monitor:
+    """Base: no readable state (samples are just timestamps)."""
+
+    source = "none"
+
+    def sample(self) -> dict[str, Any]:
+        return {"t": time.perf_counter()}
+
+
+class NvmlMonitor(Monitor):
+    source = "nvml"
+
+    def __init__(self, reader, index: int):
+        self.reader, self.index = reader, index
+
+    def sample(self) -> dict[str, Any]:
+        state = describe_state(self.reader.state(self.index))
+        return {"t": time.perf_counter(), **{k: state[k] for k in (
+            "sm_clock_mhz", "mem_clock_mhz", "temperature_c", "power_w", "energy_mj", "clock_event_reasons", "throttled")}}
+
+
+class JetsonMonitor(Monitor):
+    source = "jetson-sysfs"
+
+    def __init__(self, reader: JetsonReader):
+        self.reader = reader
+
+    def sample(self) -> dict[str, Any]:
+        state = self.reader.state()
+        return {"t": time.perf_counter(), "sm_clock_mhz": state["gpu_freq_mhz"], "temperature_c": state["temperature_c"],
+                "power_w": state["power_w"], "power_mode": state["power_mode"], "jetson_clocks": state["jetson_clocks"]}
+
+
+class RaplMonitor(Monitor):
+    source = "rapl"
+
+    def __init__(self, counter: Path):
+        self.counter = counter
+
+    def sample(self) -> dict[str, Any]:
+        return {"t": time.perf_counter(), "energy_mj": int(self.counter.read_text()) / 1000}
+
+
+def monitor_for(device: str, root: Path = Path("/")) -> Monitor:
+    if device.startswith("cuda"):
+        jetson = JetsonReader(root)
+        if jetson.is_jetson():
+            return JetsonMonitor(jetson)
+        try:
+            return NvmlMonitor(NvmlReader(), int(device.split(":")[1]) if ":" in device else 0)
+        except NvmlUnavailable:
+            return Monitor()
+    counter = root / "sys/class/powercap/intel-rapl:0/energy_uj"
+    try:
+        int(counter.read_text())
+        return RaplMonitor(counter)
+    except (OSError, ValueError):
+        return Monitor()
+
+
+def entry_context(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Summarize two samples around ``steps`` timed-or-warm-up steps: energy per step and state."""
+    context: dict[str, Any] = {}
+    if before.get("energy_mj") is not None and after.get("energy_mj") is not None and steps:
+        context["energy_mj_per_step"] = (after["energy_mj"] - before["energy_mj"]) / steps
+    elif before.get("power_w") is not None and after.get("power_w") is not None and steps:
+        # Two-point INA3221 integration (Jetson): mean power x elapsed time.
+        elapsed = after["t"] - before["t"]
+        context["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
+    temps = [s.get("temperature_c") for s in (before, after) if s.get("temperature_c") is not None]
+    clocks = [s.get("sm_clock_mhz") for s in (before, after) if s.get("sm_clock_mhz") is not None]
+    powers = [s.get("power_w") for s in (before, after) if s.get("power_w") is not None]
+    if temps:
+        context["temperature_c"] = max(temps)
+    if clocks:
+        context["clock_mhz"] = min(clocks)
+    if powers:
+        context["power_w"] = sum(powers) / len(powers)
+    context["throttled"] = bool(before.get("throttled") or after.get("throttled"))
+    reasons = sorted(set(before.get("clock_event_reasons") or []) | set(after.get("clock_event_reasons") or []))
+    if reasons:
+        context["clock_event_reasons"] = reasons
+    return context
