@@ -3,6 +3,7 @@ failed run, 2 bad usage; errors are one line unless ``--debug``."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from .errors import AmoebaError, UsageError
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
-from .report import backends_rows, backends_table, lut_summary, lut_table, pareto_table, print_json, selection_table
+from .report import backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json, selection_table
 from .select import describe, select
 from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, parse_ratio
 from .workload import Workload, metric_name
@@ -70,8 +71,13 @@ def build_lut(
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
+    predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
+                                 "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
+    calibrate: Optional[Path] = typer.Option(None, help="With --predict: fit the flow's efficiencies to this measured table."),
+    device_profile: Optional[Path] = typer.Option(None, help="With --predict: peaks from a profile-device JSON "
+                                                  "instead of the spec sheet (for CPUs)."),
 ) -> None:
-    """Measure component latencies and store them as a per-device table (resumable)."""
+    """Measure component latencies and store them as a per-device table (resumable), or compute one (--predict)."""
     from .backends import get_backend
     from .build import BuildPlan, run_build
 
@@ -79,6 +85,9 @@ def build_lut(
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     plan = BuildPlan(arch, width_values, _ints(prompt_len, "prompt-len"), _ints(contexts, "contexts"), batch,
                      whole=_whole_subnets(arch, whole, width_values))
+    if predict:
+        _predict_table(plan, device, backend, dtype or "float16", out_dir, calibrate, device_profile)
+        return
     instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -97,6 +106,31 @@ def build_lut(
         err.print(f"[yellow]warning:[/] {len(result.oom)} entries ran out of memory and are stored as status=oom: "
                   f"{', '.join(result.oom[:3])}")
     out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
+
+
+def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path, calibrate: Path | None,
+                   device_profile: Path | None) -> None:
+    from .device.specs import get_spec
+    from .roofline import get_flow, spec_from_profile, write_roofline_table
+
+    if plan.whole:
+        raise UsageError("--whole measures real models; it cannot be combined with --predict")
+    if device_profile is not None:
+        try:
+            spec = spec_from_profile(json.loads(Path(device_profile).read_text()), dtype)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{device_profile}: not a readable profile-device JSON ({exc})") from None
+    else:
+        spec = get_spec(device)
+    reference = load_one(calibrate) if calibrate is not None else None
+    if reference is not None and (reference.meta.get("device_slug"), reference.meta.get("backend")) != (spec.slug, flow_name):
+        err.print(f"[yellow]warning:[/] calibrating {spec.slug}/{flow_name} from a table measured on "
+                  f"{reference.meta.get('device_slug')}/{reference.meta.get('backend')}: efficiencies may not transfer")
+    path, meta = write_roofline_table(plan, spec, get_flow(flow_name), dtype, out_dir, reference)
+    fit = meta["calibration"]
+    how = (f"calibrated on {fit['table']} ({fit['rows']} rows, median |err| {fit['median_abs_pct']} %, max "
+           f"{fit['max_abs_pct']} %)" if fit else "documented default efficiencies (no calibration)")
+    out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
 
 
 @app.command("select")
@@ -123,10 +157,11 @@ def select_cmd(
                                ffn_multiple=grid.get("ffn_multiple", 1))
     workload = Workload(batch or grid.get("batch", 1), prompt_len, gen_len)
     selection = select(Predictor(table), space.subnets(), workload, metric_name(metric), budget_ms, stat, top_k)
-    if table.is_roofline:
-        err.print("[yellow]warning:[/] this table is computed (roofline), not measured; treat latencies as estimates")
+    warning = "computed (roofline) table, not measured: treat latencies as estimates" if table.is_roofline else None
+    if warning:
+        err.print(f"[bold yellow]warning:[/] {warning}")
     if as_json:
-        print_json(out, selection.to_dict())
+        print_json(out, {**selection.to_dict(), **({"warning": warning} if warning else {})})
         return
     pick = selection.pick
     out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = {pick.latency_ms:.1f} ms "
@@ -152,6 +187,29 @@ def show(
     for key in ("path", "device_slug", "backend", "dtype", "model", "source", "grid", "clock", "created_at", "rows"):
         out.print(f"[bold]{key}:[/] {summary[key]}")
     out.print(lut_table(table))
+
+
+@app.command("profile-device")
+def profile_device(
+    device: str = typer.Option("auto", help="auto (CUDA if torch sees one, else CPU), cpu or cuda[:N]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Also write <out>/<device-slug>/device.json."),
+    no_bench: bool = typer.Option(False, "--no-bench", help="Detect only; skip the micro-benchmarks."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller micro-benchmark shapes."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Detect the device and its state, and measure bandwidth, matmul throughput and dispatch overhead."""
+    from .device.profile import profile
+
+    report = profile(device, bench=not no_bench, quick=quick)
+    if out_dir is not None:
+        path = Path(out_dir) / report["slug"] / "device.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        err.print(f"wrote {path}")
+    if as_json:
+        print_json(out, report)
+        return
+    out.print(device_report(report))
 
 
 @app.command("backends")

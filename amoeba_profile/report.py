@@ -103,3 +103,35 @@ def backends_table() -> Table:
 
 def print_json(console: Console, data: Any) -> None:
     console.print_json(json.dumps(data, default=str))
+
+
+def device_report(report: dict[str, Any]) -> Table:
+    table = Table(title=f"device {report['slug']} ({report['device']})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    cpu = report["cpu"]
+    table.add_row("cpu", f"{cpu['model']}: {cpu['cores']} cores / {cpu['threads']} threads, {cpu['memory_gb']} GB, "
+                         f"LLC {cpu['llc_bytes'] >> 20} MiB")
+    table.add_row("cpu isa", " ".join(cpu["isa"]) or "-")
+    for gpu in report["gpus"]:
+        table.add_row(f"gpu {gpu['index']}", f"{gpu['name']} ({gpu['slug']}), {gpu['memory_total_mb']} MB, sm {gpu['compute_capability']}, "
+                                             f"driver {gpu['driver_version']}, CUDA {gpu['cuda_driver_version']}")
+        table.add_row("  state", f"SM {gpu['sm_clock_mhz']}/{gpu['max_sm_clock_mhz']} MHz, mem {gpu['mem_clock_mhz']} MHz, "
+                                 f"{gpu['temperature_c']} C, {gpu['power_w']}/{gpu['power_limit_w']} W, "
+                                 f"reasons: {', '.join(gpu['clock_event_reasons']) or 'none'}")
+    if report["jetson"]:
+        j = report["jetson"]
+        table.add_row("jetson", f"{j['model']} ({j['slug']}), L4T {j['l4t']}, JetPack {j['jetpack']}")
+        table.add_row("  state", f"power mode {j['power_mode']}, jetson_clocks {'on' if j['jetson_clocks'] else 'off'}, "
+                                 f"GPU {j['gpu_freq_mhz']} MHz, {j['power_w']} W")
+    bench = report.get("microbench")
+    if bench:
+        frac = lambda f: f" ({f:.0%} of peak)" if f is not None else ""  # noqa: E731
+        table.add_row("memory bandwidth", f"{bench['memory_bw_gbps']} GB/s{frac(bench['memory_bw_fraction'])}")
+        table.add_row("dispatch overhead", f"{bench['dispatch_overhead_us']} us per op")
+        for dtype, m in bench["matmul"].items():
+            table.add_row(f"{dtype} GEMV", f"{m['gemv_bw_gbps']} GB/s of weights{frac(m['gemv_bw_fraction'])}, {m['gemv_ms']} ms")
+            table.add_row(f"{dtype} GEMM", f"{m['gemm_tflops']} TFLOP/s{frac(m['gemm_fraction'])}, {m['gemm_ms']} ms")
+    for note in report["notes"]:
+        table.add_row("note", note)
+    return table

@@ -1,0 +1,81 @@
+"""Micro-benchmarks: what the device really does at LLM shapes, beside its spec-sheet peak.
+
+- memory bandwidth: a large tensor copy (read + write bytes / time);
+- GEMV (decode shape: one token x hidden -> ffn) as achieved weight-streaming bandwidth and FLOP/s;
+- GEMM (prefill shape: prompt tokens x hidden -> ffn) as FLOP/s per dtype;
+- dispatch overhead: the cost of one tiny op (CPU dispatch, or kernel launch + sync on CUDA).
+Timed with the same Clock and protocol as tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..measure import Clock, Measurement, TimingProtocol, sample, warm_up
+from .specs import DeviceSpec
+
+_PROTOCOL = TimingProtocol(warmup_min=2, warmup_max=10, rounds=1, samples_per_round=7, min_round_s=0.2)
+
+
+class _Fn:
+    def __init__(self, fn):
+        self.step = fn
+
+    def reset(self) -> None:
+        pass
+
+
+def _median_ms(fn, clock: Clock, protocol: TimingProtocol) -> float:
+    piece = _Fn(fn)
+    warm_up(piece, clock, protocol)
+    return Measurement.from_samples(sample(piece, clock, protocol)).median_ms
+
+
+def _fraction(value: float | None, peak: float | None) -> float | None:
+    return None if value is None or not peak else round(value / peak, 3)
+
+
+def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = None, spec: DeviceSpec | None = None,
+                        hidden: int = 4096, ffn: int = 11008, prompt_len: int = 512, copy_mb: int = 1024,
+                        protocol: TimingProtocol = _PROTOCOL) -> dict[str, Any]:
+    """Figures in GB/s, TFLOP/s and microseconds; ``*_fraction`` = measured / spec-sheet peak."""
+    import torch
+
+    clock = Clock(device)
+    dtypes = dtypes or (("float16", "bfloat16", "float32") if device.startswith("cuda") else ("float32", "bfloat16"))
+    peak_bw = spec.mem_bw_gbps if spec else None
+    out: dict[str, Any] = {"device": device, "spec": spec.slug if spec else None, "clock": clock.name,
+                           "shapes": {"hidden": hidden, "ffn": ffn, "prompt_len": prompt_len, "copy_mb": copy_mb}}
+
+    src = torch.ones(copy_mb << 18, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), clock, protocol)
+    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    out["memory_bw_gbps"] = round(bw, 2)
+    out["memory_bw_fraction"] = _fraction(bw, peak_bw)
+    del src, dst
+
+    tiny = torch.ones(1, device=device)
+    calls = 100
+    per_call_ms = _median_ms(lambda: [tiny.add_(0) for _ in range(calls)], clock, protocol) / calls
+    out["dispatch_overhead_us"] = round(per_call_ms * 1e3, 2)
+
+    out["matmul"] = {}
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        weight = torch.ones(ffn, hidden, dtype=dtype, device=device) * 0.01
+        x1 = torch.ones(1, hidden, dtype=dtype, device=device)
+        xp = torch.ones(prompt_len, hidden, dtype=dtype, device=device)
+        gemv_ms = _median_ms(lambda: torch.nn.functional.linear(x1, weight), clock, protocol)
+        gemm_ms = _median_ms(lambda: torch.nn.functional.linear(xp, weight), clock, protocol)
+        weight_bytes = weight.numel() * weight.element_size()
+        gemv_bw = weight_bytes / (gemv_ms * 1e-3) / 1e9
+        gemm_tflops = 2 * prompt_len * hidden * ffn / (gemm_ms * 1e-3) / 1e12
+        peak = spec.peak_tflops(name) if spec else None
+        out["matmul"][name] = {
+            "gemv_ms": round(gemv_ms, 4), "gemv_bw_gbps": round(gemv_bw, 2), "gemv_bw_fraction": _fraction(gemv_bw, peak_bw),
+            "gemv_tflops": round(2 * hidden * ffn / (gemv_ms * 1e-3) / 1e12, 4),
+            "gemm_ms": round(gemm_ms, 3), "gemm_tflops": round(gemm_tflops, 3), "gemm_fraction": _fraction(gemm_tflops, peak),
+        }
+        del weight, x1, xp
+    return out

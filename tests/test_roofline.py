@@ -1,0 +1,81 @@
+import pytest
+
+from amoeba_profile.arch import BUILTIN_ARCHS
+from amoeba_profile.build import BuildPlan
+from amoeba_profile.device.specs import get_spec
+from amoeba_profile.entry import Entry
+from amoeba_profile.lut import Lut, load_table, rows_frame
+from amoeba_profile.roofline import (Efficiency, calibrate, component_ms, component_ops, get_flow, roofline_rows,
+                                     whole_model_bounds, write_roofline_table)
+
+LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
+
+
+def ops_by_name(entry, **kw):
+    return {op.name: op for op in component_ops(LLAMA2, entry, "float16", kv_cache_copy=kw.get("copy", False))}
+
+
+def test_mlp_decode_flops_and_bytes_by_hand():
+    ops = ops_by_name(Entry("mlp", "decode", 1, 1, 0, ffn=11008))
+    assert ops["gate_up"].flops == 2 * 4096 * 2 * 11008 == 180_355_072
+    assert ops["gate_up"].bytes == (2 * 4096 * 11008 + 4096 + 2 * 11008) * 2 == 180_407_296
+    assert ops["down"].flops == 90_177_536 and ops["down"].bytes == 90_207_744
+
+
+def test_attention_decode_flops_and_bytes_by_hand():
+    ops = ops_by_name(Entry("attn", "decode", 1, 1, 1024, 32, 32))
+    assert ops["qkv"].flops == 2 * 4096 * 96 * 128 == 100_663_296
+    assert ops["qkv"].bytes == 100_696_064
+    # scores and weighted sum over 1025 keys (1024 cached + the new token)
+    assert ops["attention"].flops == 4 * 32 * 1025 * 128 == 16_793_600
+    assert ops["attention"].bytes == (2 * 32 * 1025 * 128 + 2 * 32 * 128) * 2 == 16_809_984
+    assert ops["o_proj"].flops == 33_554_432 and ops["o_proj"].bytes == 33_570_816
+    assert ops["kv_append"].bytes == 2 * 32 * 128 * 2
+    # eager torch.cat rewrites the cache: read + write of 1025 tokens of K and V
+    copy = ops_by_name(Entry("attn", "decode", 1, 1, 1024, 32, 32), copy=True)
+    assert copy["kv_append"].bytes == 2 * 32 * 128 * 2 + 2 * 2 * 32 * 1025 * 128 * 2
+
+
+def test_prefill_attention_is_causal():
+    ops = ops_by_name(Entry("attn", "prefill", 1, 128, 0, 32, 32))
+    assert ops["attention"].flops == pytest.approx(4 * 32 * 128 * (129 / 2) * 128)
+
+
+def test_component_time_is_the_roofline():
+    spec, entry = get_spec("rtx-a5000"), Entry("mlp", "decode", 1, 1, 0, ffn=11008)
+    ideal = Efficiency(1.0, 1.0, 0.0)
+    ms = component_ms(component_ops(LLAMA2, entry, "float16", False), 3, spec, "float16", ideal)
+    total_bytes = 180_407_296 + 90_207_744 + 3 * 11008 * 2
+    assert ms == pytest.approx(total_bytes / 768e9 * 1e3)  # decode GEMV is memory bound
+    assert component_ms(component_ops(LLAMA2, entry, "float16", False), 3, spec, "float16",
+                        Efficiency(1.0, 1.0, 2.0)) == pytest.approx(ms + 0.006)
+
+
+def test_whole_model_bounds():
+    spec = get_spec("rtx-a5000")
+    bounds = whole_model_bounds(LLAMA2, [(32, 32, 11008)] * 32, spec, "float16", "decode", 1, 128)
+    # ~6.7 G parameters x 2 bytes streamed once per token at 768 GB/s
+    assert 16.0 < bounds["bandwidth_bound_ms"] < 18.5
+    assert bounds["compute_bound_ms"] < bounds["bandwidth_bound_ms"] / 50
+
+
+def test_calibration_recovers_known_efficiencies(tiny_arch):
+    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch")
+    plan = BuildPlan(LLAMA2, (1.0, 0.75, 0.5), (128, 512), (128, 1024, 2048))
+    truth = Efficiency(0.6, 0.4, 5.0)
+    lut = Lut(rows_frame(roofline_rows(LLAMA2, plan.entries(), spec, flow, "float16", truth)),
+              {"arch": LLAMA2.to_dict()})
+    lut.frame["source"] = "measured"
+    eff, report = calibrate(Lut(lut.frame, lut.meta), spec, flow, "float16")
+    assert eff.eff_bw == pytest.approx(0.6, abs=0.02)
+    assert eff.eff_compute == pytest.approx(0.4, rel=0.06)
+    assert report["median_abs_pct"] < 1.0
+
+
+def test_roofline_table_says_so_in_every_row(tmp_path):
+    plan = BuildPlan(LLAMA2, prompt_lens=(128,), contexts=(128, 512))
+    path, meta = write_roofline_table(plan, get_spec("orin-nx-16gb"), get_flow("mlc-llm"), "float16", tmp_path)
+    lut = load_table(path)
+    assert path.parts[-3:] == ("orin-nx-16gb", "mlc-llm", "llama2-7b-float16.csv")
+    assert (lut.frame.source == "roofline").all() and (lut.frame.method == "computed").all()
+    assert lut.is_roofline and meta["calibration"] is None and meta["efficiency"]["eff_bw"] == 0.75
