@@ -89,3 +89,28 @@ def test_backends_json():
     data = json.loads(run("backends", "--json", check_rc=0).stdout)
     pytorch = next(b for b in data if b["name"] == "pytorch")
     assert pytorch["available"] is True and pytorch["per_layer_ffn"] is True
+
+
+def test_profile_device_reports_cpu_and_benchmarks(tmp_path):
+    data = json.loads(run("profile-device", "--no-bench", "--json", check_rc=0).stdout)
+    assert data["device"] == "cpu" and data["slug"].startswith("cpu-") and data["cpu"]["threads"] >= 1
+    assert "microbench" not in data
+    data = json.loads(run("profile-device", "--quick", "--json", "--out", str(tmp_path), check_rc=0).stdout)
+    bench = data["microbench"]
+    assert bench["memory_bw_gbps"] > 0 and bench["dispatch_overhead_us"] > 0
+    assert bench["matmul"]["float32"]["gemm_tflops"] > 0 and bench["matmul"]["float32"]["gemv_bw_gbps"] > 0
+    assert (tmp_path / data["slug"] / "device.json").is_file()
+
+
+def test_predicted_table_and_roofline_warning(tmp_path):
+    run("build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm", "--model", "llama2-7b",
+        "--out", str(tmp_path), check_rc=0)
+    table = tmp_path / "rtx-a5000" / "tensorrt-llm" / "llama2-7b-float16.csv"
+    assert table.is_file()
+    proc = run("select", "--lut", str(table), "--budget-ms", "20", "--metric", "tpot", "--json", check_rc=0)
+    assert "roofline" in proc.stderr and json.loads(proc.stdout)["predicted_ms"]["source"] == "roofline"
+    assert json.loads(proc.stdout)["warning"].startswith("computed (roofline)")
+    assert run("build-lut", "--predict", "--device", "rtx-9999", "--backend", "tensorrt-llm", "--model", "llama2-7b",
+               "--out", str(tmp_path)).returncode == 2
+    assert run("build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm", "--model", "llama2-7b",
+               "--whole", "32x1", "--out", str(tmp_path)).returncode == 2
