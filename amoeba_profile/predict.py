@@ -8,6 +8,7 @@ never extrapolates (OutOfRange names what is missing). Every answer carries its 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,12 +117,15 @@ class Predictor:
     def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> tuple[np.ndarray, str]:
         """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``."""
         x_col = "tokens" if phase == "prefill" else "context"
-        total, source = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
+        key = ("base", phase, batch, x.tobytes(), stat_col)
+        if key not in self._cache:
+            self._cache[key] = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
+        total, source = self._cache[key]
         total = total.copy()
         sources = [source]
-        for layer in subnet.layers:
-            values, s = self._layer(layer.heads, layer.kv_heads, layer.ffn, phase, batch, x, stat_col)
-            total += values
+        for (heads, kv_heads, ffn), count in Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers).items():
+            values, s = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
+            total += count * values
             sources.append(s)
         return total, ("roofline" if self.roofline else worst_source(*sources))
 
@@ -141,6 +145,33 @@ class Predictor:
         x = np.array([tokens if phase == "prefill" else context])
         values, source = self._phase(subnet, phase, batch, x, self._stat_col(stat))
         return float(values[0]), source
+
+    def _metric_parts(self, phase_values, workload: Workload, metric: str) -> float:
+        prefill, decode = phase_values
+        if metric == "ttft_ms":
+            return float(prefill[0])
+        if metric == "tpot_ms":
+            if len(decode) == 0:
+                raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
+            return float(decode.mean())
+        if metric == "e2e_ms":
+            return float(prefill[0] + decode.sum())
+        raise UsageError(f"unknown metric {metric!r}")
+
+    def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
+        """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
+        col, contexts = self._stat_col(stat), workload.decode_contexts()
+        prefill, _ = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)
+        decode = self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0] if len(contexts) else contexts
+        return self._metric_parts((prefill, decode), workload, metric)
+
+    def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
+                     stat: str = "median") -> float:
+        """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
+        col, contexts, b = self._stat_col(stat), workload.decode_contexts(), workload.batch
+        prefill, _ = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)
+        decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
+        return self._metric_parts((prefill, decode), workload, metric)
 
     @staticmethod
     def _stat_col(stat: str) -> str:

@@ -1,11 +1,9 @@
-"""Pick the highest-quality subnet whose predicted latency fits a budget.
+"""Pick the highest-quality subnet whose predicted latency (and memory) fits the budget.
 
 Uniform grids are small (AmoebaLLM's llama2-7b grid has 52 shapes), so the picker enumerates
 them exactly; it never samples, so an impossible budget is a clear answer, not a hang.
-
-Quality proxy (until a measured quality table is given): the fraction of the base model's
-decoder parameters the subnet retains. It orders shapes sensibly (more layers and width score
-higher) but is a proxy, and every output names it as such.
+Quality comes from a measured table (``quality.load_quality``) or the documented proxy
+(retained decoder parameters), and every output names which.
 """
 
 from __future__ import annotations
@@ -14,24 +12,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Iterable
 
-from .arch import ModelArch
 from .errors import InfeasibleBudget, OutOfRange, UsageError
+from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
+from .quality import ProxyQuality
 from .subnet import Subnet
 from .workload import Workload
-
-QUALITY_PROXY = "proxy: retained decoder parameters (fraction of base)"
-
-
-def layer_params(arch: ModelArch, heads: int, kv_heads: int, ffn: int) -> int:
-    """Decoder-layer parameters: q/o (heads), k/v (kv_heads), gate/up/down (ffn), two RMSNorms."""
-    return arch.hidden_size * arch.head_dim * 2 * (heads + kv_heads) + 3 * arch.hidden_size * ffn + 2 * arch.hidden_size
-
-
-def retained_params(subnet: Subnet) -> float:
-    arch = subnet.arch
-    full = arch.num_layers * layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
-    return sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers) / full
 
 
 def width_text(ratio: float | None) -> str:
@@ -41,7 +27,8 @@ def width_text(ratio: float | None) -> str:
 
 
 def describe(subnet: Subnet) -> str:
-    return f"{subnet.num_layers} layers, width {width_text(subnet.width_ratio)}"
+    kind = "" if subnet.is_uniform or subnet.width_ratio is None else " (per-layer widths)"
+    return f"{subnet.num_layers} layers, width {width_text(subnet.width_ratio)}{kind}"
 
 
 @dataclass(frozen=True)
@@ -50,14 +37,18 @@ class Candidate:
     quality: float
     latency_ms: float
     prediction: Prediction
+    memory: MemoryEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "subnet": self.subnet.to_dict(),
             "label": self.subnet.label,
             "quality": self.quality,
             "predicted_ms": {"value": self.latency_ms, "source": self.prediction.source, **self.prediction.to_dict()},
         }
+        if self.memory is not None:
+            out["memory_gb"] = round(self.memory.total_gb, 3)
+        return out
 
 
 @dataclass(frozen=True)
@@ -72,18 +63,18 @@ class Selection:
     quality_source: str
     considered: int
     skipped: list[str]
+    memory_gb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "subnet": self.pick.subnet.to_dict(),
-            "label": self.pick.subnet.label,
-            "quality": self.pick.quality,
-            "quality_source": self.quality_source,
+            **self.pick.to_dict(),
             "predicted_ms": {"value": self.pick.latency_ms, "source": self.pick.prediction.source},
             "predicted": self.pick.prediction.to_dict(),
+            "quality_source": self.quality_source,
             "metric": self.metric,
             "stat": self.stat,
             "budget_ms": self.budget_ms,
+            "memory_budget_gb": self.memory_gb,
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len, "gen_len": self.workload.gen_len},
             "top_k": [c.to_dict() for c in self.top_k],
             "pareto": [c.to_dict() for c in self.pareto],
@@ -92,9 +83,10 @@ class Selection:
         }
 
 
-def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str,
-             stat: str = "median") -> tuple[list[Candidate], list[str]]:
+def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, stat: str = "median",
+             quality=None, dtype: str | None = None) -> tuple[list[Candidate], list[str]]:
     """Predict every subnet; shapes the table cannot cover are listed, not guessed."""
+    quality = quality or ProxyQuality()
     candidates, skipped = [], []
     for subnet in subnets:
         try:
@@ -102,7 +94,8 @@ def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload
         except OutOfRange as exc:
             skipped.append(f"{subnet.label}: {exc}")
             continue
-        candidates.append(Candidate(subnet, retained_params(subnet), prediction.metric(metric), prediction))
+        memory = estimate(subnet, workload, dtype) if dtype else None
+        candidates.append(Candidate(subnet, quality.score(subnet), prediction.metric(metric), prediction, memory))
     return candidates, skipped
 
 
@@ -116,22 +109,37 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 
 
 def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
-           stat: str = "median", top_k: int = 5) -> Selection:
+           stat: str = "median", top_k: int = 5, quality=None, memory_gb: float | None = None,
+           dtype: str | None = None) -> Selection:
+    """``memory_gb`` (with ``dtype``) also bounds weights + KV cache + activation headroom."""
     if metric == "tpot_ms" and workload.gen_len < 2:
         raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
     if not budget_ms > 0:
         raise UsageError(f"budget must be a positive number of ms, got {budget_ms}")
-    candidates, skipped = evaluate(predictor, subnets, workload, metric, stat)
+    if memory_gb is not None and (memory_gb <= 0 or dtype is None):
+        raise UsageError("a memory budget needs a positive --memory-gb and the table's dtype")
+    subnets = list(subnets)
+    quality = quality or ProxyQuality()
+    quality.check_covers(subnets)
+    candidates, skipped = evaluate(predictor, subnets, workload, metric, stat, quality, dtype)
     if not candidates:
         first = skipped[0] if skipped else "the design space is empty"
         raise OutOfRange(f"the table covers no shape of the design space for this workload ({first})")
-    feasible = [c for c in candidates if c.latency_ms <= budget_ms]
+    fitting = candidates
+    if memory_gb is not None:
+        fitting = [c for c in candidates if c.memory.total_gb <= memory_gb]
+        if not fitting:
+            smallest = min(candidates, key=lambda c: c.memory.total_bytes)
+            raise InfeasibleBudget(f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory.total_gb:.2f} GB: "
+                                   f"{describe(smallest.subnet)}")
+    feasible = [c for c in fitting if c.latency_ms <= budget_ms]
     if not feasible:
-        fastest = min(candidates, key=lambda c: c.latency_ms)
+        fastest = min(fitting, key=lambda c: c.latency_ms)
+        within = f" within {memory_gb:g} GB" if memory_gb is not None else ""
         raise InfeasibleBudget(
-            f"no shape fits {budget_ms:g} ms {metric} ({stat}); fastest is {fastest.latency_ms:.1f} ms: "
+            f"no shape fits {budget_ms:g} ms {metric} ({stat}){within}; fastest is {fastest.latency_ms:.1f} ms: "
             f"{describe(fastest.subnet)}"
         )
     ranked = sorted(feasible, key=lambda c: (-c.quality, c.latency_ms))
-    return Selection(ranked[0], ranked[:top_k], pareto_front(candidates), metric, stat, budget_ms, workload,
-                     QUALITY_PROXY, len(candidates), skipped)
+    return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
+                     quality.name, len(candidates), skipped, memory_gb)

@@ -25,7 +25,7 @@ from amoeba_profile.build import BuildPlan, run_build
 from amoeba_profile.lut import load_table
 from amoeba_profile.measure import TimingProtocol
 from amoeba_profile.predict import Predictor
-from amoeba_profile.select import retained_params
+from amoeba_profile.quality import retained_params
 from amoeba_profile.subnet import DesignSpace, LayerShape, Subnet, kept_layers, width_shape
 
 

@@ -5,7 +5,8 @@ from hypothesis import given, settings, strategies as st
 
 from amoeba_profile.errors import InfeasibleBudget, UsageError
 from amoeba_profile.predict import Predictor
-from amoeba_profile.select import evaluate, pareto_front, retained_params, select
+from amoeba_profile.quality import retained_params
+from amoeba_profile.select import evaluate, pareto_front, select
 from amoeba_profile.subnet import DesignSpace, LayerShape, Subnet
 from amoeba_profile.workload import Workload
 

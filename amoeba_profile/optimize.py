@@ -1,0 +1,182 @@
+"""Per-layer exact optimization: one (heads, FFN) option per kept layer, best quality in budget.
+
+For a fixed set of kept layers the problem is a multiple-choice knapsack: maximize the sum of
+per-layer quality over one option per layer subject to sum of per-layer latency <= budget - base
+(and memory <= budget - fixed memory). Latency composes additively per layer (see predict), so
+this is exact; it is solved as a small integer program with scipy's MILP (HiGHS), see solve_counts. Every depth of the
+design space is solved and the best answer kept.
+
+Quality model (additive): option o in layer i scores w_i x params(o) / params(full layer), divided
+by the sum of w over all base layers. With w = 1 (the default, a proxy) this equals the retained-
+parameter proxy of uniform shapes; a per-layer importance file gives w (e.g. from AmoebaLLM's
+layer-importance scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from .arch import ModelArch
+from .errors import InfeasibleBudget, OutOfRange, UsageError
+from .memory import fixed_bytes, layer_bytes
+from .predict import Predictor
+from .quality import layer_params
+from .subnet import LayerShape, Subnet, kept_layers
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class PerLayerResult:
+    subnet: Subnet
+    quality: float
+    latency_ms: float
+    solver: str
+
+
+def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
+    """CSV with columns layer, importance (non-negative); every base layer exactly once."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as exc:
+        raise UsageError(f"{path}: not a readable importance CSV ({exc})") from None
+    if not {"layer", "importance"} <= set(frame.columns):
+        raise UsageError(f"{path}: needs columns 'layer' and 'importance'")
+    weights = np.full(arch.num_layers, np.nan)
+    for i, row in frame.iterrows():
+        layer = int(row["layer"])
+        if not 0 <= layer < arch.num_layers:
+            raise UsageError(f"{path}: line {i + 2}: layer {layer} outside 0..{arch.num_layers - 1}")
+        if not np.isnan(weights[layer]):
+            raise UsageError(f"{path}: line {i + 2}: layer {layer} appears twice")
+        if not row["importance"] >= 0:
+            raise UsageError(f"{path}: line {i + 2}: importance must be >= 0")
+        weights[layer] = float(row["importance"])
+    if np.isnan(weights).any():
+        raise UsageError(f"{path}: missing layers {np.flatnonzero(np.isnan(weights)).tolist()}")
+    return weights
+
+
+def table_options(predictor: Predictor) -> list[tuple[int, int, int]]:
+    """Every measured (heads, kv_heads) x every measured ffn of the table: the per-layer menu."""
+    ok = predictor.lut.ok
+    attn = sorted({(int(r.heads), int(r.kv_heads)) for r in ok[ok.component == "attn"].itertuples()})
+    ffns = sorted({int(f) for f in ok[ok.component == "mlp"].ffn})
+    return [(h, kv, f) for h, kv in attn for f in ffns]
+
+
+def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float], weights: np.ndarray) -> np.ndarray | None:
+    """Exact: how many layers take each option, when every layer has the same per-option costs.
+
+    ``frac`` is each option's quality share, ``weights`` the kept layers' importance. Swapping two
+    layers' options keeps every cost, so an optimum pairs the highest-quality options with the
+    heaviest layers; with options sorted by ``frac`` (descending) and S_o = n_1 + ... + n_o, the
+    value is sum_o (frac_o - frac_{o+1}) W(S_o), where W(s) is the sum of the s largest weights -
+    concave and piecewise linear, so each W is an epigraph of L linear cuts. The program has one
+    integer per option (not per layer and option), which HiGHS solves exactly in milliseconds;
+    the per-layer formulation drowns in the symmetry of identical layers.
+    Returns counts per option (in the given order), or None when infeasible.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    order = np.argsort(-frac, kind="stable")
+    f = frac[order]
+    k, L = len(f), len(weights)
+    w = np.sort(np.asarray(weights, float))[::-1]
+    W = np.concatenate([[0.0], np.cumsum(w)])
+    gaps = f - np.append(f[1:], 0.0)
+    # variables: n_1..n_k (integers), t_1..t_k (t_o <= W(S_o))
+    cumulative = np.tril(np.ones((k, k)))
+    rows, lower, upper = [], [], []
+    rows.append(np.concatenate([np.ones(k), np.zeros(k)]))
+    lower.append(L)
+    upper.append(L)
+    for cost, limit in zip(costs, limits):
+        rows.append(np.concatenate([cost[order], np.zeros(k)]))
+        lower.append(-np.inf)
+        upper.append(limit)
+    for o in range(k):
+        for j in range(L):
+            # t_o - w_(j+1) * S_o <= W(j) - w_(j+1) * j
+            row = np.concatenate([-w[j] * cumulative[o], np.zeros(k)])
+            row[k + o] = 1.0
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(W[j] - w[j] * j)
+    objective = np.concatenate([np.zeros(k), -gaps])
+    result = milp(objective, constraints=LinearConstraint(np.array(rows), lower, upper),
+                  integrality=np.concatenate([np.ones(k), np.zeros(k)]),
+                  bounds=Bounds(np.concatenate([np.zeros(k), np.full(k, -np.inf)]),
+                                np.concatenate([np.full(k, L), np.full(k, np.inf)])))
+    if result.status != 0 or result.x is None:
+        return None
+    counts = np.zeros(k, dtype=int)
+    counts[order] = np.round(result.x[:k]).astype(int)
+    return counts
+
+
+def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | None) -> list[int]:
+    """Options no other option beats on quality, latency and memory at once (ties keep the first)."""
+    keep = []
+    for i in range(len(frac)):
+        dominated = any(
+            frac[j] >= frac[i] and latency[j] <= latency[i] and (memory is None or memory[j] <= memory[i])
+            and (frac[j] > frac[i] or latency[j] < latency[i] or (memory is not None and memory[j] < memory[i]) or j < i)
+            for j in range(len(frac)) if j != i
+        )
+        if not dominated:
+            keep.append(i)
+    return keep
+
+
+def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[int], workload: Workload, metric: str,
+                       budget_ms: float, stat: str = "median", options: Sequence[tuple[int, int, int]] | None = None,
+                       importance: np.ndarray | None = None, drop_rule: str = "keep-ends",
+                       memory_gb: float | None = None, dtype: str | None = None) -> PerLayerResult:
+    options = list(options or table_options(predictor))
+    weights = np.ones(arch.num_layers) if importance is None else np.asarray(importance, float)
+    full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
+    frac = np.array([layer_params(arch, h, kv, f) / full for h, kv, f in options])
+    try:
+        layer_ms = np.array([predictor.layer_metric(h, kv, f, workload, metric, stat) for h, kv, f in options])
+    except OutOfRange as exc:
+        raise OutOfRange(f"per-layer options outside the table: {exc}") from None
+    base_ms = predictor.base_metric(workload, metric, stat)
+    option_bytes = None
+    if memory_gb is not None:
+        if dtype is None:
+            raise UsageError("a memory budget needs the table's dtype")
+        option_bytes = np.array([layer_bytes(arch, h, kv, f, workload, dtype) for h, kv, f in options], float)
+    best: PerLayerResult | None = None
+    keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None)
+    options, frac, layer_ms = [options[i] for i in keep], frac[keep], layer_ms[keep]
+    if memory_gb is not None:
+        option_bytes = option_bytes[keep]
+    for depth in depths:
+        kept = sorted(kept_layers(arch, depth, drop_rule), key=lambda i: -weights[i])  # heaviest first
+        costs, limits = [layer_ms], [budget_ms - base_ms]
+        if memory_gb is not None:
+            weights_fixed, activations = fixed_bytes(arch, workload, dtype, arch.ffn_size)  # conservative headroom
+            costs.append(option_bytes)
+            limits.append(memory_gb * 1e9 - weights_fixed - activations)
+        if any(limit < 0 for limit in limits):
+            continue
+        counts = solve_counts(frac, costs, limits, weights[kept])
+        if counts is None:
+            continue
+        # Best options to the heaviest layers.
+        choice = np.repeat(np.argsort(-frac, kind="stable"), counts[np.argsort(-frac, kind="stable")])
+        layers = tuple(sorted((LayerShape(i, *options[o]) for i, o in zip(kept, choice)), key=lambda l: l.index))
+        quality = float((weights[kept] * frac[choice]).sum() / weights.sum())
+        latency = float(base_ms + layer_ms[choice].sum())
+        if best is None or (quality, -latency) > (best.quality, -best.latency_ms):
+            best = PerLayerResult(Subnet(arch, layers), quality, latency, "scipy.milp (HiGHS)")
+    if best is None:
+        raise InfeasibleBudget(f"no per-layer shape fits {budget_ms:g} ms {metric} ({stat}) at depths "
+                               f"{min(depths)}..{max(depths)}")
+    return best
