@@ -48,16 +48,25 @@ class BuildPlan:
     drop_rule: str = DEFAULT_DROP_RULE
     ffn_multiple: int = 1
     whole: tuple[Subnet, ...] = field(default=())
+    components: bool = True  # False: only the whole subnets (validation runs)
+    extra_attn: tuple[tuple[int, int], ...] = ()  # per-layer widths a strategy file adds to the grid
+    extra_ffn: tuple[int, ...] = ()
 
     def attn_shapes(self) -> list[tuple[int, int]]:
-        return sorted({width_shape(self.arch, w, self.ffn_multiple)[:2] for w in self.widths})
+        return sorted({width_shape(self.arch, w, self.ffn_multiple)[:2] for w in self.widths} | set(self.extra_attn))
 
     def ffn_sizes(self) -> list[int]:
-        return sorted({width_shape(self.arch, w, self.ffn_multiple)[2] for w in self.widths})
+        return sorted({width_shape(self.arch, w, self.ffn_multiple)[2] for w in self.widths} | set(self.extra_ffn))
 
     def entries(self) -> list[Entry]:
         b = self.batch
-        out: list[Entry] = [Entry("base", "prefill", b, p, 0) for p in self.prompt_lens]
+        out: list[Entry] = []
+        for subnet in self.whole:
+            out += [Entry("model", "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens]
+            out += [Entry("model", "decode", b, 1, c, subnet=subnet) for c in self.contexts]
+        if not self.components:
+            return out
+        out += [Entry("base", "prefill", b, p, 0) for p in self.prompt_lens]
         out += [Entry("base", "decode", b, 1, c) for c in self.contexts]
         for heads, kv in self.attn_shapes():
             out += [Entry("attn", "prefill", b, p, 0, heads, kv) for p in self.prompt_lens]
@@ -65,15 +74,14 @@ class BuildPlan:
         for ffn in self.ffn_sizes():
             out += [Entry("mlp", "prefill", b, p, 0, ffn=ffn) for p in self.prompt_lens]
             out.append(Entry("mlp", "decode", b, 1, 0, ffn=ffn))
-        for subnet in self.whole:
-            out += [Entry("model", "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens]
-            out += [Entry("model", "decode", b, 1, c, subnet=subnet) for c in self.contexts]
         return out
 
     def grid(self) -> dict[str, Any]:
         return {
             "widths": list(self.widths), "prompt_lens": list(self.prompt_lens), "contexts": list(self.contexts),
             "batch": self.batch, "drop_rule": self.drop_rule, "ffn_multiple": self.ffn_multiple,
+            "components": self.components, "extra_attn": [list(x) for x in self.extra_attn],
+            "extra_ffn": list(self.extra_ffn),
         }
 
 
@@ -170,9 +178,10 @@ def run_build(
         lock.release()
 
 
-def _existing_rows(path: Path, identity_meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _existing(path: Path, identity_meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Rows and sidecar of the table already at ``path`` (checked to be the same device/backend/dtype/arch)."""
     if not path.exists():
-        return []
+        return [], None
     lut = load_table(path)
     for key in ("device_slug", "backend", "dtype", "arch"):
         if lut.meta.get(key) != identity_meta[key]:
@@ -180,7 +189,7 @@ def _existing_rows(path: Path, identity_meta: dict[str, Any]) -> list[dict[str, 
                 f"{path}: existing table has {key}={lut.meta.get(key)!r}, this build {identity_meta[key]!r}; "
                 "tables with different fingerprints are not merged - choose another --out"
             )
-    return lut.frame.to_dict("records")
+    return lut.frame.to_dict("records"), lut.meta
 
 
 def _build_locked(plan, backend, path, device, protocol, progress) -> BuildResult:
@@ -190,7 +199,18 @@ def _build_locked(plan, backend, path, device, protocol, progress) -> BuildResul
         "backend_env": backend.environment(), "dtype": backend.dtype, "arch": plan.arch.to_dict(),
         "grid": plan.grid(), "protocol": protocol.to_dict(), "clock": Clock(backend.device).name, "source": "measured",
     }
-    kept = _existing_rows(path, meta)
+    kept, old_meta = _existing(path, meta)
+    if old_meta is not None:
+        # The table's grid and protocol describe its component rows; a later build (more contexts,
+        # validation models) adds rows but keeps that description, and lists itself.
+        grid = dict(old_meta["grid"])
+        if plan.components:  # component rows were added: the grid grows to cover them
+            for key in ("widths", "prompt_lens", "contexts", "extra_ffn"):
+                grid[key] = sorted(set(grid.get(key, [])) | set(plan.grid()[key]))
+            grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
+        meta = {**old_meta, "grid": grid,
+                "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}]}
+        meta.pop("content_sha256", None)
     have = {entry_key_of_row(row) for row in kept}
     todo = [e for e in plan.entries() if e.key not in have]
     journal = _Journal(path.with_name(path.name + ".journal.jsonl"),

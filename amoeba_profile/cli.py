@@ -17,7 +17,8 @@ from .errors import AmoebaError, UsageError
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
-from .report import backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json, selection_table
+from .report import (backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json,
+                     selection_table, validation_table)
 from .select import describe, select
 from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, parse_ratio
 from .workload import Workload, metric_name
@@ -76,6 +77,8 @@ def build_lut(
     calibrate: Optional[Path] = typer.Option(None, help="With --predict: fit the flow's efficiencies to this measured table."),
     device_profile: Optional[Path] = typer.Option(None, help="With --predict: peaks from a profile-device JSON "
                                                   "instead of the spec sheet (for CPUs)."),
+    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: extend the grid to cover "
+                                            "its per-layer widths."),
 ) -> None:
     """Measure component latencies and store them as a per-device table (resumable), or compute one (--predict)."""
     from .backends import get_backend
@@ -83,8 +86,9 @@ def build_lut(
 
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
+    extra_attn, extra_ffn = _strategy_extent(arch, strategy) if strategy is not None else ((), ())
     plan = BuildPlan(arch, width_values, _ints(prompt_len, "prompt-len"), _ints(contexts, "contexts"), batch,
-                     whole=_whole_subnets(arch, whole, width_values))
+                     whole=_whole_subnets(arch, whole, width_values), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
         _predict_table(plan, device, backend, dtype or "float16", out_dir, calibrate, device_profile)
         return
@@ -106,6 +110,17 @@ def build_lut(
         err.print(f"[yellow]warning:[/] {len(result.oom)} entries ran out of memory and are stored as status=oom: "
                   f"{', '.join(result.oom[:3])}")
     out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
+
+
+def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """The narrowest and widest per-layer attention and FFN a strategy file produces: measured so
+    the predictor interpolates (cost is linear in heads and channels) instead of refusing."""
+    from .strategy import Strategy
+
+    layers = [layer for subnet in Strategy.load(path, arch).subnets() for layer in subnet.layers]
+    attn = sorted({(l.heads, l.kv_heads) for l in layers})
+    ffn = sorted({l.ffn for l in layers})
+    return (attn[0], attn[-1]), (ffn[0], ffn[-1])
 
 
 def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path, calibrate: Path | None,
@@ -133,6 +148,43 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
 
 
+def _space(table, arch, widths: str | None, strategy: Path | None) -> list[Subnet]:
+    """The shapes to consider: the strategy file's exact shapes, or the table's uniform grid."""
+    grid = table.meta.get("grid", {})
+    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else None
+    if strategy is not None:
+        from .strategy import Strategy
+
+        return Strategy.load(strategy, arch).subnets(ratios=width_values)
+    space = DesignSpace.amoeba(arch, width_values or tuple(grid.get("widths", AMOEBA_WIDTHS)),
+                               drop_rule=grid.get("drop_rule", "keep-ends"), ffn_multiple=grid.get("ffn_multiple", 1))
+    return list(space.subnets())
+
+
+def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
+            widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None):
+    from .arch import ModelArch
+    from .quality import load_quality
+
+    table = load_one(lut)
+    arch = ModelArch.from_dict(table.meta["arch"])
+    workload = Workload(batch or table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+    source = load_quality(quality) if quality is not None else None
+    selection = select(Predictor(table), _space(table, arch, widths, strategy), workload, metric_name(metric),
+                       budget_ms, stat, top_k, source, memory_gb, table.meta["dtype"])
+    return table, arch, selection
+
+
+def _shared_memory_note(table) -> str | None:
+    from .device.specs import load_specs
+
+    spec = load_specs().get(table.meta.get("device_slug", ""))
+    if spec is not None and spec.shared_memory:
+        return (f"{spec.name}: its {spec.memory_gb:g} GB are shared by CPU and GPU; leave room for the OS and "
+                "the runtime when choosing --memory-gb")
+    return None
+
+
 @app.command("select")
 def select_cmd(
     lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
@@ -144,33 +196,159 @@ def select_cmd(
     batch: Optional[int] = typer.Option(None, help="Default: the table's batch."),
     widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
     top_k: int = typer.Option(5, min=1),
+    quality: Optional[Path] = typer.Option(None, help="Quality CSV (num_layers,width_ratio,score | subnet_id,score | "
+                                           "name,score with _l24w0.875 suffixes). Default: a parameter-count proxy."),
+    memory_gb: Optional[float] = typer.Option(None, help="Memory budget: weights + KV cache + activation headroom."),
+    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also optimize one (heads, FFN) option per layer, exactly."),
+    importance: Optional[Path] = typer.Option(None, help="With --per-layer: CSV layer,importance (default: equal)."),
+    export: Optional[Path] = typer.Option(None, help="Write the pick as subnet.json, config.json/blocks.json and "
+                                          "AmoebaLLM flags into this folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Choose the highest-quality shape whose predicted latency fits the budget."""
-    table = load_one(lut)
-    from .arch import ModelArch
-
-    arch = ModelArch.from_dict(table.meta["arch"])
-    grid = table.meta.get("grid", {})
-    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else tuple(grid.get("widths", AMOEBA_WIDTHS))
-    space = DesignSpace.amoeba(arch, width_values, drop_rule=grid.get("drop_rule", "keep-ends"),
-                               ffn_multiple=grid.get("ffn_multiple", 1))
-    workload = Workload(batch or grid.get("batch", 1), prompt_len, gen_len)
-    selection = select(Predictor(table), space.subnets(), workload, metric_name(metric), budget_ms, stat, top_k)
+    """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
+    table, arch, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k,
+                                     quality, memory_gb, strategy)
     warning = "computed (roofline) table, not measured: treat latencies as estimates" if table.is_roofline else None
     if warning:
         err.print(f"[bold yellow]warning:[/] {warning}")
+    note = _shared_memory_note(table) if memory_gb is not None else None
+    result = selection.to_dict()
+    pick_subnet = selection.pick.subnet
+    if per_layer:
+        per = _per_layer(table, arch, selection, importance, memory_gb)
+        result["per_layer"] = per
+        pick_subnet = Subnet.from_dict(per["subnet"])
+    if export is not None:
+        from .export import export_subnet
+
+        result["exported"] = [str(p) for p in export_subnet(pick_subnet, export, table.meta["dtype"])]
     if as_json:
-        print_json(out, {**selection.to_dict(), **({"warning": warning} if warning else {})})
+        print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         return
     pick = selection.pick
-    out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = {pick.latency_ms:.1f} ms "
-              f"({selection.stat}, {pick.prediction.source}) <= {budget_ms:g} ms")
+    out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
+              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.prediction.source}) <= {budget_ms:g} ms"
+              + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
     out.print(pareto_table(selection))
+    if per_layer:
+        per = result["per_layer"]
+        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f} "
+                  f"(+{per['gain_over_uniform']:.4f} over the best uniform shape), predicted {per['predicted_ms']:.1f} ms "
+                  f"[{per['solver']}]")
+    if export is not None:
+        out.print(f"exported: {', '.join(result['exported'])}")
+    if note:
+        err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
         err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
+
+
+def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float | None) -> dict:
+    from .optimize import load_importance, optimize_per_layer
+
+    weights = load_importance(importance, arch) if importance is not None else None
+    depths = sorted({c.subnet.num_layers for c in selection.pareto} | {c.subnet.num_layers for c in selection.top_k})
+    grid = table.meta.get("grid", {})
+    result = optimize_per_layer(Predictor(table), arch, list(range(min(depths), arch.num_layers + 1)), selection.workload,
+                                selection.metric, selection.budget_ms, selection.stat, importance=weights,
+                                drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
+                                dtype=table.meta["dtype"])
+    uniform = selection.pick.quality if weights is None else None
+    return {
+        "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
+        "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
+        "predicted_ms": result.latency_ms, "solver": result.solver,
+        "gain_over_uniform": result.quality - uniform if uniform is not None else float("nan"),
+    }
+
+
+@app.command("validate")
+def validate_cmd(
+    lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
+    budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
+    top_k: int = typer.Option(3, min=1, help="How many of the top picks to build and measure whole."),
+    metric: str = typer.Option("tpot"),
+    stat: str = typer.Option("median"),
+    prompt_len: int = typer.Option(128, min=1),
+    gen_len: int = typer.Option(128, min=1),
+    widths: Optional[str] = typer.Option(None),
+    strategy: Optional[Path] = typer.Option(None),
+    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
+    threads: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure the top-k picks whole, compare with the prediction, write the rows back into the table."""
+    from .validate import kendall_tau, validate_selection
+
+    table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
+                                  strategy)
+    protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[entry]}"), console=err) as bar:
+        task = bar.add_task("validate", total=None, entry="")
+        results, path, drift = validate_selection(table.path, selection, protocol,
+                                           lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
+                                           threads)
+    tau = kendall_tau(results)
+    if as_json:
+        print_json(out, {"table": str(path), "metric": selection.metric, "budget_ms": budget_ms, "kendall_tau": tau,
+                         "device_drift": drift, "validated": [v.to_dict() for v in results]})
+    else:
+        out.print(validation_table(results, selection.metric))
+        if tau is not None:
+            out.print(f"Kendall tau (predicted vs measured order): {tau:.3f}")
+        if drift:
+            shift = ", ".join(f"{phase} {100 * (ratio - 1):+.1f} %" for phase, ratio in drift.items())
+            out.print(f"device drift since the table was built (full-width components re-measured now): {shift}")
+            if any(abs(ratio - 1) > 0.05 for ratio in drift.values()):
+                err.print("[yellow]note:[/] the device is more than 5 % off its state when the table was built; "
+                          "errors above include that drift - rebuild the table for this state")
+        out.print(f"model rows written to {path}")
+    broken = [v for v in results if v.breaks_budget]
+    if broken:
+        err.print(f"[bold red]budget broken:[/] {', '.join(v.subnet.label for v in broken)} measured above "
+                  f"{budget_ms:g} ms")
+        raise typer.Exit(1)
+
+
+@app.command("plot")
+def plot_cmd(
+    lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
+    out_dir: Path = typer.Option(Path("out/plots"), "--out"),
+    budget_ms: Optional[float] = typer.Option(None, help="Draw the budget line and the pick."),
+    metric: str = typer.Option("tpot"),
+    prompt_len: int = typer.Option(128, min=1),
+    gen_len: int = typer.Option(128, min=1),
+    quality: Optional[Path] = typer.Option(None),
+    strategy: Optional[Path] = typer.Option(None),
+) -> None:
+    """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
+    from .arch import ModelArch
+    from .plots import plot_heatmaps, plot_pareto, plot_validation
+    from .quality import ProxyQuality, load_quality
+    from .select import evaluate
+
+    table = load_one(lut)
+    arch = ModelArch.from_dict(table.meta["arch"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workload = Workload(table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+    source = load_quality(quality) if quality is not None else ProxyQuality()
+    candidates, _ = evaluate(Predictor(table), _space(table, arch, None, strategy), workload, metric_name(metric),
+                             quality=source)
+    pick = None
+    if budget_ms is not None:
+        fitting = [c for c in candidates if c.latency_ms <= budget_ms]
+        pick = max(fitting, key=lambda c: (c.quality, -c.latency_ms)) if fitting else None
+    paths = [plot_pareto(table, candidates, metric_name(metric), out_dir / "pareto.png", budget_ms, pick, source.name)]
+    paths += plot_heatmaps(table, workload, out_dir)
+    validation = plot_validation(table, out_dir / "validation.png")
+    if validation is not None:
+        paths.append(validation)
+    for path in paths:
+        out.print(f"wrote {path}")
 
 
 @app.command("show")

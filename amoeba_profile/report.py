@@ -135,3 +135,13 @@ def device_report(report: dict[str, Any]) -> Table:
     for note in report["notes"]:
         table.add_row("note", note)
     return table
+
+
+def validation_table(results, metric: str) -> Table:
+    table = Table(title=f"validation: predicted vs measured {metric}")
+    for column in ("shape", "predicted ms", "measured ms", "error", "source", "budget"):
+        table.add_column(column)
+    for v in results:
+        table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.measured_ms:.1f}", f"{v.error_pct:+.1f} %",
+                      v.source, "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
+    return table

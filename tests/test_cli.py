@@ -114,3 +114,32 @@ def test_predicted_table_and_roofline_warning(tmp_path):
                "--out", str(tmp_path)).returncode == 2
     assert run("build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm", "--model", "llama2-7b",
                "--whole", "32x1", "--out", str(tmp_path)).returncode == 2
+
+
+def test_validate_writes_model_rows_back(built):
+    before = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)["rows"]["model/ok"]
+    data = json.loads(run("validate", "--lut", str(built), "--budget-ms", "1000", "--top-k", "3", "--quick",
+                          "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    assert len(data["validated"]) == 3 and data["kendall_tau"] is not None
+    for row in data["validated"]:
+        assert row["measured_ms"] > 0 and row["breaks_budget"] is False and abs(row["error_pct"]) < 200
+    after = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)["rows"]["model/ok"]
+    assert after > before
+
+
+def test_plot_writes_pngs(built, tmp_path):
+    proc = run("plot", "--lut", str(built), "--out", str(tmp_path), "--budget-ms", "1", "--prompt-len", "16",
+               "--gen-len", "30", check_rc=0)
+    for name in ("pareto.png", "heatmap_prefill.png", "heatmap_decode.png", "validation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stdout
+
+
+def test_select_per_layer_memory_and_export(built, tmp_path):
+    data = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+                          "--per-layer", "--memory-gb", "1", "--export", str(tmp_path / "pick"), "--json",
+                          check_rc=0).stdout)
+    assert data["per_layer"]["quality"] >= data["quality"] - 1e-9 and data["memory_gb"] <= 1
+    assert (tmp_path / "pick" / "subnet.json").is_file()
+    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+               "--memory-gb", "0.000001", check_rc=1)
+    assert "smallest needs" in proc.stderr

@@ -1,0 +1,79 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from amoeba_profile.errors import InfeasibleBudget
+from amoeba_profile.memory import estimate
+from amoeba_profile.optimize import optimize_per_layer, solve_counts, table_options
+from amoeba_profile.predict import Predictor
+from amoeba_profile.quality import layer_params
+from amoeba_profile.subnet import LayerShape, Subnet, kept_layers
+from amoeba_profile.workload import Workload
+
+from conftest import synthetic_lut
+
+
+def _lut(arch):
+    return synthetic_lut(arch, lambda h, p, c: 0.3 * h if p == "prefill" else 0.05 * h + 0.001 * c,
+                         lambda f, p: 0.01 * f if p == "prefill" else 0.0043 * f,
+                         lambda p, c: 2.0 if p == "prefill" else 0.5)
+
+
+def brute(predictor, arch, depths, workload, metric, budget, weights, memory_gb=None):
+    options = table_options(predictor)
+    full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
+    best = None
+    for depth in depths:
+        kept = kept_layers(arch, depth)
+        for combo in itertools.product(options, repeat=len(kept)):
+            subnet = Subnet(arch, tuple(LayerShape(i, *o) for i, o in zip(kept, combo)))
+            latency = predictor.predict(subnet, workload).metric(metric)
+            if latency > budget + 1e-9:
+                continue
+            if memory_gb is not None and estimate(subnet, workload, "float32").total_gb > memory_gb:
+                continue
+            quality = sum(weights[i] * layer_params(arch, *o) / full for i, o in zip(kept, combo)) / weights.sum()
+            if best is None or quality > best + 1e-12:
+                best = quality
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_layer_optimum_matches_brute_force(tiny_arch, seed):
+    rng = np.random.default_rng(seed)
+    predictor, workload = Predictor(_lut(tiny_arch)), Workload(1, 16, 20)
+    weights = rng.random(tiny_arch.num_layers) + 0.1 if seed else np.ones(tiny_arch.num_layers)
+    options = table_options(predictor)
+    assert len(options) == 8  # 4 attention widths x 2 FFN widths
+    smallest = Subnet(tiny_arch, tuple(LayerShape(i, 2, 1, 64) for i in kept_layers(tiny_arch, 3)))
+    low = predictor.predict(smallest, workload).tpot_ms
+    high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
+    for budget in np.linspace(low, high, 5):
+        result = optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, importance=weights)
+        assert result.latency_ms <= budget + 1e-9
+        assert predictor.predict(result.subnet, workload).tpot_ms == pytest.approx(result.latency_ms)
+        assert result.quality == pytest.approx(brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights))
+
+
+def test_memory_constraint_matches_brute_force(tiny_arch):
+    predictor, workload = Predictor(_lut(tiny_arch)), Workload(1, 16, 20)
+    weights = np.ones(tiny_arch.num_layers)
+    full = estimate(Subnet.uniform(tiny_arch, 4, 1.0), workload, "float32").total_gb
+    limit = full * 0.9
+    result = optimize_per_layer(predictor, tiny_arch, [4], workload, "e2e_ms", 1e6, memory_gb=limit, dtype="float32")
+    assert estimate(result.subnet, workload, "float32").total_gb <= limit
+    assert result.quality == pytest.approx(brute(predictor, tiny_arch, [4], workload, "e2e_ms", 1e6, weights, limit))
+
+
+def test_infeasible_per_layer_budget(tiny_arch):
+    with pytest.raises(InfeasibleBudget, match="no per-layer shape fits"):
+        optimize_per_layer(Predictor(_lut(tiny_arch)), tiny_arch, [4], Workload(1, 16, 20), "tpot_ms", 0.01)
+
+
+def test_counts_solver_pairs_best_options_with_heaviest_layers():
+    frac = np.array([1.0, 0.5])
+    cost = np.array([3.0, 1.0])
+    counts = solve_counts(frac, [cost], [3 * 1 + 1 * 2], np.array([5.0, 1.0, 1.0]))
+    assert counts.tolist() == [1, 2]
+    assert solve_counts(frac, [cost], [2.0], np.ones(3)) is None
