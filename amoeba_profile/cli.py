@@ -20,7 +20,7 @@ from .predict import Predictor
 from .report import (backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json,
                      selection_table, validation_table)
 from .select import describe, select
-from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, parse_ratio
+from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, default_depths, parse_ratio
 from .workload import Workload, metric_name
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -235,9 +235,10 @@ def select_cmd(
     out.print(pareto_table(selection))
     if per_layer:
         per = result["per_layer"]
-        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f} "
-                  f"(+{per['gain_over_uniform']:.4f} over the best uniform shape), predicted {per['predicted_ms']:.1f} ms "
-                  f"[{per['solver']}]")
+        gain = per["gain_over_uniform"]
+        versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
+        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
+                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}]")
     if export is not None:
         out.print(f"exported: {', '.join(result['exported'])}")
     if note:
@@ -250,9 +251,8 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
     from .optimize import load_importance, optimize_per_layer
 
     weights = load_importance(importance, arch) if importance is not None else None
-    depths = sorted({c.subnet.num_layers for c in selection.pareto} | {c.subnet.num_layers for c in selection.top_k})
     grid = table.meta.get("grid", {})
-    result = optimize_per_layer(Predictor(table), arch, list(range(min(depths), arch.num_layers + 1)), selection.workload,
+    result = optimize_per_layer(Predictor(table), arch, default_depths(arch), selection.workload,
                                 selection.metric, selection.budget_ms, selection.stat, importance=weights,
                                 drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
                                 dtype=table.meta["dtype"])
@@ -261,7 +261,8 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
         "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
         "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
         "predicted_ms": result.latency_ms, "solver": result.solver,
-        "gain_over_uniform": result.quality - uniform if uniform is not None else float("nan"),
+        # With an importance file the per-layer quality is on another scale than the uniform proxy.
+        "gain_over_uniform": result.quality - uniform if uniform is not None else None,
     }
 
 
