@@ -244,7 +244,8 @@ def _build_locked(plan, backend, path, device, protocol, progress) -> BuildResul
     rows, oom = _aggregate(todo, journal.records, protocol.cv_threshold)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["state_at_end"] = monitor.sample()
-    write_table(path, rows_frame(kept + rows), dict(meta, created_at=created))
+    stamps = {"created_at": old_meta.get("created_at", created), "updated_at": created} if old_meta else {"created_at": created}
+    write_table(path, rows_frame(kept + rows), {**meta, **stamps})
     journal.path.unlink(missing_ok=True)
     return BuildResult(path, len(todo), len(kept), oom, time.perf_counter() - started)
 
@@ -348,3 +349,19 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
     if values("power_w"):
         out["power_w"] = sum(values("power_w")) / len(values("power_w"))
     return out
+
+
+def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any]) -> int:
+    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock.
+
+    Rows whose entry is already in the table are skipped; returns how many were added."""
+    with FileLock(str(path) + ".lock"):
+        lut = load_table(path)
+        have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
+        new = [row for row in rows if entry_key_of_row(row) not in have]
+        if new:
+            meta = {k: v for k, v in lut.meta.items() if k != "content_sha256"}
+            meta["later_builds"] = [*meta.get("later_builds", []), note]
+            meta["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_table(path, rows_frame(lut.frame.to_dict("records") + new), meta)
+    return len(new)

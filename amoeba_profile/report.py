@@ -138,10 +138,12 @@ def device_report(report: dict[str, Any]) -> Table:
 
 
 def validation_table(results, metric: str) -> Table:
-    table = Table(title=f"validation: predicted vs measured {metric}")
-    for column in ("shape", "predicted ms", "measured ms", "error", "source", "budget"):
+    table = Table(title=f"validation: predicted vs measured {metric} (ms)")
+    for column in ("shape", "stored table", "fresh components", "measured", "error (stored)", "error (composition)",
+                   "budget"):
         table.add_column(column)
     for v in results:
-        table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.measured_ms:.1f}", f"{v.error_pct:+.1f} %",
-                      v.source, "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
+        table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.fresh_predicted_ms:.1f}", f"{v.measured_ms:.1f}",
+                      f"{v.error_pct:+.1f} %", f"{v.composition_error_pct:+.1f} %",
+                      "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
     return table

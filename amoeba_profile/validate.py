@@ -1,14 +1,17 @@
 """Measure the picks end to end and hold the predictions to account.
 
-The top-k picks are built and measured whole with the table's own backend, device and dtype (the
-same interleaved-rounds protocol as a table build); their model rows are written back into the
-table. Measured metrics are composed from those rows exactly as predicted ones are from component
-rows (prefill at the prompt length; decode interpolated over the measured contexts and integrated
-over the generation), so the two differ only by the composition error.
+The top-k picks are built and measured whole with the table's own backend, device and dtype, in
+the same interleaved rounds as fresh measurements of the components they are made of; their model
+rows are written back into the table. Measured metrics are composed from model rows exactly as
+predicted ones are from component rows (prefill at the prompt length; decode interpolated over
+the measured contexts and integrated over the generation). Two errors come out: against the stored
+table (what a user gets) and against the fresh components (the composition error alone); their
+ratio is the device's drift since the table was built - on a shared host it can exceed 10 %.
 """
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import numpy as np
 
 from .arch import ModelArch
 from .backends import get_backend
-from .build import BuildPlan, Progress, run_build
+from .build import BuildPlan, Progress, add_rows, run_build
 from .device import device_slug
 from .errors import LutError, OutOfRange
 from .lut import Lut, load_table
@@ -30,8 +33,12 @@ from .workload import Workload
 
 @dataclass(frozen=True)
 class Validation:
+    """One pick: predicted from the stored table, predicted from components re-measured in the same
+    rounds as the whole model (composition error alone), and measured."""
+
     subnet: Subnet
     predicted_ms: float
+    fresh_predicted_ms: float
     measured_ms: float
     source: str
     budget_ms: float
@@ -41,13 +48,18 @@ class Validation:
         return 100 * (self.predicted_ms - self.measured_ms) / self.measured_ms
 
     @property
+    def composition_error_pct(self) -> float:
+        return 100 * (self.fresh_predicted_ms - self.measured_ms) / self.measured_ms
+
+    @property
     def breaks_budget(self) -> bool:
         return self.measured_ms > self.budget_ms
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.subnet.label, "subnet_id": self.subnet.id, "predicted_ms": self.predicted_ms,
-                "measured_ms": self.measured_ms, "error_pct": self.error_pct, "source": self.source,
-                "breaks_budget": self.breaks_budget}
+                "fresh_predicted_ms": self.fresh_predicted_ms, "measured_ms": self.measured_ms,
+                "error_pct": self.error_pct, "composition_error_pct": self.composition_error_pct,
+                "source": self.source, "breaks_budget": self.breaks_budget}
 
 
 def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat_col: str = "median_ms") -> float:
@@ -68,70 +80,48 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     return float(steps.mean()) if metric == "tpot_ms" else ttft + float(steps.sum())
 
 
-def device_drift(lut: Lut, backend, protocol: TimingProtocol, prompt_len: int) -> dict[str, float]:
-    """Re-measure the table's full-width components now (into a scratch table) and return, per
-    phase, now / then. A device that got slower or faster since the table was built (other
-    tenants, clocks, thermals) otherwise shows up as composition error."""
-    import tempfile
-
-    meta = lut.meta
-    arch = ModelArch.from_dict(meta["arch"])
-    contexts = sorted(meta["grid"]["contexts"])
-    prompts = sorted(meta["grid"]["prompt_lens"])
-    plan = BuildPlan(arch, widths=(1.0,), prompt_lens=(min(prompts, key=lambda p: abs(p - prompt_len)),),
-                     contexts=(contexts[len(contexts) // 2],), batch=meta["grid"].get("batch", 1))
-    with tempfile.TemporaryDirectory() as scratch:
-        now = load_table(run_build(plan, backend, Path(scratch), protocol).path).ok
-    then = lut.ok
-    drift = {}
-    for phase in ("prefill", "decode"):
-        rows = now[now.phase == phase]
-        total_now = total_then = 0.0
-        for row in rows.itertuples():
-            match = then[(then.component == row.component) & (then.phase == phase) & (then.tokens == row.tokens)
-                         & (then.context == row.context) & (then.heads == row.heads) & (then.ffn == row.ffn)
-                         & (then.batch == row.batch)]
-            if not match.empty:
-                total_now += row.median_ms
-                total_then += float(match.median_ms.iloc[0])
-        if total_then:
-            drift[phase] = total_now / total_then
-    return drift
-
-
 def validate_selection(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
                        progress: Progress | None = None, threads: int | None = None
-                       ) -> tuple[list[Validation], Path, dict[str, float]]:
+                       ) -> tuple[list[Validation], Path, float]:
+    """Measure the picks whole, interleaved in the same rounds with the components they are made
+    of (into a scratch table), then write the model rows into the stored table.
+
+    Returns the validations, the table path and the device drift: how much slower (>1) or faster
+    the picks' components run now than the stored table says."""
     lut = load_table(table_path)
     meta = lut.meta
     if meta.get("source") == "roofline":
         raise LutError(f"{table_path}: a roofline table has no backend to measure with; validate a measured table")
-    env = meta.get("backend_env", {})
-    device = env.get("device", "cpu")
+    device = meta.get("backend_env", {}).get("device", "cpu")
     here = device_slug(device)
     if here != meta["device_slug"]:
         raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; validate there")
     backend = get_backend(meta["backend"], device=device, dtype=meta["dtype"], threads=threads)
     workload = selection.workload
     picks = tuple(c.subnet for c in selection.top_k)
-    contexts = sorted(set(meta["grid"]["contexts"]))
+    layers = [layer for subnet in picks for layer in subnet.layers]
     plan = BuildPlan(ModelArch.from_dict(meta["arch"]), widths=(), prompt_lens=(workload.prompt_len,),
-                     contexts=tuple(contexts), batch=workload.batch, whole=picks, components=False)
-    result = run_build(plan, backend, Path(table_path).parents[2], protocol, progress)
-    if result.path.resolve() != Path(table_path).resolve():
-        raise LutError(f"validation wrote {result.path}, not {table_path}: table and machine disagree")
-    lut = load_table(result.path)
+                     contexts=tuple(sorted(set(meta["grid"]["contexts"]))), batch=workload.batch, whole=picks,
+                     extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
+                     extra_ffn=tuple(sorted({l.ffn for l in layers})))
     stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = load_table(run_build(plan, backend, Path(scratch), protocol, progress).path)
+    fresh_predictor = Predictor(fresh)
     out = []
     for cand in selection.top_k:
-        measured = measured_metric(lut, cand.subnet, workload, selection.metric, stat_col)
-        out.append(Validation(cand.subnet, cand.latency_ms, measured, cand.prediction.source, selection.budget_ms))
-    return out, result.path, device_drift(lut, backend, protocol, workload.prompt_len)
+        measured = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
+        now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
+        out.append(Validation(cand.subnet, cand.latency_ms, now, measured, cand.prediction.source, selection.budget_ms))
+    models = fresh.frame[fresh.frame.component == "model"].to_dict("records")
+    add_rows(Path(table_path), models, {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}})
+    drift = float(np.mean([v.fresh_predicted_ms / v.predicted_ms for v in out]))
+    return out, Path(table_path), drift
 
 
-def kendall_tau(validations: list[Validation]) -> float | None:
-    if len(validations) < 3:
+def kendall_tau(predicted: list[float], measured: list[float]) -> float | None:
+    if len(predicted) < 3:
         return None
     from scipy.stats import kendalltau
 
-    return float(kendalltau([v.predicted_ms for v in validations], [v.measured_ms for v in validations]).statistic)
+    return float(kendalltau(predicted, measured).statistic)

@@ -120,9 +120,10 @@ def test_validate_writes_model_rows_back(built):
     before = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)["rows"]["model/ok"]
     data = json.loads(run("validate", "--lut", str(built), "--budget-ms", "1000", "--top-k", "3", "--quick",
                           "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
-    assert len(data["validated"]) == 3 and data["kendall_tau"] is not None
+    assert len(data["validated"]) == 3 and data["kendall_tau"] is not None and data["device_drift"] > 0
     for row in data["validated"]:
         assert row["measured_ms"] > 0 and row["breaks_budget"] is False and abs(row["error_pct"]) < 200
+        assert row["fresh_predicted_ms"] > 0 and abs(row["composition_error_pct"]) < 200
     after = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)["rows"]["model/ok"]
     assert after > before
 
