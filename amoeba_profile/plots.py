@@ -113,7 +113,7 @@ def plot_validation(lut: Lut, out: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("measured whole model (ms)")
     ax.set_ylabel("predicted from the table (ms)")
-    ax.set_title(f"composition error\n{_title(lut)}", fontsize=9)
+    ax.set_title(f"stored-table prediction vs whole models measured (any later run includes device drift)\n{_title(lut)}", fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
