@@ -45,7 +45,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def _whole_subnets(arch, text: str | None, widths_default) -> tuple[Subnet, ...]:
+def _whole_subnets(arch, text: str | None) -> tuple[Subnet, ...]:
     """'22x1,18x3/4' -> uniform subnets measured whole (model rows for validation)."""
     if not text:
         return ()
@@ -88,7 +88,7 @@ def build_lut(
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = _strategy_extent(arch, strategy) if strategy is not None else ((), ())
     plan = BuildPlan(arch, width_values, _ints(prompt_len, "prompt-len"), _ints(contexts, "contexts"), batch,
-                     whole=_whole_subnets(arch, whole, width_values), extra_attn=extra_attn, extra_ffn=extra_ffn)
+                     whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
         _predict_table(plan, device, backend, dtype or "float16", out_dir, calibrate, device_profile)
         return

@@ -47,13 +47,9 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
     out: dict[str, Any] = {"device": device, "spec": spec.slug if spec else None, "clock": clock.name,
                            "shapes": {"hidden": hidden, "ffn": ffn, "prompt_len": prompt_len, "copy_mb": copy_mb}}
 
-    src = torch.ones(copy_mb << 18, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), clock, protocol)
-    bw = 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+    bw = _copy_bandwidth_gbps(device, copy_mb, clock, protocol)
     out["memory_bw_gbps"] = round(bw, 2)
     out["memory_bw_fraction"] = _fraction(bw, peak_bw)
-    del src, dst
 
     tiny = torch.ones(1, device=device)
     calls = 100
@@ -62,13 +58,8 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
 
     out["matmul"] = {}
     for name in dtypes:
-        dtype = getattr(torch, name)
-        weight = torch.ones(ffn, hidden, dtype=dtype, device=device) * 0.01
-        x1 = torch.ones(1, hidden, dtype=dtype, device=device)
-        xp = torch.ones(prompt_len, hidden, dtype=dtype, device=device)
-        gemv_ms = _median_ms(lambda: torch.nn.functional.linear(x1, weight), clock, protocol)
-        gemm_ms = _median_ms(lambda: torch.nn.functional.linear(xp, weight), clock, protocol)
-        weight_bytes = weight.numel() * weight.element_size()
+        gemv_ms, gemm_ms = _matmul_ms(getattr(torch, name), device, hidden, ffn, prompt_len, clock, protocol)
+        weight_bytes = hidden * ffn * getattr(torch, name).itemsize
         gemv_bw = weight_bytes / (gemv_ms * 1e-3) / 1e9
         gemm_tflops = 2 * prompt_len * hidden * ffn / (gemm_ms * 1e-3) / 1e12
         peak = spec.peak_tflops(name) if spec else None
@@ -77,5 +68,27 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
             "gemv_tflops": round(2 * hidden * ffn / (gemv_ms * 1e-3) / 1e12, 4),
             "gemm_ms": round(gemm_ms, 3), "gemm_tflops": round(gemm_tflops, 3), "gemm_fraction": _fraction(gemm_tflops, peak),
         }
-        del weight, x1, xp
     return out
+
+
+def _copy_bandwidth_gbps(device: str, copy_mb: int, clock: Clock, protocol: TimingProtocol) -> float:
+    """Read + write bytes of a large fp32 copy per second (buffers freed on return)."""
+    import torch
+
+    src = torch.ones(copy_mb << 18, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = _median_ms(lambda: dst.copy_(src), clock, protocol)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def _matmul_ms(dtype, device: str, hidden: int, ffn: int, prompt_len: int, clock: Clock,
+               protocol: TimingProtocol) -> tuple[float, float]:
+    """(GEMV ms for one token, GEMM ms for ``prompt_len`` tokens) through an ffn x hidden weight."""
+    import torch
+
+    weight = torch.ones(ffn, hidden, dtype=dtype, device=device) * 0.01
+    one = torch.ones(1, hidden, dtype=dtype, device=device)
+    many = torch.ones(prompt_len, hidden, dtype=dtype, device=device)
+    gemv = _median_ms(lambda: torch.nn.functional.linear(one, weight), clock, protocol)
+    gemm = _median_ms(lambda: torch.nn.functional.linear(many, weight), clock, protocol)
+    return gemv, gemm
