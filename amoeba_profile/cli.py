@@ -68,32 +68,46 @@ def build_lut(
     widths: str = typer.Option(",".join(["1", "7/8", "3/4", "5/8"]), help="Width ratios of the grid."),
     batch: int = typer.Option(1, min=1),
     whole: Optional[str] = typer.Option(None, help="Also measure whole subnets, e.g. '22x1,16x3/4' (validation rows)."),
+    method: Optional[str] = typer.Option(None, help="components or difference (default: the method validated for "
+                                         "this backend and device, see docs/design.md)."),
+    depths: Optional[str] = typer.Option(None, help="difference: model depths to fit (default: 3 spread over the "
+                                         "design space)."),
+    decode_steps: int = typer.Option(8, min=1, help="Decode steps per serving-loop tpot sample."),
+    artifacts: Optional[Path] = typer.Option(None, help="Compiled-engine cache (default ~/.cache/amoeba-profile/"
+                                             "artifacts or $AMOEBA_ARTIFACTS)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's; the number is recorded)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
     calibrate: Optional[Path] = typer.Option(None, help="With --predict: fit the flow's efficiencies to this measured table."),
-    device_profile: Optional[Path] = typer.Option(None, help="With --predict: peaks from a profile-device JSON "
-                                                  "instead of the spec sheet (for CPUs)."),
+    device_profile: Optional[Path] = typer.Option(None, help="With --predict: peaks and per-op dispatch from a "
+                                                  "profile-device JSON instead of the spec sheet."),
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: extend the grid to cover "
                                             "its per-layer widths."),
 ) -> None:
-    """Measure component latencies and store them as a per-device table (resumable), or compute one (--predict)."""
-    from .backends import get_backend
-    from .build import BuildPlan, run_build
+    """Measure latencies through the backend and store them as a per-device table (resumable), or compute one (--predict)."""
+    from .artifacts import ArtifactCache
+    from .backends import backend_class, get_backend
+    from .build import run_build
+    from .methods import choose_method
+    from .plan import BuildPlan
 
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = _strategy_extent(arch, strategy) if strategy is not None else ((), ())
-    plan = BuildPlan(arch, width_values, _ints(prompt_len, "prompt-len"), _ints(contexts, "contexts"), batch,
-                     whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
+    grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
+                batch=batch, whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
-        _predict_table(plan, device, backend, dtype or "float16", out_dir, calibrate, device_profile)
+        _predict_table(BuildPlan(arch, **grid), device, backend, dtype or "float16", out_dir, calibrate, device_profile)
         return
+    chosen, reason = choose_method(backend, backend_class(backend).capabilities().methods, device, method)
+    plan = BuildPlan(arch, **grid, method=chosen, depths=_ints(depths, "depths") if depths else (),
+                     decode_steps=decode_steps)
     instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    err.print(f"method: {chosen} ({reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
         task = bar.add_task(f"{arch.name} on {backend}/{instance.device}", total=None, entry="")
@@ -102,13 +116,14 @@ def build_lut(
             bar.update(task, completed=done, total=total, entry=label)
 
         try:
-            result = run_build(plan, instance, out_dir, protocol, progress)
+            result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
+                               method_reason=reason)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries ran out of memory and are stored as status=oom: "
-                  f"{', '.join(result.oom[:3])}")
+        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory or unsupported) and are "
+                  f"stored with that status: {', '.join(result.oom[:3])}")
     out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
 
 
@@ -130,18 +145,21 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
 
     if plan.whole:
         raise UsageError("--whole measures real models; it cannot be combined with --predict")
+    dispatch_us = None
     if device_profile is not None:
         try:
-            spec = spec_from_profile(json.loads(Path(device_profile).read_text()), dtype)
+            report = json.loads(Path(device_profile).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UsageError(f"{device_profile}: not a readable profile-device JSON ({exc})") from None
+        spec = spec_from_profile(report, dtype)
+        dispatch_us = (report.get("microbench") or {}).get("dispatch_overhead_us")
     else:
         spec = get_spec(device)
     reference = load_one(calibrate) if calibrate is not None else None
     if reference is not None and (reference.meta.get("device_slug"), reference.meta.get("backend")) != (spec.slug, flow_name):
         err.print(f"[yellow]warning:[/] calibrating {spec.slug}/{flow_name} from a table measured on "
                   f"{reference.meta.get('device_slug')}/{reference.meta.get('backend')}: efficiencies may not transfer")
-    path, meta = write_roofline_table(plan, spec, get_flow(flow_name), dtype, out_dir, reference)
+    path, meta = write_roofline_table(plan, spec, get_flow(flow_name), dtype, out_dir, reference, dispatch_us)
     fit = meta["calibration"]
     how = (f"calibrated on {fit['table']} ({fit['rows']} rows, median |err| {fit['median_abs_pct']} %, max "
            f"{fit['max_abs_pct']} %)" if fit else "documented default efficiencies (no calibration)")

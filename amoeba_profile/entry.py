@@ -1,10 +1,13 @@
 """What one LUT row measures: the request a backend times and the key a table is indexed by.
 
-Components: ``attn`` (input RMSNorm + self-attention + residual, keyed by heads/kv_heads),
-``mlp`` (post-attention RMSNorm + SwiGLU MLP + residual, keyed by ffn), ``base`` (embeddings,
-rotary tables, final norm, lm_head on the last position and the framework's per-call overhead),
-``model`` (a whole subnet, used to validate composition). A decoder layer's cost is attn + mlp,
-so heads and FFN channels may vary independently per layer without a 2-D grid.
+Components:
+- ``attn`` (input RMSNorm + self-attention + residual + post-attention norm, keyed by
+  heads/kv_heads) and ``mlp`` (the SwiGLU MLP, keyed by ffn): timed alone (``components``).
+- ``layer``: one decoder layer of a (heads, kv_heads, ffn) shape, derived by the ``difference``
+  method from whole models of several depths.
+- ``base``: everything that is not a decoder layer (embeddings, final norm, lm_head, the serving
+  loop's own per-request and per-token work).
+- ``model``: a whole subnet through the flow's serving loop (truth rows and difference inputs).
 """
 
 from __future__ import annotations
@@ -47,5 +50,10 @@ class Entry:
 
     @property
     def unit(self) -> tuple:
-        """Entries with the same unit share one built module (all phases and contexts)."""
+        """Entries with the same unit share one built module or engine (all phases and contexts)."""
         return (self.component, self.heads, self.kv_heads, self.ffn, self.subnet_id)
+
+    @property
+    def runs_whole(self) -> bool:
+        """Served by an engine through the flow's loop (``base`` is the engine with no layers)."""
+        return self.component in ("model", "base")

@@ -23,17 +23,23 @@ from .entry import COMPONENTS, PHASES, Entry
 from .errors import LutError
 from .measure import Measurement
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
 STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
 CONTEXT_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]
-COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + CONTEXT_COLUMNS + [
+# residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
+# accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row.
+DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s"]
+OPTIONAL_COLUMNS = CONTEXT_COLUMNS + DIAGNOSTIC_COLUMNS
+COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + OPTIONAL_COLUMNS + [
     "flags", "wall_s", "samples_ms", "subnet_json", "note",
 ]
 INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
-METHODS = ("isolated", "stacked", "whole", "computed")
+METHODS = ("components", "difference", "whole", "computed")
+# Schema 1 named the components method after how a block was timed; both are ``components`` now.
+_V1_METHODS = {"isolated": "components", "stacked": "components"}
 
 
 def table_path(out_dir: Path, device_slug: str, backend: str, model: str, dtype: str) -> Path:
@@ -54,8 +60,9 @@ def entry_key_of_row(row: dict[str, Any]) -> str:
 def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
                  wall_s: float, rounds: int = 0, flags: str = "", note: str = "",
                  context: dict[str, float] | None = None) -> dict[str, Any]:
-    """One tidy row; stats are NaN unless status is ``ok``; ``context`` fills the device-state columns."""
-    row: dict[str, Any] = {c: (context or {}).get(c, math.nan) for c in CONTEXT_COLUMNS}
+    """One tidy row; stats are NaN unless status is ``ok``; ``context`` fills the device-state and
+    diagnostic columns."""
+    row: dict[str, Any] = {c: (context or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
     row.update({
         "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
         "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
@@ -127,7 +134,7 @@ def _bad(path: Path, index: int, message: str) -> LutError:
 
 
 def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    for column in CONTEXT_COLUMNS:  # optional: device-state columns may be absent
+    for column in OPTIONAL_COLUMNS:  # optional: device-state and diagnostic columns may be absent
         if column not in frame.columns:
             frame[column] = math.nan
     missing = [c for c in COLUMNS if c not in frame.columns]
@@ -146,7 +153,7 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
             i = int(bad.idxmax())
             raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not a non-negative integer")
         frame[column] = values.astype("int64")
-    for column in STAT_COLUMNS[1:] + CONTEXT_COLUMNS + ["wall_s"]:
+    for column in STAT_COLUMNS[1:] + OPTIONAL_COLUMNS + ["wall_s"]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     ok = frame["status"] == "ok"
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
@@ -177,8 +184,9 @@ def load_table(path: Path | str) -> Lut:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise LutError(f"{meta_path}: sidecar is not valid JSON ({exc})") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise LutError(f"{meta_path}: schema_version {meta.get('schema_version')!r}, this tool reads {SCHEMA_VERSION}")
+    version = meta.get("schema_version")
+    if version not in (1, SCHEMA_VERSION):
+        raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != meta.get("content_sha256"):
         raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore it")
@@ -187,6 +195,9 @@ def load_table(path: Path | str) -> Lut:
                                          "samples_ms": str}, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    if version == 1:
+        frame["method"] = frame["method"].replace(_V1_METHODS)
+        meta = {**meta, "method": meta.get("method", "components")}
     return Lut(_validate(path, frame)[COLUMNS], meta, path)
 
 

@@ -1,27 +1,34 @@
 """Timing protocol and statistics, shared by every backend.
 
-The tracker wraps a backend's work: a backend hands over a ``Workpiece`` (one timed step plus
-an untimed reset), and this module warms it up, synchronizes the device around every timed
-region and keeps every sample. On CPU the clock is ``time.perf_counter``; on CUDA it is a pair
-of CUDA events recorded on the current stream, with a full synchronize before and after.
+A backend owns its clock (``Clock`` below for PyTorch: ``time.perf_counter`` on CPU, CUDA events
+on the backend's own stream on a GPU; a library's own timers for compiled flows) and hands over
+``Workpiece`` objects that return one sample's time. This module decides how long and how often to
+measure: warm-up until steps agree, enough back-to-back steps per sample that a short step is not
+lost in timer and launch jitter, and every sample kept.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
 
 class Workpiece(Protocol):
-    def step(self) -> None:
-        """The timed region: one prefill or decode forward."""
+    """One measurable step (a prefill, a decode step, a serving-loop request).
 
-    def reset(self) -> None:
-        """Untimed: restore state (e.g. crop the KV cache) so every step sees the same inputs."""
+    ``max_steps`` is how many steps may run back to back inside one timed sample (1 when every
+    step needs its state restored first, e.g. a prefill into an empty cache).
+    """
+
+    max_steps: int
+
+    def sample_ms(self, steps: int) -> float:
+        """Run ``steps`` steps back to back; return milliseconds per step by the backend's clock.
+        Restoring state afterwards (cropping a KV cache) is untimed."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class TimingProtocol:
     samples_per_round: int = 7
     min_round_s: float = 0.05
     cv_threshold: float = 0.10
+    min_sample_ms: float = 2.0  # a sample runs back-to-back steps until it lasts this long (GPU decode steps)
+    max_steps_per_sample: int = 256
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,8 +51,6 @@ class TimingProtocol:
     @classmethod
     def quick(cls) -> "TimingProtocol":
         return cls(warmup_min=2, warmup_max=10, rounds=2, samples_per_round=4, min_round_s=0.0)
-
-
 
 
 @dataclass(frozen=True)
@@ -78,57 +85,82 @@ class Measurement:
         )
 
 
-@dataclass
 class Clock:
-    """Times one call of ``fn`` in milliseconds with the right clock for the device."""
+    """Times a callable in milliseconds: ``perf_counter`` on CPU; on CUDA, events recorded on
+    ``stream`` (the backend's own) with a synchronize before and after, so the sample covers
+    exactly the device work the call enqueued."""
 
-    device: str = "cpu"
-    _sync: Callable[[], None] = field(default=lambda: None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            self._sync = torch.cuda.synchronize
+    def __init__(self, device: str = "cpu", stream: Any = None):
+        self.device = device
+        self.stream = stream
 
     @property
     def name(self) -> str:
         return "cuda-events" if self.device.startswith("cuda") else "perf_counter"
 
     def time_ms(self, fn: Callable[[], None]) -> float:
-        if self.device.startswith("cuda"):
-            import torch
-
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            self._sync()
-            start.record()
+        if not self.device.startswith("cuda"):
+            t0 = time.perf_counter()
             fn()
-            end.record()
-            self._sync()
-            return float(start.elapsed_time(end))
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+            return (time.perf_counter() - t0) * 1e3
+        import torch
+
+        stream = self.stream or torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            fn()
+            end.record(stream)
+        torch.cuda.synchronize(self.device)
+        return float(start.elapsed_time(end))
 
 
-def warm_up(piece: Workpiece, clock: Clock, protocol: TimingProtocol) -> int:
-    """Run until three consecutive steps agree within the tolerance (or warmup_max); returns runs."""
+class ClockedPiece:
+    """A Workpiece from a step and an untimed reset, timed by ``clock``.
+
+    With ``back_to_back`` several steps run inside one sample and the reset follows them (a decode
+    step whose cache is cropped back afterwards); otherwise each sample is one step.
+    """
+
+    def __init__(self, clock: Clock, step: Callable[[], Any], reset: Callable[[], None] | None = None,
+                 back_to_back: bool = True):
+        self.clock = clock
+        self._step = step
+        self._reset = reset
+        self.max_steps = 1 << 30 if back_to_back else 1
+
+    def sample_ms(self, steps: int) -> float:
+        def run() -> None:
+            for _ in range(steps):
+                self._step()
+
+        ms = self.clock.time_ms(run) / steps
+        if self._reset is not None:
+            self._reset()
+        return ms
+
+
+def warm_up(piece: Workpiece, protocol: TimingProtocol) -> tuple[int, int]:
+    """Run until three consecutive steps agree within the tolerance (or warmup_max).
+
+    Returns (warm-up runs, steps per sample): enough back-to-back steps that one sample lasts at
+    least ``min_sample_ms``, within what the piece allows."""
     times: list[float] = []
     for run in range(1, protocol.warmup_max + 1):
-        times.append(clock.time_ms(piece.step))
-        piece.reset()
+        times.append(piece.sample_ms(1))
         if run >= protocol.warmup_min and len(times) >= 3:
             last = times[-3:]
             if (max(last) - min(last)) <= protocol.warmup_tolerance * min(last):
-                return run
-    return protocol.warmup_max
+                break
+    step_ms = float(np.median(times[-3:]))
+    wanted = math.ceil(protocol.min_sample_ms / step_ms) if step_ms > 0 else protocol.max_steps_per_sample
+    return len(times), max(1, min(piece.max_steps, protocol.max_steps_per_sample, wanted))
 
 
-def sample(piece: Workpiece, clock: Clock, protocol: TimingProtocol) -> list[float]:
-    """One round: at least samples_per_round steps and at least min_round_s of timed work."""
+def sample(piece: Workpiece, protocol: TimingProtocol, steps: int = 1) -> list[float]:
+    """One round: at least samples_per_round samples and at least min_round_s of timed work."""
     samples: list[float] = []
-    while len(samples) < protocol.samples_per_round or sum(samples) < protocol.min_round_s * 1e3:
-        samples.append(clock.time_ms(piece.step))
-        piece.reset()
+    while len(samples) < protocol.samples_per_round or sum(samples) * steps < protocol.min_round_s * 1e3:
+        samples.append(piece.sample_ms(steps))
     return samples

@@ -1,6 +1,10 @@
-"""Compose any subnet's latency from a table's component rows.
+"""Compose any subnet's latency from a table's rows.
 
-latency(phase) = base(phase) + sum over kept layers of [attn(heads_i, kv_heads_i) + mlp(ffn_i)].
+latency(phase) = base(phase) + sum over kept layers of layer(heads_i, kv_heads_i, ffn_i), where a
+layer is, by the table's method:
+- ``components``: attn(heads, kv_heads) + mlp(ffn), blocks timed alone;
+- ``difference``: the fitted ``layer`` row of that shape, or, for a shape off the fitted axes,
+  layer(h, F) + layer(H, f) - layer(H, F) (heads axis at full FFN, FFN axis at full heads).
 Between measured widths, contexts and prompt lengths the predictor interpolates linearly; it
 never extrapolates (OutOfRange names what is missing). Every answer carries its source:
 ``measured`` (only grid points), ``interpolated`` or ``roofline`` (a computed table).
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .arch import ModelArch
 from .errors import OutOfRange, UsageError
 from .lut import Lut
 from .subnet import Subnet
@@ -72,6 +77,8 @@ class Predictor:
         self.lut = lut
         self.roofline = lut.is_roofline
         ok = lut.ok
+        self.fitted_layers = bool((ok.component == "layer").any())
+        self.arch = ModelArch.from_dict(lut.meta["arch"]) if self.fitted_layers else None
         self._rows = {key: group for key, group in ok.groupby(["component", "phase", "batch"])}
         self._cache: dict[tuple, tuple[np.ndarray, str]] = {}
 
@@ -102,7 +109,11 @@ class Predictor:
                stat_col: str) -> tuple[np.ndarray, str]:
         """One decoder-layer shape: prefill ms at prompt lengths ``x``, or decode ms at contexts ``x``."""
         key = (heads, kv_heads, ffn, phase, batch, x.tobytes(), stat_col)
-        if key not in self._cache:
+        if key in self._cache:
+            return self._cache[key]
+        if self.fitted_layers:
+            self._cache[key] = self._fitted_layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
+        else:
             attn_rows = self._rows_for("attn", phase, batch)
             # Interpolating in heads is only meaningful at the same GQA group size.
             same_group = attn_rows[attn_rows["heads"] == attn_rows["kv_heads"] * (heads // kv_heads)]
@@ -113,6 +124,24 @@ class Predictor:
             mlp, s2 = self._curve("mlp", phase, batch, "ffn", ffn, x_col, mlp_x, stat_col)
             self._cache[key] = (attn + mlp, worst_source(s1, s2))
         return self._cache[key]
+
+    def _fitted_layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
+                      stat_col: str) -> tuple[np.ndarray, str]:
+        """A ``difference`` table's layer: its own row, or composed additively from the two axes."""
+        rows = self._rows_for("layer", phase, batch)
+        x_col = "tokens" if phase == "prefill" else "context"
+        same = rows[(rows.heads == heads) & (rows.kv_heads == kv_heads) & (rows.ffn == ffn)]
+        if not same.empty:
+            return self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, same)
+        full_h, full_kv, full_f = self.arch.num_heads, self.arch.num_kv_heads, self.arch.ffn_size
+        group = heads // kv_heads
+        heads_axis = rows[(rows.ffn == full_f) & (rows.heads == rows.kv_heads * group)]
+        ffn_axis = rows[(rows.heads == full_h) & (rows.kv_heads == full_kv)]
+        full = ffn_axis[ffn_axis.ffn == full_f]
+        a, _ = self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis)
+        m, _ = self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis)
+        f, _ = self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)
+        return a + m - f, "interpolated"
 
     def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> tuple[np.ndarray, str]:
         """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``."""

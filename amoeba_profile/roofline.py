@@ -1,10 +1,16 @@
-"""Roofline tables for devices not at hand: component latency from FLOPs, bytes and peaks.
+"""Roofline tables for devices not at hand: component latency from FLOPs, bytes, peaks and the host.
 
 Each component is a list of operations with FLOPs and bytes moved (GEMMs, attention over the KV
-context, norms, elementwise ops, embeddings, lm_head). An operation takes
-max(FLOPs / (peak_flops x eff_compute), bytes / (peak_bw x eff_bw)); a component adds
-``kernels x launch_us``. Efficiencies default to the flow's documented values (data/flows.json)
-and are fitted from measured tables where they exist. Every row is tagged ``source=roofline``.
+context, norms, elementwise ops, embeddings, lm_head). On the device an operation takes
+max(FLOPs / (peak_flops x eff_compute), bytes / (peak_bw x eff_bw)). The host must also dispatch
+``kernels`` operations at ``launch_us`` each (per-op dispatch measured by ``profile-device``, or the
+flow's documented value). A GPU runs asynchronously from its host, so a component takes the longer
+of the two (eager decode on a big GPU is host-bound: dispatch, not bandwidth, sets the latency);
+on a CPU the host is the device and the two add.
+
+Efficiencies default to the flow's documented values (data/flows.json) and are fitted from
+measured tables where they exist, constrained to what is physical (at most 1); a table measured
+faster than the device's peaks allow is refused. Every row is tagged ``source=roofline``.
 """
 
 from __future__ import annotations
@@ -114,10 +120,20 @@ def _peaks(spec: DeviceSpec, dtype: str) -> tuple[float, float]:
     return spec.peak_tflops(dtype) * 1e12, spec.mem_bw_gbps * 1e9
 
 
+def host_overlaps(spec: DeviceSpec) -> bool:
+    """Whether the host dispatches while the device computes (a GPU), or is the device (a CPU)."""
+    return spec.kind != "cpu"
+
+
+def combine_ms(device_ms, host_ms, overlap: bool):
+    """Device time and host dispatch time of one component: the longer one when they overlap."""
+    return np.maximum(device_ms, host_ms) if overlap else device_ms + host_ms
+
+
 def component_ms(ops: list[Op], kernels: int, spec: DeviceSpec, dtype: str, eff: Efficiency) -> float:
     flops_peak, bw_peak = _peaks(spec, dtype)
     seconds = sum(max(op.flops / (flops_peak * eff.eff_compute), op.bytes / (bw_peak * eff.eff_bw)) for op in ops)
-    return seconds * 1e3 + kernels * eff.launch_us * 1e-3
+    return float(combine_ms(seconds * 1e3, kernels * eff.launch_us * 1e-3, host_overlaps(spec)))
 
 
 def roofline_rows(arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow: Flow, dtype: str,
@@ -126,7 +142,7 @@ def roofline_rows(arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow:
     for entry in entries:
         if entry.component == "model":
             continue
-        ms = component_ms(component_ops(arch, entry, dtype, flow.kv_cache_copy), flow.kernels[entry.component],
+        ms = component_ms(entry_ops(arch, entry, dtype, flow.kv_cache_copy), entry_kernels(flow, entry.component),
                           spec, dtype, eff)
         row = measured_row(entry, Measurement.from_samples([ms]), "ok", method="computed", repeat=1, wall_s=0.0,
                            note=f"roofline {spec.slug} {flow.name}")
@@ -135,52 +151,96 @@ def roofline_rows(arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow:
     return rows
 
 
+def entry_ops(arch: ModelArch, entry: Entry, dtype: str, kv_cache_copy: bool) -> list[Op]:
+    """Operations of a row's entry; a ``layer`` (difference method) is its attention plus its MLP."""
+    if entry.component != "layer":
+        return component_ops(arch, entry, dtype, kv_cache_copy)
+    attn = Entry("attn", entry.phase, entry.batch, entry.tokens, entry.context, entry.heads, entry.kv_heads)
+    mlp = Entry("mlp", entry.phase, entry.batch, entry.tokens, 0, ffn=entry.ffn)
+    return component_ops(arch, attn, dtype, kv_cache_copy) + component_ops(arch, mlp, dtype, kv_cache_copy)
+
+
+def entry_kernels(flow: Flow, component: str) -> int:
+    return flow.kernels["attn"] + flow.kernels["mlp"] if component == "layer" else flow.kernels[component]
+
+
 def _features(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str):
-    """Per measured component row: compute-time and memory-time at efficiency 1, kernels, measured ms."""
+    """Per measured row: compute-time and memory-time at efficiency 1 (s), kernels, measured (s), row index."""
     arch = ModelArch.from_dict(lut.meta["arch"])
     flops_peak, bw_peak = _peaks(spec, dtype)
-    rows = lut.ok[lut.ok.component.isin(["attn", "mlp", "base"])]
+    rows = lut.ok[lut.ok.component.isin(["attn", "mlp", "base", "layer"])]
     if rows.empty:
-        raise LutError(f"{lut.path}: no measured component rows to calibrate from")
+        raise LutError(f"{lut.path}: no measured component or layer rows to calibrate from")
     compute, memory, kernels, measured = [], [], [], []
     for row in rows.itertuples():
         entry = Entry(row.component, row.phase, row.batch, row.tokens, row.context, row.heads, row.kv_heads, row.ffn)
-        ops = component_ops(arch, entry, dtype, flow.kv_cache_copy)
+        ops = entry_ops(arch, entry, dtype, flow.kv_cache_copy)
         compute.append([op.flops / flops_peak for op in ops])
         memory.append([op.bytes / bw_peak for op in ops])
-        kernels.append(flow.kernels[row.component])
+        kernels.append(entry_kernels(flow, row.component))
         measured.append(row.median_ms * 1e-3)
     width = max(len(x) for x in compute)
     pad = lambda rows_: np.array([r + [0.0] * (width - len(r)) for r in rows_])  # noqa: E731
-    return pad(compute), pad(memory), np.array(kernels, float), np.array(measured)
+    return pad(compute), pad(memory), np.array(kernels, float), np.array(measured), rows.index.to_numpy()
+
+
+PHYSICAL_SLACK = 0.9  # a row may beat the pure bound by 10 % (spec-sheet rounding, boost clocks) before refusal
+
+
+def check_physical(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> None:
+    """Refuse a table that runs faster than the device's peaks allow: calibrating on it would need
+    efficiencies above 1, which means the table or the spec sheet is for another device."""
+    compute, memory, _, measured, index = _features(lut, spec, flow, dtype)
+    bound = np.maximum(compute, memory).sum(axis=1)
+    too_fast = measured < PHYSICAL_SLACK * bound
+    if too_fast.any():
+        i = int(np.argmax(bound / measured))
+        row = lut.frame.loc[index[i]]
+        raise LutError(
+            f"{lut.path}: {int(too_fast.sum())} rows beat {spec.slug}'s peak bandwidth and compute (e.g. "
+            f"{row.component} {row.phase} ctx {row.context}: {measured[i] * 1e3:.3g} ms measured, bound at 100 % "
+            f"efficiency {bound[i] * 1e3:.3g} ms); calibration would need efficiencies above 1 - check the table's "
+            "device and the spec sheet; calibration refused")
 
 
 def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Efficiency, dict[str, Any]]:
     """Fit (eff_bw, eff_compute, launch_us) to a measured table by minimizing squared relative error.
 
-    Efficiencies are searched on a grid (the max() makes the model piecewise); for each pair the
-    launch overhead has a closed-form non-negative least-squares solution.
+    Efficiencies are searched on a grid up to 1 (physical: no kernel beats the peak); for each pair
+    the per-op dispatch has a non-negative least-squares solution (closed form when host and device
+    add, a 1-D search when they overlap). The report says whether a fitted efficiency sits at 1.
     """
-    compute, memory, kernels, measured = _features(lut, spec, flow, dtype)
+    check_physical(lut, spec, flow, dtype)
+    compute, memory, kernels, measured, _ = _features(lut, spec, flow, dtype)
+    overlap = host_overlaps(spec)
+    launches = np.concatenate([[0.0], np.geomspace(1e-7, 1e-3, 200)])  # seconds per op
     best = None
-    for eb in np.linspace(0.05, 1.2, 116):
-        for ec in np.geomspace(0.01, 1.2, 120):
+    for eb in np.linspace(0.05, 1.0, 96):
+        for ec in np.geomspace(0.01, 1.0, 100):
             roof = np.maximum(compute / ec, memory / eb).sum(axis=1)
-            # relative residual r = (roof + k*L - m)/m; minimize sum r^2 over L >= 0
-            a, y = kernels / measured, (measured - roof) / measured
-            launch = max(0.0, float(a @ y / (a @ a)))
-            err = float(np.sum(((roof + kernels * launch - measured) / measured) ** 2))
+            if overlap:
+                predicted = np.maximum(roof[None, :], kernels[None, :] * launches[:, None])
+                errs = np.sum(((predicted - measured) / measured) ** 2, axis=1)
+                launch = float(launches[int(np.argmin(errs))])
+            else:  # relative residual r = (roof + k*L - m)/m; minimize sum r^2 over L >= 0
+                a, y = kernels / measured, (measured - roof) / measured
+                launch = max(0.0, float(a @ y / (a @ a)))
+            err = float(np.sum(((combine_ms(roof, kernels * launch, overlap) - measured) / measured) ** 2))
             if best is None or err < best[0]:
                 best = (err, eb, ec, launch)
     _, eb, ec, launch = best
     eff = Efficiency(round(float(eb), 4), round(float(ec), 4), round(launch * 1e6, 3))
-    return eff, evaluate(lut, spec, flow, dtype, eff)
+    report = evaluate(lut, spec, flow, dtype, eff)
+    report["at_physical_bound"] = [name for name, value in (("eff_bw", eb), ("eff_compute", ec)) if value >= 0.999]
+    report["host_overlaps_device"] = overlap
+    return eff, report
 
 
 def evaluate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str, eff: Efficiency) -> dict[str, Any]:
     """Median and max |relative error| of the roofline against a measured table's component rows."""
-    compute, memory, kernels, measured = _features(lut, spec, flow, dtype)
-    predicted = np.maximum(compute / eff.eff_compute, memory / eff.eff_bw).sum(axis=1) + kernels * eff.launch_us * 1e-6
+    compute, memory, kernels, measured, _ = _features(lut, spec, flow, dtype)
+    roof = np.maximum(compute / eff.eff_compute, memory / eff.eff_bw).sum(axis=1)
+    predicted = combine_ms(roof, kernels * eff.launch_us * 1e-6, host_overlaps(spec))
     rel = np.abs(predicted - measured) / measured * 100
     return {"table": str(lut.path), "rows": int(len(rel)), "median_abs_pct": round(float(np.median(rel)), 2),
             "max_abs_pct": round(float(rel.max()), 2), "efficiency": asdict(eff)}
@@ -219,11 +279,13 @@ def with_efficiency(flow: Flow, eff: Efficiency) -> Flow:
     return replace(flow, eff_bw=eff.eff_bw, eff_compute=eff.eff_compute, launch_us=eff.launch_us)
 
 
-def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir, calibrate_from: Lut | None = None):
+def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir, calibrate_from: Lut | None = None,
+                         dispatch_us: float | None = None):
     """Compute every component row of ``plan`` and write it as a table tagged ``roofline``.
 
     Returns (path, meta). With ``calibrate_from`` the flow's efficiencies are fitted to that
-    measured table first and the fit is stored in the sidecar.
+    measured table first and the fit is stored in the sidecar; otherwise ``dispatch_us`` (per-op
+    host dispatch measured by profile-device) replaces the flow's documented launch cost.
     """
     from datetime import datetime, timezone
 
@@ -232,6 +294,8 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
 
     calibration = None
     eff = default_efficiency(flow)
+    if dispatch_us is not None:
+        eff = replace(eff, launch_us=float(dispatch_us))
     if calibrate_from is not None:
         eff, calibration = calibrate(calibrate_from, spec, flow, dtype)
     rows = roofline_rows(plan.arch, plan.entries(), spec, flow, dtype, eff)
@@ -239,7 +303,7 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     meta = {
         "tool_version": __version__, "source": "roofline", "device_slug": spec.slug, "device": spec.to_dict(),
         "backend": flow.name, "flow": asdict(flow), "efficiency": asdict(eff), "calibration": calibration,
-        "dtype": dtype, "arch": plan.arch.to_dict(), "grid": plan.grid(),
+        "method": "computed", "host_overlaps_device": host_overlaps(spec), "dtype": dtype, "arch": plan.arch.to_dict(), "grid": plan.grid(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "computed from the spec sheet and per-op FLOPs/bytes, not measured",
     }

@@ -1,8 +1,9 @@
 """Measure the picks end to end and hold the predictions to account.
 
-The top-k picks are built and measured whole with the table's own backend, device and dtype, in
-the same interleaved rounds as fresh measurements of the components they are made of; their model
-rows are written back into the table. Measured metrics are composed from model rows exactly as
+The top-k picks are measured whole through the serving loop of the table's own backend, rebuilt
+from the config in the table's sidecar (same device, dtype, threads, library versions), in the same
+interleaved rounds as a fresh measurement, by the table's method, of the layers they are made of;
+their model rows are written back into the table. Measured metrics are composed from model rows exactly as
 predicted ones are from component rows (prefill at the prompt length; decode interpolated over
 the measured contexts and integrated over the generation). Two errors come out: against the stored
 table (what a user gets) and against the fresh components (the composition error alone); their
@@ -20,7 +21,8 @@ import numpy as np
 
 from .arch import ModelArch
 from .backends import get_backend
-from .build import BuildPlan, Progress, add_rows, run_build
+from .build import Progress, add_rows, run_build
+from .plan import BuildPlan
 from .device import device_slug
 from .errors import LutError, OutOfRange
 from .lut import Lut, load_table
@@ -92,21 +94,31 @@ def validate_selection(table_path: Path, selection: Selection, protocol: TimingP
     meta = lut.meta
     if meta.get("source") == "roofline":
         raise LutError(f"{table_path}: a roofline table has no backend to measure with; validate a measured table")
-    device = meta.get("backend_env", {}).get("device", "cpu")
-    here = device_slug(device)
+    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
+                                                 "dtype": meta["dtype"]})
+    if threads:
+        config["threads"] = threads
+    here = device_slug(config.get("device", "cpu"))
     if here != meta["device_slug"]:
         raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; validate there")
-    backend = get_backend(meta["backend"], device=device, dtype=meta["dtype"], threads=threads)
+    backend = get_backend(meta["backend"], **config)
+    if meta.get("versions") and meta["versions"] != backend.versions():
+        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
+                       "validation rows would mix library versions - rebuild the table here first")
     workload = selection.workload
     picks = tuple(c.subnet for c in selection.top_k)
     layers = [layer for subnet in picks for layer in subnet.layers]
+    grid = meta["grid"]
     plan = BuildPlan(ModelArch.from_dict(meta["arch"]), widths=(), prompt_lens=(workload.prompt_len,),
-                     contexts=tuple(sorted(set(meta["grid"]["contexts"]))), batch=workload.batch, whole=picks,
+                     contexts=tuple(sorted(set(grid["contexts"]))), batch=workload.batch, whole=picks,
+                     method=meta.get("method", "components"), depths=tuple(grid.get("depths") or ()),
+                     decode_steps=grid.get("decode_steps", 8),
                      extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
                      extra_ffn=tuple(sorted({l.ffn for l in layers})))
     stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     with tempfile.TemporaryDirectory() as scratch:
-        fresh = load_table(run_build(plan, backend, Path(scratch), protocol, progress).path)
+        fresh = load_table(run_build(plan, backend, Path(scratch), protocol, progress,
+                                     method_reason="validation: the table's own method").path)
     fresh_predictor = Predictor(fresh)
     out = []
     for cand in selection.top_k:

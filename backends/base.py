@@ -1,19 +1,27 @@
-"""The small contract every deployment flow implements.
+"""The contract every deployment flow implements.
 
-A backend turns measurement requests (``Entry``) into runnable workpieces; the timing itself
-lives in ``amoeba_profile.measure`` so every flow is timed the same way. Backends know nothing
-of tables or pickers.
+A backend declares which measurement methods it supports. Every flow can run whole models through
+its own serving loop (``EngineSpec`` -> ``compile`` -> ``load`` -> ``Engine``), which is what the
+``difference`` method and every truth row use; a flow whose blocks can be timed alone (eager
+PyTorch) also offers ``build_component`` for the ``components`` method. Compiling is separate
+from loading so an engine is built once per shape and reused across rounds (see
+``amoeba_profile.artifacts``). The backend owns its clock: its workpieces return times measured
+with it. Backends know nothing of tables or pickers.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..arch import ModelArch
 from ..entry import Entry
+from ..errors import UnsupportedShape
 from ..measure import Workpiece
+
+METHODS = ("components", "difference")
 
 
 @dataclass(frozen=True)
@@ -27,15 +35,55 @@ class Availability:
 class Capabilities:
     per_layer_heads: bool
     per_layer_ffn: bool
-    components: tuple[str, ...]
+    methods: tuple[str, ...]
     dtypes: tuple[str, ...]
     devices: tuple[str, ...]
 
 
-class BuiltUnit(ABC):
-    """Modules built once for a group of entries that share them (see ``Entry.unit``).
+@dataclass(frozen=True)
+class EngineSpec:
+    """What one engine is compiled for: the layer shapes (heads, kv_heads, ffn) in order, the
+    largest batch, the longest prompt and the longest sequence it must serve. Layer indices do not
+    matter for latency, so they are not part of the spec (nor of the artifact's key)."""
 
-    One workpiece step runs ``repeat`` copies of the component; the tracker divides by it.
+    arch: ModelArch
+    layers: tuple[tuple[int, int, int], ...]
+    max_batch: int
+    max_input_len: int
+    max_seq_len: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"arch": self.arch.to_dict(), "layers": [list(x) for x in self.layers], "max_batch": self.max_batch,
+                "max_input_len": self.max_input_len, "max_seq_len": self.max_seq_len}
+
+
+class Engine(ABC):
+    """A loaded model behind the flow's own serving loop (greedy, fixed output length, no early stop).
+
+    The metrics follow ``amoeba_profile.workload``: ttft is a request for one new token; tpot at
+    context c is (e2e(1 + n) - e2e(1)) / n for a request whose prompt KV of about c - n/2 tokens is
+    already cached, so the n timed decode steps are centred on c.
+    """
+
+    @abstractmethod
+    def ttft(self, batch: int, prompt_len: int) -> Workpiece: ...
+
+    @abstractmethod
+    def tpot(self, batch: int, context: int, steps: int) -> Workpiece: ...
+
+    def device_busy(self, piece: Workpiece) -> float | None:
+        """Fraction of one sample's wall time the accelerator was executing kernels; None where the
+        host is the device (CPU) or the flow cannot tell. Below ~0.5 the flow is host-bound."""
+        return None
+
+    def close(self) -> None:
+        """Free what the engine holds."""
+
+
+class BuiltUnit(ABC):
+    """Blocks built once for a group of component entries that share them (see ``Entry.unit``).
+
+    One workpiece step runs ``repeat`` copies of the component; the timing is divided by it.
     """
 
     repeat: int = 1
@@ -48,9 +96,13 @@ class BuiltUnit(ABC):
 
 
 class Backend(ABC):
+    """One deployment flow. ``config`` is a frozen dataclass stored in the table's sidecar; the
+    backend is rebuilt from it (``type(backend)(**config)``) to validate or extend a table."""
+
     name: str = ""
     device: str = "cpu"
     dtype: str = "float32"
+    config: Any = None
 
     @classmethod
     @abstractmethod
@@ -61,12 +113,39 @@ class Backend(ABC):
     def capabilities(cls) -> Capabilities: ...
 
     @abstractmethod
-    def environment(self) -> dict[str, Any]:
-        """Versions and flags that a table built with this backend depends on."""
+    def versions(self) -> dict[str, str]:
+        """Library versions a table from this backend depends on (part of the table's identity)."""
 
     @abstractmethod
-    def build(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
-        """Build the modules for ``entry.unit`` (random weights, never downloaded)."""
+    def environment(self) -> dict[str, Any]:
+        """Versions and flags a table built with this backend depends on."""
+
+    @property
+    @abstractmethod
+    def clock_name(self) -> str:
+        """Which clock the workpieces use (``perf_counter``, ``cuda-events``, a library's timer)."""
+
+    @abstractmethod
+    def device_arch(self) -> str:
+        """The device architecture engines are compiled for (``sm_90``, ``x86_64``...)."""
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    @abstractmethod
+    def compile(self, spec: EngineSpec, dest: Path) -> None:
+        """Build the engine for ``spec`` into the empty folder ``dest`` (random weights, never downloaded)."""
+
+    @abstractmethod
+    def load(self, spec: EngineSpec, artifact: Path) -> Engine:
+        """Load a compiled engine for serving."""
+
+    def build_component(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
+        """Blocks for one ``attn``/``mlp`` entry (``components`` method only)."""
+        raise UnsupportedShape(f"backend {self.name!r} cannot time lone components; use --method difference")
+
+    def check_spec(self, spec: EngineSpec) -> None:
+        """Raise UnsupportedShape when the flow cannot express ``spec`` (the reason in the message)."""
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the device ran out of memory (recorded as an ``oom`` row)."""

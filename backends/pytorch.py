@@ -1,25 +1,32 @@
 """Eager PyTorch (Hugging Face transformers LLaMA) on CPU or CUDA.
 
-Modules are built on the meta device and materialized with random values tiled from a small
-random pool: latency does not depend on weight values, and this is ~5x faster than the
-default initializers. Per-layer widths are real: each kept layer is its own
-``LlamaDecoderLayer`` built from a config with that layer's head and FFN counts.
+The serving loop is ``model.generate()`` (greedy, fixed output length, no early stop): that is what
+a user of this flow runs, and on a GPU the host work around each forward (sampling, logits
+processing, cache bookkeeping) is a real part of the latency. Eager PyTorch has no compiled engine:
+its artifact is the model's per-layer config, and ``load`` builds the model with random weights.
+
+Modules are built on the meta device and materialized with random values tiled from a small random
+pool: latency does not depend on weight values, and this is ~5x faster than the default
+initializers. Per-layer widths are real: each kept layer is its own ``LlamaDecoderLayer`` built
+from a config with that layer's head and FFN counts.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..arch import ModelArch
 from ..device import last_level_cache_bytes
 from ..entry import Entry
 from ..errors import UsageError
-from ..measure import Workpiece
-from .base import Availability, Backend, BuiltUnit, Capabilities
+from ..measure import Clock, ClockedPiece, Workpiece
+from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _POOL_SIZE = 1 << 20
@@ -80,10 +87,114 @@ def materialize(module, device: str, dtype):
 
 @dataclass(frozen=True)
 class PyTorchConfig:
+    """Stored in the table's sidecar; ``PyTorchBackend(**config)`` rebuilds the same backend."""
+
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, float16 on CUDA
-    threads: int | None = None
+    threads: int | None = None  # default: torch's; the number used is what gets stored
     attn_impl: str = "sdpa"
+
+
+def build_model(spec: EngineSpec, device: str, dtype, attn_impl: str):
+    """A LlamaForCausalLM whose i-th layer has ``spec.layers[i]`` widths (zero layers allowed)."""
+    torch = _torch()
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    arch, n = spec.arch, len(spec.layers)
+    cfg = llama_config(arch, n, arch.num_heads, arch.num_kv_heads, arch.ffn_size, attn_impl)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+        for position, (heads, kv, ffn) in enumerate(spec.layers):
+            model.model.layers[position] = LlamaDecoderLayer(llama_config(arch, n, heads, kv, ffn, attn_impl),
+                                                             layer_idx=position)
+    model = materialize(model, device, dtype).eval()
+    if arch.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(device)
+    # Fixed output length: no end-of-sequence token can stop a request early.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.generation_config.do_sample = False
+    return model, cfg
+
+
+class _TpotPiece:
+    """(e2e(1 + n) - e2e(1)) / n through ``generate()``, with the prompt's KV already cached.
+
+    The cache holds ``context - n // 2`` random tokens, so the n timed decode steps run at contexts
+    centred on ``context``; it is cropped back after every request (untimed).
+    """
+
+    max_steps = 1
+
+    def __init__(self, engine: "PyTorchEngine", batch: int, context: int, steps: int):
+        torch = _torch()
+        self.engine, self.steps = engine, steps
+        prefix = max(0, context - steps // 2)
+        self.prefix = prefix
+        self.ids = torch.randint(0, engine.spec.arch.vocab_size, (batch, prefix + 1), device=engine.device)
+        self.cache = engine.filled_cache(batch, prefix)
+
+    def _request(self, new_tokens: int) -> float:
+        ms = self.engine.clock.time_ms(lambda: self.engine.generate(self.ids, self.cache, new_tokens))
+        if self.cache is not None:
+            self.cache.crop(-(self.cache.get_seq_length() - self.prefix))
+        return ms
+
+    def sample_ms(self, steps: int) -> float:
+        del steps  # one request pair per sample; its n decode steps are the back-to-back steps
+        return (self._request(1 + self.steps) - self._request(1)) / self.steps
+
+
+class PyTorchEngine(Engine):
+    def __init__(self, backend: "PyTorchBackend", spec: EngineSpec):
+        self.backend, self.spec, self.device = backend, spec, backend.device
+        self.clock = backend.clock
+        self.model, self.cfg = build_model(spec, backend.device, backend.torch_dtype, backend.config.attn_impl)
+
+    def generate(self, ids, cache, new_tokens: int):
+        torch = _torch()
+        kwargs = {"cache": cache} if cache is not None else {}
+        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   do_sample=False, **kwargs)
+
+    def filled_cache(self, batch: int, tokens: int):
+        """A DynamicCache holding ``tokens`` random keys/values in every layer (None with no layers)."""
+        if not self.spec.layers:
+            return None
+        torch = _torch()
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.cfg)
+        for index, (_, kv, _) in enumerate(self.spec.layers):
+            keys = torch.randn(batch, kv, tokens, self.spec.arch.head_dim, device=self.device,
+                               dtype=self.backend.torch_dtype)
+            cache.update(keys, torch.randn_like(keys), index)
+        return cache
+
+    def ttft(self, batch: int, prompt_len: int) -> Workpiece:
+        torch = _torch()
+        ids = torch.randint(0, self.spec.arch.vocab_size, (batch, prompt_len), device=self.device)
+        return ClockedPiece(self.clock, lambda: self.generate(ids, None, 1))
+
+    def tpot(self, batch: int, context: int, steps: int) -> Workpiece:
+        return _TpotPiece(self, batch, context, steps)
+
+    def device_busy(self, piece: Workpiece) -> float | None:
+        if not self.device.startswith("cuda"):
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            wall_ms = piece.sample_ms(1)
+        kernel_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+        return round(min(1.0, kernel_us / 1e3 / wall_ms), 4) if wall_ms > 0 else None
+
+    def close(self) -> None:
+        self.__dict__.pop("model", None)
+        if self.device.startswith("cuda"):
+            _torch().cuda.empty_cache()
 
 
 class _AttnLayer:
@@ -100,139 +211,79 @@ class _AttnLayer:
         )
 
 
-class _MlpOnly:
-    """The SwiGLU MLP alone (gate, up, act, down); its norm and residual are in ``_AttnLayer``."""
-
-    def __init__(self, layer):
-        self.mlp = layer.mlp
-
-    def __call__(self, x):
-        return self.mlp(x)
-
-
-class _Piece:
-    """A Workpiece from a step closure and an optional reset closure."""
-
-    def __init__(self, step, reset=None):
-        self._step = step
-        self._reset = reset
-
-    def step(self) -> None:
-        self._step()
-
-    def reset(self) -> None:
-        if self._reset is not None:
-            self._reset()
-
-
-class _Unit(BuiltUnit):
-    """Built modules for one unit; components are a chain of ``repeat`` blocks with distinct weights."""
-
-    repeat = 1
+class _ComponentUnit(BuiltUnit):
+    """A chain of ``repeat`` attn or mlp blocks with distinct weights (``components`` method)."""
 
     def __init__(self, backend: "PyTorchBackend", arch: ModelArch, entry: Entry):
         torch = _torch()
-        from transformers import DynamicCache, LlamaForCausalLM
+        from transformers import DynamicCache
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-        self._torch = torch
-        self._cache_cls = DynamicCache
-        self.backend = backend
-        self.arch = arch
-        self.component = entry.component
-        dev, dtype, impl = backend.device, backend.torch_dtype, backend.config.attn_impl
-        if entry.component in ("attn", "mlp"):
-            heads = entry.heads or arch.num_heads
-            kv = entry.kv_heads or arch.num_kv_heads
-            ffn = entry.ffn or arch.ffn_size
-            self.repeat = backend.chain_length(arch, entry.component, heads, kv, ffn)
-            self.cfg = llama_config(arch, self.repeat, heads, kv, ffn, impl)
-            with torch.device("meta"):
-                layers = torch.nn.ModuleList(LlamaDecoderLayer(self.cfg, layer_idx=i) for i in range(self.repeat))
-            for layer in layers:
-                if entry.component == "mlp":
-                    del layer.self_attn
-                else:
-                    layer.mlp = torch.nn.Identity()
-            self.layers = materialize(layers, dev, dtype).eval()
-            self.rotary = LlamaRotaryEmbedding(self.cfg).to(dev)
-        else:
-            layers = entry.subnet.layers if entry.component == "model" else ()
-            self.cfg = llama_config(arch, len(layers), arch.num_heads, arch.num_kv_heads, arch.ffn_size, impl)
-            with torch.device("meta"):
-                model = LlamaForCausalLM(self.cfg)
-                for position, shape in enumerate(layers):
-                    cfg_i = llama_config(arch, len(layers), shape.heads, shape.kv_heads, shape.ffn, impl)
-                    model.model.layers[position] = LlamaDecoderLayer(cfg_i, layer_idx=position)
-            model = materialize(model, dev, dtype).eval()
-            if arch.tie_embeddings:
-                model.lm_head.weight = model.model.embed_tokens.weight
-            model.model.rotary_emb = LlamaRotaryEmbedding(self.cfg).to(dev)
-            self.model = model
-            self.layer_shapes = layers
+        if entry.component not in ("attn", "mlp"):
+            raise UsageError(f"components are attn and mlp; {entry.component!r} runs through the serving loop")
+        self._torch, self._cache_cls = torch, DynamicCache
+        self.backend, self.arch, self.component = backend, arch, entry.component
+        heads = entry.heads or arch.num_heads
+        kv = entry.kv_heads or arch.num_kv_heads
+        ffn = entry.ffn or arch.ffn_size
+        self.repeat = backend.chain_length(arch, entry.component, heads, kv, ffn)
+        self.cfg = llama_config(arch, self.repeat, heads, kv, ffn, backend.config.attn_impl)
+        with torch.device("meta"):
+            layers = torch.nn.ModuleList(LlamaDecoderLayer(self.cfg, layer_idx=i) for i in range(self.repeat))
+        for layer in layers:
+            if entry.component == "mlp":
+                del layer.self_attn
+            else:
+                layer.mlp = torch.nn.Identity()
+        self.layers = materialize(layers, backend.device, backend.torch_dtype).eval()
+        self.rotary = LlamaRotaryEmbedding(self.cfg).to(backend.device)
 
     def _hidden(self, entry: Entry):
-        torch = self._torch
-        return torch.randn(entry.batch, entry.tokens, self.arch.hidden_size, device=self.backend.device, dtype=self.backend.torch_dtype)
-
-    def _positions(self, entry: Entry):
-        torch = self._torch
-        pos = torch.arange(entry.context, entry.context + entry.tokens, device=self.backend.device)
-        return pos.unsqueeze(0).expand(entry.batch, -1)
-
-    def _filled_cache(self, entry: Entry, kv_per_layer: list[int]):
-        """A KV cache already holding ``entry.context`` random tokens in every layer."""
-        torch = self._torch
-        cache = self._cache_cls(config=self.cfg)
-        for index, kv in enumerate(kv_per_layer):
-            shape = (entry.batch, kv, entry.context, self.arch.head_dim)
-            keys = torch.randn(shape, device=self.backend.device, dtype=self.backend.torch_dtype)
-            cache.update(keys, torch.randn_like(keys), index)
-        return cache
+        return self._torch.randn(entry.batch, entry.tokens, self.arch.hidden_size, device=self.backend.device,
+                                 dtype=self.backend.torch_dtype)
 
     def workpiece(self, entry: Entry) -> Workpiece:
-        torch = self._torch
+        torch, clock = self._torch, self.backend.clock
+        x = self._hidden(entry)
         if self.component == "mlp":
-            blocks, x = [_MlpOnly(layer) for layer in self.layers], self._hidden(entry)
+            mlps = [layer.mlp for layer in self.layers]
 
             def run_mlp() -> None:
-                for block in blocks:
-                    block(x)
+                for mlp in mlps:
+                    mlp(x)
 
-            return _Piece(run_mlp)
-        if self.component == "attn":
-            blocks, x = [_AttnLayer(layer) for layer in self.layers], self._hidden(entry)
-            positions = self._positions(entry)
-            pe = self.rotary(x, positions)
+            return ClockedPiece(clock, run_mlp)
+        blocks = [_AttnLayer(layer) for layer in self.layers]
+        positions = torch.arange(entry.context, entry.context + entry.tokens, device=self.backend.device)
+        positions = positions.unsqueeze(0).expand(entry.batch, -1)
+        pe = self.rotary(x, positions)
+        state = {"cache": self._filled_cache(entry)}
 
-            def run_attn(cache) -> None:
-                for block in blocks:
-                    block(x, positions, pe, cache)
+        def run_attn() -> None:
+            for block in blocks:
+                block(x, positions, pe, state["cache"])
 
-            return self._cached_piece(entry, [self.cfg.num_key_value_heads] * self.repeat, run_attn)
-        ids = torch.randint(0, self.arch.vocab_size, (entry.batch, entry.tokens), device=self.backend.device)
-        if self.component == "base":
-            # No layers, so no cache: positions are passed so rotary tables match the context.
-            positions = self._positions(entry)
-            return _Piece(lambda: self.model(input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1))
-        kv = [shape.kv_heads for shape in self.layer_shapes]
-        return self._cached_piece(
-            entry, kv, lambda cache: self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        )
-
-    def _cached_piece(self, entry: Entry, kv_per_layer: list[int], forward) -> Workpiece:
-        """Prefill gets a fresh empty cache per step; decode a cache at ``context``, cropped back after each step."""
-        state = {"cache": self._filled_cache(entry, kv_per_layer)}
-        if entry.phase == "prefill":
+        if entry.phase == "prefill":  # every prefill starts from an empty cache
             def reset() -> None:
                 state["cache"] = self._cache_cls(config=self.cfg)
-        else:
-            def reset() -> None:
-                state["cache"].crop(-entry.tokens)
-        return _Piece(lambda: forward(state["cache"]), reset)
+
+            return ClockedPiece(clock, run_attn, reset, back_to_back=False)
+
+        def crop() -> None:  # back-to-back decode steps grew the cache; crop it back to ``context``
+            cache = state["cache"]
+            cache.crop(-(cache.get_seq_length() - entry.context))
+
+        return ClockedPiece(clock, run_attn, crop)
+
+    def _filled_cache(self, entry: Entry):
+        cache = self._cache_cls(config=self.cfg)
+        for index in range(self.repeat):
+            shape = (entry.batch, self.cfg.num_key_value_heads, entry.context, self.arch.head_dim)
+            keys = self._torch.randn(shape, device=self.backend.device, dtype=self.backend.torch_dtype)
+            cache.update(keys, self._torch.randn_like(keys), index)
+        return cache
 
     def close(self) -> None:
-        self.__dict__.pop("model", None)
         self.__dict__.pop("layers", None)
         if self.backend.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
@@ -249,15 +300,17 @@ class PyTorchBackend(Backend):
         name = DTYPES.get((dtype or default).lower())
         if name is None:
             raise UsageError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
+        threads = threads or torch.get_num_threads()
         self.config = PyTorchConfig(device, name, threads, attn_impl)
         self.device = device
         self.dtype = name
         self.torch_dtype = getattr(torch, name)
         self.chain_bytes = 2 * last_level_cache_bytes(device)
         self.max_chain = 64
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         torch.set_grad_enabled(False)
+        stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
+        self.clock = Clock(device, stream)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -273,16 +326,29 @@ class PyTorchBackend(Backend):
         return Capabilities(
             per_layer_heads=True,
             per_layer_ffn=True,
-            components=("attn", "mlp", "base", "model"),
+            methods=("components", "difference"),
             dtypes=("float32", "float16", "bfloat16"),
             devices=("cpu", "cuda"),
         )
 
+    @property
+    def clock_name(self) -> str:
+        return self.clock.name
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": _torch().__version__, "transformers": importlib.metadata.version("transformers")}
+
+    def device_arch(self) -> str:
+        torch = _torch()
+        if self.device.startswith("cuda"):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            return f"sm_{major}{minor}"
+        return platform.machine()
+
     def environment(self) -> dict[str, Any]:
         torch = _torch()
         env = {
-            "torch": torch.__version__,
-            "transformers": importlib.metadata.version("transformers"),
+            **self.versions(),
             "device": self.device,
             "dtype": self.dtype,
             "threads": torch.get_num_threads(),
@@ -290,14 +356,24 @@ class PyTorchBackend(Backend):
             "python": platform.python_version(),
             "chain_bytes": self.chain_bytes,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+            "serving_loop": "transformers generate(), greedy, fixed output length",
         }
         if self.device.startswith("cuda"):
             env["cuda"] = torch.version.cuda
             env["gpu"] = torch.cuda.get_device_name(self.device)
         return env
 
-    def build(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
-        return _Unit(self, arch, entry)
+    def compile(self, spec: EngineSpec, dest: Path) -> None:
+        (dest / "engine.json").write_text(json.dumps({"flow": "eager", "spec": spec.to_dict()}, sort_keys=True))
+
+    def load(self, spec: EngineSpec, artifact: Path) -> Engine:
+        stored = json.loads((artifact / "engine.json").read_text())["spec"]
+        if stored != spec.to_dict():
+            raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
+        return PyTorchEngine(self, spec)
+
+    def build_component(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
+        return _ComponentUnit(self, arch, entry)
 
     def chain_length(self, arch: ModelArch, component: str, heads: int, kv_heads: int, ffn: int) -> int:
         """How many copies of a component one timed step runs.

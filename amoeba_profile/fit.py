@@ -1,0 +1,85 @@
+"""The ``difference`` method's fit: base + per-layer cost by least squares over whole models.
+
+For every (phase, batch, prompt length or context), the serving-loop latencies y of models with
+n_s layers of shape s satisfy y = base + sum_s n_s * layer_s. The fit is solved for the median,
+p10 and p90 of the model rows separately; every model row gets its residual, every derived row the
+coefficient's standard error (as std_ms, and cv = std_ms / value). A coefficient that comes out
+non-positive is physically impossible: it is stored with status ``error`` and the reason, never used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+
+from .entry import Entry
+from .lut import measured_row
+from .measure import Measurement
+from .subnet import Subnet
+
+_GROUP = ("phase", "batch", "tokens", "context")
+
+
+def _shapes(row: dict[str, Any]) -> Counter:
+    subnet = Subnet.from_json(row["subnet_json"])
+    return Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
+
+
+def fit_rows(model_rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+    """(derived base and layer rows, residual % per model row key, one summary per fitted group)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in model_rows:
+        if row["status"] == "ok" and row["subnet_id"] in fit_ids:
+            groups[tuple(int(row[k]) if k != "phase" else row[k] for k in _GROUP)].append(row)
+    derived, residuals, summary = [], {}, []
+    for (phase, batch, tokens, context), rows in sorted(groups.items()):
+        counts = [_shapes(r) for r in rows]
+        shapes = sorted(set().union(*counts))
+        X = np.array([[1.0] + [c.get(s, 0) for s in shapes] for c in counts])
+        if np.linalg.matrix_rank(X) < X.shape[1]:
+            continue  # not identifiable yet (a build still measuring): no derived rows for this group
+        coefs, stderr, resid = {}, None, None
+        for stat in ("median_ms", "p10_ms", "p90_ms"):
+            y = np.array([r[stat] for r in rows], dtype=float)
+            beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+            coefs[stat] = beta
+            if stat == "median_ms":
+                fitted = X @ beta
+                resid = (y - fitted) / y * 100
+                dof = len(y) - X.shape[1]
+                sigma2 = float(np.sum((y - fitted) ** 2) / dof) if dof > 0 else math.nan
+                stderr = np.sqrt(np.diag(sigma2 * np.linalg.inv(X.T @ X)))
+        for row, r in zip(rows, resid):
+            residuals[residual_key(row)] = float(r)
+        depths = sorted({sum(c.values()) for c in counts})
+        rms = float(np.sqrt(np.mean(resid ** 2)))
+        note = f"fit of {len(rows)} models (depths {','.join(map(str, depths))}); rms residual {rms:.2f} %"
+        summary.append({"phase": phase, "batch": batch, "tokens": tokens, "context": context, "models": len(rows),
+                        "shapes": len(shapes), "rms_residual_pct": round(rms, 3),
+                        "max_abs_residual_pct": round(float(np.abs(resid).max()), 3)})
+        entries = [Entry("base", phase, batch, tokens, context)]
+        entries += [Entry("layer", phase, batch, tokens, context, h, kv, f) for h, kv, f in shapes]
+        for i, entry in enumerate(entries):
+            derived.append(_derived_row(entry, coefs["median_ms"][i], coefs["p10_ms"][i], coefs["p90_ms"][i],
+                                        float(stderr[i]), len(rows), note))
+    return derived, residuals, summary
+
+
+def residual_key(row: dict[str, Any]) -> str:
+    """Which model row a residual belongs to."""
+    return f"{row['subnet_id']}|{row['phase']}|{int(row['tokens'])}|{int(row['context'])}|{int(row['batch'])}"
+
+
+def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str) -> dict[str, Any]:
+    if not median > 0:
+        return measured_row(entry, None, "error", method="difference", repeat=1, wall_s=0.0,
+                            note=f"fit gave {median:.4g} ms <= 0: the cost is below the noise; fit deeper models")
+    # p10/p90 are fitted separately; noise can cross them over the median, which a row may not show.
+    p10, p90 = min(p10, median), max(p90, median)
+    p10 = p10 if p10 > 0 else median
+    cv = stderr / median if math.isfinite(stderr) else math.nan
+    measurement = Measurement((), float(median), float(p10), float(p90), float(median), stderr, cv, n)
+    return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note)

@@ -1,0 +1,58 @@
+"""The build journal: every (entry, round) result is fsynced before the next one starts.
+
+Append-only JSON lines under the table's name; a torn last line (killed mid-write) is ignored on
+reading, and a journal left by a build with other options is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LutError
+
+
+class Journal:
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        if path.exists():
+            parsed = []
+            for line in path.read_text().splitlines():
+                try:
+                    parsed.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+            if parsed and parsed[0].get("kind") == "header":
+                if parsed[0]["identity"] != header["identity"]:
+                    raise LutError(
+                        f"{path}: left by an unfinished build with other options, library versions or device; "
+                        "rerun that build to finish it, or delete this journal to start over"
+                    )
+                self.records = [r for r in parsed[1:] if r.get("kind") == "result"]
+                # Rewrite without any torn tail so later appends start on a clean line.
+                self._rewrite([parsed[0], *self.records])
+                return
+        self._rewrite([header])
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        record = {"kind": "result", **record}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(r["key"], r["round"]) for r in self.records}
