@@ -40,7 +40,7 @@ from .plan import BuildPlan
 
 Progress = Callable[[int, int, str], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
-_IDENTITY_KEYS = ("device_slug", "backend", "dtype", "arch", "method", "versions")
+_IDENTITY_KEYS = ("device_slug", "backend", "backend_config", "dtype", "arch", "method", "versions")
 
 
 def _identity(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any]) -> str:
@@ -228,7 +228,7 @@ class _Runner:
                     continue
                 repeat = getattr(opened, "repeat", 1)
                 context = entry_context(before, after, (warm_runs + len(samples) * steps) * repeat)
-                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s)) if v})
+                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s)) if v is not None})
                 journal.append({
                     "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
                     "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],

@@ -296,10 +296,9 @@ def validate_cmd(
     widths: Optional[str] = typer.Option(None),
     strategy: Optional[Path] = typer.Option(None),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
-    threads: Optional[int] = typer.Option(None),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Measure the top-k picks whole, compare with the prediction, write the rows back into the table."""
+    """Measure the top-k picks whole with the table's own backend config, compare, write the rows back."""
     from .validate import kendall_tau, validate_selection
 
     table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
@@ -309,8 +308,7 @@ def validate_cmd(
                   TextColumn("{task.fields[entry]}"), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
         results, path, drift = validate_selection(table.path, selection, protocol,
-                                           lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
-                                           threads)
+                                           lambda d, t, label: bar.update(task, completed=d, total=t, entry=label))
     measured = [v.measured_ms for v in results]
     tau = kendall_tau([v.predicted_ms for v in results], measured)
     tau_fresh = kendall_tau([v.fresh_predicted_ms for v in results], measured)
@@ -383,7 +381,8 @@ def show(
     if as_json:
         print_json(out, {**summary, "table": table.frame.drop(columns=["samples_ms", "subnet_json"]).to_dict("records")})
         return
-    for key in ("path", "device_slug", "backend", "dtype", "model", "source", "grid", "clock", "created_at", "rows"):
+    for key in ("path", "device_slug", "backend", "dtype", "model", "source", "method", "versions", "grid", "clock",
+                "created_at", "rows"):
         out.print(f"[bold]{key}:[/] {summary[key]}")
     out.print(lut_table(table))
 

@@ -20,6 +20,12 @@ COMPONENTS = ("attn", "mlp", "base", "model", "layer")
 PHASES = ("prefill", "decode")
 
 
+def entry_key(component: str, phase: str, batch: int, tokens: int, context: int, heads: int, kv_heads: int,
+              ffn: int, subnet_id: str) -> str:
+    """The one definition of a row's identity, used to deduplicate and resume."""
+    return f"{component}|{phase}|b{batch}|t{tokens}|c{context}|h{heads}|kv{kv_heads}|f{ffn}|s{subnet_id}"
+
+
 @dataclass(frozen=True)
 class Entry:
     component: str
@@ -43,10 +49,8 @@ class Entry:
     @property
     def key(self) -> str:
         """Stable identity used to deduplicate and resume."""
-        return (
-            f"{self.component}|{self.phase}|b{self.batch}|t{self.tokens}|c{self.context}"
-            f"|h{self.heads}|kv{self.kv_heads}|f{self.ffn}|s{self.subnet_id}"
-        )
+        return entry_key(self.component, self.phase, self.batch, self.tokens, self.context, self.heads,
+                         self.kv_heads, self.ffn, self.subnet_id)
 
     @property
     def unit(self) -> tuple:

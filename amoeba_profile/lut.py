@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from .entry import COMPONENTS, PHASES, Entry
+from .entry import COMPONENTS, PHASES, Entry, entry_key
 from .errors import LutError
 from .measure import Measurement
 
@@ -37,7 +37,7 @@ COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STA
 INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
-METHODS = ("components", "difference", "whole", "computed")
+ROW_METHODS = ("components", "difference", "whole", "computed")  # how a row was obtained
 # Schema 1 named the components method after how a block was timed; both are ``components`` now.
 _V1_METHODS = {"isolated": "components", "stacked": "components"}
 
@@ -51,10 +51,8 @@ def sidecar_path(csv_path: Path) -> Path:
 
 
 def entry_key_of_row(row: dict[str, Any]) -> str:
-    return (
-        f"{row['component']}|{row['phase']}|b{int(row['batch'])}|t{int(row['tokens'])}|c{int(row['context'])}"
-        f"|h{int(row['heads'])}|kv{int(row['kv_heads'])}|f{int(row['ffn'])}|s{row['subnet_id'] or ''}"
-    )
+    return entry_key(row["component"], row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]),
+                     int(row["heads"]), int(row["kv_heads"]), int(row["ffn"]), row["subnet_id"] or "")
 
 
 def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
@@ -141,7 +139,7 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
     for column, allowed in (("component", COMPONENTS), ("phase", PHASES), ("status", STATUSES),
-                            ("source", SOURCES), ("method", METHODS)):
+                            ("source", SOURCES), ("method", ROW_METHODS)):
         bad = ~frame[column].isin(allowed)
         if bad.any():
             i = int(bad.idxmax())

@@ -119,16 +119,16 @@ class Clock:
 class ClockedPiece:
     """A Workpiece from a step and an untimed reset, timed by ``clock``.
 
-    With ``back_to_back`` several steps run inside one sample and the reset follows them (a decode
-    step whose cache is cropped back afterwards); otherwise each sample is one step.
+    With ``back_to_back`` up to ``max_steps`` steps run inside one sample and the reset follows them
+    (a decode step whose cache is cropped back afterwards); otherwise each sample is one step.
     """
 
     def __init__(self, clock: Clock, step: Callable[[], Any], reset: Callable[[], None] | None = None,
-                 back_to_back: bool = True):
+                 back_to_back: bool = True, max_steps: int = 1 << 30):
         self.clock = clock
         self._step = step
         self._reset = reset
-        self.max_steps = 1 << 30 if back_to_back else 1
+        self.max_steps = max_steps if back_to_back else 1
 
     def sample_ms(self, steps: int) -> float:
         def run() -> None:

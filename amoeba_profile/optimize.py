@@ -63,10 +63,13 @@ def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
 
 
 def table_options(predictor: Predictor) -> list[tuple[int, int, int]]:
-    """Every measured (heads, kv_heads) x every measured ffn of the table: the per-layer menu."""
+    """Every measured (heads, kv_heads) x every measured ffn of the table: the per-layer menu.
+    In a ``difference`` table the heads come from the heads axis and the FFN sizes from the FFN axis."""
     ok = predictor.lut.ok
-    attn = sorted({(int(r.heads), int(r.kv_heads)) for r in ok[ok.component == "attn"].itertuples()})
-    ffns = sorted({int(f) for f in ok[ok.component == "mlp"].ffn})
+    heads_rows = ok[ok.component == ("layer" if predictor.fitted_layers else "attn")]
+    ffn_rows = ok[ok.component == ("layer" if predictor.fitted_layers else "mlp")]
+    attn = sorted({(int(r.heads), int(r.kv_heads)) for r in heads_rows.itertuples()})
+    ffns = sorted({int(f) for f in ffn_rows.ffn})
     return [(h, kv, f) for h, kv in attn for f in ffns]
 
 

@@ -58,7 +58,7 @@ def plot_pareto(lut: Lut, candidates: list[Candidate], metric: str, out: Path, b
 
 
 def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
-    """Composed decoder-layer latency (attn + mlp) over measured heads x FFN, per phase."""
+    """Composed decoder-layer latency over measured heads x FFN, per phase."""
     plt = _pyplot()
     predictor = Predictor(lut)
     options = table_options(predictor)
@@ -89,7 +89,7 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
 
 
 def plot_validation(lut: Lut, out: Path) -> Path | None:
-    """Predicted (composed from components) vs measured for every whole-model row of the table."""
+    """Predicted (composed from the table's rows) vs measured for every whole-model row of the table."""
     models = lut.ok[lut.ok.component == "model"]
     if models.empty:
         return None

@@ -25,6 +25,11 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
         "dtype": meta.get("dtype"),
         "model": meta.get("arch", {}).get("name"),
         "source": meta.get("source"),
+        "method": meta.get("method"),
+        "method_reason": meta.get("method_reason"),
+        "versions": meta.get("versions"),
+        "backend_config": meta.get("backend_config"),
+        "fit": meta.get("fit"),
         "grid": meta.get("grid"),
         "protocol": meta.get("protocol"),
         "clock": meta.get("clock"),
@@ -84,20 +89,20 @@ def backends_rows() -> list[dict[str, Any]]:
     return [
         {"name": name, "available": avail.ok, "reason": avail.reason, "install_hint": avail.install_hint,
          "per_layer_heads": caps.per_layer_heads, "per_layer_ffn": caps.per_layer_ffn,
-         "components": list(caps.components), "dtypes": list(caps.dtypes), "devices": list(caps.devices)}
+         "methods": list(caps.methods), "dtypes": list(caps.dtypes), "devices": list(caps.devices)}
         for name, avail, caps in list_backends()
     ]
 
 
 def backends_table() -> Table:
     table = Table(title="backends")
-    for column in ("backend", "available", "why", "per-layer widths", "devices"):
+    for column in ("backend", "available", "why", "per-layer widths", "methods", "devices"):
         table.add_column(column)
     for row in backends_rows():
         table.add_row(row["name"], "yes" if row["available"] else "no",
                       row["reason"] + (f" ({row['install_hint']})" if row["install_hint"] and not row["available"] else ""),
                       "heads+ffn" if row["per_layer_heads"] and row["per_layer_ffn"] else "no",
-                      ",".join(row["devices"]))
+                      ",".join(row["methods"]), ",".join(row["devices"]))
     return table
 
 

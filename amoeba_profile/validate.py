@@ -83,8 +83,7 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
 
 
 def validate_selection(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
-                       progress: Progress | None = None, threads: int | None = None
-                       ) -> tuple[list[Validation], Path, float]:
+                       progress: Progress | None = None) -> tuple[list[Validation], Path, float]:
     """Measure the picks whole, interleaved in the same rounds with the components they are made
     of (into a scratch table), then write the model rows into the stored table.
 
@@ -96,8 +95,6 @@ def validate_selection(table_path: Path, selection: Selection, protocol: TimingP
         raise LutError(f"{table_path}: a roofline table has no backend to measure with; validate a measured table")
     config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
                                                  "dtype": meta["dtype"]})
-    if threads:
-        config["threads"] = threads
     here = device_slug(config.get("device", "cpu"))
     if here != meta["device_slug"]:
         raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; validate there")

@@ -1,12 +1,16 @@
 """The workload a latency is asked for, and the one place the metrics are defined.
 
-Definitions (all in milliseconds, for one request of ``batch`` sequences):
+Latency is what the flow's own serving loop delivers (``generate()`` for eager PyTorch: greedy,
+fixed output length, no early stop). Definitions, in milliseconds for one request of ``batch``
+sequences:
 
-- ``ttft_ms``: time to first token = the prefill forward over ``prompt_len`` tokens, which
-  produces the logits of the first generated token.
+- ``ttft_ms``: time to first token = a request for one new token over a ``prompt_len`` prompt
+  (the prefill forward, the first token's sampling and the loop's own per-request work).
 - ``tpot_ms``: time per output token = the mean decode step over the ``gen_len - 1`` steps that
   produce tokens 2..gen_len. Step i (1-based) runs with ``prompt_len + i - 1`` tokens already in
-  the KV cache; decode cost grows with that context, so it is integrated, not sampled once.
+  the KV cache; decode cost grows with that context, so it is integrated, not sampled once. A
+  table's decode row at context c is (e2e(1 + n) - e2e(1)) / n of a request whose prompt KV is
+  already cached, with the n steps centred on c.
 - ``e2e_ms``: ttft + the sum of those decode steps.
 """
 

@@ -21,9 +21,6 @@ from ..entry import Entry
 from ..errors import UnsupportedShape
 from ..measure import Workpiece
 
-METHODS = ("components", "difference")
-
-
 @dataclass(frozen=True)
 class Availability:
     ok: bool

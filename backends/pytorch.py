@@ -273,7 +273,8 @@ class _ComponentUnit(BuiltUnit):
             cache = state["cache"]
             cache.crop(-(cache.get_seq_length() - entry.context))
 
-        return ClockedPiece(clock, run_attn, crop)
+        # Each back-to-back step adds a token to the cache: cap them so a sample stays within ~3 % of ``context``.
+        return ClockedPiece(clock, run_attn, crop, max_steps=max(1, entry.context // 32))
 
     def _filled_cache(self, entry: Entry):
         cache = self._cache_cls(config=self.cfg)

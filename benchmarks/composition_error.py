@@ -1,12 +1,13 @@
-"""How well does the per-layer table predict whole subnets, and what does it cost to build?
+"""How well does each method's table predict what users run, and what does it cost to build?
 
-Builds, in one session and one interleaved build (components and whole models measured in the
-same rounds), a component table for a TinyLlama-shaped model plus >= 9 whole subnets (uniform
-and per-layer, several depths), then prints predicted vs measured for every subnet, prefill and
-decode, the median and max |error|, and the device-seconds of the table vs measuring every
-shape of the design space whole.
+For each method (``components``, ``difference``) one interleaved build measures, in the same
+rounds, the method's rows and >= 9 whole subnets (uniform and per-layer, several depths, one with
+off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch): those are
+the truth rows. It then prints predicted vs measured for every subnet, prefill (ttft) and decode
+(tpot at each context), the median and max |error|, the difference fit's residuals, and the
+device-seconds of each table.
 
-    python benchmarks/composition_error.py [--model tinyllama-1.1b] [--out out/bench] [--quick]
+    python benchmarks/composition_error.py [--model tinyllama-1.1b] [--method both] [--out out/bench]
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import numpy as np
 
 from amoeba_profile.arch import resolve_arch
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import BuildPlan, run_build
+from amoeba_profile.build import run_build
 from amoeba_profile.lut import load_table
 from amoeba_profile.measure import TimingProtocol
+from amoeba_profile.plan import BuildPlan
 from amoeba_profile.predict import Predictor
-from amoeba_profile.quality import retained_params
-from amoeba_profile.subnet import DesignSpace, LayerShape, Subnet, kept_layers, width_shape
+from amoeba_profile.subnet import LayerShape, Subnet, kept_layers, width_shape
 
 
 def validation_subnets(arch) -> list[tuple[str, Subnet]]:
@@ -56,73 +57,88 @@ def validation_subnets(arch) -> list[tuple[str, Subnet]]:
     return out
 
 
+def report(lut, subnets, label: str) -> dict:
+    predictor = Predictor(lut)
+    frame = lut.ok
+    print(f"\n== {label}: {lut.path}")
+    print(f"{'subnet':<26}{'kind':<24}{'phase':<9}{'ctx':>5}{'pred ms':>10}{'meas ms':>10}{'err %':>8}  source")
+    errors: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for kind, subnet in subnets:
+        rows = frame[(frame.component == "model") & (frame.subnet_id == subnet.id)].sort_values(
+            ["phase", "context"], ascending=[False, True])
+        for row in rows.itertuples():
+            predicted, source = predictor.phase_ms(subnet, row.phase, row.batch, row.tokens, row.context)
+            err = 100 * (predicted - row.median_ms) / row.median_ms
+            errors[row.phase].append(err)
+            ctx = row.context if row.phase == "decode" else row.tokens
+            print(f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}{predicted:>10.2f}{row.median_ms:>10.2f}"
+                  f"{err:>+8.2f}  {source}")
+    summary: dict = {}
+    for phase, errs in errors.items():
+        a = np.abs(errs)
+        summary[phase] = {"n": len(errs), "median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
+                          "mean_signed_pct": float(np.mean(errs))}
+        print(f"{label:<12}{phase:<8} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = "
+              f"{a.max():.2f} %   mean signed = {np.mean(errs):+.2f} %")
+    truth_ids = {s.id for _, s in subnets}
+    rows = lut.frame
+    summary["table_device_s"] = float(rows[~rows.subnet_id.isin(truth_ids)].wall_s.sum())
+    summary["truth_device_s"] = float(rows[rows.subnet_id.isin(truth_ids)].wall_s.sum())
+    layers = lut.ok[lut.ok.component == "layer"]
+    if not layers.empty:  # the width-vs-depth question: what does one layer cost at each fitted shape?
+        print(f"{label:<12}fitted per-layer cost (ms; heads, kv_heads, ffn):")
+        for (phase, tokens, context), group in layers.groupby(["phase", "tokens", "context"]):
+            costs = "  ".join(f"({r.heads},{r.kv_heads},{r.ffn}) {r.median_ms:.3f}±{r.std_ms:.3f}"
+                              for r in group.itertuples())
+            print(f"{'':<12}{phase} {'tokens ' + str(tokens) if phase == 'prefill' else 'ctx ' + str(context)}: {costs}")
+        summary["layer_ms"] = layers[["phase", "tokens", "context", "heads", "kv_heads", "ffn", "median_ms",
+                                      "std_ms"]].to_dict("records")
+    if lut.meta.get("fit"):
+        worst = max(f["max_abs_residual_pct"] for f in lut.meta["fit"])
+        rms = max(f["rms_residual_pct"] for f in lut.meta["fit"])
+        summary["fit_max_abs_residual_pct"], summary["fit_worst_rms_pct"] = worst, rms
+        print(f"{label:<12}fit residuals: worst rms {rms:.2f} %, max |residual| {worst:.2f} %")
+    print(f"{label:<12}build cost: table rows {summary['table_device_s']:.0f} device-s, truth models "
+          f"{summary['truth_device_s']:.0f} device-s")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--method", default="both", choices=["components", "difference", "both"])
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--contexts", default="128,256,512")
+    parser.add_argument("--contexts", default="128,512")
+    parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and samples")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
     arch = resolve_arch(args.model)
     subnets = validation_subnets(arch)
     contexts = tuple(int(c) for c in args.contexts.split(","))
-    plan = BuildPlan(arch, prompt_lens=(args.prompt_len,), contexts=contexts, whole=tuple(s for _, s in subnets))
     backend = get_backend("pytorch", device=args.device)
-    protocol = TimingProtocol.quick() if args.quick else TimingProtocol()
+    # Few warm-up runs: whole models take seconds per request on a CPU; two rounds interleave them.
+    protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=2, samples_per_round=3,
+                              min_round_s=0.0)
+    methods = ["components", "difference"] if args.method == "both" else [args.method]
+    summary = {"model": arch.name, "device": args.device, "protocol": protocol.to_dict()}
     t0 = time.perf_counter()
     last = [0.0]
 
     def progress(done: int, total: int, label: str) -> None:
-        if time.perf_counter() - last[0] > 30 or done == total:
+        if time.perf_counter() - last[0] > 60 or done == total:
             last[0] = time.perf_counter()
             print(f"  [{time.perf_counter() - t0:6.0f} s] {done}/{total} {label}", flush=True)
 
-    result = run_build(plan, backend, args.out, protocol, progress)
-    lut = load_table(result.path)
-    predictor = Predictor(lut)
-    frame = lut.ok
-    print(f"\ntable: {result.path}  ({result.wall_s:.0f} s)\n")
-    print(f"{'subnet':<26}{'kind':<24}{'phase':<9}{'ctx':>5}{'pred ms':>10}{'meas ms':>10}{'err %':>8}  source")
-    errors: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for kind, subnet in subnets:
-        rows = frame[(frame.component == "model") & (frame.subnet_id == subnet.id)].sort_values(["phase", "context"], ascending=[False, True])
-        for row in rows.itertuples():
-            predicted, source = predictor.phase_ms(subnet, row.phase, row.batch, row.tokens, row.context)
-            err = 100 * (predicted - row.median_ms) / row.median_ms
-            errors[row.phase].append(err)
-            ctx = row.context if row.phase == "decode" else row.tokens
-            print(f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}{predicted:>10.2f}{row.median_ms:>10.2f}{err:>+8.2f}  {source}")
-
-    summary = {}
-    print()
-    for phase, errs in errors.items():
-        a = np.abs(errs)
-        summary[phase] = {"n": len(errs), "median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
-                          "mean_signed_pct": float(np.mean(errs))}
-        print(f"{phase:<8} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = {a.max():.2f} %   "
-              f"mean signed = {np.mean(errs):+.2f} %")
-
-    # Device-seconds: every row stores the wall time spent on it (its share of the module build,
-    # warm-up and samples, over all rounds).
-    comp = lut.frame[lut.frame.component != "model"]
-    lut_s = float(comp.wall_s.sum())
-    whole = frame[frame.component == "model"].groupby("subnet_id").wall_s.sum()
-    by_id = {s.id: s for _, s in subnets}
-    x = np.array([retained_params(by_id[i]) for i in whole.index])
-    slope, intercept = np.polyfit(x, whole.to_numpy(), 1)
-    space = list(DesignSpace.amoeba(arch).subnets())
-    whole_all_s = float(sum(intercept + slope * retained_params(s) for s in space))
-    print(f"\nbuild cost: component table {lut_s:.0f} device-s; {len(whole)} whole subnets measured {whole.sum():.0f} "
-          f"device-s ({whole.mean():.0f} s each);")
-    print(f"measuring all {len(space)} shapes of the design space whole would take ~{whole_all_s:.0f} device-s "
-          f"(per-shape cost fitted linearly on retained parameters over the {len(whole)} measured subnets): "
-          f"ratio {whole_all_s / lut_s:.1f}x")
-    summary.update(table=str(result.path), lut_device_s=lut_s, whole_measured_device_s=float(whole.sum()),
-                   whole_design_space_device_s=whole_all_s, ratio=whole_all_s / lut_s, design_space=len(space))
+    for method in methods:
+        plan = BuildPlan(arch, prompt_lens=(args.prompt_len,), contexts=contexts, method=method,
+                         decode_steps=args.decode_steps, whole=tuple(s for _, s in subnets))
+        print(f"building {method} table for {arch.name} ({len(plan.entries())} entries)", flush=True)
+        result = run_build(plan, backend, args.out / method, protocol, progress, method_reason="benchmark")
+        summary[method] = report(load_table(result.path), subnets, method)
+        summary[method]["wall_s"] = result.wall_s
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

@@ -24,3 +24,8 @@ python3 -m venv "$VENV"
 "$VENV/bin/amoeba-profile" build-lut --backend pytorch --device cuda --dtype float16 --model "$MODEL" \
     --out "$OUT" --prompt-len 128,512 --contexts 128,512,1024,2048 --whole 32x1,28x7/8,24x3/4,20x5/8
 "$VENV/bin/amoeba-profile" show --lut "$OUT/$( "$VENV/bin/python" -c 'from amoeba_profile.device import device_slug; print(device_slug("cuda"))')/pytorch/$MODEL-float16.csv"
+
+# Both methods against generate() truth on this GPU (components vs difference, uniform and per-layer
+# subnets), and the fitted per-layer cost by width: does pruning width pay under eager generate()?
+"$VENV/bin/python" benchmarks/composition_error.py --model "$MODEL" --device cuda --contexts 128,512 \
+    --decode-steps 32 --out "$OUT/bench" --json "$OUT/bench/composition-$MODEL.json"

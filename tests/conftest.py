@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,9 @@ from amoeba_profile.arch import ModelArch
 from amoeba_profile.entry import Entry
 from amoeba_profile.lut import Lut, measured_row, rows_frame
 from amoeba_profile.measure import Measurement, TimingProtocol
+
+# Compiled engines of every test (and of CLI subprocesses) go to a scratch cache, not ~/.cache.
+os.environ.setdefault("AMOEBA_ARTIFACTS", tempfile.mkdtemp(prefix="amoeba-artifacts-"))
 
 TINY_CONFIG = {
     "model_type": "llama",
@@ -47,7 +52,7 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
 
     def add(entry: Entry, value: float) -> None:
         rows.append(measured_row(entry, Measurement.from_samples([value, value, value]), "ok",
-                                 method="isolated", repeat=1, wall_s=0.0))
+                                 method="components", repeat=1, wall_s=0.0))
 
     heads_set = sorted({h for h in range(arch.group_size, arch.num_heads + 1, arch.group_size)})
     for heads in heads_set:
@@ -64,3 +69,15 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
     full_meta = {"arch": arch.to_dict(), "source": "measured", "grid": {"widths": [1.0, 0.5], "batch": 1}}
     full_meta.update(meta or {})
     return Lut(rows_frame(rows), full_meta)
+
+
+@pytest.fixture
+def fake_backend(monkeypatch):
+    """Registers the pure-Python whole-engine backend (tests/fake_engine.py) as ``fake-engine``."""
+    from amoeba_profile.backends import REGISTRY
+
+    import fake_engine
+
+    monkeypatch.setitem(REGISTRY, "fake-engine", "fake_engine:FakeEngineBackend")
+    fake_engine.COMPILES.clear()
+    return fake_engine

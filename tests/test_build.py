@@ -11,10 +11,11 @@ import pytest
 
 from amoeba_profile.arch import resolve_arch
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import BuildPlan, run_build
+from amoeba_profile.build import run_build
 from amoeba_profile.errors import LutError
 from amoeba_profile.lut import load_table
 from amoeba_profile.measure import TimingProtocol
+from amoeba_profile.plan import BuildPlan
 from amoeba_profile.subnet import Subnet
 
 from conftest import FAST_PROTOCOL
@@ -113,10 +114,10 @@ class _OomOnWideMlp:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def build(self, arch, entry):
+    def build_component(self, arch, entry):
         if entry.component == "mlp" and entry.ffn == arch.ffn_size:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
-        return self.inner.build(arch, entry)
+        return self.inner.build_component(arch, entry)
 
 
 def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
@@ -132,10 +133,10 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
 
 def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
     class Broken(_OomOnWideMlp):
-        def build(self, arch, entry):
+        def build_component(self, arch, entry):
             if entry.component == "mlp":
                 raise ValueError("driver exploded")
-            return self.inner.build(arch, entry)
+            return self.inner.build_component(arch, entry)
 
     from amoeba_profile.errors import AmoebaError
 

@@ -144,3 +144,28 @@ def test_select_per_layer_memory_and_export(built, tmp_path):
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--memory-gb", "0.000001", check_rc=1)
     assert "smallest needs" in proc.stderr
+
+
+def test_difference_method_end_to_end(tmp_path):
+    """build-lut --method difference fits layer rows from whole models; select and validate use them."""
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "lut"
+    proc = run("build-lut", "--model", str(config), "--out", str(out), "--quick", "--method", "difference",
+               "--depths", "1,2,4", "--widths", "1,1/2", "--prompt-len", "16", "--contexts", "16,64", check_rc=0)
+    assert "method: difference (requested with --method)" in proc.stderr
+    data = json.loads(run("show", "--lut", str(out), "--json", check_rc=0).stdout)
+    assert data["method"] == "difference" and data["rows"]["layer/ok"] == 9 and data["rows"]["base/ok"] == 3
+    assert data["versions"]["torch"] and data["backend_config"]["device"] == "cpu" and data["fit"]
+    methods = {row["component"]: row["method"] for row in data["table"]}
+    assert methods == {"layer": "difference", "base": "difference", "model": "whole"}
+    pick = json.loads(run("select", "--lut", str(out), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+                          "--json", check_rc=0).stdout)
+    assert pick["subnet"]["num_layers"] == 4
+    checked = json.loads(run("validate", "--lut", str(out), "--budget-ms", "1000", "--top-k", "1", "--quick",
+                             "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    assert checked["validated"][0]["measured_ms"] > 0
+    assert run("build-lut", "--model", str(config), "--out", str(out), "--method", "guess").returncode == 2

@@ -33,7 +33,7 @@ def test_round_trip_preserves_rows(tmp_path_factory, samples, layers, context):
     subnet = Subnet.uniform(arch, layers, 0.5)
     rows = [measured_row(Entry("model", "decode", 1, 1, context, subnet=subnet), Measurement.from_samples(samples),
                          "ok", method="whole", repeat=1, wall_s=1.5),
-            measured_row(Entry("mlp", "prefill", 1, 16, 0, ffn=64), None, "oom", method="stacked", repeat=1, wall_s=0)]
+            measured_row(Entry("mlp", "prefill", 1, 16, 0, ffn=64), None, "oom", method="components", repeat=1, wall_s=0)]
     path = tmp_path_factory.mktemp("rt") / "t.csv"
     write_table(path, rows_frame(rows), {"arch": arch.to_dict()})
     loaded = load_table(path)

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 
 from amoeba_profile.arch import BUILTIN_ARCHS
 from amoeba_profile.build import BuildPlan
 from amoeba_profile.device.specs import get_spec
 from amoeba_profile.entry import Entry
+from amoeba_profile.errors import LutError
 from amoeba_profile.lut import Lut, load_table, rows_frame
 from amoeba_profile.roofline import (Efficiency, calibrate, component_ms, component_ops, get_flow, roofline_rows,
                                      whole_model_bounds, write_roofline_table)
@@ -41,14 +44,19 @@ def test_prefill_attention_is_causal():
     assert ops["attention"].flops == pytest.approx(4 * 32 * 128 * (129 / 2) * 128)
 
 
-def test_component_time_is_the_roofline():
+def test_component_time_is_the_roofline(tiny_arch):
     spec, entry = get_spec("rtx-a5000"), Entry("mlp", "decode", 1, 1, 0, ffn=11008)
     ideal = Efficiency(1.0, 1.0, 0.0)
-    ms = component_ms(component_ops(LLAMA2, entry, "float16", False), 3, spec, "float16", ideal)
+    ops = component_ops(LLAMA2, entry, "float16", False)
+    ms = component_ms(ops, 3, spec, "float16", ideal)
     total_bytes = 180_407_296 + 90_207_744 + 3 * 11008 * 2
     assert ms == pytest.approx(total_bytes / 768e9 * 1e3)  # decode GEMV is memory bound
-    assert component_ms(component_ops(LLAMA2, entry, "float16", False), 3, spec, "float16",
-                        Efficiency(1.0, 1.0, 2.0)) == pytest.approx(ms + 0.006)
+    # a GPU's host dispatches while the device computes: the longer of the two counts
+    assert component_ms(ops, 3, spec, "float16", Efficiency(1.0, 1.0, 2.0)) == pytest.approx(ms)
+    assert component_ms(ops, 3, spec, "float16", Efficiency(1.0, 1.0, 200.0)) == pytest.approx(0.6)
+    # on a CPU the host is the device: dispatch adds
+    cpu = replace(spec, kind="cpu", slug="cpu-test")
+    assert component_ms(ops, 3, cpu, "float16", Efficiency(1.0, 1.0, 2.0)) == pytest.approx(ms + 0.006)
 
 
 def test_whole_model_bounds():
@@ -79,3 +87,53 @@ def test_roofline_table_says_so_in_every_row(tmp_path):
     assert path.parts[-3:] == ("orin-nx-16gb", "mlc-llm", "llama2-7b-float16.csv")
     assert (lut.frame.source == "roofline").all() and (lut.frame.method == "computed").all()
     assert lut.is_roofline and meta["calibration"] is None and meta["efficiency"]["eff_bw"] == 0.75
+
+
+def _synthetic(spec, eff, flow_name="pytorch"):
+    plan = BuildPlan(LLAMA2, (1.0, 0.75, 0.5), (128, 512), (128, 1024, 2048))
+    frame = rows_frame(roofline_rows(LLAMA2, plan.entries(), spec, get_flow(flow_name), "float16", eff))
+    frame["source"] = "measured"
+    return Lut(frame, {"arch": LLAMA2.to_dict()})
+
+
+def test_host_bound_table_calibrates_to_dispatch_not_to_impossible_bandwidth():
+    """Launch-bound rows (as eager decode on an H100) are explained by per-op dispatch, with
+    efficiencies that stay physical."""
+    spec, flow = get_spec("h100-sxm"), get_flow("pytorch")
+    eff, report = calibrate(_synthetic(spec, Efficiency(0.8, 0.6, 20.0)), spec, flow, "float16")
+    assert eff.eff_bw <= 1 and eff.eff_compute <= 1
+    assert eff.launch_us == pytest.approx(20.0, rel=0.06) and report["median_abs_pct"] < 2
+    assert report["host_overlaps_device"] is True
+
+
+def test_unphysical_calibration_is_refused():
+    """A table faster than the device's peaks would need efficiencies above 1: refused, not fitted."""
+    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch")
+    too_fast = _synthetic(spec, Efficiency(2.5, 2.5, 0.0))
+    with pytest.raises(LutError, match="calibration refused"):
+        calibrate(too_fast, spec, flow, "float16")
+
+
+def test_calibration_works_on_a_difference_table():
+    """Fitted ``layer`` rows are calibrated as attention + MLP operations."""
+    from amoeba_profile.entry import Entry as E
+    from amoeba_profile.lut import measured_row
+    from amoeba_profile.measure import Measurement
+    from amoeba_profile.roofline import entry_kernels, entry_ops
+
+    spec, flow, truth = get_spec("rtx-a5000"), get_flow("tensorrt-llm"), Efficiency(0.7, 0.5, 3.0)
+    rows = []
+    for c in (128, 1024, 2048):
+        for heads, ffn in ((32, 11008), (16, 11008), (32, 5504)):
+            entry = E("layer", "decode", 1, 1, c, heads, heads, ffn)
+            ms = component_ms(entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec,
+                              "float16", truth)
+            rows.append(measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1,
+                                     wall_s=0))
+    for p in (128, 512):
+        entry = E("layer", "prefill", 1, p, 0, 32, 32, 11008)
+        ms = component_ms(entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec, "float16",
+                          truth)
+        rows.append(measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1, wall_s=0))
+    eff, report = calibrate(Lut(rows_frame(rows), {"arch": LLAMA2.to_dict()}), spec, flow, "float16")
+    assert eff.eff_bw == pytest.approx(0.7, abs=0.02) and report["median_abs_pct"] < 1.5

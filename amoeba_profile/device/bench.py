@@ -11,24 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..measure import Clock, Measurement, TimingProtocol, sample, warm_up
+from ..measure import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
 from .specs import DeviceSpec
 
 _PROTOCOL = TimingProtocol(warmup_min=2, warmup_max=10, rounds=1, samples_per_round=7, min_round_s=0.2)
 
 
-class _Fn:
-    def __init__(self, fn):
-        self.step = fn
-
-    def reset(self) -> None:
-        pass
-
-
 def _median_ms(fn, clock: Clock, protocol: TimingProtocol) -> float:
-    piece = _Fn(fn)
-    warm_up(piece, clock, protocol)
-    return Measurement.from_samples(sample(piece, clock, protocol)).median_ms
+    piece = ClockedPiece(clock, fn)
+    _, steps = warm_up(piece, protocol)
+    return Measurement.from_samples(sample(piece, protocol, steps)).median_ms
 
 
 def _fraction(value: float | None, peak: float | None) -> float | None:
