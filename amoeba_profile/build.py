@@ -40,7 +40,7 @@ from .plan import BuildPlan
 
 Progress = Callable[[int, int, str], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
-_IDENTITY_KEYS = ("device_slug", "backend", "backend_config", "dtype", "arch", "method", "versions")
+_IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
 
 
 def _identity(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any]) -> str:

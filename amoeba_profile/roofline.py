@@ -229,6 +229,11 @@ def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Effic
             if best is None or err < best[0]:
                 best = (err, eb, ec, launch)
     _, eb, ec, launch = best
+    if overlap and launch > 0:  # the dispatch grid is geometric: refine it around the best point
+        roof = np.maximum(compute / ec, memory / eb).sum(axis=1)
+        fine = np.linspace(launch / 1.05, launch * 1.05, 201)
+        errs = [np.sum(((np.maximum(roof, kernels * x) - measured) / measured) ** 2) for x in fine]
+        launch = float(fine[int(np.argmin(errs))])
     eff = Efficiency(round(float(eb), 4), round(float(ec), 4), round(launch * 1e6, 3))
     report = evaluate(lut, spec, flow, dtype, eff)
     report["at_physical_bound"] = [name for name, value in (("eff_bw", eb), ("eff_compute", ec)) if value >= 0.999]

@@ -23,6 +23,7 @@ import numpy as np
 from amoeba_profile.arch import resolve_arch
 from amoeba_profile.backends import get_backend
 from amoeba_profile.build import run_build
+from amoeba_profile.errors import AmoebaError
 from amoeba_profile.lut import load_table
 from amoeba_profile.measure import TimingProtocol
 from amoeba_profile.plan import BuildPlan
@@ -63,18 +64,26 @@ def report(lut, subnets, label: str) -> dict:
     print(f"\n== {label}: {lut.path}")
     print(f"{'subnet':<26}{'kind':<24}{'phase':<9}{'ctx':>5}{'pred ms':>10}{'meas ms':>10}{'err %':>8}  source")
     errors: dict[str, list[float]] = {"prefill": [], "decode": []}
+    refused: list[str] = []
     for kind, subnet in subnets:
         rows = frame[(frame.component == "model") & (frame.subnet_id == subnet.id)].sort_values(
             ["phase", "context"], ascending=[False, True])
         for row in rows.itertuples():
-            predicted, source = predictor.phase_ms(subnet, row.phase, row.batch, row.tokens, row.context)
+            ctx = row.context if row.phase == "decode" else row.tokens
+            try:
+                predicted, source = predictor.phase_ms(subnet, row.phase, row.batch, row.tokens, row.context)
+            except AmoebaError as exc:
+                print(f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}  refused: {exc}")
+                refused.append(str(exc))
+                continue
             err = 100 * (predicted - row.median_ms) / row.median_ms
             errors[row.phase].append(err)
-            ctx = row.context if row.phase == "decode" else row.tokens
             print(f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}{predicted:>10.2f}{row.median_ms:>10.2f}"
                   f"{err:>+8.2f}  {source}")
-    summary: dict = {}
+    summary: dict = {"refused": refused}
     for phase, errs in errors.items():
+        if not errs:
+            continue
         a = np.abs(errs)
         summary[phase] = {"n": len(errs), "median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
                           "mean_signed_pct": float(np.mean(errs))}
@@ -119,8 +128,8 @@ def main() -> None:
     subnets = validation_subnets(arch)
     contexts = tuple(int(c) for c in args.contexts.split(","))
     backend = get_backend("pytorch", device=args.device)
-    # Few warm-up runs: whole models take seconds per request on a CPU; two rounds interleave them.
-    protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=2, samples_per_round=3,
+    # Few warm-up runs: whole models take seconds per request on a CPU; three rounds interleave them.
+    protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=3, samples_per_round=3,
                               min_round_s=0.0)
     methods = ["components", "difference"] if args.method == "both" else [args.method]
     summary = {"model": arch.name, "device": args.device, "protocol": protocol.to_dict()}

@@ -44,7 +44,7 @@ def test_serving_loop_decode_window_is_centred_and_restored(tiny_arch, tmp_path)
     assert steps == 1 and len(sample(piece, protocol, steps)) == 3
     assert calls[:2] == [(29, 28, 9), (29, 28, 1)]  # the uncached token + n decode steps, then 1
     assert piece.cache.get_seq_length() == 28
-    out = engine.generate(piece.ids, None, 5)
+    out = generate(piece.ids, None, 5)
     assert out.shape[1] == 29 + 5  # fixed output length: no early stop
     engine.close()
 

@@ -66,8 +66,8 @@ def test_noisy_rows_are_remeasured_then_flagged(tmp_path, tiny_arch, fake_backen
     models = lut.frame[lut.frame.component == "model"]
     noisy = models[models.subnet_json.str.contains('"ffn":64')]
     quiet = models.drop(noisy.index)
-    assert (noisy.rounds == PROTOCOL.rounds + 1).all() and noisy.flags.str.contains("high_cv").all()
-    assert (quiet.rounds == PROTOCOL.rounds).all() and not quiet.flags.str.contains("high_cv").any()
+    assert (noisy.rounds == PROTOCOL.rounds + 1).all() and noisy["flags"].str.contains("high_cv").all()
+    assert (quiet.rounds == PROTOCOL.rounds).all() and not quiet["flags"].str.contains("high_cv").any()
 
 
 def test_engines_compile_once_and_are_reused(tmp_path, tiny_arch, fake_backend):
@@ -91,9 +91,9 @@ def test_engines_compile_once_and_are_reused(tmp_path, tiny_arch, fake_backend):
 def test_host_bound_rows_are_flagged(tmp_path, tiny_arch, fake_backend):
     lut = _build(tmp_path, tiny_arch, get_backend("fake-engine", device_busy=0.2))
     models = lut.frame[lut.frame.component == "model"]
-    assert (models.device_busy == 0.2).all() and models.flags.str.contains("host_bound").all()
+    assert (models.device_busy == 0.2).all() and models["flags"].str.contains("host_bound").all()
     busy = _build(tmp_path / "busy", tiny_arch, get_backend("fake-engine", device_busy=0.95))
-    assert not busy.frame.flags.str.contains("host_bound").any()
+    assert not busy.frame["flags"].str.contains("host_bound").any()
 
 
 def test_unsupported_shapes_are_rows_not_crashes(tmp_path, tiny_arch, fake_backend):
