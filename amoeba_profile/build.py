@@ -134,7 +134,7 @@ class _Runner:
             "protocol": protocol.to_dict(), "clock": backend.clock_name, "source": "measured",
         }
         kept, old_meta = _existing(path, meta)
-        fit_ids = {s.id for s in plan.fit_subnets()} if plan.method == "difference" and plan.measure_grid else set()
+        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
         if old_meta is not None:
             meta = _extend_meta(old_meta, plan, protocol)
             fit_ids |= set(old_meta.get("fit_subnet_ids", []))

@@ -1,7 +1,10 @@
 """The ``difference`` method's fit: base + per-layer cost by least squares over whole models.
 
 For every (phase, batch, prompt length or context), the serving-loop latencies y of models with
-n_s layers of shape s satisfy y = base + sum_s n_s * layer_s. The fit is solved for the median,
+n_s layers of shape s satisfy y = base + sum_s n_s * layer_s. Timing noise is multiplicative (a
+machine state that is 10 % slower slows every model by 10 %), so the fit is weighted by 1/y: it
+minimizes relative residuals, and the 0-layer model (where the flow can serve one) pins the base
+instead of the base being a small difference of large numbers. The fit is solved for the median,
 p10 and p90 of the model rows separately; every model row gets its residual, every derived row the
 coefficient's standard error (as std_ms, and cv = std_ms / value). A coefficient that comes out
 non-positive is physically impossible: it is stored with status ``error`` and the reason, never used.
@@ -24,11 +27,28 @@ _GROUP = ("phase", "batch", "tokens", "context")
 
 
 def _shapes(row: dict[str, Any]) -> Counter:
+    if not row["subnet_json"]:  # the 0-layer model
+        return Counter()
     subnet = Subnet.from_json(row["subnet_json"])
     return Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
 
 
-def fit_rows(model_rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+def _solve(X: np.ndarray, rows: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Coefficients per statistic (least squares weighted by 1/median), the median fit's standard
+    errors (ms) and its residuals (%)."""
+    y = np.array([r["median_ms"] for r in rows], dtype=float)
+    Xw = X / y[:, None]
+    coefs = {stat: np.linalg.lstsq(Xw, np.array([r[stat] for r in rows], dtype=float) / y, rcond=None)[0]
+             for stat in ("median_ms", "p10_ms", "p90_ms")}
+    resid = (y - X @ coefs["median_ms"]) / y
+    dof = len(y) - X.shape[1]
+    sigma2 = float(np.sum(resid ** 2) / dof) if dof > 0 else math.nan
+    stderr = np.sqrt(np.diag(sigma2 * np.linalg.inv(Xw.T @ Xw)))
+    return coefs, stderr, resid * 100
+
+
+def fit_rows(model_rows: list[dict[str, Any]],
+             fit_ids: set[str]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
     """(derived base and layer rows, residual % per model row key, one summary per fitted group)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in model_rows:
@@ -40,18 +60,8 @@ def fit_rows(model_rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[
         shapes = sorted(set().union(*counts))
         X = np.array([[1.0] + [c.get(s, 0) for s in shapes] for c in counts])
         if np.linalg.matrix_rank(X) < X.shape[1]:
-            continue  # not identifiable yet (a build still measuring): no derived rows for this group
-        coefs, stderr, resid = {}, None, None
-        for stat in ("median_ms", "p10_ms", "p90_ms"):
-            y = np.array([r[stat] for r in rows], dtype=float)
-            beta, *_ = np.linalg.lstsq(X, y, rcond=None)
-            coefs[stat] = beta
-            if stat == "median_ms":
-                fitted = X @ beta
-                resid = (y - fitted) / y * 100
-                dof = len(y) - X.shape[1]
-                sigma2 = float(np.sum((y - fitted) ** 2) / dof) if dof > 0 else math.nan
-                stderr = np.sqrt(np.diag(sigma2 * np.linalg.inv(X.T @ X)))
+            continue  # not identifiable (too few depths measured ok): no derived rows for this group
+        coefs, stderr, resid = _solve(X, rows)
         for row, r in zip(rows, resid):
             residuals[residual_key(row)] = float(r)
         depths = sorted({sum(c.values()) for c in counts})

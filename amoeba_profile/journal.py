@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +39,24 @@ class Journal:
         self._rewrite([header])
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            for record in records:
-                handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        # An exclusive temp file with an unpredictable name, renamed over the journal: a symlink
+        # planted at either name is replaced, never written through.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"kind": "result", **record}
-        with open(self.path, "a") as handle:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with os.fdopen(fd, "a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
             os.fsync(handle.fileno())

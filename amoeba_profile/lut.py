@@ -9,10 +9,12 @@ error. Tables are never pickled.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,7 +105,22 @@ class Lut:
         return bool((self.frame["source"] == "roofline").any())
 
 
+def pending_sidecar_path(csv_path: Path) -> Path:
+    return sidecar_path(csv_path).with_name(sidecar_path(csv_path).name + ".pending")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file with an unpredictable name (created exclusively, so no planted
+    symlink is followed), fsync it, and rename it over ``path`` (a rename replaces a symlink at
+    ``path`` instead of writing through it)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -111,19 +128,30 @@ def _fsync_write(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
-    """Write CSV and sidecar so that a reader never sees a half-written table."""
+    """Write CSV and sidecar with one commit point: the rename of the CSV.
+
+    The new sidecar is first put beside the old one as ``.meta.json.pending``; then the CSV is
+    renamed into place; then the pending sidecar replaces the old one. A crash before the CSV rename
+    leaves the old table whole (the stale pending sidecar matches nothing); a crash after it leaves
+    the new CSV whose provenance is the pending sidecar, which ``load_table`` accepts and the next
+    write replaces. A reader therefore sees the old table or the new one, never a mix.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
     meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
+    pending = pending_sidecar_path(path)
+    _fsync_write(pending, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     _fsync_write(path, data)
-    _fsync_write(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    os.replace(pending, sidecar_path(path))
+    _fsync_dir(path.parent)
 
 
 def _bad(path: Path, index: int, message: str) -> LutError:
@@ -171,26 +199,48 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LutError(f"{meta_path}: sidecar is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise LutError(f"{meta_path}: sidecar is not a JSON object")
+    return meta
+
+
+def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any], Path]:
+    """CSV bytes and the sidecar (committed, or pending after a crash) whose SHA-256 they match.
+
+    A writer renames the CSV and then the sidecar; a reader between the two renames retries."""
+    for attempt in range(tries):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        for meta_path in (sidecar_path(path), pending_sidecar_path(path)):
+            meta = _read_sidecar(meta_path)
+            if meta is not None and meta.get("content_sha256") == digest:
+                return data, meta, meta_path
+        if attempt < tries - 1:
+            time.sleep(0.02 * (attempt + 1))
+    if not sidecar_path(path).is_file() and not pending_sidecar_path(path).is_file():
+        raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance is refused")
+    raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore it")
+
+
 def load_table(path: Path | str) -> Lut:
     path = Path(path)
     if not path.is_file():
         raise LutError(f"{path}: no such table; build one with 'amoeba-profile build-lut'")
-    meta_path = sidecar_path(path)
-    if not meta_path.is_file():
-        raise LutError(f"{path}: sidecar {meta_path.name} is missing; a table without provenance is refused")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LutError(f"{meta_path}: sidecar is not valid JSON ({exc})") from None
+    data, meta, meta_path = _read_consistent(path)
     version = meta.get("schema_version")
     if version not in (1, SCHEMA_VERSION):
         raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("content_sha256"):
-        raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore it")
     try:
-        frame = pd.read_csv(path, dtype={"subnet_id": str, "flags": str, "note": str, "subnet_json": str,
-                                         "samples_ms": str}, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(io.BytesIO(data), dtype={"subnet_id": str, "flags": str, "note": str,
+                                                      "subnet_json": str, "samples_ms": str},
+                            keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
     if version == 1:
@@ -205,7 +255,8 @@ def find_tables(path: Path | str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*.csv") if sidecar_path(p).is_file())
+        return sorted(p for p in path.rglob("*.csv")
+                      if sidecar_path(p).is_file() or pending_sidecar_path(p).is_file())
     raise LutError(f"{path}: no such file or folder")
 
 

@@ -3,9 +3,10 @@
 - ``components``: attn and mlp blocks alone for every width of the grid, plus ``base`` (the model
   with no decoder layers) through the serving loop.
 - ``difference``: whole models of at least three depths through the serving loop for every layer
-  shape to fit. Shapes lie on two axes through the full width: each width's heads at full FFN, and
-  each width's FFN at full heads. A layer whose heads and FFN are both narrowed is composed
-  additively from the axes; the interaction that misses is measured by validation models.
+  shape to fit, plus the model with no decoder layers (where the flow can serve it: it pins the
+  base). Shapes lie on two axes through the full width: each width's heads at full FFN, and each
+  width's FFN at full heads. A layer whose heads and FFN are both narrowed is composed additively
+  from the axes; the interaction that misses is measured by validation models.
 Both add the ``whole`` subnets (truth rows) measured through the serving loop.
 """
 
@@ -21,6 +22,7 @@ from .subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, kept_l
 
 METHODS = ("components", "difference")
 MIN_DEPTHS = 3
+ZERO_LAYERS = ""  # subnet id of a model row with no decoder layers
 
 
 def spread_depths(arch: ModelArch, count: int = MIN_DEPTHS) -> tuple[int, ...]:
@@ -92,6 +94,10 @@ class BuildPlan:
                 out.append(Subnet(self.arch, layers))
         return out
 
+    def fit_ids(self) -> set[str]:
+        """Subnet ids of the difference fit's models; ``ZERO_LAYERS`` is the model without layers."""
+        return {s.id for s in self.fit_subnets()} | {ZERO_LAYERS}
+
     def _serving(self, component: str, subnet: Subnet | None) -> list[Entry]:
         b = self.batch
         return ([Entry(component, "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens]
@@ -107,6 +113,7 @@ class BuildPlan:
         if not self.measure_grid:
             return out
         if self.method == "difference":
+            out += self._serving("model", None)  # the 0-layer model: subnet id ZERO_LAYERS
             for subnet in self.fit_subnets():
                 if subnet.id not in seen:
                     seen.add(subnet.id)

@@ -90,7 +90,7 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
 
 def plot_validation(lut: Lut, out: Path) -> Path | None:
     """Predicted (composed from the table's rows) vs measured for every whole-model row of the table."""
-    models = lut.ok[lut.ok.component == "model"]
+    models = lut.ok[(lut.ok.component == "model") & (lut.ok.num_layers > 0)]  # the 0-layer model is a fit input
     if models.empty:
         return None
     plt = _pyplot()

@@ -43,7 +43,9 @@ def test_difference_recovers_the_engines_per_layer_costs(tmp_path, tiny_arch, fa
     assert models.residual_pct.abs().max() < 5
     assert lut.meta["method"] == "difference" and lut.meta["clock"] == "fake-engine-timer"
     assert lut.meta["versions"] == {"fakelib": "1.0"} and lut.meta["backend_config"]["noise"] == 0.01
-    assert len(lut.meta["fit"]) == 4 and all(f["models"] == 9 for f in lut.meta["fit"])
+    # 3 shapes x 3 depths, plus the 0-layer model that pins the base
+    assert len(lut.meta["fit"]) == 4 and all(f["models"] == 10 for f in lut.meta["fit"])
+    assert set(models[models.num_layers == 0].subnet_id) == {""}
 
 
 def test_additivity_and_measured_interaction(tmp_path, tiny_arch, fake_backend):
@@ -74,12 +76,12 @@ def test_engines_compile_once_and_are_reused(tmp_path, tiny_arch, fake_backend):
     backend = get_backend("fake-engine")
     lut = _build(tmp_path, tiny_arch, backend)
     n_models = lut.frame[lut.frame.component == "model"].subnet_id.nunique()
-    assert len(fake_backend.COMPILES) == n_models == 9  # 3 rounds, each engine compiled once
+    assert len(fake_backend.COMPILES) == n_models == 10  # 3 rounds, each engine compiled once
     assert (lut.frame[lut.frame.component == "model"].compile_s >= 0).all()
     # a wider plan on the same engines (another context within their limits) compiles nothing new
     wider = BuildPlan(tiny_arch, (1.0, 0.5), (16, 32), (16, 32, 64), method="difference", depths=(1, 2, 4))
     run_build(wider, backend, tmp_path, PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts"))
-    assert len(fake_backend.COMPILES) == 9
+    assert len(fake_backend.COMPILES) == 10
     extended = load_table(lut.path)
     assert 32 in set(extended.ok[extended.ok.component == "layer"].context)
     # another library version is another artifact, and another table identity

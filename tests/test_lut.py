@@ -108,3 +108,83 @@ def test_truncated_csv(tmp_path, tiny_arch):
     _rewrite_with_hash(path, "component,phase\nattn\n")
     with pytest.raises(LutError, match="missing columns"):
         load_table(path)
+
+
+class _Crash(BaseException):
+    """Stands in for a kill: raised from inside the write, after ``after`` renames went through."""
+
+
+def _crashing_replace(after):
+    import os
+
+    real, calls = os.replace, [0]
+
+    def replace(src, dst):
+        if calls[0] == after:
+            raise _Crash()
+        calls[0] += 1
+        real(src, dst)
+
+    return replace
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_crash_at_every_step_of_the_write_leaves_one_whole_table(tmp_path, tiny_arch, monkeypatch, first):
+    """Renames are the write's steps: a crash before or after each leaves the old or the new table, and
+    the same write run again converges."""
+    old, new = _flat(tiny_arch), synthetic_lut(tiny_arch, lambda h, p, c: 5.0, lambda f, p: 6.0, lambda p, c: 7.0)
+    for step in range(3):
+        folder = tmp_path / f"{first}-{step}"
+        path = table_path(folder, "cpu-test", "pytorch", "tiny", "float32")
+        if not first:
+            write_table(path, old.frame, old.meta)
+        monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(step))
+        with pytest.raises(_Crash):
+            write_table(path, new.frame, {**new.meta, "generation": "new"})
+        monkeypatch.undo()
+        if path.exists():
+            seen = load_table(path)
+            assert seen.meta.get("generation") == ("new" if step >= 2 else None)  # the CSV rename commits
+            assert len(seen.frame) == len(old.frame)
+        else:
+            assert first and step < 2  # a first build that died before its commit left no table
+        write_table(path, new.frame, {**new.meta, "generation": "new"})
+        assert load_table(path).meta["generation"] == "new"
+        assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
+
+
+def test_readers_never_see_a_mix_while_the_table_is_rewritten(tmp_path, tiny_arch):
+    import threading
+
+    tables = [_flat(tiny_arch), synthetic_lut(tiny_arch, lambda h, p, c: 5.0, lambda f, p: 6.0, lambda p, c: 7.0)]
+    path = _write(tmp_path, tables[0])
+    errors, reads, stop = [], [0], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                load_table(path)
+                reads[0] += 1
+            except LutError as exc:
+                errors.append(str(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(40):
+        write_table(path, tables[i % 2].frame, {**tables[i % 2].meta, "i": i})
+    stop.set()
+    thread.join()
+    assert errors == [] and reads[0] > 0
+
+
+def test_journal_does_not_write_through_a_planted_symlink(tmp_path):
+    from amoeba_profile.journal import Journal
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    journal_path = tmp_path / "t.csv.journal.jsonl"
+    journal_path.symlink_to(victim)
+    journal = Journal(journal_path, {"kind": "header", "identity": "x"})
+    journal.append({"key": "k", "round": 0, "status": "ok"})
+    assert victim.read_text() == "precious\n" and not journal_path.is_symlink()
+    assert len(journal_path.read_text().splitlines()) == 2
