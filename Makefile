@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= out/lut
-BUDGET ?= 120
+BUDGET ?= 180
 
 .PHONY: setup demo test bench clean
 
