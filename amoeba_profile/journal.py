@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import LutError
+from .lut import write_file_atomically
 
 
 class Journal:
@@ -39,19 +39,7 @@ class Journal:
         self._rewrite([header])
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        # An exclusive temp file with an unpredictable name, renamed over the journal: a symlink
-        # planted at either name is replaced, never written through.
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                for record in records:
-                    handle.write(json.dumps(record) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_file_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records).encode())
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"kind": "result", **record}

@@ -117,7 +117,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def write_file_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file with an unpredictable name (created exclusively, so no planted
     symlink is followed), fsync it, and rename it over ``path`` (a rename replaces a symlink at
     ``path`` instead of writing through it)."""
@@ -148,8 +148,8 @@ def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
     meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
     pending = pending_sidecar_path(path)
-    _fsync_write(pending, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-    _fsync_write(path, data)
+    write_file_atomically(pending, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_file_atomically(path, data)
     os.replace(pending, sidecar_path(path))
     _fsync_dir(path.parent)
 
