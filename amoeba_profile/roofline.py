@@ -187,10 +187,10 @@ def _features(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str):
 PHYSICAL_SLACK = 0.9  # a row may beat the pure bound by 10 % (spec-sheet rounding, boost clocks) before refusal
 
 
-def check_physical(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> None:
+def _check_physical(lut: Lut, spec: DeviceSpec, features) -> None:
     """Refuse a table that runs faster than the device's peaks allow: calibrating on it would need
     efficiencies above 1, which means the table or the spec sheet is for another device."""
-    compute, memory, _, measured, index = _features(lut, spec, flow, dtype)
+    compute, memory, _, measured, index = features
     bound = np.maximum(compute, memory).sum(axis=1)
     too_fast = measured < PHYSICAL_SLACK * bound
     if too_fast.any():
@@ -210,8 +210,9 @@ def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Effic
     the per-op dispatch has a non-negative least-squares solution (closed form when host and device
     add, a 1-D search when they overlap). The report says whether a fitted efficiency sits at 1.
     """
-    check_physical(lut, spec, flow, dtype)
-    compute, memory, kernels, measured, _ = _features(lut, spec, flow, dtype)
+    features = _features(lut, spec, flow, dtype)
+    _check_physical(lut, spec, features)
+    compute, memory, kernels, measured, _ = features
     overlap = host_overlaps(spec)
     launches = np.concatenate([[0.0], np.geomspace(1e-7, 1e-3, 200)])  # seconds per op
     best = None
