@@ -8,6 +8,7 @@ error. Tables are never pickled.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from .entry import COMPONENTS, PHASES, Entry, entry_key
 from .errors import LutError
@@ -134,6 +136,31 @@ def write_file_atomically(path: Path, data: bytes) -> None:
         raise
 
 
+def table_lock(path: Path) -> FileLock:
+    """The lock every writer of one table holds: a build, a validation write-back, a roofline write."""
+    return FileLock(str(path) + ".lock")
+
+
+def _finish_interrupted_write(path: Path) -> None:
+    """Roll a write killed mid-way forward (or back) before starting the next one.
+
+    A pending sidecar that matches the CSV is the provenance of a committed write whose last rename
+    never ran: it is promoted, so the next write's own pending sidecar never replaces the only
+    sidecar the current CSV has. One that matches nothing is from a write killed before its commit
+    and is dropped, as are the temp files a SIGKILL left. Callers hold the table's lock, so no
+    other writer's temp file is touched."""
+    pending = pending_sidecar_path(path)
+    meta = _read_sidecar(pending) if pending.is_file() else None
+    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(path.read_bytes()).hexdigest():
+        os.replace(pending, sidecar_path(path))
+    else:
+        pending.unlink(missing_ok=True)
+    for name in (path.name, sidecar_path(path).name, pending.name):
+        for orphan in path.parent.glob(f".{glob.escape(name)}.*.tmp"):
+            orphan.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
 def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     """Write CSV and sidecar with one commit point: the rename of the CSV.
 
@@ -145,6 +172,7 @@ def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_write(path)
     data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
     meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
     pending = pending_sidecar_path(path)

@@ -296,7 +296,7 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     from datetime import datetime, timezone
 
     from . import __version__
-    from .lut import rows_frame, table_path, write_table
+    from .lut import rows_frame, table_lock, table_path, write_table
 
     calibration = None
     eff = default_efficiency(flow)
@@ -313,5 +313,6 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "computed from the spec sheet and per-op FLOPs/bytes, not measured",
     }
-    write_table(path, rows_frame(rows), meta)
+    with table_lock(path):
+        write_table(path, rows_frame(rows), meta)
     return path, meta

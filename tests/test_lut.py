@@ -153,6 +153,25 @@ def test_a_crash_at_every_step_of_the_write_leaves_one_whole_table(tmp_path, tin
         assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
 
 
+def test_a_write_after_a_crash_at_the_last_rename_keeps_the_table_loadable(tmp_path, tiny_arch, monkeypatch):
+    """The CSV committed but its sidecar is still pending; a next write killed after writing its own
+    pending sidecar must not leave the committed CSV without provenance."""
+    old, new = _flat(tiny_arch), synthetic_lut(tiny_arch, lambda h, p, c: 5.0, lambda f, p: 6.0, lambda p, c: 7.0)
+    path = _write(tmp_path, old)
+    monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(2))
+    with pytest.raises(_Crash):
+        write_table(path, new.frame, {**new.meta, "generation": "a"})
+    monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(2))
+    with pytest.raises(_Crash):
+        write_table(path, old.frame, {**old.meta, "generation": "b"})
+    monkeypatch.undo()
+    assert load_table(path).meta["generation"] == "a"
+    (path.parent / f".{path.name}.orphan.tmp").write_text("left by a SIGKILL")
+    write_table(path, old.frame, {**old.meta, "generation": "b"})
+    assert load_table(path).meta["generation"] == "b"
+    assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
+
+
 def test_readers_never_see_a_mix_while_the_table_is_rewritten(tmp_path, tiny_arch):
     import threading
 
