@@ -256,7 +256,7 @@ def select_cmd(
         gain = per["gain_over_uniform"]
         versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
         out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}]")
+                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}; {per['shape_rule']}]")
     if export is not None:
         out.print(f"exported: {', '.join(result['exported'])}")
     if note:
@@ -278,7 +278,7 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
     return {
         "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
         "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
-        "predicted_ms": result.latency_ms, "solver": result.solver,
+        "predicted_ms": result.latency_ms, "solver": result.solver, "shape_rule": result.shape_rule,
         # With an importance file the per-layer quality is on another scale than the uniform proxy.
         "gain_over_uniform": result.quality - uniform if uniform is not None else None,
     }
