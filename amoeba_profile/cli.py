@@ -412,7 +412,7 @@ def profile_device(
 
 @app.command("backends")
 def backends(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Every backend, whether it can run here, and why not."""
+    """Every flow the project knows (measuring, unavailable, roofline-only), why, and what to install."""
     if as_json:
         print_json(out, backends_rows())
         return

@@ -83,9 +83,8 @@ def list_flows() -> list[FlowInfo]:
         if name in REGISTRY:
             continue
         installed = importlib.util.find_spec(entry["library"]) is not None
-        reason = (f"no measuring adapter in amoeba_profile.backends ({entry['library']} is "
-                  f"{'installed' if installed else 'not installed'} here); its tables are computed: "
-                  f"build-lut --predict --backend {name}")
+        reason = (f"no measuring adapter yet ({entry['library']} {'is' if installed else 'is not'} installed here); "
+                  f"compute its tables with build-lut --predict --backend {name}")
         rows.append(FlowInfo(name, ROOFLINE_ONLY, reason, entry["install_hint"], _declared_capabilities(entry),
                              name in profiles))
     return rows

@@ -85,10 +85,16 @@ def test_corrupt_table_is_one_line(built, tmp_path):
     assert proc.stderr.startswith(f"error: {table}") and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_backends_json():
-    data = json.loads(run("backends", "--json", check_rc=0).stdout)
-    pytorch = next(b for b in data if b["name"] == "pytorch")
-    assert pytorch["available"] is True and pytorch["per_layer_ffn"] is True
+def test_backends_lists_every_flow():
+    data = {b["name"]: b for b in json.loads(run("backends", "--json", check_rc=0).stdout)}
+    assert {name: b["status"] for name, b in data.items()} == {
+        "pytorch": "measuring", "tensorrt-llm": "roofline-only", "mlc-llm": "roofline-only"}
+    assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
+    assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
+    assert data["mlc-llm"]["install_hint"] and not data["mlc-llm"]["available"]
+    text = " ".join(run("backends", check_rc=0).stdout.split())  # lines wrap at the console width
+    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "roofline-only", "uniform only", "pip install tensorrt-llm"):
+        assert word in text
 
 
 def test_profile_device_reports_cpu_and_benchmarks(tmp_path):
