@@ -220,8 +220,9 @@ def select_cmd(
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also optimize one (heads, FFN) option per layer, exactly."),
     importance: Optional[Path] = typer.Option(None, help="With --per-layer: CSV layer,importance (default: equal)."),
-    export: Optional[Path] = typer.Option(None, help="Write the pick as subnet.json, config.json/blocks.json and "
-                                          "AmoebaLLM flags into this folder."),
+    export: Optional[Path] = typer.Option(None, help="Write the pick into this folder: subnet.json, config.json "
+                                          "(LLaMA, or DeciLM/Nemotron-NAS block_configs), mlc-chat-config.json, "
+                                          "AmoebaLLM flags and export.json (which tool reads which file)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
@@ -240,7 +241,7 @@ def select_cmd(
     if export is not None:
         from .export import export_subnet
 
-        result["exported"] = [str(p) for p in export_subnet(pick_subnet, export, table.meta["dtype"])]
+        result["exported"] = export_subnet(pick_subnet, export, table.meta["dtype"]).to_dict()
     if as_json:
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         return
@@ -258,7 +259,11 @@ def select_cmd(
         out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
                   f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}; {per['shape_rule']}]")
     if export is not None:
-        out.print(f"exported: {', '.join(result['exported'])}")
+        exported = result["exported"]
+        out.print(f"exported to {exported['folder']}: "
+                  + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
+        for line in exported["adjustments"] + exported["skipped"]:
+            err.print(f"[yellow]note:[/] {line}", highlight=False)
     if note:
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:

@@ -146,7 +146,9 @@ def test_select_per_layer_memory_and_export(built, tmp_path):
                           "--per-layer", "--memory-gb", "1", "--export", str(tmp_path / "pick"), "--json",
                           check_rc=0).stdout)
     assert data["per_layer"]["quality"] >= data["quality"] - 1e-9 and data["memory_gb"] <= 1
-    assert (tmp_path / "pick" / "subnet.json").is_file()
+    assert [f["name"] for f in data["exported"]["files"]] == ["subnet.json", "config.json", "mlc-chat-config.json",
+                                                               "export.json"]
+    assert all((tmp_path / "pick" / f["name"]).is_file() for f in data["exported"]["files"])
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--memory-gb", "0.000001", check_rc=1)
     assert "smallest needs" in proc.stderr
