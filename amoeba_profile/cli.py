@@ -220,8 +220,9 @@ def select_cmd(
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also optimize one (heads, FFN) option per layer, exactly."),
     importance: Optional[Path] = typer.Option(None, help="With --per-layer: CSV layer,importance (default: equal)."),
-    export: Optional[Path] = typer.Option(None, help="Write the pick as subnet.json, config.json/blocks.json and "
-                                          "AmoebaLLM flags into this folder."),
+    export: Optional[Path] = typer.Option(None, help="Write the pick into this folder: subnet.json, config.json "
+                                          "(LLaMA, or DeciLM/Nemotron-NAS block_configs), mlc-chat-config.json, "
+                                          "AmoebaLLM flags and export.json (which tool reads which file)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
@@ -240,7 +241,7 @@ def select_cmd(
     if export is not None:
         from .export import export_subnet
 
-        result["exported"] = [str(p) for p in export_subnet(pick_subnet, export, table.meta["dtype"])]
+        result["exported"] = export_subnet(pick_subnet, export, table.meta["dtype"]).to_dict()
     if as_json:
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         return
@@ -256,9 +257,13 @@ def select_cmd(
         gain = per["gain_over_uniform"]
         versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
         out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}]")
+                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}; {per['shape_rule']}]")
     if export is not None:
-        out.print(f"exported: {', '.join(result['exported'])}")
+        exported = result["exported"]
+        out.print(f"exported to {exported['folder']}: "
+                  + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
+        for line in exported["adjustments"] + exported["skipped"]:
+            err.print(f"[yellow]note:[/] {line}", highlight=False)
     if note:
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
@@ -278,7 +283,7 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
     return {
         "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
         "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
-        "predicted_ms": result.latency_ms, "solver": result.solver,
+        "predicted_ms": result.latency_ms, "solver": result.solver, "shape_rule": result.shape_rule,
         # With an importance file the per-layer quality is on another scale than the uniform proxy.
         "gain_over_uniform": result.quality - uniform if uniform is not None else None,
     }
@@ -412,7 +417,7 @@ def profile_device(
 
 @app.command("backends")
 def backends(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Every backend, whether it can run here, and why not."""
+    """Every flow the project knows (measuring, unavailable, roofline-only), why, and what to install."""
     if as_json:
         print_json(out, backends_rows())
         return

@@ -6,6 +6,11 @@ per-layer quality over one option per layer subject to sum of per-layer latency 
 this is exact; it is solved as a small integer program with scipy's MILP (HiGHS), see solve_counts. Every depth of the
 design space is solved and the best answer kept.
 
+The answer respects the table's flow (its sidecar's ``backend``): a flow that takes one query-head
+count per model (TensorRT-LLM) or only uniform shapes (MLC-LLM) says so in its declared
+``Capabilities`` (``flows.flow_capabilities``), and every kept layer then shares that part of its
+shape (see shared_part).
+
 Quality model (additive): option o in layer i scores w_i x params(o) / params(full layer), divided
 by the sum of w over all base layers. With w = 1 (the default, a proxy) this equals the retained-
 parameter proxy of uniform shapes; a per-layer importance file gives w (e.g. from AmoebaLLM's
@@ -22,7 +27,9 @@ import numpy as np
 import pandas as pd
 
 from .arch import ModelArch
+from .backends import Capabilities
 from .errors import InfeasibleBudget, OutOfRange, UsageError
+from .flows import flow_capabilities
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
 from .quality import layer_params
@@ -36,6 +43,7 @@ class PerLayerResult:
     quality: float
     latency_ms: float
     solver: str
+    shape_rule: str
 
 
 def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
@@ -73,7 +81,26 @@ def table_options(predictor: Predictor) -> list[tuple[int, int, int]]:
     return [(h, kv, f) for h, kv in attn for f in ffns]
 
 
-def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float], weights: np.ndarray) -> np.ndarray | None:
+def shared_part(capabilities: Capabilities, option: tuple[int, int, int]) -> tuple[int, ...]:
+    """The part of a (heads, kv_heads, ffn) option that every kept layer must share in this flow:
+    () where the flow takes per-layer heads and FFN, (heads, kv_heads) where it takes one
+    query-head count per model, the whole option where it takes only uniform shapes."""
+    heads, kv, ffn = option
+    return (() if capabilities.per_layer_heads else (heads, kv)) + (() if capabilities.per_layer_ffn else (ffn,))
+
+
+def shape_rule(capabilities: Capabilities) -> str:
+    if capabilities.per_layer_heads and capabilities.per_layer_ffn:
+        return "heads and FFN per layer"
+    if capabilities.per_layer_ffn:
+        return "one head count for all layers, FFN per layer"
+    if capabilities.per_layer_heads:
+        return "one FFN width for all layers, heads per layer"
+    return "one shape for all layers"
+
+
+def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float], weights: np.ndarray,
+                 shared: Sequence[tuple] | None = None) -> np.ndarray | None:
     """Exact: how many layers take each option, when every layer has the same per-option costs.
 
     ``frac`` is each option's quality share, ``weights`` the kept layers' importance. Swapping two
@@ -83,6 +110,9 @@ def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float],
     concave and piecewise linear, so each W is an epigraph of L linear cuts. The program has one
     integer per option (not per layer and option), which HiGHS solves exactly in milliseconds;
     the per-layer formulation drowns in the symmetry of identical layers.
+
+    ``shared`` gives each option the part of its shape all layers must share (``shared_part``):
+    one binary per distinct value, exactly one of them chosen, and n_o <= L x (its value chosen).
     Returns counts per option (in the given order), or None when infeasible.
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -93,29 +123,42 @@ def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float],
     w = np.sort(np.asarray(weights, float))[::-1]
     W = np.concatenate([[0.0], np.cumsum(w)])
     gaps = f - np.append(f[1:], 0.0)
-    # variables: n_1..n_k (integers), t_1..t_k (t_o <= W(S_o))
+    values = sorted(set(shared)) if shared is not None else []
+    g = len(values) if len(values) > 1 else 0  # one value for every option constrains nothing
+    # variables: n_1..n_k (integers), t_1..t_k (t_o <= W(S_o)), y_1..y_g (binary: the shared value chosen)
     cumulative = np.tril(np.ones((k, k)))
     rows, lower, upper = [], [], []
-    rows.append(np.concatenate([np.ones(k), np.zeros(k)]))
+    rows.append(np.concatenate([np.ones(k), np.zeros(k + g)]))
     lower.append(L)
     upper.append(L)
     for cost, limit in zip(costs, limits):
-        rows.append(np.concatenate([cost[order], np.zeros(k)]))
+        rows.append(np.concatenate([cost[order], np.zeros(k + g)]))
         lower.append(-np.inf)
         upper.append(limit)
     for o in range(k):
         for j in range(L):
             # t_o - w_(j+1) * S_o <= W(j) - w_(j+1) * j
-            row = np.concatenate([-w[j] * cumulative[o], np.zeros(k)])
+            row = np.concatenate([-w[j] * cumulative[o], np.zeros(k + g)])
             row[k + o] = 1.0
             rows.append(row)
             lower.append(-np.inf)
             upper.append(W[j] - w[j] * j)
-    objective = np.concatenate([np.zeros(k), -gaps])
+    if g:
+        rows.append(np.concatenate([np.zeros(2 * k), np.ones(g)]))
+        lower.append(1)
+        upper.append(1)
+        for position, o in enumerate(order):
+            row = np.zeros(2 * k + g)
+            row[position] = 1.0
+            row[2 * k + values.index(shared[o])] = -L
+            rows.append(row)
+            lower.append(-np.inf)
+            upper.append(0.0)
+    objective = np.concatenate([np.zeros(k), -gaps, np.zeros(g)])
     result = milp(objective, constraints=LinearConstraint(np.array(rows), lower, upper),
-                  integrality=np.concatenate([np.ones(k), np.zeros(k)]),
-                  bounds=Bounds(np.concatenate([np.zeros(k), np.full(k, -np.inf)]),
-                                np.concatenate([np.full(k, L), np.full(k, np.inf)])))
+                  integrality=np.concatenate([np.ones(k), np.zeros(k), np.ones(g)]),
+                  bounds=Bounds(np.concatenate([np.zeros(k), np.full(k, -np.inf), np.zeros(g)]),
+                                np.concatenate([np.full(k, L), np.full(k, np.inf), np.ones(g)])))
     if result.status != 0 or result.x is None:
         return None
     counts = np.zeros(k, dtype=int)
@@ -123,12 +166,15 @@ def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float],
     return counts
 
 
-def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | None) -> list[int]:
-    """Options no other option beats on quality, latency and memory at once (ties keep the first)."""
+def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | None, shared: Sequence[tuple]) -> list[int]:
+    """Options no other option with the same shared part beats on quality, latency and memory at
+    once (ties keep the first). Across shared parts nothing is pruned: under a shared-shape rule an
+    option of another part is not a substitute."""
     keep = []
     for i in range(len(frac)):
         dominated = any(
-            frac[j] >= frac[i] and latency[j] <= latency[i] and (memory is None or memory[j] <= memory[i])
+            shared[j] == shared[i]
+            and frac[j] >= frac[i] and latency[j] <= latency[i] and (memory is None or memory[j] <= memory[i])
             and (frac[j] > frac[i] or latency[j] < latency[i] or (memory is not None and memory[j] < memory[i]) or j < i)
             for j in range(len(frac)) if j != i
         )
@@ -140,7 +186,15 @@ def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | Non
 def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[int], workload: Workload, metric: str,
                        budget_ms: float, stat: str = "median", options: Sequence[tuple[int, int, int]] | None = None,
                        importance: np.ndarray | None = None, drop_rule: str = "keep-ends",
-                       memory_gb: float | None = None, dtype: str | None = None) -> PerLayerResult:
+                       memory_gb: float | None = None, dtype: str | None = None,
+                       capabilities: Capabilities | None = None) -> PerLayerResult:
+    """The best per-layer shape within budget that the flow can run: ``capabilities`` defaults to
+    the declaration of the flow named in the table's sidecar."""
+    if capabilities is None:
+        flow = predictor.lut.meta.get("backend")
+        if flow is None:
+            raise UsageError("the table's sidecar names no backend, so the flow's shape rules are unknown")
+        capabilities = flow_capabilities(flow)
     options = list(options or table_options(predictor))
     weights = np.ones(arch.num_layers) if importance is None else np.asarray(importance, float)
     full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
@@ -156,8 +210,9 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
             raise UsageError("a memory budget needs the table's dtype")
         option_bytes = np.array([layer_bytes(arch, h, kv, f, workload, dtype) for h, kv, f in options], float)
     best: PerLayerResult | None = None
-    keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None)
-    options, frac, layer_ms = [options[i] for i in keep], frac[keep], layer_ms[keep]
+    shared = [shared_part(capabilities, o) for o in options]
+    keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None, shared)
+    options, frac, layer_ms, shared = [options[i] for i in keep], frac[keep], layer_ms[keep], [shared[i] for i in keep]
     if memory_gb is not None:
         option_bytes = option_bytes[keep]
     for depth in depths:
@@ -169,7 +224,7 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
             limits.append(memory_gb * 1e9 - weights_fixed - activations)
         if any(limit < 0 for limit in limits):
             continue
-        counts = solve_counts(frac, costs, limits, weights[kept])
+        counts = solve_counts(frac, costs, limits, weights[kept], shared)
         if counts is None:
             continue
         # Best options to the heaviest layers.
@@ -178,8 +233,8 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         quality = float((weights[kept] * frac[choice]).sum() / weights.sum())
         latency = float(base_ms + layer_ms[choice].sum())
         if best is None or (quality, -latency) > (best.quality, -best.latency_ms):
-            best = PerLayerResult(Subnet(arch, layers), quality, latency, "scipy.milp (HiGHS)")
+            best = PerLayerResult(Subnet(arch, layers), quality, latency, "scipy.milp (HiGHS)", shape_rule(capabilities))
     if best is None:
-        raise InfeasibleBudget(f"no per-layer shape fits {budget_ms:g} ms {metric} ({stat}) at depths "
-                               f"{min(depths)}..{max(depths)}")
+        raise InfeasibleBudget(f"no per-layer shape ({shape_rule(capabilities)}) fits {budget_ms:g} ms {metric} "
+                               f"({stat}) at depths {min(depths)}..{max(depths)}")
     return best

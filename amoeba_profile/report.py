@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from .backends import list_backends
+from .flows import MEASURING, list_flows
 from .lut import Lut
 from .select import Selection, describe, width_text
 
@@ -86,24 +87,40 @@ def _ranges(indices: list[int]) -> str:
 
 
 def backends_rows() -> list[dict[str, Any]]:
+    """Every flow the project knows (measuring, unavailable, roofline-only), one flat dict each."""
     return [
-        {"name": name, "available": avail.ok, "reason": avail.reason, "install_hint": avail.install_hint,
-         "per_layer_heads": caps.per_layer_heads, "per_layer_ffn": caps.per_layer_ffn,
-         "methods": list(caps.methods), "dtypes": list(caps.dtypes), "devices": list(caps.devices)}
-        for name, avail, caps in list_backends()
+        {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
+         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile,
+         "per_layer_heads": f.capabilities.per_layer_heads, "per_layer_ffn": f.capabilities.per_layer_ffn,
+         "methods": list(f.capabilities.methods), "dtypes": list(f.capabilities.dtypes),
+         "devices": list(f.capabilities.devices)}
+        for f in list_flows()
     ]
 
 
-def backends_table() -> Table:
-    table = Table(title="backends")
-    for column in ("backend", "available", "why", "per-layer widths", "methods", "devices"):
+def _widths_text(row: dict[str, Any]) -> str:
+    if row["per_layer_heads"] and row["per_layer_ffn"]:
+        return "heads+ffn per layer"
+    if row["per_layer_ffn"]:
+        return "one head count; ffn per layer"
+    if row["per_layer_heads"]:
+        return "one ffn; heads per layer"
+    return "uniform only"
+
+
+def backends_table() -> Group:
+    """The flows as a table, then one line each with why (and what to install where it cannot run)."""
+    table = Table(title="deployment flows")
+    for column in ("flow", "status", "widths", "methods", "devices", "roofline"):
         table.add_column(column)
-    for row in backends_rows():
-        table.add_row(row["name"], "yes" if row["available"] else "no",
-                      row["reason"] + (f" ({row['install_hint']})" if row["install_hint"] and not row["available"] else ""),
-                      "heads+ffn" if row["per_layer_heads"] and row["per_layer_ffn"] else "no",
-                      ",".join(row["methods"]), ",".join(row["devices"]))
-    return table
+    rows = backends_rows()
+    lines = []
+    for row in rows:
+        table.add_row(row["name"], row["status"], _widths_text(row), ",".join(row["methods"]) or "-",
+                      ",".join(row["devices"]), "yes" if row["roofline_profile"] else "no")
+        hint = f" Install: {row['install_hint']}." if row["install_hint"] and not row["available"] else ""
+        lines.append(Text(f"{row['name']}: {row['reason']}.{hint}"))
+    return Group(table, *lines)
 
 
 def print_json(console: Console, data: Any) -> None:

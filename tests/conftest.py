@@ -66,7 +66,8 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
     add(Entry("base", "prefill", 1, prompt_len, 0), base("prefill", 0))
     for c in contexts:
         add(Entry("base", "decode", 1, 1, c), base("decode", c))
-    full_meta = {"arch": arch.to_dict(), "source": "measured", "grid": {"widths": [1.0, 0.5], "batch": 1}}
+    full_meta = {"arch": arch.to_dict(), "backend": "pytorch", "source": "measured",
+                 "grid": {"widths": [1.0, 0.5], "batch": 1}}
     full_meta.update(meta or {})
     return Lut(rows_frame(rows), full_meta)
 

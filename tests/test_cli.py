@@ -85,10 +85,16 @@ def test_corrupt_table_is_one_line(built, tmp_path):
     assert proc.stderr.startswith(f"error: {table}") and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_backends_json():
-    data = json.loads(run("backends", "--json", check_rc=0).stdout)
-    pytorch = next(b for b in data if b["name"] == "pytorch")
-    assert pytorch["available"] is True and pytorch["per_layer_ffn"] is True
+def test_backends_lists_every_flow():
+    data = {b["name"]: b for b in json.loads(run("backends", "--json", check_rc=0).stdout)}
+    assert {name: b["status"] for name, b in data.items()} == {
+        "pytorch": "measuring", "tensorrt-llm": "roofline-only", "mlc-llm": "roofline-only"}
+    assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
+    assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
+    assert data["mlc-llm"]["install_hint"] and not data["mlc-llm"]["available"]
+    text = " ".join(run("backends", check_rc=0).stdout.split())  # lines wrap at the console width
+    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "roofline-only", "uniform only", "pip install tensorrt-llm"):
+        assert word in text
 
 
 def test_profile_device_reports_cpu_and_benchmarks(tmp_path):
@@ -140,7 +146,9 @@ def test_select_per_layer_memory_and_export(built, tmp_path):
                           "--per-layer", "--memory-gb", "1", "--export", str(tmp_path / "pick"), "--json",
                           check_rc=0).stdout)
     assert data["per_layer"]["quality"] >= data["quality"] - 1e-9 and data["memory_gb"] <= 1
-    assert (tmp_path / "pick" / "subnet.json").is_file()
+    assert [f["name"] for f in data["exported"]["files"]] == ["subnet.json", "config.json", "mlc-chat-config.json",
+                                                               "export.json"]
+    assert all((tmp_path / "pick" / f["name"]).is_file() for f in data["exported"]["files"])
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--memory-gb", "0.000001", check_rc=1)
     assert "smallest needs" in proc.stderr

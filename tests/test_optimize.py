@@ -1,17 +1,27 @@
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from amoeba_profile.arch import ModelArch
+from amoeba_profile.backends import Capabilities
 from amoeba_profile.errors import InfeasibleBudget
+from amoeba_profile.flows import flow_capabilities
+from amoeba_profile.lut import load_one
 from amoeba_profile.memory import estimate
-from amoeba_profile.optimize import optimize_per_layer, solve_counts, table_options
+from amoeba_profile.optimize import optimize_per_layer, shared_part, solve_counts, table_options
 from amoeba_profile.predict import Predictor
 from amoeba_profile.quality import layer_params
 from amoeba_profile.subnet import LayerShape, Subnet, kept_layers
 from amoeba_profile.workload import Workload
 
 from conftest import synthetic_lut
+
+LUT = Path(__file__).resolve().parent.parent / "lut"
+FREE = Capabilities(per_layer_heads=True, per_layer_ffn=True, methods=(), dtypes=(), devices=())
+ONE_HEAD_COUNT = Capabilities(per_layer_heads=False, per_layer_ffn=True, methods=(), dtypes=(), devices=())
+UNIFORM = Capabilities(per_layer_heads=False, per_layer_ffn=False, methods=(), dtypes=(), devices=())
 
 
 def _lut(arch):
@@ -20,13 +30,15 @@ def _lut(arch):
                          lambda p, c: 2.0 if p == "prefill" else 0.5)
 
 
-def brute(predictor, arch, depths, workload, metric, budget, weights, memory_gb=None):
+def brute(predictor, arch, depths, workload, metric, budget, weights, memory_gb=None, capabilities=FREE):
     options = table_options(predictor)
     full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
     best = None
     for depth in depths:
         kept = kept_layers(arch, depth)
         for combo in itertools.product(options, repeat=len(kept)):
+            if len({shared_part(capabilities, o) for o in combo}) > 1:
+                continue
             subnet = Subnet(arch, tuple(LayerShape(i, *o) for i, o in zip(kept, combo)))
             latency = predictor.predict(subnet, workload).metric(metric)
             if latency > budget + 1e-9:
@@ -67,7 +79,7 @@ def test_memory_constraint_matches_brute_force(tiny_arch):
 
 
 def test_infeasible_per_layer_budget(tiny_arch):
-    with pytest.raises(InfeasibleBudget, match="no per-layer shape fits"):
+    with pytest.raises(InfeasibleBudget, match=r"no per-layer shape \(heads and FFN per layer\) fits"):
         optimize_per_layer(Predictor(_lut(tiny_arch)), tiny_arch, [4], Workload(1, 16, 20), "tpot_ms", 0.01)
 
 
@@ -77,3 +89,62 @@ def test_counts_solver_pairs_best_options_with_heaviest_layers():
     counts = solve_counts(frac, [cost], [3 * 1 + 1 * 2], np.array([5.0, 1.0, 1.0]))
     assert counts.tolist() == [1, 2]
     assert solve_counts(frac, [cost], [2.0], np.ones(3)) is None
+
+
+def _smallest(arch):
+    return Subnet(arch, tuple(LayerShape(i, 2, 1, 64) for i in kept_layers(arch, 3)))
+
+
+def _heads(subnet):
+    return {layer.heads for layer in subnet.layers}
+
+
+@pytest.mark.parametrize("capabilities", [ONE_HEAD_COUNT, UNIFORM])
+def test_shared_shape_rules_match_brute_force(tiny_arch, capabilities):
+    predictor, workload = Predictor(_lut(tiny_arch)), Workload(1, 16, 20)
+    weights = np.random.default_rng(3).random(tiny_arch.num_layers) + 0.1
+    low = predictor.predict(_smallest(tiny_arch), workload).tpot_ms
+    high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
+    for budget in np.linspace(low, high, 5):
+        result = optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, importance=weights,
+                                    capabilities=capabilities)
+        assert len({shared_part(capabilities, (l.heads, l.kv_heads, l.ffn)) for l in result.subnet.layers}) == 1
+        assert result.quality == pytest.approx(
+            brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights, capabilities=capabilities))
+
+
+def test_pytorch_table_may_mix_heads_across_layers(tiny_arch):
+    predictor, workload = Predictor(_lut(tiny_arch)), Workload(1, 16, 20)
+    assert predictor.lut.meta["backend"] == "pytorch" and flow_capabilities("pytorch").per_layer_heads
+    low = predictor.predict(_smallest(tiny_arch), workload).tpot_ms
+    high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
+    picks = [optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", b).subnet
+             for b in np.linspace(low, high, 7)]
+    assert any(len(_heads(p)) > 1 for p in picks)
+
+
+def _shipped(flow_dir):
+    table = load_one(LUT / flow_dir)
+    return table, Predictor(table), ModelArch.from_dict(table.meta["arch"])
+
+
+def test_tensorrt_llm_table_gets_one_query_head_count():
+    table, predictor, arch = _shipped("rtx-a5000/tensorrt-llm")
+    assert table.meta["backend"] == "tensorrt-llm"
+    workload, depths = Workload(1, 128, 128), [30, 31, 32]
+    free = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 20.0, capabilities=FREE)
+    assert len(_heads(free.subnet)) > 1  # the table alone would mix head counts
+    result = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 20.0)
+    assert len(_heads(result.subnet)) == 1 and result.latency_ms <= 20.0
+    assert len({l.ffn for l in result.subnet.layers}) > 1  # FFN still per layer (ffn_mult)
+    assert result.shape_rule == "one head count for all layers, FFN per layer"
+
+
+def test_mlc_llm_table_gets_a_uniform_shape():
+    table, predictor, arch = _shipped("orin-nx-16gb/mlc-llm")
+    assert table.meta["backend"] == "mlc-llm"
+    workload, depths = Workload(1, 128, 128), [20, 21, 22, 23]
+    free = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 80.0, capabilities=FREE)
+    assert len({(l.heads, l.ffn) for l in free.subnet.layers}) > 1
+    result = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 80.0)
+    assert result.subnet.is_uniform and result.latency_ms <= 80.0

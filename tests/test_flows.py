@@ -1,0 +1,55 @@
+"""The flow registry: every flow the project knows, one capability definition per flow, and the listing."""
+
+import json
+
+import pytest
+
+from amoeba_profile.backends import REGISTRY, Availability, backend_class
+from amoeba_profile.flows import (MEASURING, ROOFLINE_ONLY, UNAVAILABLE, _declared, _flows_data, flow_capabilities,
+                                  list_flows)
+from amoeba_profile.errors import UsageError
+from amoeba_profile.report import backends_rows
+
+from fake_engine import FakeEngineBackend
+
+
+class MissingLibraryBackend(FakeEngineBackend):
+    """A registered adapter whose library is absent."""
+
+    @classmethod
+    def availability(cls) -> Availability:
+        return Availability(False, "fakelib is not installed", "pip install fakelib")
+
+
+def test_every_known_flow_is_listed_with_its_kind():
+    flows = {f.name: f for f in list_flows()}
+    assert list(flows) == ["pytorch", "tensorrt-llm", "mlc-llm"]
+    assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
+    for name, library in (("tensorrt-llm", "tensorrt_llm"), ("mlc-llm", "mlc_llm")):
+        flow = flows[name]
+        assert flow.status == ROOFLINE_ONLY and flow.roofline_profile
+        assert library in flow.reason and f"build-lut --predict --backend {name}" in flow.reason
+        assert flow.install_hint.startswith("pip install") and flow.capabilities.methods == ()
+
+
+def test_capabilities_have_one_definition_per_flow():
+    declared, profiles = set(_declared()), set(_flows_data()["flows"])
+    assert not declared & set(REGISTRY)  # an adapter's class is the only definition of its flow
+    assert profiles <= declared | set(REGISTRY)  # every roofline profile belongs to a known flow
+    assert flow_capabilities("pytorch") == backend_class("pytorch").capabilities()
+    trt, mlc = flow_capabilities("tensorrt-llm"), flow_capabilities("mlc-llm")
+    assert (trt.per_layer_heads, trt.per_layer_ffn) == (False, True)
+    assert (mlc.per_layer_heads, mlc.per_layer_ffn) == (False, False)
+    for flow in list_flows():
+        assert flow.capabilities == flow_capabilities(flow.name)
+    with pytest.raises(UsageError, match="unknown flow 'llama.cpp'"):
+        flow_capabilities("llama.cpp")
+
+
+def test_registered_adapter_without_its_library_is_unavailable(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "missing-lib", "test_flows:MissingLibraryBackend")
+    row = next(r for r in backends_rows() if r["name"] == "missing-lib")
+    assert (row["status"], row["available"]) == (UNAVAILABLE, False)
+    assert (row["reason"], row["install_hint"]) == ("fakelib is not installed", "pip install fakelib")
+    assert row["roofline_profile"] is False
+    json.dumps(row)  # one flat, serializable schema
