@@ -246,7 +246,7 @@ def select_cmd(
         return
     pick = selection.pick
     out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
-              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.prediction.source}) <= {budget_ms:g} ms"
+              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}) <= {budget_ms:g} ms"
               + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))

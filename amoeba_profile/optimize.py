@@ -27,7 +27,7 @@ from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
 from .quality import layer_params
 from .subnet import LayerShape, Subnet, kept_layers
-from .workload import Workload
+from .workload import Workload, metric_name
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class PerLayerResult:
     quality: float
     latency_ms: float
     solver: str
+    source: str  # of latency_ms: Prediction.source_of(metric) for the subnet
 
 
 def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
@@ -141,6 +142,7 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
                        budget_ms: float, stat: str = "median", options: Sequence[tuple[int, int, int]] | None = None,
                        importance: np.ndarray | None = None, drop_rule: str = "keep-ends",
                        memory_gb: float | None = None, dtype: str | None = None) -> PerLayerResult:
+    metric = metric_name(metric)
     options = list(options or table_options(predictor))
     weights = np.ones(arch.num_layers) if importance is None else np.asarray(importance, float)
     full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
@@ -155,7 +157,7 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         if dtype is None:
             raise UsageError("a memory budget needs the table's dtype")
         option_bytes = np.array([layer_bytes(arch, h, kv, f, workload, dtype) for h, kv, f in options], float)
-    best: PerLayerResult | None = None
+    best: tuple[float, float, Subnet] | None = None  # (quality, latency, subnet)
     keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None)
     options, frac, layer_ms = [options[i] for i in keep], frac[keep], layer_ms[keep]
     if memory_gb is not None:
@@ -177,9 +179,11 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         layers = tuple(sorted((LayerShape(i, *options[o]) for i, o in zip(kept, choice)), key=lambda l: l.index))
         quality = float((weights[kept] * frac[choice]).sum() / weights.sum())
         latency = float(base_ms + layer_ms[choice].sum())
-        if best is None or (quality, -latency) > (best.quality, -best.latency_ms):
-            best = PerLayerResult(Subnet(arch, layers), quality, latency, "scipy.milp (HiGHS)")
+        if best is None or (quality, -latency) > (best[0], -best[1]):
+            best = (quality, latency, Subnet(arch, layers))
     if best is None:
         raise InfeasibleBudget(f"no per-layer shape fits {budget_ms:g} ms {metric} ({stat}) at depths "
                                f"{min(depths)}..{max(depths)}")
-    return best
+    quality, latency, subnet = best
+    source = predictor.predict(subnet, workload, stat).source_of(metric)
+    return PerLayerResult(subnet, quality, latency, "scipy.milp (HiGHS)", source)

@@ -62,7 +62,7 @@ def selection_table(selection: Selection) -> Table:
         mark = "pick" if cand is selection.pick else ""
         kept = cand.subnet.kept_indices
         table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
-                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.prediction.source)
+                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.source)
     return table
 
 
