@@ -64,7 +64,7 @@ class BuildResult:
     path: Path
     measured: int
     reused: int
-    oom: list[str]
+    oom: list[str]  # labels of the entries stored as oom or unsupported
     wall_s: float
 
 
@@ -296,7 +296,7 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         method = _row_method(entry, plan_method)
         failures = [r for r in results if r["status"] != "ok"]
         if failures or not results:
-            failed.append(entry.key)
+            failed.append(entry.label)
             status = failures[0]["status"] if failures else "oom"
             rows.append(measured_row(entry, None, status, method=method, repeat=1, wall_s=0.0,
                                      note=failures[0].get("note", "") if failures else "no result"))
