@@ -43,13 +43,16 @@ HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host i
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
 
 
-def _identity(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any]) -> str:
-    payload = {
+def _journal_header(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any]) -> dict:
+    """The options a journal's results belong to, and their hash: a journal of other options is refused,
+    and the refusal names which differ."""
+    options = {
         "arch": plan.arch.to_dict(), "grid": plan.grid(), "whole": sorted(s.id for s in plan.whole),
         "backend": backend.name, "config": backend.config_dict(), "versions": backend.versions(),
         "device": device["slug"], "protocol": protocol.to_dict(),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+    return {"kind": "header", "identity": identity, "options": options}
 
 
 def _row_method(entry: Entry, plan_method: str) -> str:
@@ -61,7 +64,7 @@ class BuildResult:
     path: Path
     measured: int
     reused: int
-    oom: list[str]
+    oom: list[str]  # labels of the entries stored as oom or unsupported
     wall_s: float
 
 
@@ -118,10 +121,12 @@ class _Runner:
         self.counter = 0
         self.total = 0
 
-    def tick(self, label: str) -> None:
+    def tick(self, entry: Entry, round_index: int) -> None:
         self.counter += 1
         if self.progress:
-            self.progress(min(self.counter, self.total), self.total, label)
+            rounds = self.protocol.rounds
+            which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
+            self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
 
     def build(self, path: Path, device: dict[str, Any], method_reason: str) -> BuildResult:
         plan, backend, protocol = self.plan, self.backend, self.protocol
@@ -140,8 +145,7 @@ class _Runner:
             fit_ids |= set(old_meta.get("fit_subnet_ids", []))
         have = {entry_key_of_row(row) for row in kept}
         todo = [e for e in plan.entries() if e.key not in have]
-        journal = Journal(path.with_name(path.name + ".journal.jsonl"),
-                          {"kind": "header", "identity": _identity(plan, backend, protocol, device)})
+        journal = Journal(path.with_name(path.name + ".journal.jsonl"), _journal_header(plan, backend, protocol, device))
         done = journal.done()
         units: dict[tuple, list[Entry]] = defaultdict(list)
         for entry in todo:
@@ -192,7 +196,7 @@ class _Runner:
     def _fail(self, entries: list[Entry], round_index: int, journal: Journal, status: str, exc: BaseException) -> None:
         for entry in entries:
             journal.append({"key": entry.key, "round": round_index, "status": status, "note": str(exc)[:200]})
-            self.tick(entry.key)
+            self.tick(entry, round_index)
 
     def _measure_unit(self, entries: list[Entry], round_index: int, journal: Journal) -> None:
         backend = self.backend
@@ -205,7 +209,7 @@ class _Runner:
             return self._fail(entries, round_index, journal, "unsupported", exc)
         except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
             if not backend.is_out_of_memory(exc):
-                raise AmoebaError(f"building {entries[0].key} failed: {exc}; measured entries are kept, rerun to "
+                raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to "
                                   "resume") from exc
             self.failed_units.add(unit_key)
             return self._fail(entries, round_index, journal, "oom", exc)
@@ -222,7 +226,7 @@ class _Runner:
                     busy = opened.device_busy(piece) if entry.runs_whole and round_index == 0 else None
                 except Exception as exc:  # noqa: BLE001
                     if not backend.is_out_of_memory(exc):
-                        raise AmoebaError(f"measuring {entry.key} failed: {exc}; measured entries are kept, rerun to "
+                        raise AmoebaError(f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to "
                                           "resume") from exc
                     self._fail([entry], round_index, journal, "oom", exc)
                     continue
@@ -235,7 +239,7 @@ class _Runner:
                     "context": context,
                 })
                 build_s = 0.0
-                self.tick(entry.key)
+                self.tick(entry, round_index)
         finally:
             opened.close()
 
@@ -292,7 +296,7 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         method = _row_method(entry, plan_method)
         failures = [r for r in results if r["status"] != "ok"]
         if failures or not results:
-            failed.append(entry.key)
+            failed.append(entry.label)
             status = failures[0]["status"] if failures else "oom"
             rows.append(measured_row(entry, None, status, method=method, repeat=1, wall_s=0.0,
                                      note=failures[0].get("note", "") if failures else "no result"))

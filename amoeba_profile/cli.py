@@ -12,26 +12,38 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from . import __version__
 from .arch import resolve_arch
 from .errors import AmoebaError, UsageError
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
-from .report import (backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json,
-                     selection_table, validation_table)
+from .report import (backends_rows, backends_table, device_report, layer_runs_text, lut_summary, lut_table,
+                     pareto_table, plain, print_json, selection_table, validation_table)
 from .select import describe, select
 from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, default_depths, parse_ratio
 from .workload import Workload, metric_name
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
+# `--json <bool>` as if they took a value; the plain help prints flags bare.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"max_content_width": 120},
                   help="Per-device latency tables for shrinkable LLaMA models, and budgeted shape selection.")
 out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"amoeba-profile {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
     _state["debug"] = debug
 
 
@@ -62,11 +74,14 @@ def _whole_subnets(arch, text: str | None) -> tuple[Subnet, ...]:
 def build_lut(
     backend: str = typer.Option("pytorch", help="Backend adapter (see 'amoeba-profile backends')."),
     model: str = typer.Option(..., help="Built-in name (llama2-7b, tinyllama-1.1b, ...) or path to a config.json."),
-    out_dir: Path = typer.Option(Path("lut"), "--out", help="Root folder of tables."),
+    out_dir: Path = typer.Option(Path("out/lut"), "--out", help="Root folder of tables: the table goes to "
+                                 "<out>/<device-slug>/<backend>/<model>-<dtype>.csv (the repository's lut/ holds the "
+                                 "shipped tables; keep yours apart)."),
     prompt_len: str = typer.Option("128", help="Prompt length(s) P for prefill rows, comma-separated."),
     contexts: str = typer.Option("128,256,512", help="KV-cache lengths for decode rows, comma-separated."),
-    widths: str = typer.Option(",".join(["1", "7/8", "3/4", "5/8"]), help="Width ratios of the grid."),
-    batch: int = typer.Option(1, min=1),
+    widths: str = typer.Option(",".join(["1", "7/8", "3/4", "5/8"]), help="Width ratios to measure, comma-separated "
+                               "(7/8 or 0.875)."),
+    batch: int = typer.Option(1, min=1, help="Sequences per request."),
     whole: Optional[str] = typer.Option(None, help="Also measure whole subnets, e.g. '22x1,16x3/4' (validation rows)."),
     method: Optional[str] = typer.Option(None, help="components or difference (default: the method validated for "
                                          "this backend and device, see docs/design.md)."),
@@ -75,9 +90,11 @@ def build_lut(
     decode_steps: int = typer.Option(8, min=1, help="Decode steps per serving-loop tpot sample."),
     artifacts: Optional[Path] = typer.Option(None, help="Compiled-engine cache (default ~/.cache/amoeba-profile/"
                                              "artifacts or $AMOEBA_ARTIFACTS)."),
-    device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
+    device: str = typer.Option("auto", help="auto (CUDA if torch sees one, else CPU), cpu or cuda[:N]; with "
+                               "--predict a spec-sheet slug such as rtx-a5000."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's; the number is recorded)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's; the number is "
+                                          "recorded)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
@@ -87,12 +104,11 @@ def build_lut(
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: extend the grid to cover "
                                             "its per-layer widths."),
 ) -> None:
-    """Measure latencies through the backend and store them as a per-device table (resumable), or compute one (--predict)."""
+    """Measure a per-device latency table (resumable), or compute one for a spec-sheet device with --predict."""
     from .artifacts import ArtifactCache
-    from .backends import backend_class, get_backend
     from .build import run_build
-    from .methods import choose_method
     from .plan import BuildPlan
+    from .prepare import prepare_build
 
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
@@ -100,14 +116,23 @@ def build_lut(
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
                 batch=batch, whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
+        measuring_only = [name for name, value in (("--method", method), ("--depths", depths), ("--quick", quick),
+                                                    ("--threads", threads), ("--artifacts", artifacts)) if value]
+        if measuring_only:
+            raise UsageError(f"{', '.join(measuring_only)}: only for measured builds, not with --predict")
+        if device == "auto" and device_profile is None:
+            raise UsageError("--predict computes a table for a spec-sheet device: name it with --device (e.g. "
+                             "rtx-a5000, orin-nx-16gb)")
         _predict_table(BuildPlan(arch, **grid), device, backend, dtype or "float16", out_dir, calibrate, device_profile)
         return
-    chosen, reason = choose_method(backend, backend_class(backend).capabilities().methods, device, method)
-    plan = BuildPlan(arch, **grid, method=chosen, depths=_ints(depths, "depths") if depths else (),
-                     decode_steps=decode_steps)
-    instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
+    if calibrate is not None or device_profile is not None:
+        raise UsageError("--calibrate and --device-profile only apply with --predict")
+    build = prepare_build(arch, backend=backend, device=device, method=method, dtype=dtype, threads=threads, **grid,
+                          depths=_ints(depths, "depths") if depths else (), decode_steps=decode_steps)
+    plan, instance = build.plan, build.backend
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
-    err.print(f"method: {chosen} ({reason})", markup=False, highlight=False)
+    err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
+    err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
         task = bar.add_task(f"{arch.name} on {backend}/{instance.device}", total=None, entry="")
@@ -117,7 +142,7 @@ def build_lut(
 
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
-                               method_reason=reason)
+                               method_reason=build.method_reason)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
@@ -209,11 +234,11 @@ def select_cmd(
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     metric: str = typer.Option("tpot", help="ttft, tpot or e2e (see README for definitions)."),
     stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1),
-    gen_len: int = typer.Option(128, min=1),
-    batch: Optional[int] = typer.Option(None, help="Default: the table's batch."),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
+    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request (tpot needs >= 2)."),
+    batch: Optional[int] = typer.Option(None, help="Sequences per request (default: the table's batch)."),
     widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
-    top_k: int = typer.Option(5, min=1),
+    top_k: int = typer.Option(5, min=1, help="How many of the best fitting shapes to list."),
     quality: Optional[Path] = typer.Option(None, help="Quality CSV (num_layers,width_ratio,score | subnet_id,score | "
                                            "name,score with _l24w0.875 suffixes). Default: a parameter-count proxy."),
     memory_gb: Optional[float] = typer.Option(None, help="Memory budget: weights + KV cache + activation headroom."),
@@ -223,6 +248,7 @@ def select_cmd(
     export: Optional[Path] = typer.Option(None, help="Write the pick into this folder: subnet.json, config.json "
                                           "(LLaMA, or DeciLM/Nemotron-NAS block_configs), mlc-chat-config.json, "
                                           "AmoebaLLM flags and export.json (which tool reads which file)."),
+    pareto: bool = typer.Option(False, "--pareto", help="Also print the Pareto front (latency vs quality)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
@@ -232,7 +258,7 @@ def select_cmd(
     if warning:
         err.print(f"[bold yellow]warning:[/] {warning}")
     note = _shared_memory_note(table) if memory_gb is not None else None
-    result = selection.to_dict()
+    result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
     if per_layer:
         per = _per_layer(table, arch, selection, importance, memory_gb)
@@ -247,17 +273,21 @@ def select_cmd(
         return
     pick = selection.pick
     out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
-              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.prediction.source}) <= {budget_ms:g} ms"
+              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}) <= {budget_ms:g} ms"
               + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
-    out.print(pareto_table(selection))
+    if pareto:
+        out.print(pareto_table(selection))
     if per_layer:
         per = result["per_layer"]
         gain = per["gain_over_uniform"]
         versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
         out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']:.1f} ms [{per['solver']}; {per['shape_rule']}]")
+                  f"predicted {per['predicted_ms']['value']:.1f} ms ({per['predicted_ms']['source']}) "
+                  f"\\[{per['solver']}; {per['shape_rule']}]")
+        for line in layer_runs_text(pick_subnet):
+            out.print(f"  {line}", highlight=False)
     if export is not None:
         exported = result["exported"]
         out.print(f"exported to {exported['folder']}: "
@@ -283,7 +313,8 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
     return {
         "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
         "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
-        "predicted_ms": result.latency_ms, "solver": result.solver, "shape_rule": result.shape_rule,
+        "predicted_ms": {"value": result.latency_ms, "source": result.source}, "solver": result.solver,
+        "shape_rule": result.shape_rule,
         # With an importance file the per-layer quality is on another scale than the uniform proxy.
         "gain_over_uniform": result.quality - uniform if uniform is not None else None,
     }
@@ -294,14 +325,14 @@ def validate_cmd(
     lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     top_k: int = typer.Option(3, min=1, help="How many of the top picks to build and measure whole."),
-    metric: str = typer.Option("tpot"),
-    stat: str = typer.Option("median"),
-    prompt_len: int = typer.Option(128, min=1),
-    gen_len: int = typer.Option(128, min=1),
-    widths: Optional[str] = typer.Option(None),
-    strategy: Optional[Path] = typer.Option(None),
+    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
+    stat: str = typer.Option("median", help="median or p90 of the table rows."),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
+    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
+    widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
+    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure the top-k picks whole with the table's own backend config, compare, write the rows back."""
     from .validate import kendall_tau, validate_selection
@@ -341,13 +372,13 @@ def validate_cmd(
 @app.command("plot")
 def plot_cmd(
     lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
-    out_dir: Path = typer.Option(Path("out/plots"), "--out"),
+    out_dir: Path = typer.Option(Path("out/plots"), "--out", help="Folder for the PNG files."),
     budget_ms: Optional[float] = typer.Option(None, help="Draw the budget line and the pick."),
-    metric: str = typer.Option("tpot"),
-    prompt_len: int = typer.Option(128, min=1),
-    gen_len: int = typer.Option(128, min=1),
-    quality: Optional[Path] = typer.Option(None),
-    strategy: Optional[Path] = typer.Option(None),
+    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
+    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
+    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
+    quality: Optional[Path] = typer.Option(None, help="Quality CSV, as for select (default: a parameter-count proxy)."),
+    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
 ) -> None:
     """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
     from .arch import ModelArch
@@ -388,8 +419,29 @@ def show(
         return
     for key in ("path", "device_slug", "backend", "dtype", "model", "source", "method", "versions", "grid", "clock",
                 "created_at", "rows"):
-        out.print(f"[bold]{key}:[/] {summary[key]}")
+        out.print(f"[bold]{key}:[/] ", end="")
+        out.print(plain(summary[key]), markup=False, highlight=False)
     out.print(lut_table(table))
+
+
+@app.command("reseal")
+def reseal_cmd(
+    lut: Path = typer.Option(..., help="The table's CSV file (its .meta.json sidecar beside it)."),
+) -> None:
+    """Accept a table's CSV changed outside amoeba-profile, once every row validates.
+
+    For a table edited or re-saved (by pandas, a spreadsheet) on purpose: the sidecar gets the CSV's new SHA-256
+    and a record of the re-seal (when, old and new SHA-256)."""
+    from .lut import reseal
+
+    if lut.is_dir():
+        raise UsageError(f"{lut}: reseal takes one table's CSV file, not a folder")
+    record = reseal(lut)
+    if record["old_sha256"] == record["new_sha256"]:
+        out.print(f"{lut}: content already matched its sidecar; re-seal recorded", markup=False, highlight=False)
+    else:
+        out.print(f"{lut}: re-sealed (sha256 {str(record['old_sha256'])[:12]}... -> {record['new_sha256'][:12]}...)",
+                  markup=False, highlight=False)
 
 
 @app.command("profile-device")
@@ -401,9 +453,16 @@ def profile_device(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Detect the device and its state, and measure bandwidth, matmul throughput and dispatch overhead."""
+    from .device import resolve_device
     from .device.profile import profile
 
-    report = profile(device, bench=not no_bench, quick=quick)
+    resolved, why = resolve_device(device)
+    err.print(f"device: {resolved} ({why})", markup=False, highlight=False)
+    with Progress(TextColumn("[bold]micro-benchmarks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[entry]}"), console=err, disable=no_bench) as bar:
+        task = bar.add_task("profile", total=None, entry="")
+        report = profile(resolved, bench=not no_bench, quick=quick,
+                         progress=lambda done, total, label: bar.update(task, completed=done, total=total, entry=label))
     if out_dir is not None:
         path = Path(out_dir) / report["slug"] / "device.json"
         path.parent.mkdir(parents=True, exist_ok=True)

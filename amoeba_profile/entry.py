@@ -13,6 +13,7 @@ Components:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .subnet import Subnet
 
@@ -51,6 +52,31 @@ class Entry:
         """Stable identity used to deduplicate and resume."""
         return entry_key(self.component, self.phase, self.batch, self.tokens, self.context, self.heads,
                          self.kv_heads, self.ffn, self.subnet_id)
+
+    @property
+    def label(self) -> str:
+        """For people (progress, errors): ``attn prefill 128 tok, 32 heads (4 kv)``, ``model L12 w3/4
+        decode @512``; ``key`` is the stable identity."""
+        where = f"prefill {self.tokens} tok" if self.phase == "prefill" else f"decode @{self.context}"
+        if self.component == "mlp" and self.phase == "decode":
+            where = "decode"  # one token whatever the context
+        batch = f" b{self.batch}" if self.batch != 1 else ""
+        what = {"attn": f", {self.heads} heads ({self.kv_heads} kv)", "mlp": f", ffn {self.ffn}",
+                "layer": f", {self.heads} heads ({self.kv_heads} kv), ffn {self.ffn}"}.get(self.component, "")
+        if self.component == "model":
+            return f"model {self._subnet_text()} {where}{batch}"
+        return f"{self.component} {where}{batch}{what}"
+
+    def _subnet_text(self) -> str:
+        subnet = self.subnet
+        if subnet is None:
+            return "L0"
+        if subnet.width_ratio is not None:
+            return f"L{subnet.num_layers} w{Fraction(subnet.width_ratio).limit_denominator(64)}"
+        first = subnet.layers[0]
+        if subnet.is_uniform:
+            return f"L{subnet.num_layers} {first.heads}h ffn {first.ffn}"
+        return f"L{subnet.num_layers} per-layer {subnet.id[:6]}"
 
     @property
     def unit(self) -> tuple:

@@ -28,8 +28,11 @@ class Journal:
                     break
             if parsed and parsed[0].get("kind") == "header":
                 if parsed[0]["identity"] != header["identity"]:
+                    old, new = parsed[0].get("options") or {}, header.get("options") or {}
+                    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if old else []
+                    which = f" ({', '.join(differ)} differ)" if differ else ""
                     raise LutError(
-                        f"{path}: left by an unfinished build with other options, library versions or device; "
+                        f"{path}: left by an unfinished build with other options, library versions or device{which}; "
                         "rerun that build to finish it, or delete this journal to start over"
                     )
                 self.records = [r for r in parsed[1:] if r.get("kind") == "result"]

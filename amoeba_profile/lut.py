@@ -3,7 +3,7 @@
 A table lives at ``<out>/<device-slug>/<backend>/<model>-<dtype>.csv`` with
 ``<model>-<dtype>.meta.json`` beside it. Files appear atomically (write, fsync, rename), the
 sidecar carries the CSV's SHA-256, and loading validates every row and names file and row on
-error. Tables are never pickled.
+error; ``reseal`` accepts a CSV changed on purpose, once it validates. Tables are never pickled.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -254,7 +255,9 @@ def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any],
             time.sleep(0.02 * (attempt + 1))
     if not sidecar_path(path).is_file() and not pending_sidecar_path(path).is_file():
         raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance is refused")
-    raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore it")
+    raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore "
+                   f"it, or, if you changed it on purpose (e.g. re-saved it with pandas), check and re-seal it: "
+                   f"amoeba-profile reseal --lut {path}")
 
 
 def load_table(path: Path | str) -> Lut:
@@ -262,6 +265,11 @@ def load_table(path: Path | str) -> Lut:
     if not path.is_file():
         raise LutError(f"{path}: no such table; build one with 'amoeba-profile build-lut'")
     data, meta, meta_path = _read_consistent(path)
+    return _parse(path, data, meta, meta_path)
+
+
+def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lut:
+    """The validated table in ``data`` (the CSV's bytes) under the sidecar ``meta``."""
     version = meta.get("schema_version")
     if version not in (1, SCHEMA_VERSION):
         raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
@@ -275,6 +283,32 @@ def load_table(path: Path | str) -> Lut:
         frame["method"] = frame["method"].replace(_V1_METHODS)
         meta = {**meta, "method": meta.get("method", "components")}
     return Lut(_validate(path, frame)[COLUMNS], meta, path)
+
+
+def reseal(path: Path | str) -> dict[str, Any]:
+    """Accept a table's CSV as it now is - edited or re-saved outside amoeba-profile - after checking
+    every row against the schema, as loading does. The sidecar's SHA-256 becomes the CSV's, and the
+    sidecar records the re-seal (when, old and new SHA-256) so the table's provenance says its rows
+    were not all written by a build. Returns that record."""
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such table")
+    with FileLock(str(path) + ".lock"):  # not while a build or validate rewrites the table
+        meta_path = sidecar_path(path) if sidecar_path(path).is_file() else pending_sidecar_path(path)
+        meta = _read_sidecar(meta_path)
+        if meta is None:
+            raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance cannot "
+                           "be re-sealed")
+        data = path.read_bytes()
+        lut = _parse(path, data, meta, meta_path)
+        record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "old_sha256": meta.get("content_sha256"), "new_sha256": hashlib.sha256(data).hexdigest()}
+        meta = {**meta, "content_sha256": record["new_sha256"], "rows": len(lut.frame),
+                "resealed": [*meta.get("resealed", []), record]}
+        write_file_atomically(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        if meta_path != sidecar_path(path):
+            meta_path.unlink(missing_ok=True)
+    return record
 
 
 def find_tables(path: Path | str) -> list[Path]:

@@ -34,7 +34,7 @@ from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
 from .quality import layer_params
 from .subnet import LayerShape, Subnet, kept_layers
-from .workload import Workload
+from .workload import Workload, metric_name
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class PerLayerResult:
     latency_ms: float
     solver: str
     shape_rule: str
+    source: str  # of latency_ms: Prediction.source_of(metric) for the subnet
 
 
 def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
@@ -190,6 +191,7 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
                        capabilities: Capabilities | None = None) -> PerLayerResult:
     """The best per-layer shape within budget that the flow can run: ``capabilities`` defaults to
     the declaration of the flow named in the table's sidecar."""
+    metric = metric_name(metric)
     if capabilities is None:
         flow = predictor.lut.meta.get("backend")
         if flow is None:
@@ -209,7 +211,7 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         if dtype is None:
             raise UsageError("a memory budget needs the table's dtype")
         option_bytes = np.array([layer_bytes(arch, h, kv, f, workload, dtype) for h, kv, f in options], float)
-    best: PerLayerResult | None = None
+    best: tuple[float, float, Subnet] | None = None  # (quality, latency, subnet)
     shared = [shared_part(capabilities, o) for o in options]
     keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None, shared)
     options, frac, layer_ms, shared = [options[i] for i in keep], frac[keep], layer_ms[keep], [shared[i] for i in keep]
@@ -232,9 +234,11 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         layers = tuple(sorted((LayerShape(i, *options[o]) for i, o in zip(kept, choice)), key=lambda l: l.index))
         quality = float((weights[kept] * frac[choice]).sum() / weights.sum())
         latency = float(base_ms + layer_ms[choice].sum())
-        if best is None or (quality, -latency) > (best.quality, -best.latency_ms):
-            best = PerLayerResult(Subnet(arch, layers), quality, latency, "scipy.milp (HiGHS)", shape_rule(capabilities))
+        if best is None or (quality, -latency) > (best[0], -best[1]):
+            best = (quality, latency, Subnet(arch, layers))
     if best is None:
         raise InfeasibleBudget(f"no per-layer shape ({shape_rule(capabilities)}) fits {budget_ms:g} ms {metric} "
                                f"({stat}) at depths {min(depths)}..{max(depths)}")
-    return best
+    quality, latency, subnet = best
+    source = predictor.predict(subnet, workload, stat).source_of(metric)
+    return PerLayerResult(subnet, quality, latency, "scipy.milp (HiGHS)", shape_rule(capabilities), source)

@@ -7,7 +7,8 @@ layer is, by the table's method:
   layer(h, F) + layer(H, f) - layer(H, F) (heads axis at full FFN, FFN axis at full heads).
 Between measured widths, contexts and prompt lengths the predictor interpolates linearly; it
 never extrapolates (OutOfRange names what is missing). Every answer carries its source:
-``measured`` (only grid points), ``interpolated`` or ``roofline`` (a computed table).
+``measured`` (only grid points), ``interpolated`` or ``roofline`` (a computed table), per metric:
+ttft depends only on prefill rows, tpot only on decode rows, e2e on both.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .arch import ModelArch
 from .errors import OutOfRange, UsageError
 from .lut import Lut
 from .subnet import Subnet
-from .workload import Workload
+from .workload import Workload, metric_name
 
 SOURCES = ("measured", "interpolated", "roofline")
 STATS = {"median": "median_ms", "p90": "p90_ms"}
@@ -35,7 +36,10 @@ def worst_source(*sources: str) -> str:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted metrics (ms) for one subnet and workload; see ``workload`` for definitions."""
+    """Predicted metrics (ms) for one subnet and workload; see ``workload`` for definitions.
+
+    ``source`` is the worst source over both phases (that of e2e); ``ttft_source`` and
+    ``tpot_source`` are those of the prefill and decode rows alone."""
 
     subnet: Subnet
     workload: Workload
@@ -44,13 +48,20 @@ class Prediction:
     tpot_ms: float
     e2e_ms: float
     source: str
+    ttft_source: str
+    tpot_source: str
 
     def metric(self, name: str) -> float:
-        return float(getattr(self, name))
+        """``name`` in any spelling ``metric_name`` accepts: 'tpot' or 'tpot_ms'."""
+        return float(getattr(self, metric_name(name)))
+
+    def source_of(self, name: str) -> str:
+        """Where the value of metric ``name`` comes from."""
+        return {"ttft_ms": self.ttft_source, "tpot_ms": self.tpot_source, "e2e_ms": self.source}[metric_name(name)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "source": self.source,
-                "stat": self.stat}
+                "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")}, "stat": self.stat}
 
 
 def _interp(xs: np.ndarray, ys: np.ndarray, x: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
@@ -162,11 +173,12 @@ class Predictor:
         stat_col = self._stat_col(stat)
         prefill, source = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]), stat_col)
         contexts = workload.decode_contexts()
-        if len(contexts) == 0:
-            return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source)
+        if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
+            return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source,
+                              source, source)
         decode, decode_source = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
         return Prediction(subnet, workload, stat, float(prefill[0]), float(decode.mean()),
-                          float(prefill[0] + decode.sum()), worst_source(source, decode_source))
+                          float(prefill[0] + decode.sum()), worst_source(source, decode_source), source, decode_source)
 
     def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
                  stat: str = "median") -> tuple[float, str]:
@@ -177,15 +189,14 @@ class Predictor:
 
     def _metric_parts(self, phase_values, workload: Workload, metric: str) -> float:
         prefill, decode = phase_values
+        metric = metric_name(metric)
         if metric == "ttft_ms":
             return float(prefill[0])
         if metric == "tpot_ms":
             if len(decode) == 0:
                 raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
             return float(decode.mean())
-        if metric == "e2e_ms":
-            return float(prefill[0] + decode.sum())
-        raise UsageError(f"unknown metric {metric!r}")
+        return float(prefill[0] + decode.sum())  # e2e_ms
 
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""

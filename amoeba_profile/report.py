@@ -12,6 +12,7 @@ from rich.text import Text
 from .flows import MEASURING, list_flows
 from .lut import Lut
 from .select import Selection, describe, width_text
+from .subnet import Subnet
 
 
 def lut_summary(lut: Lut) -> dict[str, Any]:
@@ -41,14 +42,42 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
     }
 
 
+def plain(value: Any) -> str:
+    """A summary value for people: dicts as ``key=value``, lists comma-separated, never a Python repr."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(plain(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
+
+
+def _model_subnet(row) -> tuple[str, tuple[str, str, str]]:
+    """(subnet label, (heads, kv, ffn) when every layer has one shape) of a ``model`` row, whose
+    key columns carry no width: ``w3/4``, ``id 1a2b3c4d`` or ``per-layer 1a2b3c4d``."""
+    if not row.subnet_json:
+        return "no layers", ("", "", "")
+    subnet = Subnet.from_json(row.subnet_json)
+    if not subnet.is_uniform:
+        return f"per-layer {subnet.id[:8]}", ("", "", "")
+    first = subnet.layers[0]
+    label = f"w{width_text(subnet.width_ratio)}" if subnet.width_ratio is not None else f"id {subnet.id[:8]}"
+    return label, (str(first.heads), str(first.kv_heads), str(first.ffn))
+
+
 def lut_table(lut: Lut, title: str = "latency table") -> Table:
     table = Table(title=title)
-    for column in ("component", "phase", "tokens", "context", "heads", "kv", "ffn", "layers", "median ms", "p90 ms", "cv", "n", "status"):
-        table.add_column(column, justify="right" if column not in ("component", "phase", "status") else "left")
+    for column in ("component", "phase", "tokens", "context", "heads", "kv", "ffn", "layers", "subnet", "median ms",
+                   "p90 ms", "cv", "n", "status"):
+        table.add_column(column, justify="right" if column not in ("component", "phase", "subnet", "status") else "left")
     for row in lut.frame.itertuples():
+        widths = (str(row.heads or ""), str(row.kv_heads or ""), str(row.ffn or ""))
+        subnet = ""
+        if row.component == "model":
+            subnet, widths = _model_subnet(row)
         table.add_row(
-            row.component, row.phase, str(row.tokens), str(row.context), str(row.heads or ""), str(row.kv_heads or ""),
-            str(row.ffn or ""), str(row.num_layers or ""),
+            row.component, row.phase, str(row.tokens), str(row.context), *widths, str(row.num_layers or ""), subnet,
             f"{row.median_ms:.3f}" if row.status == "ok" else "-", f"{row.p90_ms:.3f}" if row.status == "ok" else "-",
             f"{row.cv:.3f}" if row.status == "ok" else "-", str(row.n), row.status + (f" {row.flags}" if row.flags else ""),
         )
@@ -63,7 +92,7 @@ def selection_table(selection: Selection) -> Table:
         mark = "pick" if cand is selection.pick else ""
         kept = cand.subnet.kept_indices
         table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
-                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.prediction.source)
+                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.source)
     return table
 
 
@@ -75,6 +104,12 @@ def pareto_table(selection: Selection) -> Table:
         table.add_row(describe(cand.subnet), f"{cand.latency_ms:.1f}", f"{cand.quality:.3f}",
                       "yes" if cand.latency_ms <= selection.budget_ms else "no")
     return table
+
+
+def layer_runs_text(subnet) -> list[str]:
+    """One line per run of consecutive layers of one shape: ``layers 0-5: 32 heads (4 kv), ffn 5632``."""
+    return [f"layers {_ranges(indices)}: {heads} heads ({kv} kv), ffn {ffn}"
+            for indices, heads, kv, ffn in subnet.layer_runs()]
 
 
 def _ranges(indices: list[int]) -> str:

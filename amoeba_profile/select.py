@@ -17,7 +17,7 @@ from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
 from .quality import ProxyQuality
 from .subnet import Subnet
-from .workload import Workload
+from .workload import Workload, metric_name
 
 
 def width_text(ratio: float | None) -> str:
@@ -37,14 +37,16 @@ class Candidate:
     quality: float
     latency_ms: float
     prediction: Prediction
+    source: str  # where latency_ms (the selected metric) comes from: Prediction.source_of
     memory: MemoryEstimate | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """One ranked shape; the subnet by id (``Selection.to_dict`` maps ids to shapes once)."""
         out = {
-            "subnet": self.subnet.to_dict(),
+            "subnet_id": self.subnet.id,
             "label": self.subnet.label,
             "quality": self.quality,
-            "predicted_ms": {"value": self.latency_ms, "source": self.prediction.source, **self.prediction.to_dict()},
+            "predicted_ms": {"value": self.latency_ms, "source": self.source},
         }
         if self.memory is not None:
             out["memory_gb"] = round(self.memory.total_gb, 3)
@@ -65,10 +67,14 @@ class Selection:
     skipped: list[str]
     memory_gb: float | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, pareto: bool = True) -> dict[str, Any]:
+        """The pick in full; top-k and (with ``pareto``) the Pareto front refer to shapes by
+        ``subnet_id``, each listed once in ``subnets`` (every entry repeating its model made the
+        JSON ~20x larger)."""
+        listed = self.top_k + (self.pareto if pareto else [])
         return {
             **self.pick.to_dict(),
-            "predicted_ms": {"value": self.pick.latency_ms, "source": self.pick.prediction.source},
+            "subnet": self.pick.subnet.to_dict(),
             "predicted": self.pick.prediction.to_dict(),
             "quality_source": self.quality_source,
             "metric": self.metric,
@@ -77,7 +83,9 @@ class Selection:
             "memory_budget_gb": self.memory_gb,
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len, "gen_len": self.workload.gen_len},
             "top_k": [c.to_dict() for c in self.top_k],
-            "pareto": [c.to_dict() for c in self.pareto],
+            **({"pareto": [{**c.to_dict(), "fits": c.latency_ms <= self.budget_ms} for c in self.pareto]}
+               if pareto else {}),
+            "subnets": {c.subnet.id: c.subnet.to_compact_dict() for c in listed},
             "considered": self.considered,
             "skipped": self.skipped,
         }
@@ -86,6 +94,7 @@ class Selection:
 def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, stat: str = "median",
              quality=None, dtype: str | None = None) -> tuple[list[Candidate], list[str]]:
     """Predict every subnet; shapes the table cannot cover are listed, not guessed."""
+    metric = metric_name(metric)
     quality = quality or ProxyQuality()
     candidates, skipped = [], []
     for subnet in subnets:
@@ -95,7 +104,8 @@ def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload
             skipped.append(f"{subnet.label}: {exc}")
             continue
         memory = estimate(subnet, workload, dtype) if dtype else None
-        candidates.append(Candidate(subnet, quality.score(subnet), prediction.metric(metric), prediction, memory))
+        candidates.append(Candidate(subnet, quality.score(subnet), prediction.metric(metric), prediction,
+                                    prediction.source_of(metric), memory))
     return candidates, skipped
 
 
@@ -111,7 +121,9 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
            stat: str = "median", top_k: int = 5, quality=None, memory_gb: float | None = None,
            dtype: str | None = None) -> Selection:
-    """``memory_gb`` (with ``dtype``) also bounds weights + KV cache + activation headroom."""
+    """``metric`` is ttft, tpot or e2e (with or without ``_ms``); ``memory_gb`` (with ``dtype``)
+    also bounds weights + KV cache + activation headroom."""
+    metric = metric_name(metric)
     if metric == "tpot_ms" and workload.gen_len < 2:
         raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
     if not budget_ms > 0:

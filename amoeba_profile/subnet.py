@@ -161,6 +161,27 @@ class Subnet:
             ],
         }
 
+    def layer_runs(self) -> list[tuple[list[int], int, int, int]]:
+        """(layer indices, heads, kv_heads, ffn) for each run of consecutive kept layers of one
+        shape: a uniform subnet is one run. The compact form of a per-layer shape."""
+        runs: list[tuple[list[int], int, int, int]] = []
+        for l in self.layers:
+            if runs and runs[-1][1:] == (l.heads, l.kv_heads, l.ffn):
+                runs[-1][0].append(l.index)
+            else:
+                runs.append(([l.index], l.heads, l.kv_heads, l.ffn))
+        return runs
+
+    def to_compact_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the architecture and with layers as runs: for listing many subnets
+        of one model (``from_dict`` needs the full form)."""
+        return {
+            "id": self.id, "label": self.label, "num_layers": self.num_layers, "width_ratio": self.width_ratio,
+            "kept_layers": self.kept_indices,
+            "layer_runs": [{"layers": indices, "heads": heads, "kv_heads": kv, "ffn": ffn}
+                           for indices, heads, kv, ffn in self.layer_runs()],
+        }
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 

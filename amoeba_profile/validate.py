@@ -121,7 +121,7 @@ def validate_selection(table_path: Path, selection: Selection, protocol: TimingP
     for cand in selection.top_k:
         measured = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
-        out.append(Validation(cand.subnet, cand.latency_ms, now, measured, cand.prediction.source, selection.budget_ms))
+        out.append(Validation(cand.subnet, cand.latency_ms, now, measured, cand.source, selection.budget_ms))
     models = fresh.frame[fresh.frame.component == "model"].to_dict("records")
     add_rows(Path(table_path), models, {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}})
     drift = float(np.mean([v.fresh_predicted_ms / v.predicted_ms for v in out]))

@@ -27,10 +27,12 @@ METRIC_ALIASES = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
 
 
 def metric_name(text: str) -> str:
-    """'tpot' or 'tpot_ms' -> 'tpot_ms'."""
-    name = METRIC_ALIASES.get(text, text)
+    """'tpot', 'TPOT' or 'tpot_ms' -> 'tpot_ms': the one parser of metric names, so the CLI and the
+    Python API accept the same spellings."""
+    key = str(text).strip().lower()
+    name = METRIC_ALIASES.get(key, key)
     if name not in METRICS:
-        raise UsageError(f"unknown metric {text!r}: use one of ttft, tpot, e2e")
+        raise UsageError(f"unknown metric {text!r}: use one of ttft, tpot, e2e (or ttft_ms, tpot_ms, e2e_ms)")
     return name
 
 

@@ -30,7 +30,7 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     whole = Subnet.uniform(tiny_arch, 3, 0.5)
     plan = _plan(tiny_arch, whole=(whole,))
     seen = []
-    result = run_build(plan, backend, tmp_path, FAST_PROTOCOL, lambda d, t, label: seen.append((d, t)))
+    result = run_build(plan, backend, tmp_path, FAST_PROTOCOL, lambda d, t, label: seen.append((d, t, label)))
     lut = load_table(result.path)
     assert len(lut.frame) == len(plan.entries()) == result.measured
     assert (lut.frame.status == "ok").all()
@@ -39,6 +39,9 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert lut.meta["device_slug"] and lut.meta["backend_env"]["torch"] and lut.meta["protocol"]["rounds"] == 2
     assert lut.frame[lut.frame.component == "model"].subnet_id.eq(whole.id).all()
     assert seen[-1][0] == seen[-1][1]
+    labels = {label for _, _, label in seen}
+    assert "round 1/2: attn prefill 16 tok, 8 heads (4 kv)" in labels and "round 2/2: model L3 w1/2 decode @32" in labels
+    assert not any("|" in label for label in labels)  # internal keys stay out of the progress bar
     assert not list(tmp_path.rglob("*.journal.jsonl"))
     # A second build of the same plan measures nothing and keeps every row.
     again = run_build(plan, backend, tmp_path, FAST_PROTOCOL)
@@ -128,7 +131,7 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
     assert set(oom.component) == {"mlp"} and set(oom.ffn) == {tiny_arch.ffn_size}
     assert "allocate" in oom.note.iloc[0]
     assert (lut.frame[lut.frame.status != "oom"].median_ms > 0).all()
-    assert len(result.oom) == 2
+    assert sorted(result.oom) == ["mlp decode, ffn 128", "mlp prefill 16 tok, ffn 128"]  # for people, not keys
 
 
 def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):

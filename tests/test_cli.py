@@ -1,8 +1,10 @@
 """The CLI end to end on a tiny architecture, through the real console entry point."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +52,71 @@ def test_select_json_and_text(built):
     assert data["predicted_ms"]["value"] <= 1000
     text = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                check_rc=0).stdout
-    assert "pick:" in text and "Pareto" in text
+    assert "pick:" in text and "top " in text and "Pareto" not in text
+    assert "Pareto" in run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len",
+                           "30", "--pareto", check_rc=0).stdout
+
+
+def test_select_json_lists_each_subnet_once(built):
+    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+               "--top-k", "20", "--pareto", "--json", check_rc=0)
+    data = json.loads(proc.stdout)
+    assert proc.stdout.count('"arch"') == 1  # the pick's full subnet; every other shape by id
+    assert all(entry["subnet_id"] in data["subnets"] for entry in data["top_k"] + data["pareto"])
+    assert len(proc.stdout) < 2000 * (len(data["subnets"]) + 1)
+
+
+def test_show_labels_model_rows_and_prints_no_reprs(built):
+    text = run("show", "--lut", str(built), check_rc=0).stdout
+    assert "versions: torch=" in text and "{'" not in text and "[1.0" not in text
+    model_rows = [line for line in text.splitlines() if "│ model" in line]
+    assert model_rows and all("w1" in line for line in model_rows)  # --whole 4x1: 4 layers at width 1
+
+
+def test_version_and_plain_flags_in_help():
+    from amoeba_profile import __version__
+
+    assert run("--version", check_rc=0).stdout.strip() == f"amoeba-profile {__version__}"
+    for command in ("select", "show", "build-lut", "profile-device", "validate", "reseal", "backends"):
+        text = run(command, "--help", check_rc=0).stdout
+        assert "<bool>" not in text and "--help" in text, command
+
+
+def test_bad_measuring_options_write_nothing(tmp_path):
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "lut"
+    proc = run("build-lut", "--model", str(config), "--device", "rtx-a5000", "--out", str(out), check_rc=2)
+    assert "add --predict" in proc.stderr and not out.exists()
+    proc = run("build-lut", "--model", str(config), "--backend", "mlc-llm", "--out", str(out), check_rc=2)
+    assert "--predict" in proc.stderr and not out.exists()
+    proc = run("build-lut", "--model", str(config), "--predict", "--device", "rtx-a5000", "--quick", "--out",
+               str(out), check_rc=2)
+    assert "--quick" in proc.stderr and not out.exists()
+
+
+def test_default_out_is_not_the_shipped_folder(tmp_path):
+    proc = subprocess.run([*CLI, "build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm",
+                           "--model", "tinyllama-1.1b"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "lut" / "rtx-a5000" / "tensorrt-llm" / "tinyllama-1.1b-float16.csv").is_file()
+
+
+def test_reseal_command(built, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    table = next(copy.rglob("*.csv"))
+    pd.read_csv(table).to_csv(table)
+    assert "amoeba-profile reseal --lut" in run("show", "--lut", str(table), check_rc=1).stderr
+    assert "re-sealed" in run("reseal", "--lut", str(table), check_rc=0).stdout
+    assert run("show", "--lut", str(table), "--json", check_rc=0).stdout
 
 
 def test_impossible_budget_exits_1_with_one_line(built):
@@ -149,6 +215,11 @@ def test_select_per_layer_memory_and_export(built, tmp_path):
     assert [f["name"] for f in data["exported"]["files"]] == ["subnet.json", "config.json", "mlc-chat-config.json",
                                                                "export.json"]
     assert all((tmp_path / "pick" / f["name"]).is_file() for f in data["exported"]["files"])
+    assert set(data["per_layer"]["predicted_ms"]) == set(data["predicted_ms"]) == {"value", "source"}
+    text = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
+               "--per-layer", check_rc=0).stdout
+    per_layer = data["per_layer"]["subnet"]["layers"]
+    assert f"layers {per_layer[0]['index']}" in text and f"{per_layer[0]['heads']} heads" in text
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--memory-gb", "0.000001", check_rc=1)
     assert "smallest needs" in proc.stderr

@@ -176,3 +176,15 @@ def test_spec_validation_names_the_field(change, message):
         validate_specs({"devices": {"x-1": {**entry, **change}}})
     with pytest.raises(UsageError, match="not a slug"):
         validate_specs({"devices": {"Bad Slug": entry}})
+
+
+def test_microbenchmarks_report_progress():
+    from amoeba_profile.device.bench import run_microbenchmarks
+    from amoeba_profile.measure import TimingProtocol
+
+    seen = []
+    tiny = TimingProtocol(warmup_min=1, warmup_max=2, rounds=1, samples_per_round=2, min_round_s=0.0)
+    run_microbenchmarks("cpu", ("float32",), hidden=64, ffn=128, prompt_len=8, copy_mb=1, protocol=tiny,
+                        progress=lambda done, total, label: seen.append((done, total, label)))
+    assert seen == [(0, 3, "memory bandwidth (1 MB copy)"), (1, 3, "dispatch overhead"),
+                    (2, 3, "float32 GEMV and GEMM (64 x 128, 8 tokens)"), (3, 3, "done")]

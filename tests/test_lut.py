@@ -207,3 +207,47 @@ def test_journal_does_not_write_through_a_planted_symlink(tmp_path):
     journal.append({"key": "k", "round": 0, "status": "ok"})
     assert victim.read_text() == "precious\n" and not journal_path.is_symlink()
     assert len(journal_path.read_text().splitlines()) == 2
+
+
+def test_journal_of_other_options_names_what_differs(tmp_path):
+    from amoeba_profile.journal import Journal
+
+    path = tmp_path / "t.csv.journal.jsonl"
+    options = {"grid": {"contexts": [16]}, "protocol": {"rounds": 3}, "device": "cpu-x"}
+    Journal(path, {"kind": "header", "identity": "a", "options": options})
+    other = {**options, "protocol": {"rounds": 1}, "device": "cpu-y"}
+    with pytest.raises(LutError, match=r"other options, library versions or device \(device, protocol differ\)"):
+        Journal(path, {"kind": "header", "identity": "b", "options": other})
+
+
+def test_a_table_re_saved_by_pandas_is_refused_then_resealed(tmp_path, tiny_arch):
+    import hashlib
+
+    import pandas as pd
+
+    from amoeba_profile.lut import reseal
+
+    path = _write(tmp_path, _flat(tiny_arch))
+    before = load_table(path)
+    old_sha = json.loads(sidecar_path(path).read_text())["content_sha256"]
+    pd.read_csv(path).to_csv(path)  # what a notebook does: pandas adds its index column
+    with pytest.raises(LutError, match=rf"SHA-256.*re-seal it: amoeba-profile reseal --lut {path}"):
+        load_table(path)
+    record = reseal(path)
+    assert record["old_sha256"] == old_sha and record["new_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["content_sha256"] == record["new_sha256"] and meta["resealed"] == [record]
+    after = load_table(path)
+    assert after.frame["median_ms"].tolist() == pytest.approx(before.frame["median_ms"].tolist())
+    assert after.meta["arch"] == before.meta["arch"] and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_reseal_refuses_a_csv_that_breaks_the_schema(tmp_path, tiny_arch):
+    from amoeba_profile.lut import reseal
+
+    path = _write(tmp_path, _flat(tiny_arch))
+    sidecar = sidecar_path(path).read_text()
+    path.write_text(path.read_text().replace(",ok,", ",fine,", 1))
+    with pytest.raises(LutError, match="status='fine' is not one of"):
+        reseal(path)
+    assert sidecar_path(path).read_text() == sidecar  # nothing recorded

@@ -65,6 +65,7 @@ def test_per_layer_optimum_matches_brute_force(tiny_arch, seed):
         result = optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, importance=weights)
         assert result.latency_ms <= budget + 1e-9
         assert predictor.predict(result.subnet, workload).tpot_ms == pytest.approx(result.latency_ms)
+        assert result.source == predictor.predict(result.subnet, workload).source_of("tpot")
         assert result.quality == pytest.approx(brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights))
 
 

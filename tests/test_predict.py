@@ -74,3 +74,20 @@ def test_p90_and_roofline_tags(tiny_arch):
 
     p = Predictor(Lut(lut.frame, lut.meta)).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2), "p90")
     assert p.source == "roofline" and p.stat == "p90"
+
+
+def test_ttft_at_a_measured_prompt_length_is_measured(tiny_arch, lut):
+    """Decode contexts between grid points make tpot interpolated; ttft reads prefill rows only."""
+    p = Predictor(lut).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 40))
+    assert p.source_of("ttft") == "measured" and p.ttft_source == "measured"
+    assert p.source_of("tpot_ms") == "interpolated" and p.source_of("e2e") == "interpolated" == p.source
+    assert p.to_dict()["sources"] == {"ttft_ms": "measured", "tpot_ms": "interpolated", "e2e_ms": "interpolated"}
+
+
+def test_metric_accepts_the_cli_spellings(tiny_arch, lut):
+    from amoeba_profile.errors import UsageError
+
+    p = Predictor(lut).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2))
+    assert p.metric("tpot") == p.metric("tpot_ms") == p.metric("TPOT") == p.tpot_ms
+    with pytest.raises(UsageError, match="unknown metric 'speed': use one of ttft, tpot, e2e"):
+        p.metric("speed")

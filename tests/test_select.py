@@ -101,6 +101,32 @@ def test_selection_json_shape(setup):
     assert "proxy" in data["quality_source"]
 
 
+def test_selection_json_refers_to_subnets_by_id(setup):
+    predictor, space, workload = setup
+    selection = select(predictor, space.subnets(), workload, "tpot_ms", 100.0, top_k=3)
+    data = selection.to_dict()
+    listed = data["top_k"] + data["pareto"]
+    assert all("subnet" not in entry and entry["subnet_id"] in data["subnets"] for entry in listed)
+    assert set(data["subnets"]) == {entry["subnet_id"] for entry in listed}
+    full = Subnet.uniform(space.arch, 4, 1.0)
+    assert data["subnets"][full.id] == {
+        "id": full.id, "label": "L4-w1.000", "num_layers": 4, "width_ratio": 1.0, "kept_layers": [0, 1, 2, 3],
+        "layer_runs": [{"layers": [0, 1, 2, 3], "heads": 8, "kv_heads": 4, "ffn": 128}]}
+    assert [e["fits"] for e in data["pareto"]] == [c.latency_ms <= 100.0 for c in selection.pareto]
+    # The pick's prediction is an object with value and source, as every listed entry's is.
+    assert set(data["predicted_ms"]) == {"value", "source"} == set(data["top_k"][0]["predicted_ms"])
+    without = selection.to_dict(pareto=False)
+    assert "pareto" not in without and set(without["subnets"]) == {e["subnet_id"] for e in data["top_k"]}
+
+
+def test_metric_spellings_and_unknown_metric(setup):
+    predictor, space, workload = setup
+    short = select(predictor, space.subnets(), workload, "tpot", 100.0)
+    assert short.metric == "tpot_ms" and short.pick == select(predictor, space.subnets(), workload, "tpot_ms", 100.0).pick
+    with pytest.raises(UsageError, match="unknown metric 'latency'"):
+        select(predictor, space.subnets(), workload, "latency", 100.0)
+
+
 def test_bad_requests(setup):
     predictor, space, _ = setup
     with pytest.raises(UsageError, match="gen-len"):

@@ -89,3 +89,12 @@ def test_parse_ratio():
     for bad in ("abc", "0", "9/8", "1/0"):
         with pytest.raises(UsageError):
             parse_ratio(bad)
+
+
+def test_layer_runs_group_consecutive_layers_of_one_shape(tiny_arch):
+    mixed = Subnet(tiny_arch, (LayerShape(0, 8, 4, 128), LayerShape(1, 8, 4, 128), LayerShape(2, 4, 2, 64),
+                               LayerShape(3, 8, 4, 128)))
+    assert mixed.layer_runs() == [([0, 1], 8, 4, 128), ([2], 4, 2, 64), ([3], 8, 4, 128)]
+    assert Subnet.uniform(tiny_arch, 3, 0.5).layer_runs() == [([0, 1, 3], 4, 2, 64)]
+    compact = mixed.to_compact_dict()
+    assert "arch" not in compact and compact["id"] == mixed.id and compact["layer_runs"][1]["layers"] == [2]

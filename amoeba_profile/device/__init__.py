@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .cpu import cpu_info, cpu_model
 from .cpu import last_level_cache_bytes as _cpu_llc
 from .jetson import JetsonReader
@@ -64,6 +65,37 @@ def device_slug(device: str = "cpu", root: Path = Path("/")) -> str:
     return cpu_slug(root)
 
 
+_TORCH_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def resolve_device(requested: str = "auto") -> tuple[str, str]:
+    """(torch device, why it was chosen). ``auto`` is CUDA when torch sees a GPU, else the CPU.
+
+    A device this machine cannot measure on - a spec-sheet slug, a GPU torch does not see - is a
+    UsageError here, before a build writes its journal: a build that failed later would leave a
+    journal that refuses the corrected command."""
+    name = requested.strip().lower()
+    if name in load_specs():
+        raise UsageError(f"device {requested!r} is a spec-sheet entry, not a device torch can measure on: add "
+                         "--predict to compute its table from the spec sheet (roofline), or measure with "
+                         "--device auto, cpu or cuda[:N]")
+    if name != "auto" and not _TORCH_DEVICE.fullmatch(name):
+        raise UsageError(f"unknown device {requested!r}: use auto, cpu or cuda[:N] (with --predict: a spec-sheet "
+                         f"slug, one of {sorted(load_specs())})")
+    if name == "cpu":
+        return "cpu", "requested"
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto":
+        return ("cuda", f"auto: torch sees {visible} CUDA device(s)") if visible else \
+            ("cpu", "auto: torch sees no CUDA device")
+    if _cuda_index(name) >= visible:
+        raise UsageError(f"device {requested!r} requested but torch sees {visible} CUDA device(s); use --device cpu"
+                         " (a CPU-only torch sees none: see README, Install)")
+    return name, "requested"
+
+
 def fingerprint(device: str = "cpu", root: Path = Path("/")) -> dict[str, Any]:
     """Identity of the measuring machine; tables with different fingerprints are never merged silently."""
     cpu = cpu_info(root)
@@ -109,4 +141,4 @@ def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: 
 
 
 __all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "cpu_slug", "detect", "device_slug",
-           "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs", "slugify"]
+           "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs", "resolve_device", "slugify"]

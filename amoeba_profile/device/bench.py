@@ -9,11 +9,12 @@ Timed with the same Clock and protocol as tables.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..measure import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
 from .specs import DeviceSpec
 
+Progress = Callable[[int, int, str], None]  # (done, total, what runs next)
 _PROTOCOL = TimingProtocol(warmup_min=2, warmup_max=10, rounds=1, samples_per_round=7, min_round_s=0.2)
 
 
@@ -29,27 +30,37 @@ def _fraction(value: float | None, peak: float | None) -> float | None:
 
 def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = None, spec: DeviceSpec | None = None,
                         hidden: int = 4096, ffn: int = 11008, prompt_len: int = 512, copy_mb: int = 1024,
-                        protocol: TimingProtocol = _PROTOCOL) -> dict[str, Any]:
-    """Figures in GB/s, TFLOP/s and microseconds; ``*_fraction`` = measured / spec-sheet peak."""
+                        protocol: TimingProtocol = _PROTOCOL, progress: Progress | None = None) -> dict[str, Any]:
+    """Figures in GB/s, TFLOP/s and microseconds; ``*_fraction`` = measured / spec-sheet peak.
+    ``progress`` hears of each benchmark as it starts (they take tens of seconds in all)."""
     import torch
 
     clock = Clock(device)
     dtypes = dtypes or (("float16", "bfloat16", "float32") if device.startswith("cuda") else ("float32", "bfloat16"))
+    steps = [f"memory bandwidth ({copy_mb} MB copy)", "dispatch overhead"] + [
+        f"{name} GEMV and GEMM ({hidden} x {ffn}, {prompt_len} tokens)" for name in dtypes]
+
+    def step(done: int) -> None:
+        if progress:
+            progress(done, len(steps), steps[done] if done < len(steps) else "done")
     peak_bw = spec.mem_bw_gbps if spec else None
     out: dict[str, Any] = {"device": device, "spec": spec.slug if spec else None, "clock": clock.name,
                            "shapes": {"hidden": hidden, "ffn": ffn, "prompt_len": prompt_len, "copy_mb": copy_mb}}
 
+    step(0)
     bw = _copy_bandwidth_gbps(device, copy_mb, clock, protocol)
     out["memory_bw_gbps"] = round(bw, 2)
     out["memory_bw_fraction"] = _fraction(bw, peak_bw)
 
+    step(1)
     tiny = torch.ones(1, device=device)
     calls = 100
     per_call_ms = _median_ms(lambda: [tiny.add_(0) for _ in range(calls)], clock, protocol) / calls
     out["dispatch_overhead_us"] = round(per_call_ms * 1e3, 2)
 
     out["matmul"] = {}
-    for name in dtypes:
+    for index, name in enumerate(dtypes):
+        step(2 + index)
         gemv_ms, gemm_ms = _matmul_ms(getattr(torch, name), device, hidden, ffn, prompt_len, clock, protocol)
         weight_bytes = hidden * ffn * getattr(torch, name).itemsize
         gemv_bw = weight_bytes / (gemv_ms * 1e-3) / 1e9
@@ -60,6 +71,7 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
             "gemv_tflops": round(2 * hidden * ffn / (gemv_ms * 1e-3) / 1e12, 4),
             "gemm_ms": round(gemm_ms, 3), "gemm_tflops": round(gemm_tflops, 3), "gemm_fraction": _fraction(gemm_tflops, peak),
         }
+    step(len(steps))
     return out
 
 

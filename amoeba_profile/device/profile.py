@@ -4,21 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import detect, device_slug
-from .bench import run_microbenchmarks
+from . import detect, device_slug, resolve_device
+from .bench import Progress, run_microbenchmarks
 from .specs import get_spec, load_specs
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def profile(device: str = "auto", bench: bool = True, quick: bool = False) -> dict[str, Any]:
-    device = resolve_device(device)
+def profile(device: str = "auto", bench: bool = True, quick: bool = False,
+            progress: Progress | None = None) -> dict[str, Any]:
+    """``progress(done, total, label)`` is called before each micro-benchmark and once at the end."""
+    device, _ = resolve_device(device)
     report = detect()
     slug = device_slug(device)
     spec = load_specs().get(slug)
@@ -27,5 +21,6 @@ def profile(device: str = "auto", bench: bool = True, quick: bool = False) -> di
         report["notes"].append(f"no spec-sheet entry for {slug}: fractions of peak are not reported")
     if bench:
         shapes = {"hidden": 2048, "ffn": 5632, "prompt_len": 128, "copy_mb": 256} if quick else {}
-        report["microbench"] = run_microbenchmarks(device, spec=get_spec(slug) if spec else None, **shapes)
+        report["microbench"] = run_microbenchmarks(device, spec=get_spec(slug) if spec else None, progress=progress,
+                                                   **shapes)
     return report

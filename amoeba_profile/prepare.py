@@ -1,0 +1,53 @@
+"""Check every option of a measured build before anything is measured or written.
+
+A build writes its journal before the first measurement, and the journal remembers the options it
+started with. A mistake found only while measuring (a device torch cannot use, a flow with no
+measuring adapter) would leave a journal that refuses the corrected command. So the backend, the
+device, the method, the plan and the dtype are all resolved here, and ``run_build`` starts only
+from the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .arch import ModelArch
+from .backends import REGISTRY, Backend, backend_class, get_backend
+from .device import resolve_device
+from .errors import UsageError
+from .methods import choose_method, device_kind
+from .plan import BuildPlan
+
+
+@dataclass(frozen=True)
+class PreparedBuild:
+    """A validated measured build: hand ``plan`` and ``backend`` to ``run_build``."""
+
+    plan: BuildPlan
+    backend: Backend
+    device_reason: str  # why this device: "requested" or what ``auto`` saw
+    method_reason: str  # why this method: "requested with --method" or the evidence for the default
+
+
+def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
+                  dtype: str | None = None, threads: int | None = None, **plan_options: Any) -> PreparedBuild:
+    """Resolve and check a measured build; ``plan_options`` are ``BuildPlan`` fields (grid, depths,
+    whole subnets, decode steps). Raises UsageError (or BackendUnavailable) naming the option."""
+    if backend not in REGISTRY:
+        from .roofline import load_flows
+
+        if backend in load_flows():
+            raise UsageError(f"backend {backend!r} has no measuring adapter, only a roofline flow profile: add "
+                             "--predict and a spec-sheet --device (e.g. rtx-a5000) to compute its table")
+        backend_class(backend)  # raises: unknown backend, with the list
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    resolved, device_reason = resolve_device(device)
+    capabilities = backend_class(backend).capabilities()
+    if device_kind(resolved) not in capabilities.devices:
+        raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
+    chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
+    plan = BuildPlan(arch, method=chosen, **plan_options)
+    instance = get_backend(backend, device=resolved, dtype=dtype, threads=threads)
+    return PreparedBuild(plan, instance, device_reason, method_reason)

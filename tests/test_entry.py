@@ -1,0 +1,16 @@
+from amoeba_profile.entry import Entry
+from amoeba_profile.subnet import LayerShape, Subnet
+
+
+def test_labels_are_for_people(tiny_arch):
+    assert Entry("attn", "prefill", 1, 128, 0, 32, 4).label == "attn prefill 128 tok, 32 heads (4 kv)"
+    assert Entry("attn", "decode", 2, 1, 512, 8, 4).label == "attn decode @512 b2, 8 heads (4 kv)"
+    assert Entry("mlp", "decode", 1, 1, 0, ffn=96).label == "mlp decode, ffn 96"
+    assert Entry("base", "decode", 1, 1, 256).label == "base decode @256"
+    assert Entry("model", "decode", 1, 1, 512).label == "model L0 decode @512"
+    uniform = Subnet.uniform(tiny_arch, 3, 0.75)
+    assert Entry("model", "decode", 1, 1, 512, subnet=uniform).label == "model L3 w3/4 decode @512"
+    fitted = Subnet(tiny_arch, (LayerShape(0, 4, 2, 128), LayerShape(3, 4, 2, 128)))
+    assert Entry("model", "prefill", 1, 16, 0, subnet=fitted).label == "model L2 4h ffn 128 prefill 16 tok"
+    mixed = Subnet(tiny_arch, (LayerShape(0, 4, 2, 128), LayerShape(3, 8, 4, 128)))
+    assert Entry("model", "prefill", 1, 16, 0, subnet=mixed).label == f"model L2 per-layer {mixed.id[:6]} prefill 16 tok"
