@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .backends import list_backends
@@ -100,7 +101,8 @@ def backends_table() -> Table:
         table.add_column(column)
     for row in backends_rows():
         table.add_row(row["name"], "yes" if row["available"] else "no",
-                      row["reason"] + (f" ({row['install_hint']})" if row["install_hint"] and not row["available"] else ""),
+                      escape(row["reason"] + (f" ({row['install_hint']})" if row["install_hint"] and not row["available"]
+                                              else "")),  # hints hold pip extras in brackets, not markup
                       "heads+ffn" if row["per_layer_heads"] and row["per_layer_ffn"] else "no",
                       ",".join(row["methods"]), ",".join(row["devices"]))
     return table

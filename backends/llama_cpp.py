@@ -4,9 +4,12 @@ The artifact of a shape is a random-weight GGUF file (``llama_cpp_gguf``): ``lla
 widths, ``deci`` for per-layer widths. Each workpiece is one llama-bench test, run as a process
 (``subprocess.run``, blocking) with ``-o json``; llama-bench times every repetition itself
 (``std::chrono::high_resolution_clock`` around the test's ``llama_decode`` calls, after its own
-warm-up run) and reports them as ``samples_ns``. One process run yields ``repetitions`` samples,
-which the workpiece hands out one per ``sample_ms`` call and runs llama-bench again when they are
-used up, so the warm-up and sampling of ``measure.py`` see llama-bench's own samples.
+warm-up run) and reports them as ``samples_ns``. One process run makes ``repetitions + 1``
+repetitions and drops the first: llama-bench's warm-up is a pp run and a one-token tg at depth 0,
+so the first repetition of a tg test at depth d still pays one-time graph and buffer set-up (1.7x
+the later ones on the tiny test model). The workpiece hands the other samples out one per
+``sample_ms`` call and runs llama-bench again when they are used up, so the warm-up and sampling of
+``measure.py`` see llama-bench's own steady-state samples.
 
 How the metrics (``workload.py``) map onto llama-bench's tests, for one sequence:
 - ``ttft_ms`` = the pp test, ``-p P -n 0``: P random tokens decoded into an empty cache in
@@ -144,7 +147,8 @@ class LlamaCppConfig:
     """Stored in the table's sidecar; ``LlamaCppBackend(**config)`` rebuilds the same backend.
 
     ``dtype`` is the GGUF weight type; ``threads``, ``n_batch`` and ``n_ubatch`` are llama-bench's
-    ``-t``, ``-b`` and ``-ub``; ``repetitions`` (``-r``) is how many samples one process run yields;
+    ``-t``, ``-b`` and ``-ub``; ``repetitions`` is how many samples one process run yields (it runs
+    ``-r repetitions + 1`` and drops the first);
     ``binary`` is the llama-bench that was found (its build is in ``versions``)."""
 
     device: str = "cpu"
@@ -158,7 +162,8 @@ class LlamaCppConfig:
 
 class _BenchPiece:
     """One llama-bench test as a workpiece: each sample is one of llama-bench's repetitions, in ms
-    (per decode step for a tg test). Runs llama-bench again when its samples are used up."""
+    (per decode step for a tg test), the first of each process run dropped. Runs llama-bench again
+    when its samples are used up."""
 
     max_steps = 1  # llama-bench resets the cache between its repetitions; one repetition per sample
 
@@ -171,7 +176,7 @@ class _BenchPiece:
         del steps  # always 1 (max_steps)
         if not self.pending:
             test = self.backend.run_test(self.model, self.prompt, self.gen, self.depth)
-            self.pending = test.samples_ms(self.gen or 1)
+            self.pending = test.samples_ms(self.gen or 1)[1:]
         return self.pending.pop(0)
 
 
@@ -283,7 +288,7 @@ class LlamaCppBackend(Backend):
         """The llama-bench command line of one test (CPU only: ``-ngl 0``)."""
         cfg = self.config
         return [cfg.binary, "-m", str(model), "-p", str(prompt), "-n", str(gen), "-d", str(depth),
-                "-r", str(cfg.repetitions), "-t", str(cfg.threads), "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch),
+                "-r", str(cfg.repetitions + 1), "-t", str(cfg.threads), "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch),
                 "-ngl", "0", "-o", "json"]
 
     def run_test(self, model: Path, prompt: int, gen: int, depth: int) -> BenchTest:
