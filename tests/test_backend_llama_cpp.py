@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
@@ -219,7 +219,7 @@ def test_the_default_method_is_difference():
 
 
 def _n_params(arch, layers) -> int:
-    return sum(int(__import__("numpy").prod(t.shape)) for t in tensor_specs(arch, layers, "f16"))
+    return sum(int(np.prod(t.shape)) for t in tensor_specs(arch, layers, "f16"))
 
 
 @needs_llama_bench
