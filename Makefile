@@ -12,7 +12,7 @@ BUDGET ?= 180
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,llama-cpp]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -92,9 +92,10 @@ def build_lut(
                                              "artifacts or $AMOEBA_ARTIFACTS)."),
     device: str = typer.Option("auto", help="auto (CUDA if torch sees one, else CPU), cpu or cuda[:N]; with "
                                "--predict a spec-sheet slug such as rtx-a5000."),
-    dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's; the number is "
-                                          "recorded)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16; "
+                                        "llama.cpp: f16 (default), q8_0 or q4_0."),
+    threads: Optional[int] = typer.Option(None, help="torch threads or llama-bench -t (default: $OMP_NUM_THREADS, "
+                                          "else one per physical core; the number is recorded)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),

@@ -23,8 +23,9 @@ class MissingLibraryBackend(FakeEngineBackend):
 
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
-    assert list(flows) == ["pytorch", "tensorrt-llm", "mlc-llm"]
+    assert list(flows) == ["pytorch", "llama.cpp", "tensorrt-llm", "mlc-llm"]
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
+    assert flows["llama.cpp"].status in (MEASURING, UNAVAILABLE) and flows["llama.cpp"].capabilities.per_layer_heads
     for name, library in (("tensorrt-llm", "tensorrt_llm"), ("mlc-llm", "mlc_llm")):
         flow = flows[name]
         assert flow.status == ROOFLINE_ONLY and flow.roofline_profile
@@ -42,8 +43,8 @@ def test_capabilities_have_one_definition_per_flow():
     assert (mlc.per_layer_heads, mlc.per_layer_ffn) == (False, False)
     for flow in list_flows():
         assert flow.capabilities == flow_capabilities(flow.name)
-    with pytest.raises(UsageError, match="unknown flow 'llama.cpp'"):
-        flow_capabilities("llama.cpp")
+    with pytest.raises(UsageError, match="unknown flow 'vllm'"):
+        flow_capabilities("vllm")
 
 
 def test_registered_adapter_without_its_library_is_unavailable(monkeypatch):
