@@ -332,9 +332,8 @@ def validate_cmd(
             raise AmoebaError("interrupted: finished entries are kept in the validation journal; rerun the same "
                               "command to resume") from None
     results, path, drift = list(run.validations), run.table, run.drift
-    if run.from_journal:
-        err.print(f"{run.measured} entries measured now, {run.from_journal} taken from the journal of an "
-                  "interrupted validation", highlight=False)
+    err.print(f"{run.measured} entries measured now, {run.from_journal} taken from the journal of an interrupted "
+              "validation", highlight=False)
     measured = [v.measured_ms for v in results]
     tau = kendall_tau([v.predicted_ms for v in results], measured)
     tau_fresh = kendall_tau([v.fresh_predicted_ms for v in results], measured)
