@@ -123,6 +123,27 @@ def test_a_waiting_build_says_whose_lock_it_waits_for_and_how_long(tmp_path, tin
     assert not Path(str(first.path) + ".lock.holder").exists()  # the note goes with the lock
 
 
+def test_cli_build_prints_the_lock_it_waits_for(tmp_path, tiny_config_path):
+    from amoeba_profile.device import fingerprint
+    from amoeba_profile.lockfile import held
+    from amoeba_profile.lut import table_path
+
+    path = table_path(tmp_path, fingerprint("cpu")["slug"], "pytorch", "tiny", "float32")
+    path.parent.mkdir(parents=True)
+    stderr = tmp_path / "stderr.txt"
+    with held(Path(str(path) + ".lock"), "the test"), stderr.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--model",
+                                 str(tiny_config_path), "--out", str(tmp_path), "--quick"],
+                                stdout=subprocess.DEVNULL, stderr=sink)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "waiting" not in stderr.read_text() and proc.poll() is None:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = " ".join(stderr.read_text().split())
+    assert f"is locked by pid {os.getpid()} on " in text and "waiting until it is released" in text, text
+
+
 def test_journal_of_other_plan_is_not_mixed(tmp_path, tiny_arch):
     backend = get_backend("pytorch")
     path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
