@@ -96,7 +96,7 @@ def run_build(
         return runner.build(path, device, method_reason, on_corrupt_journal)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Measured:
     """Rows measured into a journal but not into a table (``measure_plan``)."""
 
@@ -426,11 +426,12 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any]) -> int:
-    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock.
+def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any], notice: Notice | None = None) -> int:
+    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock
+    (``notice`` hears whom it waits for).
 
     Rows whose entry is already in the table are skipped; returns how many were added."""
-    with held(Path(str(path) + ".lock"), f"table {path}"):
+    with held(Path(str(path) + ".lock"), f"table {path}", notice=notice):
         lut = load_table(path)
         have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
         new = [row for row in rows if entry_key_of_row(row) not in have]

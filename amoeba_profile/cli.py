@@ -136,7 +136,7 @@ def build_lut(
         err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
                   f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
     if not result.written:
-        out.print(f"table: {result.path}  (unchanged: all {result.reused} entries of this build are in it)")
+        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
         return
     out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken from the "
               f"journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s)")
@@ -355,7 +355,7 @@ def validate_cmd(
         err.print(f"[bold red]budget broken:[/] {', '.join(v.subnet.label for v in broken)} measured above "
                   f"{budget_ms:g} ms")
     # Results are out before the write-back, so a table that cannot be written still shows them.
-    added = write_back(run)
+    added = write_back(run, _notice)
     err.print(f"{added} model rows written to {path}", highlight=False)
     if broken:
         raise typer.Exit(1)

@@ -156,13 +156,14 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
                          measured.from_journal)
 
 
-def write_back(run: ValidationRun) -> int:
-    """Add the run's model rows to its table, then remove its journal; returns the rows added.
+def write_back(run: ValidationRun, notice: Notice | None = None) -> int:
+    """Add the run's model rows to its table, then remove its journal; returns the rows added
+    (``notice`` hears whom it waits for when a build holds the table).
 
     A failure to write is a ``LutError`` saying the journal is kept: the same validation run again
     takes every measurement from it and tries the write again."""
     try:
-        added = add_rows(run.table, list(run.models), run.note)
+        added = add_rows(run.table, list(run.models), run.note, notice)
     except (AmoebaError, OSError) as exc:
         reason = str(exc) if isinstance(exc, AmoebaError) else f"{type(exc).__name__}: {exc}"
         raise LutError(f"could not write the validation rows into {run.table} ({reason}); the measurements are "
