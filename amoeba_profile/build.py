@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from . import __version__
 from .artifacts import ArtifactCache
@@ -34,7 +33,8 @@ from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows, residual_key
 from .journal import Journal
-from .lut import entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
+from .lockfile import Notice, held, table_lock
+from .lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from .measure import Measurement, TimingProtocol, sample, warm_up
 from .plan import BuildPlan
 
@@ -61,11 +61,17 @@ def _row_method(entry: Entry, plan_method: str) -> str:
 
 @dataclass
 class BuildResult:
+    """``measured``: entries with a result measured by this run; ``from_journal``: entries whose
+    results all came from an earlier, interrupted run's journal; ``reused``: rows already in the
+    table; ``written``: False when the run had nothing to add and left the table untouched."""
+
     path: Path
     measured: int
+    from_journal: int
     reused: int
     oom: list[str]  # labels of the entries stored as oom or unsupported
     wall_s: float
+    written: bool = True
 
 
 def run_build(
@@ -77,24 +83,80 @@ def run_build(
     lock_timeout_s: float = -1,
     artifacts: ArtifactCache | None = None,
     method_reason: str = "",
+    on_corrupt_journal: str = "stop",
+    notice: Notice | None = None,
 ) -> BuildResult:
-    """Measure every entry of ``plan`` not already in the table, then write the table atomically."""
-    if plan.method not in backend.capabilities().methods:
-        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
-                          f"not the {plan.method!r} method")
+    """Measure every entry of ``plan`` not already in the table, then write the table atomically.
+
+    ``on_corrupt_journal`` is what to do with a damaged journal (``journal.CORRUPT_CHOICES``);
+    ``notice`` gets one-line messages for the user, such as a wait for another build's lock."""
+    _check_method(plan, backend)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")
-    try:
-        lock.acquire(timeout=lock_timeout_s)
-    except Timeout:
-        raise LutError(f"{path}: another build of this table holds {path}.lock; wait for it to finish") from None
-    try:
+    with table_lock(path, lock_timeout_s, notice):
         runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress)
-        return runner.build(path, device, method_reason)
-    finally:
-        lock.release()
+        return runner.build(path, device, method_reason, on_corrupt_journal)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Rows measured into a journal but not into a table (``measure_plan``)."""
+
+    lut: Lut
+    measured: int
+    from_journal: int
+
+
+def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol: TimingProtocol = TimingProtocol(),
+                 progress: Progress | None = None, *, artifacts: ArtifactCache | None = None,
+                 method_reason: str = "", on_corrupt_journal: str = "stop", notice: Notice | None = None) -> Measured:
+    """Measure every entry of ``plan`` through a journal at ``journal_path`` and return the rows as
+    a table in memory, fitted like a build's; nothing else is written and the journal is kept.
+
+    For a caller that stores only part of the rows elsewhere (validate): killed at any moment, the
+    same call resumes from the journal, and the caller removes the journal once its rows are stored.
+    A lock beside the journal keeps two such runs from appending to it at once."""
+    _check_method(plan, backend)
+    device = fingerprint(backend.device)
+    journal_path.parent.mkdir(parents=True, exist_ok=True)
+    with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice):
+        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress)
+        meta = _meta(plan, backend, protocol, device, method_reason)
+        journal = runner.open_journal(journal_path, device, on_corrupt_journal)
+        todo = plan.entries()
+        meta["monitor"], meta["state_at_start"] = runner.monitor.source, runner.monitor.sample()
+        rows, _ = runner.measure(todo, journal)
+        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+        if fit_ids:
+            rows, meta["fit"] = _refit(rows, fit_ids)
+            meta["fit_subnet_ids"] = sorted(fit_ids)
+        meta["state_at_end"] = runner.monitor.sample()
+    return Measured(Lut(rows_frame(rows), meta), *_provenance(todo, journal))
+
+
+def _provenance(todo: list[Entry], journal: Journal) -> tuple[int, int]:
+    """(entries measured now, entries whose every result came from the journal as it was opened)."""
+    now = journal.measured_now()
+    measured = sum(e.key in now for e in todo)
+    return measured, len(todo) - measured
+
+
+def _check_method(plan: BuildPlan, backend: Backend) -> None:
+    if plan.method not in backend.capabilities().methods:
+        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
+                          f"not the {plan.method!r} method")
+
+
+def _meta(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any],
+          method_reason: str) -> dict[str, Any]:
+    return {
+        "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": backend.name,
+        "backend_config": backend.config_dict(), "versions": backend.versions(),
+        "backend_env": backend.environment(), "dtype": backend.dtype, "arch": plan.arch.to_dict(),
+        "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
+        "protocol": protocol.to_dict(), "clock": backend.clock_name, "source": "measured",
+    }
 
 
 def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -128,30 +190,18 @@ class _Runner:
             which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
             self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
 
-    def build(self, path: Path, device: dict[str, Any], method_reason: str) -> BuildResult:
-        plan, backend, protocol = self.plan, self.backend, self.protocol
-        started = time.perf_counter()
-        meta = {
-            "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": backend.name,
-            "backend_config": backend.config_dict(), "versions": backend.versions(),
-            "backend_env": backend.environment(), "dtype": backend.dtype, "arch": plan.arch.to_dict(),
-            "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
-            "protocol": protocol.to_dict(), "clock": backend.clock_name, "source": "measured",
-        }
-        kept, old_meta = _existing(path, meta)
-        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
-        if old_meta is not None:
-            meta = _extend_meta(old_meta, plan, protocol)
-            fit_ids |= set(old_meta.get("fit_subnet_ids", []))
-        have = {entry_key_of_row(row) for row in kept}
-        todo = [e for e in plan.entries() if e.key not in have]
-        journal = Journal(path.with_name(path.name + ".journal.jsonl"), _journal_header(plan, backend, protocol, device))
+    def open_journal(self, path: Path, device: dict[str, Any], on_corrupt: str) -> Journal:
+        plan, protocol = self.plan, self.protocol
+        return Journal(path, _journal_header(plan, self.backend, protocol, device),
+                       on_corrupt, keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
+
+    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal."""
+        protocol = self.protocol
         done = journal.done()
         units: dict[tuple, list[Entry]] = defaultdict(list)
         for entry in todo:
             units[entry.unit].append(entry)
-        meta["monitor"] = self.monitor.source
-        meta["state_at_start"] = self.monitor.sample()
         self.total = len(todo) * protocol.rounds
         todo_keys = {e.key for e in todo}
         self.counter = len({d for d in done if d[0] in todo_keys})
@@ -163,7 +213,31 @@ class _Runner:
                 if pending and unit_key not in self.failed_units:
                     self._measure_unit(pending, round_index, journal)
         self._remeasure_noisy(units, journal, done)
-        rows, oom = _aggregate(todo, journal.records, protocol.cv_threshold, plan.method)
+        return _aggregate(todo, journal.records, protocol.cv_threshold, self.plan.method)
+
+    def build(self, path: Path, device: dict[str, Any], method_reason: str, on_corrupt: str) -> BuildResult:
+        plan, protocol = self.plan, self.protocol
+        started = time.perf_counter()
+        meta = _meta(plan, self.backend, protocol, device, method_reason)
+        kept, old_meta = _existing(path, meta)
+        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+        have = {entry_key_of_row(row) for row in kept}
+        todo = [e for e in plan.entries() if e.key not in have]
+        journal_path = path.with_name(path.name + ".journal.jsonl")
+        if old_meta is not None:
+            old_fits = set(old_meta.get("fit_subnet_ids", []))
+            if not todo and fit_ids <= old_fits and not _widens_grid(old_meta["grid"], plan):
+                # Nothing to add: rewriting would only churn the file and log a build that did nothing.
+                # A journal of this build left by a crash after its table was written goes (another's stays).
+                if journal_path.exists():
+                    self.open_journal(journal_path, device, on_corrupt).path.unlink()
+                return BuildResult(path, 0, 0, len(kept), [], time.perf_counter() - started, written=False)
+            meta = _extend_meta(old_meta, plan, protocol)
+            fit_ids |= old_fits
+        journal = self.open_journal(journal_path, device, on_corrupt)
+        meta["monitor"] = self.monitor.source
+        meta["state_at_start"] = self.monitor.sample()
+        rows, oom = self.measure(todo, journal)
         all_rows = kept + rows
         if fit_ids:
             all_rows, meta["fit"] = _refit(all_rows, fit_ids)
@@ -174,7 +248,7 @@ class _Runner:
             else {"created_at": created}
         write_table(path, rows_frame(all_rows), {**meta, **stamps})
         journal.path.unlink(missing_ok=True)
-        return BuildResult(path, len(todo), len(kept), oom, time.perf_counter() - started)
+        return BuildResult(path, *_provenance(todo, journal), len(kept), oom, time.perf_counter() - started)
 
     def _open(self, entry: Entry):
         """(engine or component unit, compile seconds spent now) for the unit ``entry`` belongs to."""
@@ -261,12 +335,27 @@ class _Runner:
                 self._measure_unit(noisy, extra, journal)
 
 
+_GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
+
+
+def _widens_grid(old_grid: dict[str, Any], plan: BuildPlan) -> bool:
+    """Whether ``plan``'s grid lists a value the table's grid lacks (values compared as JSON)."""
+    if not plan.measure_grid:
+        return False
+    new = plan.grid()
+
+    def values(grid: dict[str, Any], key: str) -> set[str]:
+        return {json.dumps(v) for v in json.loads(json.dumps(grid.get(key, [])))}
+
+    return any(values(new, key) - values(old_grid, key) for key in (*_GRID_LISTS, "extra_attn"))
+
+
 def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProtocol) -> dict[str, Any]:
     """The table's grid and protocol describe its first build; a later build adds rows, widens the
     grid to cover them, and lists itself."""
     grid = dict(old_meta["grid"])
     if plan.measure_grid:
-        for key in ("widths", "prompt_lens", "contexts", "extra_ffn", "depths"):
+        for key in _GRID_LISTS:
             grid[key] = sorted(set(grid.get(key, [])) | set(plan.grid()[key]))
         grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
     meta = {**old_meta, "grid": grid,
@@ -307,9 +396,16 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
                                  ("throttled", any(c.get("throttled") for c in contexts)),
                                  ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY)) if on]
-        rows.append(measured_row(entry, measurement, "ok", method=method, repeat=results[0]["repeat"],
-                                 wall_s=sum(r["wall_s"] for r in results), rounds=len(results), flags=";".join(flags),
-                                 context=state))
+        # A decode difference noisier than its step can have a median at or below zero; an ok row
+        # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
+        usable = measurement.median_ms > 0
+        if not usable:
+            failed.append(entry.key)
+        rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
+                                 repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
+                                 rounds=len(results), flags=";".join(flags), context=state,
+                                 note="" if usable else f"median {measurement.median_ms:.3g} ms is not positive: "
+                                 "the samples are noisier than the step they time"))
     return rows, failed
 
 
@@ -335,11 +431,12 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any]) -> int:
-    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock.
+def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any], notice: Notice | None = None) -> int:
+    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock
+    (``notice`` hears whom it waits for).
 
     Rows whose entry is already in the table are skipped; returns how many were added."""
-    with FileLock(str(path) + ".lock"):
+    with table_lock(path, notice=notice):
         lut = load_table(path)
         have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
         new = [row for row in rows if entry_key_of_row(row) not in have]

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .arch import resolve_arch
 from .errors import AmoebaError, UsageError
+from .journal import check_corrupt_choice
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
@@ -70,6 +71,14 @@ def _whole_subnets(arch, text: str | None) -> tuple[Subnet, ...]:
     return tuple(subnets)
 
 
+_CORRUPT_HELP = ("A journal damaged other than by a crash mid-append: stop (name the line), drop-tail (keep the "
+                 "results before it) or restart (discard it).")
+
+
+def _notice(message: str) -> None:
+    err.print(f"[yellow]note:[/] {message}", highlight=False)
+
+
 @app.command("build-lut")
 def build_lut(
     backend: str = typer.Option("pytorch", help="Backend adapter (see 'amoeba-profile backends')."),
@@ -104,6 +113,7 @@ def build_lut(
                                                   "profile-device JSON instead of the spec sheet."),
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: extend the grid to cover "
                                             "its per-layer widths."),
+    on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
 ) -> None:
     """Measure a per-device latency table (resumable), or compute one for a spec-sheet device with --predict."""
     from .artifacts import ArtifactCache
@@ -111,6 +121,7 @@ def build_lut(
     from .plan import BuildPlan
     from .prepare import prepare_build
 
+    check_corrupt_choice(on_corrupt_journal)
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = _strategy_extent(arch, strategy) if strategy is not None else ((), ())
@@ -143,14 +154,18 @@ def build_lut(
 
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
-                               method_reason=build.method_reason)
+                               method_reason=build.method_reason, on_corrupt_journal=on_corrupt_journal, notice=_notice)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory or unsupported) and are "
-                  f"stored with that status: {', '.join(result.oom[:3])}")
-    out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
+        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
+                  f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
+    if not result.written:
+        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
+        return
+    out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken from the "
+              f"journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s)")
 
 
 def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
@@ -333,19 +348,29 @@ def validate_cmd(
     widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
+    on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure the top-k picks whole with the table's own backend config, compare, write the rows back."""
-    from .validate import kendall_tau, validate_selection
+    from .validate import kendall_tau, measure_picks, write_back
 
+    check_corrupt_choice(on_corrupt_journal)
     table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
                                   strategy)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
-        results, path, drift = validate_selection(table.path, selection, protocol,
-                                           lambda d, t, label: bar.update(task, completed=d, total=t, entry=label))
+        try:
+            run = measure_picks(table.path, selection, protocol,
+                                lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
+                                on_corrupt_journal, _notice)
+        except KeyboardInterrupt:
+            raise AmoebaError("interrupted: finished entries are kept in the validation journal; rerun the same "
+                              "command to resume") from None
+    results, path, drift = list(run.validations), run.table, run.drift
+    err.print(f"{run.measured} entries measured now, {run.from_journal} taken from the journal of an interrupted "
+              "validation", highlight=False)
     measured = [v.measured_ms for v in results]
     tau = kendall_tau([v.predicted_ms for v in results], measured)
     tau_fresh = kendall_tau([v.fresh_predicted_ms for v in results], measured)
@@ -362,11 +387,14 @@ def validate_cmd(
         if abs(drift - 1) > 0.05:
             err.print("[yellow]note:[/] the device runs more than 5 % off its state when the table was built; "
                       "rebuild the table for this state")
-        out.print(f"model rows written to {path}")
     broken = [v for v in results if v.breaks_budget]
     if broken:
         err.print(f"[bold red]budget broken:[/] {', '.join(v.subnet.label for v in broken)} measured above "
                   f"{budget_ms:g} ms")
+    # Results are out before the write-back, so a table that cannot be written still shows them.
+    added = write_back(run, _notice)
+    err.print(f"{added} model rows written to {path}", highlight=False)
+    if broken:
         raise typer.Exit(1)
 
 

@@ -27,6 +27,20 @@ def entry_key(component: str, phase: str, batch: int, tokens: int, context: int,
     return f"{component}|{phase}|b{batch}|t{tokens}|c{context}|h{heads}|kv{kv_heads}|f{ffn}|s{subnet_id}"
 
 
+def kind_of_key(key: str) -> tuple[str, str]:
+    """(component, phase) of an entry key (``entry_key``)."""
+    component, phase = key.split("|", 2)[:2]
+    return component, phase
+
+
+def samples_may_be_negative(component: str, phase: str) -> bool:
+    """Whether one timing sample of a row may be below zero: a serving-loop decode sample (``model``
+    or ``base``) is ``(e2e(1 + n) - e2e(1)) / n``, a difference of two requests that noise pushes
+    below zero when a step is short (a few % of the tiny test model's ``base`` samples, enough for
+    p10 <= 0); every other sample is one timed span."""
+    return component in ("model", "base") and phase == "decode"
+
+
 @dataclass(frozen=True)
 class Entry:
     component: str

@@ -14,7 +14,8 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from filelock import FileLock
 
-from .entry import COMPONENTS, PHASES, Entry, entry_key
+from .entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
 from .errors import LutError
 from .measure import Measurement
 
@@ -120,11 +120,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _create_exclusive(path: Path) -> tuple[int, Path]:
+    """A new temp file beside ``path`` with an unpredictable name, created exclusively (so no
+    planted symlink is followed) with mode 0666 less the umask - the mode any new file gets, where
+    ``mkstemp`` would leave 0600 on every table."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name after 16 tries")
+
+
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file with an unpredictable name (created exclusively, so no planted
-    symlink is followed), fsync it, and rename it over ``path`` (a rename replaces a symlink at
-    ``path`` instead of writing through it)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to a new file (``_create_exclusive``), fsync it, and rename it over ``path``
+    (a rename replaces a symlink at ``path`` instead of writing through it)."""
+    fd, tmp = _create_exclusive(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -135,11 +148,6 @@ def write_file_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def table_lock(path: Path) -> FileLock:
-    """The lock every writer of one table holds: a build, a validation write-back, a roofline write."""
-    return FileLock(str(path) + ".lock")
 
 
 def _finish_interrupted_write(path: Path) -> None:
@@ -162,6 +170,18 @@ def _finish_interrupted_write(path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+def _refuse_read_only(path: Path) -> None:
+    """A table whose CSV has no write permission bit is kept as it is, even by root (whom
+    permission bits do not stop, and a rename over the file would not be stopped either)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not mode & 0o222:
+        raise LutError(f"{path}: the table is read-only (mode {stat.filemode(mode)}); make it writable "
+                       "(chmod u+w) to change it")
+
+
 def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     """Write CSV and sidecar with one commit point: the rename of the CSV.
 
@@ -172,6 +192,7 @@ def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     write replaces. A reader therefore sees the old table or the new one, never a mix.
     """
     path = Path(path)
+    _refuse_read_only(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted_write(path)
     data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
@@ -212,12 +233,16 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     ok = frame["status"] == "ok"
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
-    bad = ~(stats.gt(0).all(axis=1) & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
+    signed = pd.Series([samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])],
+                       index=frame.index)[ok]
+    bad = ~(stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed)
+            & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
             & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
     if bad.any():
         i = int(bad[bad].index[0])
         raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
-                            f"p90={frame.at[i, 'p90_ms']} are not positive with p10 <= median <= p90")
+                            f"p90={frame.at[i, 'p90_ms']} are not p10 <= median <= p90 with a positive median "
+                            "(and p10, except on serving-loop decode rows)")
     for column in ("subnet_id", "flags", "note", "subnet_json"):
         frame[column] = frame[column].fillna("").astype(str)
     keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
@@ -293,7 +318,9 @@ def reseal(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise LutError(f"{path}: no such table")
-    with FileLock(str(path) + ".lock"):  # not while a build or validate rewrites the table
+    from .lockfile import table_lock  # lockfile writes its notes with this module's atomic write
+
+    with table_lock(path):  # not while a build or validate rewrites the table
         meta_path = sidecar_path(path) if sidecar_path(path).is_file() else pending_sidecar_path(path)
         meta = _read_sidecar(meta_path)
         if meta is None:

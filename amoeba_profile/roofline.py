@@ -296,7 +296,8 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     from datetime import datetime, timezone
 
     from . import __version__
-    from .lut import rows_frame, table_lock, table_path, write_table
+    from .lockfile import table_lock
+    from .lut import rows_frame, table_path, write_table
 
     calibration = None
     eff = default_efficiency(flow)

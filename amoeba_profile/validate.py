@@ -8,11 +8,16 @@ predicted ones are from component rows (prefill at the prompt length; decode int
 the measured contexts and integrated over the generation). Two errors come out: against the stored
 table (what a user gets) and against the fresh components (the composition error alone); their
 ratio is the device's drift since the table was built - on a shared host it can exceed 10 %.
+
+Measuring goes through a journal beside the table (``<table>.validate.journal.jsonl``), keyed like a
+build's by everything the measurement depends on (the picks, the workload's shapes, the protocol,
+backend and device): a killed validation rerun with the same command resumes, one with another
+command is refused. The journal is removed only once the model rows are committed to the table,
+so a failed write-back (a read-only table) loses nothing and the same command writes them later.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +26,11 @@ import numpy as np
 
 from .arch import ModelArch
 from .backends import get_backend
-from .build import Progress, add_rows, run_build
+from .build import Progress, add_rows, measure_plan
 from .plan import BuildPlan
 from .device import device_slug
-from .errors import LutError, OutOfRange
+from .errors import AmoebaError, LutError, OutOfRange
+from .lockfile import Notice
 from .lut import Lut, load_table
 from .measure import TimingProtocol
 from .predict import Predictor
@@ -82,13 +88,33 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     return float(steps.mean()) if metric == "tpot_ms" else ttft + float(steps.sum())
 
 
-def validate_selection(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
-                       progress: Progress | None = None) -> tuple[list[Validation], Path, float]:
-    """Measure the picks whole, interleaved in the same rounds with the components they are made
-    of (into a scratch table), then write the model rows into the stored table.
+def journal_path(table_path: Path) -> Path:
+    return table_path.with_name(table_path.name + ".validate.journal.jsonl")
 
-    Returns the validations, the table path and the device drift: how much slower (>1) or faster
-    the picks' components run now than the stored table says."""
+
+@dataclass(frozen=True)
+class ValidationRun:
+    """The validations of one run, the model rows still to be written into ``table`` and the
+    journal that holds them until then. ``drift``: how much slower (>1) or faster the picks'
+    components run now than the stored table says; ``measured`` / ``from_journal``: entries
+    measured by this run / taken from an interrupted run's journal."""
+
+    validations: tuple[Validation, ...]
+    table: Path
+    drift: float
+    models: tuple[dict[str, Any], ...]
+    note: dict[str, Any]
+    journal: Path
+    measured: int
+    from_journal: int
+
+
+def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
+                  progress: Progress | None = None, on_corrupt_journal: str = "stop",
+                  notice: Notice | None = None) -> ValidationRun:
+    """Measure the picks whole, interleaved in the same rounds with the components they are made
+    of, through the validation journal; the table is not written (``write_back`` does that)."""
+    table_path = Path(table_path)
     lut = load_table(table_path)
     meta = lut.meta
     if meta.get("source") == "roofline":
@@ -113,19 +139,37 @@ def validate_selection(table_path: Path, selection: Selection, protocol: TimingP
                      extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
                      extra_ffn=tuple(sorted({l.ffn for l in layers})))
     stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
-    with tempfile.TemporaryDirectory() as scratch:
-        fresh = load_table(run_build(plan, backend, Path(scratch), protocol, progress,
-                                     method_reason="validation: the table's own method").path)
+    measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
+                            method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
+                            notice=notice)
+    fresh = measured.lut
     fresh_predictor = Predictor(fresh)
     out = []
     for cand in selection.top_k:
-        measured = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
+        truth = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
-        out.append(Validation(cand.subnet, cand.latency_ms, now, measured, cand.source, selection.budget_ms))
-    models = fresh.frame[fresh.frame.component == "model"].to_dict("records")
-    add_rows(Path(table_path), models, {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}})
+        out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
+    models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))
     drift = float(np.mean([v.fresh_predicted_ms / v.predicted_ms for v in out]))
-    return out, Path(table_path), drift
+    note = {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}}
+    return ValidationRun(tuple(out), table_path, drift, models, note, journal_path(table_path), measured.measured,
+                         measured.from_journal)
+
+
+def write_back(run: ValidationRun, notice: Notice | None = None) -> int:
+    """Add the run's model rows to its table, then remove its journal; returns the rows added
+    (``notice`` hears whom it waits for when a build holds the table).
+
+    A failure to write is a ``LutError`` saying the journal is kept: the same validation run again
+    takes every measurement from it and tries the write again."""
+    try:
+        added = add_rows(run.table, list(run.models), run.note, notice)
+    except (AmoebaError, OSError) as exc:
+        reason = str(exc) if isinstance(exc, AmoebaError) else f"{type(exc).__name__}: {exc}"
+        raise LutError(f"could not write the validation rows into {run.table} ({reason}); the measurements are "
+                       f"kept in {run.journal} - rerun the same command to write them") from exc
+    run.journal.unlink(missing_ok=True)
+    return added
 
 
 def kendall_tau(predicted: list[float], measured: list[float]) -> float | None:

@@ -203,8 +203,10 @@ def test_journal_does_not_write_through_a_planted_symlink(tmp_path):
     victim.write_text("precious\n")
     journal_path = tmp_path / "t.csv.journal.jsonl"
     journal_path.symlink_to(victim)
-    journal = Journal(journal_path, {"kind": "header", "identity": "x"})
-    journal.append({"key": "k", "round": 0, "status": "ok"})
+    with pytest.raises(LutError, match="line 1: a symbolic link"):
+        Journal(journal_path, {"kind": "header", "identity": "x"})
+    journal = Journal(journal_path, {"kind": "header", "identity": "x"}, on_corrupt="restart")
+    journal.append({"key": "mlp|prefill|b1|t16|c0|h0|kv0|f64|s", "round": 0, "status": "oom", "note": ""})
     assert victim.read_text() == "precious\n" and not journal_path.is_symlink()
     assert len(journal_path.read_text().splitlines()) == 2
 
@@ -251,3 +253,57 @@ def test_reseal_refuses_a_csv_that_breaks_the_schema(tmp_path, tiny_arch):
     with pytest.raises(LutError, match="status='fine' is not one of"):
         reseal(path)
     assert sidecar_path(path).read_text() == sidecar  # nothing recorded
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_get_the_umasks_mode(tmp_path, tiny_arch, umask, mode):
+    """Temp files used to come from mkstemp, so every table was 0600 whatever the umask."""
+    import os
+
+    from amoeba_profile.journal import Journal
+
+    old = os.umask(umask)
+    try:
+        path = _write(tmp_path, _flat(tiny_arch))
+        journal = Journal(tmp_path / "j.journal.jsonl", {"kind": "header", "identity": "x"})
+    finally:
+        os.umask(old)
+    for written in (path, sidecar_path(path), journal.path):
+        assert written.stat().st_mode & 0o777 == mode, written
+
+
+def test_a_read_only_table_is_not_replaced(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    before = path.read_bytes()
+    path.chmod(0o444)
+    with pytest.raises(LutError, match=r"read-only \(mode -r--r--r--\).*chmod u\+w"):
+        write_table(path, _flat(tiny_arch).frame, {"changed": True})
+    assert path.read_bytes() == before and "changed" not in load_table(path).meta
+    path.chmod(0o644)
+    write_table(path, _flat(tiny_arch).frame, {"changed": True})
+    assert load_table(path).meta["changed"] is True
+
+
+def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_path, tiny_arch):
+    """A serving-loop decode sample is a difference of two requests: p10 may dip below zero there
+    (the row is usable), while a median at or below zero makes the build store an error row -
+    either way the table loads."""
+    from amoeba_profile.build import _aggregate
+
+    noisy = Entry("base", "decode", 1, 1, 16)
+    drowned = Entry("base", "decode", 1, 1, 64)
+    records = [{"kind": "result", "key": e.key, "round": 0, "status": "ok", "repeat": 1, "steps": 1, "wall_s": 0.1,
+                "samples_ms": samples, "context": {}}
+               for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))]
+    rows, failed = _aggregate([noisy, drowned], records, 0.1, "components")
+    assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.key]
+    assert rows[0]["p10_ms"] < 0 < rows[0]["median_ms"] and "not positive" in rows[1]["note"]
+    path = tmp_path / "t.csv"
+    write_table(path, rows_frame(rows), {})
+    lut = load_table(path)
+    assert len(lut.ok) == 1 and json.loads(lut.frame.samples_ms[1]) == [-0.3, -0.2, 0.1]
+    timed = rows_frame([{**rows[0], "component": "mlp", "phase": "prefill", "tokens": 16, "context": 0}])
+    timed_path = tmp_path / "u.csv"
+    write_table(timed_path, timed, {})
+    with pytest.raises(LutError, match="positive median"):
+        load_table(timed_path)
