@@ -78,6 +78,9 @@ def build_lut(
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's; the number is recorded)."),
+    backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE for the backend's "
+                                                       "config, repeatable (e.g. mode=max-autotune-no-cudagraphs for "
+                                                       "pytorch-compiled); stored in the table's sidecar."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
@@ -105,7 +108,7 @@ def build_lut(
     chosen, reason = choose_method(backend, backend_class(backend).capabilities().methods, device, method)
     plan = BuildPlan(arch, **grid, method=chosen, depths=_ints(depths, "depths") if depths else (),
                      decode_steps=decode_steps)
-    instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
+    instance = get_backend(backend, device=device, dtype=dtype, threads=threads, **_backend_options(backend_option))
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     err.print(f"method: {chosen} ({reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -121,10 +124,27 @@ def build_lut(
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
+    if result.recompiled:
+        err.print(f"[yellow]warning:[/] {len(result.recompiled)} rows compiled inside their timed samples (flagged "
+                  f"'recompiled'; their times include compile work): {', '.join(result.recompiled[:3])}")
     if result.oom:
         err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory or unsupported) and are "
                   f"stored with that status: {', '.join(result.oom[:3])}")
     out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
+
+
+def _backend_options(items: list[str] | None) -> dict[str, str]:
+    """'mode=default' items -> backend options; device, dtype and threads have their own flags."""
+    options: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise UsageError(f"--backend-option takes KEY=VALUE, got {item!r}")
+        if key in ("device", "dtype", "threads"):
+            raise UsageError(f"--backend-option {key}=...: use --{key}")
+        options[key] = value.strip()
+    return options
 
 
 def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
