@@ -5,30 +5,32 @@ applies by itself): ``generate()`` with a ``StaticCache`` compiles the model's f
 ``CompileConfig`` in ``model.generation_config.compile_config`` whenever
 ``_valid_auto_compile_criteria`` holds - a compileable cache that is not a ``DynamicCache``, on
 CUDA (or anywhere when ``CompileConfig._compile_all_devices`` is set, which this backend sets on
-CPU). What is compiled is the per-token decode step: transformers runs the prefill eager (into the
-static cache, attending over all ``max_cache_len`` slots under a mask), so ``ttft`` rows measure
-that eager prefill and ``tpot`` rows the compiled decode steps. A model without decoder layers has
-no cache, is never compiled, and is refused in ``check_spec``; the ``difference`` fit finds the
-base from the three depths instead.
+CPU). What is compiled is the per-token decode step: transformers runs the prefill eager, so
+``ttft`` rows measure that eager prefill into a static cache and ``tpot`` rows the compiled decode
+steps. Attention runs over all ``max_seq_len`` slots of the static cache under a mask, so rows hold
+for engines sized to the build's longest context (``BuildPlan.engine_limits``), as a user sizes
+the cache to the longest request. A model without decoder layers has no cache, is never compiled,
+and is refused in ``check_spec``; the ``difference`` fit finds the base from the depths instead.
 
-Serving-loop definitions are those of the eager flow (``pytorch.py``): ttft is a 1-token request
-(transformers creates a fresh ``StaticCache`` of ``max_seq_len`` per request, as it does for a user
-passing ``cache_implementation="static"``); tpot at context c is (e2e(1 + n) - e2e(1)) / n over a
-``StaticCache`` of ``max_seq_len`` slots holding c - n/2 random tokens. A static layer is cropped by
-moving its length counter back (the stale slots are overwritten by the next request), so the
-prefix is cropped back after every request, untimed, exactly as the dynamic cache is.
+Serving-loop definitions are those of the eager flow (``pytorch.py``). ttft is a 1-token request,
+for which transformers creates a fresh ``StaticCache`` of ``max_seq_len`` slots, as it does for a
+user passing ``cache_implementation="static"``. tpot at context c is (e2e(1 + n) - e2e(1)) / n over
+the engine's one ``StaticCache`` holding c - n/2 random tokens. A static layer is cropped by moving
+its length counter back (the next request overwrites the stale slots), so the prefix is cropped
+back after every request, untimed, exactly as the dynamic cache is.
 
-Compile cost. Dynamo keeps compiled code in the process, keyed by the guards on the model's
-structure, not its instance: a rebuilt model of a shape compiled before reuses the graph (measured
-on the 2-core CPU: 0.006 s vs 3.5 s). ``compile`` builds the engine and runs one short request so
-the decode step is compiled there, timed, never inside a measurement; the engine is then kept alive
-across rounds in an ``EnginePool`` (least recently used evicted past half the device memory), so a
-round's ``load`` costs nothing. After a restart ``load`` compiles again and reports it as
-``Engine.compile_s``; inductor's on-disk cache (``environment()["inductor_cache_dir"]``) makes that
-recompile cheaper (2-layer tiny model on the 2-core CPU: 42 s cold, 3.5 s from the disk cache).
-Every engine shape adds a cache entry on the same code object (``LlamaForCausalLM.forward``), so
-dynamo's recompile limit (8 by default, after which it silently runs eager) is raised, and a frame
-that fell back to eager anyway makes the shape ``unsupported`` instead of mislabelled.
+Compile cost. ``compile`` builds the engine and runs one short request, so the decode step is
+compiled there, timed, and never inside a measurement. The engine is then kept alive across rounds
+in an ``EnginePool`` (least recently used released past half the device memory), so a round's
+``load`` costs nothing. Dynamo keeps compiled code in the process, keyed by guards on the model's
+structure, not on its instance, so a released engine rebuilt later reuses its graph. After a
+restart ``load`` compiles again and reports it as ``Engine.compile_s``; inductor's on-disk cache
+(``environment()["inductor_cache_dir"]``) makes that cheaper. Measured for the 4-layer tiny model
+(hidden 64) on the shared 2-core CPU: 105 s with an empty cache, 17 s from the disk cache in a new
+process, 0.02 s for a rebuilt model in the same process. Every engine shape adds a cache entry on
+one code object (``LlamaForCausalLM.forward``), so dynamo's recompile limit (8, past which it runs
+eager with only a warning) is raised, and a frame that fell back to eager anyway makes the shape
+``unsupported`` instead of a mislabelled row.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class CompiledEngine(PyTorchEngine):
     def __init__(self, backend: "PyTorchCompiledBackend", spec: EngineSpec):
         super().__init__(backend, spec)
         self.model.generation_config.compile_config = backend.compile_config
+        self._cache, self._cache_batch = None, 0
 
     def generate(self, ids, cache, new_tokens: int):
         if cache is not None:
@@ -194,11 +197,19 @@ class CompiledEngine(PyTorchEngine):
                                    max_cache_len=self.spec.max_seq_len)
 
     def filled_cache(self, batch: int, tokens: int):
-        """A StaticCache of ``max_seq_len`` slots holding ``tokens`` random keys/values in every layer."""
+        """The engine's StaticCache of ``max_seq_len`` slots, refilled with ``tokens`` random keys/values
+        in every layer. One cache per engine, as a serving process keeps one: the compiled step reads
+        it at fixed addresses, and a new cache would make CUDA graphs re-record. The pieces of an
+        engine are measured one after another, so they share it."""
         torch = _torch()
         from transformers import StaticCache
 
-        cache = StaticCache(config=self.cfg, max_cache_len=self.spec.max_seq_len)
+        cache = self._cache
+        if cache is None or self._cache_batch != batch:
+            cache = self._cache = StaticCache(config=self.cfg, max_cache_len=self.spec.max_seq_len)
+            self._cache_batch = batch
+        else:
+            cache.reset()
         for index, (_, kv, _) in enumerate(self.spec.layers):
             keys = torch.randn(batch, kv, tokens, self.spec.arch.head_dim, device=self.device,
                                dtype=self.backend.torch_dtype)

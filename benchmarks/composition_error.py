@@ -8,7 +8,9 @@ the truth rows. It then prints predicted vs measured for every subnet, prefill (
 device-seconds of each table.
 
     python benchmarks/composition_error.py [--model tinyllama-1.1b] [--method both] [--out out/bench]
-        [--report-only]
+        [--backend pytorch | pytorch-compiled] [--report-only]
+
+The compiled flow (``--backend pytorch-compiled``) has only the ``difference`` method.
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512")
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="pytorch", help="pytorch (eager) or pytorch-compiled")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--report-only", action="store_true", help="report on the tables already under --out")
     args = parser.parse_args()
@@ -142,12 +145,13 @@ def main() -> None:
     arch = resolve_arch(args.model)
     subnets = validation_subnets(arch)
     contexts = tuple(int(c) for c in args.contexts.split(","))
-    backend = get_backend("pytorch", device=args.device)
+    backend = get_backend(args.backend, device=args.device)
     # Few warm-up runs: whole models take seconds per request on a CPU; three rounds interleave them.
     protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=3, samples_per_round=3,
                               min_round_s=0.0)
-    methods = ["components", "difference"] if args.method == "both" else [args.method]
-    summary = {"model": arch.name, "device": args.device, "protocol": protocol.to_dict()}
+    supported = backend.capabilities().methods
+    methods = [m for m in ("components", "difference") if m in supported] if args.method == "both" else [args.method]
+    summary = {"model": arch.name, "device": args.device, "backend": args.backend, "protocol": protocol.to_dict()}
     t0 = time.perf_counter()
     last = [0.0]
 

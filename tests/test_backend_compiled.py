@@ -174,5 +174,7 @@ def test_static_cache_window_is_cropped_back(tiny_arch, tmp_path):
     _, steps = warm_up(piece, protocol)
     assert all(s > 0 for s in sample(piece, protocol, steps))
     assert int(piece.cache.get_seq_length()) == 28 and (JitCount.now() - before).frames == 0
+    other = engine.tpot(1, 16, 8)  # the engine's one cache, refilled: the compiled step's addresses stay
+    assert other.cache is piece.cache and int(other.cache.get_seq_length()) == 12
     out = engine.generate(piece.ids[:, :16], None, 3)
     assert out.shape[1] == 19 and engine.model._previous_max_cache_length == spec.max_seq_len
