@@ -147,3 +147,19 @@ def test_compile_time_spent_in_load_reaches_the_rows(tmp_path, tiny_arch, fake_b
     lut = _build(tmp_path, tiny_arch, get_backend("fake-engine", load_compile_s=5.0))
     models = lut.frame[lut.frame.component == "model"]
     assert models.compile_s.between(5.0, 6.0).all()
+
+
+def test_build_lut_warns_about_rows_compiled_while_timed(tmp_path, tiny_config_path, fake_backend):
+    from typer.testing import CliRunner
+
+    from amoeba_profile.cli import app
+
+    args = ["build-lut", "--backend", "fake-engine", "--model", str(tiny_config_path), "--out", str(tmp_path),
+            "--quick", "--widths", "1", "--depths", "1,2,4", "--prompt-len", "16", "--contexts", "16",
+            "--artifacts", str(tmp_path / "artifacts"), "--backend-option", "jit=on"]
+    quiet = CliRunner().invoke(app, args)
+    assert quiet.exit_code == 0 and "recompiled" not in quiet.output
+    noisy = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "timed"), "--backend-option",
+                                     "compiles_while_timed=on"])
+    assert noisy.exit_code == 0, noisy.output
+    assert "8 rows compiled inside their timed samples (flagged 'recompiled'" in noisy.output
