@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from amoeba_profile.arch import ModelArch
 from amoeba_profile.backends import EngineSpec, get_backend
 from amoeba_profile.backends.pytorch_compiled import (CompiledEngine, EnginePool, JitCount, compile_config,
                                                       engine_bytes, raise_recompile_limits, resolve_mode)
