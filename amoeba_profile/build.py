@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -72,6 +72,7 @@ class BuildResult:
     oom: list[str]  # labels of the entries stored as oom or unsupported
     wall_s: float
     written: bool = True
+    recompiled: list[str] = field(default_factory=list)  # rows whose timed samples included JIT compiling
 
 
 def run_build(
@@ -238,6 +239,7 @@ class _Runner:
         meta["monitor"] = self.monitor.source
         meta["state_at_start"] = self.monitor.sample()
         rows, oom = self.measure(todo, journal)
+        recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
         all_rows = kept + rows
         if fit_ids:
             all_rows, meta["fit"] = _refit(all_rows, fit_ids)
@@ -248,7 +250,8 @@ class _Runner:
             else {"created_at": created}
         write_table(path, rows_frame(all_rows), {**meta, **stamps})
         journal.path.unlink(missing_ok=True)
-        return BuildResult(path, *_provenance(todo, journal), len(kept), oom, time.perf_counter() - started)
+        return BuildResult(path, *_provenance(todo, journal), len(kept), oom, time.perf_counter() - started,
+                           recompiled=recompiled)
 
     def _open(self, entry: Entry):
         """(engine or component unit, compile seconds spent now) for the unit ``entry`` belongs to."""
@@ -258,7 +261,8 @@ class _Runner:
         spec = EngineSpec(self.plan.arch, layers, *self.plan.engine_limits())
         self.backend.check_spec(spec)
         artifact = self.artifacts.ensure(self.backend, spec)
-        return self.backend.load(spec, artifact.path), artifact.compile_s
+        engine = self.backend.load(spec, artifact.path)
+        return engine, artifact.compile_s + engine.compile_s
 
     def _piece(self, opened, entry: Entry):
         if not entry.runs_whole:
@@ -295,7 +299,9 @@ class _Runner:
                     piece = self._piece(opened, entry)
                     before = self.monitor.sample()
                     warm_runs, steps = warm_up(piece, self.protocol)
+                    jit_before = opened.jit_compiles() if entry.runs_whole else None
                     samples = sample(piece, self.protocol, steps)
+                    recompiles = opened.jit_compiles() - jit_before if jit_before is not None else None
                     after = self.monitor.sample()
                     busy = opened.device_busy(piece) if entry.runs_whole and round_index == 0 else None
                 except Exception as exc:  # noqa: BLE001
@@ -306,7 +312,8 @@ class _Runner:
                     continue
                 repeat = getattr(opened, "repeat", 1)
                 context = entry_context(before, after, (warm_runs + len(samples) * steps) * repeat)
-                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s)) if v is not None})
+                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
+                                                  ("recompiles", recompiles)) if v is not None})
                 journal.append({
                     "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
                     "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
@@ -395,7 +402,8 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         state = _summarize_context(contexts)
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
                                  ("throttled", any(c.get("throttled") for c in contexts)),
-                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY)) if on]
+                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
+                                 ("recompiled", any(c.get("recompiles", 0) > 0 for c in contexts))) if on]
         # A decode difference noisier than its step can have a median at or below zero; an ok row
         # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
         usable = measurement.median_ms > 0

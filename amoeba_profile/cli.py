@@ -105,6 +105,9 @@ def build_lut(
                                         "llama.cpp: f16 (default), q8_0 or q4_0."),
     threads: Optional[int] = typer.Option(None, help="torch threads or llama-bench -t (default: $OMP_NUM_THREADS, "
                                           "else one per physical core; the number is recorded)."),
+    backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE for the backend's "
+                                                       "config, repeatable (e.g. mode=max-autotune-no-cudagraphs for "
+                                                       "pytorch-compiled); stored in the table's sidecar."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
@@ -129,7 +132,8 @@ def build_lut(
                 batch=batch, whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
         measuring_only = [name for name, value in (("--method", method), ("--depths", depths), ("--quick", quick),
-                                                    ("--threads", threads), ("--artifacts", artifacts)) if value]
+                                                    ("--threads", threads), ("--artifacts", artifacts),
+                                                    ("--backend-option", backend_option)) if value]
         if measuring_only:
             raise UsageError(f"{', '.join(measuring_only)}: only for measured builds, not with --predict")
         if device == "auto" and device_profile is None:
@@ -140,7 +144,8 @@ def build_lut(
     if calibrate is not None or device_profile is not None:
         raise UsageError("--calibrate and --device-profile only apply with --predict")
     build = prepare_build(arch, backend=backend, device=device, method=method, dtype=dtype, threads=threads, **grid,
-                          depths=_ints(depths, "depths") if depths else (), decode_steps=decode_steps)
+                          depths=_ints(depths, "depths") if depths else (), decode_steps=decode_steps,
+                          backend_options=_backend_options(backend_option))
     plan, instance = build.plan, build.backend
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
@@ -158,6 +163,9 @@ def build_lut(
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
+    if result.recompiled:
+        err.print(f"[yellow]warning:[/] {len(result.recompiled)} rows compiled inside their timed samples (flagged "
+                  f"'recompiled'; their times include compile work): {', '.join(result.recompiled[:3])}")
     if result.oom:
         err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
                   f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
@@ -166,6 +174,20 @@ def build_lut(
         return
     out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken from the "
               f"journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s)")
+
+
+def _backend_options(items: list[str] | None) -> dict[str, str]:
+    """'mode=default' items -> backend options; device, dtype and threads have their own flags."""
+    options: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip():
+            raise UsageError(f"--backend-option takes KEY=VALUE, got {item!r}")
+        if key in ("device", "dtype", "threads"):
+            raise UsageError(f"--backend-option {key}=...: use --{key}")
+        options[key] = value.strip()
+    return options
 
 
 def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:

@@ -31,8 +31,10 @@ class PreparedBuild:
 
 
 def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
-                  dtype: str | None = None, threads: int | None = None, **plan_options: Any) -> PreparedBuild:
-    """Resolve and check a measured build; ``plan_options`` are ``BuildPlan`` fields (grid, depths,
+                  dtype: str | None = None, threads: int | None = None, backend_options: dict[str, Any] | None = None,
+                  **plan_options: Any) -> PreparedBuild:
+    """Resolve and check a measured build; ``backend_options`` are further fields of the backend's
+    config (e.g. pytorch-compiled's ``mode``); ``plan_options`` are ``BuildPlan`` fields (grid, depths,
     whole subnets, decode steps). Raises UsageError (or BackendUnavailable) naming the option."""
     if backend not in REGISTRY:
         from .roofline import load_flows
@@ -49,5 +51,5 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
         raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
     plan = BuildPlan(arch, method=chosen, **plan_options)
-    instance = get_backend(backend, device=resolved, dtype=dtype, threads=threads)
+    instance = get_backend(backend, device=resolved, dtype=dtype, threads=threads, **(backend_options or {}))
     return PreparedBuild(plan, instance, device_reason, method_reason)

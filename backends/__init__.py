@@ -7,6 +7,7 @@ missing library is an ``Availability`` with a reason and an install hint.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from ..errors import BackendUnavailable, UsageError
@@ -16,6 +17,7 @@ from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, Engine
 REGISTRY: dict[str, str] = {
     "pytorch": "amoeba_profile.backends.pytorch:PyTorchBackend",
     "llama.cpp": "amoeba_profile.backends.llama_cpp:LlamaCppBackend",
+    "pytorch-compiled": "amoeba_profile.backends.pytorch_compiled:PyTorchCompiledBackend",
 }
 
 
@@ -33,6 +35,13 @@ def get_backend(name: str, **options: Any) -> Backend:
     if not available.ok:
         hint = f" ({available.install_hint})" if available.install_hint else ""
         raise BackendUnavailable(f"backend {name!r} is unavailable: {available.reason}{hint}")
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**options)
+    except TypeError:
+        known = [p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        raise UsageError(f"backend {name!r} has no option {sorted(set(options) - set(known))}; its options are "
+                         f"{known}") from None
     return cls(**options)
 
 

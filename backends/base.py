@@ -62,6 +62,11 @@ class Engine(ABC):
     already cached, so the n timed decode steps are centred on c.
     """
 
+    # Seconds ``load`` spent compiling this engine in-process: a JIT flow (torch.compile) keeps its
+    # compiled code in the process, not in the artifact, so a fresh process compiles at load time.
+    # 0.0 for a reused engine or an ahead-of-time flow; the build adds it to the row's compile_s.
+    compile_s: float = 0.0
+
     @abstractmethod
     def ttft(self, batch: int, prompt_len: int) -> Workpiece: ...
 
@@ -71,6 +76,12 @@ class Engine(ABC):
     def device_busy(self, piece: Workpiece) -> float | None:
         """Fraction of one sample's wall time the accelerator was executing kernels; None where the
         host is the device (CPU) or the flow cannot tell. Below ~0.5 the flow is host-bound."""
+        return None
+
+    def jit_compiles(self) -> int | None:
+        """A running count of frames the flow's JIT compiler has compiled in this process; None for a
+        flow that compiles ahead of time. The build reads it after warm-up and after the timed
+        samples: a change means compile work was timed, and the row is flagged ``recompiled``."""
         return None
 
     def close(self) -> None:

@@ -138,8 +138,8 @@ class _TpotPiece:
 
     def _request(self, new_tokens: int) -> float:
         ms = self.engine.clock.time_ms(lambda: self.engine.generate(self.ids, self.cache, new_tokens))
-        if self.cache is not None:
-            self.cache.crop(-(self.cache.get_seq_length() - self.prefix))
+        if self.cache is not None:  # a static cache counts its length in a tensor: int() it, untimed
+            self.cache.crop(-(int(self.cache.get_seq_length()) - self.prefix))
         return ms
 
     def sample_ms(self, steps: int) -> float:

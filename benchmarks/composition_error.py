@@ -8,9 +8,9 @@ the truth rows. It then prints predicted vs measured for every subnet, prefill (
 device-seconds of each table.
 
     python benchmarks/composition_error.py [--model tinyllama-1.1b] [--method both] [--out out/bench]
-        [--backend pytorch|llama.cpp] [--dtype f16] [--report-only]
+        [--backend pytorch|pytorch-compiled|llama.cpp] [--dtype f16] [--report-only]
 
-``--method both`` runs the methods the backend supports (llama.cpp: difference only).
+``--method both`` runs the methods the backend supports (llama.cpp and pytorch-compiled: difference only).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512")
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="pytorch", help="pytorch or llama.cpp")
+    parser.add_argument("--backend", default="pytorch", help="pytorch (eager), pytorch-compiled or llama.cpp")
     parser.add_argument("--dtype", default=None, help="the backend's dtype (llama.cpp: f16, q8_0, q4_0)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--report-only", action="store_true", help="report on the tables already under --out")

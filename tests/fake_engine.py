@@ -31,6 +31,9 @@ class FakeConfig:
     device_busy: float | None = None
     version: str = "1.0"
     uniform_only: bool = False
+    jit: bool = False  # compile on the first request of an engine, as a JIT flow does in warm-up
+    compiles_while_timed: bool = False  # with jit: compile on every request (a recompiling flow)
+    load_compile_s: float = 0.0  # seconds each load reports compiling in-process
 
 
 def layer_ms(heads: int, ffn: int, phase: str, x: int) -> float:
@@ -51,6 +54,10 @@ class _Piece:
         self.engine, self.phase, self.x = engine, phase, x
 
     def sample_ms(self, steps: int) -> float:
+        engine = self.engine
+        if engine.config.jit and (engine.requests == 0 or engine.config.compiles_while_timed):
+            engine.frames += 1
+        engine.requests += 1
         return self.engine.true_ms(self.phase, self.x) * max(0.05, self.engine.rng.gauss(1.0, self.engine.noise))
 
 
@@ -59,6 +66,8 @@ class FakeEngine(Engine):
         self.spec, self.config = spec, backend.config
         self.rng = backend.rng
         self.noise = 0.4 if any(f == self.config.noisy_ffn for _, _, f in spec.layers) else self.config.noise
+        self.compile_s = self.config.load_compile_s
+        self.requests = self.frames = 0
 
     def true_ms(self, phase: str, x: int) -> float:
         arch, extra = self.spec.arch, self.config.interaction_ms
@@ -77,6 +86,9 @@ class FakeEngine(Engine):
 
     def device_busy(self, piece) -> float | None:
         return self.config.device_busy
+
+    def jit_compiles(self) -> int | None:
+        return self.frames if self.config.jit else None
 
 
 class FakeEngineBackend(Backend):

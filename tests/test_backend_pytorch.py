@@ -98,3 +98,14 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
         assert (lut.frame.status == "ok").all() and lut.meta["clock"] == "cuda-events"
         models = lut.frame[lut.frame.component == "model"]
         assert models.device_busy.between(0, 1).all()  # measured by the profiler on the GPU
+
+    compiled = get_backend("pytorch-compiled", device="cuda")
+    assert compiled.config.mode == "reduce-overhead" and "triton" in compiled.versions()
+    plan = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 32), method="difference", depths=(1, 2, 4))
+    result = run_build(plan, compiled, tmp_path / "compiled", TimingProtocol.quick(),
+                       artifacts=ArtifactCache(tmp_path / "artifacts"))
+    lut = load_table(result.path)
+    models = lut.frame[lut.frame.component == "model"]
+    layered = models[models.num_layers > 0]
+    assert (layered.status == "ok").all() and (layered.compile_s > 0).all() and result.recompiled == []
+    assert lut.meta["clock"] == "cuda-events" and (lut.ok[lut.ok.component == "layer"].median_ms > 0).all()

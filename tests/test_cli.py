@@ -154,7 +154,8 @@ def test_corrupt_table_is_one_line(built, tmp_path):
 def test_backends_lists_every_flow():
     data = {b["name"]: b for b in json.loads(run("backends", "--json", check_rc=0).stdout)}
     assert {name: b["status"] for name, b in data.items() if name != "llama.cpp"} == {
-        "pytorch": "measuring", "tensorrt-llm": "roofline-only", "mlc-llm": "roofline-only"}
+        "pytorch": "measuring", "pytorch-compiled": "measuring", "tensorrt-llm": "roofline-only",
+        "mlc-llm": "roofline-only"}
     assert data["llama.cpp"]["status"] in ("measuring", "unavailable")  # measuring where llama-bench is built
     assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
     assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
@@ -249,3 +250,33 @@ def test_difference_method_end_to_end(tmp_path):
                              "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
     assert checked["validated"][0]["measured_ms"] > 0
     assert run("build-lut", "--model", str(config), "--out", str(out), "--method", "guess").returncode == 2
+
+
+def test_backend_options_are_checked(tmp_path):
+    proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend-option", "mode", check_rc=2)
+    assert "KEY=VALUE" in proc.stderr
+    proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend-option", "mode=default",
+               check_rc=2)
+    assert "backend 'pytorch' has no option ['mode']" in proc.stderr
+    proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend", "pytorch-compiled",
+               "--backend-option", "mode=reduce-overhead", check_rc=2)
+    assert "CUDA graphs" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_flow_end_to_end(tmp_path):
+    """build-lut --backend pytorch-compiled: its own table folder, difference by default, mode in the sidecar."""
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "lut"
+    proc = run("build-lut", "--backend", "pytorch-compiled", "--backend-option", "mode=default", "--model", str(config),
+               "--out", str(out), "--quick", "--depths", "1,2,4", "--widths", "1", "--prompt-len", "16",
+               "--contexts", "16,32", check_rc=0)
+    assert "method: difference (the compiled flow has no lone components" in proc.stderr
+    assert "/pytorch-compiled/tiny-float32.csv" in proc.stdout and "recompiled" not in proc.stderr
+    data = json.loads(run("show", "--lut", str(out), "--json", check_rc=0).stdout)
+    assert data["backend"] == "pytorch-compiled" and data["backend_config"]["mode"] == "default"
+    assert data["rows"]["layer/ok"] == 3 and data["rows"]["model/unsupported"] == 3

@@ -6,7 +6,7 @@ from amoeba_profile.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
 from amoeba_profile.build import run_build
 from amoeba_profile.errors import AmoebaError, LutError, UsageError
-from amoeba_profile.lut import load_table
+from amoeba_profile.lut import entry_key_of_row, load_table
 from amoeba_profile.measure import TimingProtocol
 from amoeba_profile.methods import choose_method
 from amoeba_profile.plan import BuildPlan
@@ -129,3 +129,37 @@ def test_backend_is_rebuilt_from_its_stored_config(fake_backend):
     backend = get_backend("fake-engine", noise=0.03, version="1.1")
     again = type(backend)(**backend.config_dict())
     assert again.config == backend.config and again.versions() == {"fakelib": "1.1"}
+
+
+def test_compiling_inside_timed_samples_is_flagged(tmp_path, tiny_arch, fake_backend):
+    """A JIT flow compiles in warm-up (fine); a compile during the timed samples flags the row."""
+    warm_only = _build(tmp_path / "warm", tiny_arch, get_backend("fake-engine", jit=True))
+    assert not warm_only.frame["flags"].str.contains("recompiled").any()
+    result = run_build(_plan(tiny_arch), get_backend("fake-engine", jit=True, compiles_while_timed=True),
+                       tmp_path / "timed", PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts"))
+    models = load_table(result.path).frame.query("component == 'model'")
+    assert models["flags"].str.contains("recompiled").all()
+    assert sorted(result.recompiled) == sorted(models.apply(entry_key_of_row, axis=1))
+
+
+def test_compile_time_spent_in_load_reaches_the_rows(tmp_path, tiny_arch, fake_backend):
+    """A JIT flow compiles at load (its code lives in the process): that time is the row's compile_s."""
+    lut = _build(tmp_path, tiny_arch, get_backend("fake-engine", load_compile_s=5.0))
+    models = lut.frame[lut.frame.component == "model"]
+    assert models.compile_s.between(5.0, 6.0).all()
+
+
+def test_build_lut_warns_about_rows_compiled_while_timed(tmp_path, tiny_config_path, fake_backend):
+    from typer.testing import CliRunner
+
+    from amoeba_profile.cli import app
+
+    args = ["build-lut", "--backend", "fake-engine", "--model", str(tiny_config_path), "--out", str(tmp_path),
+            "--quick", "--widths", "1", "--depths", "1,2,4", "--prompt-len", "16", "--contexts", "16",
+            "--artifacts", str(tmp_path / "artifacts"), "--backend-option", "jit=on"]
+    quiet = CliRunner().invoke(app, args)
+    assert quiet.exit_code == 0 and "recompiled" not in quiet.output
+    noisy = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "timed"), "--backend-option",
+                                     "compiles_while_timed=on"])
+    assert noisy.exit_code == 0, noisy.output
+    assert "8 rows compiled inside their timed samples (flagged 'recompiled'" in noisy.output
