@@ -6,7 +6,9 @@ are measured in rounds - every entry once per round, whole models included - so 
 clocks or temperature spreads over all entries instead of biasing the ones measured last. Whole
 models run through the backend's serving loop from engines compiled once (``artifacts.py``) and
 loaded per round. A ``difference`` build then fits base + per-layer costs (``fit.py``). The
-finished table replaces the old one atomically; a file lock serializes two builds of one table.
+finished table replaces the old one atomically; a file lock serializes two builds of one table,
+and a machine-wide lock per device serializes every measurement on it (``quiet.py``). Other
+processes' CPU load is recorded around every entry; rows measured under it are flagged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,7 +32,8 @@ from .artifacts import ArtifactCache
 from .backends import Backend
 from .backends.base import EngineSpec
 from .device import fingerprint
-from .device.monitor import Monitor, entry_context, monitor_for
+from .device.load import CpuLoad
+from .device.monitor import Monitor, entry_context, host_contention, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows, residual_key
@@ -37,6 +41,7 @@ from .journal import Journal
 from .lut import entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from .measure import Measurement, TimingProtocol, sample, warm_up
 from .plan import BuildPlan
+from .quiet import CONTENDED_SHARE, BusyPolicy, Notice, quiet_machine, wait_for_quiet
 
 Progress = Callable[[int, int, str], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
@@ -74,8 +79,16 @@ def run_build(
     lock_timeout_s: float = -1,
     artifacts: ArtifactCache | None = None,
     method_reason: str = "",
+    busy: BusyPolicy | None = None,
+    notice: Notice | None = None,
+    load: CpuLoad | None = None,
 ) -> BuildResult:
-    """Measure every entry of ``plan`` not already in the table, then write the table atomically."""
+    """Measure every entry of ``plan`` not already in the table, then write the table atomically.
+
+    The build holds the device's measurement lock (``notice`` says whom it waits for). With a
+    ``busy`` policy it checks other processes' load first and waits for quiet before a re-measure
+    round; without one it measures at once. Either way the load around every entry is recorded
+    (``load`` reads it; tests pass a simulated one) and contended rows are flagged."""
     if plan.method not in backend.capabilities().methods:
         raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
                           f"not the {plan.method!r} method")
@@ -87,11 +100,19 @@ def run_build(
         lock.acquire(timeout=lock_timeout_s)
     except Timeout:
         raise LutError(f"{path}: another build of this table holds {path}.lock; wait for it to finish") from None
+    notice = notice if notice is not None else _to_stderr
+    load = load if load is not None else CpuLoad()
     try:
-        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress)
-        return runner.build(path, device, method_reason)
+        with quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
+                           lock_timeout_s, load):
+            runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
+            return runner.build(path, device, method_reason)
     finally:
         lock.release()
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -108,12 +129,29 @@ def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], d
     return lut.frame.to_dict("records"), lut.meta
 
 
+def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> dict[str, Any] | None:
+    """The backend config of the unfinished journal or the table that this build would resume or
+    extend, or None. A default that follows the machine's load (pytorch's threads) must not change
+    the identity of a table between two runs of one build: callers adopt these values instead."""
+    path = table_path(out_dir, fingerprint(backend.device)["slug"], backend.name, plan.arch.name, backend.dtype)
+    journal = path.with_name(path.name + ".journal.jsonl")
+    if journal.is_file():
+        with journal.open() as handle:
+            try:
+                header = json.loads(handle.readline())
+            except json.JSONDecodeError:
+                header = {}
+        if isinstance(header, dict) and header.get("backend_config"):
+            return header["backend_config"]
+    return load_table(path).meta.get("backend_config") if path.is_file() else None
+
+
 class _Runner:
     def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
-                 progress: Progress | None):
+                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
         self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
-        self.progress = progress
-        self.monitor: Monitor = monitor_for(backend.device)
+        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
+        self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
         self.failed_units: set[tuple] = set()
         self.counter = 0
         self.total = 0
@@ -141,7 +179,8 @@ class _Runner:
         have = {entry_key_of_row(row) for row in kept}
         todo = [e for e in plan.entries() if e.key not in have]
         journal = Journal(path.with_name(path.name + ".journal.jsonl"),
-                          {"kind": "header", "identity": _identity(plan, backend, protocol, device)})
+                          {"kind": "header", "identity": _identity(plan, backend, protocol, device),
+                           "backend_config": backend.config_dict()})
         done = journal.done()
         units: dict[tuple, list[Entry]] = defaultdict(list)
         for entry in todo:
@@ -240,21 +279,29 @@ class _Runner:
             opened.close()
 
     def _remeasure_noisy(self, units: dict[tuple, list[Entry]], journal: Journal, done: set) -> None:
-        """Entries whose CV exceeds the threshold get one extra round; still noisy, they are flagged."""
+        """Entries whose CV exceeds the threshold, or that were measured under contention, get one
+        extra round, after a wait for a quiet CPU (with a busy policy); still noisy or contended,
+        they are flagged."""
         extra = self.protocol.rounds
         by_key: dict[str, list[float]] = defaultdict(list)
+        contexts: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in journal.records:
             if record["status"] == "ok" and record["round"] < extra:
                 by_key[record["key"]].extend(record["samples_ms"])
-        for unit_key, entries in units.items():
-            noisy = [
-                e for e in entries
-                if len(by_key.get(e.key, [])) > 1
-                and Measurement.from_samples(by_key[e.key]).cv > self.protocol.cv_threshold
-                and (e.key, extra) not in done and (e.key, extra) not in journal.done()
-            ]
-            if noisy and unit_key not in self.failed_units:
-                self._measure_unit(noisy, extra, journal)
+                contexts[record["key"]].append(record.get("context", {}))
+
+        def disturbed(key: str) -> bool:
+            noisy = len(by_key.get(key, [])) > 1 and Measurement.from_samples(by_key[key]).cv > self.protocol.cv_threshold
+            return noisy or (host_contention(contexts.get(key, [])) or 0.0) > CONTENDED_SHARE
+
+        redo = {unit_key: [e for e in entries if disturbed(e.key) and (e.key, extra) not in done
+                           and (e.key, extra) not in journal.done()]
+                for unit_key, entries in units.items() if unit_key not in self.failed_units}
+        redo = {unit_key: entries for unit_key, entries in redo.items() if entries}
+        if redo and self.busy is not None:
+            wait_for_quiet(self.load, self.backend.host_cores(), self.busy, self.notice, may_refuse=False)
+        for entries in redo.values():
+            self._measure_unit(entries, extra, journal)
 
 
 def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProtocol) -> dict[str, Any]:
@@ -300,9 +347,21 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
         contexts = [r.get("context", {}) for r in results]
         state = _summarize_context(contexts)
+        if measurement.p10_ms <= 0:
+            # A serving-loop difference (tpot) that noise drove below zero: no latency to store,
+            # and a row with p10 <= 0 would make the whole table unloadable.
+            below = sum(1 for x in measurement.samples_ms if x <= 0)
+            failed.append(entry.key)
+            rows.append(measured_row(
+                entry, None, "error", method=method, repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
+                rounds=len(results), context=state,
+                note=f"{below} of {measurement.n} samples <= 0 ms: timing noise exceeds the value; rebuild on an idle "
+                     "machine"))
+            continue
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
                                  ("throttled", any(c.get("throttled") for c in contexts)),
-                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY)) if on]
+                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
+                                 ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
         rows.append(measured_row(entry, measurement, "ok", method=method, repeat=results[0]["repeat"],
                                  wall_s=sum(r["wall_s"] for r in results), rounds=len(results), flags=";".join(flags),
                                  context=state))
@@ -311,7 +370,7 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
 
 def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
     """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
-    power, device-busy fraction and engine compile time."""
+    power, device-busy fraction, engine compile time and the pooled host contention."""
     def values(key: str) -> list[float]:
         return [c[key] for c in contexts if c.get(key) is not None]
 
@@ -328,6 +387,9 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
         out["device_busy"] = float(np.median(values("device_busy")))
     if values("compile_s"):
         out["compile_s"] = max(values("compile_s"))
+    contention = host_contention(contexts)
+    if contention is not None:
+        out["host_contention"] = round(contention, 4)
     return out
 
 

@@ -28,6 +28,7 @@ from .errors import LutError, OutOfRange
 from .lut import Lut, load_table
 from .measure import TimingProtocol
 from .predict import Predictor
+from .quiet import BusyPolicy, Notice
 from .select import Selection
 from .subnet import Subnet
 from .workload import Workload
@@ -83,9 +84,11 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
 
 
 def validate_selection(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
-                       progress: Progress | None = None) -> tuple[list[Validation], Path, float]:
+                       progress: Progress | None = None, busy: BusyPolicy | None = None,
+                       notice: Notice | None = None) -> tuple[list[Validation], Path, float]:
     """Measure the picks whole, interleaved in the same rounds with the components they are made
-    of (into a scratch table), then write the model rows into the stored table.
+    of (into a scratch table), then write the model rows into the stored table. It measures like
+    a build (``run_build``): under the device's measurement lock, with the ``busy`` policy.
 
     Returns the validations, the table path and the device drift: how much slower (>1) or faster
     the picks' components run now than the stored table says."""
@@ -115,7 +118,8 @@ def validate_selection(table_path: Path, selection: Selection, protocol: TimingP
     stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     with tempfile.TemporaryDirectory() as scratch:
         fresh = load_table(run_build(plan, backend, Path(scratch), protocol, progress,
-                                     method_reason="validation: the table's own method").path)
+                                     method_reason="validation: the table's own method", busy=busy,
+                                     notice=notice).path)
     fresh_predictor = Predictor(fresh)
     out = []
     for cand in selection.top_k:
