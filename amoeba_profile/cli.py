@@ -17,8 +17,8 @@ from .errors import AmoebaError, UsageError
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
-from .report import (backends_rows, backends_table, device_report, lut_summary, lut_table, pareto_table, print_json,
-                     selection_table, validation_table)
+from .report import (backends_rows, backends_table, device_report, flagged_table, lut_summary, lut_table, pareto_table,
+                     print_json, selection_table, validation_table)
 from .select import describe, select
 from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, default_depths, parse_ratio
 from .workload import Workload, metric_name
@@ -77,7 +77,11 @@ def build_lut(
                                              "artifacts or $AMOEBA_ARTIFACTS)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's; the number is recorded)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: the cores other processes leave "
+                                          "idle, or the table's own when resuming or extending one; recorded)."),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait (up to "
+                             "--busy-wait-s, then measure with a warning), warn (measure at once) or refuse."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
@@ -90,9 +94,10 @@ def build_lut(
     """Measure latencies through the backend and store them as a per-device table (resumable), or compute one (--predict)."""
     from .artifacts import ArtifactCache
     from .backends import backend_class, get_backend
-    from .build import run_build
+    from .build import run_build, stored_backend_config
     from .methods import choose_method
     from .plan import BuildPlan
+    from .quiet import BusyPolicy
 
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
@@ -105,7 +110,15 @@ def build_lut(
     chosen, reason = choose_method(backend, backend_class(backend).capabilities().methods, device, method)
     plan = BuildPlan(arch, **grid, method=chosen, depths=_ints(depths, "depths") if depths else (),
                      decode_steps=decode_steps)
+    policy = BusyPolicy(busy, busy_wait_s)
     instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
+    stored = stored_backend_config(out_dir, plan, instance) if threads is None else None
+    if stored and stored.get("threads") and stored["threads"] != instance.config_dict().get("threads"):
+        instance = get_backend(backend, device=device, dtype=dtype, threads=stored["threads"])
+        err.print(f"threads: {stored['threads']} (as the table or journal at --out was measured)", highlight=False)
+    elif "threads" in instance.config_dict():
+        why = instance.environment().get("threads_reason")
+        err.print(f"threads: {instance.config_dict()['threads']}" + (f" ({why})" if why else ""), highlight=False)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     err.print(f"method: {chosen} ({reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -117,14 +130,18 @@ def build_lut(
 
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
-                               method_reason=reason)
+                               method_reason=reason, busy=policy, notice=_notice)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory or unsupported) and are "
+        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too noisy) and are "
                   f"stored with that status: {', '.join(result.oom[:3])}")
     out.print(f"table: {result.path}  ({result.measured} entries measured, {result.reused} kept, {result.wall_s:.0f} s)")
+
+
+def _notice(message: str) -> None:
+    err.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
@@ -227,9 +244,11 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     table, arch, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k,
                                      quality, memory_gb, strategy)
-    warning = "computed (roofline) table, not measured: treat latencies as estimates" if table.is_roofline else None
-    if warning:
-        err.print(f"[bold yellow]warning:[/] {warning}")
+    warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
+    warnings += [selection.warning] if selection.warning else []
+    warning = "; ".join(warnings) or None
+    for line in warnings:
+        err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
     note = _shared_memory_note(table) if memory_gb is not None else None
     result = selection.to_dict()
     pick_subnet = selection.pick.subnet
@@ -251,6 +270,9 @@ def select_cmd(
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
     out.print(pareto_table(selection))
+    flagged = flagged_table(selection)
+    if flagged is not None:
+        out.print(flagged)
     if per_layer:
         per = result["per_layer"]
         gain = per["gain_over_uniform"]
@@ -296,19 +318,25 @@ def validate_cmd(
     widths: Optional[str] = typer.Option(None),
     strategy: Optional[Path] = typer.Option(None),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait, warn or "
+                             "refuse (as build-lut)."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure the top-k picks whole with the table's own backend config, compare, write the rows back."""
+    from .quiet import BusyPolicy
     from .validate import kendall_tau, validate_selection
 
     table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
                                   strategy)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
         results, path, drift = validate_selection(table.path, selection, protocol,
-                                           lambda d, t, label: bar.update(task, completed=d, total=t, entry=label))
+                                                  lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
+                                                  busy=policy, notice=_notice)
     measured = [v.measured_ms for v in results]
     tau = kendall_tau([v.predicted_ms for v in results], measured)
     tau_fresh = kendall_tau([v.fresh_predicted_ms for v in results], measured)

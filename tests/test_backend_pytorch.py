@@ -98,3 +98,29 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
         assert (lut.frame.status == "ok").all() and lut.meta["clock"] == "cuda-events"
         models = lut.frame[lut.frame.component == "model"]
         assert models.device_busy.between(0, 1).all()  # measured by the profiler on the GPU
+
+
+def test_default_threads_are_the_idle_cores(monkeypatch):
+    """torch's one-thread-per-core oversubscribes a shared CPU; the default takes the idle cores."""
+    from amoeba_profile.backends.pytorch import default_threads
+
+    from conftest import SimulatedLoad
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads, why = default_threads("cpu", SimulatedLoad(lambda t: 1.3, cores=4, step_s=0.0), cap=4)
+    assert threads == 2 and why.startswith("2 of 4 cores idle (other processes used 1.3)")
+    assert default_threads("cpu", SimulatedLoad(lambda t: 0.0, cores=4, step_s=0.0), cap=4)[0] == 4
+    assert default_threads("cpu", SimulatedLoad(lambda t: 0.0, cores=4, step_s=0.0), cap=2)[0] == 2  # torch's cap
+    assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4, step_s=0.0), cap=4)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4), cap=3) == (
+        3, "torch's default under OMP_NUM_THREADS=3")
+
+
+def test_thread_count_is_recorded_and_sets_the_cores_needed():
+    backend = get_backend("pytorch")  # conftest pins OMP_NUM_THREADS=1
+    assert backend.config_dict()["threads"] == 1 == torch.get_num_threads() == backend.host_cores()
+    assert "OMP_NUM_THREADS=1" in backend.environment()["threads_reason"]
+    given = get_backend("pytorch", threads=2)
+    assert given.config_dict()["threads"] == 2 == given.host_cores() and given.environment()["threads_reason"] == "given"
+    get_backend("pytorch", threads=1)

@@ -5,8 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-
 import pytest
 
 from amoeba_profile.arch import resolve_arch
@@ -25,6 +23,12 @@ def _plan(arch, **kw):
     return BuildPlan(arch, (1.0, 0.5), (16,), (16, 32), **kw)
 
 
+def _too_noisy(frame):
+    """Rows a busy machine left without a number: a serving-loop difference (tpot) that noise drove
+    below zero is stored as an error saying so, never as a latency."""
+    return (frame.status == "error") & frame.note.str.contains("timing noise exceeds the value")
+
+
 def test_build_writes_complete_table(tmp_path, tiny_arch):
     backend = get_backend("pytorch")
     whole = Subnet.uniform(tiny_arch, 3, 0.5)
@@ -33,7 +37,7 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     result = run_build(plan, backend, tmp_path, FAST_PROTOCOL, lambda d, t, label: seen.append((d, t)))
     lut = load_table(result.path)
     assert len(lut.frame) == len(plan.entries()) == result.measured
-    assert (lut.frame.status == "ok").all()
+    assert ((lut.frame.status == "ok") | _too_noisy(lut.frame)).all()
     assert set(lut.frame.component) == {"attn", "mlp", "base", "model"}
     assert (lut.frame.n >= FAST_PROTOCOL.rounds * FAST_PROTOCOL.samples_per_round).all()
     assert lut.meta["device_slug"] and lut.meta["backend_env"]["torch"] and lut.meta["protocol"]["rounds"] == 2
@@ -49,30 +53,40 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert third.reused == len(plan.entries()) and third.measured == len(wider.entries()) - len(plan.entries())
 
 
+# A real build process that SIGKILLs itself while it measures its 7th (entry, round): a fixed
+# point, so the test does not race the build, whatever the machine's load.
+_DIE_MEASURING = """
+import os, signal, sys
+from amoeba_profile import build
+from amoeba_profile.cli import main
+measured, sample = [], build.sample
+def sample_or_die(*args, **kwargs):
+    measured.append(1)
+    if len(measured) == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sample(*args, **kwargs)
+build.sample = sample_or_die
+sys.argv[0] = "amoeba-profile"
+main()
+"""
+
+
 def test_resume_after_kill_9(tmp_path, tiny_config_path):
     """A real build process is killed mid-way; the rerun finishes with nothing lost or duplicated."""
-    args = [sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--model", str(tiny_config_path),
-            "--out", str(tmp_path), "--contexts", "16,32,64,128", "--prompt-len", "16", "--widths", "1,1/2",
-            "--whole", "4x1,2x1/2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    journal = None
-    while time.monotonic() < deadline:
-        found = list(tmp_path.rglob("*.journal.jsonl"))
-        if found and sum(1 for _ in found[0].open()) >= 6:
-            journal = found[0]
-            break
-        time.sleep(0.05)
-    assert journal is not None, "build never wrote its journal"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = ["build-lut", "--model", str(tiny_config_path), "--out", str(tmp_path), "--contexts", "16,32,64,128",
+            "--prompt-len", "16", "--widths", "1,1/2", "--whole", "4x1,2x1/2", "--quick"]
+    # Timeouts are generous: seconds of work on an idle machine, and one thread (conftest) on a busy one.
+    killed = subprocess.run([sys.executable, "-c", _DIE_MEASURING, *args], capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    journal = next(tmp_path.rglob("*.journal.jsonl"))
     before = [json.loads(line) for line in journal.read_text().splitlines() if line.strip().endswith("}")]
     done_before = {(r["key"], r["round"]) for r in before if r.get("kind") == "result"}
-    assert done_before
+    assert len(done_before) == 6
     table = journal.with_name(journal.name.removesuffix(".journal.jsonl"))
     assert not table.exists()  # nothing half-written appeared
 
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
+                           timeout=900)
     assert rerun.returncode == 0, rerun.stderr
     lut = load_table(table)
     assert not journal.exists()
@@ -80,9 +94,9 @@ def test_resume_after_kill_9(tmp_path, tiny_config_path):
     plan = BuildPlan(arch, (1.0, 0.5), (16,), (16, 32, 64, 128),
                      whole=(Subnet.uniform(arch, 4, 1.0), Subnet.uniform(arch, 2, 0.5)))
     assert len(lut.frame) == len(plan.entries())
-    assert (lut.frame.status == "ok").all()
-    # every (entry, round) measured exactly once: the regular rounds, plus at most one CV re-measure round
-    rounds = TimingProtocol().rounds
+    assert ((lut.frame.status == "ok") | _too_noisy(lut.frame)).all()
+    # every (entry, round) measured exactly once: the regular rounds, plus at most one re-measure round
+    rounds = TimingProtocol.quick().rounds
     assert lut.frame["rounds"].isin([rounds, rounds + 1]).all()
 
 
@@ -127,8 +141,9 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
     oom = lut.frame[lut.frame.status == "oom"]
     assert set(oom.component) == {"mlp"} and set(oom.ffn) == {tiny_arch.ffn_size}
     assert "allocate" in oom.note.iloc[0]
-    assert (lut.frame[lut.frame.status != "oom"].median_ms > 0).all()
-    assert len(result.oom) == 2
+    assert (lut.frame[lut.frame.status == "ok"].median_ms > 0).all()
+    assert ((lut.frame.status == "ok") | (lut.frame.status == "oom") | _too_noisy(lut.frame)).all()
+    assert len(result.oom) == 2 + _too_noisy(lut.frame).sum()
 
 
 def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
@@ -144,3 +159,37 @@ def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
         run_build(_plan(tiny_arch), Broken(get_backend("pytorch")), tmp_path, FAST_PROTOCOL)
     journal = next(tmp_path.rglob("*.journal.jsonl"))
     assert sum(1 for line in journal.open() if '"result"' in line) > 0
+
+
+def test_a_difference_that_noise_drove_below_zero_is_an_error_row_not_a_broken_table(tmp_path, tiny_arch):
+    """On a loaded CPU one preempted short request makes (e2e(1 + n) - e2e(1)) / n negative; such a
+    row would have p10 <= 0, which no table may hold, and the whole build would be lost."""
+    from amoeba_profile.build import _aggregate
+    from amoeba_profile.entry import Entry
+    from amoeba_profile.lut import rows_frame, write_table
+
+    entries = [Entry("base", "decode", 1, 1, 16), Entry("base", "decode", 1, 1, 32)]
+    records = [{"key": entries[0].key, "round": r, "status": "ok", "repeat": 1, "wall_s": 0.1,
+                "samples_ms": [0.5, -0.3, 0.6, 0.4]} for r in range(2)]
+    records += [{"key": entries[1].key, "round": r, "status": "ok", "repeat": 1, "wall_s": 0.1,
+                 "samples_ms": [0.5, 0.6, 0.55, 0.4]} for r in range(2)]
+    rows, failed = _aggregate(entries, records, 0.1, "components")
+    assert failed == [entries[0].key]
+    noisy, fine = rows
+    assert noisy["status"] == "error" and noisy["rounds"] == 2 and noisy["median_ms"] != noisy["median_ms"]
+    assert noisy["note"] == "2 of 8 samples <= 0 ms: timing noise exceeds the value; rebuild on an idle machine"
+    assert fine["status"] == "ok" and fine["median_ms"] == pytest.approx(0.525)
+    write_table(tmp_path / "t.csv", rows_frame(rows), {"arch": tiny_arch.to_dict()})
+    assert list(load_table(tmp_path / "t.csv").frame.status) == ["error", "ok"]
+
+
+def test_stored_backend_config_is_the_resumed_or_extended_tables(tmp_path, tiny_arch):
+    from amoeba_profile.build import stored_backend_config
+
+    backend = get_backend("pytorch")
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) is None
+    path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == backend.config_dict()
+    journal = path.with_name(path.name + ".journal.jsonl")
+    journal.write_text(json.dumps({"kind": "header", "identity": "x", "backend_config": {"threads": 7}}) + "\n")
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == {"threads": 7}

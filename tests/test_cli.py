@@ -10,7 +10,8 @@ CLI = [sys.executable, "-m", "amoeba_profile.cli"]
 
 
 def run(*args, check_rc=None):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    # Generous: a CLI build here takes seconds on an idle machine and must not time out on a busy one.
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr + proc.stdout
     return proc
@@ -72,6 +73,8 @@ def test_usage_errors_exit_2(built, tmp_path):
     proc = run("build-lut", "--model", "llama9", "--out", str(tmp_path), check_rc=2)
     assert "unknown model 'llama9'" in proc.stderr
     assert run("build-lut", "--model", "tinyllama-1.1b", "--backend", "vllm", "--out", str(tmp_path)).returncode == 2
+    proc = run("build-lut", "--model", "tinyllama-1.1b", "--busy", "sometimes", "--out", str(tmp_path), check_rc=2)
+    assert "--busy takes one of wait, warn, refuse" in proc.stderr
 
 
 def test_corrupt_table_is_one_line(built, tmp_path):
@@ -169,3 +172,49 @@ def test_difference_method_end_to_end(tmp_path):
                              "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
     assert checked["validated"][0]["measured_ms"] > 0
     assert run("build-lut", "--model", str(config), "--out", str(out), "--method", "guess").returncode == 2
+
+
+def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
+    from amoeba_profile.lut import write_table
+    from conftest import synthetic_lut
+
+    lut = synthetic_lut(tiny_arch, lambda h, phase, c: 0.3 * h, lambda f, phase: 0.01 * f, lambda phase, c: 2.0,
+                        meta={"dtype": "float32"})
+    noisy = (lut.frame.component == "attn") & (lut.frame.heads == 8) & (lut.frame.phase == "decode")
+    lut.frame.loc[noisy, "flags"] = "high_cv;contended"
+    lut.frame.loc[noisy, "host_contention"] = 0.8
+    table = tmp_path / "t.csv"
+    write_table(table, lut.frame, lut.meta)
+    args = ("select", "--lut", str(table), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "20")
+    proc = run(*args, "--json", check_rc=0)
+    data = json.loads(proc.stdout)
+    pick = data["flagged_rows"]["pick"]
+    assert data["subnet"]["num_layers"] == 4 and len(pick) == 2  # decode attention at contexts 16 and 64
+    assert {r["row"].split("|")[4] for r in pick} == {"c16", "c64"}
+    assert all(r["flags"] == ["high_cv", "contended"] and r["host_contention"] == 0.8 for r in pick)
+    assert data["warning"] == data["measurement_warning"]
+    assert data["warning"].startswith("the pick rests on 2 disturbed rows (contended 2, high_cv 2)")
+    assert "build-lut --busy wait" in data["warning"] and "build-lut --busy wait" in proc.stderr
+    proc = run(*args, check_rc=0)
+    assert proc.stderr.startswith("warning: the pick rests on 2 disturbed rows")
+    assert "flagged table rows behind the answer" in proc.stdout and "attn|decode|b1|t1|c64|h8" in proc.stdout
+    assert "high_cv, contended" in proc.stdout and "80%" in proc.stdout
+
+
+def test_rerun_adopts_the_threads_the_table_was_measured_with(tmp_path):
+    """The default thread count follows the machine's load; a rerun into the same --out must keep
+    the table's own, or it would be refused as another identity."""
+    from conftest import TINY_CONFIG
+
+    config = tmp_path / "tiny" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(TINY_CONFIG))
+    args = ("build-lut", "--model", str(config), "--out", str(tmp_path / "lut"), "--quick", "--widths", "1",
+            "--prompt-len", "16", "--contexts", "16")
+    first = run(*args, "--threads", "2", check_rc=0)
+    assert "threads: 2 (given)" in first.stderr
+    again = run(*args, check_rc=0)  # this process's default is 1 (OMP_NUM_THREADS=1)
+    assert "threads: 2 (as the table or journal at --out was measured)" in again.stderr
+    assert "0 entries measured" in again.stdout
+    data = json.loads(run("show", "--lut", str(tmp_path / "lut"), "--json", check_rc=0).stdout)
+    assert data["backend_config"]["threads"] == 2 and data["backend_env"]["threads_reason"] == "given"
