@@ -29,7 +29,7 @@ from filelock import FileLock, Timeout
 
 from . import __version__
 from .artifacts import ArtifactCache
-from .backends import Backend
+from .backends import Backend, get_backend
 from .backends.base import EngineSpec
 from .device import fingerprint
 from .device.load import CpuLoad
@@ -144,6 +144,23 @@ def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> d
         if isinstance(header, dict) and header.get("backend_config"):
             return header["backend_config"]
     return load_table(path).meta.get("backend_config") if path.is_file() else None
+
+
+def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dtype: str | None,
+                      threads: int | None) -> tuple[Backend, str]:
+    """The backend a build into ``out_dir`` measures with, and a line saying its thread count and
+    why ("" for a backend without one). Without ``threads``, a table or journal being resumed or
+    extended keeps the count it was measured with (``stored_backend_config``)."""
+    backend = get_backend(name, device=device, dtype=dtype, threads=threads)
+    config = backend.config_dict()
+    if "threads" not in config:
+        return backend, ""
+    stored = stored_backend_config(out_dir, plan, backend) if threads is None else None
+    if stored and stored.get("threads") and stored["threads"] != config["threads"]:
+        return (get_backend(name, device=device, dtype=dtype, threads=stored["threads"]),
+                f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)")
+    why = backend.environment().get("threads_reason")
+    return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")
 
 
 class _Runner:
@@ -291,7 +308,8 @@ class _Runner:
                 contexts[record["key"]].append(record.get("context", {}))
 
         def disturbed(key: str) -> bool:
-            noisy = len(by_key.get(key, [])) > 1 and Measurement.from_samples(by_key[key]).cv > self.protocol.cv_threshold
+            samples = by_key.get(key, [])
+            noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > self.protocol.cv_threshold
             return noisy or (host_contention(contexts.get(key, [])) or 0.0) > CONTENDED_SHARE
 
         redo = {unit_key: [e for e in entries if disturbed(e.key) and (e.key, extra) not in done
@@ -353,8 +371,8 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
             below = sum(1 for x in measurement.samples_ms if x <= 0)
             failed.append(entry.key)
             rows.append(measured_row(
-                entry, None, "error", method=method, repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
-                rounds=len(results), context=state,
+                entry, None, "error", method=method, repeat=results[0]["repeat"],
+                wall_s=sum(r["wall_s"] for r in results), rounds=len(results), context=state,
                 note=f"{below} of {measurement.n} samples <= 0 ms: timing noise exceeds the value; rebuild on an idle "
                      "machine"))
             continue

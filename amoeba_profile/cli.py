@@ -93,8 +93,8 @@ def build_lut(
 ) -> None:
     """Measure latencies through the backend and store them as a per-device table (resumable), or compute one (--predict)."""
     from .artifacts import ArtifactCache
-    from .backends import backend_class, get_backend
-    from .build import run_build, stored_backend_config
+    from .backends import backend_class
+    from .build import backend_for_build, run_build
     from .methods import choose_method
     from .plan import BuildPlan
     from .quiet import BusyPolicy
@@ -111,14 +111,9 @@ def build_lut(
     plan = BuildPlan(arch, **grid, method=chosen, depths=_ints(depths, "depths") if depths else (),
                      decode_steps=decode_steps)
     policy = BusyPolicy(busy, busy_wait_s)
-    instance = get_backend(backend, device=device, dtype=dtype, threads=threads)
-    stored = stored_backend_config(out_dir, plan, instance) if threads is None else None
-    if stored and stored.get("threads") and stored["threads"] != instance.config_dict().get("threads"):
-        instance = get_backend(backend, device=device, dtype=dtype, threads=stored["threads"])
-        err.print(f"threads: {stored['threads']} (as the table or journal at --out was measured)", highlight=False)
-    elif "threads" in instance.config_dict():
-        why = instance.environment().get("threads_reason")
-        err.print(f"threads: {instance.config_dict()['threads']}" + (f" ({why})" if why else ""), highlight=False)
+    instance, threads_line = backend_for_build(backend, out_dir, plan, device, dtype, threads)
+    if threads_line:
+        err.print(threads_line, markup=False, highlight=False)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     err.print(f"method: {chosen} ({reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

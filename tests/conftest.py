@@ -48,6 +48,13 @@ TINY_CONFIG = {
 FAST_PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=2, min_round_s=0.0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A test that builds a backend with more threads must not leave them to the tests after it."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny_arch() -> ModelArch:
     return ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)

@@ -183,13 +183,20 @@ def test_a_difference_that_noise_drove_below_zero_is_an_error_row_not_a_broken_t
     assert list(load_table(tmp_path / "t.csv").frame.status) == ["error", "ok"]
 
 
-def test_stored_backend_config_is_the_resumed_or_extended_tables(tmp_path, tiny_arch):
-    from amoeba_profile.build import stored_backend_config
+def test_a_rerun_keeps_the_threads_of_the_table_it_extends(tmp_path, tiny_arch):
+    """The default thread count follows the machine's load; a rerun into the same folder keeps the
+    table's own, or the table would be refused as another identity."""
+    from amoeba_profile.build import backend_for_build, stored_backend_config
 
-    backend = get_backend("pytorch")
+    backend = get_backend("pytorch", threads=2)
     assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) is None
     path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
     assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == backend.config_dict()
+    again, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, None)  # default here: 1
+    assert again.config_dict() == backend.config_dict()
+    assert line == "threads: 2 (as the table or journal being resumed or extended was measured)"
+    given, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, 1)
+    assert given.config_dict()["threads"] == 1 and line == "threads: 1 (given)"
     journal = path.with_name(path.name + ".journal.jsonl")
     journal.write_text(json.dumps({"kind": "header", "identity": "x", "backend_config": {"threads": 7}}) + "\n")
     assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == {"threads": 7}

@@ -214,7 +214,7 @@ def test_rerun_adopts_the_threads_the_table_was_measured_with(tmp_path):
     first = run(*args, "--threads", "2", check_rc=0)
     assert "threads: 2 (given)" in first.stderr
     again = run(*args, check_rc=0)  # this process's default is 1 (OMP_NUM_THREADS=1)
-    assert "threads: 2 (as the table or journal at --out was measured)" in again.stderr
+    assert "threads: 2 (as the table or journal being resumed or extended was measured)" in again.stderr
     assert "0 entries measured" in again.stdout
     data = json.loads(run("show", "--lut", str(tmp_path / "lut"), "--json", check_rc=0).stdout)
     assert data["backend_config"]["threads"] == 2 and data["backend_env"]["threads_reason"] == "given"

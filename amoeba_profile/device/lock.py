@@ -72,7 +72,8 @@ class MeasurementLock:
         info = self.holder()
         if info is None:
             return "another measurement (holder unknown)"
-        return f"pid {info['pid']} ({info.get('command', '?')}) measuring {info.get('target', '?')} since {info.get('since', '?')}"
+        return (f"pid {info['pid']} ({info.get('command', '?')}) measuring {info.get('target', '?')} "
+                f"since {info.get('since', '?')}")
 
     def acquire(self, target: str, notice: Callable[[str], None], timeout_s: float = -1) -> None:
         """Take the lock; if another measurement holds it, say whom we wait for, then wait
