@@ -24,11 +24,14 @@ from conftest import SimulatedLoad
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=3, min_round_s=0.0)
 
 
-def _proc(root, busy_ticks, processes):
-    """A /proc tree: machine-wide ticks in /proc/stat, and pid -> (ppid, utime, stime, cutime, cstime)."""
+def _proc(root, cpus, processes):
+    """A /proc tree: cpu -> (user, system, steal) ticks in /proc/stat, and pid -> (ppid, utime,
+    stime, cutime, cstime) in /proc/<pid>/stat."""
     (root / "proc").mkdir(parents=True, exist_ok=True)
-    user, system, steal = busy_ticks
-    (root / "proc/stat").write_text(f"cpu  {user} 0 {system} 9000 10 0 0 {steal} 0 0\ncpu0 1 0 1 1 0 0 0 0 0 0\n")
+    line = "{} {} 0 {} 9000 10 0 0 {} 0 0\n"
+    total = [sum(ticks[i] for ticks in cpus.values()) for i in range(3)]
+    (root / "proc/stat").write_text(line.format("cpu ", *total) + "".join(line.format(f"cpu{n}", *ticks)
+                                                                         for n, ticks in cpus.items()))
     for gone in [d for d in (root / "proc").iterdir() if d.name.isdigit() and int(d.name) not in processes]:
         shutil.rmtree(gone)
     for pid, (ppid, utime, stime, cutime, cstime) in processes.items():
@@ -40,16 +43,19 @@ def _proc(root, busy_ticks, processes):
 def test_others_are_machine_time_minus_our_whole_process_tree(tmp_path):
     tick = 1 / os.sysconf("SC_CLK_TCK")
     clock = iter([10.0, 12.0])
-    load = CpuLoad(tmp_path, pids=(100,), clock=lambda: next(clock))
-    # 100 is us, 101 our child (a serving process), 200 a stranger.
-    _proc(tmp_path, (1000, 500, 0), {100: (1, 50, 10, 0, 0), 101: (100, 5, 0, 0, 0), 200: (1, 7, 0, 0, 0)})
+    load = CpuLoad(tmp_path, pids=(100,), cpus=(0, 1), clock=lambda: next(clock))
+    # 100 is us, 101 our child (a serving process), 200 a stranger; CPU 2 is not ours to run on.
+    _proc(tmp_path, {0: (600, 300, 0), 1: (400, 200, 0), 2: (5000, 0, 0)},
+          {100: (1, 50, 10, 0, 0), 101: (100, 5, 0, 0, 0), 200: (1, 7, 0, 0, 0)})
     before = load.read()
-    # Over 2 s: the machine used 400 + 100 + 20 (steal) ticks; we 100 + 20, our child 60 (then reaped: cutime).
-    _proc(tmp_path, (1400, 600, 20), {100: (1, 150, 30, 65, 0), 200: (1, 300, 0, 0, 0)})
+    # Over 2 s our CPUs ran 400 + 100 + 20 (steal) ticks; we 100 + 20, our child 60 (then reaped:
+    # cutime). What ran on CPU 2 cannot disturb us.
+    _proc(tmp_path, {0: (800, 350, 10), 1: (600, 250, 10), 2: (9000, 0, 0)},
+          {100: (1, 150, 30, 65, 0), 200: (1, 300, 0, 0, 0)})
     after = load.read()
     assert before["own_s"] == pytest.approx(65 * tick) and after["own_s"] == pytest.approx(245 * tick)
     assert others_cpu_s(before, after) == pytest.approx((520 - 180) * tick)
-    assert after["t"] - before["t"] == 2.0
+    assert after["t"] - before["t"] == 2.0 and after["cores"] == 2
 
 
 def test_contention_share_counts_only_what_the_measurement_needs():

@@ -1,8 +1,9 @@
 """How much CPU other processes use: the machine-wide busy time minus our own process tree's.
 
-A timing is only as good as the machine is quiet. ``/proc/stat`` counts the CPU time every process
-used (user, nice, system, irq, softirq, and steal: time a hypervisor gave our vCPUs to another
-guest); ``/proc/<pid>/stat`` counts ours (utime, stime, and the reaped children's cutime, cstime)
+A timing is only as good as the machine is quiet. ``/proc/stat`` counts, per CPU, the time every
+process used (user, nice, system, irq, softirq, and steal: time a hypervisor gave our vCPUs to
+another guest); only the CPUs this process may run on count, so a container pinned to 4 cores of a
+busy 64-core host does not see the other 60 as contention. ``/proc/<pid>/stat`` counts ours (utime, stime, and the reaped children's cutime, cstime)
 for the measuring process and every live descendant, so a backend whose serving loop runs in a
 child process is not mistaken for an intruder. The difference over a window is the number of cores
 other processes kept busy. Both counters tick at USER_HZ (10 ms), so a window of a few hundred ms
@@ -37,33 +38,48 @@ def _stat_fields(text: str) -> list[str]:
     return text.rsplit(")", 1)[1].split() if ")" in text else []
 
 
+def _affinity() -> set[int]:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return set(range(os.cpu_count() or 1))
+
+
+def _busy_ticks(parts: list[str]) -> int:
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in (parts[1:9] + ["0"] * 8)[:8])
+    return user + nice + system + irq + softirq + steal
+
+
 class CpuLoad:
     """Reads CPU time through ``root`` (tests use fixture trees) for ``pids`` and their descendants
-    ("ours") and for the whole machine. ``clock`` (monotonic seconds) and ``sleep`` are how it
-    waits for a window to pass; tests replace them with a simulated clock."""
+    ("ours") and for ``cpus`` (default: this process's affinity). ``clock`` (monotonic seconds) and
+    ``sleep`` are how it waits for a window to pass; tests replace them with a simulated clock."""
 
-    def __init__(self, root: Path = Path("/"), pids: Iterable[int] | None = None,
+    def __init__(self, root: Path = Path("/"), pids: Iterable[int] | None = None, cpus: Iterable[int] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.root = root
         self.pids = tuple(pids) if pids is not None else (os.getpid(),)
+        self.cpus = set(cpus) if cpus is not None else _affinity()
         self.clock, self.sleep = clock, sleep
         self._parents: dict[int, int] = {}
 
     def cores(self) -> int:
-        """Cores this process may run on (its affinity mask), at least 1."""
-        try:
-            return max(1, len(os.sched_getaffinity(0)))
-        except (AttributeError, OSError):
-            return max(1, os.cpu_count() or 1)
+        """Cores this process may run on, at least 1."""
+        return max(1, len(self.cpus))
 
     def machine_busy_s(self) -> float | None:
-        """CPU-seconds all processes used since boot, or None without /proc/stat."""
+        """CPU-seconds all processes used on our CPUs since boot (all CPUs where /proc/stat has no
+        per-CPU lines), or None without /proc/stat."""
+        total, ours, seen = None, 0, False
         for line in _read(self.root / "proc/stat").splitlines():
             parts = line.split()
             if parts and parts[0] == "cpu":
-                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in (parts[1:9] + ["0"] * 8)[:8])
-                return (user + nice + system + irq + softirq + steal) * _TICK_S
-        return None
+                total = _busy_ticks(parts)
+            elif parts and parts[0].startswith("cpu") and parts[0][3:].isdigit() and int(parts[0][3:]) in self.cpus:
+                ours, seen = ours + _busy_ticks(parts), True
+        if seen:
+            return ours * _TICK_S
+        return total * _TICK_S if total is not None else None
 
     def _stat(self, pid: int) -> list[str]:
         return _stat_fields(_read(self.root / "proc" / str(pid) / "stat"))
