@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -365,24 +365,29 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
         contexts = [r.get("context", {}) for r in results]
         state = _summarize_context(contexts)
+        note = ""
         if measurement.p10_ms <= 0:
-            # A serving-loop difference (tpot) that noise drove below zero: no latency to store,
-            # and a row with p10 <= 0 would make the whole table unloadable.
+            # A serving-loop difference (tpot) that noise drove below zero in some samples; a row
+            # with p10 <= 0 would make the whole table unloadable.
             below = sum(1 for x in measurement.samples_ms if x <= 0)
-            failed.append(entry.key)
-            rows.append(measured_row(
-                entry, None, "error", method=method, repeat=results[0]["repeat"],
-                wall_s=sum(r["wall_s"] for r in results), rounds=len(results), context=state,
-                note=f"{below} of {measurement.n} samples <= 0 ms: timing noise exceeds the value; rebuild on an idle "
-                     "machine"))
-            continue
+            note = f"{below} of {measurement.n} samples <= 0 ms: timing noise exceeds the value"
+            if measurement.median_ms <= 0:
+                failed.append(entry.key)
+                rows.append(measured_row(
+                    entry, None, "error", method=method, repeat=results[0]["repeat"],
+                    wall_s=sum(r["wall_s"] for r in results), rounds=len(results), context=state,
+                    note=f"{note}; rebuild on an idle machine"))
+                continue
+            # The median stands; the lower tail is unknown, so p10 is the median (as for fitted rows).
+            measurement = replace(measurement, p10_ms=measurement.median_ms)
+            note += "; p10 set to the median"
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
                                  ("throttled", any(c.get("throttled") for c in contexts)),
                                  ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
                                  ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
         rows.append(measured_row(entry, measurement, "ok", method=method, repeat=results[0]["repeat"],
                                  wall_s=sum(r["wall_s"] for r in results), rounds=len(results), flags=";".join(flags),
-                                 context=state))
+                                 context=state, note=note))
     return rows, failed
 
 
