@@ -187,18 +187,19 @@ def test_a_difference_that_noise_drove_below_zero_never_breaks_the_table(tmp_pat
 
 def test_a_rerun_keeps_the_threads_of_the_table_it_extends(tmp_path, tiny_arch):
     """The default thread count follows the machine's load; a rerun into the same folder keeps the
-    table's own, or the table would be refused as another identity."""
+    count of the table or unfinished journal there, or it would be refused as another identity."""
     from amoeba_profile.build import backend_for_build, stored_backend_config
 
-    backend = get_backend("pytorch", threads=2)
+    backend = get_backend("pytorch")  # 1 thread (conftest)
     assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) is None
     path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
-    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == backend.config_dict()
-    again, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, None)  # default here: 1
-    assert again.config_dict() == backend.config_dict()
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == backend.config_dict()  # the sidecar's
+    # An unfinished build there was measured with 2 threads: its journal header says so.
+    journal = path.with_name(path.name + ".journal.jsonl")
+    header = {"kind": "header", "identity": "x", "backend_config": {**backend.config_dict(), "threads": 2}}
+    journal.write_text(json.dumps(header) + "\n")
+    again, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, None)
+    assert again.config_dict() == header["backend_config"]
     assert line == "threads: 2 (as the table or journal being resumed or extended was measured)"
     given, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, 1)
     assert given.config_dict()["threads"] == 1 and line == "threads: 1 (given)"
-    journal = path.with_name(path.name + ".journal.jsonl")
-    journal.write_text(json.dumps({"kind": "header", "identity": "x", "backend_config": {"threads": 7}}) + "\n")
-    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == {"threads": 7}
