@@ -6,7 +6,9 @@ are measured in rounds - every entry once per round, whole models included - so 
 clocks or temperature spreads over all entries instead of biasing the ones measured last. Whole
 models run through the backend's serving loop from engines compiled once (``artifacts.py``) and
 loaded per round. A ``difference`` build then fits base + per-layer costs (``fit.py``). The
-finished table replaces the old one atomically; a file lock serializes two builds of one table.
+finished table replaces the old one atomically; a file lock serializes two builds of one table,
+and a machine-wide lock per device serializes every measurement on it (``quiet.py``). Other
+processes' CPU load is recorded around every entry; rows measured under it are flagged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,10 +28,11 @@ import numpy as np
 
 from . import __version__
 from .artifacts import ArtifactCache
-from .backends import Backend
+from .backends import Backend, get_backend
 from .backends.base import EngineSpec
 from .device import fingerprint
-from .device.monitor import Monitor, entry_context, monitor_for
+from .device.load import CpuLoad
+from .device.monitor import Monitor, entry_context, host_contention, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows, residual_key
@@ -37,6 +41,7 @@ from .lockfile import Notice, held, table_lock
 from .lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from .measure import Measurement, TimingProtocol, sample, warm_up
 from .plan import BuildPlan
+from .quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
 
 Progress = Callable[[int, int, str], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
@@ -85,18 +90,28 @@ def run_build(
     artifacts: ArtifactCache | None = None,
     method_reason: str = "",
     on_corrupt_journal: str = "stop",
+    busy: BusyPolicy | None = None,
     notice: Notice | None = None,
+    load: CpuLoad | None = None,
 ) -> BuildResult:
     """Measure every entry of ``plan`` not already in the table, then write the table atomically.
 
     ``on_corrupt_journal`` is what to do with a damaged journal (``journal.CORRUPT_CHOICES``);
-    ``notice`` gets one-line messages for the user, such as a wait for another build's lock."""
+    ``notice`` gets one-line messages for the user, such as a wait for another build's lock. The
+    build holds the table's lock and the device's measurement lock. With a ``busy`` policy it checks
+    other processes' load first and waits for quiet before a re-measure round; without one it
+    measures at once. Either way the load around every entry is recorded (``load`` reads it; tests
+    pass a simulated one) and contended rows are flagged."""
     _check_method(plan, backend)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with table_lock(path, lock_timeout_s, notice):
-        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress)
+    notice = notice if notice is not None else _to_stderr
+    load = load if load is not None else CpuLoad()
+    with table_lock(path, lock_timeout_s, notice), \
+            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
+                          lock_timeout_s, load):
+        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
         return runner.build(path, device, method_reason, on_corrupt_journal)
 
 
@@ -111,18 +126,24 @@ class Measured:
 
 def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol: TimingProtocol = TimingProtocol(),
                  progress: Progress | None = None, *, artifacts: ArtifactCache | None = None,
-                 method_reason: str = "", on_corrupt_journal: str = "stop", notice: Notice | None = None) -> Measured:
+                 method_reason: str = "", on_corrupt_journal: str = "stop", busy: BusyPolicy | None = None,
+                 notice: Notice | None = None, load: CpuLoad | None = None) -> Measured:
     """Measure every entry of ``plan`` through a journal at ``journal_path`` and return the rows as
     a table in memory, fitted like a build's; nothing else is written and the journal is kept.
 
     For a caller that stores only part of the rows elsewhere (validate): killed at any moment, the
     same call resumes from the journal, and the caller removes the journal once its rows are stored.
-    A lock beside the journal keeps two such runs from appending to it at once."""
+    A lock beside the journal keeps two such runs from appending to it at once; it measures under
+    the device's measurement lock and ``busy`` policy as ``run_build`` does."""
     _check_method(plan, backend)
     device = fingerprint(backend.device)
     journal_path.parent.mkdir(parents=True, exist_ok=True)
-    with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice):
-        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress)
+    notice = notice if notice is not None else _to_stderr
+    load = load if load is not None else CpuLoad()
+    with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \
+            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice,
+                          -1, load):
+        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
         meta = _meta(plan, backend, protocol, device, method_reason)
         journal = runner.open_journal(journal_path, device, on_corrupt_journal)
         todo = plan.entries()
@@ -160,6 +181,10 @@ def _meta(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: d
     }
 
 
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Rows and sidecar of the table already at ``path``, checked to have this build's identity."""
     if not path.exists():
@@ -174,12 +199,49 @@ def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], d
     return lut.frame.to_dict("records"), lut.meta
 
 
+def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> dict[str, Any] | None:
+    """The backend config of the unfinished journal or the table that this build would resume or
+    extend, or None. A default that follows the machine's load (pytorch's threads) must not change
+    the identity of a table between two runs of one build: callers adopt these values instead."""
+    path = table_path(out_dir, fingerprint(backend.device)["slug"], backend.name, plan.arch.name, backend.dtype)
+    journal = path.with_name(path.name + ".journal.jsonl")
+    if journal.is_file():
+        with journal.open() as handle:
+            try:
+                header = json.loads(handle.readline())
+            except json.JSONDecodeError:
+                header = {}
+        options = header.get("options") if isinstance(header, dict) else None
+        if isinstance(options, dict) and isinstance(options.get("config"), dict):
+            return options["config"]
+    return load_table(path).meta.get("backend_config") if path.is_file() else None
+
+
+def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dtype: str | None,
+                      threads: int | None, options: dict[str, Any] | None = None) -> tuple[Backend, str]:
+    """The backend a build into ``out_dir`` measures with (``options``: further config fields), and
+    a line saying its thread count and why ("" for a backend without one). Without ``threads``, a
+    table or journal being resumed or extended keeps the count it was measured with
+    (``stored_backend_config``)."""
+    options = options or {}
+    backend = get_backend(name, device=device, dtype=dtype, threads=threads, **options)
+    config = backend.config_dict()
+    if "threads" not in config:
+        return backend, ""
+    stored = stored_backend_config(out_dir, plan, backend) if threads is None else None
+    if stored and stored.get("threads") and stored["threads"] != config["threads"]:
+        return (get_backend(name, device=device, dtype=dtype, threads=stored["threads"], **options),
+                f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)")
+    why = backend.environment().get("threads_reason")
+    return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")
+
+
 class _Runner:
     def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
-                 progress: Progress | None):
+                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
         self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
-        self.progress = progress
-        self.monitor: Monitor = monitor_for(backend.device)
+        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
+        self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
         self.failed_units: set[tuple] = set()
         self.counter = 0
         self.total = 0
@@ -325,21 +387,30 @@ class _Runner:
             opened.close()
 
     def _remeasure_noisy(self, units: dict[tuple, list[Entry]], journal: Journal, done: set) -> None:
-        """Entries whose CV exceeds the threshold get one extra round; still noisy, they are flagged."""
+        """Entries whose CV exceeds the threshold, or that were measured under contention, get one
+        extra round, after a wait for a quiet CPU (with a busy policy); still noisy or contended,
+        they are flagged."""
         extra = self.protocol.rounds
         by_key: dict[str, list[float]] = defaultdict(list)
+        contexts: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in journal.records:
             if record["status"] == "ok" and record["round"] < extra:
                 by_key[record["key"]].extend(record["samples_ms"])
-        for unit_key, entries in units.items():
-            noisy = [
-                e for e in entries
-                if len(by_key.get(e.key, [])) > 1
-                and Measurement.from_samples(by_key[e.key]).cv > self.protocol.cv_threshold
-                and (e.key, extra) not in done and (e.key, extra) not in journal.done()
-            ]
-            if noisy and unit_key not in self.failed_units:
-                self._measure_unit(noisy, extra, journal)
+                contexts[record["key"]].append(record.get("context", {}))
+
+        def disturbed(key: str) -> bool:
+            samples = by_key.get(key, [])
+            noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > self.protocol.cv_threshold
+            return noisy or (host_contention(contexts.get(key, [])) or 0.0) > CONTENDED_SHARE
+
+        redo = {unit_key: [e for e in entries if disturbed(e.key) and (e.key, extra) not in done
+                           and (e.key, extra) not in journal.done()]
+                for unit_key, entries in units.items() if unit_key not in self.failed_units}
+        redo = {unit_key: entries for unit_key, entries in redo.items() if entries}
+        if redo and self.busy is not None:
+            wait_for_quiet(self.load, self.backend.host_cores(), self.busy, self.notice, may_refuse=False)
+        for entries in redo.values():
+            self._measure_unit(entries, extra, journal)
 
 
 _GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
@@ -403,12 +474,13 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
                                  ("throttled", any(c.get("throttled") for c in contexts)),
                                  ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
-                                 ("recompiled", any(c.get("recompiles", 0) > 0 for c in contexts))) if on]
+                                 ("recompiled", any(c.get("recompiles", 0) > 0 for c in contexts)),
+                                 ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
         # A decode difference noisier than its step can have a median at or below zero; an ok row
         # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
         usable = measurement.median_ms > 0
         if not usable:
-            failed.append(entry.key)
+            failed.append(entry.label)
         rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
                                  repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
                                  rounds=len(results), flags=";".join(flags), context=state,
@@ -419,7 +491,7 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
 
 def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
     """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
-    power, device-busy fraction and engine compile time."""
+    power, device-busy fraction, engine compile time and the pooled host contention."""
     def values(key: str) -> list[float]:
         return [c[key] for c in contexts if c.get(key) is not None]
 
@@ -436,6 +508,9 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
         out["device_busy"] = float(np.median(values("device_busy")))
     if values("compile_s"):
         out["compile_s"] = max(values("compile_s"))
+    contention = host_contention(contexts)
+    if contention is not None:
+        out["host_contention"] = round(contention, 4)
     return out
 
 

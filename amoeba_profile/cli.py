@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -19,8 +20,8 @@ from .journal import check_corrupt_choice
 from .lut import load_one
 from .measure import TimingProtocol
 from .predict import Predictor
-from .report import (backends_rows, backends_table, device_report, layer_runs_text, lut_summary, lut_table,
-                     pareto_table, plain, print_json, selection_table, validation_table)
+from .report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
+                     lut_table, pareto_table, plain, print_json, selection_table, validation_table)
 from .select import describe, select
 from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, default_depths, parse_ratio
 from .workload import Workload, metric_name
@@ -76,7 +77,7 @@ _CORRUPT_HELP = ("A journal damaged other than by a crash mid-append: stop (name
 
 
 def _notice(message: str) -> None:
-    err.print(f"[yellow]note:[/] {message}", highlight=False)
+    err.print("[yellow]note:[/] " + escape(message), highlight=False, soft_wrap=True)
 
 
 @app.command("build-lut")
@@ -103,11 +104,15 @@ def build_lut(
                                "--predict a spec-sheet slug such as rtx-a5000."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16; "
                                         "llama.cpp: f16 (default), q8_0 or q4_0."),
-    threads: Optional[int] = typer.Option(None, help="torch threads or llama-bench -t (default: $OMP_NUM_THREADS, "
-                                          "else one per physical core; the number is recorded)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads or llama-bench -t (default: the cores "
+                                          "other processes leave idle, or the table's own when resuming or extending "
+                                          "one; recorded)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE for the backend's "
                                                        "config, repeatable (e.g. mode=max-autotune-no-cudagraphs for "
                                                        "pytorch-compiled); stored in the table's sidecar."),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait (up to "
+                             "--busy-wait-s, then measure with a warning), warn (measure at once) or refuse."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
@@ -123,6 +128,7 @@ def build_lut(
     from .build import run_build
     from .plan import BuildPlan
     from .prepare import prepare_build
+    from .quiet import BusyPolicy
 
     check_corrupt_choice(on_corrupt_journal)
     arch = resolve_arch(model)
@@ -145,8 +151,11 @@ def build_lut(
         raise UsageError("--calibrate and --device-profile only apply with --predict")
     build = prepare_build(arch, backend=backend, device=device, method=method, dtype=dtype, threads=threads, **grid,
                           depths=_ints(depths, "depths") if depths else (), decode_steps=decode_steps,
-                          backend_options=_backend_options(backend_option))
+                          backend_options=_backend_options(backend_option), out_dir=out_dir)
     plan, instance = build.plan, build.backend
+    policy = BusyPolicy(busy, busy_wait_s)
+    if build.threads_reason:
+        err.print(build.threads_reason, markup=False, highlight=False)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
@@ -159,7 +168,8 @@ def build_lut(
 
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
-                               method_reason=build.method_reason, on_corrupt_journal=on_corrupt_journal, notice=_notice)
+                               method_reason=build.method_reason, on_corrupt_journal=on_corrupt_journal, busy=policy,
+                               notice=_notice)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
@@ -292,9 +302,11 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     table, arch, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k,
                                      quality, memory_gb, strategy)
-    warning = "computed (roofline) table, not measured: treat latencies as estimates" if table.is_roofline else None
-    if warning:
-        err.print(f"[bold yellow]warning:[/] {warning}")
+    warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
+    warnings += [selection.warning] if selection.warning else []
+    warning = "; ".join(warnings) or None
+    for line in warnings:
+        err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
     note = _shared_memory_note(table) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
@@ -317,6 +329,9 @@ def select_cmd(
     out.print(selection_table(selection))
     if pareto:
         out.print(pareto_table(selection))
+    flagged = flagged_table(selection)
+    if flagged is not None:
+        out.print(flagged)
     if per_layer:
         per = result["per_layer"]
         gain = per["gain_over_uniform"]
@@ -371,22 +386,27 @@ def validate_cmd(
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
     on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait, warn or "
+                             "refuse (as build-lut)."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure the top-k picks whole with the table's own backend config, compare, write the rows back."""
+    from .quiet import BusyPolicy
     from .validate import kendall_tau, measure_picks, write_back
 
     check_corrupt_choice(on_corrupt_journal)
     table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
                                   strategy)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
         try:
             run = measure_picks(table.path, selection, protocol,
                                 lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
-                                on_corrupt_journal, _notice)
+                                on_corrupt_journal, _notice, busy=policy)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the validation journal; rerun the same "
                               "command to resume") from None

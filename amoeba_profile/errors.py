@@ -35,3 +35,8 @@ class OutOfRange(AmoebaError):
 
 class InfeasibleBudget(AmoebaError):
     """No shape fits the budget; the message names the fastest shape and its latency."""
+
+
+class MachineBusy(AmoebaError):
+    """The machine is busy (other processes, or another measurement holding it) and the caller chose
+    not to measure on it; the message says who or what and how to proceed."""

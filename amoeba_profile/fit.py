@@ -6,8 +6,10 @@ machine state that is 10 % slower slows every model by 10 %), so the fit is weig
 minimizes relative residuals, and the 0-layer model (where the flow can serve one) pins the base
 instead of the base being a small difference of large numbers. The fit is solved for the median,
 p10 and p90 of the model rows separately; every model row gets its residual, every derived row the
-coefficient's standard error (as std_ms, and cv = std_ms / value). A coefficient that comes out
-non-positive is physically impossible: it is stored with status ``error`` and the reason, never used.
+coefficient's standard error (as std_ms, and cv = std_ms / value) and the flags of the model rows
+it was fitted from (a fit over noisy or contended models is no better than they are). A
+coefficient that comes out non-positive is physically impossible: it is stored with status
+``error`` and the reason, never used.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ def fit_rows(model_rows: list[dict[str, Any]],
                         "max_abs_residual_pct": round(float(np.abs(resid).max()), 3)})
         entries = [Entry("base", phase, batch, tokens, context)]
         entries += [Entry("layer", phase, batch, tokens, context, h, kv, f) for h, kv, f in shapes]
+        flags = ";".join(sorted({flag for r in rows if isinstance(r.get("flags"), str)
+                                 for flag in r["flags"].split(";") if flag}))
         for i, entry in enumerate(entries):
             derived.append(_derived_row(entry, coefs["median_ms"][i], coefs["p10_ms"][i], coefs["p90_ms"][i],
-                                        float(stderr[i]), len(rows), note))
+                                        float(stderr[i]), len(rows), note, flags))
     return derived, residuals, summary
 
 
@@ -83,13 +87,14 @@ def residual_key(row: dict[str, Any]) -> str:
     return f"{row['subnet_id']}|{row['phase']}|{int(row['tokens'])}|{int(row['context'])}|{int(row['batch'])}"
 
 
-def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str) -> dict[str, Any]:
+def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str,
+                 flags: str) -> dict[str, Any]:
     if not median > 0:
-        return measured_row(entry, None, "error", method="difference", repeat=1, wall_s=0.0,
+        return measured_row(entry, None, "error", method="difference", repeat=1, wall_s=0.0, flags=flags,
                             note=f"fit gave {median:.4g} ms <= 0: the cost is below the noise; fit deeper models")
     # p10/p90 are fitted separately; noise can cross them over the median, which a row may not show.
     p10, p90 = min(p10, median), max(p90, median)
     p10 = p10 if p10 > 0 else median
     cv = stderr / median if math.isfinite(stderr) else math.nan
     measurement = Measurement((), float(median), float(p10), float(p90), float(median), stderr, cv, n)
-    return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note)
+    return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note, flags=flags)

@@ -35,7 +35,7 @@ _FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
 _HEADER_FIELDS = frozenset({"kind", "identity"})
 # Device state around one (entry, round), as written by the build (device/monitor.py entry_context).
 _CONTEXT_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
-                              "compile_s", "recompiles"})
+                              "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
 _CONTEXT_FIELDS = _CONTEXT_NUMBERS | {"throttled", "clock_event_reasons"}
 
 

@@ -33,8 +33,9 @@ KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_
 STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
 CONTEXT_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]
 # residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
-# accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row.
-DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s"]
+# accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row;
+# host_contention: share of the CPU cores the measurement needed that other processes took.
+DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s", "host_contention"]
 OPTIONAL_COLUMNS = CONTEXT_COLUMNS + DIAGNOSTIC_COLUMNS
 COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + OPTIONAL_COLUMNS + [
     "flags", "wall_s", "samples_ms", "subnet_json", "note",

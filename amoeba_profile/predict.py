@@ -8,7 +8,9 @@ layer is, by the table's method:
 Between measured widths, contexts and prompt lengths the predictor interpolates linearly; it
 never extrapolates (OutOfRange names what is missing). Every answer carries its source:
 ``measured`` (only grid points), ``interpolated`` or ``roofline`` (a computed table), per metric:
-ttft depends only on prefill rows, tpot only on decode rows, e2e on both.
+ttft depends only on prefill rows, tpot only on decode rows, e2e on both; and the
+table rows it rests on (those that bracket every interpolation), so a caller can say when they are
+flagged.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Prediction:
     source: str
     ttft_source: str
     tpot_source: str
+    rows: tuple[int, ...] = ()  # labels in ``Lut.frame`` of the rows this prediction rests on
 
     def metric(self, name: str) -> float:
         """``name`` in any spelling ``metric_name`` accepts: 'tpot' or 'tpot_ms'."""
@@ -62,6 +65,13 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "source": self.source,
                 "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")}, "stat": self.stat}
+
+
+def _bracket(xs: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The grid points linear interpolation at ``x`` (inside the grid) reads: those from the last
+    one at or below min(x) to the first one at or above max(x)."""
+    low, high = xs[xs <= x.min()].max(), xs[xs >= x.max()].min()
+    return xs[(xs >= low) & (xs <= high)]
 
 
 def _interp(xs: np.ndarray, ys: np.ndarray, x: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
@@ -100,24 +110,31 @@ class Predictor:
         return rows
 
     def _curve(self, component: str, phase: str, batch: int, shape_col: str | None, shape_val: float,
-               x_col: str, x: np.ndarray, stat_col: str, rows: pd.DataFrame | None = None) -> tuple[np.ndarray, str]:
-        """Interpolate first across the width axis at every measured x, then along x."""
+               x_col: str, x: np.ndarray, stat_col: str,
+               rows: pd.DataFrame | None = None) -> tuple[np.ndarray, str, frozenset]:
+        """Interpolate first across the width axis at every measured x, then along x; returns the
+        values, their source and the labels of the rows they were read from."""
         rows = self._rows_for(component, phase, batch) if rows is None else rows
         what = f"{component} {phase}"
         if shape_col is None:
             grid = rows.groupby(x_col)[stat_col].first().sort_index()
-            values, exact = _interp(grid.index.to_numpy(float), grid.to_numpy(float), x, f"{what} {x_col}")
-            return values, "measured" if exact else "interpolated"
+            xs = grid.index.to_numpy(float)
+            values, exact = _interp(xs, grid.to_numpy(float), x, f"{what} {x_col}")
+            used = rows[rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
+            return values, "measured" if exact else "interpolated", frozenset(used.index)
         pivot = rows.pivot_table(index=shape_col, columns=x_col, values=stat_col, aggfunc="first").dropna()
         shapes = pivot.index.to_numpy(float)
         at_x = np.array([_interp(shapes, pivot[col].to_numpy(float), shape_val, f"{what} {shape_col}")[0][0]
                          for col in pivot.columns])
         shape_exact = shape_val in shapes
-        values, x_exact = _interp(pivot.columns.to_numpy(float), at_x, x, f"{what} {x_col} ({shape_col}={shape_val:g})")
-        return values, "measured" if shape_exact and x_exact else "interpolated"
+        xs = pivot.columns.to_numpy(float)
+        values, x_exact = _interp(xs, at_x, x, f"{what} {x_col} ({shape_col}={shape_val:g})")
+        used = rows[rows[shape_col].isin(_bracket(shapes, np.atleast_1d(float(shape_val))))
+                    & rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
+        return values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index)
 
     def _layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
-               stat_col: str) -> tuple[np.ndarray, str]:
+               stat_col: str) -> tuple[np.ndarray, str, frozenset]:
         """One decoder-layer shape: prefill ms at prompt lengths ``x``, or decode ms at contexts ``x``."""
         key = (heads, kv_heads, ffn, phase, batch, x.tobytes(), stat_col)
         if key in self._cache:
@@ -129,15 +146,15 @@ class Predictor:
             # Interpolating in heads is only meaningful at the same GQA group size.
             same_group = attn_rows[attn_rows["heads"] == attn_rows["kv_heads"] * (heads // kv_heads)]
             x_col = "tokens" if phase == "prefill" else "context"
-            attn, s1 = self._curve("attn", phase, batch, "heads", heads, x_col, x, stat_col, same_group)
+            attn, s1, r1 = self._curve("attn", phase, batch, "heads", heads, x_col, x, stat_col, same_group)
             # The MLP sees one token per decode step whatever the context: one row at context 0.
             mlp_x = x if phase == "prefill" else np.array([0])
-            mlp, s2 = self._curve("mlp", phase, batch, "ffn", ffn, x_col, mlp_x, stat_col)
-            self._cache[key] = (attn + mlp, worst_source(s1, s2))
+            mlp, s2, r2 = self._curve("mlp", phase, batch, "ffn", ffn, x_col, mlp_x, stat_col)
+            self._cache[key] = (attn + mlp, worst_source(s1, s2), r1 | r2)
         return self._cache[key]
 
     def _fitted_layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
-                      stat_col: str) -> tuple[np.ndarray, str]:
+                      stat_col: str) -> tuple[np.ndarray, str, frozenset]:
         """A ``difference`` table's layer: its own row, or composed additively from the two axes."""
         rows = self._rows_for("layer", phase, batch)
         x_col = "tokens" if phase == "prefill" else "context"
@@ -149,42 +166,47 @@ class Predictor:
         heads_axis = rows[(rows.ffn == full_f) & (rows.heads == rows.kv_heads * group)]
         ffn_axis = rows[(rows.heads == full_h) & (rows.kv_heads == full_kv)]
         full = ffn_axis[ffn_axis.ffn == full_f]
-        a, _ = self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis)
-        m, _ = self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis)
-        f, _ = self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)
-        return a + m - f, "interpolated"
+        a, _, ra = self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis)
+        m, _, rm = self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis)
+        f, _, rf = self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)
+        return a + m - f, "interpolated", ra | rm | rf
 
-    def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> tuple[np.ndarray, str]:
+    def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
+               stat_col: str) -> tuple[np.ndarray, str, frozenset]:
         """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``."""
         x_col = "tokens" if phase == "prefill" else "context"
         key = ("base", phase, batch, x.tobytes(), stat_col)
         if key not in self._cache:
             self._cache[key] = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
-        total, source = self._cache[key]
+        total, source, used = self._cache[key]
         total = total.copy()
         sources = [source]
         for (heads, kv_heads, ffn), count in Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers).items():
-            values, s = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
+            values, s, rows = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
             total += count * values
             sources.append(s)
-        return total, ("roofline" if self.roofline else worst_source(*sources))
+            used = used | rows
+        return total, ("roofline" if self.roofline else worst_source(*sources)), used
 
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
         stat_col = self._stat_col(stat)
-        prefill, source = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]), stat_col)
+        prefill, source, used = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]),
+                                            stat_col)
         contexts = workload.decode_contexts()
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
             return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source,
-                              source, source)
-        decode, decode_source = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
+                              source, source,
+                              tuple(sorted(used)))
+        decode, decode_source, decode_used = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
         return Prediction(subnet, workload, stat, float(prefill[0]), float(decode.mean()),
-                          float(prefill[0] + decode.sum()), worst_source(source, decode_source), source, decode_source)
+                          float(prefill[0] + decode.sum()), worst_source(source, decode_source), source, decode_source,
+                          tuple(sorted(used | decode_used)))
 
     def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
                  stat: str = "median") -> tuple[float, str]:
         """Predicted time of one forward: a prefill of ``tokens`` or one decode step at ``context``."""
         x = np.array([tokens if phase == "prefill" else context])
-        values, source = self._phase(subnet, phase, batch, x, self._stat_col(stat))
+        values, source, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
         return float(values[0]), source
 
     def _metric_parts(self, phase_values, workload: Workload, metric: str) -> float:
@@ -201,7 +223,7 @@ class Predictor:
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
         col, contexts = self._stat_col(stat), workload.decode_contexts()
-        prefill, _ = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)
+        prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
         decode = self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0] if len(contexts) else contexts
         return self._metric_parts((prefill, decode), workload, metric)
 
@@ -209,7 +231,7 @@ class Predictor:
                      stat: str = "median") -> float:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
         col, contexts, b = self._stat_col(stat), workload.decode_contexts(), workload.batch
-        prefill, _ = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)
+        prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
         return self._metric_parts((prefill, decode), workload, metric)
 

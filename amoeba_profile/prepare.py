@@ -10,6 +10,7 @@ from the result.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .arch import ModelArch
@@ -28,14 +29,16 @@ class PreparedBuild:
     backend: Backend
     device_reason: str  # why this device: "requested" or what ``auto`` saw
     method_reason: str  # why this method: "requested with --method" or the evidence for the default
+    threads_reason: str = ""  # the thread count and why ("" for a backend without one)
 
 
 def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
                   dtype: str | None = None, threads: int | None = None, backend_options: dict[str, Any] | None = None,
-                  **plan_options: Any) -> PreparedBuild:
+                  out_dir: Path | None = None, **plan_options: Any) -> PreparedBuild:
     """Resolve and check a measured build; ``backend_options`` are further fields of the backend's
     config (e.g. pytorch-compiled's ``mode``); ``plan_options`` are ``BuildPlan`` fields (grid, depths,
-    whole subnets, decode steps). Raises UsageError (or BackendUnavailable) naming the option."""
+    whole subnets, decode steps). With ``out_dir``, a build that resumes or extends a table there
+    keeps the thread count it was measured with (``build.backend_for_build``). Raises UsageError (or BackendUnavailable) naming the option."""
     if backend not in REGISTRY:
         from .roofline import load_flows
 
@@ -51,5 +54,12 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
         raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
     plan = BuildPlan(arch, method=chosen, **plan_options)
-    instance = get_backend(backend, device=resolved, dtype=dtype, threads=threads, **(backend_options or {}))
-    return PreparedBuild(plan, instance, device_reason, method_reason)
+    if out_dir is None:
+        instance, threads_reason = get_backend(backend, device=resolved, dtype=dtype, threads=threads,
+                                               **(backend_options or {})), ""
+    else:
+        from .build import backend_for_build
+
+        instance, threads_reason = backend_for_build(backend, out_dir, plan, resolved, dtype, threads,
+                                                     backend_options or {})
+    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason)

@@ -96,6 +96,25 @@ def selection_table(selection: Selection) -> Table:
     return table
 
 
+def flagged_table(selection: Selection, limit: int = 8) -> Table | None:
+    """The flagged rows behind the pick and the runner-up (the first ``limit`` of each; ``--json``
+    lists all); None when there are none."""
+    if not any(selection.flagged.values()):
+        return None
+    table = Table(title="flagged table rows behind the answer")
+    for column in ("for", "row (CSV line)", "flags", "cv", "host contention"):
+        table.add_column(column)
+    for who, rows in selection.flagged.items():
+        for row in rows[:limit]:
+            contention = row["host_contention"]
+            table.add_row(who.replace("_", "-"), f"{row['row']} ({row['line']})", ", ".join(row["flags"]),
+                          "-" if row["cv"] is None else f"{row['cv']:.3f}",
+                          "-" if contention is None else f"{contention:.0%}")
+        if len(rows) > limit:
+            table.add_row(who.replace("_", "-"), f"... {len(rows) - limit} more (--json lists all)", "", "", "")
+    return table
+
+
 def pareto_table(selection: Selection) -> Table:
     table = Table(title="Pareto front (latency vs quality)")
     for column in ("shape", selection.metric, "quality", "fits"):

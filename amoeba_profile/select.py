@@ -3,16 +3,20 @@
 Uniform grids are small (AmoebaLLM's llama2-7b grid has 52 shapes), so the picker enumerates
 them exactly; it never samples, so an impossible budget is a clear answer, not a hang.
 Quality comes from a measured table (``quality.load_quality``) or the documented proxy
-(retained decoder parameters), and every output names which.
+(retained decoder parameters), and every output names which. A pick is only as good as the rows it
+rests on: the flagged ones behind the pick and the runner-up are listed, with a warning when their
+flags say the measurement itself was disturbed (noise, contention, throttling, drift).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Iterable
 
 from .errors import InfeasibleBudget, OutOfRange, UsageError
+from .lut import Lut, entry_key_of_row
 from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
 from .quality import ProxyQuality
@@ -29,6 +33,40 @@ def width_text(ratio: float | None) -> str:
 def describe(subnet: Subnet) -> str:
     kind = "" if subnet.is_uniform or subnet.width_ratio is None else " (per-layer widths)"
     return f"{subnet.num_layers} layers, width {width_text(subnet.width_ratio)}{kind}"
+
+
+# A flag that describes the flow, not a disturbed measurement: listed, never warned about.
+INFORMATIVE_FLAGS = frozenset({"host_bound"})
+
+
+def flagged_rows(lut: Lut, prediction: Prediction) -> list[dict[str, Any]]:
+    """The rows ``prediction`` rests on that carry flags: entry key, flags, CV and host contention."""
+    rows = lut.frame.loc[list(prediction.rows)]
+    out = []
+    for label, row in rows[rows["flags"] != ""].iterrows():
+        contention = row.get("host_contention")
+        out.append({"row": entry_key_of_row(row), "line": int(label) + 2, "flags": row["flags"].split(";"),
+                    "cv": None if row["cv"] != row["cv"] else round(float(row["cv"]), 4),
+                    "host_contention": None if contention is None or contention != contention else float(contention)})
+    return out
+
+
+def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
+    """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not."""
+    parts, throttled = [], False
+    for who, rows in flagged.items():
+        counts = Counter(f for row in rows for f in row["flags"] if f not in INFORMATIVE_FLAGS)
+        if counts:
+            disturbed = sum(1 for row in rows if set(row["flags"]) - INFORMATIVE_FLAGS)
+            listed = ", ".join(f"{flag} {n}" for flag, n in sorted(counts.items()))
+            parts.append(f"the {who.replace('_', '-')} rests on {disturbed} disturbed rows ({listed})")
+            throttled = throttled or "throttled" in counts
+    if not parts:
+        return None
+    advice = "rebuild the table on an idle machine (build-lut --busy wait)"
+    if throttled:
+        advice += " with the device cool and its clocks locked"
+    return f"{'; '.join(parts)}; its latencies may be off - {advice} before relying on it"
 
 
 @dataclass(frozen=True)
@@ -66,6 +104,9 @@ class Selection:
     considered: int
     skipped: list[str]
     memory_gb: float | None = None
+    # Flagged rows behind the pick and the runner-up (``flagged_rows``), and the warning they call for.
+    flagged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    warning: str | None = None
 
     def to_dict(self, pareto: bool = True) -> dict[str, Any]:
         """The pick in full; top-k and (with ``pareto``) the Pareto front refer to shapes by
@@ -88,6 +129,8 @@ class Selection:
             "subnets": {c.subnet.id: c.subnet.to_compact_dict() for c in listed},
             "considered": self.considered,
             "skipped": self.skipped,
+            "flagged_rows": self.flagged,
+            "measurement_warning": self.warning,
         }
 
 
@@ -153,5 +196,6 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             f"{describe(fastest.subnet)}"
         )
     ranked = sorted(feasible, key=lambda c: (-c.quality, c.latency_ms))
+    flagged = {who: flagged_rows(predictor.lut, cand.prediction) for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb)
+                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged))

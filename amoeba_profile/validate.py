@@ -34,6 +34,7 @@ from .lockfile import Notice
 from .lut import Lut, load_table
 from .measure import TimingProtocol
 from .predict import Predictor
+from .quiet import BusyPolicy
 from .select import Selection
 from .subnet import Subnet
 from .workload import Workload
@@ -111,9 +112,10 @@ class ValidationRun:
 
 def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
                   progress: Progress | None = None, on_corrupt_journal: str = "stop",
-                  notice: Notice | None = None) -> ValidationRun:
+                  notice: Notice | None = None, busy: BusyPolicy | None = None) -> ValidationRun:
     """Measure the picks whole, interleaved in the same rounds with the components they are made
-    of, through the validation journal; the table is not written (``write_back`` does that)."""
+    of, through the validation journal; the table is not written (``write_back`` does that). It
+    measures like a build: under the device's measurement lock, with the ``busy`` policy."""
     table_path = Path(table_path)
     lut = load_table(table_path)
     meta = lut.meta
@@ -141,7 +143,7 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
                             method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
-                            notice=notice)
+                            busy=busy, notice=notice)
     fresh = measured.lut
     fresh_predictor = Predictor(fresh)
     out = []

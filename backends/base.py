@@ -158,3 +158,8 @@ class Backend(ABC):
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the device ran out of memory (recorded as an ``oom`` row)."""
         return isinstance(exc, MemoryError)
+
+    def host_cores(self) -> int:
+        """CPU cores the measured work keeps busy: other processes' load is judged against these.
+        One (the thread that drives an accelerator) unless the flow computes on the CPU itself."""
+        return 1

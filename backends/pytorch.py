@@ -13,6 +13,7 @@ from a config with that layer's head and FFN counts.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import os
@@ -23,6 +24,8 @@ from typing import Any
 
 from ..arch import ModelArch
 from ..device import last_level_cache_bytes, resolve_device
+from ..device.load import CpuLoad, idle_cores
+from ..device.lock import measuring_pids
 from ..entry import Entry
 from ..errors import UsageError
 from ..measure import Clock, ClockedPiece, Workpiece
@@ -36,6 +39,37 @@ def _torch():
     import torch
 
     return torch
+
+
+@functools.cache
+def _torch_default_threads() -> int:
+    """torch's own intra-op default (one per physical core, or OMP_NUM_THREADS), read before any
+    backend of this process changes it."""
+    return _torch().get_num_threads()
+
+
+def default_threads(device: str, load: CpuLoad | None = None, cap: int | None = None) -> tuple[int, str]:
+    """Intra-op threads when none are given, and why.
+
+    torch's default, one thread per physical core, suits an idle machine only. Its OpenMP kernels
+    meet at a barrier after every parallel loop, so a thread that shares its core with another
+    process stalls all the others: on the 2-core host, with one other busy process, a build took
+    728 s instead of 24 s and its rows were 10-60x off and bimodal; with 1 thread it was normal.
+    So on CPU the default is the cores other processes leave idle (``load.idle_cores``, sampled
+    for 0.5 s now, before the build), at least 1 and at most torch's default. Processes holding a
+    measurement lock are not counted: this build waits for them (``device/lock.py``) before it
+    measures. ``OMP_NUM_THREADS``, when set, is the user's choice and stands, as it does on CUDA,
+    where the host only feeds the GPU.
+    """
+    cap = cap or _torch_default_threads()
+    if device.startswith("cuda"):
+        return cap, "torch's default (the CPU only feeds the GPU)"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return cap, f"torch's default under OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    free, sample = idle_cores(load or CpuLoad(pids=(os.getpid(), *measuring_pids())))
+    threads = min(free, cap)
+    return threads, (f"{free} of {sample.cores} cores idle (other processes used {sample.others_cores:.1f}), "
+                     f"torch's default {cap}")
 
 
 def llama_config(arch: ModelArch, num_layers: int, heads: int, kv_heads: int, ffn: int, attn_impl: str):
@@ -91,7 +125,7 @@ class PyTorchConfig:
 
     device: str = "cpu"
     dtype: str | None = None  # default: float32 on CPU, float16 on CUDA
-    threads: int | None = None  # default: torch's; the number used is what gets stored
+    threads: int | None = None  # default: ``default_threads``; the number used is what gets stored
     attn_impl: str = "sdpa"
 
 
@@ -297,12 +331,15 @@ class PyTorchBackend(Backend):
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"):
         torch = _torch()
+        _torch_default_threads()  # read before this backend sets its own count
         device, _ = resolve_device(device)  # a device torch cannot use fails here, not mid-build
         default = "float16" if device.startswith("cuda") else "float32"
         name = DTYPES.get((dtype or default).lower())
         if name is None:
             raise UsageError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
-        threads = threads or torch.get_num_threads()
+        self.threads_reason = "given"
+        if not threads:
+            threads, self.threads_reason = default_threads(device)
         self.config = PyTorchConfig(device, name, threads, attn_impl)
         self.device = device
         self.dtype = name
@@ -354,6 +391,7 @@ class PyTorchBackend(Backend):
             "device": self.device,
             "dtype": self.dtype,
             "threads": torch.get_num_threads(),
+            "threads_reason": self.threads_reason,
             "attn_impl": self.config.attn_impl,
             "python": platform.python_version(),
             "chain_bytes": self.chain_bytes,
@@ -390,6 +428,9 @@ class PyTorchBackend(Backend):
             params = 3 * arch.hidden_size * ffn
         block_bytes = params * self.torch_dtype.itemsize
         return max(1, min(self.max_chain, -(-self.chain_bytes // block_bytes)))
+
+    def host_cores(self) -> int:
+        return 1 if self.device.startswith("cuda") else self.config.threads
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         torch = _torch()

@@ -16,7 +16,6 @@ Three experiments, each printing counts:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess

@@ -1,4 +1,11 @@
-"""Shared fixtures: tiny architectures (hidden 64-128, 4 layers) so the suite runs on 2 cores."""
+"""Shared fixtures: tiny architectures (hidden 64-128, 4 layers) so the suite runs on 2 cores.
+
+The suite must pass, in about the same time, on a machine that something else keeps busy. So it
+pins one intra-op thread here and in every CLI subprocess (torch's default of one per core
+oversubscribes as soon as another process runs: the suite took 911 s instead of 114 s), lets CLI
+builds measure at once instead of waiting for a quiet CPU (AMOEBA_BUSY=warn), and keeps its
+measurement locks to itself, so a real build elsewhere on the machine never blocks a test.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,23 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
-
-from amoeba_profile.arch import ModelArch
-from amoeba_profile.entry import Entry
-from amoeba_profile.lut import Lut, measured_row, rows_frame
-from amoeba_profile.measure import Measurement, TimingProtocol
-
-# Compiled engines of every test (and of CLI subprocesses) go to a scratch cache, not ~/.cache.
+# Before numpy and torch are imported anywhere: OpenMP and OpenBLAS read it once, and CLI
+# subprocesses inherit it. Compiled engines of every test (and of CLI subprocesses) go to a
+# scratch cache, not ~/.cache.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["AMOEBA_BUSY"] = "warn"
+os.environ["AMOEBA_LOCK_DIR"] = tempfile.mkdtemp(prefix="amoeba-locks-")
 os.environ.setdefault("AMOEBA_ARTIFACTS", tempfile.mkdtemp(prefix="amoeba-artifacts-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from amoeba_profile.arch import ModelArch  # noqa: E402
+from amoeba_profile.entry import Entry  # noqa: E402
+from amoeba_profile.lut import Lut, measured_row, rows_frame  # noqa: E402
+from amoeba_profile.measure import Measurement, TimingProtocol  # noqa: E402
+
+torch.set_num_threads(1)
 
 TINY_CONFIG = {
     "model_type": "llama",
@@ -31,6 +46,13 @@ TINY_CONFIG = {
 
 # Few samples: the tests check the machinery, not the figures (benchmarks/ does that).
 FAST_PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=2, min_round_s=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A test that builds a backend with more threads must not leave them to the tests after it."""
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
@@ -82,3 +104,30 @@ def fake_backend(monkeypatch):
     monkeypatch.setitem(REGISTRY, "fake-engine", "fake_engine:FakeEngineBackend")
     fake_engine.COMPILES.clear()
     return fake_engine
+
+
+class SimulatedLoad:
+    """A ``CpuLoad`` on a simulated clock: other processes keep ``others(t)`` cores busy, this
+    process none. Time moves only when it is slept on or read (a read stands for ``step_s`` of
+    measuring since the last one), so waits and windows cost no real time."""
+
+    def __init__(self, others=lambda t: 0.0, cores: int = 2, step_s: float = 1.0):
+        self.others, self.n, self.step_s = others, cores, step_s
+        self.t, self.busy = 0.0, 0.0
+
+    def _advance(self, seconds: float) -> None:
+        self.busy += self.others(self.t) * seconds
+        self.t += seconds
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self._advance(seconds)
+
+    def cores(self) -> int:
+        return self.n
+
+    def read(self) -> dict:
+        self._advance(self.step_s)
+        return {"t": self.t, "busy_s": self.busy, "own_s": 0.0, "cores": self.n}

@@ -76,7 +76,7 @@ def test_unknown_dtype_and_missing_cuda():
     with pytest.raises(UsageError, match="dtype"):
         get_backend("pytorch", dtype="int3")
     if not torch.cuda.is_available():
-        with pytest.raises(UsageError, match="no CUDA device"):
+        with pytest.raises(UsageError, match="torch sees 0 CUDA device"):
             get_backend("pytorch", device="cuda")
 
 
@@ -109,3 +109,28 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
     layered = models[models.num_layers > 0]
     assert (layered.status == "ok").all() and (layered.compile_s > 0).all() and result.recompiled == []
     assert lut.meta["clock"] == "cuda-events" and (lut.ok[lut.ok.component == "layer"].median_ms > 0).all()
+
+def test_default_threads_are_the_idle_cores(monkeypatch):
+    """torch's one-thread-per-core oversubscribes a shared CPU; the default takes the idle cores."""
+    from amoeba_profile.backends.pytorch import default_threads
+
+    from conftest import SimulatedLoad
+
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    threads, why = default_threads("cpu", SimulatedLoad(lambda t: 1.3, cores=4, step_s=0.0), cap=4)
+    assert threads == 2 and why.startswith("2 of 4 cores idle (other processes used 1.3)")
+    assert default_threads("cpu", SimulatedLoad(lambda t: 0.0, cores=4, step_s=0.0), cap=4)[0] == 4
+    assert default_threads("cpu", SimulatedLoad(lambda t: 0.0, cores=4, step_s=0.0), cap=2)[0] == 2  # torch's cap
+    assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4, step_s=0.0), cap=4)[0] == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4), cap=3) == (
+        3, "torch's default under OMP_NUM_THREADS=3")
+
+
+def test_thread_count_is_recorded_and_sets_the_cores_needed():
+    backend = get_backend("pytorch")  # conftest pins OMP_NUM_THREADS=1
+    assert backend.config_dict()["threads"] == 1 == torch.get_num_threads() == backend.host_cores()
+    assert "OMP_NUM_THREADS=1" in backend.environment()["threads_reason"]
+    given = get_backend("pytorch", threads=2)
+    assert given.config_dict()["threads"] == 2 == given.host_cores()
+    assert given.environment()["threads_reason"] == "given"

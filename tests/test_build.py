@@ -27,6 +27,12 @@ def _plan(arch, **kw):
     return BuildPlan(arch, (1.0, 0.5), (16,), (16, 32), **kw)
 
 
+def _too_noisy(frame):
+    """Rows a busy machine left without a number: a serving-loop difference (tpot) that noise drove
+    below zero is stored as an error saying so, never as a latency."""
+    return (frame.status == "error") & frame.note.str.contains("is not positive")
+
+
 def test_build_writes_complete_table(tmp_path, tiny_arch):
     backend = get_backend("pytorch")
     whole = Subnet.uniform(tiny_arch, 3, 0.5)
@@ -35,7 +41,7 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     result = run_build(plan, backend, tmp_path, FAST_PROTOCOL, lambda d, t, label: seen.append((d, t, label)))
     lut = load_table(result.path)
     assert len(lut.frame) == len(plan.entries()) == result.measured
-    assert (lut.frame.status == "ok").all()
+    assert ((lut.frame.status == "ok") | _too_noisy(lut.frame)).all()
     assert set(lut.frame.component) == {"attn", "mlp", "base", "model"}
     assert (lut.frame.n >= FAST_PROTOCOL.rounds * FAST_PROTOCOL.samples_per_round).all()
     assert lut.meta["device_slug"] and lut.meta["backend_env"]["torch"] and lut.meta["protocol"]["rounds"] == 2
@@ -59,30 +65,40 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert len(load_table(third.path).meta["later_builds"]) == 1
 
 
+# A real build process that SIGKILLs itself while it measures its 7th (entry, round): a fixed
+# point, so the test does not race the build, whatever the machine's load.
+_DIE_MEASURING = """
+import os, signal, sys
+from amoeba_profile import build
+from amoeba_profile.cli import main
+measured, sample = [], build.sample
+def sample_or_die(*args, **kwargs):
+    measured.append(1)
+    if len(measured) == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return sample(*args, **kwargs)
+build.sample = sample_or_die
+sys.argv[0] = "amoeba-profile"
+main()
+"""
+
+
 def test_resume_after_kill_9(tmp_path, tiny_config_path):
     """A real build process is killed mid-way; the rerun finishes with nothing lost or duplicated."""
-    args = [sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--model", str(tiny_config_path),
-            "--out", str(tmp_path), "--contexts", "16,32,64,128", "--prompt-len", "16", "--widths", "1,1/2",
-            "--whole", "4x1,2x1/2"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    journal = None
-    while time.monotonic() < deadline:
-        found = list(tmp_path.rglob("*.journal.jsonl"))
-        if found and sum(1 for _ in found[0].open()) >= 6:
-            journal = found[0]
-            break
-        time.sleep(0.05)
-    assert journal is not None, "build never wrote its journal"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = ["build-lut", "--model", str(tiny_config_path), "--out", str(tmp_path), "--contexts", "16,32,64,128",
+            "--prompt-len", "16", "--widths", "1,1/2", "--whole", "4x1,2x1/2", "--quick"]
+    # Timeouts are generous: seconds of work on an idle machine, and one thread (conftest) on a busy one.
+    killed = subprocess.run([sys.executable, "-c", _DIE_MEASURING, *args], capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    journal = next(tmp_path.rglob("*.journal.jsonl"))
     before = [json.loads(line) for line in journal.read_text().splitlines() if line.strip().endswith("}")]
     done_before = {(r["key"], r["round"]) for r in before if r.get("kind") == "result"}
-    assert done_before
+    assert len(done_before) == 6
     table = journal.with_name(journal.name.removesuffix(".journal.jsonl"))
     assert not table.exists()  # nothing half-written appeared
 
-    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
+                           timeout=900)
     assert rerun.returncode == 0, rerun.stderr
     counts = re.search(r"(\d+) entries measured now, (\d+) taken from the journal", rerun.stdout)
     resumed = {key for key, _ in done_before}
@@ -97,8 +113,8 @@ def test_resume_after_kill_9(tmp_path, tiny_config_path):
     # A serving-loop decode row noisier than its step is stored as an error instead of breaking the table.
     failed = lut.frame[lut.frame.status != "ok"]
     assert ((failed.status == "error") & (failed.phase == "decode") & failed.component.isin(["base", "model"])).all()
-    # every (entry, round) measured exactly once: the regular rounds, plus at most one CV re-measure round
-    rounds = TimingProtocol().rounds
+    # every (entry, round) measured exactly once: the regular rounds, plus at most one re-measure round
+    rounds = TimingProtocol.quick().rounds
     assert lut.frame["rounds"].isin([rounds, rounds + 1]).all()
 
 
@@ -178,8 +194,10 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
     oom = lut.frame[lut.frame.status == "oom"]
     assert set(oom.component) == {"mlp"} and set(oom.ffn) == {tiny_arch.ffn_size}
     assert "allocate" in oom.note.iloc[0]
-    assert (lut.frame[lut.frame.status != "oom"].median_ms > 0).all()
-    assert sorted(result.oom) == ["mlp decode, ffn 128", "mlp prefill 16 tok, ffn 128"]  # for people, not keys
+    assert (lut.frame[lut.frame.status == "ok"].median_ms > 0).all()
+    assert ((lut.frame.status == "ok") | (lut.frame.status == "oom") | _too_noisy(lut.frame)).all()
+    assert sorted(l for l in result.oom if l.startswith("mlp")) == ["mlp decode, ffn 128", "mlp prefill 16 tok, ffn 128"]
+    assert len(result.oom) == 2 + _too_noisy(lut.frame).sum()  # labels, for people, not keys
 
 
 def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
@@ -195,3 +213,23 @@ def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
         run_build(_plan(tiny_arch), Broken(get_backend("pytorch")), tmp_path, FAST_PROTOCOL)
     journal = next(tmp_path.rglob("*.journal.jsonl"))
     assert sum(1 for line in journal.open() if '"result"' in line) > 0
+
+
+def test_a_rerun_keeps_the_threads_of_the_table_it_extends(tmp_path, tiny_arch):
+    """The default thread count follows the machine's load; a rerun into the same folder keeps the
+    count of the table or unfinished journal there, or it would be refused as another identity."""
+    from amoeba_profile.build import backend_for_build, stored_backend_config
+
+    backend = get_backend("pytorch")  # 1 thread (conftest)
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) is None
+    path = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL).path
+    assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) == backend.config_dict()  # the sidecar's
+    # An unfinished build there was measured with 2 threads: its journal header says so.
+    journal = path.with_name(path.name + ".journal.jsonl")
+    config = {**backend.config_dict(), "threads": 2}
+    journal.write_text(json.dumps({"kind": "header", "identity": "x", "options": {"config": config}}) + "\n")
+    again, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, None)
+    assert again.config_dict() == config
+    assert line == "threads: 2 (as the table or journal being resumed or extended was measured)"
+    given, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, 1)
+    assert given.config_dict()["threads"] == 1 and line == "threads: 1 (given)"

@@ -12,7 +12,8 @@ CLI = [sys.executable, "-m", "amoeba_profile.cli"]
 
 
 def run(*args, check_rc=None):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+    # Generous: a CLI build here takes seconds on an idle machine and must not time out on a busy one.
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=900)
     if check_rc is not None:
         assert proc.returncode == check_rc, proc.stderr + proc.stdout
     return proc
@@ -32,6 +33,7 @@ def built(tmp_path_factory):
     proc = run("build-lut", "--backend", "pytorch", "--model", str(config), "--out", str(out), "--quick",
                "--prompt-len", "16", "--contexts", "16,64", "--whole", "4x1", check_rc=0)
     assert "table:" in proc.stdout
+    assert "threads: 1 (torch's default under OMP_NUM_THREADS=1)" in proc.stderr  # pinned by conftest
     return out
 
 
@@ -138,6 +140,8 @@ def test_usage_errors_exit_2(built, tmp_path):
     proc = run("build-lut", "--model", "llama9", "--out", str(tmp_path), check_rc=2)
     assert "unknown model 'llama9'" in proc.stderr
     assert run("build-lut", "--model", "tinyllama-1.1b", "--backend", "vllm", "--out", str(tmp_path)).returncode == 2
+    proc = run("build-lut", "--model", "tinyllama-1.1b", "--busy", "sometimes", "--out", str(tmp_path), check_rc=2)
+    assert "--busy takes one of wait, warn, refuse" in proc.stderr
 
 
 def test_corrupt_table_is_one_line(built, tmp_path):
@@ -280,3 +284,30 @@ def test_compiled_flow_end_to_end(tmp_path):
     data = json.loads(run("show", "--lut", str(out), "--json", check_rc=0).stdout)
     assert data["backend"] == "pytorch-compiled" and data["backend_config"]["mode"] == "default"
     assert data["rows"]["layer/ok"] == 3 and data["rows"]["model/unsupported"] == 3
+
+
+def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
+    from amoeba_profile.lut import write_table
+    from conftest import synthetic_lut
+
+    lut = synthetic_lut(tiny_arch, lambda h, phase, c: 0.3 * h, lambda f, phase: 0.01 * f, lambda phase, c: 2.0,
+                        meta={"dtype": "float32"})
+    noisy = (lut.frame.component == "attn") & (lut.frame.heads == 8) & (lut.frame.phase == "decode")
+    lut.frame.loc[noisy, "flags"] = "high_cv;contended"
+    lut.frame.loc[noisy, "host_contention"] = 0.8
+    table = tmp_path / "t.csv"
+    write_table(table, lut.frame, lut.meta)
+    args = ("select", "--lut", str(table), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "20")
+    proc = run(*args, "--json", check_rc=0)
+    data = json.loads(proc.stdout)
+    pick = data["flagged_rows"]["pick"]
+    assert data["subnet"]["num_layers"] == 4 and len(pick) == 2  # decode attention at contexts 16 and 64
+    assert {r["row"].split("|")[4] for r in pick} == {"c16", "c64"}
+    assert all(r["flags"] == ["high_cv", "contended"] and r["host_contention"] == 0.8 for r in pick)
+    assert data["warning"] == data["measurement_warning"]
+    assert data["warning"].startswith("the pick rests on 2 disturbed rows (contended 2, high_cv 2)")
+    assert "build-lut --busy wait" in data["warning"] and "build-lut --busy wait" in proc.stderr
+    proc = run(*args, check_rc=0)
+    assert proc.stderr.startswith("warning: the pick rests on 2 disturbed rows")
+    assert "flagged table rows behind the answer" in proc.stdout and "attn|decode|b1|t1|c64|h8" in proc.stdout
+    assert "high_cv, contended" in proc.stdout and "80%" in proc.stdout

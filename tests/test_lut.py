@@ -296,7 +296,7 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
                 "samples_ms": samples, "context": {}}
                for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))]
     rows, failed = _aggregate([noisy, drowned], records, 0.1, "components")
-    assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.key]
+    assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.label]
     assert rows[0]["p10_ms"] < 0 < rows[0]["median_ms"] and "not positive" in rows[1]["note"]
     path = tmp_path / "t.csv"
     write_table(path, rows_frame(rows), {})

@@ -139,3 +139,46 @@ def test_quality_proxy(tiny_arch):
     assert retained_params(Subnet.uniform(tiny_arch, 4, 1.0)) == pytest.approx(1.0)
     assert retained_params(Subnet.uniform(tiny_arch, 2, 1.0)) == pytest.approx(0.5)
     assert retained_params(Subnet.uniform(tiny_arch, 4, 0.5)) < 0.55
+
+
+def _flag(lut, flags, **where):
+    mask = True
+    for column, value in where.items():
+        mask = mask & (lut.frame[column] == value)
+    lut.frame.loc[mask, "flags"] = flags
+    return list(lut.frame.index[mask])
+
+
+def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
+    from amoeba_profile.lut import Lut
+
+    lut = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
+    attn_row = _flag(lut, "high_cv;contended", component="attn", phase="decode", heads=8, context=64)[0]
+    mlp_row = _flag(lut, "high_cv", component="mlp", phase="decode", ffn=64)[0]
+    _flag(lut, "high_cv", component="attn", phase="decode", heads=4)  # neither shape reads these
+    base_row = _flag(lut, "host_bound", component="base", phase="prefill")[0]  # the flow's nature: not warned
+    lut = Lut(lut.frame, lut.meta)
+    space = DesignSpace(tiny_arch, (2, 3, 4), (1.0, 0.75, 0.5))
+    chosen = select(Predictor(lut), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
+    assert chosen.pick.subnet.num_layers == 4 and chosen.pick.subnet.width_ratio == 1.0
+    # The runner-up (6 heads, FFN 96) interpolates its MLP between the 64 and 128 rows.
+    assert chosen.top_k[1].subnet.width_ratio == 0.75
+    lines = {who: {r["line"] - 2: r["flags"] for r in rows} for who, rows in chosen.flagged.items()}
+    assert lines == {"pick": {attn_row: ["high_cv", "contended"], base_row: ["host_bound"]},
+                     "runner_up": {mlp_row: ["high_cv"], base_row: ["host_bound"]}}
+    assert chosen.flagged["pick"][0]["row"].startswith("attn|decode|b1|t1|c64|h8")
+    assert chosen.warning == ("the pick rests on 1 disturbed rows (contended 1, high_cv 1); the runner-up rests on "
+                              "1 disturbed rows (high_cv 1); its latencies may be off - rebuild the table on an idle "
+                              "machine (build-lut --busy wait) before relying on it")
+    data = chosen.to_dict()
+    assert data["flagged_rows"] == chosen.flagged and data["measurement_warning"] == chosen.warning
+
+
+def test_clean_or_informative_rows_give_no_warning(setup, tiny_arch):
+    predictor, space, workload = setup
+    chosen = select(predictor, space.subnets(), workload, "tpot_ms", 100.0)
+    assert chosen.flagged == {"pick": [], "runner_up": []} and chosen.warning is None
+    lut = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
+    _flag(lut, "host_bound", component="base")
+    chosen = select(Predictor(lut), space.subnets(), workload, "tpot_ms", 100.0)
+    assert chosen.flagged["pick"] and chosen.warning is None

@@ -3,6 +3,8 @@
 Sources: NVML on CUDA GPUs (with its total-energy counter), sysfs on Jetson (INA3221 power,
 integrated as the mean of the two readings times the elapsed time), and on CPUs the RAPL energy
 counter where the kernel exposes it. A source that is missing yields empty samples, never an error.
+Every monitor also reads the host's CPU time (``load.py``), so each entry records how much of the
+cores it needed other processes took while it ran.
 """
 
 from __future__ import annotations
@@ -12,16 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from .jetson import JetsonReader
+from .load import CpuLoad, contention_share, others_cpu_s
 from .nvml import NvmlReader, NvmlUnavailable, describe_state
 
 
 class Monitor:
-    """Base: no readable state (samples are just timestamps)."""
+    """Base: no readable device state; samples hold a timestamp and, with ``load``, the host's CPU
+    time and the cores the measured work needs (``needed``)."""
 
     source = "none"
+    load: CpuLoad | None = None
+    needed: int = 1
 
     def sample(self) -> dict[str, Any]:
-        return {"t": time.perf_counter()}
+        out: dict[str, Any] = {"t": time.perf_counter()}
+        if self.load is not None:
+            out["cpu"] = {**self.load.read(), "needed": self.needed}
+        return out
 
 
 class NvmlMonitor(Monitor):
@@ -32,7 +41,7 @@ class NvmlMonitor(Monitor):
 
     def sample(self) -> dict[str, Any]:
         state = describe_state(self.reader.state(self.index))
-        return {"t": time.perf_counter(), **{k: state[k] for k in (
+        return {**super().sample(), **{k: state[k] for k in (
             "sm_clock_mhz", "mem_clock_mhz", "temperature_c", "power_w", "energy_mj", "clock_event_reasons", "throttled")}}
 
 
@@ -44,7 +53,7 @@ class JetsonMonitor(Monitor):
 
     def sample(self) -> dict[str, Any]:
         state = self.reader.state()
-        return {"t": time.perf_counter(), "sm_clock_mhz": state["gpu_freq_mhz"], "temperature_c": state["temperature_c"],
+        return {**super().sample(), "sm_clock_mhz": state["gpu_freq_mhz"], "temperature_c": state["temperature_c"],
                 "power_w": state["power_w"], "power_mode": state["power_mode"], "jetson_clocks": state["jetson_clocks"]}
 
 
@@ -55,10 +64,18 @@ class RaplMonitor(Monitor):
         self.counter = counter
 
     def sample(self) -> dict[str, Any]:
-        return {"t": time.perf_counter(), "energy_mj": int(self.counter.read_text()) / 1000}
+        return {**super().sample(), "energy_mj": int(self.counter.read_text()) / 1000}
 
 
-def monitor_for(device: str, root: Path = Path("/")) -> Monitor:
+def monitor_for(device: str, root: Path = Path("/"), load: CpuLoad | None = None, needed: int = 1) -> Monitor:
+    """The device's monitor; with ``load`` its samples also carry the host's CPU time, judged
+    against the ``needed`` cores of the measured work."""
+    monitor = _device_monitor(device, root)
+    monitor.load, monitor.needed = load, needed
+    return monitor
+
+
+def _device_monitor(device: str, root: Path) -> Monitor:
     if device.startswith("cuda"):
         jetson = JetsonReader(root)
         if jetson.is_jetson():
@@ -97,4 +114,26 @@ def entry_context(before: dict[str, Any], after: dict[str, Any], steps: int) -> 
     reasons = sorted(set(before.get("clock_event_reasons") or []) | set(after.get("clock_event_reasons") or []))
     if reasons:
         context["clock_event_reasons"] = reasons
+    if before.get("cpu") and after.get("cpu"):
+        others = others_cpu_s(before["cpu"], after["cpu"])
+        if others is not None:
+            # Raw CPU-seconds and window, pooled over a row's rounds before the share is judged.
+            context.update(others_cpu_s=others, window_s=after["cpu"]["t"] - before["cpu"]["t"],
+                           cores=after["cpu"]["cores"], cores_needed=after["cpu"]["needed"])
     return context
+
+
+# Pooled windows shorter than this are not judged: at the kernel's 10 ms accounting tick the
+# share's error would approach the threshold.
+MIN_JUDGED_S = 0.5
+
+
+def host_contention(contexts: list[dict[str, Any]]) -> float | None:
+    """Share of the needed cores other processes took over all of a row's measured windows,
+    pooled (``load.contention_share``); None when the windows add up to less than ``MIN_JUDGED_S``."""
+    windows = [c for c in contexts if c.get("window_s") is not None and c.get("others_cpu_s") is not None]
+    window = sum(c["window_s"] for c in windows)
+    if window < MIN_JUDGED_S:
+        return None
+    others = sum(c["others_cpu_s"] for c in windows) / window
+    return contention_share(others, windows[-1]["cores"], windows[-1]["cores_needed"])
