@@ -28,14 +28,16 @@ from . import __version__
 from .artifacts import ArtifactCache
 from .backends import Backend
 from .backends.base import EngineSpec
-from .device import fingerprint
+from .device import available_memory_bytes, fingerprint
 from .device.monitor import Monitor, entry_context, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows, residual_key
+from .inputs import output_dir
 from .journal import Journal
 from .lut import entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from .measure import Measurement, TimingProtocol, sample, warm_up
+from .memory import check_fits
 from .plan import BuildPlan
 
 Progress = Callable[[int, int, str], None]
@@ -75,13 +77,18 @@ def run_build(
     artifacts: ArtifactCache | None = None,
     method_reason: str = "",
 ) -> BuildResult:
-    """Measure every entry of ``plan`` not already in the table, then write the table atomically."""
+    """Measure every entry of ``plan`` not already in the table, then write the table atomically.
+
+    Before anything is written, the largest engine or component chain of the plan must fit the
+    memory the device has available (``memory.check_fits``)."""
     if plan.method not in backend.capabilities().methods:
         raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
                           f"not the {plan.method!r} method")
+    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
+               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
     device = fingerprint(backend.device)
-    path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = table_path(output_dir(out_dir, "--out"), device["slug"], backend.name, plan.arch.name, backend.dtype)
+    output_dir(path.parent, "--out")
     lock = FileLock(str(path) + ".lock")
     try:
         lock.acquire(timeout=lock_timeout_s)

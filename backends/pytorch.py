@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import ModelArch
-from ..device import last_level_cache_bytes
+from ..device import last_level_cache_bytes, require_device
 from ..entry import Entry
 from ..errors import UsageError
 from ..measure import Clock, ClockedPiece, Workpiece
@@ -297,8 +297,7 @@ class PyTorchBackend(Backend):
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"):
         torch = _torch()
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
+        require_device(device)
         default = "float16" if device.startswith("cuda") else "float32"
         name = DTYPES.get((dtype or default).lower())
         if name is None:

@@ -88,3 +88,46 @@ def test_quality_table_must_cover_the_space(tmp_path, tiny_arch):
     space = list(DesignSpace(tiny_arch, (2, 4), (1.0, 0.5)).subnets())
     with pytest.raises(UsageError, match="lacks 3 shapes of the design space"):
         select(Predictor(_lut(tiny_arch)), space, Workload(1, 16, 20), "tpot_ms", 1e6, quality=load_quality(path))
+
+
+def test_build_preflight_sizes_the_largest_engine_by_hand():
+    from amoeba_profile.memory import check_fits, plan_peak
+    from amoeba_profile.plan import BuildPlan
+
+    plan = BuildPlan(LLAMA2, widths=(1.0,), prompt_lens=(128,), contexts=(4096,), method="difference",
+                     depths=(4, 18, 32))
+    need, label = plan_peak(plan, "float16")
+    assert label == "the 32-layer model"
+    # weights 6.74e9 params x 2 B; KV 2 x 32 layers x 32 kv heads x 128 x (4096 + 8 + 2) positions x 2 B;
+    # activations 128 x (3 x 4096 + 2 x 11008) x 2 B + 32000 x 4 B of logits.
+    assert need.weights_bytes == 6_738_415_616 * 2
+    assert need.kv_cache_bytes == 2 * 32 * 32 * 128 * 4106 * 2
+    assert need.activation_bytes == 128 * (3 * 4096 + 2 * 11008) * 2 + 32000 * 4
+    check_fits(plan, "float16", 20 * 10**9, "cuda")
+    with pytest.raises(UsageError, match=r"^the 32-layer model needs 15.6 GB \(weights 13.5, KV cache 2.15, activations "
+                                         r"0.\d+\) but cuda has 8 GB available; lower --contexts"):
+        check_fits(plan, "float16", 8 * 10**9, "cuda")
+
+
+def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
+    from amoeba_profile.memory import plan_peak
+    from amoeba_profile.plan import BuildPlan
+
+    plan = BuildPlan(tiny_arch, widths=(1.0,), prompt_lens=(16,), contexts=(512,))
+    one, _ = plan_peak(plan, "float32")
+    need, label = plan_peak(plan, "float32", lambda component, h, kv, f: 64)
+    assert label == "64 chained attn blocks at decode tokens=1 context=512"
+    # 64 copies, each with its own KV: 2 x 4 kv heads x 8 x (1 + 512 + 16) tokens x 4 B.
+    assert need.kv_cache_bytes == 64 * 2 * 4 * 8 * 529 * 4 and need.total_bytes > one.total_bytes
+
+
+def test_build_refuses_before_writing_anything(tmp_path, tiny_arch, monkeypatch):
+    from amoeba_profile import build
+    from amoeba_profile.backends import get_backend
+    from amoeba_profile.plan import BuildPlan
+
+    monkeypatch.setattr(build, "available_memory_bytes", lambda device: 10**6)
+    out = tmp_path / "lut"
+    with pytest.raises(UsageError, match="but cpu has 0.001 GB available"):
+        build.run_build(BuildPlan(tiny_arch, prompt_lens=(16,), contexts=(16,)), get_backend("pytorch"), out)
+    assert not out.exists()

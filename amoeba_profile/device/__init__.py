@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from .cpu import cpu_info, cpu_model
 from .cpu import last_level_cache_bytes as _cpu_llc
+from .cpu import meminfo_available_bytes
 from .jetson import JetsonReader
 from .nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
 from .specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
@@ -45,6 +47,37 @@ def last_level_cache_bytes(device: str = "cpu", root: Path = Path("/")) -> int:
 
         return int(torch.cuda.get_device_properties(device).L2_cache_size)
     return _cpu_llc(root)
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::(\d{1,3}))?")
+
+
+def require_device(device: str) -> str:
+    """Check a device to measure on (``cpu``, ``cuda`` or ``cuda:N``, present here) before anything
+    is built or written; returns its kind, ``cpu`` or ``cuda``. A spec-sheet name (``rtx-a5000``)
+    is not a device to measure on: such tables are computed with ``--predict``."""
+    match = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if match is None or (match.group(1) == "cpu" and match.group(2) is not None):
+        raise UsageError(f"unknown device {device!r}: measure on cpu, cuda or cuda:N (a spec-sheet device is "
+                         "computed with --predict)")
+    kind = match.group(1)
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {device!r} requested but torch sees no CUDA device; use --device cpu")
+        if _cuda_index(device) >= torch.cuda.device_count():
+            raise UsageError(f"device {device!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return kind
+
+
+def available_memory_bytes(device: str = "cpu", root: Path = Path("/")) -> int | None:
+    """Memory a build may still take: MemAvailable (CPU) or free device memory (CUDA); None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return meminfo_available_bytes(root)
 
 
 def _cuda_index(device: str) -> int:
@@ -108,5 +141,6 @@ def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: 
     return report
 
 
-__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "cpu_slug", "detect", "device_slug",
-           "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs", "slugify"]
+__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "available_memory_bytes", "cpu_slug", "detect",
+           "device_slug", "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs",
+           "require_device", "slugify"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import detect, device_slug
+from . import detect, device_slug, require_device
 from .bench import run_microbenchmarks
 from .specs import get_spec, load_specs
 
@@ -19,6 +19,7 @@ def resolve_device(device: str) -> str:
 
 def profile(device: str = "auto", bench: bool = True, quick: bool = False) -> dict[str, Any]:
     device = resolve_device(device)
+    require_device(device)
     report = detect()
     slug = device_slug(device)
     spec = load_specs().get(slug)
