@@ -74,3 +74,21 @@ def test_p90_and_roofline_tags(tiny_arch):
 
     p = Predictor(Lut(lut.frame, lut.meta)).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2), "p90")
     assert p.source == "roofline" and p.stat == "p90"
+
+
+def test_huge_gen_len_is_refused_before_contexts_are_allocated(tiny_arch, lut):
+    import tracemalloc
+
+    subnet = Subnet.uniform(tiny_arch, 4, 1.0)
+    predictor = Predictor(lut)
+    workload = Workload(1, 16, 10**8)
+    tracemalloc.start()
+    try:
+        for call in (lambda: predictor.predict(subnet, workload), lambda: predictor.base_metric(workload, "tpot_ms"),
+                     lambda: predictor.layer_metric(8, 4, 128, workload, "tpot_ms")):
+            with pytest.raises(OutOfRange, match="1e\\+08 is outside the measured range"):
+                call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20  # the 10^8 contexts alone would be 800 MB
