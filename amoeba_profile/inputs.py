@@ -20,25 +20,39 @@ from .errors import AmoebaError, UsageError
 KIB, MIB = 1 << 10, 1 << 20
 
 
-def positive_int(value: object, what: str, *, maximum: int | None = None,
-                 error: type[AmoebaError] = UsageError) -> int:
-    """``value`` as an int >= 1 (and <= ``maximum``); bools, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise error(f"{what} must be a positive integer, got {value!r}")
+def _shown(value: object) -> str:
+    """``repr`` of a value as the user wrote it: NumPy scalars as plain numbers (4.5, not np.float64(4.5))."""
+    if isinstance(value, numbers.Number) and callable(getattr(value, "item", None)):
+        value = value.item()
+    return repr(value)
+
+
+def integer(value: object, what: str, *, minimum: int, maximum: int | None = None,
+            error: type[AmoebaError] = UsageError) -> int:
+    """``value`` as an int in [minimum, maximum]; bools, floats and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise error(f"{what} must be {kind}, got {_shown(value)}")
     if maximum is not None and value > maximum:
         raise error(f"{what}={value} is above the maximum {maximum}")
     return int(value)
+
+
+def positive_int(value: object, what: str, *, maximum: int | None = None,
+                 error: type[AmoebaError] = UsageError) -> int:
+    """``value`` as an int >= 1 (and <= ``maximum``): sizes, counts, lengths."""
+    return integer(value, what, minimum=1, maximum=maximum, error=error)
 
 
 def finite_float(value: object, what: str, *, minimum: float | None = None, maximum: float | None = None,
                  error: type[AmoebaError] = UsageError) -> float:
     """``value`` as a finite float in [minimum, maximum]; bools and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise error(f"{what} must be a finite number, got {value!r}")
+        raise error(f"{what} must be a finite number, got {_shown(value)}")
     if minimum is not None and value < minimum:
-        raise error(f"{what} must be >= {minimum:g}, got {value!r}")
+        raise error(f"{what} must be >= {minimum:g}, got {_shown(value)}")
     if maximum is not None and value > maximum:
-        raise error(f"{what}={value!r} is above the maximum {maximum:g}")
+        raise error(f"{what}={_shown(value)} is above the maximum {maximum:g}")
     return float(value)
 
 
@@ -47,7 +61,7 @@ def positive_float(value: object, what: str, *, maximum: float | None = None,
     """``value`` as a finite float > 0 (and <= ``maximum``): budgets, epsilons, frequencies."""
     number = finite_float(value, what, maximum=maximum, error=error)
     if number <= 0:
-        raise error(f"{what} must be a positive number, got {value!r}")
+        raise error(f"{what} must be a positive number, got {_shown(value)}")
     return number
 
 

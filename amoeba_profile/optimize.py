@@ -23,9 +23,10 @@ import pandas as pd
 
 from .arch import ModelArch
 from .errors import InfeasibleBudget, OutOfRange, UsageError
+from .inputs import finite_float
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
-from .quality import layer_params
+from .quality import csv_integer, layer_params, read_small_csv
 from .subnet import LayerShape, Subnet, kept_layers
 from .workload import Workload
 
@@ -39,26 +40,25 @@ class PerLayerResult:
 
 
 def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
-    """CSV with columns layer, importance (non-negative); every base layer exactly once."""
+    """CSV with columns layer, importance (finite, non-negative, not all 0); every base layer exactly once."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError) as exc:
-        raise UsageError(f"{path}: not a readable importance CSV ({exc})") from None
+    frame = read_small_csv(path, "importance CSV")
     if not {"layer", "importance"} <= set(frame.columns):
         raise UsageError(f"{path}: needs columns 'layer' and 'importance'")
     weights = np.full(arch.num_layers, np.nan)
     for i, row in frame.iterrows():
-        layer = int(row["layer"])
-        if not 0 <= layer < arch.num_layers:
-            raise UsageError(f"{path}: line {i + 2}: layer {layer} outside 0..{arch.num_layers - 1}")
+        where = f"{path}: line {i + 2}:"
+        layer = csv_integer(row["layer"], f"{where} layer", minimum=0)
+        if layer >= arch.num_layers:
+            raise UsageError(f"{where} layer {layer} outside 0..{arch.num_layers - 1}")
         if not np.isnan(weights[layer]):
-            raise UsageError(f"{path}: line {i + 2}: layer {layer} appears twice")
-        if not row["importance"] >= 0:
-            raise UsageError(f"{path}: line {i + 2}: importance must be >= 0")
-        weights[layer] = float(row["importance"])
+            raise UsageError(f"{where} layer {layer} appears twice")
+        weights[layer] = finite_float(pd.to_numeric(row["importance"], errors="coerce"),
+                                      f"{where} importance", minimum=0)
     if np.isnan(weights).any():
         raise UsageError(f"{path}: missing layers {np.flatnonzero(np.isnan(weights)).tolist()}")
+    if not weights.sum() > 0:
+        raise UsageError(f"{path}: every importance is 0; at least one layer must carry weight")
     return weights
 
 

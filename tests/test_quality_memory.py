@@ -57,6 +57,16 @@ def test_quality_table_formats(tmp_path, tiny_arch):
     assert load_quality(by_id).score(subnet) == 0.9
 
 
+def test_quality_widths_take_the_cli_syntax(tmp_path, tiny_arch):
+    path = tmp_path / "q.csv"
+    path.write_text("num_layers,width_ratio,score\n4,1,0.40\n4,7/8,0.45\n4,0.75,0.5\n")
+    q = load_quality(path)
+    assert q.score(Subnet.uniform(tiny_arch, 4, 0.875)) == 0.45 and q.score(Subnet.uniform(tiny_arch, 4, 0.75)) == 0.5
+    names = tmp_path / "names.csv"
+    names.write_text("name,score\nllama2-7b_l24w7/8,0.61\n")
+    assert load_quality(names).score(Subnet.uniform(LLAMA2, 24, 0.875)) == 0.61
+
+
 def test_quality_table_changes_the_pick_and_names_itself(tmp_path, tiny_arch):
     path = tmp_path / "q.csv"
     path.write_text("num_layers,width_ratio,score\n4,1.0,0.40\n4,0.5,0.45\n2,1.0,0.30\n2,0.5,0.20\n")
@@ -74,6 +84,10 @@ def test_quality_table_changes_the_pick_and_names_itself(tmp_path, tiny_arch):
     ("name,score\nmodel-final,0.4\n", "no AmoebaLLM suffix"),
     ("num_layers,width_ratio\n4,1.0\n", "missing column 'score'"),
     ("layers,score\n4,0.4\n", "needs columns"),
+    ("num_layers,width_ratio,score\n4,1.0,inf\n", "line 2: score must be a finite number, got inf"),
+    ("num_layers,width_ratio,score\n4.5,1.0,0.4\n", "line 2: num_layers must be a positive integer, got 4.5"),
+    ("num_layers,width_ratio,score\n4,9/8,0.4\n", r"line 2: width ratio '9/8' must be in \(0, 1\]"),
+    ("name,score\nm_l24w0.8.7,0.4\n", "line 2: bad width ratio '0.8.7'"),
 ])
 def test_quality_table_errors(tmp_path, text, message):
     path = tmp_path / "q.csv"
