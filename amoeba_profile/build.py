@@ -67,6 +67,19 @@ class BuildResult:
     wall_s: float
 
 
+def preflight(plan: BuildPlan, backend: Backend, out_dir: Path) -> None:
+    """Everything a build refuses before it writes a byte: a method the backend lacks, a largest
+    engine or component chain that cannot fit the memory the device has available
+    (``memory.check_fits``), an output folder that cannot be one. ``run_build`` calls it; a caller
+    that reports progress calls it first, so a refusal is the only thing it prints."""
+    if plan.method not in backend.capabilities().methods:
+        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
+                          f"not the {plan.method!r} method")
+    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
+               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
+    output_dir(out_dir, "--out")
+
+
 def run_build(
     plan: BuildPlan,
     backend: Backend,
@@ -77,17 +90,10 @@ def run_build(
     artifacts: ArtifactCache | None = None,
     method_reason: str = "",
 ) -> BuildResult:
-    """Measure every entry of ``plan`` not already in the table, then write the table atomically.
-
-    Before anything is written, the largest engine or component chain of the plan must fit the
-    memory the device has available (``memory.check_fits``)."""
-    if plan.method not in backend.capabilities().methods:
-        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
-                          f"not the {plan.method!r} method")
-    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
-               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
+    """Measure every entry of ``plan`` not already in the table, then write the table atomically."""
+    preflight(plan, backend, out_dir)
     device = fingerprint(backend.device)
-    path = table_path(output_dir(out_dir, "--out"), device["slug"], backend.name, plan.arch.name, backend.dtype)
+    path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     output_dir(path.parent, "--out")
     lock = FileLock(str(path) + ".lock")
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .inputs import output_dir
 from .subnet import Subnet
 
 
@@ -44,8 +45,7 @@ def amoeballm_flags(subnet: Subnet) -> str | None:
 
 
 def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, "--export")
     written = [out / "subnet.json"]
     written[0].write_text(json.dumps(subnet.to_dict(), indent=2) + "\n")
     if subnet.is_uniform:

@@ -65,6 +65,10 @@ def positive_float(value: object, what: str, *, maximum: float | None = None,
     return number
 
 
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n >= MIB else f"{n} bytes"
+
+
 def read_bounded(path: Path | str, limit_bytes: int, what: str, error: type[AmoebaError] = UsageError) -> bytes:
     """The bytes of a regular file of at most ``limit_bytes``; anything else is refused unread.
 
@@ -76,18 +80,20 @@ def read_bounded(path: Path | str, limit_bytes: int, what: str, error: type[Amoe
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise error(f"{path}: not a regular file; a {what} must be a file")
         if info.st_size > limit_bytes:
-            raise error(f"{path}: {info.st_size} bytes is over the {limit_bytes // MIB} MiB limit for a {what}")
-        try:
+            raise error(f"{path}: {info.st_size} bytes, over the {_size(limit_bytes)} limit for a {what}")
+        with os.fdopen(os.dup(fd), "rb") as handle:
             data = handle.read(limit_bytes + 1)
-        except OSError as exc:
-            raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
+    finally:
+        os.close(fd)
     if len(data) > limit_bytes:
-        raise error(f"{path}: grew past the {limit_bytes // MIB} MiB limit for a {what} while being read")
+        raise error(f"{path}: grew past the {_size(limit_bytes)} limit for a {what} while being read")
     return data
 
 

@@ -23,10 +23,11 @@ import pandas as pd
 
 from .arch import ModelArch
 from .errors import InfeasibleBudget, OutOfRange, UsageError
-from .inputs import finite_float
+from .inputs import finite_float, positive_float
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
 from .quality import csv_integer, layer_params, read_small_csv
+from .select import check_budget
 from .subnet import LayerShape, Subnet, kept_layers
 from .workload import Workload
 
@@ -141,6 +142,9 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
                        budget_ms: float, stat: str = "median", options: Sequence[tuple[int, int, int]] | None = None,
                        importance: np.ndarray | None = None, drop_rule: str = "keep-ends",
                        memory_gb: float | None = None, dtype: str | None = None) -> PerLayerResult:
+    budget_ms = check_budget(budget_ms)
+    if memory_gb is not None:
+        memory_gb = positive_float(memory_gb, "--memory-gb")
     options = list(options or table_options(predictor))
     weights = np.ones(arch.num_layers) if importance is None else np.asarray(importance, float)
     full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)

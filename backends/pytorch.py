@@ -25,6 +25,7 @@ from ..arch import ModelArch
 from ..device import last_level_cache_bytes, require_device
 from ..entry import Entry
 from ..errors import UsageError
+from ..inputs import positive_int
 from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 
@@ -302,7 +303,7 @@ class PyTorchBackend(Backend):
         name = DTYPES.get((dtype or default).lower())
         if name is None:
             raise UsageError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
-        threads = threads or torch.get_num_threads()
+        threads = torch.get_num_threads() if threads is None else positive_int(threads, "--threads")
         self.config = PyTorchConfig(device, name, threads, attn_impl)
         self.device = device
         self.dtype = name
