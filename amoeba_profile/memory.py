@@ -13,7 +13,7 @@ impossible grid is refused in a line instead of filling the machine or a table w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from .entry import Entry
@@ -90,13 +90,23 @@ def estimate(subnet: Subnet, workload: Workload, dtype: str) -> MemoryEstimate:
 Copies = Callable[[str, int, int, int], int]
 
 
+def _step_bytes(arch, heads: int, kv_heads: int, batch: int, kv_tokens: int, dtype: str) -> int:
+    """What one attention step holds for a moment beyond the cache: the appended layer's K and V
+    copied whole (``torch.cat``), and K and V expanded to the query heads (GQA)."""
+    return 2 * (kv_heads + heads) * arch.head_dim * batch * kv_tokens * BYTES[dtype]
+
+
 def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) -> MemoryEstimate:
     """What measuring ``entry`` holds at once: its engine (KV for the engine's longest sequence), or
-    its chain of component copies, each attention copy with its own KV cache."""
+    its chain of component copies, each attention copy with its own KV cache; activations include
+    one attention step's transient copies (``_step_bytes``)."""
     arch, s = plan.arch, BYTES[dtype]
     if entry.runs_whole:
         layers = [(l.heads, l.kv_heads, l.ffn) for l in entry.subnet.layers] if entry.subnet else []
-        return engine_estimate(arch, layers, entry.batch, plan.engine_limits()[2], max(plan.prompt_lens), dtype)
+        kv_tokens = plan.engine_limits()[2]
+        engine = engine_estimate(arch, layers, entry.batch, kv_tokens, max(plan.prompt_lens), dtype)
+        step = max((_step_bytes(arch, h, kv, entry.batch, kv_tokens, dtype) for h, kv, _ in layers), default=0)
+        return replace(engine, activation_bytes=engine.activation_bytes + step)
     n = copies(entry.component, entry.heads, entry.kv_heads, entry.ffn)
     if entry.component == "mlp":
         weights = 3 * arch.hidden_size * entry.ffn + arch.hidden_size
@@ -105,7 +115,9 @@ def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) ->
     # Back-to-back decode steps grow the cache by up to context // 32 tokens before it is cropped.
     kv_tokens = entry.tokens + entry.context + entry.context // 32
     kv_cache = 2 * n * entry.kv_heads * arch.head_dim * entry.batch * kv_tokens * s
-    return MemoryEstimate(n * weights * s, kv_cache, entry.batch * entry.tokens * 3 * arch.hidden_size * s)
+    act = entry.batch * entry.tokens * 3 * arch.hidden_size * s
+    return MemoryEstimate(n * weights * s, kv_cache,
+                          act + _step_bytes(arch, entry.heads, entry.kv_heads, entry.batch, kv_tokens, dtype))
 
 
 def _label(entry: Entry, copies: Copies) -> str:

@@ -113,12 +113,13 @@ def test_build_preflight_sizes_the_largest_engine_by_hand():
     need, label = plan_peak(plan, "float16")
     assert label == "the 32-layer model"
     # weights 6.74e9 params x 2 B; KV 2 x 32 layers x 32 kv heads x 128 x (4096 + 8 + 2) positions x 2 B;
-    # activations 128 x (3 x 4096 + 2 x 11008) x 2 B + 32000 x 4 B of logits.
+    # activations 128 x (3 x 4096 + 2 x 11008) x 2 B + 32000 x 4 B of logits, plus one decode step's
+    # copy of a layer's K and V and their expansion to the query heads: 2 x (32 + 32) x 128 x 4106 x 2 B.
     assert need.weights_bytes == 6_738_415_616 * 2
     assert need.kv_cache_bytes == 2 * 32 * 32 * 128 * 4106 * 2
-    assert need.activation_bytes == 128 * (3 * 4096 + 2 * 11008) * 2 + 32000 * 4
+    assert need.activation_bytes == 128 * (3 * 4096 + 2 * 11008) * 2 + 32000 * 4 + 2 * 64 * 128 * 4106 * 2
     check_fits(plan, "float16", 20 * 10**9, "cuda")
-    with pytest.raises(UsageError, match=r"^the 32-layer model needs 15.6 GB \(weights 13.5, KV cache 2.15, activations "
+    with pytest.raises(UsageError, match=r"^the 32-layer model needs 15.8 GB \(weights 13.5, KV cache 2.15, activations "
                                          r"0.\d+\) but cuda has 8 GB available; lower --contexts"):
         check_fits(plan, "float16", 8 * 10**9, "cuda")
 
