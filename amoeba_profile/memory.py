@@ -124,7 +124,8 @@ def _label(entry: Entry, copies: Copies) -> str:
     if entry.runs_whole:
         return f"the {entry.num_layers}-layer model"
     n = copies(entry.component, entry.heads, entry.kv_heads, entry.ffn)
-    return f"{n} chained {entry.component} blocks at {entry.phase} tokens={entry.tokens} context={entry.context}"
+    where = f"prompt {entry.tokens}" if entry.phase == "prefill" else f"context {entry.context}"
+    return f"a chain of {n} {entry.component} block{'s' if n > 1 else ''} at {entry.phase} {where}"
 
 
 def plan_peak(plan: BuildPlan, dtype: str, copies: Copies | None = None) -> tuple[MemoryEstimate, str]:

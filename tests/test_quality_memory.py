@@ -131,7 +131,7 @@ def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
     plan = BuildPlan(tiny_arch, widths=(1.0,), prompt_lens=(16,), contexts=(512,))
     one, _ = plan_peak(plan, "float32")
     need, label = plan_peak(plan, "float32", lambda component, h, kv, f: 64)
-    assert label == "64 chained attn blocks at decode tokens=1 context=512"
+    assert label == "a chain of 64 attn blocks at decode context 512"
     # 64 copies, each with its own KV: 2 x 4 kv heads x 8 x (1 + 512 + 16) tokens x 4 B.
     assert need.kv_cache_bytes == 64 * 2 * 4 * 8 * 529 * 4 and need.total_bytes > one.total_bytes
 
