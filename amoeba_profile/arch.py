@@ -7,11 +7,19 @@ Named architectures are data (a dict of name -> ModelArch); any LLaMA-like Huggi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import ArchError
+from .inputs import MIB, positive_float, positive_int, read_bounded
+
+# Sizes are tensor dimensions: torch indexes them with 32-bit-safe arithmetic only below 2^31, and
+# far smaller values already fail the build's memory pre-flight.
+MAX_SIZE = (1 << 31) - 1
+_SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "vocab_size",
+                "max_position")
+_CONFIG_BYTES = 16 * MIB
 
 
 @dataclass(frozen=True)
@@ -41,21 +49,34 @@ class ModelArch:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelArch":
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict):
+            raise ArchError(f"an architecture must be a mapping of {sorted(names)}, got {type(data).__name__}")
+        unknown = sorted(set(data) - names)
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in data)
+        if unknown or missing:
+            raise ArchError(f"architecture {data.get('name', '?')!r}: unknown fields {unknown}, missing {missing}")
         arch = cls(**data)
         arch.check()
         return arch
 
     def check(self) -> None:
         """Raise ArchError naming the first field that makes this architecture unusable."""
-        for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "vocab_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ArchError(f"{self.name}: field '{field}' must be a positive integer, got {value!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ArchError(f"architecture name must be a non-empty string, got {self.name!r}")
+        for field in _SIZE_FIELDS:
+            positive_int(getattr(self, field), f"{self.name}: field '{field}'", maximum=MAX_SIZE, error=ArchError)
         if self.num_heads % self.num_kv_heads:
             raise ArchError(
                 f"{self.name}: field 'num_key_value_heads'={self.num_kv_heads} does not divide "
                 f"num_attention_heads={self.num_heads}"
             )
+        if self.head_dim % 2:
+            raise ArchError(f"{self.name}: field 'head_dim'={self.head_dim} must be even (RoPE rotates pairs of channels)")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ArchError(f"{self.name}: field 'tie_embeddings' must be true or false, got {self.tie_embeddings!r}")
+        positive_float(self.rms_norm_eps, f"{self.name}: field 'rms_norm_eps'", error=ArchError)
+        positive_float(self.rope_theta, f"{self.name}: field 'rope_theta'", error=ArchError)
 
 
 BUILTIN_ARCHS: dict[str, ModelArch] = {
@@ -73,17 +94,35 @@ BUILTIN_ARCHS: dict[str, ModelArch] = {
 _LLAMA_LIKE_TYPES = {"llama", "mistral"}
 
 
-def _require_int(config: dict[str, Any], field: str, source: str) -> int:
-    if field not in config:
-        raise ArchError(f"{source}: missing field '{field}'")
-    value = config[field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ArchError(f"{source}: field '{field}' must be a positive integer, got {value!r}")
+def _int(config: dict[str, Any], field: str, source: str, default: int | None = None) -> int:
+    """A positive integer field; absent (or JSON null) means ``default``, or an error without one."""
+    value = config.get(field)
+    if value is None:
+        if default is None:
+            raise ArchError(f"{source}: missing field '{field}'")
+        return default
+    return positive_int(value, f"{source}: field '{field}'", maximum=MAX_SIZE, error=ArchError)
+
+
+def _float(config: dict[str, Any], field: str, source: str, default: float) -> float:
+    value = config.get(field)
+    return default if value is None else positive_float(value, f"{source}: field '{field}'", error=ArchError)
+
+
+def _bool(config: dict[str, Any], field: str, source: str) -> bool:
+    """JSON true/false only: the string "false" is truthy and must not silently tie embeddings."""
+    value = config.get(field, False)
+    if not isinstance(value, bool):
+        raise ArchError(f"{source}: field '{field}' must be true or false, got {value!r}")
     return value
 
 
 def from_hf_config(config: dict[str, Any], name: str, source: str) -> ModelArch:
-    """Translate a Hugging Face LLaMA-like config dict; ``source`` names it in errors."""
+    """Translate a Hugging Face LLaMA-like config dict; ``source`` names it in errors.
+
+    Every field is checked with the name it has in the file: sizes are positive integers, eps and
+    theta positive finite numbers, flags JSON booleans. Only an absent (or null) field takes the
+    default - ``num_key_value_heads: 0`` is an error, not multi-head attention."""
     model_type = config.get("model_type")
     if model_type not in _LLAMA_LIKE_TYPES:
         raise ArchError(
@@ -93,27 +132,30 @@ def from_hf_config(config: dict[str, Any], name: str, source: str) -> ModelArch:
     if act != "silu":
         raise ArchError(f"{source}: field 'hidden_act'={act!r} is unsupported (LLaMA blocks use 'silu')")
     for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
+        if _bool(config, flag, source):
             raise ArchError(f"{source}: field '{flag}'=true is unsupported (LLaMA blocks have no biases)")
-    hidden = _require_int(config, "hidden_size", source)
-    heads = _require_int(config, "num_attention_heads", source)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
-    if head_dim is None:
+    hidden = _int(config, "hidden_size", source)
+    heads = _int(config, "num_attention_heads", source)
+    kv_heads = _int(config, "num_key_value_heads", source, default=heads)
+    if config.get("head_dim") is None and hidden % heads:
         raise ArchError(f"{source}: field 'head_dim' is required when hidden_size={hidden} is not a multiple of heads={heads}")
+    head_dim = _int(config, "head_dim", source, default=hidden // heads)
+    if head_dim % 2:
+        derived = "" if config.get("head_dim") is not None else f" (hidden_size {hidden} / num_attention_heads {heads})"
+        raise ArchError(f"{source}: field 'head_dim'={head_dim}{derived} must be even (RoPE rotates pairs of channels)")
     arch = ModelArch(
         name=name,
         hidden_size=hidden,
-        num_layers=_require_int(config, "num_hidden_layers", source),
+        num_layers=_int(config, "num_hidden_layers", source),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        ffn_size=_require_int(config, "intermediate_size", source),
-        vocab_size=_require_int(config, "vocab_size", source),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
-        max_position=int(config.get("max_position_embeddings", 4096)),
+        ffn_size=_int(config, "intermediate_size", source),
+        vocab_size=_int(config, "vocab_size", source),
+        tie_embeddings=_bool(config, "tie_word_embeddings", source),
+        rms_norm_eps=_float(config, "rms_norm_eps", source, 1e-5),
+        rope_theta=_float(config, "rope_theta", source, 10000.0),
+        max_position=_int(config, "max_position_embeddings", source, default=4096),
     )
     try:
         arch.check()
@@ -133,10 +175,11 @@ def resolve_arch(name_or_path: str) -> ModelArch:
         raise ArchError(
             f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
         )
+    raw = read_bounded(path, _CONFIG_BYTES, "model config", error=ArchError)
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArchError(f"{path}: not a readable JSON config ({exc})") from None
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ArchError(f"{path}: not a readable JSON config ({' '.join(str(exc).split())})") from None
     if not isinstance(config, dict):
         raise ArchError(f"{path}: a config.json must hold a JSON object")
     stem = path.parent.name if path.name == "config.json" else path.stem

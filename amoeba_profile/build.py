@@ -30,16 +30,18 @@ from . import __version__
 from .artifacts import ArtifactCache
 from .backends import Backend, get_backend
 from .backends.base import EngineSpec
-from .device import fingerprint
+from .device import available_memory_bytes, fingerprint
 from .device.load import CpuLoad
 from .device.monitor import Monitor, entry_context, host_contention, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows, residual_key
+from .inputs import output_dir
 from .journal import Journal
 from .lockfile import Notice, held, table_lock
 from .lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from .measure import Measurement, TimingProtocol, sample, warm_up
+from .memory import check_fits
 from .plan import BuildPlan
 from .quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
 
@@ -80,6 +82,17 @@ class BuildResult:
     recompiled: list[str] = field(default_factory=list)  # rows whose timed samples included JIT compiling
 
 
+def preflight(plan: BuildPlan, backend: Backend, out_dir: Path) -> None:
+    """Everything a build refuses before it writes a byte: a method the backend lacks, a largest
+    engine or component chain that cannot fit the memory the device has available
+    (``memory.check_fits``), an output folder that cannot be one. ``run_build`` calls it; a caller
+    that reports progress calls it first, so a refusal is the only thing it prints."""
+    _check_method(plan, backend)
+    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
+               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
+    output_dir(out_dir, "--out")
+
+
 def run_build(
     plan: BuildPlan,
     backend: Backend,
@@ -102,10 +115,10 @@ def run_build(
     other processes' load first and waits for quiet before a re-measure round; without one it
     measures at once. Either way the load around every entry is recorded (``load`` reads it; tests
     pass a simulated one) and contended rows are flagged."""
-    _check_method(plan, backend)
+    preflight(plan, backend, out_dir)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    output_dir(path.parent, "--out")
     notice = notice if notice is not None else _to_stderr
     load = load if load is not None else CpuLoad()
     with table_lock(path, lock_timeout_s, notice), \
@@ -135,9 +148,8 @@ def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol
     same call resumes from the journal, and the caller removes the journal once its rows are stored.
     A lock beside the journal keeps two such runs from appending to it at once; it measures under
     the device's measurement lock and ``busy`` policy as ``run_build`` does."""
-    _check_method(plan, backend)
+    preflight(plan, backend, journal_path.parent)
     device = fingerprint(backend.device)
-    journal_path.parent.mkdir(parents=True, exist_ok=True)
     notice = notice if notice is not None else _to_stderr
     load = load if load is not None else CpuLoad()
     with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \

@@ -1,5 +1,5 @@
 """The ``amoeba-profile`` command: parse, call the library, render. Exit 0 ok, 1 no answer or
-failed run, 2 bad usage; errors are one line unless ``--debug``."""
+failed run, 2 bad usage (ours or the option parser's); every error is one line unless ``--debug``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from .workload import Workload, metric_name
 
 # rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
 # `--json <bool>` as if they took a value; the plain help prints flags bare.
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 120},
                   help="Per-device latency tables for shrinkable LLaMA models, and budgeted shape selection.")
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -42,11 +42,20 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+# The option parser's own errors (a bad --budget-ms, a missing option, an unknown command): typer
+# raises them from its copy of click, whose public member is ``typer.BadParameter``; their common
+# base, the parser's UsageError, carries exit code 2 and ``format_message()``.
+_PARSER_ERROR = typer.BadParameter.__mro__[1]
+
+
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
           version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
                                        help="Print the version and exit.")) -> None:
     _state["debug"] = debug
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -104,7 +113,7 @@ def build_lut(
                                "--predict a spec-sheet slug such as rtx-a5000."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16; "
                                         "llama.cpp: f16 (default), q8_0 or q4_0."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads or llama-bench -t (default: the cores "
+    threads: Optional[int] = typer.Option(None, help="torch threads or llama-bench -t (default: the cores "
                                           "other processes leave idle, or the table's own when resuming or extending "
                                           "one; recorded)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE for the backend's "
@@ -125,7 +134,7 @@ def build_lut(
 ) -> None:
     """Measure a per-device latency table (resumable), or compute one for a spec-sheet device with --predict."""
     from .artifacts import ArtifactCache
-    from .build import run_build
+    from .build import preflight, run_build
     from .plan import BuildPlan
     from .prepare import prepare_build
     from .quiet import BusyPolicy
@@ -154,10 +163,11 @@ def build_lut(
                           backend_options=_backend_options(backend_option), out_dir=out_dir)
     plan, instance = build.plan, build.backend
     policy = BusyPolicy(busy, busy_wait_s)
+    protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    preflight(plan, instance, out_dir)
+    err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
     if build.threads_reason:
         err.print(build.threads_reason, markup=False, highlight=False)
-    protocol = TimingProtocol.quick() if quick else TimingProtocol()
-    err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
@@ -220,10 +230,14 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
         raise UsageError("--whole measures real models; it cannot be combined with --predict")
     dispatch_us = None
     if device_profile is not None:
+        from .inputs import MIB, read_bounded
+
         try:
-            report = json.loads(Path(device_profile).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            report = json.loads(read_bounded(device_profile, 16 * MIB, "profile-device JSON"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{device_profile}: not a readable profile-device JSON ({exc})") from None
+        if not isinstance(report, dict):
+            raise UsageError(f"{device_profile}: a profile-device JSON holds an object")
         spec = spec_from_profile(report, dtype)
         dispatch_us = (report.get("microbench") or {}).get("dispatch_overhead_us")
     else:
@@ -254,15 +268,14 @@ def _space(table, arch, widths: str | None, strategy: Path | None) -> list[Subne
 
 def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
             widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None):
-    from .arch import ModelArch
     from .quality import load_quality
 
     table = load_one(lut)
-    arch = ModelArch.from_dict(table.meta["arch"])
-    workload = Workload(batch or table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+    arch = table.arch
+    workload = Workload(batch if batch is not None else table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
     source = load_quality(quality) if quality is not None else None
     selection = select(Predictor(table), _space(table, arch, widths, strategy), workload, metric_name(metric),
-                       budget_ms, stat, top_k, source, memory_gb, table.meta["dtype"])
+                       budget_ms, stat, top_k, source, memory_gb, table.dtype)
     return table, arch, selection
 
 
@@ -361,7 +374,7 @@ def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float
     result = optimize_per_layer(Predictor(table), arch, default_depths(arch), selection.workload,
                                 selection.metric, selection.budget_ms, selection.stat, importance=weights,
                                 drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
-                                dtype=table.meta["dtype"])
+                                dtype=table.dtype)
     uniform = selection.pick.quality if weights is None else None
     return {
         "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
@@ -452,22 +465,21 @@ def plot_cmd(
     strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
 ) -> None:
     """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
-    from .arch import ModelArch
+    from .inputs import output_dir
     from .plots import plot_heatmaps, plot_pareto, plot_validation
     from .quality import ProxyQuality, load_quality
-    from .select import evaluate
+    from .select import check_budget, evaluate, pick_within
 
+    if budget_ms is not None:
+        check_budget(budget_ms)
     table = load_one(lut)
-    arch = ModelArch.from_dict(table.meta["arch"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    arch = table.arch
+    output_dir(out_dir, "--out")
     workload = Workload(table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
     source = load_quality(quality) if quality is not None else ProxyQuality()
     candidates, _ = evaluate(Predictor(table), _space(table, arch, None, strategy), workload, metric_name(metric),
                              quality=source)
-    pick = None
-    if budget_ms is not None:
-        fitting = [c for c in candidates if c.latency_ms <= budget_ms]
-        pick = max(fitting, key=lambda c: (c.quality, -c.latency_ms)) if fitting else None
+    pick = pick_within(candidates, budget_ms) if budget_ms is not None else None
     paths = [plot_pareto(table, candidates, metric_name(metric), out_dir / "pareto.png", budget_ms, pick, source.name)]
     paths += plot_heatmaps(table, workload, out_dir)
     validation = plot_validation(table, out_dir / "validation.png")
@@ -526,17 +538,18 @@ def profile_device(
     """Detect the device and its state, and measure bandwidth, matmul throughput and dispatch overhead."""
     from .device import resolve_device
     from .device.profile import profile
+    from .inputs import output_dir
 
     resolved, why = resolve_device(device)
+    root = output_dir(out_dir, "--out") if out_dir is not None else None  # checked before the benchmarks run
     err.print(f"device: {resolved} ({why})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]micro-benchmarks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err, disable=no_bench) as bar:
         task = bar.add_task("profile", total=None, entry="")
         report = profile(resolved, bench=not no_bench, quick=quick,
                          progress=lambda done, total, label: bar.update(task, completed=done, total=total, entry=label))
-    if out_dir is not None:
-        path = Path(out_dir) / report["slug"] / "device.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if root is not None:
+        path = output_dir(root / report["slug"], "--out") / "device.json"
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         err.print(f"wrote {path}")
     if as_json:
@@ -554,21 +567,32 @@ def backends(as_json: bool = typer.Option(False, "--json", help="Print one JSON 
     out.print(backends_table())
 
 
+def _failure(exc: Exception) -> tuple[str, int]:
+    """(message, exit code) of a failure: ours, the option parser's, or unexpected."""
+    if isinstance(exc, AmoebaError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, _PARSER_ERROR):
+        return exc.format_message(), exc.exit_code
+    if isinstance(exc, typer.Abort):
+        return "aborted", 1
+    return f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1
+
+
+def one_line(message: str) -> str:
+    """Every error renders as one line, whatever its message holds (a library's multi-line text)."""
+    return " ".join(message.split())
+
+
 def main() -> None:
-    """Entry point: typer handles usage errors (exit 2); our errors become one line."""
+    """Entry point: every failure is one line on stderr with its exit code (a traceback with --debug)."""
     try:
-        app()
-    except AmoebaError as exc:
-        if _state["debug"]:
-            raise
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        code = app(standalone_mode=False)
     except Exception as exc:  # noqa: BLE001 - an unexpected failure is still one line without --debug
         if _state["debug"]:
             raise
-        err.print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False,
-                  highlight=False, soft_wrap=True)
-        sys.exit(1)
+        message, code = _failure(exc)
+        err.print(f"error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UnsupportedShape
+from .inputs import output_dir
+from .lut import write_file_atomically
 from .subnet import Subnet
 
 # The readers round FFN widths up to this multiple (``_find_multiple(..., 256)``).
@@ -233,7 +235,7 @@ def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str) -> ExportRepo
     report = ExportReport(out, (*files, ExportedFile("export.json", "report", "people")), tuple(adjustments),
                           tuple(skipped))
     contents["export.json"] = json.dumps(report.to_dict(), indent=2)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in contents.items():
-        (out / name).write_text(text + "\n")
+    output_dir(out, "--export")
+    for name, text in contents.items():  # renamed into place: a symlink planted at a name is replaced, not followed
+        write_file_atomically(out / name, (text + "\n").encode())
     return report

@@ -24,9 +24,12 @@ from typing import Any
 
 import pandas as pd
 
+from .arch import ModelArch
 from .entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
-from .errors import LutError
+from .errors import ArchError, LutError
+from .inputs import MIB, finite_float, positive_int, read_bounded
 from .measure import Measurement
+from .memory import BYTES
 
 SCHEMA_VERSION = 2
 KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
@@ -44,6 +47,10 @@ INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_la
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
 ROW_METHODS = ("components", "difference", "whole", "computed")  # how a row was obtained
+# A latency above ~3 hours per forward is a corrupt or hand-edited cell, not a measurement.
+MAX_LATENCY_MS = 1e7
+MAX_TABLE_BYTES = 256 * MIB
+MAX_SIDECAR_BYTES = 16 * MIB
 # Schema 1 named the components method after how a block was timed; both are ``components`` now.
 _V1_METHODS = {"isolated": "components", "stacked": "components"}
 
@@ -107,6 +114,23 @@ class Lut:
     @property
     def is_roofline(self) -> bool:
         return bool((self.frame["source"] == "roofline").any())
+
+    @property
+    def arch(self) -> ModelArch:
+        """The architecture the table was built for (checked when the table was loaded)."""
+        if "arch" not in self.meta:
+            raise LutError(f"{self._sidecar}: no 'arch'; not a table written by amoeba-profile")
+        return ModelArch.from_dict(self.meta["arch"])
+
+    @property
+    def dtype(self) -> str:
+        if "dtype" not in self.meta:
+            raise LutError(f"{self._sidecar}: no 'dtype'; not a table written by amoeba-profile")
+        return self.meta["dtype"]
+
+    @property
+    def _sidecar(self) -> str:
+        return str(sidecar_path(self.path)) if self.path is not None else "table sidecar"
 
 
 def pending_sidecar_path(csv_path: Path) -> Path:
@@ -236,14 +260,14 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
     signed = pd.Series([samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])],
                        index=frame.index)[ok]
-    bad = ~(stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed)
+    bad = ~(stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) & stats.le(MAX_LATENCY_MS).all(axis=1)
             & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
             & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
     if bad.any():
         i = int(bad[bad].index[0])
         raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
-                            f"p90={frame.at[i, 'p90_ms']} are not p10 <= median <= p90 with a positive median "
-                            "(and p10, except on serving-loop decode rows)")
+                            f"p90={frame.at[i, 'p90_ms']} are not finite, <= {MAX_LATENCY_MS:g} ms and "
+                            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows)")
     for column in ("subnet_id", "flags", "note", "subnet_json"):
         frame[column] = frame[column].fillna("").astype(str)
     keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
@@ -255,15 +279,53 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
-    try:
-        meta = json.loads(meta_path.read_bytes())
-    except FileNotFoundError:
+    if not meta_path.exists():
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LutError(f"{meta_path}: sidecar is not valid JSON ({exc})") from None
+    try:
+        meta = json.loads(read_bounded(meta_path, MAX_SIDECAR_BYTES, "table sidecar", error=LutError))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise LutError(f"{meta_path}: sidecar is not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(meta, dict):
         raise LutError(f"{meta_path}: sidecar is not a JSON object")
     return meta
+
+
+_META_TYPES = {"device_slug": str, "backend": str, "dtype": str, "source": str, "method": str, "grid": dict,
+               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list}
+_GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
+
+
+def check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a sidecar whose fields have the wrong type, naming the file and the field, so that no
+    reader fails later with a bare TypeError. Fields are optional; present ones must be right."""
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise LutError(f"{meta_path}: field '{key}' must be a {kind.__name__}, got {meta[key]!r}")
+    if "dtype" in meta and meta["dtype"] not in BYTES:
+        raise LutError(f"{meta_path}: field 'dtype'={meta['dtype']!r} is not one of {sorted(BYTES)}")
+    if "arch" in meta:
+        try:
+            ModelArch.from_dict(meta["arch"])
+        except ArchError as exc:
+            raise LutError(f"{meta_path}: field 'arch': {exc}") from None
+    grid = meta.get("grid", {})
+    for key in ("batch", "ffn_multiple", "decode_steps"):
+        if key in grid:
+            positive_int(grid[key], f"{meta_path}: field 'grid.{key}'", error=LutError)
+    for key in _GRID_INT_LISTS:
+        values = grid.get(key, [])
+        if not isinstance(values, list):
+            raise LutError(f"{meta_path}: field 'grid.{key}' must be a list, got {values!r}")
+        for value in values:
+            positive_int(value, f"{meta_path}: field 'grid.{key}'", error=LutError)
+    widths = grid.get("widths", [])
+    if not isinstance(widths, list):
+        raise LutError(f"{meta_path}: field 'grid.widths' must be a list, got {widths!r}")
+    for width in widths:
+        if finite_float(width, f"{meta_path}: field 'grid.widths'", error=LutError) <= 0 or width > 1:
+            raise LutError(f"{meta_path}: field 'grid.widths' holds {width!r}, not a ratio in (0, 1]")
+    if not isinstance(grid.get("drop_rule", ""), str):
+        raise LutError(f"{meta_path}: field 'grid.drop_rule' must be a string, got {grid['drop_rule']!r}")
 
 
 def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any], Path]:
@@ -271,7 +333,7 @@ def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any],
 
     A writer renames the CSV and then the sidecar; a reader between the two renames retries."""
     for attempt in range(tries):
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)
         digest = hashlib.sha256(data).hexdigest()
         for meta_path in (sidecar_path(path), pending_sidecar_path(path)):
             meta = _read_sidecar(meta_path)
@@ -305,6 +367,7 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
                             keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    check_meta(meta_path, meta)
     if version == 1:
         frame["method"] = frame["method"].replace(_V1_METHODS)
         meta = {**meta, "method": meta.get("method", "components")}

@@ -30,9 +30,11 @@ from .arch import ModelArch
 from .backends import Capabilities
 from .errors import InfeasibleBudget, OutOfRange, UsageError
 from .flows import flow_capabilities
+from .inputs import finite_float, positive_float
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
-from .quality import layer_params
+from .quality import csv_integer, layer_params, read_small_csv
+from .select import check_budget
 from .subnet import LayerShape, Subnet, kept_layers
 from .workload import Workload, metric_name
 
@@ -48,26 +50,25 @@ class PerLayerResult:
 
 
 def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
-    """CSV with columns layer, importance (non-negative); every base layer exactly once."""
+    """CSV with columns layer, importance (finite, non-negative, not all 0); every base layer exactly once."""
     path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError) as exc:
-        raise UsageError(f"{path}: not a readable importance CSV ({exc})") from None
+    frame = read_small_csv(path, "importance CSV")
     if not {"layer", "importance"} <= set(frame.columns):
         raise UsageError(f"{path}: needs columns 'layer' and 'importance'")
     weights = np.full(arch.num_layers, np.nan)
     for i, row in frame.iterrows():
-        layer = int(row["layer"])
-        if not 0 <= layer < arch.num_layers:
-            raise UsageError(f"{path}: line {i + 2}: layer {layer} outside 0..{arch.num_layers - 1}")
+        where = f"{path}: line {i + 2}:"
+        layer = csv_integer(row["layer"], f"{where} layer", minimum=0)
+        if layer >= arch.num_layers:
+            raise UsageError(f"{where} layer {layer} outside 0..{arch.num_layers - 1}")
         if not np.isnan(weights[layer]):
-            raise UsageError(f"{path}: line {i + 2}: layer {layer} appears twice")
-        if not row["importance"] >= 0:
-            raise UsageError(f"{path}: line {i + 2}: importance must be >= 0")
-        weights[layer] = float(row["importance"])
+            raise UsageError(f"{where} layer {layer} appears twice")
+        weights[layer] = finite_float(pd.to_numeric(row["importance"], errors="coerce"),
+                                      f"{where} importance", minimum=0)
     if np.isnan(weights).any():
         raise UsageError(f"{path}: missing layers {np.flatnonzero(np.isnan(weights)).tolist()}")
+    if not weights.sum() > 0:
+        raise UsageError(f"{path}: every importance is 0; at least one layer must carry weight")
     return weights
 
 
@@ -192,6 +193,9 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
     """The best per-layer shape within budget that the flow can run: ``capabilities`` defaults to
     the declaration of the flow named in the table's sidecar."""
     metric = metric_name(metric)
+    budget_ms = check_budget(budget_ms)
+    if memory_gb is not None:
+        memory_gb = positive_float(memory_gb, "--memory-gb")
     if capabilities is None:
         flow = predictor.lut.meta.get("backend")
         if flow is None:

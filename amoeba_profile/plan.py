@@ -18,6 +18,7 @@ from typing import Any
 from .arch import ModelArch
 from .entry import Entry
 from .errors import UsageError
+from .inputs import positive_int
 from .subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, kept_layers, width_shape
 
 METHODS = ("components", "difference")
@@ -56,6 +57,17 @@ class BuildPlan:
     extra_ffn: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        positive_int(self.batch, "batch")
+        positive_int(self.decode_steps, "decode steps")
+        for what, values in (("prompt lengths", self.prompt_lens), ("contexts", self.contexts)):
+            if not values:
+                raise UsageError(f"{what} must not be empty")
+            for value in values:
+                positive_int(value, what)
+            over = [v for v in values if v > self.arch.max_position]
+            if over:
+                raise UsageError(f"{what} {over} are above {self.arch.name}'s max_position_embeddings "
+                                 f"{self.arch.max_position}")
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: use one of {list(METHODS)}")
         if self.method == "difference" and self.measure_grid and len(set(self.fit_depths())) < MIN_DEPTHS:
@@ -63,8 +75,6 @@ class BuildPlan:
         bad = [d for d in self.fit_depths() if not 1 <= d <= self.arch.num_layers]
         if bad:
             raise UsageError(f"depths {bad} outside 1..{self.arch.num_layers}")
-        if self.decode_steps < 1:
-            raise UsageError(f"decode steps must be >= 1, got {self.decode_steps}")
         small = [c for c in self.contexts if c < self.decode_steps // 2]
         if small:
             raise UsageError(f"contexts {small} are shorter than half the decode window ({self.decode_steps} steps)")

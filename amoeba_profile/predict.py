@@ -188,11 +188,21 @@ class Predictor:
             used = used | rows
         return total, ("roofline" if self.roofline else worst_source(*sources)), used
 
+    @staticmethod
+    def _contexts(workload: Workload, check) -> np.ndarray:
+        """The workload's decode contexts, after ``check`` accepted the first and the last: every
+        curve refuses to leave an interval, so the two ends decide, and a --gen-len of 10^8 is
+        refused before 10^8 contexts (and their interpolations) are allocated."""
+        span = workload.decode_span()
+        if span is not None:
+            check(np.array(span))
+        return workload.decode_contexts()
+
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
         stat_col = self._stat_col(stat)
         prefill, source, used = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]),
                                             stat_col)
-        contexts = workload.decode_contexts()
+        contexts = self._contexts(workload, lambda ends: self._phase(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
             return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source,
                               source, source,
@@ -222,7 +232,9 @@ class Predictor:
 
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
-        col, contexts = self._stat_col(stat), workload.decode_contexts()
+        col = self._stat_col(stat)
+        contexts = self._contexts(workload, lambda ends: self._curve("base", "decode", workload.batch, None, 0,
+                                                                      "context", ends, col))
         prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
         decode = self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0] if len(contexts) else contexts
         return self._metric_parts((prefill, decode), workload, metric)
@@ -230,7 +242,8 @@ class Predictor:
     def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
                      stat: str = "median") -> float:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
-        col, contexts, b = self._stat_col(stat), workload.decode_contexts(), workload.batch
+        col, b = self._stat_col(stat), workload.batch
+        contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
         prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
         return self._metric_parts((prefill, decode), workload, metric)

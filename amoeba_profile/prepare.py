@@ -17,6 +17,7 @@ from .arch import ModelArch
 from .backends import REGISTRY, Backend, backend_class, get_backend
 from .device import resolve_device
 from .errors import UsageError
+from .inputs import positive_int
 from .methods import choose_method, device_kind
 from .plan import BuildPlan
 
@@ -46,8 +47,8 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
             raise UsageError(f"backend {backend!r} has no measuring adapter, only a roofline flow profile: add "
                              "--predict and a spec-sheet --device (e.g. rtx-a5000) to compute its table")
         backend_class(backend)  # raises: unknown backend, with the list
-    if threads is not None and threads < 1:
-        raise UsageError(f"threads must be >= 1, got {threads}")
+    if threads is not None:
+        threads = positive_int(threads, "--threads")
     resolved, device_reason = resolve_device(device)
     capabilities = backend_class(backend).capabilities()
     if device_kind(resolved) not in capabilities.devices:

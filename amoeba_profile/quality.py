@@ -7,19 +7,22 @@ evaluation suffix such as ``llama2-7b_l24w0.875``.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import pandas as pd
 
 from .errors import UsageError
-from .subnet import Subnet
+from .inputs import MIB, finite_float, integer, read_bounded
+from .subnet import Subnet, parse_ratio
 
 PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
-_SUFFIX = re.compile(r"_l(\d+)w([0-9.]+)")
+_SUFFIX = re.compile(r"_l(\d+)w([0-9./]+)")
+_CSV_BYTES = 16 * MIB
 
 
 def layer_params(arch, heads: int, kv_heads: int, ffn: int) -> int:
@@ -79,12 +82,27 @@ class TableQuality:
                              "add rows or narrow --widths")
 
 
+def read_small_csv(path: Path | str, what: str) -> pd.DataFrame:
+    """A user's CSV (quality scores, layer importance), read only if it is a regular file of at most 16 MiB."""
+    path = Path(path)
+    data = read_bounded(path, _CSV_BYTES, what)
+    try:
+        return pd.read_csv(io.BytesIO(data))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable {what} ({' '.join(str(exc).split())[:200]})") from None
+
+
+def csv_integer(value: Any, what: str, minimum: int) -> int:
+    """A CSV cell as an int: 24 and 24.0 (pandas turns an int column with a gap into floats) pass,
+    1.5 and 'x' are refused rather than truncated."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return integer(value, what, minimum=minimum)
+
+
 def load_quality(path: Path | str) -> TableQuality:
     path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not a readable quality CSV ({str(exc).splitlines()[0]})") from None
+    frame = read_small_csv(path, "quality CSV")
     if "score" not in frame.columns:
         raise UsageError(f"{path}: missing column 'score'")
     quality = TableQuality(path)
@@ -94,6 +112,7 @@ def load_quality(path: Path | str) -> TableQuality:
         score = pd.to_numeric(row["score"], errors="coerce")
         if pd.isna(score):
             raise UsageError(f"{path}: line {line}: score {row['score']!r} is not a number")
+        finite_float(score, f"{path}: line {line}: score")
         if "subnet_id" in frame.columns and isinstance(row.get("subnet_id"), str) and row["subnet_id"]:
             key: object = row["subnet_id"]
             target = quality.by_id
@@ -108,14 +127,21 @@ def load_quality(path: Path | str) -> TableQuality:
 
 
 def _shape_key(row, columns, path: Path, line: int) -> tuple[int, float]:
+    """(num_layers, width) of a row; widths take the CLI's syntax (7/8 or 0.875), through ``parse_ratio``."""
+    where = f"{path}: line {line}:"
     if "num_layers" in columns and "width_ratio" in columns:
-        try:
-            return int(row["num_layers"]), round(float(row["width_ratio"]), 6)
-        except (TypeError, ValueError):
-            raise UsageError(f"{path}: line {line}: num_layers/width_ratio are not numbers") from None
+        layers = csv_integer(row["num_layers"], f"{where} num_layers", minimum=1)
+        return layers, round(_ratio(row["width_ratio"], where), 6)
     if "name" in columns:
         match = _SUFFIX.search(str(row["name"]))
         if match:
-            return int(match.group(1)), round(float(match.group(2)), 6)
+            return int(match.group(1)), round(_ratio(match.group(2), where), 6)
         raise UsageError(f"{path}: line {line}: name {row['name']!r} has no AmoebaLLM suffix like _l24w0.875")
     raise UsageError(f"{path}: needs columns num_layers + width_ratio, subnet_id, or name (with _l<N>w<ratio>)")
+
+
+def _ratio(value: Any, where: str) -> float:
+    try:
+        return parse_ratio(str(value))
+    except UsageError as exc:
+        raise UsageError(f"{where} {exc}") from None

@@ -297,8 +297,10 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
 
     from . import __version__
     from .lockfile import table_lock
+    from .inputs import output_dir
     from .lut import rows_frame, table_path, write_table
 
+    out_dir = output_dir(out_dir, "--out")
     calibration = None
     eff = default_efficiency(flow)
     if dispatch_us is not None:

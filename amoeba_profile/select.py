@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 from .errors import InfeasibleBudget, OutOfRange, UsageError
 from .lut import Lut, entry_key_of_row
+from .inputs import positive_float
 from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
 from .quality import ProxyQuality
@@ -161,6 +162,18 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
     return front
 
 
+def check_budget(budget_ms: float) -> float:
+    """A latency budget: a finite number of milliseconds above 0 (inf or NaN would admit everything or nothing)."""
+    return positive_float(budget_ms, "--budget-ms")
+
+
+def pick_within(candidates: list[Candidate], budget_ms: float) -> Candidate | None:
+    """The highest-quality candidate within the budget (the faster of equals), or None."""
+    budget_ms = check_budget(budget_ms)
+    fitting = [c for c in candidates if c.latency_ms <= budget_ms]
+    return max(fitting, key=lambda c: (c.quality, -c.latency_ms)) if fitting else None
+
+
 def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
            stat: str = "median", top_k: int = 5, quality=None, memory_gb: float | None = None,
            dtype: str | None = None) -> Selection:
@@ -169,10 +182,11 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
     metric = metric_name(metric)
     if metric == "tpot_ms" and workload.gen_len < 2:
         raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
-    if not budget_ms > 0:
-        raise UsageError(f"budget must be a positive number of ms, got {budget_ms}")
-    if memory_gb is not None and (memory_gb <= 0 or dtype is None):
-        raise UsageError("a memory budget needs a positive --memory-gb and the table's dtype")
+    budget_ms = check_budget(budget_ms)
+    if memory_gb is not None:
+        memory_gb = positive_float(memory_gb, "--memory-gb")
+        if dtype is None:
+            raise UsageError("a memory budget needs the table's dtype")
     subnets = list(subnets)
     quality = quality or ProxyQuality()
     quality.check_covers(subnets)

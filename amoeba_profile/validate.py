@@ -80,12 +80,12 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     ttft = float(prefill[stat_col].iloc[0])
     if metric == "ttft_ms":
         return ttft
-    contexts = workload.decode_contexts()
+    span = workload.decode_span()
     xs = decode.context.to_numpy(float)
-    if len(xs) == 0 or contexts.min() < xs.min() or contexts.max() > xs.max():
-        raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover "
-                         f"{contexts.min()}..{contexts.max()}")
-    steps = np.interp(contexts, xs, decode[stat_col].to_numpy(float))
+    if span is None or len(xs) == 0 or span[0] < xs.min() or span[1] > xs.max():
+        raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover the decode steps "
+                         f"{span[0]}..{span[1]}" if span else f"{subnet.label}: the workload has no decode step")
+    steps = np.interp(workload.decode_contexts(), xs, decode[stat_col].to_numpy(float))
     return float(steps.mean()) if metric == "tpot_ms" else ttft + float(steps.sum())
 
 

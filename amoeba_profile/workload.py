@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UsageError
+from .inputs import positive_int
 
 METRICS = ("ttft_ms", "tpot_ms", "e2e_ms")
 METRIC_ALIASES = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
@@ -44,8 +45,12 @@ class Workload:
 
     def __post_init__(self) -> None:
         for field in ("batch", "prompt_len", "gen_len"):
-            if getattr(self, field) < 1:
-                raise UsageError(f"workload {field} must be >= 1, got {getattr(self, field)}")
+            positive_int(getattr(self, field), f"workload {field}")
+
+    def decode_span(self) -> tuple[int, int] | None:
+        """First and last KV-cache length of the decode steps (None when gen_len == 1): a range is
+        checked on these two before ``decode_contexts`` materializes gen_len - 1 of them."""
+        return (self.prompt_len, self.prompt_len + self.gen_len - 2) if self.gen_len > 1 else None
 
     def decode_contexts(self) -> np.ndarray:
         """KV-cache lengths seen by each decode step (empty when gen_len == 1)."""

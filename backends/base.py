@@ -152,6 +152,11 @@ class Backend(ABC):
         """Blocks for one ``attn``/``mlp`` entry (``components`` method only)."""
         raise UnsupportedShape(f"backend {self.name!r} cannot time lone components; use --method difference")
 
+    def chain_length(self, arch: ModelArch, component: str, heads: int, kv_heads: int, ffn: int) -> int:
+        """How many copies of an ``attn``/``mlp`` block one timed step runs (``components`` method);
+        the build's memory pre-flight sizes a component chain by it."""
+        return 1
+
     def check_spec(self, spec: EngineSpec) -> None:
         """Raise UnsupportedShape when the flow cannot express ``spec`` (the reason in the message)."""
 

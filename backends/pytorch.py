@@ -28,6 +28,7 @@ from ..device.load import CpuLoad, idle_cores
 from ..device.lock import measuring_pids
 from ..entry import Entry
 from ..errors import UsageError
+from ..inputs import positive_int
 from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 
@@ -338,8 +339,10 @@ class PyTorchBackend(Backend):
         if name is None:
             raise UsageError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
         self.threads_reason = "given"
-        if not threads:
+        if threads is None:
             threads, self.threads_reason = default_threads(device)
+        else:
+            threads = positive_int(threads, "--threads")
         self.config = PyTorchConfig(device, name, threads, attn_impl)
         self.device = device
         self.dtype = name

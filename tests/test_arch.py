@@ -75,3 +75,49 @@ def test_unknown_name_and_unreadable_file(tmp_path):
 def test_round_trip_dict():
     arch = BUILTIN_ARCHS["llama3-8b"]
     assert ModelArch.from_dict(arch.to_dict()) == arch
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rms_norm_eps": "1e-5"}, "field 'rms_norm_eps' must be a finite number, got '1e-5'"),
+        ({"rope_theta": "10000"}, "field 'rope_theta' must be a finite number"),
+        ({"rope_theta": float("nan")}, "field 'rope_theta' must be a finite number, got nan"),
+        ({"rms_norm_eps": 0}, "field 'rms_norm_eps' must be a positive number"),
+        ({"max_position_embeddings": "4096"}, "field 'max_position_embeddings' must be a positive integer"),
+        ({"num_key_value_heads": 0}, "field 'num_key_value_heads' must be a positive integer, got 0"),
+        ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false, got 'false'"),
+        ({"head_dim": 7, "num_attention_heads": 32}, "field 'head_dim'=7 must be even"),
+        ({"hidden_size": 4000, "num_attention_heads": 32, "num_key_value_heads": 8},
+         r"field 'head_dim'=125 \(hidden_size 4000 / num_attention_heads 32\) must be even"),
+        ({"hidden_size": 10**40}, "field 'hidden_size'=10000000000000000000000000000000000000000 is above the maximum"),
+        ({"intermediate_size": 1.5}, "field 'intermediate_size' must be a positive integer, got 1.5"),
+        ({"num_hidden_layers": True}, "field 'num_hidden_layers' must be a positive integer, got True"),
+        ({"mlp_bias": "false"}, "field 'mlp_bias' must be true or false"),
+    ],
+)
+def test_every_field_is_typed_and_named(change, message):
+    with pytest.raises(ArchError, match=message) as info:
+        from_hf_config(dict(MISTRAL_7B, **change), "x", "my/config.json")
+    assert str(info.value).startswith("my/config.json: ") and "\n" not in str(info.value)
+
+
+def test_absent_or_null_fields_take_defaults():
+    config = dict(MISTRAL_7B, num_key_value_heads=None, head_dim=None)
+    del config["tie_word_embeddings"], config["rope_theta"]
+    arch = from_hf_config(config, "x", "c.json")
+    assert (arch.num_kv_heads, arch.head_dim, arch.tie_embeddings, arch.rope_theta) == (32, 128, False, 10000.0)
+
+
+def test_nan_in_config_file_and_stored_arch_are_refused(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MISTRAL_7B).replace('"rope_theta": 10000.0', '"rope_theta": NaN'))
+    with pytest.raises(ArchError, match=f"{path}: field 'rope_theta' must be a finite number, got nan"):
+        resolve_arch(str(path))
+    stored = dict(BUILTIN_ARCHS["llama3-8b"].to_dict(), rms_norm_eps=float("inf"))
+    with pytest.raises(ArchError, match="field 'rms_norm_eps' must be a finite number"):
+        ModelArch.from_dict(stored)
+    with pytest.raises(ArchError, match=r"unknown fields \['extra'\], missing \['vocab_size'\]"):
+        ModelArch.from_dict({**{k: v for k, v in stored.items() if k != "vocab_size"}, "extra": 1})
+    with pytest.raises(ArchError, match="must be a mapping"):
+        ModelArch.from_dict("llama3-8b")

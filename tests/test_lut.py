@@ -74,6 +74,8 @@ def _rewrite_with_hash(path, text):
 @pytest.mark.parametrize("column, value, message", [
     ("status", "fine", r"row 2 \(line 3\): status='fine'"),
     ("median_ms", "-4", r"row 2 \(line 3\): latency stats"),
+    ("median_ms", "inf", r"row 2 \(line 3\): latency stats median=inf .* are not finite"),
+    ("p90_ms", "1e308", r"row 2 \(line 3\): latency stats .* <= 1e\+07 ms"),
     ("heads", "2.5", r"row 2 \(line 3\): heads='?2.5'? is not a non-negative integer"),
     ("component", "gpu", r"row 2 \(line 3\): component='gpu'"),
 ])
@@ -307,3 +309,30 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
     write_table(timed_path, timed, {})
     with pytest.raises(LutError, match="positive median"):
         load_table(timed_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arch": "tiny"}, "field 'arch': an architecture must be a mapping"),
+    ({"arch": {"name": "tiny"}}, r"field 'arch': architecture 'tiny': unknown fields \[\], missing"),
+    ({"dtype": 4}, "field 'dtype' must be a str, got 4"),
+    ({"dtype": "float8"}, "field 'dtype'='float8' is not one of"),
+    ({"grid": [1]}, r"field 'grid' must be a dict, got \[1\]"),
+    ({"grid": {"batch": "1"}}, "field 'grid.batch' must be a positive integer, got '1'"),
+    ({"grid": {"contexts": [16, -1]}}, "field 'grid.contexts' must be a positive integer, got -1"),
+    ({"grid": {"widths": [1.0, "7/8"]}}, "field 'grid.widths' must be a finite number"),
+    ({"grid": {"widths": [1.5]}}, r"field 'grid.widths' holds 1.5, not a ratio in \(0, 1\]"),
+])
+def test_sidecar_type_errors_name_file_and_field(tmp_path, tiny_arch, change, message):
+    lut = _flat(tiny_arch)
+    path = _write(tmp_path, type(lut)(lut.frame, {**lut.meta, "dtype": "float32", **change}))
+    with pytest.raises(LutError, match=message) as info:
+        load_table(path)
+    assert str(info.value).startswith(f"{sidecar_path(path)}: ")
+
+
+def test_sidecar_that_is_a_device_is_refused_unread(tmp_path, tiny_arch):
+    path = _write(tmp_path, _flat(tiny_arch))
+    sidecar_path(path).unlink()
+    sidecar_path(path).symlink_to("/dev/zero")
+    with pytest.raises(LutError, match="not a regular file"):
+        load_table(path)

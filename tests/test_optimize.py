@@ -149,3 +149,30 @@ def test_mlc_llm_table_gets_a_uniform_shape():
     assert len({(l.heads, l.ffn) for l in free.subnet.layers}) > 1
     result = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 80.0)
     assert result.subnet.is_uniform and result.latency_ms <= 80.0
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("0,1\n1,inf\n2,1\n3,1\n", "line 3: importance must be a finite number, got inf"),
+    ("0,0\n1,0\n2,0\n3,0\n", "every importance is 0"),
+    ("0,1\n1.5,1\n2,1\n3,1\n", "line 3: layer must be an integer >= 0, got 1.5"),
+    ("0,1\n1,-2\n2,1\n3,1\n", "line 3: importance must be >= 0, got -2"),
+    ("0,1\n1,1\n2,1\n9,1\n", r"line 5: layer 9 outside 0..3"),
+    ("0,1\n1,1\n2,1\n", r"missing layers \[3\]"),
+])
+def test_importance_file_is_refused_unless_every_row_is_sound(tmp_path, tiny_arch, rows, message):
+    from amoeba_profile.errors import UsageError
+    from amoeba_profile.optimize import load_importance
+
+    path = tmp_path / "importance.csv"
+    path.write_text("layer,importance\n" + rows)
+    with pytest.raises(UsageError, match=message) as info:
+        load_importance(path, tiny_arch)
+    assert str(info.value).startswith(str(path))
+
+
+def test_importance_file_with_whole_layers_in_float_form(tmp_path, tiny_arch):
+    from amoeba_profile.optimize import load_importance
+
+    path = tmp_path / "importance.csv"
+    path.write_text("layer,importance\n0,1\n1.0,2\n2,0.5\n3,0\n")
+    assert load_importance(path, tiny_arch).tolist() == [1.0, 2.0, 0.5, 0.0]

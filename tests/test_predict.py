@@ -91,3 +91,21 @@ def test_metric_accepts_the_cli_spellings(tiny_arch, lut):
     assert p.metric("tpot") == p.metric("tpot_ms") == p.metric("TPOT") == p.tpot_ms
     with pytest.raises(UsageError, match="unknown metric 'speed': use one of ttft, tpot, e2e"):
         p.metric("speed")
+
+
+def test_huge_gen_len_is_refused_before_contexts_are_allocated(tiny_arch, lut):
+    import tracemalloc
+
+    subnet = Subnet.uniform(tiny_arch, 4, 1.0)
+    predictor = Predictor(lut)
+    workload = Workload(1, 16, 10**8)
+    tracemalloc.start()
+    try:
+        for call in (lambda: predictor.predict(subnet, workload), lambda: predictor.base_metric(workload, "tpot_ms"),
+                     lambda: predictor.layer_metric(8, 4, 128, workload, "tpot_ms")):
+            with pytest.raises(OutOfRange, match="1e\\+08 is outside the measured range"):
+                call()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 << 20  # the 10^8 contexts alone would be 800 MB

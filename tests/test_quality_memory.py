@@ -57,6 +57,16 @@ def test_quality_table_formats(tmp_path, tiny_arch):
     assert load_quality(by_id).score(subnet) == 0.9
 
 
+def test_quality_widths_take_the_cli_syntax(tmp_path, tiny_arch):
+    path = tmp_path / "q.csv"
+    path.write_text("num_layers,width_ratio,score\n4,1,0.40\n4,7/8,0.45\n4,0.75,0.5\n")
+    q = load_quality(path)
+    assert q.score(Subnet.uniform(tiny_arch, 4, 0.875)) == 0.45 and q.score(Subnet.uniform(tiny_arch, 4, 0.75)) == 0.5
+    names = tmp_path / "names.csv"
+    names.write_text("name,score\nllama2-7b_l24w7/8,0.61\n")
+    assert load_quality(names).score(Subnet.uniform(LLAMA2, 24, 0.875)) == 0.61
+
+
 def test_quality_table_changes_the_pick_and_names_itself(tmp_path, tiny_arch):
     path = tmp_path / "q.csv"
     path.write_text("num_layers,width_ratio,score\n4,1.0,0.40\n4,0.5,0.45\n2,1.0,0.30\n2,0.5,0.20\n")
@@ -74,6 +84,10 @@ def test_quality_table_changes_the_pick_and_names_itself(tmp_path, tiny_arch):
     ("name,score\nmodel-final,0.4\n", "no AmoebaLLM suffix"),
     ("num_layers,width_ratio\n4,1.0\n", "missing column 'score'"),
     ("layers,score\n4,0.4\n", "needs columns"),
+    ("num_layers,width_ratio,score\n4,1.0,inf\n", "line 2: score must be a finite number, got inf"),
+    ("num_layers,width_ratio,score\n4.5,1.0,0.4\n", "line 2: num_layers must be a positive integer, got 4.5"),
+    ("num_layers,width_ratio,score\n4,9/8,0.4\n", r"line 2: width ratio '9/8' must be in \(0, 1\]"),
+    ("name,score\nm_l24w0.8.7,0.4\n", "line 2: bad width ratio '0.8.7'"),
 ])
 def test_quality_table_errors(tmp_path, text, message):
     path = tmp_path / "q.csv"
@@ -88,3 +102,47 @@ def test_quality_table_must_cover_the_space(tmp_path, tiny_arch):
     space = list(DesignSpace(tiny_arch, (2, 4), (1.0, 0.5)).subnets())
     with pytest.raises(UsageError, match="lacks 3 shapes of the design space"):
         select(Predictor(_lut(tiny_arch)), space, Workload(1, 16, 20), "tpot_ms", 1e6, quality=load_quality(path))
+
+
+def test_build_preflight_sizes_the_largest_engine_by_hand():
+    from amoeba_profile.memory import check_fits, plan_peak
+    from amoeba_profile.plan import BuildPlan
+
+    plan = BuildPlan(LLAMA2, widths=(1.0,), prompt_lens=(128,), contexts=(4096,), method="difference",
+                     depths=(4, 18, 32))
+    need, label = plan_peak(plan, "float16")
+    assert label == "the 32-layer model"
+    # weights 6.74e9 params x 2 B; KV 2 x 32 layers x 32 kv heads x 128 x (4096 + 8 + 2) positions x 2 B;
+    # activations 128 x (3 x 4096 + 2 x 11008) x 2 B + 32000 x 4 B of logits, plus one decode step's
+    # copy of a layer's K and V and their expansion to the query heads: 2 x (32 + 32) x 128 x 4106 x 2 B.
+    assert need.weights_bytes == 6_738_415_616 * 2
+    assert need.kv_cache_bytes == 2 * 32 * 32 * 128 * 4106 * 2
+    assert need.activation_bytes == 128 * (3 * 4096 + 2 * 11008) * 2 + 32000 * 4 + 2 * 64 * 128 * 4106 * 2
+    check_fits(plan, "float16", 20 * 10**9, "cuda")
+    with pytest.raises(UsageError, match=r"^the 32-layer model needs 15.8 GB \(weights 13.5, KV cache 2.15, activations "
+                                         r"0.\d+\) but cuda has 8 GB available; lower --contexts"):
+        check_fits(plan, "float16", 8 * 10**9, "cuda")
+
+
+def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
+    from amoeba_profile.memory import plan_peak
+    from amoeba_profile.plan import BuildPlan
+
+    plan = BuildPlan(tiny_arch, widths=(1.0,), prompt_lens=(16,), contexts=(512,))
+    one, _ = plan_peak(plan, "float32")
+    need, label = plan_peak(plan, "float32", lambda component, h, kv, f: 64)
+    assert label == "a chain of 64 attn blocks at decode context 512"
+    # 64 copies, each with its own KV: 2 x 4 kv heads x 8 x (1 + 512 + 16) tokens x 4 B.
+    assert need.kv_cache_bytes == 64 * 2 * 4 * 8 * 529 * 4 and need.total_bytes > one.total_bytes
+
+
+def test_build_refuses_before_writing_anything(tmp_path, tiny_arch, monkeypatch):
+    from amoeba_profile import build
+    from amoeba_profile.backends import get_backend
+    from amoeba_profile.plan import BuildPlan
+
+    monkeypatch.setattr(build, "available_memory_bytes", lambda device: 10**6)
+    out = tmp_path / "lut"
+    with pytest.raises(UsageError, match="but cpu has 0.001 GB available"):
+        build.run_build(BuildPlan(tiny_arch, prompt_lens=(16,), contexts=(16,)), get_backend("pytorch"), out)
+    assert not out.exists()

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import UsageError
 from .cpu import cpu_info, cpu_model
 from .cpu import last_level_cache_bytes as _cpu_llc
+from .cpu import meminfo_available_bytes
 from .jetson import JetsonReader
 from .nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
 from .specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
@@ -46,6 +47,15 @@ def last_level_cache_bytes(device: str = "cpu", root: Path = Path("/")) -> int:
 
         return int(torch.cuda.get_device_properties(device).L2_cache_size)
     return _cpu_llc(root)
+
+
+def available_memory_bytes(device: str = "cpu", root: Path = Path("/")) -> int | None:
+    """Memory a build may still take: MemAvailable (CPU) or free device memory (CUDA); None if unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return meminfo_available_bytes(root)
 
 
 def _cuda_index(device: str) -> int:
@@ -140,5 +150,6 @@ def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: 
     return report
 
 
-__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "cpu_slug", "detect", "device_slug",
-           "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs", "resolve_device", "slugify"]
+__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "available_memory_bytes", "cpu_slug", "detect",
+           "device_slug", "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs",
+           "resolve_device", "slugify"]

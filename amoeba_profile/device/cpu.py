@@ -48,6 +48,12 @@ def cpu_info(root: Path = Path("/")) -> dict[str, Any]:
     }
 
 
+def meminfo_available_bytes(root: Path = Path("/")) -> int | None:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping), or None."""
+    match = re.search(r"^MemAvailable:\s+(\d+) kB", _read(root / "proc/meminfo"), re.MULTILINE)
+    return int(match.group(1)) << 10 if match else None
+
+
 def last_level_cache_bytes(root: Path = Path("/")) -> int:
     """Largest CPU cache level from sysfs; 32 MiB when unknown."""
     sizes = []
