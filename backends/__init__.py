@@ -15,6 +15,7 @@ from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, Engine
 # name -> "module:class", resolved on demand.
 REGISTRY: dict[str, str] = {
     "pytorch": "amoeba_profile.backends.pytorch:PyTorchBackend",
+    "onnxruntime": "amoeba_profile.backends.ort:OrtBackend",
 }
 
 
