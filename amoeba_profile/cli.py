@@ -77,7 +77,8 @@ def build_lut(
                                              "artifacts or $AMOEBA_ARTIFACTS)."),
     device: str = typer.Option("cpu", help="cpu or cuda[:N]."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: torch's; the number is recorded)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads, or onnxruntime intra-op threads (default: "
+                                          "torch's; the number is recorded)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),

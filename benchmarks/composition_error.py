@@ -2,13 +2,15 @@
 
 For each method (``components``, ``difference``) one interleaved build measures, in the same
 rounds, the method's rows and >= 9 whole subnets (uniform and per-layer, several depths, one with
-off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch): those are
-the truth rows. It then prints predicted vs measured for every subnet, prefill (ttft) and decode
+off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch, our greedy
+loop over the session for onnxruntime): those are the truth rows. It then prints predicted vs measured for every subnet, prefill (ttft) and decode
 (tpot at each context), the median and max |error|, the difference fit's residuals, and the
 device-seconds of each table.
 
-    python benchmarks/composition_error.py [--model tinyllama-1.1b] [--method both] [--out out/bench]
-        [--report-only]
+    python benchmarks/composition_error.py [--model tinyllama-1.1b] [--backend pytorch] [--method both]
+        [--out out/bench] [--report-only]
+
+``--method both`` runs the methods the backend supports (onnxruntime: difference only).
 """
 
 from __future__ import annotations
@@ -129,6 +131,7 @@ def report(lut, subnets, label: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--backend", default="pytorch", help="a registered backend (amoeba-profile backends)")
     parser.add_argument("--method", default="both", choices=["components", "difference", "both"])
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -142,12 +145,13 @@ def main() -> None:
     arch = resolve_arch(args.model)
     subnets = validation_subnets(arch)
     contexts = tuple(int(c) for c in args.contexts.split(","))
-    backend = get_backend("pytorch", device=args.device)
+    backend = get_backend(args.backend, device=args.device)
     # Few warm-up runs: whole models take seconds per request on a CPU; three rounds interleave them.
     protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=3, samples_per_round=3,
                               min_round_s=0.0)
-    methods = ["components", "difference"] if args.method == "both" else [args.method]
-    summary = {"model": arch.name, "device": args.device, "protocol": protocol.to_dict()}
+    supported = backend.capabilities().methods
+    methods = [m for m in ("components", "difference") if m in supported] if args.method == "both" else [args.method]
+    summary = {"model": arch.name, "backend": args.backend, "device": args.device, "protocol": protocol.to_dict()}
     t0 = time.perf_counter()
     last = [0.0]
 
