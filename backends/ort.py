@@ -14,6 +14,9 @@ loop moves no tensor through the host: ``next_ids`` and the presents of one step
 next step's inputs, on the provider's device. The KV cache grows by concatenation, as in the
 exported transformers code (and eager ``DynamicCache``).
 
+The artifact is the graph plus its weights packed as the random pool they tile (``ort_weights``:
+a few MB instead of the model's size); ``load`` rebuilds the exact bytes as external initializers.
+
 The clock is ``perf_counter`` on every provider: ``run_with_iobinding`` returns after ONNX Runtime
 synchronized the provider's stream, so a sample spans the device work it started.
 
@@ -36,7 +39,8 @@ import numpy as np
 from ..errors import UsageError
 from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, Capabilities, Engine, EngineSpec
-from .pytorch import DTYPES, build_model
+from .ort_weights import pack, unpack
+from .pytorch import DTYPES, POOL_SIZE, build_model
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -93,12 +97,15 @@ def kv_graph(model, num_layers: int):
     return KvGraph().eval()
 
 
-def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> None:
-    """Export the subnet's LlamaForCausalLM (random weights) with explicit KV inputs and outputs.
+def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> dict[str, str]:
+    """Export the subnet's LlamaForCausalLM (random weights) with explicit KV inputs and outputs,
+    its weights packed as the random pool they tile (``ort_weights``); returns the packing map.
 
     The dynamo exporter handles this model (transformers' mask and cache code included), so the
     legacy TorchScript exporter is not used. Example sizes are distinct and above 1, so no dynamic
-    dimension is specialized to a constant.
+    dimension is specialized to a constant. Its optimizer merges equal initializers of at most 1024
+    elements (and then the matmuls that share one): equal-shaped random weights of a test-sized model
+    are equal tilings. Every weight of a real model is far larger, so none is shared there.
     """
     torch = _torch()
     model, _ = build_model(spec, "cpu", getattr(torch, dtype), "sdpa")
@@ -108,14 +115,15 @@ def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> None:
     pasts = tuple(torch.randn(shape, dtype=model.dtype) for shape in _kv_shape(spec, 2, 5))
     # ``*pasts`` is one tuple argument to torch.export, absent when the model has no layers
     dynamic = ({0: batch, 1: seq},) + ((tuple({0: batch, 2: past} for _ in pasts),) if pasts else ())
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     with torch.no_grad(), warnings.catch_warnings():
         # Every past shares the batch and past axes on purpose; the exporter warns about each one.
         warnings.filterwarnings("ignore", message="# The axis name")
         torch.onnx.export(kv_graph(model, len(spec.layers)), (ids, *pasts), str(path), dynamo=True,
                           dynamic_shapes=dynamic, input_names=inputs, output_names=outputs, verbose=False,
-                          # weights beside the graph once they near protobuf's 2 GiB limit
-                          external_data=weight_bytes >= 1 << 30)
+                          external_data=True)
+    # the longest weight holds the whole pool (or, in a tiny model, more of it than any other weight)
+    longest = max(model.parameters(), key=lambda p: p.numel())
+    return pack(path, longest.detach().reshape(-1)[:POOL_SIZE].numpy().copy())
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,12 @@ class OrtEngine(Engine):
         self.device_type, self.device_id = ort_device(backend.device)
         self.np_dtype = np.dtype(backend.dtype)
         self.rng = np.random.default_rng(0)
-        self.session = ort.InferenceSession(str(artifact / MODEL_FILE), backend.session_options(),
+        options = backend.session_options()
+        names, arrays = unpack(artifact / MODEL_FILE)
+        # The session reads the weights from these buffers for as long as it lives.
+        self.weights = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
+        options.add_external_initializers(names, self.weights)
+        self.session = ort.InferenceSession(str(artifact / MODEL_FILE), options,
                                             providers=session_providers(backend.config, spec))
 
     def _value(self, array: np.ndarray):
@@ -233,6 +246,7 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.__dict__.pop("session", None)
+        self.__dict__.pop("weights", None)
 
 
 class OrtBackend(Backend):
@@ -306,11 +320,12 @@ class OrtBackend(Backend):
         return options
 
     def compile(self, spec: EngineSpec, dest: Path) -> None:
-        export_onnx(spec, self.dtype, dest / MODEL_FILE)
+        layout = export_onnx(spec, self.dtype, dest / MODEL_FILE)
         inputs, outputs = io_names(spec)
+        kinds = {kind: list(layout.values()).count(kind) for kind in sorted(set(layout.values()))}
         (dest / ENGINE_FILE).write_text(json.dumps({"flow": "onnxruntime", "exporter": "torch.onnx dynamo",
-                                                    "spec": spec.to_dict(), "inputs": inputs, "outputs": outputs},
-                                                   sort_keys=True))
+                                                    "spec": spec.to_dict(), "inputs": inputs, "outputs": outputs,
+                                                    "weights": kinds}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
         stored = json.loads((artifact / ENGINE_FILE).read_text())["spec"]

@@ -70,6 +70,57 @@ def test_graph_has_a_past_and_present_per_layer_shape(exported):
 
 
 @needs_ort
+def test_artifact_keeps_the_weight_pool_not_the_weights(exported):
+    """The exporter's weight file is replaced by the pool the random weights tile; the logits test
+    below proves the rebuilt weights are the exported ones, byte for byte."""
+    engine, model, artifact = exported
+    files = {p.name for p in artifact.path.iterdir()}
+    assert files == {"model.onnx", "weights.json", "weights.npz", "engine.json", "manifest.json"}
+    layout = json.loads((artifact.path / "weights.json").read_text())
+    weights = sum(p.numel() for p in model.parameters())
+    assert len(layout) == len(engine.weights) and layout.pop("model.model.embed_tokens.weight") == "tiled"
+    # the linear layers' weights come out transposed; norm weights this small stay inside the graph
+    assert set(layout.values()) == {"transposed"}
+    with np.load(artifact.path / "weights.npz") as stored:  # the pool and the stored tensors
+        assert sum(stored[key].size for key in stored.files) < weights / 3
+    assert json.loads((artifact.path / "engine.json").read_text())["weights"] == {"tiled": 1, "transposed": len(layout)}
+
+
+@needs_ort
+def test_weights_pack_and_unpack_byte_for_byte(tmp_path):
+    """A tiling, a transposed tiling and a tensor that tiles neither way all come back exact, and
+    ONNX Runtime computes the same from them as from the exporter's file."""
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from amoeba_profile.backends.ort_weights import pack, unpack
+
+    pool = np.random.default_rng(0).standard_normal(6).astype(np.float32)
+    weights = {"a": np.resize(pool, 20).reshape(4, 5), "b": np.ascontiguousarray(np.resize(pool, 20).reshape(5, 4).T),
+               "c": np.ones((4, 5), np.float32)}
+    nodes = [helper.make_node("Add", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["xb"]),
+             helper.make_node("Mul", ["xb", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    x = {"x": np.arange(20, dtype=np.float32).reshape(4, 5)}
+    expected = onnxruntime.InferenceSession(str(path)).run(None, x)[0]
+    assert pack(path, pool) == {"a": "tiled", "b": "transposed", "c": "stored"}
+    assert not (tmp_path / "model.onnx.data").exists()
+    names, arrays = unpack(path)
+    for name, array in zip(names, arrays):
+        assert array.tobytes() == weights[name].tobytes()
+    options = onnxruntime.SessionOptions()
+    values = [onnxruntime.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    options.add_external_initializers(names, values)
+    np.testing.assert_array_equal(onnxruntime.InferenceSession(str(path), options).run(None, x)[0], expected)
+
+
+@needs_ort
 def test_prefill_and_decode_match_the_eager_model(exported):
     """Logits of the prompt and of each greedy step equal eager transformers (fp32), from an empty
     cache and from a random prefix cache: the presents are fed back as the right pasts."""
@@ -116,6 +167,20 @@ def test_ttft_and_tpot_pieces_time_the_greedy_loop(exported):
     finally:
         del engine.generate
     assert ttft.max_steps > 1 and tpot.max_steps > 1
+
+
+@needs_ort
+def test_float16_export_runs(tiny_arch, tmp_path):
+    """The CUDA default dtype exports too (checked on the CPU provider, which runs float16 graphs)."""
+    from amoeba_profile.artifacts import ArtifactCache
+
+    backend = get_backend("onnxruntime", dtype="float16")
+    spec = EngineSpec(tiny_arch, ((4, 2, 64),), 1, 32, 34)
+    engine = backend.load(spec, ArtifactCache(tmp_path).ensure(backend, spec).path)
+    out = engine.generate(engine.random_ids(1, 8), engine.random_pasts(1, 0), 3)
+    assert out[0].data_type() == "tensor(float16)" and np.isfinite(out[0].numpy()).all()
+    assert out[2].data_type() == "tensor(float16)" and out[2].shape() == [1, 2, 10, 8]
+    engine.close()
 
 
 @needs_ort
