@@ -3,9 +3,9 @@
 For each method (``components``, ``difference``) one interleaved build measures, in the same
 rounds, the method's rows and >= 9 whole subnets (uniform and per-layer, several depths, one with
 off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch, our greedy
-loop over the session for onnxruntime): those are the truth rows. It then prints predicted vs measured for every subnet, prefill (ttft) and decode
-(tpot at each context), the median and max |error|, the difference fit's residuals, and the
-device-seconds of each table.
+loop over the session for onnxruntime): those are the truth rows. It then prints predicted vs
+measured for every subnet, prefill (ttft) and decode (tpot at each context), the median and max
+|error|, the difference fit's residuals, and the device-seconds of each table.
 
     python benchmarks/composition_error.py [--model tinyllama-1.1b] [--backend pytorch] [--method both]
         [--out out/bench] [--report-only]
