@@ -9,10 +9,11 @@ BUDGET ?= 180
 .PHONY: setup demo test bench clean
 
 # torch is pinned first: 2.13.0 resolves to the CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+# The onnxruntime extra is installed so that `make test` (CI) runs that backend's tests for real.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev,llama-cpp]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,llama-cpp,onnxruntime]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -113,9 +113,9 @@ def build_lut(
                                "--predict a spec-sheet slug such as rtx-a5000."),
     dtype: Optional[str] = typer.Option(None, help="float32 (CPU default), float16 (CUDA default) or bfloat16; "
                                         "llama.cpp: f16 (default), q8_0 or q4_0."),
-    threads: Optional[int] = typer.Option(None, help="torch threads or llama-bench -t (default: the cores "
-                                          "other processes leave idle, or the table's own when resuming or extending "
-                                          "one; recorded)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads, onnxruntime intra-op threads or llama-bench -t "
+                                          "(default: the cores other processes leave idle, or the table's own when "
+                                          "resuming or extending one; recorded)."),
     backend_option: Optional[list[str]] = typer.Option(None, "--backend-option", help="KEY=VALUE for the backend's "
                                                        "config, repeatable (e.g. mode=max-autotune-no-cudagraphs for "
                                                        "pytorch-compiled); stored in the table's sidecar."),

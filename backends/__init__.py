@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "pytorch": "amoeba_profile.backends.pytorch:PyTorchBackend",
     "llama.cpp": "amoeba_profile.backends.llama_cpp:LlamaCppBackend",
     "pytorch-compiled": "amoeba_profile.backends.pytorch_compiled:PyTorchCompiledBackend",
+    "onnxruntime": "amoeba_profile.backends.ort:OrtBackend",
 }
 
 

@@ -72,12 +72,11 @@ def find_llama_bench(explicit: str | None = None) -> Path | None:
 
 
 def default_threads() -> int:
-    """The thread count the pytorch backend gets by default: torch uses ``$OMP_NUM_THREADS`` when
-    set, else one thread per physical core (llama-bench's own default is also the physical cores)."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return int(cpu_info()["cores"])
+    """The pytorch backend's default (``pytorch.default_threads``): the cores other processes leave
+    idle, or ``$OMP_NUM_THREADS``; ggml's threads meet at a barrier after every op as OpenMP's do."""
+    from .pytorch import default_threads as shared_default
+
+    return shared_default("cpu")[0]
 
 
 def parse_version(text: str) -> dict[str, str]:
@@ -255,6 +254,9 @@ class LlamaCppBackend(Backend):
     @property
     def clock_name(self) -> str:
         return "llama-bench samples_ns (high_resolution_clock per repetition)"
+
+    def host_cores(self) -> int:
+        return self.config.threads
 
     def versions(self) -> dict[str, str]:
         return {"llama.cpp": self.build["commit"], "llama.cpp_build": self.build["build_number"],

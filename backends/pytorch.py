@@ -33,7 +33,7 @@ from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-_POOL_SIZE = 1 << 20
+POOL_SIZE = 1 << 20  # elements of the random pool every weight tiles (ort_weights stores it once)
 
 
 def _torch():
@@ -104,19 +104,19 @@ def materialize(module, device: str, dtype):
     """Meta-device module -> real tensors on ``device`` filled with tiled random values."""
     torch = _torch()
     module = module.to(dtype=dtype).to_empty(device=device)
-    pool = torch.empty(_POOL_SIZE, dtype=dtype, device=device).uniform_(-0.02, 0.02)
+    pool = torch.empty(POOL_SIZE, dtype=dtype, device=device).uniform_(-0.02, 0.02)
     with torch.no_grad():
         for name, param in module.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
             flat = param.view(-1)
-            whole = flat.numel() // _POOL_SIZE
+            whole = flat.numel() // POOL_SIZE
             if whole:
-                flat[: whole * _POOL_SIZE].view(whole, _POOL_SIZE).copy_(pool.expand(whole, _POOL_SIZE))
-            rest = flat.numel() - whole * _POOL_SIZE
+                flat[: whole * POOL_SIZE].view(whole, POOL_SIZE).copy_(pool.expand(whole, POOL_SIZE))
+            rest = flat.numel() - whole * POOL_SIZE
             if rest:
-                flat[whole * _POOL_SIZE :].copy_(pool[:rest])
+                flat[whole * POOL_SIZE :].copy_(pool[:rest])
     return module
 
 

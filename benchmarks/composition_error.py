@@ -2,15 +2,16 @@
 
 For each method (``components``, ``difference``) one interleaved build measures, in the same
 rounds, the method's rows and >= 9 whole subnets (uniform and per-layer, several depths, one with
-off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch): those are
-the truth rows. It then prints predicted vs measured for every subnet, prefill (ttft) and decode
-(tpot at each context), the median and max |error|, the difference fit's residuals, and the
-device-seconds of each table.
+off-grid FFN widths) through the flow's serving loop (``generate()`` for eager PyTorch, our greedy
+loop over the session for onnxruntime): those are the truth rows. It then prints predicted vs
+measured for every subnet, prefill (ttft) and decode (tpot at each context), the median and max
+|error|, the difference fit's residuals, and the device-seconds of each table.
 
     python benchmarks/composition_error.py [--model tinyllama-1.1b] [--method both] [--out out/bench]
-        [--backend pytorch|pytorch-compiled|llama.cpp] [--dtype f16] [--report-only]
+        [--backend pytorch|pytorch-compiled|llama.cpp|onnxruntime] [--dtype f16] [--report-only]
 
-``--method both`` runs the methods the backend supports (llama.cpp and pytorch-compiled: difference only).
+``--method both`` runs the methods the backend supports (llama.cpp, pytorch-compiled and onnxruntime:
+difference only).
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def report(lut, subnets, label: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tinyllama-1.1b")
+    parser.add_argument("--backend", default="pytorch", help="a registered backend (amoeba-profile backends)")
     parser.add_argument("--method", default="both", choices=["components", "difference", "both"])
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -103,9 +103,8 @@ def test_tpot_depth_puts_the_decode_steps_on_the_serving_loop_window():
     assert llama_cpp.tpot_depth(4, 8) == 1
 
 
-def test_config_and_versions_come_from_the_binary(stand_in, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")
-    backend = get_backend("llama.cpp", dtype="Q4_0")
+def test_config_and_versions_come_from_the_binary(stand_in):
+    backend = get_backend("llama.cpp", dtype="Q4_0", threads=3)
     assert backend.config == llama_cpp.LlamaCppConfig("cpu", "q4_0", 3, str(stand_in.resolve()), 2048, 512, 10)
     assert backend.dtype == "q4_0" and backend.name == "llama.cpp"
     assert backend.versions()["llama.cpp"] == "0c1e57098" and "gguf" in backend.versions()
@@ -203,11 +202,10 @@ def test_backends_table_prints_the_install_hint_verbatim(tmp_path, monkeypatch):
     assert "pip install 'amoeba-profile[llama-cpp]'" in console.export_text()  # not eaten as rich markup
 
 
-def test_default_threads_follow_the_pytorch_rule(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert llama_cpp.default_threads() == 5
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert llama_cpp.default_threads() == llama_cpp.cpu_info()["cores"]
+def test_default_threads_follow_the_pytorch_rule():
+    from amoeba_profile.backends.pytorch import default_threads
+
+    assert llama_cpp.default_threads() == default_threads("cpu")[0]
 
 
 def test_the_default_method_is_difference():

@@ -23,7 +23,7 @@ class MissingLibraryBackend(FakeEngineBackend):
 
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
-    assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "tensorrt-llm", "mlc-llm"]
+    assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"]
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
     assert flows["llama.cpp"].status in (MEASURING, UNAVAILABLE) and flows["llama.cpp"].capabilities.per_layer_heads
     for name, library in (("tensorrt-llm", "tensorrt_llm"), ("mlc-llm", "mlc_llm")):
