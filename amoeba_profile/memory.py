@@ -4,18 +4,20 @@
 - KV cache: 2 (K and V) x sum over kept layers of kv_heads x head_dim x batch x (prompt + gen) tokens;
 - activation headroom: the prefill peak of one layer, batch x prompt x (3 x hidden + 2 x ffn_max)
   elements (hidden states, residual, norm output, gate and up), plus fp32 logits batch x vocab x 4 B.
-Allocator fragmentation and framework workspaces (cuBLAS, CUDA graphs) are not included.
+Element sizes come from ``dtypes``: a llama.cpp table's quantized weights take a fraction of a byte,
+its KV cache and activations stay f16 and f32. Allocator fragmentation and framework workspaces
+(cuBLAS, CUDA graphs) are not included.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .quality import layer_params
+from .arch import ModelArch, layer_params, non_layer_params
+from .dtypes import activation_bytes_per_element, bytes_per_element, kv_cache_bytes_per_element
 from .subnet import Subnet
 from .workload import Workload
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 GB = 1e9
 
 
@@ -36,30 +38,30 @@ class MemoryEstimate:
 
 def weight_params(subnet: Subnet) -> int:
     arch = subnet.arch
-    return _non_layer_params(arch) + sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
+    return non_layer_params(arch) + sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
 
 
-def _non_layer_params(arch) -> int:
-    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2) + arch.hidden_size
-
-
-def layer_bytes(arch, heads: int, kv_heads: int, ffn: int, workload: Workload, dtype: str) -> int:
-    """One layer's weights plus its KV cache for the whole workload."""
-    s = BYTES[dtype]
+def _kv_bytes(arch: ModelArch, kv_heads: int, workload: Workload, dtype: str) -> int:
+    """K and V of ``kv_heads`` heads (summed over layers) for the whole workload."""
     tokens = workload.prompt_len + workload.gen_len
-    return layer_params(arch, heads, kv_heads, ffn) * s + 2 * kv_heads * arch.head_dim * workload.batch * tokens * s
+    return round(2 * kv_heads * arch.head_dim * workload.batch * tokens * kv_cache_bytes_per_element(dtype))
 
 
-def fixed_bytes(arch, workload: Workload, dtype: str, ffn_max: int) -> tuple[int, int]:
+def layer_bytes(arch: ModelArch, heads: int, kv_heads: int, ffn: int, workload: Workload, dtype: str) -> int:
+    """One layer's weights plus its KV cache for the whole workload."""
+    return round(layer_params(arch, heads, kv_heads, ffn) * bytes_per_element(dtype)) + _kv_bytes(arch, kv_heads,
+                                                                                                  workload, dtype)
+
+
+def fixed_bytes(arch: ModelArch, workload: Workload, dtype: str, ffn_max: int) -> tuple[int, int]:
     """(embedding/lm_head/final-norm weights, activation headroom) in bytes."""
-    s = BYTES[dtype]
-    act = workload.batch * workload.prompt_len * (3 * arch.hidden_size + 2 * ffn_max) * s + workload.batch * arch.vocab_size * 4
-    return _non_layer_params(arch) * s, act
+    act = round(workload.batch * workload.prompt_len * (3 * arch.hidden_size + 2 * ffn_max)
+                * activation_bytes_per_element(dtype)) + workload.batch * arch.vocab_size * 4
+    return round(non_layer_params(arch) * bytes_per_element(dtype)), act
 
 
 def estimate(subnet: Subnet, workload: Workload, dtype: str) -> MemoryEstimate:
-    arch, s = subnet.arch, BYTES[dtype]
-    tokens = workload.prompt_len + workload.gen_len
-    kv = 2 * sum(l.kv_heads for l in subnet.layers) * arch.head_dim * workload.batch * tokens * s
-    weights, act = fixed_bytes(arch, workload, dtype, max(l.ffn for l in subnet.layers))
-    return MemoryEstimate(weight_params(subnet) * s, kv, act)
+    arch = subnet.arch
+    kv = _kv_bytes(arch, sum(l.kv_heads for l in subnet.layers), workload, dtype)
+    _, act = fixed_bytes(arch, workload, dtype, max(l.ffn for l in subnet.layers))
+    return MemoryEstimate(round(weight_params(subnet) * bytes_per_element(dtype)), kv, act)

@@ -26,13 +26,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .arch import ModelArch
+from .arch import ModelArch, layer_params
 from .backends import Capabilities
 from .errors import InfeasibleBudget, OutOfRange, UsageError
 from .flows import flow_capabilities
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
-from .quality import layer_params
 from .subnet import LayerShape, Subnet, kept_layers
 from .workload import Workload, metric_name
 

@@ -15,16 +15,12 @@ from typing import Iterable
 
 import pandas as pd
 
+from .arch import layer_params
 from .errors import UsageError
 from .subnet import Subnet
 
 PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
 _SUFFIX = re.compile(r"_l(\d+)w([0-9.]+)")
-
-
-def layer_params(arch, heads: int, kv_heads: int, ffn: int) -> int:
-    """Decoder-layer parameters: q/o (heads), k/v (kv_heads), gate/up/down (ffn), two RMSNorms."""
-    return arch.hidden_size * arch.head_dim * 2 * (heads + kv_heads) + 3 * arch.hidden_size * ffn + 2 * arch.hidden_size
 
 
 def retained_params(subnet: Subnet) -> float:

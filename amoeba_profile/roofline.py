@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 
 from .arch import ModelArch
-from .device.specs import DeviceSpec
+from .device.specs import DTYPE_PEAK, DeviceSpec
+from .dtypes import bytes_per_element
 from .entry import Entry
 from .errors import LutError, UsageError
 from .lut import Lut, measured_row
 from .measure import Measurement
-
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ class Op:
 
 def component_ops(arch: ModelArch, entry: Entry, dtype: str, kv_cache_copy: bool) -> list[Op]:
     """FLOPs and bytes of each operation of one component execution (see module docstring)."""
-    s = BYTES_PER_ELEMENT[dtype]
+    s = bytes_per_element(dtype)
     b, t, c, H, d = entry.batch, entry.tokens, entry.context, arch.hidden_size, arch.head_dim
     act = b * t * H * s  # one activation tensor
 
@@ -262,8 +261,8 @@ def spec_from_profile(report: dict[str, Any], dtype: str) -> DeviceSpec:
     if not bench or dtype not in bench["matmul"]:
         raise UsageError(f"device profile has no {dtype} micro-benchmark; run 'amoeba-profile profile-device --out DIR'")
     bw = max(bench["memory_bw_gbps"], *(m["gemv_bw_gbps"] for m in bench["matmul"].values()))
-    peaks = {f"{k}_tflops": bench["matmul"].get(v, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
-             for k, v in (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16"))}
+    peaks = {field: bench["matmul"].get(name, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
+             for name, field in DTYPE_PEAK.items() if field.endswith("_tflops")}
     return DeviceSpec(slug=report["slug"], name=report["cpu"]["model"] if report["device"] == "cpu" else report["slug"],
                       kind="cpu" if report["device"] == "cpu" else "gpu", memory_gb=report["cpu"]["memory_gb"] or 1.0,
                       mem_bw_gbps=bw, int8_tops=max(peaks.values()) * 2, source="measured by profile-device", **peaks)
@@ -279,10 +278,6 @@ def whole_model_bounds(arch: ModelArch, layers: list[tuple[int, int, int]], spec
     flops_peak, bw_peak = _peaks(spec, dtype)
     return {"bandwidth_bound_ms": sum(o.bytes for o in ops) / bw_peak * 1e3,
             "compute_bound_ms": sum(o.flops for o in ops) / flops_peak * 1e3}
-
-
-def with_efficiency(flow: Flow, eff: Efficiency) -> Flow:
-    return replace(flow, eff_bw=eff.eff_bw, eff_compute=eff.eff_compute, launch_us=eff.launch_us)
 
 
 def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir, calibrate_from: Lut | None = None,

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amoeba_profile.arch import ModelArch
+from amoeba_profile.arch import ModelArch, layer_params
 from amoeba_profile.backends import Capabilities
 from amoeba_profile.errors import InfeasibleBudget
 from amoeba_profile.flows import flow_capabilities
@@ -12,7 +12,6 @@ from amoeba_profile.lut import load_one
 from amoeba_profile.memory import estimate
 from amoeba_profile.optimize import optimize_per_layer, shared_part, solve_counts, table_options
 from amoeba_profile.predict import Predictor
-from amoeba_profile.quality import layer_params
 from amoeba_profile.subnet import LayerShape, Subnet, kept_layers
 from amoeba_profile.workload import Workload
 
