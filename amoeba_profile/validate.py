@@ -36,7 +36,7 @@ from .measure import TimingProtocol
 from .predict import Predictor
 from .select import Selection
 from .subnet import Subnet
-from .workload import Workload
+from .workload import Workload, compose
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,7 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     if len(xs) == 0 or contexts.min() < xs.min() or contexts.max() > xs.max():
         raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover "
                          f"{contexts.min()}..{contexts.max()}")
-    steps = np.interp(contexts, xs, decode[stat_col].to_numpy(float))
-    return float(steps.mean()) if metric == "tpot_ms" else ttft + float(steps.sum())
+    return compose(ttft, np.interp(contexts, xs, decode[stat_col].to_numpy(float))).metric(metric)
 
 
 def journal_path(table_path: Path) -> Path:
