@@ -31,7 +31,7 @@ from .device import fingerprint
 from .device.monitor import Monitor, entry_context, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
-from .fit import fit_rows, residual_key
+from .fit import fit_rows
 from .journal import Journal
 from .lockfile import Notice, held, table_lock
 from .lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
@@ -377,7 +377,7 @@ def _refit(rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str
     models = [r for r in rows if r["component"] == "model"]
     derived, residuals, summary = fit_rows(models, fit_ids)
     for row in models:
-        row["residual_pct"] = residuals.get(residual_key(row), math.nan)
+        row["residual_pct"] = residuals.get(entry_key_of_row(row), math.nan)
     return rows + derived, summary
 
 
