@@ -28,7 +28,7 @@ from .artifacts import ArtifactCache
 from .backends import Backend
 from .backends.base import EngineSpec
 from .device import fingerprint
-from .device.monitor import Monitor, entry_context, monitor_for
+from .device.monitor import Monitor, entry_state, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
 from .fit import fit_rows
@@ -311,13 +311,13 @@ class _Runner:
                     self._fail([entry], round_index, journal, "oom", exc)
                     continue
                 repeat = getattr(opened, "repeat", 1)
-                context = entry_context(before, after, (warm_runs + len(samples) * steps) * repeat)
-                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
-                                                  ("recompiles", recompiles)) if v is not None})
+                state = entry_state(before, after, (warm_runs + len(samples) * steps) * repeat)
+                state.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
+                                                ("recompiles", recompiles)) if v is not None})
                 journal.append({
                     "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
                     "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
-                    "context": context,
+                    "state": state,
                 })
                 build_s = 0.0
                 self.tick(entry, round_index)
@@ -398,12 +398,12 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
                                      note=failures[0].get("note", "") if failures else "no result"))
             continue
         measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
-        contexts = [r.get("context", {}) for r in results]
-        state = _summarize_context(contexts)
+        states = [r.get("state", {}) for r in results]
+        state = _summarize_state(states)
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
-                                 ("throttled", any(c.get("throttled") for c in contexts)),
+                                 ("throttled", any(s.get("throttled") for s in states)),
                                  ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
-                                 ("recompiled", any(c.get("recompiles", 0) > 0 for c in contexts))) if on]
+                                 ("recompiled", any(s.get("recompiles", 0) > 0 for s in states))) if on]
         # A decode difference noisier than its step can have a median at or below zero; an ok row
         # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
         usable = measurement.median_ms > 0
@@ -411,17 +411,17 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
             failed.append(entry.key)
         rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
                                  repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
-                                 rounds=len(results), flags=";".join(flags), context=state,
+                                 rounds=len(results), flags=";".join(flags), state=state,
                                  note="" if usable else f"median {measurement.median_ms:.3g} ms is not positive: "
                                  "the samples are noisier than the step they time"))
     return rows, failed
 
 
-def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
+def _summarize_state(states: list[dict[str, Any]]) -> dict[str, float]:
     """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
     power, device-busy fraction and engine compile time."""
     def values(key: str) -> list[float]:
-        return [c[key] for c in contexts if c.get(key) is not None]
+        return [s[key] for s in states if s.get(key) is not None]
 
     out: dict[str, float] = {}
     if values("energy_mj_per_step"):

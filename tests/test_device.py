@@ -5,7 +5,7 @@ import pytest
 from amoeba_profile.device import cpu_slug, detect, gpu_slug, jetson_slug
 from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.jetson import JetsonReader
-from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_context
+from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_state
 from amoeba_profile.device.nvml import RecordedReader, decode_reasons, describe_state
 from amoeba_profile.device.specs import load_specs, match_gpu_name, validate_specs
 from amoeba_profile.errors import UsageError
@@ -75,10 +75,10 @@ def test_jetson_energy_integration(tmp_path):
     monitor = JetsonMonitor(JetsonReader(orin_nx_tree(tmp_path), run=nvpmodel))
     before = monitor.sample()
     after = dict(monitor.sample(), t=before["t"] + 2.0)
-    context = entry_context(before, after, steps=4)
+    state = entry_state(before, after, steps=4)
     # 7.993 W for 2 s over 4 steps = ~3997 mJ per step
-    assert context["energy_mj_per_step"] == pytest.approx(5072 * 1576 / 1e6 * 2 * 1000 / 4, rel=1e-3)
-    assert context["clock_mhz"] == 918 and context["throttled"] is False
+    assert state["energy_mj_per_step"] == pytest.approx(5072 * 1576 / 1e6 * 2 * 1000 / 4, rel=1e-3)
+    assert state["clock_mhz"] == 918 and state["throttled"] is False
 
 
 A5000 = {
@@ -105,10 +105,10 @@ def test_nvml_recorded_reader_and_throttle_reasons():
 def test_nvml_monitor_energy_and_throttle_flag():
     monitor = NvmlMonitor(RecordedReader(A5000), 0)
     before, after = monitor.sample(), monitor.sample()
-    context = entry_context(before, after, steps=8)
-    assert context["energy_mj_per_step"] == pytest.approx(500.0)
-    assert context["throttled"] is True and context["temperature_c"] == 84 and context["clock_mhz"] == 1695
-    assert context["clock_event_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]
+    state = entry_state(before, after, steps=8)
+    assert state["energy_mj_per_step"] == pytest.approx(500.0)
+    assert state["throttled"] is True and state["temperature_c"] == 84 and state["clock_mhz"] == 1695
+    assert state["clock_event_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]
 
 
 def test_no_nvml_is_reported_not_raised():

@@ -75,26 +75,26 @@ def monitor_for(device: str, root: Path = Path("/")) -> Monitor:
         return Monitor()
 
 
-def entry_context(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any]:
+def entry_state(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any]:
     """Summarize two samples around ``steps`` timed-or-warm-up steps: energy per step and state."""
-    context: dict[str, Any] = {}
+    state: dict[str, Any] = {}
     if before.get("energy_mj") is not None and after.get("energy_mj") is not None and steps:
-        context["energy_mj_per_step"] = (after["energy_mj"] - before["energy_mj"]) / steps
+        state["energy_mj_per_step"] = (after["energy_mj"] - before["energy_mj"]) / steps
     elif before.get("power_w") is not None and after.get("power_w") is not None and steps:
         # Two-point INA3221 integration (Jetson): mean power x elapsed time.
         elapsed = after["t"] - before["t"]
-        context["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
+        state["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
     temps = [s.get("temperature_c") for s in (before, after) if s.get("temperature_c") is not None]
     clocks = [s.get("sm_clock_mhz") for s in (before, after) if s.get("sm_clock_mhz") is not None]
     powers = [s.get("power_w") for s in (before, after) if s.get("power_w") is not None]
     if temps:
-        context["temperature_c"] = max(temps)
+        state["temperature_c"] = max(temps)
     if clocks:
-        context["clock_mhz"] = min(clocks)
+        state["clock_mhz"] = min(clocks)
     if powers:
-        context["power_w"] = sum(powers) / len(powers)
-    context["throttled"] = bool(before.get("throttled") or after.get("throttled"))
+        state["power_w"] = sum(powers) / len(powers)
+    state["throttled"] = bool(before.get("throttled") or after.get("throttled"))
     reasons = sorted(set(before.get("clock_event_reasons") or []) | set(after.get("clock_event_reasons") or []))
     if reasons:
-        context["clock_event_reasons"] = reasons
-    return context
+        state["clock_event_reasons"] = reasons
+    return state
