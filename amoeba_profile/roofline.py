@@ -19,6 +19,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -268,6 +269,25 @@ def spec_from_profile(report: dict[str, Any], dtype: str) -> DeviceSpec:
                       mem_bw_gbps=bw, int8_tops=max(peaks.values()) * 2, source="measured by profile-device", **peaks)
 
 
+def load_device_profile(path: Path | str, dtype: str) -> tuple[DeviceSpec, float | None]:
+    """(peaks, per-op host dispatch in us or None) from a ``profile-device`` JSON report, for a
+    device without a spec-sheet entry or to use what was measured instead of the sheet."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not a readable profile-device JSON ({exc})") from None
+    return spec_from_profile(report, dtype), (report.get("microbench") or {}).get("dispatch_overhead_us")
+
+
+def calibration_warning(reference: Lut, spec: DeviceSpec, flow: Flow) -> str | None:
+    """Why a calibration may not transfer: the measured table is of another device or flow."""
+    measured_on = (reference.meta.get("device_slug"), reference.meta.get("backend"))
+    if measured_on == (spec.slug, flow.name):
+        return None
+    return (f"calibrating {spec.slug}/{flow.name} from a table measured on {measured_on[0]}/{measured_on[1]}: "
+            "efficiencies may not transfer")
+
+
 def whole_model_bounds(arch: ModelArch, layers: list[tuple[int, int, int]], spec: DeviceSpec, dtype: str,
                        phase: str, tokens: int, context: int, batch: int = 1) -> dict[str, float]:
     """Pure bounds for one forward of a whole model: all bytes at peak bandwidth, all FLOPs at peak compute."""
@@ -294,6 +314,9 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     from .lockfile import table_lock
     from .lut import rows_frame, table_path, write_table
 
+    if plan.whole:
+        raise UsageError("a roofline table computes components, not whole models: whole subnets (--whole) need a "
+                         "measured build")
     calibration = None
     eff = default_efficiency(flow)
     if dispatch_us is not None:

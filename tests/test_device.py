@@ -1,5 +1,8 @@
 """Device detection on fixture trees and recorded NVML values; slugs; the spec sheet."""
 
+import json
+from datetime import date
+
 import pytest
 
 from amoeba_profile.device import cpu_slug, detect, gpu_slug, jetson_slug
@@ -7,7 +10,7 @@ from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.jetson import JetsonReader
 from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_state
 from amoeba_profile.device.nvml import RecordedReader, decode_reasons, describe_state
-from amoeba_profile.device.specs import load_specs, match_gpu_name, validate_specs
+from amoeba_profile.device.specs import load_specs, match_gpu_name, shared_memory_note, validate_specs
 from amoeba_profile.errors import UsageError
 
 
@@ -162,6 +165,11 @@ def test_spec_sheet_is_complete_and_sourced():
     assert match_gpu_name("NVIDIA RTX A5000").mem_bw_gbps == 768
 
 
+def test_shared_memory_note_only_for_shared_memory_devices():
+    assert shared_memory_note("orin-nx-16gb").startswith(f"{load_specs()['orin-nx-16gb'].name}: its 16 GB are shared")
+    assert shared_memory_note("rtx-a5000") is None and shared_memory_note("cpu-unknown") is None
+
+
 @pytest.mark.parametrize("change, message", [
     ({"mem_bw_gbps": -1}, "mem_bw_gbps must be a positive number"),
     ({"source": ""}, "source is required"),
@@ -188,3 +196,12 @@ def test_microbenchmarks_report_progress():
                         progress=lambda done, total, label: seen.append((done, total, label)))
     assert seen == [(0, 3, "memory bandwidth (1 MB copy)"), (1, 3, "dispatch overhead"),
                     (2, 3, "float32 GEMV and GEMM (64 x 128, 8 tokens)"), (3, 3, "done")]
+
+
+def test_write_profile_puts_the_report_under_the_device_slug(tmp_path):
+    from amoeba_profile.device.profile import write_profile
+
+    report = {"slug": "cpu-test", "notes": [], "when": date(2024, 1, 2)}  # not JSON: written as text
+    path = write_profile(report, tmp_path / "profiles")
+    assert path == tmp_path / "profiles" / "cpu-test" / "device.json"
+    assert json.loads(path.read_text()) == {"slug": "cpu-test", "notes": [], "when": "2024-01-02"}
