@@ -79,6 +79,28 @@ class ModelArch:
         positive_float(self.rope_theta, f"{self.name}: field 'rope_theta'", error=ArchError)
 
 
+# Parameter counts of the LLaMA block (no biases): the one definition that the quality proxy, the
+# memory estimate and the backends' size estimates use.
+def attn_params(arch: ModelArch, heads: int, kv_heads: int) -> int:
+    """q/o projections (``heads``) and k/v projections (``kv_heads``)."""
+    return arch.hidden_size * arch.head_dim * 2 * (heads + kv_heads)
+
+
+def mlp_params(arch: ModelArch, ffn: int) -> int:
+    """gate, up and down projections of the SwiGLU MLP."""
+    return 3 * arch.hidden_size * ffn
+
+
+def layer_params(arch: ModelArch, heads: int, kv_heads: int, ffn: int) -> int:
+    """One decoder layer: attention, MLP and its two RMSNorms."""
+    return attn_params(arch, heads, kv_heads) + mlp_params(arch, ffn) + 2 * arch.hidden_size
+
+
+def non_layer_params(arch: ModelArch) -> int:
+    """Everything that is not a decoder layer: embeddings, lm_head (once when tied), final norm."""
+    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2) + arch.hidden_size
+
+
 BUILTIN_ARCHS: dict[str, ModelArch] = {
     arch.name: arch
     for arch in (

@@ -32,10 +32,10 @@ from .backends import Backend, get_backend
 from .backends.base import EngineSpec
 from .device import available_memory_bytes, fingerprint
 from .device.load import CpuLoad
-from .device.monitor import Monitor, entry_context, host_contention, monitor_for
+from .device.monitor import Monitor, entry_state, host_contention, monitor_for
 from .entry import Entry
 from .errors import AmoebaError, LutError, UnsupportedShape
-from .fit import fit_rows, residual_key
+from .fit import fit_rows
 from .inputs import output_dir
 from .journal import Journal
 from .lockfile import Notice, held, table_lock
@@ -385,13 +385,13 @@ class _Runner:
                     self._fail([entry], round_index, journal, "oom", exc)
                     continue
                 repeat = getattr(opened, "repeat", 1)
-                context = entry_context(before, after, (warm_runs + len(samples) * steps) * repeat)
-                context.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
-                                                  ("recompiles", recompiles)) if v is not None})
+                state = entry_state(before, after, (warm_runs + len(samples) * steps) * repeat)
+                state.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
+                                                ("recompiles", recompiles)) if v is not None})
                 journal.append({
                     "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
                     "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
-                    "context": context,
+                    "state": state,
                 })
                 build_s = 0.0
                 self.tick(entry, round_index)
@@ -404,16 +404,16 @@ class _Runner:
         they are flagged."""
         extra = self.protocol.rounds
         by_key: dict[str, list[float]] = defaultdict(list)
-        contexts: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        states: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for record in journal.records:
             if record["status"] == "ok" and record["round"] < extra:
                 by_key[record["key"]].extend(record["samples_ms"])
-                contexts[record["key"]].append(record.get("context", {}))
+                states[record["key"]].append(record.get("state", {}))
 
         def disturbed(key: str) -> bool:
             samples = by_key.get(key, [])
             noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > self.protocol.cv_threshold
-            return noisy or (host_contention(contexts.get(key, [])) or 0.0) > CONTENDED_SHARE
+            return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
 
         redo = {unit_key: [e for e in entries if disturbed(e.key) and (e.key, extra) not in done
                            and (e.key, extra) not in journal.done()]
@@ -460,7 +460,7 @@ def _refit(rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str
     models = [r for r in rows if r["component"] == "model"]
     derived, residuals, summary = fit_rows(models, fit_ids)
     for row in models:
-        row["residual_pct"] = residuals.get(residual_key(row), math.nan)
+        row["residual_pct"] = residuals.get(entry_key_of_row(row), math.nan)
     return rows + derived, summary
 
 
@@ -481,12 +481,12 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
                                      note=failures[0].get("note", "") if failures else "no result"))
             continue
         measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
-        contexts = [r.get("context", {}) for r in results]
-        state = _summarize_context(contexts)
+        states = [r.get("state", {}) for r in results]
+        state = _summarize_state(states)
         flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
-                                 ("throttled", any(c.get("throttled") for c in contexts)),
+                                 ("throttled", any(s.get("throttled") for s in states)),
                                  ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
-                                 ("recompiled", any(c.get("recompiles", 0) > 0 for c in contexts)),
+                                 ("recompiled", any(s.get("recompiles", 0) > 0 for s in states)),
                                  ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
         # A decode difference noisier than its step can have a median at or below zero; an ok row
         # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
@@ -495,17 +495,17 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
             failed.append(entry.label)
         rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
                                  repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
-                                 rounds=len(results), flags=";".join(flags), context=state,
+                                 rounds=len(results), flags=";".join(flags), state=state,
                                  note="" if usable else f"median {measurement.median_ms:.3g} ms is not positive: "
                                  "the samples are noisier than the step they time"))
     return rows, failed
 
 
-def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
+def _summarize_state(states: list[dict[str, Any]]) -> dict[str, float]:
     """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
     power, device-busy fraction, engine compile time and the pooled host contention."""
     def values(key: str) -> list[float]:
-        return [c[key] for c in contexts if c.get(key) is not None]
+        return [s[key] for s in states if s.get(key) is not None]
 
     out: dict[str, float] = {}
     if values("energy_mj_per_step"):
@@ -520,7 +520,7 @@ def _summarize_context(contexts: list[dict[str, Any]]) -> dict[str, float]:
         out["device_busy"] = float(np.median(values("device_busy")))
     if values("compile_s"):
         out["compile_s"] = max(values("compile_s"))
-    contention = host_contention(contexts)
+    contention = host_contention(states)
     if contention is not None:
         out["host_contention"] = round(contention, 4)
     return out

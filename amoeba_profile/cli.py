@@ -3,7 +3,6 @@ failed run, 2 bad usage (ours or the option parser's); every error is one line u
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,9 @@ from .measure import TimingProtocol
 from .predict import Predictor
 from .report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
-from .select import describe, select
-from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet, default_depths, parse_ratio
-from .workload import Workload, metric_name
+from .select import describe, select, table_space, table_workload
+from .subnet import Subnet, parse_ratio
+from .workload import metric_name
 
 # rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
 # `--json <bool>` as if they took a value; the plain help prints flags bare.
@@ -138,11 +137,12 @@ def build_lut(
     from .plan import BuildPlan
     from .prepare import prepare_build
     from .quiet import BusyPolicy
+    from .strategy import Strategy
 
     check_corrupt_choice(on_corrupt_journal)
     arch = resolve_arch(model)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
-    extra_attn, extra_ffn = _strategy_extent(arch, strategy) if strategy is not None else ((), ())
+    extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
                 batch=batch, whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
@@ -210,60 +210,26 @@ def _backend_options(items: list[str] | None) -> dict[str, str]:
     return options
 
 
-def _strategy_extent(arch, path: Path) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
-    """The narrowest and widest per-layer attention and FFN a strategy file produces: measured so
-    the predictor interpolates (cost is linear in heads and channels) instead of refusing."""
-    from .strategy import Strategy
-
-    layers = [layer for subnet in Strategy.load(path, arch).subnets() for layer in subnet.layers]
-    attn = sorted({(l.heads, l.kv_heads) for l in layers})
-    ffn = sorted({l.ffn for l in layers})
-    return (attn[0], attn[-1]), (ffn[0], ffn[-1])
-
-
 def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path, calibrate: Path | None,
                    device_profile: Path | None) -> None:
     from .device.specs import get_spec
-    from .roofline import get_flow, spec_from_profile, write_roofline_table
+    from .roofline import calibration_warning, get_flow, load_device_profile, write_roofline_table
 
-    if plan.whole:
-        raise UsageError("--whole measures real models; it cannot be combined with --predict")
     dispatch_us = None
     if device_profile is not None:
-        from .inputs import MIB, read_bounded
-
-        try:
-            report = json.loads(read_bounded(device_profile, 16 * MIB, "profile-device JSON"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{device_profile}: not a readable profile-device JSON ({exc})") from None
-        if not isinstance(report, dict):
-            raise UsageError(f"{device_profile}: a profile-device JSON holds an object")
-        spec = spec_from_profile(report, dtype)
-        dispatch_us = (report.get("microbench") or {}).get("dispatch_overhead_us")
+        spec, dispatch_us = load_device_profile(device_profile, dtype)
     else:
         spec = get_spec(device)
+    flow = get_flow(flow_name)
     reference = load_one(calibrate) if calibrate is not None else None
-    if reference is not None and (reference.meta.get("device_slug"), reference.meta.get("backend")) != (spec.slug, flow_name):
-        err.print(f"[yellow]warning:[/] calibrating {spec.slug}/{flow_name} from a table measured on "
-                  f"{reference.meta.get('device_slug')}/{reference.meta.get('backend')}: efficiencies may not transfer")
-    path, meta = write_roofline_table(plan, spec, get_flow(flow_name), dtype, out_dir, reference, dispatch_us)
+    warning = calibration_warning(reference, spec, flow) if reference is not None else None
+    if warning:
+        err.print(f"[yellow]warning:[/] {warning}")
+    path, meta = write_roofline_table(plan, spec, flow, dtype, out_dir, reference, dispatch_us)
     fit = meta["calibration"]
     how = (f"calibrated on {fit['table']} ({fit['rows']} rows, median |err| {fit['median_abs_pct']} %, max "
            f"{fit['max_abs_pct']} %)" if fit else "documented default efficiencies (no calibration)")
     out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
-
-
-def _space(table, arch, widths: str | None, strategy: Path | None) -> list[Subnet]:
-    """The shapes to consider: the strategy file's exact shapes, or the table's uniform grid."""
-    grid = table.meta.get("grid", {})
-    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else None
-    if strategy is not None:
-        from .strategy import Strategy
-
-        return Strategy.load(strategy, arch).subnets(ratios=width_values)
-    space = DesignSpace.amoeba(arch, width_values or tuple(grid.get("widths", AMOEBA_WIDTHS)),
-                               drop_rule=grid.get("drop_rule", "keep-ends"), ffn_multiple=grid.get("ffn_multiple", 1))
-    return list(space.subnets())
 
 
 def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
@@ -271,22 +237,12 @@ def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int
     from .quality import load_quality
 
     table = load_one(lut)
-    arch = table.arch
-    workload = Workload(batch if batch is not None else table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else None
     source = load_quality(quality) if quality is not None else None
-    selection = select(Predictor(table), _space(table, arch, widths, strategy), workload, metric_name(metric),
-                       budget_ms, stat, top_k, source, memory_gb, table.dtype)
-    return table, arch, selection
-
-
-def _shared_memory_note(table) -> str | None:
-    from .device.specs import load_specs
-
-    spec = load_specs().get(table.meta.get("device_slug", ""))
-    if spec is not None and spec.shared_memory:
-        return (f"{spec.name}: its {spec.memory_gb:g} GB are shared by CPU and GPU; leave room for the OS and "
-                "the runtime when choosing --memory-gb")
-    return None
+    selection = select(Predictor(table), table_space(table, width_values, strategy),
+                       table_workload(table, prompt_len, gen_len, batch), metric_name(metric), budget_ms, stat, top_k,
+                       source, memory_gb, table.meta["dtype"])
+    return table, selection
 
 
 @app.command("select")
@@ -313,20 +269,24 @@ def select_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
-    table, arch, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k,
-                                     quality, memory_gb, strategy)
+    from .device.specs import shared_memory_note
+
+    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k, quality,
+                               memory_gb, strategy)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
     for line in warnings:
         err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
-    note = _shared_memory_note(table) if memory_gb is not None else None
+    note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
     if per_layer:
-        per = _per_layer(table, arch, selection, importance, memory_gb)
-        result["per_layer"] = per
-        pick_subnet = Subnet.from_dict(per["subnet"])
+        from .optimize import optimize_selection
+
+        per_pick = optimize_selection(table, selection, importance, memory_gb)
+        result["per_layer"] = per_pick.to_dict()
+        pick_subnet = per_pick.result.subnet
     if export is not None:
         from .export import export_subnet
 
@@ -366,26 +326,6 @@ def select_cmd(
         err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
 
 
-def _per_layer(table, arch, selection, importance: Path | None, memory_gb: float | None) -> dict:
-    from .optimize import load_importance, optimize_per_layer
-
-    weights = load_importance(importance, arch) if importance is not None else None
-    grid = table.meta.get("grid", {})
-    result = optimize_per_layer(Predictor(table), arch, default_depths(arch), selection.workload,
-                                selection.metric, selection.budget_ms, selection.stat, importance=weights,
-                                drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
-                                dtype=table.dtype)
-    uniform = selection.pick.quality if weights is None else None
-    return {
-        "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
-        "quality_model": "per-layer importance from file" if weights is not None else "proxy: retained parameters",
-        "predicted_ms": {"value": result.latency_ms, "source": result.source}, "solver": result.solver,
-        "shape_rule": result.shape_rule,
-        # With an importance file the per-layer quality is on another scale than the uniform proxy.
-        "gain_over_uniform": result.quality - uniform if uniform is not None else None,
-    }
-
-
 @app.command("validate")
 def validate_cmd(
     lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
@@ -409,8 +349,8 @@ def validate_cmd(
     from .validate import kendall_tau, measure_picks, write_back
 
     check_corrupt_choice(on_corrupt_journal)
-    table, _, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
-                                  strategy)
+    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
+                               strategy)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -468,18 +408,17 @@ def plot_cmd(
     from .inputs import output_dir
     from .plots import plot_heatmaps, plot_pareto, plot_validation
     from .quality import ProxyQuality, load_quality
-    from .select import check_budget, evaluate, pick_within
+    from .select import best_within, check_budget, evaluate
 
     if budget_ms is not None:
         check_budget(budget_ms)
     table = load_one(lut)
-    arch = table.arch
     output_dir(out_dir, "--out")
-    workload = Workload(table.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+    workload = table_workload(table, prompt_len, gen_len)
     source = load_quality(quality) if quality is not None else ProxyQuality()
-    candidates, _ = evaluate(Predictor(table), _space(table, arch, None, strategy), workload, metric_name(metric),
+    candidates, _ = evaluate(Predictor(table), table_space(table, strategy=strategy), workload, metric_name(metric),
                              quality=source)
-    pick = pick_within(candidates, budget_ms) if budget_ms is not None else None
+    pick = best_within(candidates, budget_ms) if budget_ms is not None else None
     paths = [plot_pareto(table, candidates, metric_name(metric), out_dir / "pareto.png", budget_ms, pick, source.name)]
     paths += plot_heatmaps(table, workload, out_dir)
     validation = plot_validation(table, out_dir / "validation.png")
@@ -537,7 +476,7 @@ def profile_device(
 ) -> None:
     """Detect the device and its state, and measure bandwidth, matmul throughput and dispatch overhead."""
     from .device import resolve_device
-    from .device.profile import profile
+    from .device.profile import profile, write_profile
     from .inputs import output_dir
 
     resolved, why = resolve_device(device)
@@ -549,9 +488,7 @@ def profile_device(
         report = profile(resolved, bench=not no_bench, quick=quick,
                          progress=lambda done, total, label: bar.update(task, completed=done, total=total, entry=label))
     if root is not None:
-        path = output_dir(root / report["slug"], "--out") / "device.json"
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        err.print(f"wrote {path}")
+        err.print(f"wrote {write_profile(report, root)}")
     if as_json:
         print_json(out, report)
         return

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .entry import Entry
-from .lut import measured_row
+from .lut import entry_key_of_row, measured_row
 from .measure import Measurement
 from .subnet import Subnet
 
@@ -51,7 +51,7 @@ def _solve(X: np.ndarray, rows: list[dict[str, Any]]) -> tuple[dict[str, np.ndar
 
 def fit_rows(model_rows: list[dict[str, Any]],
              fit_ids: set[str]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
-    """(derived base and layer rows, residual % per model row key, one summary per fitted group)."""
+    """(derived base and layer rows, residual % per model row's entry key, one summary per fitted group)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in model_rows:
         if row["status"] == "ok" and row["subnet_id"] in fit_ids:
@@ -65,7 +65,7 @@ def fit_rows(model_rows: list[dict[str, Any]],
             continue  # not identifiable (too few depths measured ok): no derived rows for this group
         coefs, stderr, resid = _solve(X, rows)
         for row, r in zip(rows, resid):
-            residuals[residual_key(row)] = float(r)
+            residuals[entry_key_of_row(row)] = float(r)
         depths = sorted({sum(c.values()) for c in counts})
         rms = float(np.sqrt(np.mean(resid ** 2)))
         note = f"fit of {len(rows)} models (depths {','.join(map(str, depths))}); rms residual {rms:.2f} %"
@@ -80,11 +80,6 @@ def fit_rows(model_rows: list[dict[str, Any]],
             derived.append(_derived_row(entry, coefs["median_ms"][i], coefs["p10_ms"][i], coefs["p90_ms"][i],
                                         float(stderr[i]), len(rows), note, flags))
     return derived, residuals, summary
-
-
-def residual_key(row: dict[str, Any]) -> str:
-    """Which model row a residual belongs to."""
-    return f"{row['subnet_id']}|{row['phase']}|{int(row['tokens'])}|{int(row['context'])}|{int(row['batch'])}"
 
 
 def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str,

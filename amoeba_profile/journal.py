@@ -13,7 +13,8 @@ invalid line, a sample that is not a finite number (or is negative where a sampl
 span, see ``entry.samples_may_be_negative``) - no crash of ours produces, so the caller chooses
 (``CORRUPT_CHOICES``): ``stop`` names the file, line and problem; ``drop-tail`` keeps the records
 before the bad line; ``restart`` discards the journal. A record repeated for the same entry and
-round (a journal concatenated or replayed by hand) counts once: the first wins.
+round (a journal concatenated or replayed by hand) counts once: the first wins. A result's device
+state (``state``) was named ``context`` by earlier versions; such a journal is read, not refused.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from .lut import write_file_atomically
 
 CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
 _STATUSES = ("ok", "oom", "unsupported")
-_OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "context"})
+_OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "state"})
 _FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
 _HEADER_FIELDS = frozenset({"kind", "identity"})
-# Device state around one (entry, round), as written by the build (device/monitor.py entry_context).
-_CONTEXT_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
-                              "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
-_CONTEXT_FIELDS = _CONTEXT_NUMBERS | {"throttled", "clock_event_reasons"}
+# Device state around one (entry, round), as written by the build (device/monitor.py entry_state).
+_STATE_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
+                            "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
+_STATE_FIELDS = _STATE_NUMBERS | {"throttled", "clock_event_reasons"}
 
 
 def check_corrupt_choice(choice: str) -> None:
@@ -52,20 +53,20 @@ def _is_number(value: Any, finite: bool = True) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
 
 
-def _context_problem(context: Any) -> str | None:
-    if not isinstance(context, dict):
-        return "context is not an object"
-    unknown = sorted(set(context) - _CONTEXT_FIELDS)
+def _state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return "state is not an object"
+    unknown = sorted(set(state) - _STATE_FIELDS)
     if unknown:
-        return f"context has unknown fields {unknown}"
-    for name in _CONTEXT_NUMBERS & set(context):
-        if not _is_number(context[name], finite=False):  # a monitor may report NaN; the row keeps it
-            return f"context {name}={context[name]!r} is not a number"
-    if "throttled" in context and not isinstance(context["throttled"], bool):
-        return f"context throttled={context['throttled']!r} is not true or false"
-    reasons = context.get("clock_event_reasons", [])
+        return f"state has unknown fields {unknown}"
+    for name in _STATE_NUMBERS & set(state):
+        if not _is_number(state[name], finite=False):  # a monitor may report NaN; the row keeps it
+            return f"state {name}={state[name]!r} is not a number"
+    if "throttled" in state and not isinstance(state["throttled"], bool):
+        return f"state throttled={state['throttled']!r} is not true or false"
+    reasons = state.get("clock_event_reasons", [])
     if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-        return "context clock_event_reasons is not a list of strings"
+        return "state clock_event_reasons is not a list of strings"
     return None
 
 
@@ -100,7 +101,7 @@ def _result_problem(record: Any, keys: frozenset[str] | None, max_round: int | N
     bad = [s for s in samples if not (_is_number(s) and (signed or s > 0))]
     if bad:
         return f"samples_ms holds {bad[0]!r}, not a finite {'' if signed else 'positive '}number of milliseconds"
-    return _context_problem(record["context"])
+    return _state_problem(record["state"])
 
 
 class Journal:
@@ -138,6 +139,8 @@ class Journal:
             except json.JSONDecodeError as exc:
                 problem = f"not JSON ({exc.msg})"
             else:
+                if number > 1 and isinstance(record, dict) and "context" in record and "state" not in record:
+                    record["state"] = record.pop("context")  # earlier versions named the device state "context"
                 problem = self._header_problem(record) if number == 1 else \
                     _result_problem(record, self._keys, self._max_round)
             if problem is not None:

@@ -29,17 +29,17 @@ from .entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
 from .errors import ArchError, LutError
 from .inputs import MIB, finite_float, positive_int, read_bounded
 from .measure import Measurement
-from .memory import BYTES
+from .dtypes import BYTES_PER_ELEMENT
 
 SCHEMA_VERSION = 2
 KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
 STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
-CONTEXT_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]
+STATE_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]  # device state over the row's rounds
 # residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
 # accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row;
 # host_contention: share of the CPU cores the measurement needed that other processes took.
 DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s", "host_contention"]
-OPTIONAL_COLUMNS = CONTEXT_COLUMNS + DIAGNOSTIC_COLUMNS
+OPTIONAL_COLUMNS = STATE_COLUMNS + DIAGNOSTIC_COLUMNS
 COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + OPTIONAL_COLUMNS + [
     "flags", "wall_s", "samples_ms", "subnet_json", "note",
 ]
@@ -70,10 +70,10 @@ def entry_key_of_row(row: dict[str, Any]) -> str:
 
 def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
                  wall_s: float, rounds: int = 0, flags: str = "", note: str = "",
-                 context: dict[str, float] | None = None) -> dict[str, Any]:
-    """One tidy row; stats are NaN unless status is ``ok``; ``context`` fills the device-state and
+                 state: dict[str, float] | None = None) -> dict[str, Any]:
+    """One tidy row; stats are NaN unless status is ``ok``; ``state`` fills the device-state and
     diagnostic columns."""
-    row: dict[str, Any] = {c: (context or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
+    row: dict[str, Any] = {c: (state or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
     row.update({
         "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
         "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
@@ -301,8 +301,8 @@ def check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
     for key, kind in _META_TYPES.items():
         if key in meta and not isinstance(meta[key], kind):
             raise LutError(f"{meta_path}: field '{key}' must be a {kind.__name__}, got {meta[key]!r}")
-    if "dtype" in meta and meta["dtype"] not in BYTES:
-        raise LutError(f"{meta_path}: field 'dtype'={meta['dtype']!r} is not one of {sorted(BYTES)}")
+    if "dtype" in meta and meta["dtype"] not in BYTES_PER_ELEMENT:
+        raise LutError(f"{meta_path}: field 'dtype'={meta['dtype']!r} is not one of {sorted(BYTES_PER_ELEMENT)}")
     if "arch" in meta:
         try:
             ModelArch.from_dict(meta["arch"])

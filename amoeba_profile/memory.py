@@ -4,7 +4,9 @@
 - KV cache: 2 (K and V) x sum over kept layers of kv_heads x head_dim x batch x (prompt + gen) tokens;
 - activation headroom: the prefill peak of one layer, batch x prompt x (3 x hidden + 2 x ffn_max)
   elements (hidden states, residual, norm output, gate and up), plus fp32 logits batch x vocab x 4 B.
-Allocator fragmentation and framework workspaces (cuBLAS, CUDA graphs) are not included.
+Element sizes come from ``dtypes``: a llama.cpp table's quantized weights take a fraction of a byte,
+its KV cache and activations stay f16 and f32. Allocator fragmentation and framework workspaces
+(cuBLAS, CUDA graphs) are not included.
 
 The same terms size a build before it starts (``plan_peak``, ``check_fits``): the largest engine
 or component chain the plan will build must fit the memory the device has available, so that an
@@ -16,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+from .arch import ModelArch, layer_params, non_layer_params
+from .dtypes import activation_bytes_per_element, bytes_per_element, kv_cache_bytes_per_element
 from .entry import Entry
 from .errors import UsageError
 from .plan import BuildPlan
-from .quality import layer_params
 from .subnet import Subnet
 from .workload import Workload
 
-BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 GB = 1e9
 
 
@@ -44,40 +46,42 @@ class MemoryEstimate:
 
 def weight_params(subnet: Subnet) -> int:
     arch = subnet.arch
-    return _non_layer_params(arch) + sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
+    return non_layer_params(arch) + sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
 
 
-def _non_layer_params(arch) -> int:
-    return arch.vocab_size * arch.hidden_size * (1 if arch.tie_embeddings else 2) + arch.hidden_size
-
-
-def layer_bytes(arch, heads: int, kv_heads: int, ffn: int, workload: Workload, dtype: str) -> int:
-    """One layer's weights plus its KV cache for the whole workload."""
-    s = BYTES[dtype]
+def _kv_bytes(arch: ModelArch, kv_heads: int, workload: Workload, dtype: str) -> int:
+    """K and V of ``kv_heads`` heads (summed over layers) for the whole workload."""
     tokens = workload.prompt_len + workload.gen_len
-    return layer_params(arch, heads, kv_heads, ffn) * s + 2 * kv_heads * arch.head_dim * workload.batch * tokens * s
+    return round(2 * kv_heads * arch.head_dim * workload.batch * tokens * kv_cache_bytes_per_element(dtype))
+
+
+def layer_bytes(arch: ModelArch, heads: int, kv_heads: int, ffn: int, workload: Workload, dtype: str) -> int:
+    """One layer's weights plus its KV cache for the whole workload."""
+    return round(layer_params(arch, heads, kv_heads, ffn) * bytes_per_element(dtype)) + _kv_bytes(arch, kv_heads,
+                                                                                                  workload, dtype)
 
 
 def _activation_bytes(arch, batch: int, prompt_len: int, ffn_max: int, dtype: str) -> int:
     """One layer's prefill peak (hidden, residual, norm output, gate, up) plus fp32 logits."""
-    return batch * prompt_len * (3 * arch.hidden_size + 2 * ffn_max) * BYTES[dtype] + batch * arch.vocab_size * 4
+    return round(batch * prompt_len * (3 * arch.hidden_size + 2 * ffn_max) * activation_bytes_per_element(dtype)) \
+        + batch * arch.vocab_size * 4
 
 
 def fixed_bytes(arch, workload: Workload, dtype: str, ffn_max: int) -> tuple[int, int]:
     """(embedding/lm_head/final-norm weights, activation headroom) in bytes."""
-    return _non_layer_params(arch) * BYTES[dtype], _activation_bytes(arch, workload.batch, workload.prompt_len,
-                                                                      ffn_max, dtype)
+    return round(non_layer_params(arch) * bytes_per_element(dtype)), _activation_bytes(
+        arch, workload.batch, workload.prompt_len, ffn_max, dtype)
 
 
 def engine_estimate(arch, layers: Sequence[tuple[int, int, int]], batch: int, kv_tokens: int, prompt_len: int,
                     dtype: str) -> MemoryEstimate:
     """A model with these (heads, kv_heads, ffn) layers holding ``kv_tokens`` positions of KV cache
     after a ``prompt_len`` prefill; zero layers is the embeddings and lm_head alone."""
-    s = BYTES[dtype]
-    weights = _non_layer_params(arch) + sum(layer_params(arch, h, kv, f) for h, kv, f in layers)
-    kv_cache = 2 * sum(kv for _, kv, _ in layers) * arch.head_dim * batch * kv_tokens * s
+    weights = non_layer_params(arch) + sum(layer_params(arch, h, kv, f) for h, kv, f in layers)
+    kv_cache = round(2 * sum(kv for _, kv, _ in layers) * arch.head_dim * batch * kv_tokens
+                     * kv_cache_bytes_per_element(dtype))
     act = _activation_bytes(arch, batch, prompt_len, max((f for _, _, f in layers), default=0), dtype)
-    return MemoryEstimate(weights * s, kv_cache, act)
+    return MemoryEstimate(round(weights * bytes_per_element(dtype)), kv_cache, act)
 
 
 def estimate(subnet: Subnet, workload: Workload, dtype: str) -> MemoryEstimate:
@@ -93,14 +97,15 @@ Copies = Callable[[str, int, int, int], int]
 def _step_bytes(arch, heads: int, kv_heads: int, batch: int, kv_tokens: int, dtype: str) -> int:
     """What one attention step holds for a moment beyond the cache: the appended layer's K and V
     copied whole (``torch.cat``), and K and V expanded to the query heads (GQA)."""
-    return 2 * (kv_heads + heads) * arch.head_dim * batch * kv_tokens * BYTES[dtype]
+    return round(2 * (kv_heads + heads) * arch.head_dim * batch * kv_tokens * kv_cache_bytes_per_element(dtype))
 
 
 def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) -> MemoryEstimate:
     """What measuring ``entry`` holds at once: its engine (KV for the engine's longest sequence), or
     its chain of component copies, each attention copy with its own KV cache; activations include
     one attention step's transient copies (``_step_bytes``)."""
-    arch, s = plan.arch, BYTES[dtype]
+    arch, s, kv_s, act_s = (plan.arch, bytes_per_element(dtype), kv_cache_bytes_per_element(dtype),
+                            activation_bytes_per_element(dtype))
     if entry.runs_whole:
         layers = [(l.heads, l.kv_heads, l.ffn) for l in entry.subnet.layers] if entry.subnet else []
         kv_tokens = plan.engine_limits()[2]
@@ -110,13 +115,14 @@ def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) ->
     n = copies(entry.component, entry.heads, entry.kv_heads, entry.ffn)
     if entry.component == "mlp":
         weights = 3 * arch.hidden_size * entry.ffn + arch.hidden_size
-        return MemoryEstimate(n * weights * s, 0, entry.batch * entry.tokens * (arch.hidden_size + 2 * entry.ffn) * s)
+        return MemoryEstimate(round(n * weights * s), 0,
+                              round(entry.batch * entry.tokens * (arch.hidden_size + 2 * entry.ffn) * act_s))
     weights = arch.hidden_size * arch.head_dim * 2 * (entry.heads + entry.kv_heads) + 2 * arch.hidden_size
     # Back-to-back decode steps grow the cache by up to context // 32 tokens before it is cropped.
     kv_tokens = entry.tokens + entry.context + entry.context // 32
-    kv_cache = 2 * n * entry.kv_heads * arch.head_dim * entry.batch * kv_tokens * s
-    act = entry.batch * entry.tokens * 3 * arch.hidden_size * s
-    return MemoryEstimate(n * weights * s, kv_cache,
+    kv_cache = round(2 * n * entry.kv_heads * arch.head_dim * entry.batch * kv_tokens * kv_s)
+    act = round(entry.batch * entry.tokens * 3 * arch.hidden_size * act_s)
+    return MemoryEstimate(round(n * weights * s), kv_cache,
                           act + _step_bytes(arch, entry.heads, entry.kv_heads, entry.batch, kv_tokens, dtype))
 
 
@@ -138,8 +144,7 @@ def plan_peak(plan: BuildPlan, dtype: str, copies: Copies | None = None) -> tupl
 def check_fits(plan: BuildPlan, dtype: str, available_bytes: int | None, where: str,
                copies: Copies | None = None) -> MemoryEstimate:
     """Refuse (UsageError) a plan whose largest engine or chain cannot fit ``available_bytes``."""
-    if dtype not in BYTES:
-        raise UsageError(f"unknown dtype {dtype!r}: use one of {sorted(BYTES)}")
+    bytes_per_element(dtype)  # an unknown dtype is a UsageError naming the known ones
     need, label = plan_peak(plan, dtype, copies)
     if available_bytes is not None and need.total_bytes > available_bytes:
         raise UsageError(

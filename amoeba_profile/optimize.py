@@ -21,21 +21,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .arch import ModelArch
+from .arch import ModelArch, layer_params
 from .backends import Capabilities
 from .errors import InfeasibleBudget, OutOfRange, UsageError
 from .flows import flow_capabilities
 from .inputs import finite_float, positive_float
+from .lut import Lut
 from .memory import fixed_bytes, layer_bytes
 from .predict import Predictor
-from .quality import csv_integer, layer_params, read_small_csv
-from .select import check_budget
-from .subnet import LayerShape, Subnet, kept_layers
+from .quality import csv_integer, read_small_csv
+from .select import Selection, check_budget
+from .subnet import LayerShape, Subnet, default_depths, kept_layers
 from .workload import Workload, metric_name
 
 
@@ -246,3 +247,39 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
     quality, latency, subnet = best
     source = predictor.predict(subnet, workload, stat).source_of(metric)
     return PerLayerResult(subnet, quality, latency, "scipy.milp (HiGHS)", shape_rule(capabilities), source)
+
+
+@dataclass(frozen=True)
+class PerLayerPick:
+    """The per-layer optimum for a uniform ``Selection``'s workload, metric, budget and statistic.
+    ``gain_over_uniform`` is its quality minus the uniform pick's; None with an importance file,
+    whose quality is on another scale than the uniform proxy."""
+
+    result: PerLayerResult
+    quality_model: str
+    gain_over_uniform: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
+            "quality_model": self.quality_model,
+            "predicted_ms": {"value": result.latency_ms, "source": result.source}, "solver": result.solver,
+            "shape_rule": result.shape_rule, "gain_over_uniform": self.gain_over_uniform,
+        }
+
+
+def optimize_selection(lut: Lut, selection: Selection, importance: Path | str | None = None,
+                       memory_gb: float | None = None) -> PerLayerPick:
+    """``optimize_per_layer`` over the design space's depths for the request, metric and budget of a
+    uniform selection from ``lut``, with the table's drop rule and dtype; ``importance`` is a CSV
+    of per-layer weights (``load_importance``), by default equal weights."""
+    arch = ModelArch.from_dict(lut.meta["arch"])
+    weights = load_importance(importance, arch) if importance is not None else None
+    result = optimize_per_layer(Predictor(lut), arch, default_depths(arch), selection.workload, selection.metric,
+                                selection.budget_ms, selection.stat, importance=weights,
+                                drop_rule=lut.meta.get("grid", {}).get("drop_rule", "keep-ends"), memory_gb=memory_gb,
+                                dtype=lut.meta["dtype"])
+    if weights is not None:
+        return PerLayerPick(result, "per-layer importance from file", None)
+    return PerLayerPick(result, "proxy: retained parameters", result.quality - selection.pick.quality)

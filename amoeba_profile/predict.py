@@ -26,7 +26,7 @@ from .arch import ModelArch
 from .errors import OutOfRange, UsageError
 from .lut import Lut
 from .subnet import Subnet
-from .workload import Workload, metric_name
+from .workload import Workload, compose, metric_name
 
 SOURCES = ("measured", "interpolated", "roofline")
 STATS = {"median": "median_ms", "p90": "p90_ms"}
@@ -204,13 +204,12 @@ class Predictor:
                                             stat_col)
         contexts = self._contexts(workload, lambda ends: self._phase(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
-            return Prediction(subnet, workload, stat, float(prefill[0]), float("nan"), float(prefill[0]), source,
-                              source, source,
-                              tuple(sorted(used)))
-        decode, decode_source, decode_used = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
-        return Prediction(subnet, workload, stat, float(prefill[0]), float(decode.mean()),
-                          float(prefill[0] + decode.sum()), worst_source(source, decode_source), source, decode_source,
-                          tuple(sorted(used | decode_used)))
+            decode, decode_source, decode_used = contexts, source, set()
+        else:
+            decode, decode_source, decode_used = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
+        m = compose(prefill[0], decode)
+        return Prediction(subnet, workload, stat, m.ttft_ms, m.tpot_ms, m.e2e_ms, worst_source(source, decode_source),
+                          source, decode_source, tuple(sorted(used | decode_used)))
 
     def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
                  stat: str = "median") -> tuple[float, str]:
@@ -219,17 +218,6 @@ class Predictor:
         values, source, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
         return float(values[0]), source
 
-    def _metric_parts(self, phase_values, workload: Workload, metric: str) -> float:
-        prefill, decode = phase_values
-        metric = metric_name(metric)
-        if metric == "ttft_ms":
-            return float(prefill[0])
-        if metric == "tpot_ms":
-            if len(decode) == 0:
-                raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
-            return float(decode.mean())
-        return float(prefill[0] + decode.sum())  # e2e_ms
-
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
         col = self._stat_col(stat)
@@ -237,7 +225,7 @@ class Predictor:
                                                                       "context", ends, col))
         prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
         decode = self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0] if len(contexts) else contexts
-        return self._metric_parts((prefill, decode), workload, metric)
+        return compose(prefill[0], decode).metric(metric)
 
     def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
                      stat: str = "median") -> float:
@@ -246,7 +234,7 @@ class Predictor:
         contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
         prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
-        return self._metric_parts((prefill, decode), workload, metric)
+        return compose(prefill[0], decode).metric(metric)
 
     @staticmethod
     def _stat_col(stat: str) -> str:

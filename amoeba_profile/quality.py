@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .arch import layer_params
 from .errors import UsageError
 from .inputs import MIB, finite_float, integer, read_bounded
 from .subnet import Subnet, parse_ratio
@@ -23,11 +24,6 @@ from .subnet import Subnet, parse_ratio
 PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
 _SUFFIX = re.compile(r"_l(\d+)w([0-9./]+)")
 _CSV_BYTES = 16 * MIB
-
-
-def layer_params(arch, heads: int, kv_heads: int, ffn: int) -> int:
-    """Decoder-layer parameters: q/o (heads), k/v (kv_heads), gate/up/down (ffn), two RMSNorms."""
-    return arch.hidden_size * arch.head_dim * 2 * (heads + kv_heads) + 3 * arch.hidden_size * ffn + 2 * arch.hidden_size
 
 
 def retained_params(subnet: Subnet) -> float:

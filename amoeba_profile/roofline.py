@@ -19,18 +19,18 @@ import json
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .arch import ModelArch
-from .device.specs import DeviceSpec
+from .device.specs import DTYPE_PEAK, DeviceSpec
+from .dtypes import bytes_per_element
 from .entry import Entry
 from .errors import LutError, UsageError
 from .lut import Lut, measured_row
 from .measure import Measurement
-
-BYTES_PER_ELEMENT = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Op:
 
 def component_ops(arch: ModelArch, entry: Entry, dtype: str, kv_cache_copy: bool) -> list[Op]:
     """FLOPs and bytes of each operation of one component execution (see module docstring)."""
-    s = BYTES_PER_ELEMENT[dtype]
+    s = bytes_per_element(dtype)
     b, t, c, H, d = entry.batch, entry.tokens, entry.context, arch.hidden_size, arch.head_dim
     act = b * t * H * s  # one activation tensor
 
@@ -262,11 +262,34 @@ def spec_from_profile(report: dict[str, Any], dtype: str) -> DeviceSpec:
     if not bench or dtype not in bench["matmul"]:
         raise UsageError(f"device profile has no {dtype} micro-benchmark; run 'amoeba-profile profile-device --out DIR'")
     bw = max(bench["memory_bw_gbps"], *(m["gemv_bw_gbps"] for m in bench["matmul"].values()))
-    peaks = {f"{k}_tflops": bench["matmul"].get(v, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
-             for k, v in (("fp32", "float32"), ("fp16", "float16"), ("bf16", "bfloat16"))}
+    peaks = {field: bench["matmul"].get(name, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
+             for name, field in DTYPE_PEAK.items() if field.endswith("_tflops")}
     return DeviceSpec(slug=report["slug"], name=report["cpu"]["model"] if report["device"] == "cpu" else report["slug"],
                       kind="cpu" if report["device"] == "cpu" else "gpu", memory_gb=report["cpu"]["memory_gb"] or 1.0,
                       mem_bw_gbps=bw, int8_tops=max(peaks.values()) * 2, source="measured by profile-device", **peaks)
+
+
+def load_device_profile(path: Path | str, dtype: str) -> tuple[DeviceSpec, float | None]:
+    """(peaks, per-op host dispatch in us or None) from a ``profile-device`` JSON report, for a
+    device without a spec-sheet entry or to use what was measured instead of the sheet."""
+    from .inputs import MIB, read_bounded
+
+    try:
+        report = json.loads(read_bounded(Path(path), 16 * MIB, "profile-device JSON"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not a readable profile-device JSON ({exc})") from None
+    if not isinstance(report, dict):
+        raise UsageError(f"{path}: a profile-device JSON holds an object")
+    return spec_from_profile(report, dtype), (report.get("microbench") or {}).get("dispatch_overhead_us")
+
+
+def calibration_warning(reference: Lut, spec: DeviceSpec, flow: Flow) -> str | None:
+    """Why a calibration may not transfer: the measured table is of another device or flow."""
+    measured_on = (reference.meta.get("device_slug"), reference.meta.get("backend"))
+    if measured_on == (spec.slug, flow.name):
+        return None
+    return (f"calibrating {spec.slug}/{flow.name} from a table measured on {measured_on[0]}/{measured_on[1]}: "
+            "efficiencies may not transfer")
 
 
 def whole_model_bounds(arch: ModelArch, layers: list[tuple[int, int, int]], spec: DeviceSpec, dtype: str,
@@ -279,10 +302,6 @@ def whole_model_bounds(arch: ModelArch, layers: list[tuple[int, int, int]], spec
     flops_peak, bw_peak = _peaks(spec, dtype)
     return {"bandwidth_bound_ms": sum(o.bytes for o in ops) / bw_peak * 1e3,
             "compute_bound_ms": sum(o.flops for o in ops) / flops_peak * 1e3}
-
-
-def with_efficiency(flow: Flow, eff: Efficiency) -> Flow:
-    return replace(flow, eff_bw=eff.eff_bw, eff_compute=eff.eff_compute, launch_us=eff.launch_us)
 
 
 def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir, calibrate_from: Lut | None = None,
@@ -300,6 +319,9 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     from .inputs import output_dir
     from .lut import rows_frame, table_path, write_table
 
+    if plan.whole:
+        raise UsageError("a roofline table computes components, not whole models: whole subnets (--whole) need a "
+                         "measured build")
     out_dir = output_dir(out_dir, "--out")
     calibration = None
     eff = default_efficiency(flow)

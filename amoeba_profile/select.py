@@ -13,15 +13,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
+from .arch import ModelArch
 from .errors import InfeasibleBudget, OutOfRange, UsageError
 from .lut import Lut, entry_key_of_row
 from .inputs import positive_float
 from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
 from .quality import ProxyQuality
-from .subnet import Subnet
+from .strategy import Strategy
+from .subnet import AMOEBA_WIDTHS, DesignSpace, Subnet
 from .workload import Workload, metric_name
 
 
@@ -135,6 +138,37 @@ class Selection:
         }
 
 
+def table_space(lut: Lut, widths: Sequence[float] | None = None, strategy: Path | str | None = None) -> list[Subnet]:
+    """The shapes to choose from for a table: an AmoebaLLM strategy file's exact shapes (at ``widths``,
+    default every ratio it holds), or the uniform AmoebaLLM grid at ``widths`` (default the table's
+    own), with the table's drop rule and FFN rounding."""
+    arch = ModelArch.from_dict(lut.meta["arch"])
+    if strategy is not None:
+        return Strategy.load(strategy, arch).subnets(ratios=widths)
+    grid = lut.meta.get("grid", {})
+    space = DesignSpace.amoeba(arch, tuple(widths or grid.get("widths", AMOEBA_WIDTHS)),
+                               drop_rule=grid.get("drop_rule", "keep-ends"), ffn_multiple=grid.get("ffn_multiple", 1))
+    return list(space.subnets())
+
+
+def table_workload(lut: Lut, prompt_len: int, gen_len: int, batch: int | None = None) -> Workload:
+    """A request for this table: ``batch`` sequences, by default the batch the table was measured at."""
+    return Workload(batch if batch is not None else lut.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+
+
+def rank(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """Best first: highest quality, the lower latency between equals."""
+    return sorted(candidates, key=lambda c: (-c.quality, c.latency_ms))
+
+
+def best_within(candidates: Iterable[Candidate], budget_ms: float) -> Candidate | None:
+    """The pick for ``budget_ms`` among already evaluated shapes (``rank``'s first within budget),
+    or None when none fits; ``select`` adds the checks and the memory budget."""
+    budget_ms = check_budget(budget_ms)
+    fitting = rank(c for c in candidates if c.latency_ms <= budget_ms)
+    return fitting[0] if fitting else None
+
+
 def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, stat: str = "median",
              quality=None, dtype: str | None = None) -> tuple[list[Candidate], list[str]]:
     """Predict every subnet; shapes the table cannot cover are listed, not guessed."""
@@ -165,13 +199,6 @@ def pareto_front(candidates: list[Candidate]) -> list[Candidate]:
 def check_budget(budget_ms: float) -> float:
     """A latency budget: a finite number of milliseconds above 0 (inf or NaN would admit everything or nothing)."""
     return positive_float(budget_ms, "--budget-ms")
-
-
-def pick_within(candidates: list[Candidate], budget_ms: float) -> Candidate | None:
-    """The highest-quality candidate within the budget (the faster of equals), or None."""
-    budget_ms = check_budget(budget_ms)
-    fitting = [c for c in candidates if c.latency_ms <= budget_ms]
-    return max(fitting, key=lambda c: (c.quality, -c.latency_ms)) if fitting else None
 
 
 def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
@@ -209,7 +236,7 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             f"no shape fits {budget_ms:g} ms {metric} ({stat}){within}; fastest is {fastest.latency_ms:.1f} ms: "
             f"{describe(fastest.subnet)}"
         )
-    ranked = sorted(feasible, key=lambda c: (-c.quality, c.latency_ms))
+    ranked = rank(feasible)
     flagged = {who: flagged_rows(predictor.lut, cand.prediction) for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
                      quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged))

@@ -347,3 +347,13 @@ class Strategy:
 
     def subnets(self, depths: Iterable[int] | None = None, ratios: Iterable[float] | None = None) -> list[Subnet]:
         return [self.subnet(d, r) for d in (depths or self.depths) for r in (ratios or self.ratios)]
+
+    def grid_extent(self) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+        """(narrowest and widest (heads, kv_heads), narrowest and widest FFN) over every layer of every
+        shape: a build measures them (``BuildPlan.extra_attn`` / ``extra_ffn``) so the predictor
+        interpolates the strategy's per-layer widths (cost is linear in heads and channels) instead
+        of refusing them."""
+        layers = [layer for subnet in self.subnets() for layer in subnet.layers]
+        attn = sorted({(l.heads, l.kv_heads) for l in layers})
+        ffn = sorted({l.ffn for l in layers})
+        return (attn[0], attn[-1]), (ffn[0], ffn[-1])

@@ -37,7 +37,7 @@ from .predict import Predictor
 from .quiet import BusyPolicy
 from .select import Selection
 from .subnet import Subnet
-from .workload import Workload
+from .workload import Workload, compose
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
         raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover the decode steps "
                          f"{span[0]}..{span[1]}" if span else f"{subnet.label}: the workload has no decode step")
     steps = np.interp(workload.decode_contexts(), xs, decode[stat_col].to_numpy(float))
-    return float(steps.mean()) if metric == "tpot_ms" else ttft + float(steps.sum())
+    return compose(ttft, steps).metric(metric)
 
 
 def journal_path(table_path: Path) -> Path:

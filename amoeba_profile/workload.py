@@ -12,10 +12,14 @@ sequences:
   table's decode row at context c is (e2e(1 + n) - e2e(1)) / n of a request whose prompt KV is
   already cached, with the n steps centred on c.
 - ``e2e_ms``: ttft + the sum of those decode steps.
+
+``compose`` is the one place these sums are written: the predictor composes from a table's rows,
+validation from measured whole models, both through it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,3 +59,27 @@ class Workload:
     def decode_contexts(self) -> np.ndarray:
         """KV-cache lengths seen by each decode step (empty when gen_len == 1)."""
         return np.arange(self.prompt_len, self.prompt_len + self.gen_len - 1, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The three metrics of one request, in ms; ``tpot_ms`` is NaN when there is no decode step."""
+
+    ttft_ms: float
+    tpot_ms: float
+    e2e_ms: float
+
+    def metric(self, name: str) -> float:
+        """``name`` in any spelling ``metric_name`` accepts; tpot without a decode step is refused."""
+        name = metric_name(name)
+        if name == "tpot_ms" and math.isnan(self.tpot_ms):
+            raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
+        return float(getattr(self, name))
+
+
+def compose(ttft_ms: float, decode_steps_ms: np.ndarray) -> Metrics:
+    """The metrics of a request from its ttft and its decode steps' times, one per context of
+    ``Workload.decode_contexts()`` (empty when ``gen_len`` is 1: tpot is NaN and e2e is the ttft)."""
+    steps = np.asarray(decode_steps_ms, dtype=float)
+    tpot = float(steps.mean()) if len(steps) else math.nan
+    return Metrics(float(ttft_ms), tpot, float(ttft_ms + steps.sum()))

@@ -40,7 +40,8 @@ from ..errors import UsageError
 from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, Capabilities, Engine, EngineSpec
 from .ort_weights import pack, unpack
-from .pytorch import DTYPES, POOL_SIZE, build_model
+from ..dtypes import canonical_dtype
+from .pytorch import POOL_SIZE, build_model
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -264,7 +265,7 @@ class OrtBackend(Backend):
         if provider not in ort.get_available_providers():
             raise UsageError(f"onnxruntime provider {provider!r} is not in this build "
                              f"(available: {', '.join(ort.get_available_providers())}); {INSTALL_HINT}")
-        name = DTYPES.get((dtype or ("float16" if kind == "cuda" else "float32")).lower())
+        name = canonical_dtype(dtype or ("float16" if kind == "cuda" else "float32"))
         if name not in ("float32", "float16"):
             raise UsageError(f"dtype {dtype!r}: the onnxruntime backend exports float32 or float16")
         if graph_opt not in GRAPH_OPT_LEVELS:

@@ -22,17 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import ModelArch
+from ..arch import ModelArch, attn_params, mlp_params
 from ..device import last_level_cache_bytes, resolve_device
 from ..device.load import CpuLoad, idle_cores
 from ..device.lock import measuring_pids
+from ..dtypes import bytes_per_element, canonical_dtype
 from ..entry import Entry
 from ..errors import UsageError
 from ..inputs import positive_int
 from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = ("float32", "float16", "bfloat16")
 POOL_SIZE = 1 << 20  # elements of the random pool every weight tiles (ort_weights stores it once)
 
 
@@ -335,8 +336,8 @@ class PyTorchBackend(Backend):
         _torch_default_threads()  # read before this backend sets its own count
         device, _ = resolve_device(device)  # a device torch cannot use fails here, not mid-build
         default = "float16" if device.startswith("cuda") else "float32"
-        name = DTYPES.get((dtype or default).lower())
-        if name is None:
+        name = canonical_dtype(dtype or default)
+        if name not in DTYPES:
             raise UsageError(f"unknown dtype {dtype!r}: use one of float32, float16, bfloat16")
         self.threads_reason = "given"
         if threads is None:
@@ -369,7 +370,7 @@ class PyTorchBackend(Backend):
             per_layer_heads=True,
             per_layer_ffn=True,
             methods=("components", "difference"),
-            dtypes=("float32", "float16", "bfloat16"),
+            dtypes=DTYPES,
             devices=("cpu", "cuda"),
         )
 
@@ -425,11 +426,8 @@ class PyTorchBackend(Backend):
         faster than inside a model, where the other layers evict it; a chain of distinct
         copies whose weights exceed twice that cache streams from memory as a real model does.
         """
-        if component == "attn":
-            params = arch.hidden_size * arch.head_dim * 2 * (heads + kv_heads)
-        else:
-            params = 3 * arch.hidden_size * ffn
-        block_bytes = params * self.torch_dtype.itemsize
+        params = attn_params(arch, heads, kv_heads) if component == "attn" else mlp_params(arch, ffn)
+        block_bytes = params * bytes_per_element(self.dtype)
         return max(1, min(self.max_chain, -(-self.chain_bytes // block_bytes)))
 
     def host_cores(self) -> int:

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import ModelArch
+from ..arch import ModelArch, layer_params, non_layer_params
+from ..dtypes import bytes_per_element, kv_cache_bytes_per_element
 from ..entry import Entry
 from ..errors import UnsupportedShape, UsageError
 from .base import Backend, BuiltUnit, Capabilities, EngineSpec
@@ -129,15 +130,12 @@ def raise_recompile_limits(limit: int = RECOMPILE_LIMIT) -> None:
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, limit)
 
 
-def engine_bytes(spec: EngineSpec, itemsize: int) -> int:
+def engine_bytes(spec: EngineSpec, dtype: str) -> int:
     """Bytes an engine holds on its device: weights plus the static KV cache of ``max_seq_len`` slots."""
-    arch, hidden, head_dim = spec.arch, spec.arch.hidden_size, spec.arch.head_dim
-    params = arch.vocab_size * hidden * (1 if arch.tie_embeddings else 2) + hidden
-    cache = 0
-    for heads, kv, ffn in spec.layers:
-        params += hidden * head_dim * 2 * (heads + kv) + 3 * hidden * ffn + 2 * hidden
-        cache += 2 * spec.max_batch * kv * spec.max_seq_len * head_dim
-    return (params + cache) * itemsize
+    arch = spec.arch
+    params = non_layer_params(arch) + sum(layer_params(arch, heads, kv, ffn) for heads, kv, ffn in spec.layers)
+    cache = sum(2 * spec.max_batch * kv * spec.max_seq_len * arch.head_dim for _, kv, _ in spec.layers)
+    return round(params * bytes_per_element(dtype) + cache * kv_cache_bytes_per_element(dtype))
 
 
 class EnginePool:
@@ -286,7 +284,7 @@ class PyTorchCompiledBackend(PyTorchBackend):
         engine = self.pool.get(spec)
         if engine is not None:
             return engine, 0.0
-        size = engine_bytes(spec, self.torch_dtype.itemsize)
+        size = engine_bytes(spec, self.dtype)
         self.pool.make_room(size)
         engine = CompiledEngine(self, spec)
         seconds = engine.warm_compile()

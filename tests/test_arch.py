@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from amoeba_profile.arch import BUILTIN_ARCHS, ModelArch, from_hf_config, resolve_arch
+from amoeba_profile.arch import (BUILTIN_ARCHS, ModelArch, attn_params, from_hf_config, layer_params, mlp_params,
+                                 non_layer_params, resolve_arch)
 from amoeba_profile.errors import ArchError
 
 MISTRAL_7B = {
@@ -121,3 +122,12 @@ def test_nan_in_config_file_and_stored_arch_are_refused(tmp_path):
         ModelArch.from_dict({**{k: v for k, v in stored.items() if k != "vocab_size"}, "extra": 1})
     with pytest.raises(ArchError, match="must be a mapping"):
         ModelArch.from_dict("llama3-8b")
+
+
+def test_parameter_counts_of_llama2_7b_by_hand():
+    arch = BUILTIN_ARCHS["llama2-7b"]
+    assert attn_params(arch, 32, 32) == 4 * 4096 * 4096 and mlp_params(arch, 11008) == 3 * 4096 * 11008
+    assert layer_params(arch, 32, 32, 11008) == 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
+    assert non_layer_params(arch) == 2 * 32000 * 4096 + 4096
+    assert 32 * layer_params(arch, 32, 32, 11008) + non_layer_params(arch) == 6_738_415_616  # Llama-2-7b-hf
+    assert attn_params(BUILTIN_ARCHS["tinyllama-1.1b"], 32, 4) == 2048 * (32 + 4 + 4 + 32) * 64  # GQA: q, k, v, o

@@ -94,7 +94,7 @@ def test_engine_bytes_counts_weights_and_static_cache(tiny_arch):
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     cache = engine.filled_cache(2, 5)
     slots = sum(layer.keys.numel() + layer.values.numel() for layer in cache.layers)
-    assert engine_bytes(spec, 4) == weights + slots * 4
+    assert engine_bytes(spec, "float32") == weights + slots * 4
     assert int(cache.get_seq_length()) == 5 and cache.layers[1].keys.shape == (2, 2, 42, tiny_arch.head_dim)
 
 

@@ -4,6 +4,7 @@ import torch
 from amoeba_profile.backends import get_backend
 from amoeba_profile.entry import Entry
 from amoeba_profile.measure import TimingProtocol, sample, warm_up
+from amoeba_profile.memory import weight_params
 from amoeba_profile.subnet import LayerShape, Subnet
 
 
@@ -27,6 +28,7 @@ def test_per_layer_widths_are_really_built(tiny_arch, tmp_path):
         assert layer.self_attn.k_proj.out_features == shape.kv_heads * tiny_arch.head_dim
         assert layer.mlp.gate_proj.out_features == shape.ffn
         assert torch.isfinite(layer.mlp.down_proj.weight).all() and layer.mlp.down_proj.weight.abs().sum() > 0
+    assert sum(p.numel() for p in engine.model.parameters()) == weight_params(subnet)  # the one parameter count
     engine.close()
 
 

@@ -1,13 +1,16 @@
 """Device detection on fixture trees and recorded NVML values; slugs; the spec sheet."""
 
+import json
+from datetime import date
+
 import pytest
 
 from amoeba_profile.device import cpu_slug, detect, gpu_slug, jetson_slug
 from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.jetson import JetsonReader
-from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_context
+from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_state
 from amoeba_profile.device.nvml import RecordedReader, decode_reasons, describe_state
-from amoeba_profile.device.specs import load_specs, match_gpu_name, validate_specs
+from amoeba_profile.device.specs import load_specs, match_gpu_name, shared_memory_note, validate_specs
 from amoeba_profile.errors import UsageError
 
 
@@ -75,10 +78,10 @@ def test_jetson_energy_integration(tmp_path):
     monitor = JetsonMonitor(JetsonReader(orin_nx_tree(tmp_path), run=nvpmodel))
     before = monitor.sample()
     after = dict(monitor.sample(), t=before["t"] + 2.0)
-    context = entry_context(before, after, steps=4)
+    state = entry_state(before, after, steps=4)
     # 7.993 W for 2 s over 4 steps = ~3997 mJ per step
-    assert context["energy_mj_per_step"] == pytest.approx(5072 * 1576 / 1e6 * 2 * 1000 / 4, rel=1e-3)
-    assert context["clock_mhz"] == 918 and context["throttled"] is False
+    assert state["energy_mj_per_step"] == pytest.approx(5072 * 1576 / 1e6 * 2 * 1000 / 4, rel=1e-3)
+    assert state["clock_mhz"] == 918 and state["throttled"] is False
 
 
 A5000 = {
@@ -105,10 +108,10 @@ def test_nvml_recorded_reader_and_throttle_reasons():
 def test_nvml_monitor_energy_and_throttle_flag():
     monitor = NvmlMonitor(RecordedReader(A5000), 0)
     before, after = monitor.sample(), monitor.sample()
-    context = entry_context(before, after, steps=8)
-    assert context["energy_mj_per_step"] == pytest.approx(500.0)
-    assert context["throttled"] is True and context["temperature_c"] == 84 and context["clock_mhz"] == 1695
-    assert context["clock_event_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]
+    state = entry_state(before, after, steps=8)
+    assert state["energy_mj_per_step"] == pytest.approx(500.0)
+    assert state["throttled"] is True and state["temperature_c"] == 84 and state["clock_mhz"] == 1695
+    assert state["clock_event_reasons"] == ["sw_power_cap", "sw_thermal_slowdown"]
 
 
 def test_no_nvml_is_reported_not_raised():
@@ -162,6 +165,11 @@ def test_spec_sheet_is_complete_and_sourced():
     assert match_gpu_name("NVIDIA RTX A5000").mem_bw_gbps == 768
 
 
+def test_shared_memory_note_only_for_shared_memory_devices():
+    assert shared_memory_note("orin-nx-16gb").startswith(f"{load_specs()['orin-nx-16gb'].name}: its 16 GB are shared")
+    assert shared_memory_note("rtx-a5000") is None and shared_memory_note("cpu-unknown") is None
+
+
 @pytest.mark.parametrize("change, message", [
     ({"mem_bw_gbps": -1}, "mem_bw_gbps must be a positive number"),
     ({"source": ""}, "source is required"),
@@ -188,3 +196,12 @@ def test_microbenchmarks_report_progress():
                         progress=lambda done, total, label: seen.append((done, total, label)))
     assert seen == [(0, 3, "memory bandwidth (1 MB copy)"), (1, 3, "dispatch overhead"),
                     (2, 3, "float32 GEMV and GEMM (64 x 128, 8 tokens)"), (3, 3, "done")]
+
+
+def test_write_profile_puts_the_report_under_the_device_slug(tmp_path):
+    from amoeba_profile.device.profile import write_profile
+
+    report = {"slug": "cpu-test", "notes": [], "when": date(2024, 1, 2)}  # not JSON: written as text
+    path = write_profile(report, tmp_path / "profiles")
+    assert path == tmp_path / "profiles" / "cpu-test" / "device.json"
+    assert json.loads(path.read_text()) == {"slug": "cpu-test", "notes": [], "when": "2024-01-02"}

@@ -23,7 +23,7 @@ KEYS = {MLP, BASE}
 
 def _ok(key=MLP, round_index=0, samples=(1.0, 1.1)):
     return {"kind": "result", "key": key, "round": round_index, "status": "ok", "repeat": 1, "steps": 1,
-            "wall_s": 0.5, "samples_ms": list(samples), "context": {"throttled": False}}
+            "wall_s": 0.5, "samples_ms": list(samples), "state": {"throttled": False}}
 
 
 def _write(path, *lines: str | bytes, tail: bytes = b""):
@@ -64,8 +64,9 @@ CORRUPTIONS = [
      r"is not an entry of this run"),
     ("round out of range", [json.dumps(_ok(round_index=9))], 2, r"round=9 is not an integer in 0..2"),
     ("bad status", [json.dumps({**_ok(), "status": "fine"})], 2, r"status='fine'"),
-    ("bad context", [json.dumps({**_ok(), "context": {"temperature_c": "hot"}})], 2,
-     r"context temperature_c='hot' is not a number"),
+    ("bad state", [json.dumps({**_ok(), "state": {"temperature_c": "hot"}})], 2,
+     r"state temperature_c='hot' is not a number"),
+    ("old and new state names", [json.dumps({**_ok(), "context": {}})], 2, r"\['context'\] unknown"),
     ("not UTF-8", [json.dumps(_ok()).encode(), b'{"kind": "result", "key": "\xff\xfe"}'], 3, r"not UTF-8 text"),
 ]
 
@@ -91,6 +92,16 @@ def test_corruption_stops_with_file_line_and_both_choices(tmp_path, lines, numbe
     _write(path, *header, *lines)
     assert _open(path, "restart").records == []
     assert path.read_text() == json.dumps(HEADER) + "\n"
+
+
+def test_a_journal_of_an_earlier_version_names_the_state_context_and_is_read(tmp_path):
+    """Earlier versions wrote a result's device state as "context" (a word now kept for the KV length)."""
+    path = tmp_path / "t.csv.journal.jsonl"
+    record = _ok()
+    old = {**{k: v for k, v in record.items() if k != "state"}, "context": record["state"]}
+    _write(path, json.dumps(HEADER), json.dumps(old))
+    assert _open(path).records == [record]
+    assert json.loads(path.read_text().splitlines()[1]) == record  # rewritten under the new name
 
 
 def test_repeated_records_count_once(tmp_path):

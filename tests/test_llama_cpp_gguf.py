@@ -10,7 +10,10 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
 
 from amoeba_profile.backends import llama_cpp_gguf as writer  # noqa: E402
+from amoeba_profile.dtypes import BYTES_PER_ELEMENT  # noqa: E402
 from amoeba_profile.errors import AmoebaError, UnsupportedShape  # noqa: E402
+from amoeba_profile.memory import weight_params  # noqa: E402
+from amoeba_profile.subnet import LayerShape, Subnet  # noqa: E402
 
 PER_LAYER = ((8, 4, 128), (4, 2, 64), (8, 4, 96), (6, 3, 128))
 
@@ -134,3 +137,13 @@ def test_size_bound_covers_the_written_file(tiny_arch, tmp_path):
     size = writer.write_gguf(path, tiny_arch, PER_LAYER, "f16")
     data = sum(t.nbytes for t in writer.tensor_specs(tiny_arch, PER_LAYER, "f16"))
     assert data < size <= writer.file_bytes(tiny_arch, PER_LAYER, "f16")
+
+
+def test_element_sizes_and_parameter_count_match_the_files_tensors(tiny_arch):
+    """dtypes' block sizes are gguf's, and the file holds exactly the parameters the estimates count."""
+    for weight_type in writer.WEIGHT_TYPES:
+        block, size = gguf.GGML_QUANT_SIZES[writer.ggml_type(weight_type)]
+        assert BYTES_PER_ELEMENT[weight_type] == size / block
+    subnet = Subnet(tiny_arch, tuple(LayerShape(i, *shape) for i, shape in enumerate(PER_LAYER)))
+    specs = writer.tensor_specs(tiny_arch, PER_LAYER, "q8_0")
+    assert sum(int(np.prod(t.shape)) for t in specs) == weight_params(subnet)

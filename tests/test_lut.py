@@ -295,7 +295,7 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
     noisy = Entry("base", "decode", 1, 1, 16)
     drowned = Entry("base", "decode", 1, 1, 64)
     records = [{"kind": "result", "key": e.key, "round": 0, "status": "ok", "repeat": 1, "steps": 1, "wall_s": 0.1,
-                "samples_ms": samples, "context": {}}
+                "samples_ms": samples, "state": {}}
                for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))]
     rows, failed = _aggregate([noisy, drowned], records, 0.1, "components")
     assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.label]

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amoeba_profile.arch import ModelArch
+from amoeba_profile.arch import ModelArch, layer_params
 from amoeba_profile.backends import Capabilities
 from amoeba_profile.errors import InfeasibleBudget
 from amoeba_profile.flows import flow_capabilities
@@ -12,7 +12,6 @@ from amoeba_profile.lut import load_one
 from amoeba_profile.memory import estimate
 from amoeba_profile.optimize import optimize_per_layer, shared_part, solve_counts, table_options
 from amoeba_profile.predict import Predictor
-from amoeba_profile.quality import layer_params
 from amoeba_profile.subnet import LayerShape, Subnet, kept_layers
 from amoeba_profile.workload import Workload
 
@@ -176,3 +175,27 @@ def test_importance_file_with_whole_layers_in_float_form(tmp_path, tiny_arch):
     path = tmp_path / "importance.csv"
     path.write_text("layer,importance\n0,1\n1.0,2\n2,0.5\n3,0\n")
     assert load_importance(path, tiny_arch).tolist() == [1.0, 2.0, 0.5, 0.0]
+
+
+def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
+    """What `select --per-layer` prints, from Python: the optimum over the design space's depths for the
+    selection's workload, metric and budget, with its gain over the uniform pick."""
+    from amoeba_profile.lut import Lut
+    from amoeba_profile.optimize import optimize_selection
+    from amoeba_profile.select import select, table_space
+
+    lut = _lut(tiny_arch)
+    lut = Lut(lut.frame, {**lut.meta, "dtype": "float32"})
+    workload = Workload(1, 16, 20)
+    selection = select(Predictor(lut), table_space(lut), workload, "tpot", 3.0)
+    pick = optimize_selection(lut, selection)
+    direct = optimize_per_layer(Predictor(lut), tiny_arch, [3, 4], workload, "tpot_ms", 3.0, dtype="float32")
+    assert pick.result == direct and pick.quality_model == "proxy: retained parameters"
+    assert pick.gain_over_uniform == pytest.approx(direct.quality - selection.pick.quality) and pick.gain_over_uniform >= 0
+    assert pick.to_dict()["subnet"] == direct.subnet.to_dict() and pick.to_dict()["predicted_ms"]["value"] == direct.latency_ms
+    importance = tmp_path / "importance.csv"
+    importance.write_text("layer,importance\n0,4\n1,1\n2,1\n3,4\n")
+    weighted = optimize_selection(lut, selection, importance)
+    assert weighted.gain_over_uniform is None and weighted.quality_model == "per-layer importance from file"
+    assert weighted.result == optimize_per_layer(Predictor(lut), tiny_arch, [3, 4], workload, "tpot_ms", 3.0,
+                                                 importance=np.array([4.0, 1, 1, 4]), dtype="float32")

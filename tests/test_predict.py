@@ -109,3 +109,42 @@ def test_huge_gen_len_is_refused_before_contexts_are_allocated(tiny_arch, lut):
     finally:
         tracemalloc.stop()
     assert peak < 10 << 20  # the 10^8 contexts alone would be 800 MB
+
+
+def test_metrics_are_composed_in_one_place():
+    """workload.compose: ttft, mean step, ttft + sum of steps; no step leaves tpot undefined."""
+    from amoeba_profile.errors import UsageError
+    from amoeba_profile.workload import compose
+
+    m = compose(5.0, np.array([1.0, 2.0, 3.0]))
+    assert (m.ttft_ms, m.tpot_ms, m.e2e_ms) == (5.0, 2.0, 11.0) and m.metric("tpot") == 2.0
+    none = compose(5.0, np.array([]))
+    assert np.isnan(none.tpot_ms) and none.e2e_ms == 5.0 and none.metric("e2e") == 5.0
+    with pytest.raises(UsageError, match="tpot needs --gen-len >= 2"):
+        none.metric("tpot")
+
+
+def test_prediction_and_its_parts_and_measured_models_compose_alike(tiny_arch, lut):
+    """predict, base + layers (the optimizer's view) and validation's measured model rows all give
+    the same metrics from the same per-step values."""
+    from amoeba_profile.entry import Entry
+    from amoeba_profile.lut import Lut, measured_row, rows_frame
+    from amoeba_profile.measure import Measurement
+    from amoeba_profile.validate import measured_metric
+
+    subnet, workload = Subnet.uniform(tiny_arch, 2, 1.0), Workload(1, 16, 40)
+    predictor = Predictor(lut)
+    p = predictor.predict(subnet, workload)
+    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        parts = predictor.base_metric(workload, metric) + 2 * predictor.layer_metric(8, 4, 128, workload, metric)
+        assert parts == pytest.approx(p.metric(metric))
+    # model rows holding the predictor's own per-step values at the table's contexts
+    rows = [measured_row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), Measurement.from_samples([p.ttft_ms]),
+                         "ok", method="whole", repeat=1, wall_s=0.0)]
+    for context in (16, 64):
+        step, _ = predictor.phase_ms(subnet, "decode", 1, 1, context)
+        rows.append(measured_row(Entry("model", "decode", 1, 1, context, subnet=subnet),
+                                 Measurement.from_samples([step]), "ok", method="whole", repeat=1, wall_s=0.0))
+    models = Lut(rows_frame(rows), lut.meta)
+    for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):  # decode is linear in context here: interpolation is exact
+        assert measured_metric(models, subnet, workload, metric) == pytest.approx(p.metric(metric))

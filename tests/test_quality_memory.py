@@ -2,7 +2,7 @@ import pytest
 
 from amoeba_profile.arch import BUILTIN_ARCHS
 from amoeba_profile.errors import InfeasibleBudget, UsageError
-from amoeba_profile.memory import estimate
+from amoeba_profile.memory import estimate, weight_params
 from amoeba_profile.predict import Predictor
 from amoeba_profile.quality import PROXY_NAME, load_quality
 from amoeba_profile.select import select
@@ -23,6 +23,23 @@ def test_memory_model_llama2_7b_fp16_at_4k_by_hand():
     assert 15.8 < mem.total_gb < 16.0
     half = estimate(Subnet.uniform(LLAMA2, 20, 0.625), Workload(1, 4000, 96), "float16")
     assert half.kv_cache_bytes == 2 * 20 * 20 * 128 * 4096 * 2
+
+
+def test_memory_of_a_llama_cpp_table_counts_quantized_blocks(tiny_arch):
+    """GGUF weights take their block size per element; the KV cache stays f16, activations f32."""
+    subnet, workload = Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 20)
+    f16, q8, q4 = (estimate(subnet, workload, dtype) for dtype in ("f16", "q8_0", "q4_0"))
+    params = weight_params(subnet)
+    assert params == 4 * (64 * 8 * (8 + 4 + 4 + 8) + 3 * 64 * 128 + 2 * 64) + 2 * 256 * 64 + 64
+    assert (f16.weights_bytes, q8.weights_bytes, q4.weights_bytes) == (params * 2, round(params * 34 / 32),
+                                                                       round(params * 18 / 32))
+    assert f16.kv_cache_bytes == q4.kv_cache_bytes == 2 * 4 * 4 * 8 * 36 * 2
+    assert f16.activation_bytes == q4.activation_bytes == 16 * (3 * 64 + 2 * 128) * 4 + 256 * 4
+    with pytest.raises(UsageError, match="unknown dtype 'int3'"):
+        estimate(subnet, workload, "int3")
+    space = list(DesignSpace(tiny_arch, (2, 4), (1.0, 0.5)).subnets())  # a llama.cpp table's dtype selects
+    chosen = select(Predictor(_lut(tiny_arch)), space, workload, "tpot_ms", 1e6, memory_gb=1, dtype="q4_0")
+    assert chosen.pick.memory == estimate(chosen.pick.subnet, workload, "q4_0")
 
 
 def _lut(arch):

@@ -12,7 +12,7 @@ from amoeba_profile.build import run_build
 from amoeba_profile.device import device_slug
 from amoeba_profile.device.load import CpuLoad, contention_share, idle_cores, others_cpu_s
 from amoeba_profile.device.lock import MeasurementLock, measuring_pids
-from amoeba_profile.device.monitor import MIN_JUDGED_S, Monitor, entry_context, host_contention
+from amoeba_profile.device.monitor import MIN_JUDGED_S, Monitor, entry_state, host_contention
 from amoeba_profile.errors import MachineBusy
 from amoeba_profile.lut import load_table
 from amoeba_profile.measure import TimingProtocol
@@ -76,7 +76,7 @@ def test_monitor_records_contention_and_rows_pool_it():
     load = SimulatedLoad(lambda t: 1.5, cores=2, step_s=0.2)
     monitor = Monitor()
     monitor.load, monitor.needed = load, 1
-    context = entry_context(monitor.sample(), monitor.sample(), steps=4)
+    context = entry_state(monitor.sample(), monitor.sample(), steps=4)
     assert context["others_cpu_s"] == pytest.approx(0.3) and context["window_s"] == pytest.approx(0.2)
     assert context["cores"] == 2 and context["cores_needed"] == 1
     # One 0.2 s window is too short to judge; pooled over three it is judged: 1.5 of 2 cores, 1 needed.

@@ -137,3 +137,44 @@ def test_calibration_works_on_a_difference_table():
         rows.append(measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1, wall_s=0))
     eff, report = calibrate(Lut(rows_frame(rows), {"arch": LLAMA2.to_dict()}), spec, flow, "float16")
     assert eff.eff_bw == pytest.approx(0.7, abs=0.02) and report["median_abs_pct"] < 1.5
+
+
+def test_device_profile_gives_peaks_and_dispatch(tmp_path):
+    """What `build-lut --predict --device-profile` reads, from Python: measured peaks (a dtype not
+    benchmarked takes the requested one's) and the per-op dispatch."""
+    import json
+
+    from amoeba_profile.errors import UsageError
+    from amoeba_profile.roofline import load_device_profile
+
+    report = {"slug": "cpu-test", "device": "cpu", "cpu": {"model": "Test CPU", "memory_gb": 16.0},
+              "microbench": {"memory_bw_gbps": 20.0, "dispatch_overhead_us": 7.5,
+                             "matmul": {"float32": {"gemm_tflops": 0.5, "gemv_bw_gbps": 25.0},
+                                        "bfloat16": {"gemm_tflops": 1.5, "gemv_bw_gbps": 18.0}}}}
+    path = tmp_path / "device.json"
+    path.write_text(json.dumps(report))
+    spec, dispatch_us = load_device_profile(path, "float32")
+    assert dispatch_us == 7.5 and (spec.slug, spec.kind, spec.name, spec.memory_gb) == ("cpu-test", "cpu", "Test CPU", 16.0)
+    assert (spec.fp32_tflops, spec.fp16_tflops, spec.bf16_tflops, spec.mem_bw_gbps) == (0.5, 0.5, 1.5, 25.0)
+    with pytest.raises(UsageError, match="no float16 micro-benchmark"):
+        load_device_profile(path, "float16")
+    path.write_text("{")
+    with pytest.raises(UsageError, match="not a readable profile-device JSON"):
+        load_device_profile(path, "float32")
+
+
+def test_calibration_warning_and_whole_models_refused(tmp_path):
+    from amoeba_profile.errors import UsageError
+    from amoeba_profile.roofline import calibration_warning
+    from amoeba_profile.subnet import Subnet
+
+    spec, flow = get_spec("rtx-a5000"), get_flow("tensorrt-llm")
+    same = Lut(rows_frame([]), {"device_slug": "rtx-a5000", "backend": "tensorrt-llm"})
+    other = Lut(rows_frame([]), {"device_slug": "cpu-x", "backend": "pytorch"})
+    assert calibration_warning(same, spec, flow) is None
+    assert calibration_warning(other, spec, flow) == ("calibrating rtx-a5000/tensorrt-llm from a table measured on "
+                                                      "cpu-x/pytorch: efficiencies may not transfer")
+    plan = BuildPlan(LLAMA2, prompt_lens=(128,), contexts=(128,), whole=(Subnet.uniform(LLAMA2, 32, 1.0),))
+    with pytest.raises(UsageError, match="whole subnets"):
+        write_roofline_table(plan, spec, flow, "float16", tmp_path)
+    assert not list(tmp_path.rglob("*.csv"))

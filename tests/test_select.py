@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from amoeba_profile.errors import InfeasibleBudget, UsageError
 from amoeba_profile.predict import Predictor
 from amoeba_profile.quality import retained_params
-from amoeba_profile.select import evaluate, pareto_front, select
+from amoeba_profile.select import best_within, evaluate, pareto_front, select, table_space, table_workload
 from amoeba_profile.subnet import DesignSpace, LayerShape, Subnet
 from amoeba_profile.workload import Workload
 
@@ -182,3 +182,28 @@ def test_clean_or_informative_rows_give_no_warning(setup, tiny_arch):
     _flag(lut, "host_bound", component="base")
     chosen = select(Predictor(lut), space.subnets(), workload, "tpot_ms", 100.0)
     assert chosen.flagged["pick"] and chosen.warning is None
+
+
+def test_best_within_is_the_pick_select_makes(setup):
+    """The plot's pick for a budget, from already evaluated shapes, is the one select returns."""
+    predictor, space, workload = setup
+    candidates, _ = evaluate(predictor, space.subnets(), workload, "tpot_ms")
+    latencies = sorted(c.latency_ms for c in candidates)
+    for budget in latencies:
+        assert best_within(candidates, budget) == select(predictor, space.subnets(), workload, "tpot_ms", budget).pick
+    assert best_within(candidates, latencies[0] / 2) is None
+
+
+def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
+    from amoeba_profile.strategy import Strategy
+
+    from test_strategy import write_strategy
+
+    lut = synthetic_lut(tiny_arch, attn, mlp, base,
+                        meta={"grid": {"widths": [1.0, 0.5], "batch": 2, "drop_rule": "uniform"}})
+    assert table_space(lut) == list(DesignSpace.amoeba(tiny_arch, (1.0, 0.5), drop_rule="uniform").subnets())
+    assert {s.width_ratio for s in table_space(lut, (0.75,))} == {0.75}
+    path = write_strategy(tmp_path / "s.npy")
+    assert table_space(lut, strategy=path) == Strategy.load(path, tiny_arch).subnets()
+    assert [s.width_ratio for s in table_space(lut, (0.8,), path)] == [0.8] * 3
+    assert table_workload(lut, 16, 20) == Workload(2, 16, 20) and table_workload(lut, 16, 20, batch=1).batch == 1

@@ -50,6 +50,11 @@ def test_exact_layers_and_per_layer_widths(tmp_path):
     assert len(strategy.subnets()) == 9
 
 
+def test_grid_extent_spans_every_layer_of_every_shape(tmp_path):
+    strategy = Strategy.load(write_strategy(tmp_path / "s.npy"), ARCH)
+    assert strategy.grid_extent() == (((4, 2), (8, 4)), (50, 128))  # layer 3 at 0.65 keeps 50 FFN channels
+
+
 def test_peft_prefix_and_ratio_tolerance(tmp_path):
     strategy = Strategy.load(write_strategy(tmp_path / "s.npy", prefix="base_model.model.model."), ARCH)
     assert strategy.subnet(3, 0.8000001).layers[0].ffn == 100

@@ -92,35 +92,35 @@ def _device_monitor(device: str, root: Path) -> Monitor:
         return Monitor()
 
 
-def entry_context(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any]:
+def entry_state(before: dict[str, Any], after: dict[str, Any], steps: int) -> dict[str, Any]:
     """Summarize two samples around ``steps`` timed-or-warm-up steps: energy per step and state."""
-    context: dict[str, Any] = {}
+    state: dict[str, Any] = {}
     if before.get("energy_mj") is not None and after.get("energy_mj") is not None and steps:
-        context["energy_mj_per_step"] = (after["energy_mj"] - before["energy_mj"]) / steps
+        state["energy_mj_per_step"] = (after["energy_mj"] - before["energy_mj"]) / steps
     elif before.get("power_w") is not None and after.get("power_w") is not None and steps:
         # Two-point INA3221 integration (Jetson): mean power x elapsed time.
         elapsed = after["t"] - before["t"]
-        context["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
+        state["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
     temps = [s.get("temperature_c") for s in (before, after) if s.get("temperature_c") is not None]
     clocks = [s.get("sm_clock_mhz") for s in (before, after) if s.get("sm_clock_mhz") is not None]
     powers = [s.get("power_w") for s in (before, after) if s.get("power_w") is not None]
     if temps:
-        context["temperature_c"] = max(temps)
+        state["temperature_c"] = max(temps)
     if clocks:
-        context["clock_mhz"] = min(clocks)
+        state["clock_mhz"] = min(clocks)
     if powers:
-        context["power_w"] = sum(powers) / len(powers)
-    context["throttled"] = bool(before.get("throttled") or after.get("throttled"))
+        state["power_w"] = sum(powers) / len(powers)
+    state["throttled"] = bool(before.get("throttled") or after.get("throttled"))
     reasons = sorted(set(before.get("clock_event_reasons") or []) | set(after.get("clock_event_reasons") or []))
     if reasons:
-        context["clock_event_reasons"] = reasons
+        state["clock_event_reasons"] = reasons
     if before.get("cpu") and after.get("cpu"):
         others = others_cpu_s(before["cpu"], after["cpu"])
         if others is not None:
             # Raw CPU-seconds and window, pooled over a row's rounds before the share is judged.
-            context.update(others_cpu_s=others, window_s=after["cpu"]["t"] - before["cpu"]["t"],
+            state.update(others_cpu_s=others, window_s=after["cpu"]["t"] - before["cpu"]["t"],
                            cores=after["cpu"]["cores"], cores_needed=after["cpu"]["needed"])
-    return context
+    return state
 
 
 # Pooled windows shorter than this are not judged: at the kernel's 10 ms accounting tick the
@@ -128,10 +128,10 @@ def entry_context(before: dict[str, Any], after: dict[str, Any], steps: int) -> 
 MIN_JUDGED_S = 0.5
 
 
-def host_contention(contexts: list[dict[str, Any]]) -> float | None:
+def host_contention(states: list[dict[str, Any]]) -> float | None:
     """Share of the needed cores other processes took over all of a row's measured windows,
     pooled (``load.contention_share``); None when the windows add up to less than ``MIN_JUDGED_S``."""
-    windows = [c for c in contexts if c.get("window_s") is not None and c.get("others_cpu_s") is not None]
+    windows = [c for c in states if c.get("window_s") is not None and c.get("others_cpu_s") is not None]
     window = sum(c["window_s"] for c in windows)
     if window < MIN_JUDGED_S:
         return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from . import detect, device_slug, resolve_device
@@ -24,3 +26,14 @@ def profile(device: str = "auto", bench: bool = True, quick: bool = False,
         report["microbench"] = run_microbenchmarks(device, spec=get_spec(slug) if spec else None, progress=progress,
                                                    **shapes)
     return report
+
+
+def write_profile(report: dict[str, Any], out_dir: Path | str) -> Path:
+    """Write ``report`` to ``<out_dir>/<device-slug>/device.json``, beside where that device's tables
+    go (``build-lut --predict --device-profile`` reads it back); returns the path."""
+    from ..inputs import output_dir
+    from ..lut import write_file_atomically
+
+    path = output_dir(Path(out_dir) / report["slug"], "--out") / "device.json"
+    write_file_atomically(path, (json.dumps(report, indent=2, default=str) + "\n").encode())
+    return path

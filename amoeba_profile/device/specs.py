@@ -81,6 +81,16 @@ def get_spec(slug: str) -> DeviceSpec:
     return specs[slug]
 
 
+def shared_memory_note(slug: str) -> str | None:
+    """A note for a memory budget on a device whose CPU and GPU share one memory (a Jetson): the
+    budget must leave room for the OS and the runtime. None for other or unknown devices."""
+    spec = load_specs().get(slug)
+    if spec is not None and spec.shared_memory:
+        return (f"{spec.name}: its {spec.memory_gb:g} GB are shared by CPU and GPU; leave room for the OS and "
+                "the runtime when choosing --memory-gb")
+    return None
+
+
 def match_gpu_name(name: str) -> DeviceSpec | None:
     """The spec whose ``match`` strings occur in an NVML/torch GPU name as whole words."""
     for spec in load_specs().values():
