@@ -8,7 +8,8 @@ BUDGET ?= 180
 
 .PHONY: setup demo test bench clean
 
-# torch is pinned first: 2.13.0 resolves to the CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+# torch is pinned first: on the package index this project's machines use, 2.13.0 resolves to a CPU wheel;
+# on a stock Linux index a plain torch (pinned or not) is the multi-GB CUDA build (README, Install).
 # The onnxruntime extra is installed so that `make test` (CI) runs that backend's tests for real.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
