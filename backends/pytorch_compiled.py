@@ -42,7 +42,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..arch import ModelArch, layer_params, non_layer_params
 from ..dtypes import bytes_per_element, kv_cache_bytes_per_element
@@ -140,11 +140,17 @@ def engine_bytes(spec: EngineSpec, dtype: str) -> int:
 
 class EnginePool:
     """Compiled engines kept alive across rounds, keyed by spec (within one backend the artifact key
-    is the spec: config, versions and device architecture are fixed). The least recently used are
-    released when a new engine would push the total past ``budget_bytes``."""
+    is the spec: config, versions and device architecture are fixed).
 
-    def __init__(self, budget_bytes: int):
+    When a new engine would push the total past ``budget_bytes``, every engine is released together
+    with dynamo's in-memory code cache (``forget_compiled``). Releasing only the least recently
+    used freed nothing: dynamo's cache entries keep each compiled model's module and weights alive,
+    and a 6-layer TinyLlama-shaped build grew to 24 GB and was OOM-killed on this 24 GB host.
+    Engines loaded afterwards compile again, and that time is in their ``compile_s``."""
+
+    def __init__(self, budget_bytes: int, forget_compiled: Callable[[], None] = lambda: None):
         self.budget_bytes = budget_bytes
+        self.forget_compiled = forget_compiled
         self._engines: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
 
     def get(self, key: Any):
@@ -157,15 +163,28 @@ class EnginePool:
         return sum(size for _, size in self._engines.values())
 
     def make_room(self, size: int) -> None:
-        while self._engines and self.held_bytes() + size > self.budget_bytes:
+        if not self._engines or self.held_bytes() + size <= self.budget_bytes:
+            return
+        while self._engines:
             _, (engine, _) = self._engines.popitem(last=False)
             engine.release()
+        self.forget_compiled()
 
     def put(self, key: Any, engine: Any, size: int) -> None:
         self._engines[key] = (engine, size)
 
     def __len__(self) -> int:
         return len(self._engines)
+
+
+def forget_compiled() -> None:
+    """Drop dynamo's compiled code (not inductor's disk cache) so released engines can be freed."""
+    import gc
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def pool_budget(device: str) -> int:
@@ -251,7 +270,7 @@ class PyTorchCompiledBackend(PyTorchBackend):
         self.config = PyTorchCompiledConfig(eager.device, eager.dtype, eager.threads, eager.attn_impl, mode)
         self.compile_config = compile_config(device, mode)
         raise_recompile_limits()
-        self.pool = EnginePool(pool_budget(device))
+        self.pool = EnginePool(pool_budget(device), forget_compiled)
 
     @classmethod
     def capabilities(cls) -> Capabilities:

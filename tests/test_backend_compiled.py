@@ -106,18 +106,21 @@ class _Held:
         self.log.append(self.name)
 
 
-def test_pool_keeps_engines_and_evicts_the_least_recently_used():
+def test_pool_keeps_engines_until_full_then_releases_all_with_the_compiled_code():
+    """Dynamo's code cache keeps released engines' weights alive, so a full pool drops every engine
+    and that cache together; releasing one engine alone would free nothing."""
     released: list[str] = []
-    pool = EnginePool(budget_bytes=10)
+    forgotten = []
+    pool = EnginePool(budget_bytes=10, forget_compiled=lambda: forgotten.append(len(pool)))
     for name in ("a", "b"):
         pool.make_room(4)
         pool.put(name, _Held(released, name), 4)
-    assert pool.get("a").name == "a"  # now most recently used
+    assert pool.get("a").name == "a" and released == [] and forgotten == []
     pool.make_room(4)
+    assert released == ["b", "a"] and forgotten == [0] and len(pool) == 0  # released first, then forgotten
     pool.put("c", _Held(released, "c"), 4)
-    assert released == ["b"] and pool.get("b") is None and len(pool) == 2
     pool.make_room(20)  # larger than the budget: everything goes, the new engine still loads
-    assert released == ["b", "a", "c"] and len(pool) == 0
+    assert released == ["b", "a", "c"] and forgotten == [0, 0]
 
 
 @pytest.mark.slow
