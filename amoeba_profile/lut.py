@@ -282,7 +282,13 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
     if not meta_path.exists():
         return None
     try:
-        meta = json.loads(read_bounded(meta_path, MAX_SIDECAR_BYTES, "table sidecar", error=LutError))
+        data = read_bounded(meta_path, MAX_SIDECAR_BYTES, "table sidecar", error=LutError)
+    except LutError:
+        if not meta_path.exists():  # a writer renamed it away between the check and the open
+            return None
+        raise
+    try:
+        meta = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise LutError(f"{meta_path}: sidecar is not valid JSON ({' '.join(str(exc).split())})") from None
     if not isinstance(meta, dict):

@@ -8,7 +8,7 @@ new one, the same write run again converges, and a reader in another process nev
 
 Three experiments, each printing counts:
 1. step kills: the writer kills itself just before each file-system step of ``write_table``
-   (every ``mkstemp``, ``fsync`` and ``rename``), on a first write and on a rewrite;
+   (every ``open`` of a temp file or folder, ``fsync`` and ``rename``), on a first write and on a rewrite;
 2. random kills: the parent SIGKILLs a writer that rewrites in a loop at a random moment;
 3. reader race: reader processes load the table in a loop while a writer rewrites it.
 """
@@ -50,7 +50,7 @@ _STEP_WRITER = _SETUP + textwrap.dedent("""
             counter[0] += 1
             return real(*args, **kwargs)
         return wrapped
-    os.replace, os.fsync, tempfile.mkstemp = hook(os.replace), hook(os.fsync), hook(tempfile.mkstemp)
+    os.replace, os.fsync, os.open = hook(os.replace), hook(os.fsync), hook(os.open)
     new = table(5.0)
     write_table(path, new.frame, {{**new.meta, "generation": "new"}})
     print(counter[0])
@@ -165,8 +165,9 @@ def reader_race(work: Path, seconds: float, readers: int) -> None:
     results = [p.communicate()[0].split(" ", 2) for p in procs]
     reads = sum(int(r[0]) for r in results)
     errors = sum(int(r[1]) for r in results)
+    examples = [r[2].strip() for r in results if int(r[1])]
     print(f"reader race: {rewrites} rewrites, {readers} reader processes, {reads} loads, {errors} errors"
-          + ("" if not errors else f" e.g. {results[0][2].strip()}"))
+          + ("" if not errors else f" e.g. {examples}"))
 
 
 def main() -> None:

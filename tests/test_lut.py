@@ -174,6 +174,26 @@ def test_a_write_after_a_crash_at_the_last_rename_keeps_the_table_loadable(tmp_p
     assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
 
 
+def test_a_sidecar_renamed_away_while_being_opened_reads_as_absent(tmp_path, tiny_arch, monkeypatch):
+    """A reader that saw the pending sidecar and then lost it to the writer's rename retries; it must
+    not report the vanished file as unreadable (seen once in 3157 loads of a reader race)."""
+    import amoeba_profile.lut as lut_module
+
+    path = _write(tmp_path, _flat(tiny_arch))
+    pending = lut_module.pending_sidecar_path(path)
+    pending.write_text("{}")
+    real = lut_module.read_bounded
+
+    def renamed_first(target, *args, **kwargs):
+        if target == pending:
+            pending.unlink()
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(lut_module, "read_bounded", renamed_first)
+    assert lut_module._read_sidecar(pending) is None
+    assert load_table(path).frame is not None
+
+
 def test_readers_never_see_a_mix_while_the_table_is_rewritten(tmp_path, tiny_arch):
     import threading
 
