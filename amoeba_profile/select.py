@@ -43,9 +43,15 @@ def describe(subnet: Subnet) -> str:
 INFORMATIVE_FLAGS = frozenset({"host_bound"})
 
 
-def flagged_rows(lut: Lut, prediction: Prediction) -> list[dict[str, Any]]:
-    """The rows ``prediction`` rests on that carry flags: entry key, flags, CV and host contention."""
+# The phases a metric reads: ttft prefill rows only, tpot decode rows only, e2e both.
+METRIC_PHASES = {"ttft_ms": ("prefill",), "tpot_ms": ("decode",), "e2e_ms": ("prefill", "decode")}
+
+
+def flagged_rows(lut: Lut, prediction: Prediction, metric: str = "e2e_ms") -> list[dict[str, Any]]:
+    """The rows ``prediction``'s ``metric`` rests on that carry flags: entry key, flags, CV and host
+    contention (a tpot answer does not rest on prefill rows)."""
     rows = lut.frame.loc[list(prediction.rows)]
+    rows = rows[rows["phase"].isin(METRIC_PHASES[metric_name(metric)])]
     out = []
     for label, row in rows[rows["flags"] != ""].iterrows():
         contention = row.get("host_contention")
@@ -237,6 +243,7 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             f"{describe(fastest.subnet)}"
         )
     ranked = rank(feasible)
-    flagged = {who: flagged_rows(predictor.lut, cand.prediction) for who, cand in zip(("pick", "runner_up"), ranked)}
+    flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
+               for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
                      quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged))
