@@ -60,12 +60,17 @@ def tiny_arch() -> ModelArch:
     return ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
 
 
-@pytest.fixture
-def tiny_config_path(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny"
+def write_tiny_config(root: Path) -> Path:
+    """``<root>/tiny/config.json`` holding TINY_CONFIG (the folder name is the model's name)."""
+    folder = root / "tiny"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
     return folder / "config.json"
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path: Path) -> Path:
+    return write_tiny_config(tmp_path)
 
 
 def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_len=16, meta=None) -> Lut:

@@ -21,14 +21,10 @@ def run(*args, check_rc=None):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    import json as _json
-
-    from conftest import TINY_CONFIG
+    from conftest import write_tiny_config
 
     root = tmp_path_factory.mktemp("cli")
-    (root / "tiny").mkdir()
-    config = root / "tiny" / "config.json"
-    config.write_text(_json.dumps(TINY_CONFIG))
+    config = write_tiny_config(root)
     out = root / "lut"
     proc = run("build-lut", "--backend", "pytorch", "--model", str(config), "--out", str(out), "--quick",
                "--prompt-len", "16", "--contexts", "16,64", "--whole", "4x1", check_rc=0)

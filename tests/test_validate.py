@@ -20,12 +20,10 @@ PROVENANCE = re.compile(r"(\d+) entries measured now, (\d+) taken from the journ
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from conftest import TINY_CONFIG
+    from conftest import write_tiny_config
 
     root = tmp_path_factory.mktemp("validate")
-    (root / "tiny").mkdir()
-    config = root / "tiny" / "config.json"
-    config.write_text(json.dumps(TINY_CONFIG))
+    config = write_tiny_config(root)
     out = root / "lut"
     proc = subprocess.run([*CLI, "build-lut", "--model", str(config), "--out", str(out), "--quick", "--prompt-len",
                            "16", "--contexts", "16,64", "--widths", "1,1/2"], capture_output=True, text=True,
