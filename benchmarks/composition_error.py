@@ -139,7 +139,6 @@ def main() -> None:
     parser.add_argument("--contexts", default="128,512")
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="pytorch", help="pytorch (eager), pytorch-compiled or llama.cpp")
     parser.add_argument("--dtype", default=None, help="the backend's dtype (llama.cpp: f16, q8_0, q4_0)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--report-only", action="store_true", help="report on the tables already under --out")
