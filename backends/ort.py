@@ -41,7 +41,7 @@ from ..measure import Clock, ClockedPiece, Workpiece
 from .base import Availability, Backend, Capabilities, Engine, EngineSpec
 from .ort_weights import pack, unpack
 from ..dtypes import canonical_dtype
-from .pytorch import POOL_SIZE, build_model
+from .pytorch import POOL_SIZE, build_model, cache_keyword
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -90,9 +90,10 @@ def kv_graph(model, num_layers: int):
 
         def forward(self, input_ids, *pasts):
             cache = DynamicCache(list(zip(pasts[0::2], pasts[1::2]))) if num_layers else None
-            out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            keyword = cache_keyword(type(self.model).forward)
+            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
             logits = out.logits[:, -1, :]
-            presents = [t for layer in out.cache.layers[:num_layers] for t in (layer.keys, layer.values)]
+            presents = [t for layer in out[keyword].layers[:num_layers] for t in (layer.keys, layer.values)]
             return (logits, logits.argmax(-1, keepdim=True), *presents)
 
     return KvGraph().eval()

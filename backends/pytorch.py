@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -41,6 +42,14 @@ def _torch():
     import torch
 
     return torch
+
+
+@functools.cache
+def cache_keyword(forward) -> str:
+    """The name ``forward`` takes the KV cache by: transformers renamed ``past_key_values`` to ``cache``
+    within 5.x (5.17 reads only the old name, 5.24 only the new; ``generate()`` refuses the other as an
+    unused model kwarg). Model outputs name the cache the same way."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 @functools.cache
@@ -191,7 +200,7 @@ class PyTorchEngine(Engine):
 
     def generate(self, ids, cache, new_tokens: int):
         torch = _torch()
-        kwargs = {"cache": cache} if cache is not None else {}
+        kwargs = {cache_keyword(type(self.model).forward): cache} if cache is not None else {}
         return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                    do_sample=False, **kwargs)
 
@@ -244,8 +253,8 @@ class _AttnLayer:
 
     def __call__(self, x, position_ids, position_embeddings, cache):
         return self.layer(
-            x, attention_mask=None, position_ids=position_ids, cache=cache, use_cache=True,
-            position_embeddings=position_embeddings,
+            x, attention_mask=None, position_ids=position_ids, use_cache=True, position_embeddings=position_embeddings,
+            **{cache_keyword(type(self.layer).forward): cache},
         )
 
 

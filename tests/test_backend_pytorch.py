@@ -136,3 +136,14 @@ def test_thread_count_is_recorded_and_sets_the_cores_needed():
     given = get_backend("pytorch", threads=2)
     assert given.config_dict()["threads"] == 2 == given.host_cores()
     assert given.environment()["threads_reason"] == "given"
+
+
+def test_cache_keyword_follows_the_installed_transformers():
+    """transformers 5.17 takes ``past_key_values``, 5.24 ``cache``: generate() refuses the other name."""
+    from amoeba_profile.backends.pytorch import cache_keyword
+
+    def old_forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
+
+    def new_forward(self, input_ids=None, cache=None, use_cache=None, **kwargs): ...
+
+    assert cache_keyword(old_forward) == "past_key_values" and cache_keyword(new_forward) == "cache"
