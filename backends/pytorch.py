@@ -183,8 +183,8 @@ class _TpotPiece:
 
     def _request(self, new_tokens: int) -> float:
         ms = self.engine.clock.time_ms(lambda: self.engine.generate(self.ids, self.cache, new_tokens))
-        if self.cache is not None:  # a static cache counts its length in a tensor: int() it, untimed
-            self.cache.crop(-(int(self.cache.get_seq_length()) - self.prefix))
+        if self.cache is not None:
+            self.engine.crop_cache(self.cache, self.prefix)
         return ms
 
     def sample_ms(self, steps: int) -> float:
@@ -203,6 +203,11 @@ class PyTorchEngine(Engine):
         kwargs = {cache_keyword(type(self.model).forward): cache} if cache is not None else {}
         return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                    do_sample=False, **kwargs)
+
+    def crop_cache(self, cache, tokens: int) -> None:
+        """Cut the cache back to its first ``tokens`` after a request (untimed). A negative count to
+        remove is what transformers 5.17 and 5.24 both read the same way."""
+        cache.crop(-(cache.get_seq_length() - tokens))
 
     def filled_cache(self, batch: int, tokens: int):
         """A DynamicCache holding ``tokens`` random keys/values in every layer (None with no layers)."""

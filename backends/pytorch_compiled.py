@@ -233,6 +233,13 @@ class CompiledEngine(PyTorchEngine):
             cache.update(keys, torch.randn_like(keys), index)
         return cache
 
+    def crop_cache(self, cache, tokens: int) -> None:
+        """Move each static layer's length counter back to ``tokens``, in place (the compiled step reads
+        it at a fixed address); the next request overwrites the stale slots. transformers 5.24's
+        ``StaticLayer.crop`` does exactly this; 5.17 keeps the same counter but has no ``crop``."""
+        for layer in cache.layers:
+            layer.cumulative_length.sub_(int(layer.cumulative_length) - tokens)
+
     def warm_compile(self) -> float:
         """Compile the decode step now: one request of 3 tokens over a 1-token cached prefix at the
         largest batch. Returns its seconds; a frame that fell back to eager makes the shape

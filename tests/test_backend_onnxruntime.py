@@ -45,11 +45,14 @@ def _eager_greedy(model, ids, past, steps):
     import torch
     from transformers import DynamicCache
 
+    from amoeba_profile.backends.pytorch import cache_keyword
+
     cache = DynamicCache(list(zip(past[0::2], past[1::2])))
+    keyword = cache_keyword(type(model).forward)
     logits = []
     with torch.no_grad():
         for _ in range(steps):
-            out = model(input_ids=ids, cache=cache, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **{keyword: cache})
             logits.append(out.logits[:, -1, :].numpy())
             ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
     return logits
