@@ -8,8 +8,11 @@ instead of the base being a small difference of large numbers. The fit is solved
 p10 and p90 of the model rows separately; every model row gets its residual, every derived row the
 coefficient's standard error (as std_ms, and cv = std_ms / value) and the flags of the model rows
 it was fitted from (a fit over noisy or contended models is no better than they are). A
-coefficient that comes out non-positive is physically impossible: it is stored with status
-``error`` and the reason, never used.
+coefficient that comes out non-positive is physically impossible: a layer's is stored with status
+``error`` and the reason, never used. A base below zero is the fit's extrapolation to 0 layers
+where the flow serves no 0-layer model (llama.cpp) and the non-layer work is within the noise of
+the deepest models (llama-bench's prefill computes logits for one token only): the group is refit
+with the base held at 0 ms, the least-squares optimum under base >= 0, and the base row says so.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def fit_rows(model_rows: list[dict[str, Any]],
         if np.linalg.matrix_rank(X) < X.shape[1]:
             continue  # not identifiable (too few depths measured ok): no derived rows for this group
         coefs, stderr, resid = _solve(X, rows)
+        unconstrained_base = None
+        if not coefs["median_ms"][0] > 0:
+            unconstrained_base = (float(coefs["median_ms"][0]), float(stderr[0]))
+            layer_coefs, layer_stderr, resid = _solve(X[:, 1:], rows)
+            coefs = {stat: np.concatenate([[0.0], c]) for stat, c in layer_coefs.items()}
+            stderr = np.concatenate([[math.nan], layer_stderr])
         for row, r in zip(rows, resid):
             residuals[entry_key_of_row(row)] = float(r)
         depths = sorted({sum(c.values()) for c in counts})
@@ -72,14 +81,27 @@ def fit_rows(model_rows: list[dict[str, Any]],
         summary.append({"phase": phase, "batch": batch, "tokens": tokens, "context": context, "models": len(rows),
                         "shapes": len(shapes), "rms_residual_pct": round(rms, 3),
                         "max_abs_residual_pct": round(float(np.abs(resid).max()), 3)})
+        if unconstrained_base is not None:
+            summary[-1]["unconstrained_base_ms"] = round(unconstrained_base[0], 4)
         entries = [Entry("base", phase, batch, tokens, context)]
         entries += [Entry("layer", phase, batch, tokens, context, h, kv, f) for h, kv, f in shapes]
         flags = ";".join(sorted({flag for r in rows if isinstance(r.get("flags"), str)
                                  for flag in r["flags"].split(";") if flag}))
         for i, entry in enumerate(entries):
+            if i == 0 and unconstrained_base is not None:
+                derived.append(_zero_base_row(entry, *unconstrained_base, len(rows), note, flags))
+                continue
             derived.append(_derived_row(entry, coefs["median_ms"][i], coefs["p10_ms"][i], coefs["p90_ms"][i],
                                         float(stderr[i]), len(rows), note, flags))
     return derived, residuals, summary
+
+
+def _zero_base_row(entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str,
+                   flags: str) -> dict[str, Any]:
+    measurement = Measurement((), 0.0, 0.0, 0.0, 0.0, math.nan, math.nan, n)
+    return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, flags=flags,
+                        note=f"base held at 0 ms: the unconstrained fit gave {unconstrained_ms:.4g} ± {stderr_ms:.2g} ms, "
+                             f"below zero, so the non-layer cost is within the noise; layers refit without it; {note}")
 
 
 def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str,

@@ -260,14 +260,18 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
     signed = pd.Series([samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])],
                        index=frame.index)[ok]
-    bad = ~(stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) & stats.le(MAX_LATENCY_MS).all(axis=1)
+    # A difference fit's base may be held at exactly 0 ms (``fit``: the least-squares optimum under base >= 0).
+    zero_base = ((frame.loc[ok, "component"] == "base") & (frame.loc[ok, "method"] == "difference")
+                 & stats.eq(0).all(axis=1))
+    bad = ~((stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) | zero_base) & stats.le(MAX_LATENCY_MS).all(axis=1)
             & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
             & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
     if bad.any():
         i = int(bad[bad].index[0])
         raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
                             f"p90={frame.at[i, 'p90_ms']} are not finite, <= {MAX_LATENCY_MS:g} ms and "
-                            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows)")
+                            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows; "
+                            "a difference fit's base may be 0)")
     for column in ("subnet_id", "flags", "note", "subnet_json"):
         frame[column] = frame[column].fillna("").astype(str)
     keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)

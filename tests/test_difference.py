@@ -3,6 +3,7 @@
 import pytest
 
 from amoeba_profile.artifacts import ArtifactCache
+from amoeba_profile.backends.base import EngineSpec
 from amoeba_profile.backends import get_backend
 from amoeba_profile.build import run_build
 from amoeba_profile.errors import AmoebaError, LutError, UsageError
@@ -163,3 +164,32 @@ def test_build_lut_warns_about_rows_compiled_while_timed(tmp_path, tiny_config_p
                                      "compiles_while_timed=on"])
     assert noisy.exit_code == 0, noisy.output
     assert "8 rows compiled inside their timed samples (flagged 'recompiled'" in noisy.output
+
+
+def test_a_base_below_zero_is_held_at_zero_and_the_layers_refit(tmp_path, tiny_arch, fake_backend, monkeypatch):
+    """llama.cpp serves no 0-layer model, so its base is extrapolated; a prefill that grows faster
+    than linearly in depth puts it below zero. The fit then holds the base at 0 ms (least squares
+    under base >= 0) instead of leaving the table unable to predict prefill at all."""
+    from amoeba_profile.errors import UnsupportedShape
+
+    def superlinear(engine, phase, x):  # each layer also slows the others: 0.05 ms per layer pair
+        n = len(engine.spec.layers)
+        return sum(fake_backend.layer_ms(h, f, phase, x) for h, _, f in engine.spec.layers) + 0.05 * n * (n - 1) / 2
+
+    def no_empty_model(backend, spec):
+        if not spec.layers:
+            raise UnsupportedShape("no model without decoder layers")
+
+    monkeypatch.setattr(fake_backend.FakeEngine, "true_ms", superlinear)
+    monkeypatch.setattr(fake_backend.FakeEngineBackend, "check_spec", no_empty_model)
+    lut = _build(tmp_path, tiny_arch, get_backend("fake-engine", noise=0.0))
+    base = lut.ok[lut.ok.component == "base"]
+    assert len(base) == 4 and (base[["median_ms", "p10_ms", "p90_ms"]] == 0).all().all()
+    assert base.note.str.startswith("base held at 0 ms: the unconstrained fit gave -").all()
+    assert all(f["unconstrained_base_ms"] < 0 for f in lut.meta["fit"])
+    # The refit layers absorb the superlinear term, so whole models are still predicted within it.
+    full = Subnet.uniform(tiny_arch, 4, 1.0)
+    layers = tuple((l.heads, l.kv_heads, l.ffn) for l in full.layers)
+    engine = fake_backend.FakeEngine(get_backend("fake-engine"), EngineSpec(tiny_arch, layers, 1, 32, 64))
+    predicted, _ = Predictor(lut).phase_ms(full, "prefill", 1, 16, 0)
+    assert predicted == pytest.approx(superlinear(engine, "prefill", 16), rel=0.1)
