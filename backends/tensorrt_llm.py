@@ -138,12 +138,11 @@ def model_folder(spec: EngineSpec, dtype: str) -> ModelFolder:
     # Layer indices do not change latency (EngineSpec leaves them out): number the layers 0..n-1.
     subnet = Subnet(spec.arch, tuple(LayerShape(i, *layer) for i, layer in enumerate(spec.layers)))
     try:
-        as_llama = loads_as_llama(subnet)
-    except UnsupportedShape as exc:
+        if loads_as_llama(subnet):
+            return ModelFolder("llama", llama_config(subnet, dtype), ())
+        config, adjustments = deci_config(subnet, dtype)
+    except UnsupportedShape as exc:  # export names the first layer whose query heads differ
         raise UnsupportedShape(f"TensorRT-LLM loads LLaMA or DeciLM/Nemotron-NAS configs: {exc}") from None
-    if as_llama:
-        return ModelFolder("llama", llama_config(subnet, dtype), ())
-    config, adjustments = deci_config(subnet, dtype)
     return ModelFolder("nemotron-nas", config, tuple(adjustments))
 
 
