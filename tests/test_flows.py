@@ -26,11 +26,13 @@ def test_every_known_flow_is_listed_with_its_kind():
     assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"]
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
     assert flows["llama.cpp"].status in (MEASURING, UNAVAILABLE) and flows["llama.cpp"].capabilities.per_layer_heads
-    for name, library in (("tensorrt-llm", "tensorrt_llm"), ("mlc-llm", "mlc_llm")):
-        flow = flows[name]
-        assert flow.status == ROOFLINE_ONLY and flow.roofline_profile
-        assert library in flow.reason and f"build-lut --predict --backend {name}" in flow.reason
-        assert flow.install_hint.startswith("pip install") and flow.capabilities.methods == ()
+    trt = flows["tensorrt-llm"]  # an adapter: measuring where TensorRT-LLM and a GPU are, else unavailable
+    assert trt.status in (MEASURING, UNAVAILABLE) and trt.roofline_profile
+    assert trt.install_hint.startswith("pip install tensorrt-llm") and trt.capabilities.methods == ("difference",)
+    mlc = flows["mlc-llm"]
+    assert mlc.status == ROOFLINE_ONLY and mlc.roofline_profile
+    assert "mlc_llm" in mlc.reason and "build-lut --predict --backend mlc-llm" in mlc.reason
+    assert mlc.install_hint.startswith("pip install") and mlc.capabilities.methods == ()
 
 
 def test_capabilities_have_one_definition_per_flow():
@@ -38,6 +40,7 @@ def test_capabilities_have_one_definition_per_flow():
     assert not declared & set(REGISTRY)  # an adapter's class is the only definition of its flow
     assert profiles <= declared | set(REGISTRY)  # every roofline profile belongs to a known flow
     assert flow_capabilities("pytorch") == backend_class("pytorch").capabilities()
+    assert flow_capabilities("tensorrt-llm") == backend_class("tensorrt-llm").capabilities()
     trt, mlc = flow_capabilities("tensorrt-llm"), flow_capabilities("mlc-llm")
     assert (trt.per_layer_heads, trt.per_layer_ffn) == (False, True)
     assert (mlc.per_layer_heads, mlc.per_layer_ffn) == (False, False)

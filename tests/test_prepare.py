@@ -2,6 +2,7 @@
 
 import pytest
 
+from amoeba_profile.backends import REGISTRY
 from amoeba_profile.device import resolve_device
 from amoeba_profile.errors import UsageError
 from amoeba_profile.prepare import prepare_build
@@ -14,7 +15,10 @@ def test_spec_sheet_device_names_predict(tiny_arch):
         prepare_build(tiny_arch, device="gpu")
 
 
-def test_roofline_only_flow_names_predict(tiny_arch):
+def test_roofline_only_flow_names_predict(tiny_arch, monkeypatch):
+    with pytest.raises(UsageError, match=r"'tensorrt-llm' runs on \['cuda'\], not 'cpu'"):
+        prepare_build(tiny_arch, backend="tensorrt-llm", device="cpu")
+    monkeypatch.delitem(REGISTRY, "tensorrt-llm")  # a flow with a roofline profile and no adapter
     with pytest.raises(UsageError, match=r"'tensorrt-llm' has no measuring adapter.*--predict"):
         prepare_build(tiny_arch, backend="tensorrt-llm", device="cpu")
     with pytest.raises(UsageError, match="unknown backend 'vllm'"):
