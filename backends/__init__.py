@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "llama.cpp": "amoeba_profile.backends.llama_cpp:LlamaCppBackend",
     "pytorch-compiled": "amoeba_profile.backends.pytorch_compiled:PyTorchCompiledBackend",
     "onnxruntime": "amoeba_profile.backends.ort:OrtBackend",
+    "mlc-llm": "amoeba_profile.backends.mlc_llm:MlcLlmBackend",
 }
 
 

@@ -23,14 +23,17 @@ class MissingLibraryBackend(FakeEngineBackend):
 
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
-    assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"]
+    assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "mlc-llm", "tensorrt-llm"]
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
     assert flows["llama.cpp"].status in (MEASURING, UNAVAILABLE) and flows["llama.cpp"].capabilities.per_layer_heads
-    for name, library in (("tensorrt-llm", "tensorrt_llm"), ("mlc-llm", "mlc_llm")):
-        flow = flows[name]
-        assert flow.status == ROOFLINE_ONLY and flow.roofline_profile
-        assert library in flow.reason and f"build-lut --predict --backend {name}" in flow.reason
-        assert flow.install_hint.startswith("pip install") and flow.capabilities.methods == ()
+    trt = flows["tensorrt-llm"]
+    assert trt.status == ROOFLINE_ONLY and trt.roofline_profile
+    assert "tensorrt_llm" in trt.reason and "build-lut --predict --backend tensorrt-llm" in trt.reason
+    assert trt.install_hint.startswith("pip install") and trt.capabilities.methods == ()
+    mlc = flows["mlc-llm"]  # a registered adapter; measuring only where mlc_llm and a CUDA GPU are
+    assert mlc.status in (MEASURING, UNAVAILABLE) and mlc.roofline_profile and mlc.capabilities.methods == ("difference",)
+    if mlc.status == UNAVAILABLE:
+        assert "mlc_llm" in mlc.reason and "pip install" in mlc.install_hint and "mlc-llm-nightly" in mlc.install_hint
 
 
 def test_capabilities_have_one_definition_per_flow():
