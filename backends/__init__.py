@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "pytorch-compiled": "amoeba_profile.backends.pytorch_compiled:PyTorchCompiledBackend",
     "onnxruntime": "amoeba_profile.backends.ort:OrtBackend",
     "tensorrt-llm": "amoeba_profile.backends.tensorrt_llm:TensorRtLlmBackend",
+    "mlc-llm": "amoeba_profile.backends.mlc_llm:MlcLlmBackend",
 }
 
 

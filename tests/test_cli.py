@@ -88,8 +88,9 @@ def test_bad_measuring_options_write_nothing(tmp_path):
     out = tmp_path / "lut"
     proc = run("build-lut", "--model", str(config), "--device", "rtx-a5000", "--out", str(out), check_rc=2)
     assert "add --predict" in proc.stderr and not out.exists()
-    proc = run("build-lut", "--model", str(config), "--backend", "mlc-llm", "--out", str(out), check_rc=2)
-    assert "--predict" in proc.stderr and not out.exists()
+    proc = run("build-lut", "--model", str(config), "--backend", "mlc-llm", "--device", "cpu", "--out", str(out),
+               check_rc=2)
+    assert "runs on ['cuda']" in proc.stderr and not out.exists()
     proc = run("build-lut", "--model", str(config), "--predict", "--device", "rtx-a5000", "--quick", "--out",
                str(out), check_rc=2)
     assert "--quick" in proc.stderr and not out.exists()
@@ -153,8 +154,8 @@ def test_corrupt_table_is_one_line(built, tmp_path):
 
 def test_backends_lists_every_flow():
     data = {b["name"]: b for b in json.loads(run("backends", "--json", check_rc=0).stdout)}
-    assert {name: b["status"] for name, b in data.items() if name not in ("llama.cpp", "tensorrt-llm")} == {
-        "pytorch": "measuring", "pytorch-compiled": "measuring", "onnxruntime": "measuring", "mlc-llm": "roofline-only"}
+    assert {name: b["status"] for name, b in data.items() if name not in ("llama.cpp", "tensorrt-llm", "mlc-llm")} == {
+        "pytorch": "measuring", "pytorch-compiled": "measuring", "onnxruntime": "measuring"}
     assert data["llama.cpp"]["status"] in ("measuring", "unavailable")  # measuring where llama-bench is built
     assert data["tensorrt-llm"]["status"] in ("measuring", "unavailable")  # measuring with TensorRT-LLM and a GPU
     assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
