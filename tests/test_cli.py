@@ -162,7 +162,7 @@ def test_backends_lists_every_flow():
     assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
     assert data["mlc-llm"]["install_hint"] and not data["mlc-llm"]["available"]
     text = " ".join(run("backends", check_rc=0).stdout.split())  # lines wrap at the console width
-    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "roofline-only", "uniform only", "pip install tensorrt-llm"):
+    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "unavailable", "uniform only", "pip install tensorrt-llm"):
         assert word in text
 
 
