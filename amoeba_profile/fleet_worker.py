@@ -56,7 +56,6 @@ class Described:
     method_reason: str
     monitor: str
     state: dict[str, Any]
-    node: str
 
 
 def describe_task(build: FleetBuild, threads: int | None) -> Described:
