@@ -9,8 +9,10 @@ nothing and says what it is, so the driver can refuse it.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactCache
@@ -38,8 +40,26 @@ def _worker_notice(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def as_on_the_node(started_with: Path = Path("/proc/self/environ")) -> None:
+    """Undo Ray's thread pin for this task, so it picks threads as build-lut does on this machine.
+
+    For a task that holds no CPU, Ray sets OMP_NUM_THREADS=1 while it runs when the node's
+    environment has none (``ray._private.utils.set_omp_num_threads_if_unset``, against many
+    workers oversubscribing a node); torch imported under it defaults to one thread, and the
+    pytorch backend takes a set OMP_NUM_THREADS as the user's choice. A measurement is alone on its
+    device, so the variable goes unless the worker process started with it (``started_with``:
+    the environment ``ray start`` ran in, as the process was started)."""
+    try:
+        names = {item.split(b"=", 1)[0] for item in started_with.read_bytes().split(b"\0")}
+    except OSError:
+        return
+    if b"OMP_NUM_THREADS" not in names:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
 def detect_task() -> str:
     """profile-device's detection on this node: the slug of the device ``auto`` resolves to."""
+    as_on_the_node()
     resolved, _ = resolve_device("auto")
     return device_slug(resolved)
 
@@ -61,6 +81,7 @@ class Described:
 def describe_task(build: FleetBuild, threads: int | None) -> Described:
     """``prepare_build`` and the device checks of ``preflight``, on the device: what a local build
     checks before writing a byte."""
+    as_on_the_node()
     prepared = prepare_build(build.arch, backend=build.backend, device=build.device, method=build.method,
                              dtype=build.dtype, threads=threads, backend_options=build.backend_options,
                              **build.plan_options)
@@ -104,6 +125,7 @@ def measure_task(job: UnitJob) -> UnitResult:
     """Measure one unit-round with the backend rebuilt from the table's config, under this node's
     measurement lock. A node whose device or versions are not the table's measures nothing: the
     driver refuses its answer and sends the unit elsewhere."""
+    as_on_the_node()
     backend = get_backend(job.record.name, **job.record.config)
     device, versions, node = fingerprint(backend.device), backend.versions(), _node_id()
     if device != job.device or versions != job.record.versions:

@@ -9,6 +9,7 @@ one kills its measurements as a dead machine would.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,19 @@ def test_results_from_another_device_or_other_versions_are_refused():
                                                             answer(versions={"torch": "2.12.0"}))
     assert "not those of the entries" in refusal(device, versions, entries, 0, answer())
     assert "not those of the entries" in refusal(device, versions, entries, 1, answer(records=records[:1]))
+
+
+@pytest.mark.parametrize("node_sets_it", [False, True])
+def test_a_task_drops_the_thread_pin_ray_adds_but_keeps_the_nodes_own(tmp_path, monkeypatch, node_sets_it):
+    from amoeba_profile.fleet_worker import as_on_the_node
+
+    started = tmp_path / "environ"
+    started.write_bytes(b"PATH=/usr/bin\0" + (b"OMP_NUM_THREADS=4\0" if node_sets_it else b"HOME=/root\0"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "4" if node_sets_it else "1")  # what the task runs under
+    as_on_the_node(started)
+    assert os.environ.get("OMP_NUM_THREADS") == ("4" if node_sets_it else None)
+    as_on_the_node(tmp_path / "unreadable")  # no such file (not Linux): nothing changes
+    assert os.environ.get("OMP_NUM_THREADS") == ("4" if node_sets_it else None)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
