@@ -151,7 +151,7 @@ def run_build(
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     output_dir(path.parent, "--out")
-    notice = notice if notice is not None else _to_stderr
+    notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
     with table_lock(path, lock_timeout_s, notice), \
             quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
@@ -182,7 +182,7 @@ def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol
     the device's measurement lock and ``busy`` policy as ``run_build`` does."""
     preflight(plan, backend, journal_path.parent)
     device = fingerprint(backend.device)
-    notice = notice if notice is not None else _to_stderr
+    notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
     with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \
             quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice,
@@ -226,7 +226,8 @@ def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, devi
     }
 
 
-def _to_stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
+    """The default notice: one line on stderr (on a fleet worker, Ray forwards it to the driver)."""
     print(message, file=sys.stderr, flush=True)
 
 

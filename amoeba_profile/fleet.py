@@ -25,7 +25,6 @@ build that extends a table, its ``later_builds`` entry's) names the resource and
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .build import (BuildResult, TableStart, finish_table, group_units, journal_rows, leave_unchanged, noisy_groups,
-                    open_journal, round_groups, start_table, stored_config_at)
+                    open_journal, round_groups, start_table, stored_config_at, to_stderr)
 from .device import device_slug, resolve_device
 from .entry import Entry
 from .errors import AmoebaError, UsageError
@@ -89,10 +88,6 @@ def connect(address: str | None) -> str:
 
 def disconnect() -> None:
     _ray().shutdown()
-
-
-def _to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -231,7 +226,7 @@ def run_fleet(builds: list[FleetBuild], out_dir: Path, protocol: TimingProtocol 
         raise UsageError("run_fleet needs a Ray connection: call fleet.connect(address) first")
     check_corrupt_choice(on_corrupt_journal)
     output_dir(out_dir, "--out")
-    driver = _Driver(Path(out_dir), protocol, busy, progress, notice or _to_stderr, device_wait_s, max_retries,
+    driver = _Driver(Path(out_dir), protocol, busy, progress, notice or to_stderr, device_wait_s, max_retries,
                      on_corrupt_journal, resume_hint, poll_s)
     return driver.run([_Table(build) for build in builds])
 

@@ -10,14 +10,13 @@ nothing and says what it is, so the driver can refuse it.
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .artifacts import ArtifactCache
 from .backends import get_backend
-from .build import BackendRecord, UnitMeasurer, check_device
+from .build import BackendRecord, UnitMeasurer, check_device, to_stderr
 from .device import device_slug, fingerprint, resolve_device
 from .device.load import CpuLoad
 from .device.monitor import monitor_for
@@ -33,11 +32,6 @@ def _node_id() -> str:
     import ray  # only ever called inside a Ray worker
 
     return ray.get_runtime_context().get_node_id()
-
-
-def _worker_notice(message: str) -> None:
-    # A worker's stderr reaches the driver's terminal through Ray's log forwarding.
-    print(message, file=sys.stderr, flush=True)
 
 
 def as_on_the_node(started_with: Path = Path("/proc/self/environ")) -> None:
@@ -132,7 +126,7 @@ def measure_task(job: UnitJob) -> UnitResult:
         return UnitResult([], True, device, versions, node, None)
     records: list[dict[str, Any]] = []
     load = CpuLoad()
-    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy, _worker_notice,
+    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy, to_stderr,
                        -1, load):
         measurer = UnitMeasurer(job.plan, backend, job.protocol, ArtifactCache(), load)
         built = measurer.measure_unit(list(job.entries), job.round_index, lambda entry, result: records.append(result))
