@@ -228,6 +228,15 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
         # kind-a's first unit was measured on the node that was killed; the rest on the one that rejoined
         assert progress.killed and set(a_outcome.nodes) == {first_a.node_id, progress.joined[0].node_id}
         assert b_outcome.nodes == (b.node_id,)
+        # The same build run locally writes the same table apart from the fleet's provenance.
+        local = prepare_build(b_outcome.build.arch, backend="pytorch", **b_outcome.build.plan_options)
+        mine = load_table(run_build(local.plan, local.backend, tmp_path / "local", FAST_PROTOCOL).path)
+        fleet = load_table(b_outcome.result.path)
+        assert set(fleet.meta) - set(mine.meta) == {"fleet"} and set(mine.meta) <= set(fleet.meta)
+        same = ("device_slug", "device", "backend", "backend_config", "versions", "dtype", "arch", "method", "grid",
+                "protocol", "clock", "source", "monitor", "tool_version", "schema_version", "rows")
+        assert {k: fleet.meta[k] for k in same} == {k: mine.meta[k] for k in same}
+        assert _row_keys(fleet) == _row_keys(mine) and list(fleet.frame.columns) == list(mine.frame.columns)
     finally:
         for node in [b, *progress.joined]:
             cluster.remove_node(node)
