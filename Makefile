@@ -10,11 +10,12 @@ BUDGET ?= 180
 
 # torch is pinned first: on the package index this project's machines use, 2.13.0 resolves to a CPU wheel;
 # on a stock Linux index a plain torch (pinned or not) is the multi-GB CUDA build (README, Install).
-# The onnxruntime extra is installed so that `make test` (CI) runs that backend's tests for real.
+# The onnxruntime and fleet extras are installed so that `make test` (CI) runs that backend's tests and the
+# fleet's Ray tests for real.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev,llama-cpp,onnxruntime]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,llama-cpp,onnxruntime,fleet]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -9,6 +9,10 @@ loaded per round. A ``difference`` build then fits base + per-layer costs (``fit
 finished table replaces the old one atomically; a file lock serializes two builds of one table,
 and a machine-wide lock per device serializes every measurement on it (``quiet.py``). Other
 processes' CPU load is recorded around every entry; rows measured under it are flagged.
+
+A fleet build (``fleet.py``) runs the same parts, split between machines: ``UnitMeasurer`` on a
+node of the device, the rounds (``round_groups``, ``noisy_groups``), the journal and the table
+(``start_table``, ``finish_table``) on the driver.
 """
 
 from __future__ import annotations
@@ -46,16 +50,38 @@ from .plan import BuildPlan
 from .quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
 
 Progress = Callable[[int, int, str], None]
+# Where one (entry, round) result goes: the build's journal, or the list a fleet worker returns.
+Sink = Callable[[Entry, dict[str, Any]], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
 
 
-def _journal_header(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any]) -> dict:
+@dataclass(frozen=True)
+class BackendRecord:
+    """What a table and its journal record about the backend that measures them.
+
+    A local build reads it off its backend; a fleet build gets it from a worker on the device,
+    because the driver may have neither that device nor the flow's libraries."""
+
+    name: str
+    config: dict[str, Any]
+    versions: dict[str, Any]
+    environment: dict[str, Any]
+    dtype: str
+    clock_name: str
+
+    @classmethod
+    def of(cls, backend: Backend) -> BackendRecord:
+        return cls(backend.name, backend.config_dict(), backend.versions(), backend.environment(), backend.dtype,
+                   backend.clock_name)
+
+
+def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any]) -> dict:
     """The options a journal's results belong to, and their hash: a journal of other options is refused,
     and the refusal names which differ."""
     options = {
         "arch": plan.arch.to_dict(), "grid": plan.grid(), "whole": sorted(s.id for s in plan.whole),
-        "backend": backend.name, "config": backend.config_dict(), "versions": backend.versions(),
+        "backend": record.name, "config": record.config, "versions": record.versions,
         "device": device["slug"], "protocol": protocol.to_dict(),
     }
     identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
@@ -83,14 +109,20 @@ class BuildResult:
 
 
 def preflight(plan: BuildPlan, backend: Backend, out_dir: Path) -> None:
-    """Everything a build refuses before it writes a byte: a method the backend lacks, a largest
-    engine or component chain that cannot fit the memory the device has available
-    (``memory.check_fits``), an output folder that cannot be one. ``run_build`` calls it; a caller
-    that reports progress calls it first, so a refusal is the only thing it prints."""
+    """Everything a build refuses before it writes a byte: what ``check_device`` refuses, and an
+    output folder that cannot be one. ``run_build`` calls it; a caller that reports progress calls
+    it first, so a refusal is the only thing it prints."""
+    check_device(plan, backend)
+    output_dir(out_dir, "--out")
+
+
+def check_device(plan: BuildPlan, backend: Backend) -> None:
+    """What the measuring machine refuses: a method the backend lacks, a largest engine or
+    component chain that cannot fit the memory the device has available (``memory.check_fits``).
+    A fleet worker runs it on the device; the output folder is the driver's to check."""
     _check_method(plan, backend)
     check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
                lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
-    output_dir(out_dir, "--out")
 
 
 def run_build(
@@ -119,7 +151,7 @@ def run_build(
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     output_dir(path.parent, "--out")
-    notice = notice if notice is not None else _to_stderr
+    notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
     with table_lock(path, lock_timeout_s, notice), \
             quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
@@ -150,14 +182,15 @@ def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol
     the device's measurement lock and ``busy`` policy as ``run_build`` does."""
     preflight(plan, backend, journal_path.parent)
     device = fingerprint(backend.device)
-    notice = notice if notice is not None else _to_stderr
+    notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
     with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \
             quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice,
                           -1, load):
         runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
-        meta = _meta(plan, backend, protocol, device, method_reason)
-        journal = runner.open_journal(journal_path, device, on_corrupt_journal)
+        record = BackendRecord.of(backend)
+        meta = _meta(plan, record, protocol, device, method_reason)
+        journal = open_journal(journal_path, plan, record, protocol, device, on_corrupt_journal)
         todo = plan.entries()
         meta["monitor"], meta["state_at_start"] = runner.monitor.source, runner.monitor.sample()
         rows, _ = runner.measure(todo, journal)
@@ -182,18 +215,19 @@ def _check_method(plan: BuildPlan, backend: Backend) -> None:
                           f"not the {plan.method!r} method")
 
 
-def _meta(plan: BuildPlan, backend: Backend, protocol: TimingProtocol, device: dict[str, Any],
+def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any],
           method_reason: str) -> dict[str, Any]:
     return {
-        "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": backend.name,
-        "backend_config": backend.config_dict(), "versions": backend.versions(),
-        "backend_env": backend.environment(), "dtype": backend.dtype, "arch": plan.arch.to_dict(),
+        "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": record.name,
+        "backend_config": record.config, "versions": record.versions,
+        "backend_env": record.environment, "dtype": record.dtype, "arch": plan.arch.to_dict(),
         "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
-        "protocol": protocol.to_dict(), "clock": backend.clock_name, "source": "measured",
+        "protocol": protocol.to_dict(), "clock": record.clock_name, "source": "measured",
     }
 
 
-def _to_stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
+    """The default notice: one line on stderr (on a fleet worker, Ray forwards it to the driver)."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -216,6 +250,11 @@ def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> d
     extend, or None. A default that follows the machine's load (pytorch's threads) must not change
     the identity of a table between two runs of one build: callers adopt these values instead."""
     path = table_path(out_dir, fingerprint(backend.device)["slug"], backend.name, plan.arch.name, backend.dtype)
+    return stored_config_at(path)
+
+
+def stored_config_at(path: Path) -> dict[str, Any] | None:
+    """The backend config of the unfinished journal or the table at ``path`` (a table's CSV), or None."""
     journal = path.with_name(path.name + ".journal.jsonl")
     if journal.is_file():
         with journal.open() as handle:
@@ -248,84 +287,139 @@ def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dt
     return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")
 
 
-class _Runner:
-    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
-                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
-        self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
-        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
-        self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
-        self.failed_units: set[tuple] = set()
-        self.counter = 0
-        self.total = 0
+def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
+                 device: dict[str, Any], on_corrupt: str) -> Journal:
+    """The journal of one build at ``path``: its results are checked against the plan's entries and
+    rounds, and a journal of other options is refused."""
+    return Journal(path, _journal_header(plan, record, protocol, device), on_corrupt,
+                   keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
 
-    def tick(self, entry: Entry, round_index: int) -> None:
-        self.counter += 1
-        if self.progress:
-            rounds = self.protocol.rounds
-            which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
-            self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
 
-    def open_journal(self, path: Path, device: dict[str, Any], on_corrupt: str) -> Journal:
-        plan, protocol = self.plan, self.protocol
-        return Journal(path, _journal_header(plan, self.backend, protocol, device),
-                       on_corrupt, keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
+def group_units(entries: list[Entry]) -> dict[tuple, list[Entry]]:
+    """Entries by the unit (built module or engine) they share, in plan order."""
+    units: dict[tuple, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        units[entry.unit].append(entry)
+    return units
 
-    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal."""
-        protocol = self.protocol
-        done = journal.done()
-        units: dict[tuple, list[Entry]] = defaultdict(list)
-        for entry in todo:
-            units[entry.unit].append(entry)
-        self.total = len(todo) * protocol.rounds
-        todo_keys = {e.key for e in todo}
-        self.counter = len({d for d in done if d[0] in todo_keys})
-        if self.progress:
-            self.progress(self.counter, self.total, "resuming" if self.counter else "starting")
-        for round_index in range(protocol.rounds):
-            for unit_key, entries in units.items():
-                pending = [e for e in entries if (e.key, round_index) not in done]
-                if pending and unit_key not in self.failed_units:
-                    self._measure_unit(pending, round_index, journal)
-        self._remeasure_noisy(units, journal, done)
-        return _aggregate(todo, journal.records, protocol.cv_threshold, self.plan.method)
 
-    def build(self, path: Path, device: dict[str, Any], method_reason: str, on_corrupt: str) -> BuildResult:
-        plan, protocol = self.plan, self.protocol
-        started = time.perf_counter()
-        meta = _meta(plan, self.backend, protocol, device, method_reason)
-        kept, old_meta = _existing(path, meta)
-        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
-        have = {entry_key_of_row(row) for row in kept}
-        todo = [e for e in plan.entries() if e.key not in have]
-        journal_path = path.with_name(path.name + ".journal.jsonl")
-        if old_meta is not None:
-            old_fits = set(old_meta.get("fit_subnet_ids", []))
-            if not todo and fit_ids <= old_fits and not _widens_grid(old_meta["grid"], plan):
-                # Nothing to add: rewriting would only churn the file and log a build that did nothing.
-                # A journal of this build left by a crash after its table was written goes (another's stays).
-                if journal_path.exists():
-                    self.open_journal(journal_path, device, on_corrupt).path.unlink()
-                return BuildResult(path, 0, 0, len(kept), [], time.perf_counter() - started, written=False)
+def round_groups(units: dict[tuple, list[Entry]], done: set[tuple[str, int]], failed: set[tuple],
+                 round_index: int) -> list[list[Entry]]:
+    """Per unit, the entries still to measure in round ``round_index``; units that could not be
+    built in an earlier round are skipped."""
+    groups = [[e for e in entries if (e.key, round_index) not in done]
+              for unit_key, entries in units.items() if unit_key not in failed]
+    return [group for group in groups if group]
+
+
+def noisy_groups(units: dict[tuple, list[Entry]], journal: Journal, failed: set[tuple],
+                 protocol: TimingProtocol) -> list[list[Entry]]:
+    """Per unit, the entries that get the extra round (index ``protocol.rounds``): CV over the
+    normal rounds above the threshold, or measured under contention; those already re-measured are
+    left out."""
+    extra = protocol.rounds
+    by_key: dict[str, list[float]] = defaultdict(list)
+    states: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in journal.records:
+        if record["status"] == "ok" and record["round"] < extra:
+            by_key[record["key"]].extend(record["samples_ms"])
+            states[record["key"]].append(record.get("state", {}))
+
+    def disturbed(key: str) -> bool:
+        samples = by_key.get(key, [])
+        noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > protocol.cv_threshold
+        return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
+
+    done = journal.done()
+    groups = [[e for e in entries if disturbed(e.key) and (e.key, extra) not in done]
+              for unit_key, entries in units.items() if unit_key not in failed]
+    return [group for group in groups if group]
+
+
+def journal_rows(todo: list[Entry], journal: Journal, protocol: TimingProtocol,
+                 plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of ``todo`` from the journal's results, and the labels of the entries that failed."""
+    return _aggregate(todo, journal.records, protocol.cv_threshold, plan_method)
+
+
+@dataclass
+class TableStart:
+    """One table's build between reading what is at its path and writing it. ``run_build`` and the
+    fleet driver share it, so both write the same table from the same journal.
+
+    ``meta`` is the sidecar to write (the old one extended, when the table exists); ``kept`` the
+    rows already there; ``todo`` the entries to measure; ``nothing_new``: the build would add no
+    row, fit model or grid value, so the table is left alone."""
+
+    path: Path
+    meta: dict[str, Any]
+    kept: list[dict[str, Any]]
+    old_meta: dict[str, Any] | None
+    todo: list[Entry]
+    fit_ids: set[str]
+    nothing_new: bool
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".journal.jsonl")
+
+
+def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
+                device: dict[str, Any], method_reason: str) -> TableStart:
+    """Read the table at ``path`` (refused when its identity is not this build's) and work out what
+    the build adds to it."""
+    meta = _meta(plan, record, protocol, device, method_reason)
+    kept, old_meta = _existing(path, meta)
+    fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+    have = {entry_key_of_row(row) for row in kept}
+    todo = [e for e in plan.entries() if e.key not in have]
+    nothing_new = False
+    if old_meta is not None:
+        old_fits = set(old_meta.get("fit_subnet_ids", []))
+        nothing_new = not todo and fit_ids <= old_fits and not _widens_grid(old_meta["grid"], plan)
+        if not nothing_new:
             meta = _extend_meta(old_meta, plan, protocol)
             fit_ids |= old_fits
-        journal = self.open_journal(journal_path, device, on_corrupt)
-        meta["monitor"] = self.monitor.source
-        meta["state_at_start"] = self.monitor.sample()
-        rows, oom = self.measure(todo, journal)
-        recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
-        all_rows = kept + rows
-        if fit_ids:
-            all_rows, meta["fit"] = _refit(all_rows, fit_ids)
-            meta["fit_subnet_ids"] = sorted(fit_ids)
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        meta["state_at_end"] = self.monitor.sample()
-        stamps = {"created_at": old_meta.get("created_at", created), "updated_at": created} if old_meta \
-            else {"created_at": created}
-        write_table(path, rows_frame(all_rows), {**meta, **stamps})
-        journal.path.unlink(missing_ok=True)
-        return BuildResult(path, *_provenance(todo, journal), len(kept), oom, time.perf_counter() - started,
-                           recompiled=recompiled)
+    return TableStart(path, meta, kept, old_meta, todo, fit_ids, nothing_new)
+
+
+def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: float) -> BuildResult:
+    """The result of a build with nothing to add: rewriting would only churn the file and log a
+    build that did nothing. A journal of this build left by a crash after its table was written
+    goes (``journal`` opens it, refusing another build's, which stays)."""
+    if start.journal_path.exists():
+        journal().path.unlink()
+    return BuildResult(start.path, 0, 0, len(start.kept), [], time.perf_counter() - started, written=False)
+
+
+def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], journal: Journal,
+                 started: float) -> BuildResult:
+    """Refit (difference), write the table atomically with ``start.meta`` (the caller has added the
+    monitor and device state), then remove the journal."""
+    meta = start.meta
+    recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
+    all_rows = start.kept + rows
+    if start.fit_ids:
+        all_rows, meta["fit"] = _refit(all_rows, start.fit_ids)
+        meta["fit_subnet_ids"] = sorted(start.fit_ids)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamps = {"created_at": start.old_meta.get("created_at", created), "updated_at": created} \
+        if start.old_meta else {"created_at": created}
+    write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
+    journal.path.unlink(missing_ok=True)
+    return BuildResult(start.path, *_provenance(start.todo, journal), len(start.kept), oom,
+                       time.perf_counter() - started, recompiled=recompiled)
+
+
+class UnitMeasurer:
+    """Measures one unit's entries in one round: builds or loads the unit, warms up and times each
+    entry with the device state around it, and hands each result to a sink. The one place results
+    are made, for a local build (the sink is its journal) and a fleet worker (a list it returns)."""
+
+    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
+                 load: CpuLoad):
+        self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
+        self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
 
     def _open(self, entry: Entry):
         """(engine or component unit, compile seconds spent now) for the unit ``entry`` belongs to."""
@@ -345,26 +439,28 @@ class _Runner:
             return opened.ttft(entry.batch, entry.tokens)
         return opened.tpot(entry.batch, entry.context, self.plan.decode_steps)
 
-    def _fail(self, entries: list[Entry], round_index: int, journal: Journal, status: str, exc: BaseException) -> None:
+    @staticmethod
+    def _fail(entries: list[Entry], round_index: int, sink: Sink, status: str, exc: BaseException) -> None:
         for entry in entries:
-            journal.append({"key": entry.key, "round": round_index, "status": status, "note": str(exc)[:200]})
-            self.tick(entry, round_index)
+            sink(entry, {"key": entry.key, "round": round_index, "status": status, "note": str(exc)[:200]})
 
-    def _measure_unit(self, entries: list[Entry], round_index: int, journal: Journal) -> None:
+    def measure_unit(self, entries: list[Entry], round_index: int, sink: Sink) -> bool:
+        """Measure ``entries`` (one unit's) in round ``round_index``; every entry gets one result.
+        False when the unit could not be built (unsupported or out of memory): later rounds skip it.
+        Any other failure raises, naming the entry."""
         backend = self.backend
-        unit_key = entries[0].unit
         t0 = time.perf_counter()
         try:
             opened, compile_s = self._open(entries[0])
         except UnsupportedShape as exc:
-            self.failed_units.add(unit_key)
-            return self._fail(entries, round_index, journal, "unsupported", exc)
+            self._fail(entries, round_index, sink, "unsupported", exc)
+            return False
         except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
             if not backend.is_out_of_memory(exc):
                 raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to "
                                   "resume") from exc
-            self.failed_units.add(unit_key)
-            return self._fail(entries, round_index, journal, "oom", exc)
+            self._fail(entries, round_index, sink, "oom", exc)
+            return False
         build_s = time.perf_counter() - t0
         try:
             for entry in entries:
@@ -382,47 +478,91 @@ class _Runner:
                     if not backend.is_out_of_memory(exc):
                         raise AmoebaError(f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to "
                                           "resume") from exc
-                    self._fail([entry], round_index, journal, "oom", exc)
+                    self._fail([entry], round_index, sink, "oom", exc)
                     continue
                 repeat = getattr(opened, "repeat", 1)
                 state = entry_state(before, after, (warm_runs + len(samples) * steps) * repeat)
                 state.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
                                                 ("recompiles", recompiles)) if v is not None})
-                journal.append({
+                sink(entry, {
                     "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
                     "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
                     "state": state,
                 })
                 build_s = 0.0
-                self.tick(entry, round_index)
         finally:
             opened.close()
+        return True
 
-    def _remeasure_noisy(self, units: dict[tuple, list[Entry]], journal: Journal, done: set) -> None:
-        """Entries whose CV exceeds the threshold, or that were measured under contention, get one
-        extra round, after a wait for a quiet CPU (with a busy policy); still noisy or contended,
-        they are flagged."""
-        extra = self.protocol.rounds
-        by_key: dict[str, list[float]] = defaultdict(list)
-        states: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for record in journal.records:
-            if record["status"] == "ok" and record["round"] < extra:
-                by_key[record["key"]].extend(record["samples_ms"])
-                states[record["key"]].append(record.get("state", {}))
 
-        def disturbed(key: str) -> bool:
-            samples = by_key.get(key, [])
-            noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > self.protocol.cv_threshold
-            return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
+class _Runner:
+    """A local build: every unit measured in this process, results journaled as they come."""
 
-        redo = {unit_key: [e for e in entries if disturbed(e.key) and (e.key, extra) not in done
-                           and (e.key, extra) not in journal.done()]
-                for unit_key, entries in units.items() if unit_key not in self.failed_units}
-        redo = {unit_key: entries for unit_key, entries in redo.items() if entries}
+    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
+                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
+        self.plan, self.backend, self.protocol = plan, backend, protocol
+        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
+        self.measurer = UnitMeasurer(plan, backend, protocol, artifacts, load)
+        self.monitor = self.measurer.monitor
+        self.failed_units: set[tuple] = set()
+        self.counter = 0
+        self.total = 0
+
+    def tick(self, entry: Entry, round_index: int) -> None:
+        self.counter += 1
+        if self.progress:
+            rounds = self.protocol.rounds
+            which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
+            self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
+
+    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal.
+
+        Rounds are interleaved (every unit once per round); entries whose CV exceeds the threshold,
+        or that were measured under contention, get one extra round, after a wait for a quiet CPU
+        (with a busy policy); still noisy or contended, they are flagged."""
+        protocol = self.protocol
+        units = group_units(todo)
+        self.total = len(todo) * protocol.rounds
+        todo_keys = {e.key for e in todo}
+        self.counter = len({d for d in journal.done() if d[0] in todo_keys})
+        if self.progress:
+            self.progress(self.counter, self.total, "resuming" if self.counter else "starting")
+        for round_index in range(protocol.rounds):
+            for entries in round_groups(units, journal.done(), self.failed_units, round_index):
+                self._measure_unit(entries, round_index, journal)
+        redo = noisy_groups(units, journal, self.failed_units, protocol)
         if redo and self.busy is not None:
             wait_for_quiet(self.load, self.backend.host_cores(), self.busy, self.notice, may_refuse=False)
-        for entries in redo.values():
-            self._measure_unit(entries, extra, journal)
+        for entries in redo:
+            self._measure_unit(entries, protocol.rounds, journal)
+        return journal_rows(todo, journal, protocol, self.plan.method)
+
+    def _measure_unit(self, entries: list[Entry], round_index: int, journal: Journal) -> None:
+        def sink(entry: Entry, result: dict[str, Any]) -> None:
+            journal.append(result)
+            self.tick(entry, round_index)
+
+        if not self.measurer.measure_unit(entries, round_index, sink):
+            self.failed_units.add(entries[0].unit)
+
+    def build(self, path: Path, device: dict[str, Any], method_reason: str, on_corrupt: str) -> BuildResult:
+        plan, protocol = self.plan, self.protocol
+        started = time.perf_counter()
+        record = BackendRecord.of(self.backend)
+        start = start_table(path, plan, record, protocol, device, method_reason)
+
+        def journal() -> Journal:
+            return open_journal(start.journal_path, plan, record, protocol, device, on_corrupt)
+
+        if start.nothing_new:
+            return leave_unchanged(start, journal, started)
+        opened = journal()
+        start.meta["monitor"] = self.monitor.source
+        start.meta["state_at_start"] = self.monitor.sample()
+        rows, oom = self.measure(start.todo, opened)
+        start.meta["state_at_end"] = self.monitor.sample()
+        return finish_table(start, rows, oom, opened, started)
 
 
 _GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")

@@ -22,7 +22,7 @@ from .predict import Predictor
 from .report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
 from .select import describe, select, table_space, table_workload
-from .subnet import Subnet, parse_ratio
+from .subnet import parse_ratio, parse_whole
 from .workload import metric_name
 
 # rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
@@ -65,19 +65,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise UsageError(f"--{what} needs positive integers, got {text!r}")
     return values
-
-
-def _whole_subnets(arch, text: str | None) -> tuple[Subnet, ...]:
-    """'22x1,18x3/4' -> uniform subnets measured whole (model rows for validation)."""
-    if not text:
-        return ()
-    subnets = []
-    for item in text.split(","):
-        depth, _, width = item.strip().partition("x")
-        if not depth.isdigit() or not width:
-            raise UsageError(f"--whole items look like 18x3/4 (layers x width), got {item!r}")
-        subnets.append(Subnet.uniform(arch, int(depth), parse_ratio(width)))
-    return tuple(subnets)
 
 
 _CORRUPT_HELP = ("A journal damaged other than by a crash mid-append: stop (name the line), drop-tail (keep the "
@@ -144,7 +131,7 @@ def build_lut(
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
-                batch=batch, whole=_whole_subnets(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
+                batch=batch, whole=parse_whole(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
     if predict:
         measuring_only = [name for name, value in (("--method", method), ("--depths", depths), ("--quick", quick),
                                                     ("--threads", threads), ("--artifacts", artifacts),
@@ -493,6 +480,112 @@ def profile_device(
         print_json(out, report)
         return
     out.print(device_report(report))
+
+
+fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Build tables on many devices at once through a Ray cluster (needs the fleet extra: "
+                             "pip install 'amoeba-profile[fleet]').")
+app.add_typer(fleet_app, name="fleet")
+
+
+@fleet_app.command("resources")
+def fleet_resources(
+    device: str = typer.Option("auto", help="auto (CUDA if torch sees one, else CPU), cpu or cuda[:N]."),
+    head: str = typer.Option("HEAD:6379", help="The head node's address, for the printed 'ray start' line."),
+) -> None:
+    """Print the Ray resource this machine's device advertises, and the 'ray start' line that joins it to a fleet."""
+    import json
+    import shlex
+
+    from .fleet import node_resources
+
+    resources = json.dumps({k: int(v) for k, v in node_resources(device).items()})
+    out.print(resources, markup=False, highlight=False)
+    out.print(f"ray start --address={head} --resources={shlex.quote(resources)}", markup=False, highlight=False)
+
+
+@fleet_app.command("build")
+def fleet_build(
+    plan: Optional[Path] = typer.Option(None, help="YAML plan: devices, flows, models and grid (see docs/design.md, "
+                                        "Fleet)."),
+    devices: Optional[str] = typer.Option(None, help="Without --plan: device labels, comma-separated (each a node "
+                                          "resource device:<label>)."),
+    flows: str = typer.Option("pytorch", help="Without --plan: backends, comma-separated."),
+    models: Optional[str] = typer.Option(None, help="Without --plan: models (built-in names or config.json paths), "
+                                         "comma-separated."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (HEAD:6379); default: the one 'ray start' "
+                                          "runs on this machine, else a new local one that advertises this machine's "
+                                          "device."),
+    out_dir: Path = typer.Option(Path("out/lut"), "--out", help="Root folder of tables, as build-lut's --out."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="On each node, when other processes load its CPU: "
+                             "wait, warn or refuse (as build-lut)."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
+    device_wait_s: float = typer.Option(600.0, min=0, help="Give a device's builds up (journal kept) after it has had "
+                                        "no live node this long."),
+    max_retries: int = typer.Option(3, min=0, help="How often Ray reruns a unit whose worker or node died."),
+    on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
+) -> None:
+    """Build every (device, flow, model) table of a plan on a Ray cluster, one measurement per device at a time."""
+    import shlex
+
+    from .fleet import connect, disconnect, discover, run_fleet
+    from .fleet_plan import flags_builds, load_fleet_plan
+    from .quiet import BusyPolicy
+
+    check_corrupt_choice(on_corrupt_journal)
+    if plan is not None:
+        if devices or models:
+            raise UsageError("--devices and --models build without a plan; with --plan, the plan names them")
+        builds = load_fleet_plan(plan)
+    elif devices and models:
+        builds = flags_builds(_names(devices), _names(flows), _names(models))
+    else:
+        raise UsageError("name what to build: --plan fleet.yaml, or --devices, --flows and --models")
+    policy = BusyPolicy(busy, busy_wait_s)
+    protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    joined = connect(address)
+    try:
+        err.print(f"joined {joined}", markup=False, highlight=False)
+        for node in discover():
+            labels = ", ".join(f"device:{label}" for label in node.labels)
+            note = "" if node.detected in node.labels else f" (its tables go under {node.detected})"
+            err.print(f"node {node.node[:12]} on {node.host}: {labels}; detected {node.detected}{note}",
+                      markup=False, highlight=False)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
+            tasks = {b.name: bar.add_task(escape(b.name), total=None, entry="waiting for a node") for b in builds}
+
+            def progress(name: str, done: int, total: int, label: str) -> None:
+                bar.update(tasks[name], completed=done, total=total, entry=label)
+
+            try:
+                outcomes = run_fleet(builds, out_dir, protocol, busy=policy, progress=progress, notice=_notice,
+                                     device_wait_s=device_wait_s, max_retries=max_retries,
+                                     on_corrupt_journal=on_corrupt_journal,
+                                     resume_hint="amoeba-profile " + shlex.join(sys.argv[1:]))
+            except KeyboardInterrupt:
+                raise AmoebaError("interrupted: finished results are kept in each table's journal; rerun the same "
+                                  "command to resume") from None
+    finally:
+        disconnect()
+    for outcome in outcomes:
+        result = outcome.result
+        if outcome.status == "written":
+            out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken "
+                      f"from the journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s, "
+                      f"{len(outcome.nodes)} nodes)", markup=False, highlight=False)
+        elif outcome.status == "unchanged":
+            out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build)",
+                      markup=False, highlight=False)
+        else:
+            err.print(f"error: {one_line(outcome.message)}", markup=False, highlight=False, soft_wrap=True)
+    if any(o.status not in ("written", "unchanged") for o in outcomes):
+        raise typer.Exit(1)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 @app.command("backends")

@@ -228,6 +228,20 @@ def parse_ratio(text: str) -> float:
     return value
 
 
+def parse_whole(arch: ModelArch, text: str | None) -> tuple[Subnet, ...]:
+    """'22x1,18x3/4' -> uniform subnets measured whole (model rows for validation); build-lut's
+    ``--whole`` and a fleet plan's ``whole`` read the same text."""
+    if not text:
+        return ()
+    subnets = []
+    for item in text.split(","):
+        depth, _, width = item.strip().partition("x")
+        if not depth.isdigit() or not width:
+            raise UsageError(f"--whole items look like 18x3/4 (layers x width), got {item!r}")
+        subnets.append(Subnet.uniform(arch, int(depth), parse_ratio(width)))
+    return tuple(subnets)
+
+
 @dataclass(frozen=True)
 class DesignSpace:
     """The uniform (num_layers x width_ratio) grid a picker enumerates."""
