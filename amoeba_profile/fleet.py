@@ -76,7 +76,13 @@ def connect(address: str | None) -> str:
     what was joined, for people."""
     ray = _ray()
     if address:
-        ray.init(address=address)
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            raise AmoebaError(f"cannot join the Ray cluster at {address} ({' '.join(str(exc).split())}); is "
+                              "`ray start --head` running there, and if the head uses token authentication "
+                              "(Ray's default from 2.61, or a ~/.ray/auth_token), set RAY_AUTH_MODE=token and "
+                              "RAY_AUTH_TOKEN (`ray get-auth-token` on the head) here too") from None
         return f"the Ray cluster at {address}"
     try:
         ray.init(address="auto")
