@@ -63,18 +63,24 @@ def flagged_rows(lut: Lut, prediction: Prediction, metric: str = "e2e_ms") -> li
 
 def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
     """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not."""
-    parts, throttled = [], False
+    parts, seen = [], set()
     for who, rows in flagged.items():
         counts = Counter(f for row in rows for f in row["flags"] if f not in INFORMATIVE_FLAGS)
         if counts:
             disturbed = sum(1 for row in rows if set(row["flags"]) - INFORMATIVE_FLAGS)
             listed = ", ".join(f"{flag} {n}" for flag, n in sorted(counts.items()))
             parts.append(f"the {who.replace('_', '-')} rests on {disturbed} disturbed rows ({listed})")
-            throttled = throttled or "throttled" in counts
+            seen |= set(counts)
     if not parts:
         return None
-    advice = "rebuild the table on an idle machine (build-lut --busy wait)"
-    if throttled:
+    # The remedy follows the cause: other processes (contended, recompiled under load) want an idle
+    # machine; rows that are only noisy (high_cv, e.g. inherited by a fit from its noisy models on a
+    # host-bound GPU) want more samples; a hot device wants cooling and locked clocks.
+    if seen <= {"high_cv"}:
+        advice = "rebuild the table with more rounds (without --quick) or on a quieter machine"
+    else:
+        advice = "rebuild the table on an idle machine (build-lut --busy wait)"
+    if "throttled" in seen:
         advice += " with the device cool and its clocks locked"
     return f"{'; '.join(parts)}; its latencies may be off - {advice} before relying on it"
 
