@@ -242,6 +242,15 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
             cluster.remove_node(node)
 
 
+def _one_device_build(cluster, tmp_path, label: str):
+    """A node advertising ``label`` and the one tiny pytorch build planned for it."""
+    _configs(tmp_path)
+    node = _node(cluster, label)
+    [build] = plan_builds({"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": [label]},
+                          tmp_path, "test plan")
+    return node, build
+
+
 def _row_keys(lut) -> list[str]:
     from amoeba_profile.lut import entry_key_of_row
 
@@ -252,10 +261,7 @@ def _row_keys(lut) -> list[str]:
 def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(cluster, tmp_path):
     from amoeba_profile.fleet import run_fleet
 
-    _configs(tmp_path)
-    node = _node(cluster, "kind-c")
-    [build] = plan_builds({"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": ["kind-c"]},
-                          tmp_path, "test plan")
+    node, build = _one_device_build(cluster, tmp_path, "kind-c")
     progress = _killer(cluster, node, "kind-c", rejoin=False)
     notes: list[str] = []
     [outcome] = run_fleet([build], tmp_path / "lut", FAST_PROTOCOL, progress=progress, notice=notes.append,
@@ -282,10 +288,7 @@ def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(clust
 def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refused(cluster, tmp_path):
     from amoeba_profile.fleet import run_fleet
 
-    _configs(tmp_path)
-    node = _node(cluster, "kind-d")
-    [build] = plan_builds({"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": ["kind-d"]},
-                          tmp_path, "test plan")
+    node, build = _one_device_build(cluster, tmp_path, "kind-d")
     # A table measured on a machine of the same slug with other cores; the fleet would extend it.
     local = prepare_build(build.arch, backend="pytorch", out_dir=tmp_path / "lut", **build.plan_options)
     path = run_build(local.plan, local.backend, tmp_path / "lut", FAST_PROTOCOL).path
