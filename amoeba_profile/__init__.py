@@ -16,22 +16,22 @@ None of these modules imports torch: a backend imports its library when it is co
 
 __version__ = "0.1.0"  # before the imports: build.py records it
 
-from .arch import ModelArch, resolve_arch  # noqa: E402
-from .backends import get_backend, list_backends  # noqa: E402
-from .build import BuildResult, run_build  # noqa: E402
-from .errors import (AmoebaError, ArchError, BackendUnavailable, InfeasibleBudget, LutError, OutOfRange,  # noqa: E402
+from amoeba_profile.core.arch import ModelArch, resolve_arch  # noqa: E402
+from amoeba_profile.backends import get_backend, list_backends  # noqa: E402
+from amoeba_profile.measure.build import BuildResult, run_build  # noqa: E402
+from amoeba_profile.core.errors import (AmoebaError, ArchError, BackendUnavailable, InfeasibleBudget, LutError, OutOfRange,  # noqa: E402
                      UnsupportedShape, UsageError)
-from .lut import Lut, load_one, load_table, reseal  # noqa: E402
-from .measure import TimingProtocol  # noqa: E402
-from .optimize import optimize_per_layer  # noqa: E402
-from .plan import BuildPlan  # noqa: E402
-from .predict import Prediction, Predictor  # noqa: E402
-from .prepare import PreparedBuild, prepare_build  # noqa: E402
+from amoeba_profile.table.lut import Lut, load_one, load_table, reseal  # noqa: E402
+from amoeba_profile.core.timing import TimingProtocol  # noqa: E402
+from amoeba_profile.select.optimize import optimize_per_layer  # noqa: E402
+from amoeba_profile.measure.plan import BuildPlan  # noqa: E402
+from amoeba_profile.select.predict import Prediction, Predictor  # noqa: E402
+from amoeba_profile.measure.prepare import PreparedBuild, prepare_build  # noqa: E402
 # The function shadows the submodule of the same name as an attribute of the package; import its
-# other names with ``from amoeba_profile.select import ...``.
-from .select import Candidate, Selection, select  # noqa: E402
-from .subnet import DesignSpace, LayerShape, Subnet  # noqa: E402
-from .workload import Workload, metric_name  # noqa: E402
+# other names with ``from amoeba_profile.select.picker import ...``.
+from amoeba_profile.select.picker import Candidate, Selection, select  # noqa: E402
+from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet  # noqa: E402
+from amoeba_profile.core.workload import Workload, metric_name  # noqa: E402
 
 __all__ = [
     "__version__", "resolve_arch", "ModelArch", "Subnet", "LayerShape", "DesignSpace", "Workload", "metric_name",

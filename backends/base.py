@@ -5,7 +5,7 @@ its own serving loop (``EngineSpec`` -> ``compile`` -> ``load`` -> ``Engine``), 
 ``difference`` method and every truth row use; a flow whose blocks can be timed alone (eager
 PyTorch) also offers ``build_component`` for the ``components`` method. Compiling is separate
 from loading so an engine is built once per shape and reused across rounds (see
-``amoeba_profile.artifacts``). The backend owns its clock: its workpieces return times measured
+``amoeba_profile.measure.artifacts``). The backend owns its clock: its workpieces return times measured
 with it. Backends know nothing of tables or pickers.
 """
 
@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..arch import ModelArch
-from ..entry import Entry
-from ..errors import UnsupportedShape
-from ..measure import Workpiece
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import UnsupportedShape
+from amoeba_profile.core.timing import Workpiece
 
 @dataclass(frozen=True)
 class Availability:
@@ -57,7 +57,7 @@ class EngineSpec:
 class Engine(ABC):
     """A loaded model behind the flow's own serving loop (greedy, fixed output length, no early stop).
 
-    The metrics follow ``amoeba_profile.workload``: ttft is a request for one new token; tpot at
+    The metrics follow ``amoeba_profile.core.workload``: ttft is a request for one new token; tpot at
     context c is (e2e(1 + n) - e2e(1)) / n for a request whose prompt KV of about c - n/2 tokens is
     already cached, so the n timed decode steps are centred on c.
     """

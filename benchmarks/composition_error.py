@@ -24,15 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from amoeba_profile.arch import resolve_arch
+from amoeba_profile.core.arch import resolve_arch
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
-from amoeba_profile.errors import AmoebaError
-from amoeba_profile.lut import load_one, load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.predict import Predictor
-from amoeba_profile.subnet import LayerShape, Subnet, kept_layers, width_shape
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.core.errors import AmoebaError
+from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers, width_shape
 
 
 def validation_subnets(arch) -> list[tuple[str, Subnet]]:

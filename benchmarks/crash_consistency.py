@@ -32,8 +32,8 @@ _SETUP = textwrap.dedent("""
     import os, sys, signal, tempfile
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    from amoeba_profile.arch import ModelArch
-    from amoeba_profile.lut import load_table, write_table
+    from amoeba_profile.core.arch import ModelArch
+    from amoeba_profile.table.lut import load_table, write_table
     from tests.conftest import synthetic_lut
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
     def table(value):
@@ -67,7 +67,7 @@ _LOOP_WRITER = _SETUP + textwrap.dedent("""
 
 _READER = _SETUP + textwrap.dedent("""
     import time
-    from amoeba_profile.errors import LutError
+    from amoeba_profile.core.errors import LutError
     deadline, reads, errors = time.monotonic() + float(sys.argv[1]), 0, []
     while time.monotonic() < deadline:
         try:

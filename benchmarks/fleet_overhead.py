@@ -24,11 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per build, both builds fit 2 cores
 
-from amoeba_profile.build import run_build  # noqa: E402
-from amoeba_profile.fleet import run_fleet  # noqa: E402
-from amoeba_profile.fleet_plan import FleetBuild, plan_builds  # noqa: E402
-from amoeba_profile.measure import TimingProtocol  # noqa: E402
-from amoeba_profile.prepare import prepare_build  # noqa: E402
+from amoeba_profile.measure.build import run_build  # noqa: E402
+from amoeba_profile.fleet.driver import run_fleet  # noqa: E402
+from amoeba_profile.fleet.plan import FleetBuild, plan_builds  # noqa: E402
+from amoeba_profile.core.timing import TimingProtocol  # noqa: E402
+from amoeba_profile.measure.prepare import prepare_build  # noqa: E402
 
 GRID = {"widths": ["1", "3/4", "1/2"], "prompt_lens": [32], "contexts": [32, 64]}
 

@@ -30,15 +30,15 @@ from pathlib import Path
 from compiled_vs_eager import compile_cost, per_layer_by_width
 from composition_error import report, validation_subnets
 
-from amoeba_profile.arch import ModelArch, resolve_arch
+from amoeba_profile.core.arch import ModelArch, resolve_arch
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
-from amoeba_profile.lut import load_one, load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.predict import Predictor
-from amoeba_profile.select import Candidate, best_within, describe, evaluate, table_space, table_workload
-from amoeba_profile.subnet import Subnet, parse_ratio
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.select.picker import Candidate, best_within, describe, evaluate, table_space, table_workload
+from amoeba_profile.core.subnet import Subnet, parse_ratio
 
 
 def flow_backend(flow: str, device: str, repetitions: int):

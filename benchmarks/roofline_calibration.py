@@ -16,14 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
-from amoeba_profile.arch import BUILTIN_ARCHS
+from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.device.specs import get_spec
-from amoeba_profile.lut import load_one, load_table
-from amoeba_profile.predict import Predictor
-from amoeba_profile.roofline import (calibrate, default_efficiency, evaluate, get_flow, spec_from_profile,
+from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.table.roofline import (calibrate, default_efficiency, evaluate, get_flow, spec_from_profile,
                                      whole_model_bounds)
-from amoeba_profile.subnet import Subnet
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.workload import Workload
 
 CPU_TABLES = Path("lut/cpu-intel-xeon/pytorch")
 

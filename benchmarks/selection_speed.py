@@ -17,13 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
-from amoeba_profile.arch import ModelArch
-from amoeba_profile.lut import load_table
-from amoeba_profile.optimize import optimize_per_layer, table_options
-from amoeba_profile.predict import Predictor
-from amoeba_profile.select import select
-from amoeba_profile.subnet import DesignSpace
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.table.lut import load_table
+from amoeba_profile.select.optimize import optimize_per_layer, table_options
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.select.picker import select
+from amoeba_profile.core.subnet import DesignSpace
+from amoeba_profile.core.workload import Workload
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, object]:

@@ -25,10 +25,10 @@ os.environ.setdefault("AMOEBA_ARTIFACTS", tempfile.mkdtemp(prefix="amoeba-artifa
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from amoeba_profile.arch import ModelArch  # noqa: E402
-from amoeba_profile.entry import Entry  # noqa: E402
-from amoeba_profile.lut import Lut, measured_row, rows_frame  # noqa: E402
-from amoeba_profile.measure import Measurement, TimingProtocol  # noqa: E402
+from amoeba_profile.core.arch import ModelArch  # noqa: E402
+from amoeba_profile.core.entry import Entry  # noqa: E402
+from amoeba_profile.table.lut import Lut, measured_row, rows_frame  # noqa: E402
+from amoeba_profile.core.timing import Measurement, TimingProtocol  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
-from amoeba_profile.errors import UnsupportedShape
+from amoeba_profile.core.errors import UnsupportedShape
 
 COMPILES: list[dict[str, Any]] = []
 

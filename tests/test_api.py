@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import amoeba_profile as ap
-from amoeba_profile.lut import table_path, write_table
+from amoeba_profile.table.lut import table_path, write_table
 
 from conftest import synthetic_lut
 
@@ -30,7 +30,7 @@ def test_every_documented_name_is_exported():
             "AmoebaError", "reseal"} <= documented <= set(ap.__all__)
     for name in ap.__all__:
         assert getattr(ap, name) is not None, name
-    assert callable(ap.select) and ap.select.__module__ == "amoeba_profile.select"
+    assert callable(ap.select) and ap.select.__module__ == "amoeba_profile.select.picker"
 
 
 def test_import_loads_no_torch():

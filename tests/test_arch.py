@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from amoeba_profile.arch import (BUILTIN_ARCHS, ModelArch, attn_params, from_hf_config, layer_params, mlp_params,
+from amoeba_profile.core.arch import (BUILTIN_ARCHS, ModelArch, attn_params, from_hf_config, layer_params, mlp_params,
                                  non_layer_params, resolve_arch)
-from amoeba_profile.errors import ArchError
+from amoeba_profile.core.errors import ArchError
 
 MISTRAL_7B = {
     "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,

@@ -20,13 +20,13 @@ import pytest
 
 pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
 
-from amoeba_profile.artifacts import ArtifactCache  # noqa: E402
+from amoeba_profile.measure.artifacts import ArtifactCache  # noqa: E402
 from amoeba_profile.backends import get_backend  # noqa: E402
-from amoeba_profile.backends import llama_cpp  # noqa: E402
+from amoeba_profile.backends.llama_cpp import adapter as llama_cpp  # noqa: E402
 from amoeba_profile.backends.base import EngineSpec  # noqa: E402
-from amoeba_profile.backends.llama_cpp_gguf import tensor_specs  # noqa: E402
-from amoeba_profile.errors import AmoebaError, BackendUnavailable, UnsupportedShape  # noqa: E402
-from amoeba_profile.methods import choose_method  # noqa: E402
+from amoeba_profile.backends.llama_cpp.gguf import tensor_specs  # noqa: E402
+from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape  # noqa: E402
+from amoeba_profile.measure.methods import choose_method  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 PP_REPORT = DATA / "llama-bench-0c1e57098-pp16.json"
@@ -193,7 +193,7 @@ def test_binary_lookup_and_unavailability(stand_in, tmp_path, monkeypatch):
 def test_backends_table_prints_the_install_hint_verbatim(tmp_path, monkeypatch):
     from rich.console import Console
 
-    from amoeba_profile.report import backends_table
+    from amoeba_profile.cli.report import backends_table
 
     monkeypatch.delenv(llama_cpp.ENV_VAR, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -202,10 +202,15 @@ def test_backends_table_prints_the_install_hint_verbatim(tmp_path, monkeypatch):
     assert "pip install 'amoeba-profile[llama-cpp]'" in console.export_text()  # not eaten as rich markup
 
 
-def test_default_threads_follow_the_pytorch_rule():
-    from amoeba_profile.backends.pytorch import default_threads
+def test_default_threads_follow_the_shared_rule(monkeypatch):
+    """One policy for every CPU flow (device.threads): the idle cores, capped by the flow's default."""
+    from amoeba_profile.backends.pytorch.eager import default_threads
+    from amoeba_profile.device import threads
+    from amoeba_profile.device.load import Contention
 
-    assert llama_cpp.default_threads() == default_threads("cpu")[0]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "idle_cores", lambda load: (1, Contention(1.0, 2, 1, 0.5)))
+    assert llama_cpp.default_threads() == default_threads("cpu")[0] == 1
 
 
 def test_the_default_method_is_difference():
@@ -241,12 +246,12 @@ def test_llama_bench_runs_the_written_shapes(tiny_arch, tmp_path, layers, weight
 
 @needs_llama_bench
 def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
-    from amoeba_profile.lut import load_table
+    from amoeba_profile.table.lut import load_table
 
     out = tmp_path / "lut"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AMOEBA_ARTIFACTS": str(tmp_path / "artifacts")}
     proc = subprocess.run(
-        [sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--backend", "llama.cpp", "--model",
+        [sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--backend", "llama.cpp", "--model",
          str(tiny_config_path), "--out", str(out), "--quick", "--widths", "1,1/2", "--prompt-len", "16",
          "--contexts", "16", "--decode-steps", "4"],
         capture_output=True, text=True, timeout=600, env=env)

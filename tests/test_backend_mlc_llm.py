@@ -16,17 +16,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from amoeba_profile.arch import ModelArch
-from amoeba_profile.artifacts import ArtifactCache, artifact_key
-from amoeba_profile.backends import backend_class, mlc_llm
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
+from amoeba_profile.backends import backend_class
+from amoeba_profile.backends.mlc_llm import adapter as mlc_llm
 from amoeba_profile.backends.base import EngineSpec
-from amoeba_profile.backends.mlc_llm import (MlcLlmBackend, MlcLlmConfig, RequestTiming, chat_config,
+from amoeba_profile.backends.mlc_llm.adapter import (MlcLlmBackend, MlcLlmConfig, RequestTiming, chat_config,
                                              check_mlc_shape, compile_command, compile_environment, cuda_arch,
                                              engine_config_fields, parse_usage, tokenizer_json, tpot_prompt_len,
                                              tpot_sample_ms, write_model_folder)
-from amoeba_profile.backends.mlc_llm_weights import (NDARRAY_CACHE_INDEX, SHARD_FILE, TENSOR_CACHE_INDEX, llama_params,
+from amoeba_profile.backends.mlc_llm.weights import (NDARRAY_CACHE_INDEX, SHARD_FILE, TENSOR_CACHE_INDEX, llama_params,
                                                      write_tensor_cache)
-from amoeba_profile.errors import AmoebaError, UnsupportedShape, UsageError
+from amoeba_profile.core.errors import AmoebaError, UnsupportedShape, UsageError
 from test_export import mlc_llama_shape
 
 USAGE = json.loads((Path(__file__).parent / "data" / "mlc-llm-79d603f0-usage.json").read_text())
@@ -270,10 +271,10 @@ def test_unavailable_says_why_and_how_to_install():
 @pytest.mark.skipif(not MLC.ok, reason=f"needs mlc_llm and a CUDA GPU: {MLC.reason}")
 def test_cuda_build_measures_through_the_engine(tmp_path, tiny_arch):
     from amoeba_profile.backends import get_backend
-    from amoeba_profile.build import run_build
-    from amoeba_profile.lut import load_table
-    from amoeba_profile.measure import TimingProtocol
-    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.measure.build import run_build
+    from amoeba_profile.table.lut import load_table
+    from amoeba_profile.core.timing import TimingProtocol
+    from amoeba_profile.measure.plan import BuildPlan
 
     backend = get_backend("mlc-llm", device="cuda")
     assert backend.device_arch().startswith("sm_") and set(backend.versions()) == {"mlc-llm", "tvm"}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from amoeba_profile.backends import EngineSpec, get_backend
-from amoeba_profile.backends.ort import OrtBackend, OrtConfig, io_names, session_providers
-from amoeba_profile.errors import BackendUnavailable, UsageError
+from amoeba_profile.backends.ort.adapter import OrtBackend, OrtConfig, io_names, session_providers
+from amoeba_profile.core.errors import BackendUnavailable, UsageError
 
 AVAILABLE = OrtBackend.availability()
 needs_ort = pytest.mark.skipif(not AVAILABLE.ok, reason=f"{AVAILABLE.reason} ({AVAILABLE.install_hint})")
@@ -24,9 +24,9 @@ def exported(tmp_path_factory):
     """One engine of a per-layer subnet and the eager model with the same random weights."""
     import torch
 
-    from amoeba_profile.arch import ModelArch
-    from amoeba_profile.artifacts import ArtifactCache
-    from amoeba_profile.backends.pytorch import build_model
+    from amoeba_profile.core.arch import ModelArch
+    from amoeba_profile.measure.artifacts import ArtifactCache
+    from amoeba_profile.backends.pytorch.eager import build_model
 
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
     spec = EngineSpec(arch, LAYERS, 2, 64, 80)
@@ -45,7 +45,7 @@ def _eager_greedy(model, ids, past, steps):
     import torch
     from transformers import DynamicCache
 
-    from amoeba_profile.backends.pytorch import cache_keyword
+    from amoeba_profile.backends.pytorch.eager import cache_keyword
 
     cache = DynamicCache(list(zip(past[0::2], past[1::2])))
     keyword = cache_keyword(type(model).forward)
@@ -97,7 +97,7 @@ def test_weights_pack_and_unpack_byte_for_byte(tmp_path):
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 
-    from amoeba_profile.backends.ort_weights import pack, unpack
+    from amoeba_profile.backends.ort.weights import pack, unpack
 
     pool = np.random.default_rng(0).standard_normal(6).astype(np.float32)
     weights = {"a": np.resize(pool, 20).reshape(4, 5), "b": np.ascontiguousarray(np.resize(pool, 20).reshape(5, 4).T),
@@ -148,7 +148,7 @@ def test_prefill_and_decode_match_the_eager_model(exported):
 def test_ttft_and_tpot_pieces_time_the_greedy_loop(exported):
     """ttft: one request for one token over the prompt. tpot: the n steps after the prompt's
     uncached token, over a prefix cache of context - n/2 tokens; runs restart from the same state."""
-    from amoeba_profile.measure import TimingProtocol, sample, warm_up
+    from amoeba_profile.core.timing import TimingProtocol, sample, warm_up
 
     engine, _, _ = exported
     ttft, tpot = engine.ttft(1, 16), engine.tpot(1, 32, 8)
@@ -175,7 +175,7 @@ def test_ttft_and_tpot_pieces_time_the_greedy_loop(exported):
 @needs_ort
 def test_float16_export_runs(tiny_arch, tmp_path):
     """The CUDA default dtype exports too (checked on the CPU provider, which runs float16 graphs)."""
-    from amoeba_profile.artifacts import ArtifactCache
+    from amoeba_profile.measure.artifacts import ArtifactCache
 
     backend = get_backend("onnxruntime", dtype="float16")
     spec = EngineSpec(tiny_arch, ((4, 2, 64),), 1, 32, 34)
@@ -208,12 +208,15 @@ def test_out_of_memory_is_recognized_from_a_real_allocation_failure():
 
 
 @needs_ort
-def test_config_defaults_and_refusals():
-    import torch
+def test_config_defaults_and_refusals(monkeypatch):
+    from amoeba_profile.device import threads
+    from amoeba_profile.device.load import Contention
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "idle_cores", lambda load: (1, Contention(1.0, 2, 1, 0.5)))
     backend = get_backend("onnxruntime")
     assert backend.config_dict() == {"device": "cpu", "provider": "CPUExecutionProvider", "dtype": "float32",
-                                     "threads": torch.get_num_threads(), "graph_opt": "all"}
+                                     "threads": 1, "graph_opt": "all"}
     again = type(backend)(**backend.config_dict())
     assert again.config == backend.config and again.clock_name == "perf_counter"
     assert set(backend.versions()) == {"onnxruntime", "onnx", "onnxscript", "torch", "transformers"}
@@ -256,13 +259,13 @@ def test_build_lut_end_to_end(tmp_path):
     """build-lut --backend onnxruntime fits a difference table from exported whole models."""
     from conftest import TINY_CONFIG
 
-    from amoeba_profile.lut import load_one
+    from amoeba_profile.table.lut import load_one
 
     config = tmp_path / "tiny" / "config.json"
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "lut"
-    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--backend", "onnxruntime",
+    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--backend", "onnxruntime",
                            "--model", str(config), "--out", str(out), "--quick", "--depths", "1,2,4", "--widths", "1",
                            "--prompt-len", "16", "--contexts", "16", "--decode-steps", "4",
                            "--artifacts", str(tmp_path / "artifacts")],

@@ -2,14 +2,14 @@ import pytest
 import torch
 
 from amoeba_profile.backends import get_backend
-from amoeba_profile.entry import Entry
-from amoeba_profile.measure import TimingProtocol, sample, warm_up
-from amoeba_profile.memory import weight_params
-from amoeba_profile.subnet import LayerShape, Subnet
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.timing import TimingProtocol, sample, warm_up
+from amoeba_profile.select.memory import weight_params
+from amoeba_profile.core.subnet import LayerShape, Subnet
 
 
 def _engine(backend, arch, layers, tmp_path):
-    from amoeba_profile.artifacts import ArtifactCache
+    from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.backends import EngineSpec
 
     spec = EngineSpec(arch, tuple(layers), 1, 64, 80)
@@ -73,7 +73,7 @@ def test_components_chain_to_defeat_cache_reuse(tiny_arch):
 
 
 def test_unknown_dtype_and_missing_cuda():
-    from amoeba_profile.errors import UsageError
+    from amoeba_profile.core.errors import UsageError
 
     with pytest.raises(UsageError, match="dtype"):
         get_backend("pytorch", dtype="int3")
@@ -85,10 +85,10 @@ def test_unknown_dtype_and_missing_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
 def test_cuda_measures_with_events(tmp_path, tiny_arch):
-    from amoeba_profile.artifacts import ArtifactCache
-    from amoeba_profile.build import run_build
-    from amoeba_profile.lut import load_table
-    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.measure.artifacts import ArtifactCache
+    from amoeba_profile.measure.build import run_build
+    from amoeba_profile.table.lut import load_table
+    from amoeba_profile.measure.plan import BuildPlan
 
     backend = get_backend("pytorch", device="cuda")
     assert backend.dtype == "float16" and backend.device_arch().startswith("sm_")
@@ -114,7 +114,7 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
 
 def test_default_threads_are_the_idle_cores(monkeypatch):
     """torch's one-thread-per-core oversubscribes a shared CPU; the default takes the idle cores."""
-    from amoeba_profile.backends.pytorch import default_threads
+    from amoeba_profile.backends.pytorch.eager import default_threads
 
     from conftest import SimulatedLoad
 
@@ -140,7 +140,7 @@ def test_thread_count_is_recorded_and_sets_the_cores_needed():
 
 def test_cache_keyword_follows_the_installed_transformers():
     """transformers 5.17 takes ``past_key_values``, 5.24 ``cache``: generate() refuses the other name."""
-    from amoeba_profile.backends.pytorch import cache_keyword
+    from amoeba_profile.backends.pytorch.eager import cache_keyword
 
     def old_forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs): ...
 

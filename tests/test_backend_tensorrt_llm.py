@@ -24,13 +24,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from amoeba_profile.arch import ModelArch
-from amoeba_profile.artifacts import ArtifactCache, artifact_key
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
+from amoeba_profile.core.workload import tpot_prompt_tokens
 from amoeba_profile.backends import REGISTRY, backend_class, get_backend
-from amoeba_profile.backends import tensorrt_llm as trt
+from amoeba_profile.backends.tensorrt_llm import adapter as trt
 from amoeba_profile.backends.base import EngineSpec
-from amoeba_profile.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from amoeba_profile.flows import UNAVAILABLE, flow_capabilities, list_flows
+from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
+from amoeba_profile.backends.flows import UNAVAILABLE, flow_capabilities, list_flows
 
 DATA = Path(__file__).parent / "data"
 PERF_SAMPLE = DATA / "trtllm-perf-metrics-openai-server-format.json"
@@ -177,7 +178,7 @@ def test_binding_metrics_convert_to_the_served_json_form():
 
 def test_tpot_prompt_centres_the_decode_window():
     # a request of 1 + n tokens over c - n//2 + 1 prompt tokens: decodes at KV lengths c - n//2 + 1 ...
-    assert [trt.tpot_depth(c, 8) for c in (4, 128, 1000)] == [1, 125, 997]
+    assert [tpot_prompt_tokens(c, 8) for c in (4, 128, 1000)] == [1, 125, 997]
 
 
 def test_artifact_key_and_folder(tmp_path):

@@ -10,14 +10,14 @@ import sys
 
 import pytest
 
-from amoeba_profile import cli
-from amoeba_profile.arch import ModelArch
+from amoeba_profile.cli import main as cli
+from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.device import resolve_device
-from amoeba_profile.errors import UsageError
-from amoeba_profile.inputs import finite_float, positive_float, positive_int, read_bounded
-from amoeba_profile.lut import write_table
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core.inputs import finite_float, positive_float, positive_int, read_bounded
+from amoeba_profile.table.lut import write_table
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.core.workload import Workload
 
 from conftest import TINY_CONFIG, synthetic_lut
 
@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, table, monkeypatch, capsys):
 def test_a_bad_table_is_one_line_and_exit_1(tmp_path, table, monkeypatch, capsys):
     import hashlib
 
-    from amoeba_profile.lut import sidecar_path
+    from amoeba_profile.table.lut import sidecar_path
 
     copy = tmp_path / table.name
     text = table.read_text()
@@ -144,10 +144,10 @@ def test_entry_point_in_a_real_process(table):
     """The console script itself: a parser error and one of ours, each one line."""
     for args in (["select", "--lut", str(table), "--budget-ms", "abc"],
                  ["select", "--lut", str(table), "--budget-ms", "inf"]):
-        proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "build-lut" in proc.stdout
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from amoeba_profile.arch import resolve_arch
+from amoeba_profile.core.arch import resolve_arch
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
-from amoeba_profile.errors import LutError
-from amoeba_profile.lut import load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.subnet import Subnet
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.core.errors import LutError
+from amoeba_profile.table.lut import load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.core.subnet import Subnet
 
 from conftest import FAST_PROTOCOL
 
@@ -69,8 +69,8 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
 # point, so the test does not race the build, whatever the machine's load.
 _DIE_MEASURING = """
 import os, signal, sys
-from amoeba_profile import build
-from amoeba_profile.cli import main
+from amoeba_profile.measure import build
+from amoeba_profile.cli.main import main
 measured, sample = [], build.sample
 def sample_or_die(*args, **kwargs):
     measured.append(1)
@@ -97,7 +97,7 @@ def test_resume_after_kill_9(tmp_path, tiny_config_path):
     table = journal.with_name(journal.name.removesuffix(".journal.jsonl"))
     assert not table.exists()  # nothing half-written appeared
 
-    rerun = subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
+    rerun = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
                            timeout=900)
     assert rerun.returncode == 0, rerun.stderr
     counts = re.search(r"(\d+) entries measured now, (\d+) taken from the journal", rerun.stdout)
@@ -129,7 +129,7 @@ def test_lock_serializes_builds(tmp_path, tiny_arch):
 
 
 def test_a_waiting_build_says_whose_lock_it_waits_for_and_how_long(tmp_path, tiny_arch):
-    from amoeba_profile.lockfile import held
+    from amoeba_profile.core.files import held
 
     backend = get_backend("pytorch")
     first = run_build(_plan(tiny_arch), backend, tmp_path, FAST_PROTOCOL)
@@ -144,14 +144,14 @@ def test_a_waiting_build_says_whose_lock_it_waits_for_and_how_long(tmp_path, tin
 
 def test_cli_build_prints_the_lock_it_waits_for(tmp_path, tiny_config_path):
     from amoeba_profile.device import fingerprint
-    from amoeba_profile.lockfile import held
-    from amoeba_profile.lut import table_path
+    from amoeba_profile.core.files import held
+    from amoeba_profile.table.lut import table_path
 
     path = table_path(tmp_path, fingerprint("cpu")["slug"], "pytorch", "tiny", "float32")
     path.parent.mkdir(parents=True)
     stderr = tmp_path / "stderr.txt"
     with held(Path(str(path) + ".lock"), "the test"), stderr.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "amoeba_profile.cli", "build-lut", "--model",
+        proc = subprocess.Popen([sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--model",
                                  str(tiny_config_path), "--out", str(tmp_path), "--quick"],
                                 stdout=subprocess.DEVNULL, stderr=sink)
         deadline = time.monotonic() + 120
@@ -207,7 +207,7 @@ def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
                 raise ValueError("driver exploded")
             return self.inner.build_component(arch, entry)
 
-    from amoeba_profile.errors import AmoebaError
+    from amoeba_profile.core.errors import AmoebaError
 
     with pytest.raises(AmoebaError, match="driver exploded.*rerun to resume"):
         run_build(_plan(tiny_arch), Broken(get_backend("pytorch")), tmp_path, FAST_PROTOCOL)
@@ -218,7 +218,7 @@ def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
 def test_a_rerun_keeps_the_threads_of_the_table_it_extends(tmp_path, tiny_arch):
     """The default thread count follows the machine's load; a rerun into the same folder keeps the
     count of the table or unfinished journal there, or it would be refused as another identity."""
-    from amoeba_profile.build import backend_for_build, stored_backend_config
+    from amoeba_profile.measure.build import backend_for_build, stored_backend_config
 
     backend = get_backend("pytorch")  # 1 thread (conftest)
     assert stored_backend_config(tmp_path, _plan(tiny_arch), backend) is None

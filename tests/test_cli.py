@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "amoeba_profile.cli"]
+CLI = [sys.executable, "-m", "amoeba_profile.cli.main"]
 
 
 def run(*args, check_rc=None):
@@ -284,7 +284,7 @@ def test_compiled_flow_end_to_end(tmp_path):
 
 
 def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
-    from amoeba_profile.lut import write_table
+    from amoeba_profile.table.lut import write_table
     from conftest import synthetic_lut
 
     lut = synthetic_lut(tiny_arch, lambda h, phase, c: 0.3 * h, lambda f, phase: 0.01 * f, lambda phase, c: 2.0,

@@ -11,7 +11,7 @@ from amoeba_profile.device.jetson import JetsonReader
 from amoeba_profile.device.monitor import JetsonMonitor, NvmlMonitor, entry_state
 from amoeba_profile.device.nvml import RecordedReader, decode_reasons, describe_state
 from amoeba_profile.device.specs import load_specs, match_gpu_name, shared_memory_note, validate_specs
-from amoeba_profile.errors import UsageError
+from amoeba_profile.core.errors import UsageError
 
 
 def write(root, rel, text):
@@ -188,7 +188,7 @@ def test_spec_validation_names_the_field(change, message):
 
 def test_microbenchmarks_report_progress():
     from amoeba_profile.device.bench import run_microbenchmarks
-    from amoeba_profile.measure import TimingProtocol
+    from amoeba_profile.core.timing import TimingProtocol
 
     seen = []
     tiny = TimingProtocol(warmup_min=1, warmup_max=2, rounds=1, samples_per_round=2, min_round_s=0.0)

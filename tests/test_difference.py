@@ -2,17 +2,17 @@
 
 import pytest
 
-from amoeba_profile.artifacts import ArtifactCache
+from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends.base import EngineSpec
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
-from amoeba_profile.errors import AmoebaError, LutError, UsageError
-from amoeba_profile.lut import entry_key_of_row, load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.methods import choose_method
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.predict import Predictor
-from amoeba_profile.subnet import LayerShape, Subnet
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
+from amoeba_profile.table.lut import entry_key_of_row, load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.methods import choose_method
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.core.subnet import LayerShape, Subnet
 
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=3, samples_per_round=5, min_round_s=0.0)
 
@@ -153,7 +153,7 @@ def test_compile_time_spent_in_load_reaches_the_rows(tmp_path, tiny_arch, fake_b
 def test_build_lut_warns_about_rows_compiled_while_timed(tmp_path, tiny_config_path, fake_backend):
     from typer.testing import CliRunner
 
-    from amoeba_profile.cli import app
+    from amoeba_profile.cli.main import app
 
     args = ["build-lut", "--backend", "fake-engine", "--model", str(tiny_config_path), "--out", str(tmp_path),
             "--quick", "--widths", "1", "--depths", "1,2,4", "--prompt-len", "16", "--contexts", "16",
@@ -170,7 +170,7 @@ def test_a_base_below_zero_is_held_at_zero_and_the_layers_refit(tmp_path, tiny_a
     """llama.cpp serves no 0-layer model, so its base is extrapolated; a prefill that grows faster
     than linearly in depth puts it below zero. The fit then holds the base at 0 ms (least squares
     under base >= 0) instead of leaving the table unable to predict prefill at all."""
-    from amoeba_profile.errors import UnsupportedShape
+    from amoeba_profile.core.errors import UnsupportedShape
 
     def superlinear(engine, phase, x):  # each layer also slows the others: 0.05 ms per layer pair
         n = len(engine.spec.layers)

@@ -1,5 +1,5 @@
-from amoeba_profile.entry import Entry
-from amoeba_profile.subnet import LayerShape, Subnet
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.subnet import LayerShape, Subnet
 
 
 def test_labels_are_for_people(tiny_arch):
@@ -18,9 +18,9 @@ def test_labels_are_for_people(tiny_arch):
 
 def test_one_row_key_for_entries_rows_and_fit_residuals(tiny_arch, tmp_path):
     """Entry.key, the key of its written (and re-read) row and the fit's residual keys are one formatter's."""
-    from amoeba_profile.fit import fit_rows
-    from amoeba_profile.lut import entry_key_of_row, load_table, measured_row, rows_frame, write_table
-    from amoeba_profile.measure import Measurement
+    from amoeba_profile.table.fit import fit_rows
+    from amoeba_profile.table.lut import entry_key_of_row, load_table, measured_row, rows_frame, write_table
+    from amoeba_profile.core.timing import Measurement
 
     entries = [Entry("model", "decode", 1, 1, 64, subnet=Subnet.uniform(tiny_arch, depth, 1.0)) for depth in (1, 2, 3)]
     rows = [measured_row(e, Measurement.from_samples([1.0 + depth, 1.1 + depth]), "ok", method="whole", repeat=1,

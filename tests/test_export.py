@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from amoeba_profile.arch import BUILTIN_ARCHS, resolve_arch
-from amoeba_profile.errors import UnsupportedShape
-from amoeba_profile.export import export_subnet, llama_config
-from amoeba_profile.subnet import LayerShape, Subnet
+from amoeba_profile.core.arch import BUILTIN_ARCHS, resolve_arch
+from amoeba_profile.core.errors import UnsupportedShape
+from amoeba_profile.core.export import export_subnet, llama_config
+from amoeba_profile.core.subnet import LayerShape, Subnet
 
 TINY = BUILTIN_ARCHS["tinyllama-1.1b"]
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from amoeba_profile.build import run_build
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.device import cpu_slug
-from amoeba_profile.entry import Entry
-from amoeba_profile.errors import UsageError
-from amoeba_profile.fleet import refusal
-from amoeba_profile.fleet_worker import UnitResult
-from amoeba_profile.fleet_plan import flags_builds, load_fleet_plan, plan_builds
-from amoeba_profile.lut import load_table, sidecar_path
-from amoeba_profile.prepare import prepare_build
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.fleet.driver import refusal
+from amoeba_profile.fleet.worker import UnitResult
+from amoeba_profile.fleet.plan import flags_builds, load_fleet_plan, plan_builds
+from amoeba_profile.table.lut import load_table, sidecar_path
+from amoeba_profile.measure.prepare import prepare_build
 
 from conftest import FAST_PROTOCOL, TINY_CONFIG
 
@@ -121,7 +121,7 @@ def test_results_from_another_device_or_other_versions_are_refused():
 
 @pytest.mark.parametrize("node_sets_it", [False, True])
 def test_a_task_drops_the_thread_pin_ray_adds_but_keeps_the_nodes_own(tmp_path, monkeypatch, node_sets_it):
-    from amoeba_profile.fleet_worker import as_on_the_node
+    from amoeba_profile.fleet.worker import as_on_the_node
 
     started = tmp_path / "environ"
     started.write_bytes(b"PATH=/usr/bin\0" + (b"OMP_NUM_THREADS=4\0" if node_sets_it else b"HOME=/root\0"))
@@ -133,7 +133,7 @@ def test_a_task_drops_the_thread_pin_ray_adds_but_keeps_the_nodes_own(tmp_path, 
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -203,7 +203,7 @@ def _killer(cluster, node, label: str, rejoin: bool):
 
 @pytest.mark.slow
 def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, tmp_path):
-    from amoeba_profile.fleet import discover, run_fleet
+    from amoeba_profile.fleet.driver import discover, run_fleet
 
     _configs(tmp_path)
     first_a, b = _node(cluster, "kind-a"), _node(cluster, "kind-b")
@@ -252,14 +252,14 @@ def _one_device_build(cluster, tmp_path, label: str):
 
 
 def _row_keys(lut) -> list[str]:
-    from amoeba_profile.lut import entry_key_of_row
+    from amoeba_profile.table.lut import entry_key_of_row
 
     return [entry_key_of_row(row) for row in lut.frame.to_dict("records")]
 
 
 @pytest.mark.slow
 def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(cluster, tmp_path):
-    from amoeba_profile.fleet import run_fleet
+    from amoeba_profile.fleet.driver import run_fleet
 
     node, build = _one_device_build(cluster, tmp_path, "kind-c")
     progress = _killer(cluster, node, "kind-c", rejoin=False)
@@ -286,7 +286,7 @@ def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(clust
 
 @pytest.mark.slow
 def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refused(cluster, tmp_path):
-    from amoeba_profile.fleet import run_fleet
+    from amoeba_profile.fleet.driver import run_fleet
 
     node, build = _one_device_build(cluster, tmp_path, "kind-d")
     # A table measured on a machine of the same slug with other cores; the fleet would extend it.

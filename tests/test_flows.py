@@ -5,10 +5,10 @@ import json
 import pytest
 
 from amoeba_profile.backends import REGISTRY, Availability, backend_class
-from amoeba_profile.flows import (MEASURING, ROOFLINE_ONLY, UNAVAILABLE, _declared, _flows_data, flow_capabilities,
+from amoeba_profile.backends.flows import (MEASURING, ROOFLINE_ONLY, UNAVAILABLE, _declared, _flows_data, flow_capabilities,
                                   list_flows)
-from amoeba_profile.errors import UsageError
-from amoeba_profile.report import backends_rows
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.cli.report import backends_rows
 
 from fake_engine import FakeEngineBackend
 
@@ -23,7 +23,9 @@ class MissingLibraryBackend(FakeEngineBackend):
 
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
-    assert list(flows) == ["pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"]
+    assert list(flows)[:len(REGISTRY)] == list(REGISTRY)  # every registered plugin, in registry order
+    # the project's own flows are plugins of the same entry-point group as a third party's
+    assert {"pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"} <= set(REGISTRY)
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
     assert flows["llama.cpp"].status in (MEASURING, UNAVAILABLE) and flows["llama.cpp"].capabilities.per_layer_heads
     trt = flows["tensorrt-llm"]  # an adapter: measuring where TensorRT-LLM and a GPU are, else unavailable

@@ -6,14 +6,14 @@ import re
 
 import pytest
 
-from amoeba_profile.artifacts import ArtifactCache
+from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
-from amoeba_profile.errors import AmoebaError, LutError, UsageError
-from amoeba_profile.journal import Journal
-from amoeba_profile.lut import entry_key_of_row, load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.plan import BuildPlan
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
+from amoeba_profile.measure.journal import Journal
+from amoeba_profile.table.lut import entry_key_of_row, load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
 
 HEADER = {"kind": "header", "identity": "abc"}
 MLP = "mlp|prefill|b1|t16|c0|h0|kv0|f64|s"

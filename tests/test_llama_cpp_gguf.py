@@ -9,11 +9,11 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
 
-from amoeba_profile.backends import llama_cpp_gguf as writer  # noqa: E402
-from amoeba_profile.dtypes import BYTES_PER_ELEMENT  # noqa: E402
-from amoeba_profile.errors import AmoebaError, UnsupportedShape  # noqa: E402
-from amoeba_profile.memory import weight_params  # noqa: E402
-from amoeba_profile.subnet import LayerShape, Subnet  # noqa: E402
+from amoeba_profile.backends.llama_cpp import gguf as writer  # noqa: E402
+from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT  # noqa: E402
+from amoeba_profile.core.errors import AmoebaError, UnsupportedShape  # noqa: E402
+from amoeba_profile.select.memory import weight_params  # noqa: E402
+from amoeba_profile.core.subnet import LayerShape, Subnet  # noqa: E402
 
 PER_LAYER = ((8, 4, 128), (4, 2, 64), (8, 4, 96), (6, 3, 128))
 

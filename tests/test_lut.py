@@ -3,12 +3,12 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from amoeba_profile.entry import Entry
-from amoeba_profile.errors import LutError
-from amoeba_profile.lut import (find_tables, load_one, load_table, measured_row, rows_frame, sidecar_path,
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import LutError
+from amoeba_profile.table.lut import (find_tables, load_one, load_table, measured_row, rows_frame, sidecar_path,
                                 table_path, write_table)
-from amoeba_profile.measure import Measurement
-from amoeba_profile.subnet import Subnet
+from amoeba_profile.core.timing import Measurement
+from amoeba_profile.core.subnet import Subnet
 
 from conftest import synthetic_lut
 
@@ -27,7 +27,7 @@ def _flat(tiny_arch):
 @given(samples=st.lists(st.floats(0.001, 1e4, allow_nan=False), min_size=1, max_size=12),
        layers=st.integers(1, 4), context=st.integers(0, 4096))
 def test_round_trip_preserves_rows(tmp_path_factory, samples, layers, context):
-    from amoeba_profile.arch import ModelArch
+    from amoeba_profile.core.arch import ModelArch
 
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)
     subnet = Subnet.uniform(arch, layers, 0.5)
@@ -140,7 +140,7 @@ def test_a_crash_at_every_step_of_the_write_leaves_one_whole_table(tmp_path, tin
         path = table_path(folder, "cpu-test", "pytorch", "tiny", "float32")
         if not first:
             write_table(path, old.frame, old.meta)
-        monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(step))
+        monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(step))
         with pytest.raises(_Crash):
             write_table(path, new.frame, {**new.meta, "generation": "new"})
         monkeypatch.undo()
@@ -160,10 +160,10 @@ def test_a_write_after_a_crash_at_the_last_rename_keeps_the_table_loadable(tmp_p
     pending sidecar must not leave the committed CSV without provenance."""
     old, new = _flat(tiny_arch), synthetic_lut(tiny_arch, lambda h, p, c: 5.0, lambda f, p: 6.0, lambda p, c: 7.0)
     path = _write(tmp_path, old)
-    monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(2))
+    monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(2))
     with pytest.raises(_Crash):
         write_table(path, new.frame, {**new.meta, "generation": "a"})
-    monkeypatch.setattr("amoeba_profile.lut.os.replace", _crashing_replace(2))
+    monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(2))
     with pytest.raises(_Crash):
         write_table(path, old.frame, {**old.meta, "generation": "b"})
     monkeypatch.undo()
@@ -177,7 +177,7 @@ def test_a_write_after_a_crash_at_the_last_rename_keeps_the_table_loadable(tmp_p
 def test_a_sidecar_renamed_away_while_being_opened_reads_as_absent(tmp_path, tiny_arch, monkeypatch):
     """A reader that saw the pending sidecar and then lost it to the writer's rename retries; it must
     not report the vanished file as unreadable (seen once in 3157 loads of a reader race)."""
-    import amoeba_profile.lut as lut_module
+    import amoeba_profile.table.lut as lut_module
 
     path = _write(tmp_path, _flat(tiny_arch))
     pending = lut_module.pending_sidecar_path(path)
@@ -219,7 +219,7 @@ def test_readers_never_see_a_mix_while_the_table_is_rewritten(tmp_path, tiny_arc
 
 
 def test_journal_does_not_write_through_a_planted_symlink(tmp_path):
-    from amoeba_profile.journal import Journal
+    from amoeba_profile.measure.journal import Journal
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -234,7 +234,7 @@ def test_journal_does_not_write_through_a_planted_symlink(tmp_path):
 
 
 def test_journal_of_other_options_names_what_differs(tmp_path):
-    from amoeba_profile.journal import Journal
+    from amoeba_profile.measure.journal import Journal
 
     path = tmp_path / "t.csv.journal.jsonl"
     options = {"grid": {"contexts": [16]}, "protocol": {"rounds": 3}, "device": "cpu-x"}
@@ -249,7 +249,7 @@ def test_a_table_re_saved_by_pandas_is_refused_then_resealed(tmp_path, tiny_arch
 
     import pandas as pd
 
-    from amoeba_profile.lut import reseal
+    from amoeba_profile.table.lut import reseal
 
     path = _write(tmp_path, _flat(tiny_arch))
     before = load_table(path)
@@ -267,7 +267,7 @@ def test_a_table_re_saved_by_pandas_is_refused_then_resealed(tmp_path, tiny_arch
 
 
 def test_reseal_refuses_a_csv_that_breaks_the_schema(tmp_path, tiny_arch):
-    from amoeba_profile.lut import reseal
+    from amoeba_profile.table.lut import reseal
 
     path = _write(tmp_path, _flat(tiny_arch))
     sidecar = sidecar_path(path).read_text()
@@ -282,7 +282,7 @@ def test_files_get_the_umasks_mode(tmp_path, tiny_arch, umask, mode):
     """Temp files used to come from mkstemp, so every table was 0600 whatever the umask."""
     import os
 
-    from amoeba_profile.journal import Journal
+    from amoeba_profile.measure.journal import Journal
 
     old = os.umask(umask)
     try:
@@ -310,7 +310,7 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
     """A serving-loop decode sample is a difference of two requests: p10 may dip below zero there
     (the row is usable), while a median at or below zero makes the build store an error row -
     either way the table loads."""
-    from amoeba_profile.build import _aggregate
+    from amoeba_profile.measure.build import _aggregate
 
     noisy = Entry("base", "decode", 1, 1, 16)
     drowned = Entry("base", "decode", 1, 1, 64)

@@ -1,6 +1,6 @@
 import math
 
-from amoeba_profile.measure import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.core.timing import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
 
 
 def test_statistics():

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from amoeba_profile.errors import OutOfRange
-from amoeba_profile.predict import Predictor
-from amoeba_profile.subnet import LayerShape, Subnet
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.errors import OutOfRange
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.core.subnet import LayerShape, Subnet
+from amoeba_profile.core.workload import Workload
 
 from conftest import synthetic_lut
 
@@ -70,7 +70,7 @@ def test_refuses_to_extrapolate(tiny_arch, lut):
 def test_p90_and_roofline_tags(tiny_arch):
     lut = synthetic_lut(tiny_arch, attn, mlp, base)
     lut.frame["source"] = "roofline"
-    from amoeba_profile.lut import Lut
+    from amoeba_profile.table.lut import Lut
 
     p = Predictor(Lut(lut.frame, lut.meta)).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2), "p90")
     assert p.source == "roofline" and p.stat == "p90"
@@ -85,7 +85,7 @@ def test_ttft_at_a_measured_prompt_length_is_measured(tiny_arch, lut):
 
 
 def test_metric_accepts_the_cli_spellings(tiny_arch, lut):
-    from amoeba_profile.errors import UsageError
+    from amoeba_profile.core.errors import UsageError
 
     p = Predictor(lut).predict(Subnet.uniform(tiny_arch, 4, 1.0), Workload(1, 16, 2))
     assert p.metric("tpot") == p.metric("tpot_ms") == p.metric("TPOT") == p.tpot_ms
@@ -113,8 +113,8 @@ def test_huge_gen_len_is_refused_before_contexts_are_allocated(tiny_arch, lut):
 
 def test_metrics_are_composed_in_one_place():
     """workload.compose: ttft, mean step, ttft + sum of steps; no step leaves tpot undefined."""
-    from amoeba_profile.errors import UsageError
-    from amoeba_profile.workload import compose
+    from amoeba_profile.core.errors import UsageError
+    from amoeba_profile.core.workload import compose
 
     m = compose(5.0, np.array([1.0, 2.0, 3.0]))
     assert (m.ttft_ms, m.tpot_ms, m.e2e_ms) == (5.0, 2.0, 11.0) and m.metric("tpot") == 2.0
@@ -127,10 +127,10 @@ def test_metrics_are_composed_in_one_place():
 def test_prediction_and_its_parts_and_measured_models_compose_alike(tiny_arch, lut):
     """predict, base + layers (the optimizer's view) and validation's measured model rows all give
     the same metrics from the same per-step values."""
-    from amoeba_profile.entry import Entry
-    from amoeba_profile.lut import Lut, measured_row, rows_frame
-    from amoeba_profile.measure import Measurement
-    from amoeba_profile.validate import measured_metric
+    from amoeba_profile.core.entry import Entry
+    from amoeba_profile.table.lut import Lut, measured_row, rows_frame
+    from amoeba_profile.core.timing import Measurement
+    from amoeba_profile.measure.validate import measured_metric
 
     subnet, workload = Subnet.uniform(tiny_arch, 2, 1.0), Workload(1, 16, 40)
     predictor = Predictor(lut)

@@ -4,8 +4,8 @@ import pytest
 
 from amoeba_profile.backends import REGISTRY
 from amoeba_profile.device import resolve_device
-from amoeba_profile.errors import UsageError
-from amoeba_profile.prepare import prepare_build
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.measure.prepare import prepare_build
 
 
 def test_spec_sheet_device_names_predict(tiny_arch):

@@ -1,13 +1,13 @@
 import pytest
 
-from amoeba_profile.arch import BUILTIN_ARCHS
-from amoeba_profile.errors import InfeasibleBudget, UsageError
-from amoeba_profile.memory import estimate, weight_params
-from amoeba_profile.predict import Predictor
-from amoeba_profile.quality import PROXY_NAME, load_quality
-from amoeba_profile.select import select
-from amoeba_profile.subnet import DesignSpace, Subnet
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.arch import BUILTIN_ARCHS
+from amoeba_profile.core.errors import InfeasibleBudget, UsageError
+from amoeba_profile.select.memory import estimate, weight_params
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.core.quality import PROXY_NAME, load_quality
+from amoeba_profile.select.picker import select
+from amoeba_profile.core.subnet import DesignSpace, Subnet
+from amoeba_profile.core.workload import Workload
 
 from conftest import synthetic_lut
 
@@ -122,8 +122,8 @@ def test_quality_table_must_cover_the_space(tmp_path, tiny_arch):
 
 
 def test_build_preflight_sizes_the_largest_engine_by_hand():
-    from amoeba_profile.memory import check_fits, plan_peak
-    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.select.memory import check_fits, plan_peak
+    from amoeba_profile.measure.plan import BuildPlan
 
     plan = BuildPlan(LLAMA2, widths=(1.0,), prompt_lens=(128,), contexts=(4096,), method="difference",
                      depths=(4, 18, 32))
@@ -142,8 +142,8 @@ def test_build_preflight_sizes_the_largest_engine_by_hand():
 
 
 def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
-    from amoeba_profile.memory import plan_peak
-    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.select.memory import plan_peak
+    from amoeba_profile.measure.plan import BuildPlan
 
     plan = BuildPlan(tiny_arch, widths=(1.0,), prompt_lens=(16,), contexts=(512,))
     one, _ = plan_peak(plan, "float32")
@@ -154,9 +154,9 @@ def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
 
 
 def test_build_refuses_before_writing_anything(tmp_path, tiny_arch, monkeypatch):
-    from amoeba_profile import build
+    from amoeba_profile.measure import build
     from amoeba_profile.backends import get_backend
-    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.measure.plan import BuildPlan
 
     monkeypatch.setattr(build, "available_memory_bytes", lambda device: 10**6)
     out = tmp_path / "lut"

@@ -6,18 +6,18 @@ import shutil
 
 import pytest
 
-from amoeba_profile.artifacts import ArtifactCache
+from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.build import run_build
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.device import device_slug
 from amoeba_profile.device.load import CpuLoad, contention_share, idle_cores, others_cpu_s
 from amoeba_profile.device.lock import MeasurementLock, measuring_pids
 from amoeba_profile.device.monitor import MIN_JUDGED_S, Monitor, entry_state, host_contention
-from amoeba_profile.errors import MachineBusy
-from amoeba_profile.lut import load_table
-from amoeba_profile.measure import TimingProtocol
-from amoeba_profile.plan import BuildPlan
-from amoeba_profile.quiet import BusyPolicy, wait_for_quiet
+from amoeba_profile.core.errors import MachineBusy
+from amoeba_profile.table.lut import load_table
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.device.quiet import BusyPolicy, wait_for_quiet
 
 from conftest import SimulatedLoad
 

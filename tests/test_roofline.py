@@ -2,13 +2,13 @@ from dataclasses import replace
 
 import pytest
 
-from amoeba_profile.arch import BUILTIN_ARCHS
-from amoeba_profile.build import BuildPlan
+from amoeba_profile.core.arch import BUILTIN_ARCHS
+from amoeba_profile.measure.build import BuildPlan
 from amoeba_profile.device.specs import get_spec
-from amoeba_profile.entry import Entry
-from amoeba_profile.errors import LutError
-from amoeba_profile.lut import Lut, load_table, rows_frame
-from amoeba_profile.roofline import (Efficiency, calibrate, component_ms, component_ops, get_flow, roofline_rows,
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import LutError
+from amoeba_profile.table.lut import Lut, load_table, rows_frame
+from amoeba_profile.table.roofline import (Efficiency, calibrate, component_ms, component_ops, get_flow, roofline_rows,
                                      whole_model_bounds, write_roofline_table)
 
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
@@ -116,10 +116,10 @@ def test_unphysical_calibration_is_refused():
 
 def test_calibration_works_on_a_difference_table():
     """Fitted ``layer`` rows are calibrated as attention + MLP operations."""
-    from amoeba_profile.entry import Entry as E
-    from amoeba_profile.lut import measured_row
-    from amoeba_profile.measure import Measurement
-    from amoeba_profile.roofline import entry_kernels, entry_ops
+    from amoeba_profile.core.entry import Entry as E
+    from amoeba_profile.table.lut import measured_row
+    from amoeba_profile.core.timing import Measurement
+    from amoeba_profile.table.roofline import entry_kernels, entry_ops
 
     spec, flow, truth = get_spec("rtx-a5000"), get_flow("tensorrt-llm"), Efficiency(0.7, 0.5, 3.0)
     rows = []
@@ -144,8 +144,8 @@ def test_device_profile_gives_peaks_and_dispatch(tmp_path):
     benchmarked takes the requested one's) and the per-op dispatch."""
     import json
 
-    from amoeba_profile.errors import UsageError
-    from amoeba_profile.roofline import load_device_profile
+    from amoeba_profile.core.errors import UsageError
+    from amoeba_profile.table.roofline import load_device_profile
 
     report = {"slug": "cpu-test", "device": "cpu", "cpu": {"model": "Test CPU", "memory_gb": 16.0},
               "microbench": {"memory_bw_gbps": 20.0, "dispatch_overhead_us": 7.5,
@@ -164,9 +164,9 @@ def test_device_profile_gives_peaks_and_dispatch(tmp_path):
 
 
 def test_calibration_warning_and_whole_models_refused(tmp_path):
-    from amoeba_profile.errors import UsageError
-    from amoeba_profile.roofline import calibration_warning
-    from amoeba_profile.subnet import Subnet
+    from amoeba_profile.core.errors import UsageError
+    from amoeba_profile.table.roofline import calibration_warning
+    from amoeba_profile.core.subnet import Subnet
 
     spec, flow = get_spec("rtx-a5000"), get_flow("tensorrt-llm")
     same = Lut(rows_frame([]), {"device_slug": "rtx-a5000", "backend": "tensorrt-llm"})

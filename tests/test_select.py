@@ -3,12 +3,12 @@ import itertools
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from amoeba_profile.errors import InfeasibleBudget, UsageError
-from amoeba_profile.predict import Predictor
-from amoeba_profile.quality import retained_params
-from amoeba_profile.select import best_within, evaluate, pareto_front, select, table_space, table_workload
-from amoeba_profile.subnet import DesignSpace, LayerShape, Subnet
-from amoeba_profile.workload import Workload
+from amoeba_profile.core.errors import InfeasibleBudget, UsageError
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.core.quality import retained_params
+from amoeba_profile.select.picker import best_within, evaluate, pareto_front, select, table_space, table_workload
+from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet
+from amoeba_profile.core.workload import Workload
 
 from conftest import synthetic_lut
 
@@ -56,7 +56,7 @@ def test_pick_matches_brute_force(setup, metric):
 @settings(max_examples=40, deadline=None)
 @given(budget=st.floats(0.1, 200.0))
 def test_never_exceeds_budget_on_per_layer_space(budget):
-    from amoeba_profile.arch import ModelArch
+    from amoeba_profile.core.arch import ModelArch
 
     tiny_arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)
     lut = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
@@ -150,7 +150,7 @@ def _flag(lut, flags, **where):
 
 
 def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
-    from amoeba_profile.lut import Lut
+    from amoeba_profile.table.lut import Lut
 
     lut = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
     attn_row = _flag(lut, "high_cv;contended", component="attn", phase="decode", heads=8, context=64)[0]
@@ -203,7 +203,7 @@ def test_best_within_is_the_pick_select_makes(setup):
 
 
 def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
-    from amoeba_profile.strategy import Strategy
+    from amoeba_profile.core.strategy import Strategy
 
     from test_strategy import write_strategy
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amoeba_profile.arch import BUILTIN_ARCHS, ModelArch
-from amoeba_profile.errors import UsageError
-from amoeba_profile import strategy as strategy_module
-from amoeba_profile.strategy import Strategy, load_pickled
+from amoeba_profile.core.arch import BUILTIN_ARCHS, ModelArch
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core import strategy as strategy_module
+from amoeba_profile.core.strategy import Strategy, load_pickled
 
 ARCH = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)  # 8 heads of 8, 4 kv heads (groups of 2), ffn 128
 
@@ -166,8 +166,8 @@ def load_in_child(path, address_space_gb=4):
     code = (
         "import resource, sys\n"
         f"resource.setrlimit(resource.RLIMIT_AS, ({address_space_gb << 30}, {address_space_gb << 30}))\n"
-        "from amoeba_profile.arch import ModelArch\n"
-        "from amoeba_profile.strategy import Strategy\n"
+        "from amoeba_profile.core.arch import ModelArch\n"
+        "from amoeba_profile.core.strategy import Strategy\n"
         "try:\n"
         "    Strategy.load(sys.argv[1], ModelArch('tiny', 64, 4, 8, 4, 8, 128, 256))\n"
         "    message = 'loaded'\n"

@@ -1,9 +1,9 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from amoeba_profile.arch import BUILTIN_ARCHS
-from amoeba_profile.errors import UnsupportedShape, UsageError
-from amoeba_profile.subnet import (DesignSpace, LayerShape, Subnet, default_depths, kept_layers, parse_ratio,
+from amoeba_profile.core.arch import BUILTIN_ARCHS
+from amoeba_profile.core.errors import UnsupportedShape, UsageError
+from amoeba_profile.core.subnet import (DesignSpace, LayerShape, Subnet, default_depths, kept_layers, parse_ratio,
                                    width_shape)
 
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]

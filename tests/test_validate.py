@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from amoeba_profile.lut import load_table
+from amoeba_profile.table.lut import load_table
 
-CLI = [sys.executable, "-m", "amoeba_profile.cli"]
+CLI = [sys.executable, "-m", "amoeba_profile.cli.main"]
 PROVENANCE = re.compile(r"(\d+) entries measured now, (\d+) taken from the journal")
 
 

@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .cpu import cpu_info, cpu_model
-from .cpu import last_level_cache_bytes as _cpu_llc
-from .cpu import meminfo_available_bytes
-from .jetson import JetsonReader
-from .nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
-from .specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.device.cpu import cpu_info, cpu_model
+from amoeba_profile.device.cpu import last_level_cache_bytes as _cpu_llc
+from amoeba_profile.device.cpu import meminfo_available_bytes
+from amoeba_profile.device.jetson import JetsonReader
+from amoeba_profile.device.nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
+from amoeba_profile.device.specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
 
 
 def slugify(text: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..measure import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
-from .specs import DeviceSpec
+from amoeba_profile.core.timing import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.device.specs import DeviceSpec
 
 Progress = Callable[[int, int, str], None]  # (done, total, what runs next)
 _PROTOCOL = TimingProtocol(warmup_min=2, warmup_max=10, rounds=1, samples_per_round=7, min_round_s=0.2)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from ..errors import MachineBusy, UsageError
+from amoeba_profile.core.errors import MachineBusy, UsageError
 
 
 def lock_dir() -> Path:

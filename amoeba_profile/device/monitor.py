@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .jetson import JetsonReader
-from .load import CpuLoad, contention_share, others_cpu_s
-from .nvml import NvmlReader, NvmlUnavailable, describe_state
+from amoeba_profile.device.jetson import JetsonReader
+from amoeba_profile.device.load import CpuLoad, contention_share, others_cpu_s
+from amoeba_profile.device.nvml import NvmlReader, NvmlUnavailable, describe_state
 
 
 class Monitor:

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import detect, device_slug, resolve_device
-from .bench import Progress, run_microbenchmarks
-from .specs import get_spec, load_specs
+from amoeba_profile.device import detect
+from amoeba_profile.device import device_slug
+from amoeba_profile.device import resolve_device
+from amoeba_profile.device.bench import Progress, run_microbenchmarks
+from amoeba_profile.device.specs import get_spec, load_specs
 
 
 def profile(device: str = "auto", bench: bool = True, quick: bool = False,
@@ -31,8 +33,8 @@ def profile(device: str = "auto", bench: bool = True, quick: bool = False,
 def write_profile(report: dict[str, Any], out_dir: Path | str) -> Path:
     """Write ``report`` to ``<out_dir>/<device-slug>/device.json``, beside where that device's tables
     go (``build-lut --predict --device-profile`` reads it back); returns the path."""
-    from ..inputs import output_dir
-    from ..lut import write_file_atomically
+    from amoeba_profile.core.inputs import output_dir
+    from amoeba_profile.core.files import write_file_atomically
 
     path = output_dir(Path(out_dir) / report["slug"], "--out") / "device.json"
     write_file_atomically(path, (json.dumps(report, indent=2, default=str) + "\n").encode())

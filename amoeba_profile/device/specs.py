@@ -9,7 +9,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from ..errors import UsageError
+from amoeba_profile.core.errors import UsageError
 
 _NUMERIC = ("memory_gb", "mem_bw_gbps", "fp32_tflops", "fp16_tflops", "bf16_tflops", "int8_tops")
 DTYPE_PEAK = {"float32": "fp32_tflops", "float16": "fp16_tflops", "bfloat16": "bf16_tflops", "int8": "int8_tops"}

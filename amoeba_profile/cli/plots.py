@@ -1,0 +1,122 @@
+"""PNG figures: the latency-quality Pareto front, LUT heatmaps, predicted vs measured.
+
+matplotlib is imported inside each function with the non-interactive Agg backend, so importing
+this module (or the CLI) never needs a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from amoeba_profile.table.lut import Lut
+from amoeba_profile.select.optimize import table_options
+from amoeba_profile.select.predict import Predictor
+from amoeba_profile.select.picker import Candidate, describe, pareto_front
+from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.workload import Workload
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _title(lut: Lut) -> str:
+    meta = lut.meta
+    tag = " [ROOFLINE ESTIMATE]" if lut.is_roofline else ""
+    return f"{meta['arch']['name']} {meta['dtype']} on {meta['device_slug']} / {meta['backend']}{tag}"
+
+
+def plot_pareto(lut: Lut, candidates: list[Candidate], metric: str, out: Path, budget_ms: float | None = None,
+                pick: Candidate | None = None, quality_name: str = "") -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([c.latency_ms for c in candidates], [c.quality for c in candidates], s=18, color="0.65", label="shapes")
+    front = pareto_front(candidates)
+    ax.plot([c.latency_ms for c in front], [c.quality for c in front], "-o", ms=4, color="tab:blue", label="Pareto front")
+    if budget_ms is not None:
+        ax.axvline(budget_ms, color="tab:red", ls="--", label=f"budget {budget_ms:g} ms")
+    if pick is not None:
+        ax.scatter([pick.latency_ms], [pick.quality], s=120, marker="*", color="tab:red", zorder=5,
+                   label=f"pick: {describe(pick.subnet)}")
+    ax.set_xlabel(f"predicted {metric} (ms)")
+    ax.set_ylabel("quality (proxy: retained parameters)" if not quality_name or quality_name.startswith("proxy")
+                  else "quality (measured score)")
+    ax.set_title(_title(lut), fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
+    """Composed decoder-layer latency over measured heads x FFN, per phase."""
+    plt = _pyplot()
+    predictor = Predictor(lut)
+    options = table_options(predictor)
+    heads = sorted({(h, kv) for h, kv, _ in options})
+    ffns = sorted({f for _, _, f in options})
+    paths = []
+    for phase, metric, w in (("prefill", "ttft_ms", Workload(workload.batch, workload.prompt_len, 1)),
+                             ("decode", "tpot_ms", Workload(workload.batch, workload.prompt_len, 2))):
+        grid = np.array([[predictor.layer_metric(h, kv, f, w, metric) for f in ffns] for h, kv in heads])
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
+        ax.set_xticks(range(len(ffns)), [str(f) for f in ffns], rotation=30, fontsize=8)
+        ax.set_yticks(range(len(heads)), [f"{h} ({kv} kv)" for h, kv in heads], fontsize=8)
+        for i in range(len(heads)):
+            for j in range(len(ffns)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_xlabel("FFN channels")
+        ax.set_ylabel("attention heads")
+        where = f"{workload.prompt_len} tokens" if phase == "prefill" else f"context {workload.prompt_len}"
+        ax.set_title(f"one decoder layer, {phase} ({where}), ms\n{_title(lut)}", fontsize=9)
+        fig.colorbar(image, ax=ax, label="ms")
+        fig.tight_layout()
+        path = out_dir / f"heatmap_{phase}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_validation(lut: Lut, out: Path) -> Path | None:
+    """Predicted (composed from the table's rows) vs measured for every whole-model row of the table."""
+    models = lut.ok[(lut.ok.component == "model") & (lut.ok.num_layers > 0)]  # the 0-layer model is a fit input
+    if models.empty:
+        return None
+    plt = _pyplot()
+    predictor = Predictor(lut)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for phase, color in (("prefill", "tab:orange"), ("decode", "tab:blue")):
+        rows = models[models.phase == phase]
+        measured, predicted = [], []
+        for row in rows.itertuples():
+            subnet = Subnet.from_json(row.subnet_json)
+            predicted.append(predictor.phase_ms(subnet, phase, row.batch, row.tokens, row.context)[0])
+            measured.append(row.median_ms)
+        if measured:
+            errors = np.abs(np.array(predicted) / np.array(measured) - 1) * 100
+            ax.scatter(measured, predicted, s=16, color=color,
+                       label=f"{phase}: median |err| {np.median(errors):.1f} %, max {errors.max():.1f} %")
+    low, high = ax.get_xlim()
+    ax.plot([low, high], [low, high], color="0.4", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured whole model (ms)")
+    ax.set_ylabel("predicted from the table (ms)")
+    ax.set_title(f"stored-table prediction vs whole models measured (any later run includes device drift)\n{_title(lut)}", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

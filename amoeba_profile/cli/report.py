@@ -1,0 +1,225 @@
+"""Render tables, selections and backend lists for people (rich) and for programs (JSON)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from amoeba_profile.backends.flows import MEASURING, list_flows
+from amoeba_profile.table.lut import Lut
+from amoeba_profile.select.picker import Selection, describe, width_text
+from amoeba_profile.core.subnet import Subnet
+
+
+def lut_summary(lut: Lut) -> dict[str, Any]:
+    meta, frame = lut.meta, lut.frame
+    counts = frame.groupby(["component", "status"]).size()
+    return {
+        "path": str(lut.path),
+        "device_slug": meta.get("device_slug"),
+        "device": meta.get("device"),
+        "backend": meta.get("backend"),
+        "backend_env": meta.get("backend_env"),
+        "dtype": meta.get("dtype"),
+        "model": meta.get("arch", {}).get("name"),
+        "source": meta.get("source"),
+        "method": meta.get("method"),
+        "method_reason": meta.get("method_reason"),
+        "versions": meta.get("versions"),
+        "backend_config": meta.get("backend_config"),
+        "fit": meta.get("fit"),
+        "grid": meta.get("grid"),
+        "protocol": meta.get("protocol"),
+        "clock": meta.get("clock"),
+        "created_at": meta.get("created_at"),
+        "tool_version": meta.get("tool_version"),
+        "content_sha256": meta.get("content_sha256"),
+        "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
+    }
+
+
+def plain(value: Any) -> str:
+    """A summary value for people: dicts as ``key=value``, lists comma-separated, never a Python repr."""
+    if isinstance(value, dict):
+        return " ".join(f"{k}={plain(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(plain(v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "-" if value is None else str(value)
+
+
+def _model_subnet(row) -> tuple[str, tuple[str, str, str]]:
+    """(subnet label, (heads, kv, ffn) when every layer has one shape) of a ``model`` row, whose
+    key columns carry no width: ``w3/4``, ``id 1a2b3c4d`` or ``per-layer 1a2b3c4d``."""
+    if not row.subnet_json:
+        return "no layers", ("", "", "")
+    subnet = Subnet.from_json(row.subnet_json)
+    if not subnet.is_uniform:
+        return f"per-layer {subnet.id[:8]}", ("", "", "")
+    first = subnet.layers[0]
+    label = f"w{width_text(subnet.width_ratio)}" if subnet.width_ratio is not None else f"id {subnet.id[:8]}"
+    return label, (str(first.heads), str(first.kv_heads), str(first.ffn))
+
+
+def lut_table(lut: Lut, title: str = "latency table") -> Table:
+    table = Table(title=title)
+    for column in ("component", "phase", "tokens", "context", "heads", "kv", "ffn", "layers", "subnet", "median ms",
+                   "p90 ms", "cv", "n", "status"):
+        table.add_column(column, justify="right" if column not in ("component", "phase", "subnet", "status") else "left")
+    for row in lut.frame.itertuples():
+        widths = (str(row.heads or ""), str(row.kv_heads or ""), str(row.ffn or ""))
+        subnet = ""
+        if row.component == "model":
+            subnet, widths = _model_subnet(row)
+        table.add_row(
+            row.component, row.phase, str(row.tokens), str(row.context), *widths, str(row.num_layers or ""), subnet,
+            f"{row.median_ms:.3f}" if row.status == "ok" else "-", f"{row.p90_ms:.3f}" if row.status == "ok" else "-",
+            f"{row.cv:.3f}" if row.status == "ok" else "-", str(row.n), row.status + (f" {row.flags}" if row.flags else ""),
+        )
+    return table
+
+
+def selection_table(selection: Selection) -> Table:
+    table = Table(title=f"top {len(selection.top_k)} within {selection.budget_ms:g} ms {selection.metric} ({selection.stat})")
+    for column in ("", "layers", "width", "kept layers", "quality", selection.metric, "source"):
+        table.add_column(column)
+    for cand in selection.top_k:
+        mark = "pick" if cand is selection.pick else ""
+        kept = cand.subnet.kept_indices
+        table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
+                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.source)
+    return table
+
+
+def flagged_table(selection: Selection, limit: int = 8) -> Table | None:
+    """The flagged rows behind the pick and the runner-up (the first ``limit`` of each; ``--json``
+    lists all); None when there are none."""
+    if not any(selection.flagged.values()):
+        return None
+    table = Table(title="flagged table rows behind the answer")
+    for column in ("for", "row (CSV line)", "flags", "cv", "host contention"):
+        table.add_column(column)
+    for who, rows in selection.flagged.items():
+        for row in rows[:limit]:
+            contention = row["host_contention"]
+            table.add_row(who.replace("_", "-"), f"{row['row']} ({row['line']})", ", ".join(row["flags"]),
+                          "-" if row["cv"] is None else f"{row['cv']:.3f}",
+                          "-" if contention is None else f"{contention:.0%}")
+        if len(rows) > limit:
+            table.add_row(who.replace("_", "-"), f"... {len(rows) - limit} more (--json lists all)", "", "", "")
+    return table
+
+
+def pareto_table(selection: Selection) -> Table:
+    table = Table(title="Pareto front (latency vs quality)")
+    for column in ("shape", selection.metric, "quality", "fits"):
+        table.add_column(column)
+    for cand in selection.pareto:
+        table.add_row(describe(cand.subnet), f"{cand.latency_ms:.1f}", f"{cand.quality:.3f}",
+                      "yes" if cand.latency_ms <= selection.budget_ms else "no")
+    return table
+
+
+def layer_runs_text(subnet) -> list[str]:
+    """One line per run of consecutive layers of one shape: ``layers 0-5: 32 heads (4 kv), ffn 5632``."""
+    return [f"layers {_ranges(indices)}: {heads} heads ({kv} kv), ffn {ffn}"
+            for indices, heads, kv, ffn in subnet.layer_runs()]
+
+
+def _ranges(indices: list[int]) -> str:
+    parts, start = [], indices[0]
+    for prev, cur in zip(indices, indices[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            parts.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ",".join(parts)
+
+
+def backends_rows() -> list[dict[str, Any]]:
+    """Every flow the project knows (measuring, unavailable, roofline-only), one flat dict each."""
+    return [
+        {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
+         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile,
+         "per_layer_heads": f.capabilities.per_layer_heads, "per_layer_ffn": f.capabilities.per_layer_ffn,
+         "methods": list(f.capabilities.methods), "dtypes": list(f.capabilities.dtypes),
+         "devices": list(f.capabilities.devices)}
+        for f in list_flows()
+    ]
+
+
+def _widths_text(row: dict[str, Any]) -> str:
+    if row["per_layer_heads"] and row["per_layer_ffn"]:
+        return "heads+ffn per layer"
+    if row["per_layer_ffn"]:
+        return "one head count; ffn per layer"
+    if row["per_layer_heads"]:
+        return "one ffn; heads per layer"
+    return "uniform only"
+
+
+def backends_table() -> Group:
+    """The flows as a table, then one line each with why (and what to install where it cannot run)."""
+    table = Table(title="deployment flows")
+    for column in ("flow", "status", "widths", "methods", "devices", "roofline"):
+        table.add_column(column)
+    rows = backends_rows()
+    lines = []
+    for row in rows:
+        table.add_row(row["name"], row["status"], _widths_text(row), ",".join(row["methods"]) or "-",
+                      ",".join(row["devices"]), "yes" if row["roofline_profile"] else "no")
+        hint = f" Install: {row['install_hint']}." if row["install_hint"] and not row["available"] else ""
+        lines.append(Text(f"{row['name']}: {row['reason']}.{hint}"))
+    return Group(table, *lines)
+
+
+def print_json(console: Console, data: Any) -> None:
+    console.print_json(json.dumps(data, default=str))
+
+
+def device_report(report: dict[str, Any]) -> Table:
+    table = Table(title=f"device {report['slug']} ({report['device']})", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    cpu = report["cpu"]
+    table.add_row("cpu", f"{cpu['model']}: {cpu['cores']} cores / {cpu['threads']} threads, {cpu['memory_gb']} GB, "
+                         f"LLC {cpu['llc_bytes'] >> 20} MiB")
+    table.add_row("cpu isa", " ".join(cpu["isa"]) or "-")
+    for gpu in report["gpus"]:
+        table.add_row(f"gpu {gpu['index']}", f"{gpu['name']} ({gpu['slug']}), {gpu['memory_total_mb']} MB, sm {gpu['compute_capability']}, "
+                                             f"driver {gpu['driver_version']}, CUDA {gpu['cuda_driver_version']}")
+        table.add_row("  state", f"SM {gpu['sm_clock_mhz']}/{gpu['max_sm_clock_mhz']} MHz, mem {gpu['mem_clock_mhz']} MHz, "
+                                 f"{gpu['temperature_c']} C, {gpu['power_w']}/{gpu['power_limit_w']} W, "
+                                 f"reasons: {', '.join(gpu['clock_event_reasons']) or 'none'}")
+    if report["jetson"]:
+        j = report["jetson"]
+        table.add_row("jetson", f"{j['model']} ({j['slug']}), L4T {j['l4t']}, JetPack {j['jetpack']}")
+        table.add_row("  state", f"power mode {j['power_mode']}, jetson_clocks {'on' if j['jetson_clocks'] else 'off'}, "
+                                 f"GPU {j['gpu_freq_mhz']} MHz, {j['power_w']} W")
+    bench = report.get("microbench")
+    if bench:
+        frac = lambda f: f" ({f:.0%} of peak)" if f is not None else ""  # noqa: E731
+        table.add_row("memory bandwidth", f"{bench['memory_bw_gbps']} GB/s{frac(bench['memory_bw_fraction'])}")
+        table.add_row("dispatch overhead", f"{bench['dispatch_overhead_us']} us per op")
+        for dtype, m in bench["matmul"].items():
+            table.add_row(f"{dtype} GEMV", f"{m['gemv_bw_gbps']} GB/s of weights{frac(m['gemv_bw_fraction'])}, {m['gemv_ms']} ms")
+            table.add_row(f"{dtype} GEMM", f"{m['gemm_tflops']} TFLOP/s{frac(m['gemm_fraction'])}, {m['gemm_ms']} ms")
+    for note in report["notes"]:
+        table.add_row("note", note)
+    return table
+
+
+def validation_table(results, metric: str) -> Table:
+    table = Table(title=f"validation: predicted vs measured {metric} (ms)")
+    for column in ("shape", "stored table", "fresh components", "measured", "error (stored)", "error (composition)",
+                   "budget"):
+        table.add_column(column)
+    for v in results:
+        table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.fresh_predicted_ms:.1f}", f"{v.measured_ms:.1f}",
+                      f"{v.error_pct:+.1f} %", f"{v.composition_error_pct:+.1f} %",
+                      "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
+    return table

@@ -1,0 +1,241 @@
+"""Write a chosen subnet in the forms deployment tools load, and say which tool reads which file.
+
+| file | written when | read by |
+|---|---|---|
+| ``subnet.json`` | always | this project (``Subnet.from_json``) |
+| ``config.json``, plain LLaMA (``model_type: llama``, ``head_dim`` explicit) | every kept layer has one shape and its query-head count divides ``hidden_size`` | transformers ``AutoConfig`` / ``AutoModelForCausalLM``; the LLaMA paths of TensorRT-LLM, vLLM and MLC-LLM's ``convert_weight`` |
+| ``config.json``, DeciLM / Nemotron-NAS (``model_type: nemotron-nas``, ``block_configs``) | otherwise | TensorRT-LLM (PyTorch flow ``_torch/models/modeling_nemotron_nas.py``; checkpoint converter ``models/nemotron_nas``); transformers with ``trust_remote_code`` and a Nemotron-NAS checkpoint's ``configuration_decilm.py``, ``block_config.py`` and ``modeling_decilm.py`` (named in ``auto_map``, not shipped here) |
+| ``mlc-chat-config.json`` | one shape for every layer and a head count that divides ``hidden_size`` | MLC-LLM (``mlc_llm compile`` / ``serve``) |
+| ``amoeballm_flags.txt`` | the pick came from the (num_layers, width) grid | AmoebaLLM's evaluation |
+| ``export.json`` | always | people: each file and its readers, every adjustment, every file not written and why |
+
+Why two forms of ``config.json``: transformers 5.x ``LlamaConfig.validate_architecture`` refuses a
+``hidden_size`` that is not a multiple of ``num_attention_heads``, whatever ``head_dim`` says, and
+MLC-LLM's ``LlamaModel`` asserts the same; pruning TinyLlama to width 3/4 or 5/8 (24 heads) or
+llama2-7b to any width below 1 breaks it. ``head_dim`` is still written explicitly, so a head count
+that divides ``hidden_size`` with another quotient (TinyLlama at 16 heads of 64) loads right.
+
+The DeciLM form (schema from TensorRT-LLM ``tensorrt_llm/models/nemotron_nas/convert.py``,
+``hf_block_config_to_layer_config``, and ``_torch/models/modeling_nemotron_nas.py``; the HF
+``block_config.py`` dataclasses) keeps ``num_attention_heads`` model-wide. Per layer,
+``attention.n_heads_in_group`` gives kv heads = ``num_attention_heads // n_heads_in_group`` and
+``ffn.ffn_mult`` gives the FFN width as the multiple of 256 at or above
+``int(2 * ffn_mult * hidden_size / 3)`` (``BlockConfig`` rounds ``ffn_mult`` to 6 decimals). So:
+
+- a pick whose kept layers differ in query heads cannot be written in either form:
+  ``UnsupportedShape`` names the first layer that differs, before any file is written;
+- an FFN width that is not a multiple of 256 is written as the next multiple of 256, and
+  ``export.json`` lists each such layer with both widths (zero-filled extra channels compute the
+  same function, but the deployed latency is that of the wider FFN);
+- TensorRT-LLM's TensorRT-engine converter (``DeciConfig.from_hugging_face``) passes no head size and
+  so derives ``hidden_size / num_attention_heads``: a head count that does not divide
+  ``hidden_size`` loads there wrongly, and only in its PyTorch flow (which reads ``head_dim``);
+  ``export.json`` says so when it applies.
+
+Sources read: TensorRT-LLM ``models/nemotron_nas/convert.py`` @2a9abd95, ``config.py`` @42a7b092,
+``_torch/models/modeling_nemotron_nas.py`` @0193dbd4, ``_torch/modules/attention.py`` @00547a25
+(``version.py`` 1.0.0rc4); MLC-LLM ``python/mlc_llm/model/llama/llama_model.py`` and
+``protocol/mlc_chat_config.py`` @01ced331, ``interface/gen_config.py`` @00c44c3c.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amoeba_profile.core.errors import UnsupportedShape
+from amoeba_profile.core.inputs import output_dir
+from amoeba_profile.core.files import write_file_atomically
+from amoeba_profile.core.subnet import Subnet
+
+# The readers round FFN widths up to this multiple (``_find_multiple(..., 256)``).
+DECI_FFN_MULTIPLE = 256
+# MLC-LLM's protocol/mlc_chat_config.py MLC_CHAT_CONFIG_VERSION and its weight-format names.
+MLC_CHAT_CONFIG_VERSION = "0.1.0"
+MLC_QUANTIZATION = {"float16": "q0f16", "bfloat16": "q0bf16", "float32": "q0f32"}
+# LLaMA-2 / TinyLlama tokenizer ids (MLC-LLM's system defaults are the same).
+BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    name: str
+    form: str
+    readers: str
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_subnet`` wrote: the files with their readers, where a written shape differs
+    from the pick (``adjustments``), and the files it did not write with the reason (``skipped``)."""
+
+    folder: Path
+    files: tuple[ExportedFile, ...]
+    adjustments: tuple[str, ...]
+    skipped: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"folder": str(self.folder),
+                "files": [{"name": f.name, "form": f.form, "readers": f.readers} for f in self.files],
+                "adjustments": list(self.adjustments), "skipped": list(self.skipped)}
+
+
+def query_heads(subnet: Subnet) -> int:
+    """The one query-head count every deployment form needs, or UnsupportedShape naming the layer."""
+    first = subnet.layers[0]
+    for layer in subnet.layers[1:]:
+        if layer.heads != first.heads:
+            raise UnsupportedShape(
+                f"layer {layer.index} has {layer.heads} query heads and layer {first.index} has {first.heads}: "
+                "LLaMA and DeciLM/Nemotron-NAS configs keep one query-head count per model; choose a shape with "
+                "one head count (a uniform pick, or --per-layer on a table of a flow that takes one, e.g. tensorrt-llm)")
+    return first.heads
+
+
+def loads_as_llama(subnet: Subnet) -> bool:
+    """Whether transformers 5.x (and MLC-LLM) accept the pick as a plain LLaMA config."""
+    return subnet.is_uniform and subnet.arch.hidden_size % query_heads(subnet) == 0
+
+
+def llama_config(subnet: Subnet, dtype: str) -> dict[str, Any]:
+    arch, layer = subnet.arch, subnet.layers[0]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": arch.hidden_size, "intermediate_size": layer.ffn, "num_attention_heads": layer.heads,
+        "num_key_value_heads": layer.kv_heads, "head_dim": arch.head_dim, "num_hidden_layers": subnet.num_layers,
+        "vocab_size": arch.vocab_size, "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta,
+        "max_position_embeddings": arch.max_position, "tie_word_embeddings": arch.tie_embeddings,
+        "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "torch_dtype": dtype,
+        "amoeba_kept_layers": subnet.kept_indices, "amoeba_base_model": arch.name, "amoeba_subnet_id": subnet.id,
+    }
+
+
+def ffn_mult(ffn: int, hidden_size: int) -> tuple[float, int]:
+    """(ffn_mult, the FFN width the readers build from it): the smallest multiple of 256 >= ffn.
+
+    ffn_mult = 1.5 x width / hidden_size, rounded to 6 decimals as BlockConfig does; that moves
+    2 x ffn_mult x hidden_size / 3 by less than 1 for any hidden_size below 3e6, so the readers'
+    truncate-then-round-up lands back on the width."""
+    width = math.ceil(ffn / DECI_FFN_MULTIPLE) * DECI_FFN_MULTIPLE
+    return round(1.5 * width / hidden_size, 6), width
+
+
+def deci_config(subnet: Subnet, dtype: str) -> tuple[dict[str, Any], list[str]]:
+    """The DeciLM / Nemotron-NAS config and the adjustments made to fit its schema."""
+    arch, heads = subnet.arch, query_heads(subnet)
+    blocks, adjustments = [], []
+    for layer in subnet.layers:
+        mult, built = ffn_mult(layer.ffn, arch.hidden_size)
+        if built != layer.ffn:
+            adjustments.append(f"layer {layer.index}: FFN {layer.ffn} written as {built} (ffn_mult {mult:g}; the "
+                               f"readers round FFN widths up to a multiple of {DECI_FFN_MULTIPLE})")
+        blocks.append({
+            "attention": {"n_heads_in_group": layer.heads // layer.kv_heads, "no_op": False,
+                          "replace_with_linear": False},
+            "ffn": {"ffn_mult": mult, "no_op": False, "replace_with_linear": False},
+        })
+    config = {
+        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas",
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
+                     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
+        "hidden_act": "silu", "hidden_size": arch.hidden_size, "num_attention_heads": heads, "head_dim": arch.head_dim,
+        # Per layer in block_configs; DeciLMConfig sets both to None itself.
+        "intermediate_size": None, "num_key_value_heads": None,
+        "num_hidden_layers": subnet.num_layers, "block_configs": blocks, "vocab_size": arch.vocab_size,
+        "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta, "rope_scaling": None,
+        "max_position_embeddings": arch.max_position, "tie_word_embeddings": arch.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+        "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "torch_dtype": dtype,
+        "amoeba_kept_layers": subnet.kept_indices, "amoeba_base_model": arch.name, "amoeba_subnet_id": subnet.id,
+    }
+    return config, adjustments
+
+
+def mlc_chat_config(subnet: Subnet, dtype: str) -> dict[str, Any]:
+    """MLC-LLM's mlc-chat-config.json as ``mlc_llm gen_config`` writes it for this shape (no
+    quantization, one GPU, a plain completion template: replace it with the model's chat template)."""
+    arch, layer = subnet.arch, subnet.layers[0]
+    prefill_chunk = min(arch.max_position, 8192)  # LlamaConfig.__post_init__'s default
+    model_config = {
+        "hidden_size": arch.hidden_size, "intermediate_size": layer.ffn, "num_attention_heads": layer.heads,
+        "num_hidden_layers": subnet.num_layers, "rms_norm_eps": arch.rms_norm_eps, "vocab_size": arch.vocab_size,
+        "tie_word_embeddings": arch.tie_embeddings, "position_embedding_base": arch.rope_theta, "rope_scaling": None,
+        "context_window_size": arch.max_position, "prefill_chunk_size": prefill_chunk,
+        "num_key_value_heads": layer.kv_heads, "head_dim": arch.head_dim, "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1, "max_batch_size": 1, "disaggregation": False,
+    }
+    return {
+        "version": MLC_CHAT_CONFIG_VERSION, "model_type": "llama", "quantization": MLC_QUANTIZATION[dtype],
+        "model_config": model_config, "vocab_size": arch.vocab_size, "context_window_size": arch.max_position,
+        "sliding_window_size": -1, "prefill_chunk_size": prefill_chunk, "attention_sink_size": -1,
+        "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "active_vocab_size": arch.vocab_size,
+        "temperature": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+        "top_p": 1.0, "tokenizer_files": [], "tokenizer_info": {},
+        "conv_template": {
+            "name": "completion", "system_template": "{system_message}", "system_message": "",
+            "system_prefix_token_ids": [BOS_TOKEN_ID], "add_role_after_system_message": True,
+            "roles": {"user": "", "assistant": ""},
+            "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
+            "messages": [], "seps": [""], "role_content_sep": "", "role_empty_sep": "", "stop_str": [],
+            "stop_token_ids": [EOS_TOKEN_ID], "function_string": "", "use_function_calling": False,
+        },
+        "pad_token_id": 0, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID,
+    }
+
+
+def amoeballm_flags(subnet: Subnet) -> str | None:
+    if subnet.width_ratio is None:
+        return None
+    return f"--eval_num_layer {subnet.num_layers} --eval_num_width {subnet.width_ratio:g}"
+
+
+LLAMA_READERS = ("transformers AutoConfig / AutoModelForCausalLM; TensorRT-LLM, vLLM and MLC-LLM convert_weight "
+                 "(LLaMA)")
+DECI_READERS = ("TensorRT-LLM (PyTorch flow: _torch/models/modeling_nemotron_nas.py; converter: "
+                "models/nemotron_nas); transformers with trust_remote_code and a Nemotron-NAS checkpoint's "
+                "configuration_decilm.py, block_config.py, modeling_decilm.py (auto_map)")
+
+
+def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str) -> ExportReport:
+    """Write the pick's files into ``out_dir`` (see the module docstring) and return what was
+    written; UnsupportedShape, before anything is written, when no deployment form fits."""
+    heads = query_heads(subnet)
+    as_llama = loads_as_llama(subnet)
+    files = [ExportedFile("subnet.json", "amoeba-profile subnet", "amoeba_profile Subnet.from_json")]
+    adjustments: list[str] = []
+    skipped: list[str] = []
+    contents: dict[str, str] = {"subnet.json": json.dumps(subnet.to_dict(), indent=2)}
+    if as_llama:
+        contents["config.json"] = json.dumps(llama_config(subnet, dtype), indent=2)
+        files.append(ExportedFile("config.json", "llama", LLAMA_READERS))
+        contents["mlc-chat-config.json"] = json.dumps(mlc_chat_config(subnet, dtype), indent=2)
+        files.append(ExportedFile("mlc-chat-config.json", "mlc-llm", "MLC-LLM (mlc_llm compile / serve)"))
+    else:
+        config, adjustments = deci_config(subnet, dtype)
+        contents["config.json"] = json.dumps(config, indent=2)
+        files.append(ExportedFile("config.json", "nemotron-nas", DECI_READERS))
+        why = ("widths differ per layer" if not subnet.is_uniform else
+               f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}")
+        skipped.append(f"plain LLaMA config.json: {why} (transformers' LlamaConfig refuses it)")
+        skipped.append(f"mlc-chat-config.json: {why} (MLC-LLM's LlamaConfig has one shape and its LlamaModel "
+                       "asserts hidden_size % num_attention_heads == 0)")
+        if subnet.arch.hidden_size % heads:
+            adjustments.append(f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}: TensorRT-LLM "
+                               "loads this config in its PyTorch flow only (head_dim read); its TensorRT-engine "
+                               "converter derives hidden_size / num_attention_heads")
+    flags = amoeballm_flags(subnet)
+    if flags:
+        contents["amoeballm_flags.txt"] = flags
+        files.append(ExportedFile("amoeballm_flags.txt", "amoeballm", "AmoebaLLM evaluation (--eval_num_layer, "
+                                                                       "--eval_num_width)"))
+    out = Path(out_dir)
+    report = ExportReport(out, (*files, ExportedFile("export.json", "report", "people")), tuple(adjustments),
+                          tuple(skipped))
+    contents["export.json"] = json.dumps(report.to_dict(), indent=2)
+    output_dir(out, "--export")
+    for name, text in contents.items():  # renamed into place: a symlink planted at a name is replaced, not followed
+        write_file_atomically(out / name, (text + "\n").encode())
+    return report

@@ -1,0 +1,114 @@
+"""Files written so that a crash never leaves half of one, and file locks that say who holds them.
+
+A ``FileLock`` alone tells a waiting process nothing, so a second build of a table looked stuck at
+its start. The holder writes its pid, host and start time beside the lock (``<lock>.holder``); a
+waiter prints what it waits for and for how long. The note is advisory: it is written after the
+lock is taken and removed before it is released, and one left by a killed holder is overwritten by
+the next holder (a waiter may read it in between and name the dead process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from filelock import FileLock, Timeout
+
+from amoeba_profile.core.errors import LutError
+
+Notice = Callable[[str], None]
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_exclusive(path: Path) -> tuple[int, Path]:
+    """A new temp file beside ``path`` with an unpredictable name, created exclusively (so no
+    planted symlink is followed) with mode 0666 less the umask - the mode any new file gets, where
+    ``mkstemp`` would leave 0600 on every table."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary name after 16 tries")
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file (``_create_exclusive``), fsync it, and rename it over ``path``
+    (a rename replaces a symlink at ``path`` instead of writing through it)."""
+    fd, tmp = _create_exclusive(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def holder_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".holder")
+
+
+def describe_holder(lock_path: Path) -> str:
+    """'pid N on HOST since T' from the holder note, or 'another process' without a readable one."""
+    try:
+        note = json.loads(holder_path(lock_path).read_text())
+        return f"pid {int(note['pid'])} on {note['host']} since {note['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _acquire(lock: FileLock, timeout_s: float) -> bool:
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        return False
+    return True
+
+
+@contextmanager
+def held(lock_path: Path, what: str, timeout_s: float = -1, notice: Notice | None = None) -> Iterator[None]:
+    """Hold the lock at ``lock_path``; ``what`` names what it guards in messages.
+
+    When another process holds it, ``notice`` gets one line naming the holder and how long this
+    process waits (``timeout_s`` < 0: until it is released); after ``timeout_s`` a ``LutError``
+    names the holder."""
+    lock = FileLock(str(lock_path))
+    if not _acquire(lock, 0):
+        if timeout_s != 0 and notice is not None:
+            wait = "until it is released" if timeout_s < 0 else f"for up to {timeout_s:g} s"
+            notice(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); waiting {wait}")
+        if timeout_s == 0 or not _acquire(lock, timeout_s):
+            raise LutError(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); another build or "
+                           "validation is using it - wait for it to finish")
+    try:
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        write_file_atomically(holder_path(lock_path), json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
+        yield
+    finally:
+        holder_path(lock_path).unlink(missing_ok=True)
+        lock.release()
+
+
+def table_lock(path: Path, timeout_s: float = -1, notice: Notice | None = None):
+    """The lock every writer of one table holds: a build, a validation write-back, a roofline write, a reseal."""
+    return held(Path(str(path) + ".lock"), f"table {path}", timeout_s, notice)

@@ -1,0 +1,143 @@
+"""Where a shape's quality score comes from: a measured table, or a documented proxy.
+
+A quality CSV has a ``score`` column (higher is better, e.g. mean accuracy) and identifies shapes
+by ``num_layers`` + ``width_ratio``, by ``subnet_id``, or by ``name`` carrying an AmoebaLLM
+evaluation suffix such as ``llama2-7b_l24w0.875``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from amoeba_profile.core.arch import layer_params
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core.inputs import MIB, finite_float, integer, read_bounded
+from amoeba_profile.core.subnet import Subnet, parse_ratio
+
+PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
+_SUFFIX = re.compile(r"_l(\d+)w([0-9./]+)")
+_CSV_BYTES = 16 * MIB
+
+
+def retained_params(subnet: Subnet) -> float:
+    arch = subnet.arch
+    full = arch.num_layers * layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
+    return sum(layer_params(arch, l.heads, l.kv_heads, l.ffn) for l in subnet.layers) / full
+
+
+class ProxyQuality:
+    name = PROXY_NAME
+
+    def score(self, subnet: Subnet) -> float:
+        return retained_params(subnet)
+
+    def check_covers(self, subnets: Iterable[Subnet]) -> None:
+        """The proxy scores every shape."""
+
+
+@dataclass
+class TableQuality:
+    """Scores read from a CSV; every shape asked about must be present exactly once."""
+
+    path: Path
+    by_shape: dict[tuple[int, float], float] = field(default_factory=dict)
+    by_id: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"table: {self.path}"
+
+    def _lookup(self, subnet: Subnet) -> float | None:
+        if subnet.id in self.by_id:
+            return self.by_id[subnet.id]
+        if subnet.width_ratio is not None:
+            for (layers, width), score in self.by_shape.items():
+                if layers == subnet.num_layers and math.isclose(width, subnet.width_ratio, abs_tol=1e-3):
+                    return score
+        return None
+
+    def score(self, subnet: Subnet) -> float:
+        value = self._lookup(subnet)
+        if value is None:
+            raise UsageError(f"{self.path}: no score for {subnet.label} (layers={subnet.num_layers}, "
+                             f"width={subnet.width_ratio}, id={subnet.id})")
+        return value
+
+    def check_covers(self, subnets: Iterable[Subnet]) -> None:
+        missing = [s.label for s in subnets if self._lookup(s) is None]
+        if missing:
+            shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
+            raise UsageError(f"{self.path}: quality table lacks {len(missing)} shapes of the design space ({shown}); "
+                             "add rows or narrow --widths")
+
+
+def read_small_csv(path: Path | str, what: str) -> pd.DataFrame:
+    """A user's CSV (quality scores, layer importance), read only if it is a regular file of at most 16 MiB."""
+    path = Path(path)
+    data = read_bounded(path, _CSV_BYTES, what)
+    try:
+        return pd.read_csv(io.BytesIO(data))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"{path}: not a readable {what} ({' '.join(str(exc).split())[:200]})") from None
+
+
+def csv_integer(value: Any, what: str, minimum: int) -> int:
+    """A CSV cell as an int: 24 and 24.0 (pandas turns an int column with a gap into floats) pass,
+    1.5 and 'x' are refused rather than truncated."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return integer(value, what, minimum=minimum)
+
+
+def load_quality(path: Path | str) -> TableQuality:
+    path = Path(path)
+    frame = read_small_csv(path, "quality CSV")
+    if "score" not in frame.columns:
+        raise UsageError(f"{path}: missing column 'score'")
+    quality = TableQuality(path)
+    seen: dict[object, int] = {}
+    for i, row in frame.iterrows():
+        line = i + 2
+        score = pd.to_numeric(row["score"], errors="coerce")
+        if pd.isna(score):
+            raise UsageError(f"{path}: line {line}: score {row['score']!r} is not a number")
+        finite_float(score, f"{path}: line {line}: score")
+        if "subnet_id" in frame.columns and isinstance(row.get("subnet_id"), str) and row["subnet_id"]:
+            key: object = row["subnet_id"]
+            target = quality.by_id
+        else:
+            key = _shape_key(row, frame.columns, path, line)
+            target = quality.by_shape
+        if key in seen:
+            raise UsageError(f"{path}: line {line} repeats the shape of line {seen[key]} ({key})")
+        seen[key] = line
+        target[key] = float(score)
+    return quality
+
+
+def _shape_key(row, columns, path: Path, line: int) -> tuple[int, float]:
+    """(num_layers, width) of a row; widths take the CLI's syntax (7/8 or 0.875), through ``parse_ratio``."""
+    where = f"{path}: line {line}:"
+    if "num_layers" in columns and "width_ratio" in columns:
+        layers = csv_integer(row["num_layers"], f"{where} num_layers", minimum=1)
+        return layers, round(_ratio(row["width_ratio"], where), 6)
+    if "name" in columns:
+        match = _SUFFIX.search(str(row["name"]))
+        if match:
+            return int(match.group(1)), round(_ratio(match.group(2), where), 6)
+        raise UsageError(f"{path}: line {line}: name {row['name']!r} has no AmoebaLLM suffix like _l24w0.875")
+    raise UsageError(f"{path}: needs columns num_layers + width_ratio, subnet_id, or name (with _l<N>w<ratio>)")
+
+
+def _ratio(value: Any, where: str) -> float:
+    try:
+        return parse_ratio(str(value))
+    except UsageError as exc:
+        raise UsageError(f"{where} {exc}") from None

@@ -1,0 +1,134 @@
+"""What a fleet runs on its nodes: detection, the description of a build, one unit-round's measurement.
+
+These are plain functions, made Ray tasks by the driver (``fleet.py``), so each runs in a worker
+process on a node of the device and returns plain values. Every measurement goes through the
+code a local build runs (``build.UnitMeasurer``) under the node's measurement lock, with the
+backend rebuilt from the table's own config; a node that is not the table's device measures
+nothing and says what it is, so the driver can refuse it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.backends import get_backend
+from amoeba_profile.measure.build import BackendRecord, UnitMeasurer, check_device, to_stderr
+from amoeba_profile.device import device_slug, fingerprint, resolve_device
+from amoeba_profile.device.load import CpuLoad
+from amoeba_profile.device.monitor import monitor_for
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.fleet.plan import FleetBuild
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.measure.prepare import prepare_build
+from amoeba_profile.device.quiet import BusyPolicy, quiet_machine
+
+
+def _node_id() -> str:
+    import ray  # only ever called inside a Ray worker
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def as_on_the_node(started_with: Path = Path("/proc/self/environ")) -> None:
+    """Undo Ray's thread pin for this task, so it picks threads as build-lut does on this machine.
+
+    For a task that holds no CPU, Ray sets OMP_NUM_THREADS=1 while it runs when the node's
+    environment has none (``ray._private.utils.set_omp_num_threads_if_unset``, against many
+    workers oversubscribing a node); torch imported under it defaults to one thread, and the
+    pytorch backend takes a set OMP_NUM_THREADS as the user's choice. A measurement is alone on its
+    device, so the variable goes unless the worker process started with it (``started_with``:
+    the environment ``ray start`` ran in, as the process was started)."""
+    try:
+        names = {item.split(b"=", 1)[0] for item in started_with.read_bytes().split(b"\0")}
+    except OSError:
+        return
+    if b"OMP_NUM_THREADS" not in names:
+        os.environ.pop("OMP_NUM_THREADS", None)
+
+
+def detect_task() -> str:
+    """profile-device's detection on this node: the slug of the device ``auto`` resolves to."""
+    as_on_the_node()
+    resolved, _ = resolve_device("auto")
+    return device_slug(resolved)
+
+
+@dataclass(frozen=True)
+class Described:
+    """What a node of the device says about the build it would measure: the plan and method it
+    resolves, the backend's record (config with the thread count filled in, versions), the device
+    fingerprint and the device state now."""
+
+    plan: BuildPlan
+    record: BackendRecord
+    device: dict[str, Any]
+    method_reason: str
+    monitor: str
+    state: dict[str, Any]
+
+
+def describe_task(build: FleetBuild, threads: int | None) -> Described:
+    """``prepare_build`` and the device checks of ``preflight``, on the device: what a local build
+    checks before writing a byte."""
+    as_on_the_node()
+    prepared = prepare_build(build.arch, backend=build.backend, device=build.device, method=build.method,
+                             dtype=build.dtype, threads=threads, backend_options=build.backend_options,
+                             **build.plan_options)
+    backend = prepared.backend
+    check_device(prepared.plan, backend)
+    monitor = monitor_for(backend.device, load=CpuLoad(), needed=backend.host_cores())
+    return Described(prepared.plan, BackendRecord.of(backend), fingerprint(backend.device), prepared.method_reason,
+                     monitor.source, monitor.sample())
+
+
+@dataclass(frozen=True)
+class UnitJob:
+    """One unit's pending entries in one round, and everything a worker needs to measure them as
+    the table's other rows were measured (``device``: the table's fingerprint)."""
+
+    plan: BuildPlan
+    record: BackendRecord
+    device: dict[str, Any]
+    protocol: TimingProtocol
+    entries: tuple[Entry, ...]
+    round_index: int
+    busy: BusyPolicy | None
+    target: str  # the table, for the measurement lock's holder note
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """A worker's answer: one result per entry (journal records), whether the unit could be built,
+    and the fingerprint, versions and node they were measured on; ``state`` is the device state
+    after measuring (None when the worker refused to measure)."""
+
+    records: list[dict[str, Any]]
+    built: bool
+    device: dict[str, Any]
+    versions: dict[str, Any]
+    node: str
+    state: dict[str, Any] | None
+
+
+def measure_task(job: UnitJob) -> UnitResult:
+    """Measure one unit-round with the backend rebuilt from the table's config, under this node's
+    measurement lock. A node whose device or versions are not the table's measures nothing: the
+    driver refuses its answer and sends the unit elsewhere."""
+    as_on_the_node()
+    backend = get_backend(job.record.name, **job.record.config)
+    device, versions, node = fingerprint(backend.device), backend.versions(), _node_id()
+    if device != job.device or versions != job.record.versions:
+        return UnitResult([], True, device, versions, node, None)
+    records: list[dict[str, Any]] = []
+    load = CpuLoad()
+    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy, to_stderr,
+                       -1, load):
+        measurer = UnitMeasurer(job.plan, backend, job.protocol, ArtifactCache(), load)
+        built = measurer.measure_unit(list(job.entries), job.round_index, lambda entry, result: records.append(result))
+        state = measurer.monitor.sample()
+    return UnitResult(records, built, device, versions, node, state)

@@ -1,0 +1,683 @@
+"""Run a LUT build: interleaved rounds, a crash-safe journal, an atomic finish.
+
+Every (entry, round) result goes to the journal (``journal.py``) before the next one starts, so a
+build killed at any moment (even ``kill -9``) resumes with nothing lost or measured twice. Entries
+are measured in rounds - every entry once per round, whole models included - so slow drift of
+clocks or temperature spreads over all entries instead of biasing the ones measured last. Whole
+models run through the backend's serving loop from engines compiled once (``artifacts.py``) and
+loaded per round. A ``difference`` build then fits base + per-layer costs (``fit.py``). The
+finished table replaces the old one atomically; a file lock serializes two builds of one table,
+and a machine-wide lock per device serializes every measurement on it (``quiet.py``). Other
+processes' CPU load is recorded around every entry; rows measured under it are flagged.
+
+A fleet build (``fleet.py``) runs the same parts, split between machines: ``UnitMeasurer`` on a
+node of the device, the rounds (``round_groups``, ``noisy_groups``), the journal and the table
+(``start_table``, ``finish_table``) on the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from amoeba_profile import __version__
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.backends import Backend, get_backend
+from amoeba_profile.backends.base import EngineSpec
+from amoeba_profile.device import available_memory_bytes, fingerprint
+from amoeba_profile.device.load import CpuLoad
+from amoeba_profile.device.monitor import Monitor, entry_state, host_contention, monitor_for
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import AmoebaError, LutError, UnsupportedShape
+from amoeba_profile.table.fit import fit_rows
+from amoeba_profile.core.inputs import output_dir
+from amoeba_profile.measure.journal import Journal
+from amoeba_profile.core.files import Notice, held, table_lock
+from amoeba_profile.table.lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
+from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.select.memory import check_fits
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
+
+Progress = Callable[[int, int, str], None]
+# Where one (entry, round) result goes: the build's journal, or the list a fleet worker returns.
+Sink = Callable[[Entry, dict[str, Any]], None]
+HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
+_IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
+
+
+@dataclass(frozen=True)
+class BackendRecord:
+    """What a table and its journal record about the backend that measures them.
+
+    A local build reads it off its backend; a fleet build gets it from a worker on the device,
+    because the driver may have neither that device nor the flow's libraries."""
+
+    name: str
+    config: dict[str, Any]
+    versions: dict[str, Any]
+    environment: dict[str, Any]
+    dtype: str
+    clock_name: str
+
+    @classmethod
+    def of(cls, backend: Backend) -> BackendRecord:
+        return cls(backend.name, backend.config_dict(), backend.versions(), backend.environment(), backend.dtype,
+                   backend.clock_name)
+
+
+def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any]) -> dict:
+    """The options a journal's results belong to, and their hash: a journal of other options is refused,
+    and the refusal names which differ."""
+    options = {
+        "arch": plan.arch.to_dict(), "grid": plan.grid(), "whole": sorted(s.id for s in plan.whole),
+        "backend": record.name, "config": record.config, "versions": record.versions,
+        "device": device["slug"], "protocol": protocol.to_dict(),
+    }
+    identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
+    return {"kind": "header", "identity": identity, "options": options}
+
+
+def _row_method(entry: Entry, plan_method: str) -> str:
+    return "whole" if entry.component == "model" else plan_method
+
+
+@dataclass
+class BuildResult:
+    """``measured``: entries with a result measured by this run; ``from_journal``: entries whose
+    results all came from an earlier, interrupted run's journal; ``reused``: rows already in the
+    table; ``written``: False when the run had nothing to add and left the table untouched."""
+
+    path: Path
+    measured: int
+    from_journal: int
+    reused: int
+    oom: list[str]  # labels of the entries stored as oom or unsupported
+    wall_s: float
+    written: bool = True
+    recompiled: list[str] = field(default_factory=list)  # rows whose timed samples included JIT compiling
+
+
+def preflight(plan: BuildPlan, backend: Backend, out_dir: Path) -> None:
+    """Everything a build refuses before it writes a byte: what ``check_device`` refuses, and an
+    output folder that cannot be one. ``run_build`` calls it; a caller that reports progress calls
+    it first, so a refusal is the only thing it prints."""
+    check_device(plan, backend)
+    output_dir(out_dir, "--out")
+
+
+def check_device(plan: BuildPlan, backend: Backend) -> None:
+    """What the measuring machine refuses: a method the backend lacks, a largest engine or
+    component chain that cannot fit the memory the device has available (``memory.check_fits``).
+    A fleet worker runs it on the device; the output folder is the driver's to check."""
+    _check_method(plan, backend)
+    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
+               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
+
+
+def run_build(
+    plan: BuildPlan,
+    backend: Backend,
+    out_dir: Path,
+    protocol: TimingProtocol = TimingProtocol(),
+    progress: Progress | None = None,
+    lock_timeout_s: float = -1,
+    artifacts: ArtifactCache | None = None,
+    method_reason: str = "",
+    on_corrupt_journal: str = "stop",
+    busy: BusyPolicy | None = None,
+    notice: Notice | None = None,
+    load: CpuLoad | None = None,
+) -> BuildResult:
+    """Measure every entry of ``plan`` not already in the table, then write the table atomically.
+
+    ``on_corrupt_journal`` is what to do with a damaged journal (``journal.CORRUPT_CHOICES``);
+    ``notice`` gets one-line messages for the user, such as a wait for another build's lock. The
+    build holds the table's lock and the device's measurement lock. With a ``busy`` policy it checks
+    other processes' load first and waits for quiet before a re-measure round; without one it
+    measures at once. Either way the load around every entry is recorded (``load`` reads it; tests
+    pass a simulated one) and contended rows are flagged."""
+    preflight(plan, backend, out_dir)
+    device = fingerprint(backend.device)
+    path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
+    output_dir(path.parent, "--out")
+    notice = notice if notice is not None else to_stderr
+    load = load if load is not None else CpuLoad()
+    with table_lock(path, lock_timeout_s, notice), \
+            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
+                          lock_timeout_s, load):
+        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
+        return runner.build(path, device, method_reason, on_corrupt_journal)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Rows measured into a journal but not into a table (``measure_plan``)."""
+
+    lut: Lut
+    measured: int
+    from_journal: int
+
+
+def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol: TimingProtocol = TimingProtocol(),
+                 progress: Progress | None = None, *, artifacts: ArtifactCache | None = None,
+                 method_reason: str = "", on_corrupt_journal: str = "stop", busy: BusyPolicy | None = None,
+                 notice: Notice | None = None, load: CpuLoad | None = None) -> Measured:
+    """Measure every entry of ``plan`` through a journal at ``journal_path`` and return the rows as
+    a table in memory, fitted like a build's; nothing else is written and the journal is kept.
+
+    For a caller that stores only part of the rows elsewhere (validate): killed at any moment, the
+    same call resumes from the journal, and the caller removes the journal once its rows are stored.
+    A lock beside the journal keeps two such runs from appending to it at once; it measures under
+    the device's measurement lock and ``busy`` policy as ``run_build`` does."""
+    preflight(plan, backend, journal_path.parent)
+    device = fingerprint(backend.device)
+    notice = notice if notice is not None else to_stderr
+    load = load if load is not None else CpuLoad()
+    with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \
+            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice,
+                          -1, load):
+        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
+        record = BackendRecord.of(backend)
+        meta = _meta(plan, record, protocol, device, method_reason)
+        journal = open_journal(journal_path, plan, record, protocol, device, on_corrupt_journal)
+        todo = plan.entries()
+        meta["monitor"], meta["state_at_start"] = runner.monitor.source, runner.monitor.sample()
+        rows, _ = runner.measure(todo, journal)
+        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+        if fit_ids:
+            rows, meta["fit"] = _refit(rows, fit_ids)
+            meta["fit_subnet_ids"] = sorted(fit_ids)
+        meta["state_at_end"] = runner.monitor.sample()
+    return Measured(Lut(rows_frame(rows), meta), *_provenance(todo, journal))
+
+
+def _provenance(todo: list[Entry], journal: Journal) -> tuple[int, int]:
+    """(entries measured now, entries whose every result came from the journal as it was opened)."""
+    now = journal.measured_now()
+    measured = sum(e.key in now for e in todo)
+    return measured, len(todo) - measured
+
+
+def _check_method(plan: BuildPlan, backend: Backend) -> None:
+    if plan.method not in backend.capabilities().methods:
+        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
+                          f"not the {plan.method!r} method")
+
+
+def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any],
+          method_reason: str) -> dict[str, Any]:
+    return {
+        "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": record.name,
+        "backend_config": record.config, "versions": record.versions,
+        "backend_env": record.environment, "dtype": record.dtype, "arch": plan.arch.to_dict(),
+        "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
+        "protocol": protocol.to_dict(), "clock": record.clock_name, "source": "measured",
+    }
+
+
+def to_stderr(message: str) -> None:
+    """The default notice: one line on stderr (on a fleet worker, Ray forwards it to the driver)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Rows and sidecar of the table already at ``path``, checked to have this build's identity."""
+    if not path.exists():
+        return [], None
+    lut = load_table(path)
+    for key in _IDENTITY_KEYS:
+        if lut.meta.get(key) != meta[key]:
+            raise LutError(
+                f"{path}: existing table has {key}={lut.meta.get(key)!r}, this build {meta[key]!r}; "
+                "tables with different identities are not merged - choose another --out"
+            )
+    return lut.frame.to_dict("records"), lut.meta
+
+
+def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> dict[str, Any] | None:
+    """The backend config of the unfinished journal or the table that this build would resume or
+    extend, or None. A default that follows the machine's load (pytorch's threads) must not change
+    the identity of a table between two runs of one build: callers adopt these values instead."""
+    path = table_path(out_dir, fingerprint(backend.device)["slug"], backend.name, plan.arch.name, backend.dtype)
+    return stored_config_at(path)
+
+
+def stored_config_at(path: Path) -> dict[str, Any] | None:
+    """The backend config of the unfinished journal or the table at ``path`` (a table's CSV), or None."""
+    journal = path.with_name(path.name + ".journal.jsonl")
+    if journal.is_file():
+        with journal.open() as handle:
+            try:
+                header = json.loads(handle.readline())
+            except json.JSONDecodeError:
+                header = {}
+        options = header.get("options") if isinstance(header, dict) else None
+        if isinstance(options, dict) and isinstance(options.get("config"), dict):
+            return options["config"]
+    return load_table(path).meta.get("backend_config") if path.is_file() else None
+
+
+def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dtype: str | None,
+                      threads: int | None, options: dict[str, Any] | None = None) -> tuple[Backend, str]:
+    """The backend a build into ``out_dir`` measures with (``options``: further config fields), and
+    a line saying its thread count and why ("" for a backend without one). Without ``threads``, a
+    table or journal being resumed or extended keeps the count it was measured with
+    (``stored_backend_config``)."""
+    options = options or {}
+    backend = get_backend(name, device=device, dtype=dtype, threads=threads, **options)
+    config = backend.config_dict()
+    if "threads" not in config:
+        return backend, ""
+    stored = stored_backend_config(out_dir, plan, backend) if threads is None else None
+    if stored and stored.get("threads") and stored["threads"] != config["threads"]:
+        return (get_backend(name, device=device, dtype=dtype, threads=stored["threads"], **options),
+                f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)")
+    why = backend.environment().get("threads_reason")
+    return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")
+
+
+def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
+                 device: dict[str, Any], on_corrupt: str) -> Journal:
+    """The journal of one build at ``path``: its results are checked against the plan's entries and
+    rounds, and a journal of other options is refused."""
+    return Journal(path, _journal_header(plan, record, protocol, device), on_corrupt,
+                   keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
+
+
+def group_units(entries: list[Entry]) -> dict[tuple, list[Entry]]:
+    """Entries by the unit (built module or engine) they share, in plan order."""
+    units: dict[tuple, list[Entry]] = defaultdict(list)
+    for entry in entries:
+        units[entry.unit].append(entry)
+    return units
+
+
+def round_groups(units: dict[tuple, list[Entry]], done: set[tuple[str, int]], failed: set[tuple],
+                 round_index: int) -> list[list[Entry]]:
+    """Per unit, the entries still to measure in round ``round_index``; units that could not be
+    built in an earlier round are skipped."""
+    groups = [[e for e in entries if (e.key, round_index) not in done]
+              for unit_key, entries in units.items() if unit_key not in failed]
+    return [group for group in groups if group]
+
+
+def noisy_groups(units: dict[tuple, list[Entry]], journal: Journal, failed: set[tuple],
+                 protocol: TimingProtocol) -> list[list[Entry]]:
+    """Per unit, the entries that get the extra round (index ``protocol.rounds``): CV over the
+    normal rounds above the threshold, or measured under contention; those already re-measured are
+    left out."""
+    extra = protocol.rounds
+    by_key: dict[str, list[float]] = defaultdict(list)
+    states: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in journal.records:
+        if record["status"] == "ok" and record["round"] < extra:
+            by_key[record["key"]].extend(record["samples_ms"])
+            states[record["key"]].append(record.get("state", {}))
+
+    def disturbed(key: str) -> bool:
+        samples = by_key.get(key, [])
+        noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > protocol.cv_threshold
+        return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
+
+    done = journal.done()
+    groups = [[e for e in entries if disturbed(e.key) and (e.key, extra) not in done]
+              for unit_key, entries in units.items() if unit_key not in failed]
+    return [group for group in groups if group]
+
+
+def journal_rows(todo: list[Entry], journal: Journal, protocol: TimingProtocol,
+                 plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of ``todo`` from the journal's results, and the labels of the entries that failed."""
+    return _aggregate(todo, journal.records, protocol.cv_threshold, plan_method)
+
+
+@dataclass
+class TableStart:
+    """One table's build between reading what is at its path and writing it. ``run_build`` and the
+    fleet driver share it, so both write the same table from the same journal.
+
+    ``meta`` is the sidecar to write (the old one extended, when the table exists); ``kept`` the
+    rows already there; ``todo`` the entries to measure; ``nothing_new``: the build would add no
+    row, fit model or grid value, so the table is left alone."""
+
+    path: Path
+    meta: dict[str, Any]
+    kept: list[dict[str, Any]]
+    old_meta: dict[str, Any] | None
+    todo: list[Entry]
+    fit_ids: set[str]
+    nothing_new: bool
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".journal.jsonl")
+
+
+def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
+                device: dict[str, Any], method_reason: str) -> TableStart:
+    """Read the table at ``path`` (refused when its identity is not this build's) and work out what
+    the build adds to it."""
+    meta = _meta(plan, record, protocol, device, method_reason)
+    kept, old_meta = _existing(path, meta)
+    fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+    have = {entry_key_of_row(row) for row in kept}
+    todo = [e for e in plan.entries() if e.key not in have]
+    nothing_new = False
+    if old_meta is not None:
+        old_fits = set(old_meta.get("fit_subnet_ids", []))
+        nothing_new = not todo and fit_ids <= old_fits and not _widens_grid(old_meta["grid"], plan)
+        if not nothing_new:
+            meta = _extend_meta(old_meta, plan, protocol)
+            fit_ids |= old_fits
+    return TableStart(path, meta, kept, old_meta, todo, fit_ids, nothing_new)
+
+
+def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: float) -> BuildResult:
+    """The result of a build with nothing to add: rewriting would only churn the file and log a
+    build that did nothing. A journal of this build left by a crash after its table was written
+    goes (``journal`` opens it, refusing another build's, which stays)."""
+    if start.journal_path.exists():
+        journal().path.unlink()
+    return BuildResult(start.path, 0, 0, len(start.kept), [], time.perf_counter() - started, written=False)
+
+
+def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], journal: Journal,
+                 started: float) -> BuildResult:
+    """Refit (difference), write the table atomically with ``start.meta`` (the caller has added the
+    monitor and device state), then remove the journal."""
+    meta = start.meta
+    recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
+    all_rows = start.kept + rows
+    if start.fit_ids:
+        all_rows, meta["fit"] = _refit(all_rows, start.fit_ids)
+        meta["fit_subnet_ids"] = sorted(start.fit_ids)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    stamps = {"created_at": start.old_meta.get("created_at", created), "updated_at": created} \
+        if start.old_meta else {"created_at": created}
+    write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
+    journal.path.unlink(missing_ok=True)
+    return BuildResult(start.path, *_provenance(start.todo, journal), len(start.kept), oom,
+                       time.perf_counter() - started, recompiled=recompiled)
+
+
+class UnitMeasurer:
+    """Measures one unit's entries in one round: builds or loads the unit, warms up and times each
+    entry with the device state around it, and hands each result to a sink. The one place results
+    are made, for a local build (the sink is its journal) and a fleet worker (a list it returns)."""
+
+    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
+                 load: CpuLoad):
+        self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
+        self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
+
+    def _open(self, entry: Entry):
+        """(engine or component unit, compile seconds spent now) for the unit ``entry`` belongs to."""
+        if not entry.runs_whole:
+            return self.backend.build_component(self.plan.arch, entry), 0.0
+        layers = tuple((l.heads, l.kv_heads, l.ffn) for l in entry.subnet.layers) if entry.subnet else ()
+        spec = EngineSpec(self.plan.arch, layers, *self.plan.engine_limits())
+        self.backend.check_spec(spec)
+        artifact = self.artifacts.ensure(self.backend, spec)
+        engine = self.backend.load(spec, artifact.path)
+        return engine, artifact.compile_s + engine.compile_s
+
+    def _piece(self, opened, entry: Entry):
+        if not entry.runs_whole:
+            return opened.workpiece(entry)
+        if entry.phase == "prefill":
+            return opened.ttft(entry.batch, entry.tokens)
+        return opened.tpot(entry.batch, entry.context, self.plan.decode_steps)
+
+    @staticmethod
+    def _fail(entries: list[Entry], round_index: int, sink: Sink, status: str, exc: BaseException) -> None:
+        for entry in entries:
+            sink(entry, {"key": entry.key, "round": round_index, "status": status, "note": str(exc)[:200]})
+
+    def measure_unit(self, entries: list[Entry], round_index: int, sink: Sink) -> bool:
+        """Measure ``entries`` (one unit's) in round ``round_index``; every entry gets one result.
+        False when the unit could not be built (unsupported or out of memory): later rounds skip it.
+        Any other failure raises, naming the entry."""
+        backend = self.backend
+        t0 = time.perf_counter()
+        try:
+            opened, compile_s = self._open(entries[0])
+        except UnsupportedShape as exc:
+            self._fail(entries, round_index, sink, "unsupported", exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            if not backend.is_out_of_memory(exc):
+                raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to "
+                                  "resume") from exc
+            self._fail(entries, round_index, sink, "oom", exc)
+            return False
+        build_s = time.perf_counter() - t0
+        try:
+            for entry in entries:
+                t1 = time.perf_counter()
+                try:
+                    piece = self._piece(opened, entry)
+                    before = self.monitor.sample()
+                    warm_runs, steps = warm_up(piece, self.protocol)
+                    jit_before = opened.jit_compiles() if entry.runs_whole else None
+                    samples = sample(piece, self.protocol, steps)
+                    recompiles = opened.jit_compiles() - jit_before if jit_before is not None else None
+                    after = self.monitor.sample()
+                    busy = opened.device_busy(piece) if entry.runs_whole and round_index == 0 else None
+                except Exception as exc:  # noqa: BLE001
+                    if not backend.is_out_of_memory(exc):
+                        raise AmoebaError(f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to "
+                                          "resume") from exc
+                    self._fail([entry], round_index, sink, "oom", exc)
+                    continue
+                repeat = getattr(opened, "repeat", 1)
+                state = entry_state(before, after, (warm_runs + len(samples) * steps) * repeat)
+                state.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
+                                                ("recompiles", recompiles)) if v is not None})
+                sink(entry, {
+                    "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
+                    "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
+                    "state": state,
+                })
+                build_s = 0.0
+        finally:
+            opened.close()
+        return True
+
+
+class _Runner:
+    """A local build: every unit measured in this process, results journaled as they come."""
+
+    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
+                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
+        self.plan, self.backend, self.protocol = plan, backend, protocol
+        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
+        self.measurer = UnitMeasurer(plan, backend, protocol, artifacts, load)
+        self.monitor = self.measurer.monitor
+        self.failed_units: set[tuple] = set()
+        self.counter = 0
+        self.total = 0
+
+    def tick(self, entry: Entry, round_index: int) -> None:
+        self.counter += 1
+        if self.progress:
+            rounds = self.protocol.rounds
+            which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
+            self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
+
+    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
+        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal.
+
+        Rounds are interleaved (every unit once per round); entries whose CV exceeds the threshold,
+        or that were measured under contention, get one extra round, after a wait for a quiet CPU
+        (with a busy policy); still noisy or contended, they are flagged."""
+        protocol = self.protocol
+        units = group_units(todo)
+        self.total = len(todo) * protocol.rounds
+        todo_keys = {e.key for e in todo}
+        self.counter = len({d for d in journal.done() if d[0] in todo_keys})
+        if self.progress:
+            self.progress(self.counter, self.total, "resuming" if self.counter else "starting")
+        for round_index in range(protocol.rounds):
+            for entries in round_groups(units, journal.done(), self.failed_units, round_index):
+                self._measure_unit(entries, round_index, journal)
+        redo = noisy_groups(units, journal, self.failed_units, protocol)
+        if redo and self.busy is not None:
+            wait_for_quiet(self.load, self.backend.host_cores(), self.busy, self.notice, may_refuse=False)
+        for entries in redo:
+            self._measure_unit(entries, protocol.rounds, journal)
+        return journal_rows(todo, journal, protocol, self.plan.method)
+
+    def _measure_unit(self, entries: list[Entry], round_index: int, journal: Journal) -> None:
+        def sink(entry: Entry, result: dict[str, Any]) -> None:
+            journal.append(result)
+            self.tick(entry, round_index)
+
+        if not self.measurer.measure_unit(entries, round_index, sink):
+            self.failed_units.add(entries[0].unit)
+
+    def build(self, path: Path, device: dict[str, Any], method_reason: str, on_corrupt: str) -> BuildResult:
+        plan, protocol = self.plan, self.protocol
+        started = time.perf_counter()
+        record = BackendRecord.of(self.backend)
+        start = start_table(path, plan, record, protocol, device, method_reason)
+
+        def journal() -> Journal:
+            return open_journal(start.journal_path, plan, record, protocol, device, on_corrupt)
+
+        if start.nothing_new:
+            return leave_unchanged(start, journal, started)
+        opened = journal()
+        start.meta["monitor"] = self.monitor.source
+        start.meta["state_at_start"] = self.monitor.sample()
+        rows, oom = self.measure(start.todo, opened)
+        start.meta["state_at_end"] = self.monitor.sample()
+        return finish_table(start, rows, oom, opened, started)
+
+
+_GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
+
+
+def _widens_grid(old_grid: dict[str, Any], plan: BuildPlan) -> bool:
+    """Whether ``plan``'s grid lists a value the table's grid lacks (values compared as JSON)."""
+    if not plan.measure_grid:
+        return False
+    new = plan.grid()
+
+    def values(grid: dict[str, Any], key: str) -> set[str]:
+        return {json.dumps(v) for v in json.loads(json.dumps(grid.get(key, [])))}
+
+    return any(values(new, key) - values(old_grid, key) for key in (*_GRID_LISTS, "extra_attn"))
+
+
+def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProtocol) -> dict[str, Any]:
+    """The table's grid and protocol describe its first build; a later build adds rows, widens the
+    grid to cover them, and lists itself."""
+    grid = dict(old_meta["grid"])
+    if plan.measure_grid:
+        for key in _GRID_LISTS:
+            grid[key] = sorted(set(grid.get(key, [])) | set(plan.grid()[key]))
+        grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
+    meta = {**old_meta, "grid": grid,
+            "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}]}
+    meta.pop("content_sha256", None)
+    return meta
+
+
+def _refit(rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replace the derived rows with a fit over every fit model in the table; residuals onto model rows."""
+    rows = [r for r in rows if not (r["method"] == "difference" and r["component"] in ("base", "layer"))]
+    models = [r for r in rows if r["component"] == "model"]
+    derived, residuals, summary = fit_rows(models, fit_ids)
+    for row in models:
+        row["residual_pct"] = residuals.get(entry_key_of_row(row), math.nan)
+    return rows + derived, summary
+
+
+def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold: float,
+               plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_key[record["key"]].append(record)
+    rows, failed = [], []
+    for entry in entries:
+        results = by_key.get(entry.key, [])
+        method = _row_method(entry, plan_method)
+        failures = [r for r in results if r["status"] != "ok"]
+        if failures or not results:
+            failed.append(entry.label)
+            status = failures[0]["status"] if failures else "oom"
+            rows.append(measured_row(entry, None, status, method=method, repeat=1, wall_s=0.0,
+                                     note=failures[0].get("note", "") if failures else "no result"))
+            continue
+        measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
+        states = [r.get("state", {}) for r in results]
+        state = _summarize_state(states)
+        flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
+                                 ("throttled", any(s.get("throttled") for s in states)),
+                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
+                                 ("recompiled", any(s.get("recompiles", 0) > 0 for s in states)),
+                                 ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
+        # A decode difference noisier than its step can have a median at or below zero; an ok row
+        # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
+        usable = measurement.median_ms > 0
+        if not usable:
+            failed.append(entry.label)
+        rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
+                                 repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
+                                 rounds=len(results), flags=";".join(flags), state=state,
+                                 note="" if usable else f"median {measurement.median_ms:.3g} ms is not positive: "
+                                 "the samples are noisier than the step they time"))
+    return rows, failed
+
+
+def _summarize_state(states: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
+    power, device-busy fraction, engine compile time and the pooled host contention."""
+    def values(key: str) -> list[float]:
+        return [s[key] for s in states if s.get(key) is not None]
+
+    out: dict[str, float] = {}
+    if values("energy_mj_per_step"):
+        out["energy_mj"] = float(np.median(values("energy_mj_per_step")))
+    if values("temperature_c"):
+        out["temperature_c"] = max(values("temperature_c"))
+    if values("clock_mhz"):
+        out["clock_mhz"] = min(values("clock_mhz"))
+    if values("power_w"):
+        out["power_w"] = float(np.mean(values("power_w")))
+    if values("device_busy"):
+        out["device_busy"] = float(np.median(values("device_busy")))
+    if values("compile_s"):
+        out["compile_s"] = max(values("compile_s"))
+    contention = host_contention(states)
+    if contention is not None:
+        out["host_contention"] = round(contention, 4)
+    return out
+
+
+def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any], notice: Notice | None = None) -> int:
+    """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock
+    (``notice`` hears whom it waits for).
+
+    Rows whose entry is already in the table are skipped; returns how many were added."""
+    with table_lock(path, notice=notice):
+        lut = load_table(path)
+        have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
+        new = [row for row in rows if entry_key_of_row(row) not in have]
+        if new:
+            meta = {k: v for k, v in lut.meta.items() if k != "content_sha256"}
+            meta["later_builds"] = [*meta.get("later_builds", []), note]
+            meta["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_table(path, rows_frame(lut.frame.to_dict("records") + new), meta)
+    return len(new)

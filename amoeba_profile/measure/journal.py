@@ -1,0 +1,202 @@
+"""The measurement journal: every (entry, round) result is fsynced before the next one starts.
+
+Append-only JSON lines beside the table (``build-lut`` and ``validate`` each keep their own). The
+first line is a header whose ``identity`` hashes everything that makes results comparable; a
+journal with another identity is refused rather than mixed in.
+
+Reading checks every line, because every record becomes samples of a table row. Only one kind of
+damage is repaired silently: a last line without its newline. An append writes the record with
+its newline and only then fsyncs, so a crash mid-append can tear the last line but never an
+earlier one (each earlier append was fsynced before the next began); the torn record was never
+acknowledged, and its entry is measured again. Any other damage - a bad header, an unreadable or
+invalid line, a sample that is not a finite number (or is negative where a sample is one timed
+span, see ``entry.samples_may_be_negative``) - no crash of ours produces, so the caller chooses
+(``CORRUPT_CHOICES``): ``stop`` names the file, line and problem; ``drop-tail`` keeps the records
+before the bad line; ``restart`` discards the journal. A record repeated for the same entry and
+round (a journal concatenated or replayed by hand) counts once: the first wins. A result's device
+state (``state``) was named ``context`` by earlier versions; such a journal is read, not refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from amoeba_profile.core.entry import kind_of_key, samples_may_be_negative
+from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
+from amoeba_profile.core.files import write_file_atomically
+
+CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
+_STATUSES = ("ok", "oom", "unsupported")
+_OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "state"})
+_FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
+_HEADER_FIELDS = frozenset({"kind", "identity"})
+# Device state around one (entry, round), as written by the build (device/monitor.py entry_state).
+_STATE_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
+                            "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
+_STATE_FIELDS = _STATE_NUMBERS | {"throttled", "clock_event_reasons"}
+
+
+def check_corrupt_choice(choice: str) -> None:
+    if choice not in CORRUPT_CHOICES:
+        raise UsageError(f"--on-corrupt-journal takes one of {list(CORRUPT_CHOICES)}, got {choice!r}")
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any, finite: bool = True) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
+
+
+def _state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return "state is not an object"
+    unknown = sorted(set(state) - _STATE_FIELDS)
+    if unknown:
+        return f"state has unknown fields {unknown}"
+    for name in _STATE_NUMBERS & set(state):
+        if not _is_number(state[name], finite=False):  # a monitor may report NaN; the row keeps it
+            return f"state {name}={state[name]!r} is not a number"
+    if "throttled" in state and not isinstance(state["throttled"], bool):
+        return f"state throttled={state['throttled']!r} is not true or false"
+    reasons = state.get("clock_event_reasons", [])
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        return "state clock_event_reasons is not a list of strings"
+    return None
+
+
+def _result_problem(record: Any, keys: frozenset[str] | None, max_round: int | None) -> str | None:
+    """What is wrong with one result record, or None when it can become samples of a row."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if record.get("kind") != "result":
+        return f"kind={record.get('kind')!r}, expected 'result'"
+    status = record.get("status")
+    if status not in _STATUSES:
+        return f"status={status!r} is not one of {list(_STATUSES)}"
+    fields = _OK_FIELDS if status == "ok" else _FAILED_FIELDS
+    if set(record) != fields:
+        return f"fields {sorted(set(record) - fields)} unknown, {sorted(fields - set(record))} missing"
+    if not isinstance(record["key"], str) or record["key"].count("|") < 2 \
+            or (keys is not None and record["key"] not in keys):
+        return f"key={record['key']!r} is not an entry of this run"
+    if not _is_int(record["round"], 0) or (max_round is not None and record["round"] > max_round):
+        return f"round={record['round']!r} is not an integer in 0..{max_round}"
+    if status != "ok":
+        return None if isinstance(record["note"], str) else f"note={record['note']!r} is not a string"
+    for name in ("repeat", "steps"):
+        if not _is_int(record[name], 1):
+            return f"{name}={record[name]!r} is not a positive integer"
+    if not _is_number(record["wall_s"]) or record["wall_s"] < 0:
+        return f"wall_s={record['wall_s']!r} is not a finite non-negative number"
+    samples = record["samples_ms"]
+    if not isinstance(samples, list) or not samples:
+        return "samples_ms is not a non-empty list"
+    signed = samples_may_be_negative(*kind_of_key(record["key"]))
+    bad = [s for s in samples if not (_is_number(s) and (signed or s > 0))]
+    if bad:
+        return f"samples_ms holds {bad[0]!r}, not a finite {'' if signed else 'positive '}number of milliseconds"
+    return _state_problem(record["state"])
+
+
+class Journal:
+    """Records of one run, read and checked on opening, appended and fsynced one at a time.
+
+    ``keys`` (entry keys of the run) and ``max_round`` (the last round it may measure, the CV
+    re-measure round included) bound what a record may say; ``loaded`` counts the records that
+    were already there when it was opened."""
+
+    def __init__(self, path: Path, header: dict[str, Any], on_corrupt: str = "stop",
+                 keys: Iterable[str] | None = None, max_round: int | None = None):
+        check_corrupt_choice(on_corrupt)
+        self.path = path
+        self.records: list[dict[str, Any]] = []
+        self._keys = frozenset(keys) if keys is not None else None
+        self._max_round = max_round
+        if path.exists():
+            self.records = self._read(header, on_corrupt)
+        self.loaded = len(self.records)
+        # Rewrite without a torn tail, duplicates or a dropped tail, so appends start on a clean line.
+        self._rewrite([header, *self.records])
+
+    def _read(self, header: dict[str, Any], on_corrupt: str) -> list[dict[str, Any]]:
+        if self.path.is_symlink():  # ours are renamed into place; a planted link is not read through
+            return self._corrupt(1, "a symbolic link, not a journal", [], on_corrupt)
+        lines = self.path.read_bytes().split(b"\n")
+        lines.pop()  # after the last newline: empty, or a torn append (see the module docstring)
+        records: list[dict[str, Any]] = []
+        seen: set[tuple[str, int]] = set()
+        for number, raw in enumerate(lines, start=1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problem: str | None = "not UTF-8 text"
+            except json.JSONDecodeError as exc:
+                problem = f"not JSON ({exc.msg})"
+            else:
+                if number > 1 and isinstance(record, dict) and "context" in record and "state" not in record:
+                    record["state"] = record.pop("context")  # earlier versions named the device state "context"
+                problem = self._header_problem(record) if number == 1 else \
+                    _result_problem(record, self._keys, self._max_round)
+            if problem is not None:
+                return self._corrupt(number, problem, records, on_corrupt)
+            if number == 1:
+                if record["identity"] != header["identity"]:
+                    old, new = record.get("options") or {}, header.get("options") or {}
+                    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if old else []
+                    which = f" ({', '.join(differ)} differ)" if differ else ""
+                    raise LutError(
+                        f"{self.path}: left by an unfinished run with other options, library versions or device{which}; "
+                        "rerun that command to finish it, or delete this journal to start over"
+                    )
+                continue
+            if (record["key"], record["round"]) not in seen:
+                seen.add((record["key"], record["round"]))
+                records.append(record)
+        if not lines:
+            return self._corrupt(1, "empty, no header", records, on_corrupt)
+        return records
+
+    @staticmethod
+    def _header_problem(record: Any) -> str | None:
+        if not isinstance(record, dict) or record.get("kind") != "header" or set(record) - {"options"} != _HEADER_FIELDS \
+                or not isinstance(record["identity"], str) or not isinstance(record.get("options", {}), dict):
+            return f"not a journal header (expected {sorted(_HEADER_FIELDS)}, got {str(record)[:80]})"
+        return None
+
+    def _corrupt(self, number: int, problem: str, good: list[dict[str, Any]], on_corrupt: str) -> list[dict[str, Any]]:
+        """The records to keep after a bad line, by the caller's choice; ``stop`` raises."""
+        if on_corrupt == "restart":
+            return []
+        if on_corrupt == "drop-tail":
+            return good
+        raise LutError(f"{self.path}: line {number}: {problem}; the journal is corrupt - rerun with "
+                       f"--on-corrupt-journal drop-tail to keep the {len(good)} results before line {number} "
+                       "and measure the rest again, or --on-corrupt-journal restart to discard it")
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        write_file_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records).encode())
+
+    def append(self, record: dict[str, Any]) -> None:
+        record = {"kind": "result", **record}
+        problem = _result_problem(record, self._keys, self._max_round)
+        if problem is not None:  # never write what a resumed run would refuse to read back
+            raise AmoebaError(f"{self.path}: result for {record.get('key')!r} not journaled: {problem}")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        with os.fdopen(fd, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records.append(record)
+
+    def done(self) -> set[tuple[str, int]]:
+        return {(r["key"], r["round"]) for r in self.records}
+
+    def measured_now(self) -> set[str]:
+        """Entry keys with a record appended since the journal was opened."""
+        return {r["key"] for r in self.records[self.loaded:]}

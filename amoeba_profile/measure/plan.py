@@ -1,0 +1,155 @@
+"""What a build measures, by method.
+
+- ``components``: attn and mlp blocks alone for every width of the grid, plus ``base`` (the model
+  with no decoder layers) through the serving loop.
+- ``difference``: whole models of at least three depths through the serving loop for every layer
+  shape to fit, plus the model with no decoder layers (where the flow can serve it: it pins the
+  base). Shapes lie on two axes through the full width: each width's heads at full FFN, and each
+  width's FFN at full heads. A layer whose heads and FFN are both narrowed is composed additively
+  from the axes; the interaction that misses is measured by validation models.
+Both add the ``whole`` subnets (truth rows) measured through the serving loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core.inputs import positive_int
+from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, kept_layers, width_shape
+
+METHODS = ("components", "difference")
+MIN_DEPTHS = 3
+ZERO_LAYERS = ""  # subnet id of a model row with no decoder layers
+
+
+def spread_depths(arch: ModelArch, count: int = MIN_DEPTHS) -> tuple[int, ...]:
+    """``count`` depths from about an eighth of the model to all of it.
+
+    The fitted per-layer cost is a slope: its error is the timing noise divided by the depth span,
+    so a wide span beats depths clustered where the picker looks (measured on the 2-core CPU: depths
+    14/18/22 of TinyLlama left the base indeterminate under ~10 % noise). A shallow model is also
+    cheap to measure, and the middle depth exposes any curvature in the residuals."""
+    low, high = max(1, round(arch.num_layers / 8)), arch.num_layers
+    if high - low + 1 < count:
+        low = max(1, high - count + 1)
+    return tuple(sorted({round(low + i * (high - low) / (count - 1)) for i in range(count)}))
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    arch: ModelArch
+    widths: tuple[float, ...] = AMOEBA_WIDTHS
+    prompt_lens: tuple[int, ...] = (128,)
+    contexts: tuple[int, ...] = (128, 256, 512)
+    batch: int = 1
+    drop_rule: str = DEFAULT_DROP_RULE
+    ffn_multiple: int = 1
+    whole: tuple[Subnet, ...] = field(default=())
+    method: str = "components"
+    depths: tuple[int, ...] = ()  # difference: default spread_depths(arch)
+    decode_steps: int = 8  # decode steps per serving-loop tpot sample (the window centred on a context)
+    measure_grid: bool = True  # False: only the whole subnets (validation runs)
+    extra_attn: tuple[tuple[int, int], ...] = ()  # per-layer widths a strategy file adds to the grid
+    extra_ffn: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        positive_int(self.batch, "batch")
+        positive_int(self.decode_steps, "decode steps")
+        for what, values in (("prompt lengths", self.prompt_lens), ("contexts", self.contexts)):
+            if not values:
+                raise UsageError(f"{what} must not be empty")
+            for value in values:
+                positive_int(value, what)
+            over = [v for v in values if v > self.arch.max_position]
+            if over:
+                raise UsageError(f"{what} {over} are above {self.arch.name}'s max_position_embeddings "
+                                 f"{self.arch.max_position}")
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}: use one of {list(METHODS)}")
+        if self.method == "difference" and self.measure_grid and len(set(self.fit_depths())) < MIN_DEPTHS:
+            raise UsageError(f"the difference method needs at least {MIN_DEPTHS} depths, got {list(self.fit_depths())}")
+        bad = [d for d in self.fit_depths() if not 1 <= d <= self.arch.num_layers]
+        if bad:
+            raise UsageError(f"depths {bad} outside 1..{self.arch.num_layers}")
+        small = [c for c in self.contexts if c < self.decode_steps // 2]
+        if small:
+            raise UsageError(f"contexts {small} are shorter than half the decode window ({self.decode_steps} steps)")
+
+    def fit_depths(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.depths))) if self.depths else spread_depths(self.arch)
+
+    def attn_shapes(self) -> list[tuple[int, int]]:
+        return sorted({width_shape(self.arch, w, self.ffn_multiple)[:2] for w in self.widths} | set(self.extra_attn))
+
+    def ffn_sizes(self) -> list[int]:
+        return sorted({width_shape(self.arch, w, self.ffn_multiple)[2] for w in self.widths} | set(self.extra_ffn))
+
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """Shapes the difference method fits: the heads axis at full FFN, the FFN axis at full heads."""
+        a = self.arch
+        return sorted({(a.num_heads, a.num_kv_heads, a.ffn_size)}
+                      | {(h, kv, a.ffn_size) for h, kv in self.attn_shapes()}
+                      | {(a.num_heads, a.num_kv_heads, f) for f in self.ffn_sizes()})
+
+    def fit_subnets(self) -> list[Subnet]:
+        """One model per (shape, depth): ``depth`` layers all of that shape."""
+        out = []
+        for heads, kv, ffn in self.layer_shapes():
+            for depth in self.fit_depths():
+                layers = tuple(LayerShape(i, heads, kv, ffn) for i in kept_layers(self.arch, depth, self.drop_rule))
+                out.append(Subnet(self.arch, layers))
+        return out
+
+    def fit_ids(self) -> set[str]:
+        """Subnet ids of the difference fit's models; ``ZERO_LAYERS`` is the model without layers."""
+        return {s.id for s in self.fit_subnets()} | {ZERO_LAYERS}
+
+    def _serving(self, component: str, subnet: Subnet | None) -> list[Entry]:
+        b = self.batch
+        return ([Entry(component, "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens]
+                + [Entry(component, "decode", b, 1, c, subnet=subnet) for c in self.contexts])
+
+    def entries(self) -> list[Entry]:
+        out: list[Entry] = []
+        seen: set[str] = set()
+        for subnet in self.whole:
+            if subnet.id not in seen:
+                seen.add(subnet.id)
+                out += self._serving("model", subnet)
+        if not self.measure_grid:
+            return out
+        if self.method == "difference":
+            out += self._serving("model", None)  # the 0-layer model: subnet id ZERO_LAYERS
+            for subnet in self.fit_subnets():
+                if subnet.id not in seen:
+                    seen.add(subnet.id)
+                    out += self._serving("model", subnet)
+            return out
+        b = self.batch
+        out += self._serving("base", None)
+        for heads, kv in self.attn_shapes():
+            out += [Entry("attn", "prefill", b, p, 0, heads, kv) for p in self.prompt_lens]
+            out += [Entry("attn", "decode", b, 1, c, heads, kv) for c in self.contexts]
+        for ffn in self.ffn_sizes():
+            out += [Entry("mlp", "prefill", b, p, 0, ffn=ffn) for p in self.prompt_lens]
+            out.append(Entry("mlp", "decode", b, 1, 0, ffn=ffn))
+        return out
+
+    def engine_limits(self) -> tuple[int, int, int]:
+        """(max batch, max input length, max sequence length) every engine of this plan must serve."""
+        longest_prompt = max(self.prompt_lens)
+        longest_context = max(self.contexts) + self.decode_steps
+        return self.batch, max(longest_prompt, longest_context), max(longest_prompt, longest_context) + 2
+
+    def grid(self) -> dict[str, Any]:
+        return {
+            "widths": list(self.widths), "prompt_lens": list(self.prompt_lens), "contexts": list(self.contexts),
+            "batch": self.batch, "drop_rule": self.drop_rule, "ffn_multiple": self.ffn_multiple,
+            "method": self.method, "depths": list(self.fit_depths()) if self.method == "difference" else [],
+            "decode_steps": self.decode_steps, "measure_grid": self.measure_grid,
+            "extra_attn": [list(x) for x in self.extra_attn], "extra_ffn": list(self.extra_ffn),
+        }

@@ -1,0 +1,394 @@
+"""Latency lookup tables: tidy CSV rows plus a JSON sidecar with provenance.
+
+A table lives at ``<out>/<device-slug>/<backend>/<model>-<dtype>.csv`` with
+``<model>-<dtype>.meta.json`` beside it. Files appear atomically (write, fsync, rename), the
+sidecar carries the CSV's SHA-256, and loading validates every row and names file and row on
+error; ``reseal`` accepts a CSV changed on purpose, once it validates. Tables are never pickled.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
+from amoeba_profile.core.errors import ArchError, LutError
+from amoeba_profile.core.inputs import MIB, finite_float, positive_int, read_bounded
+from amoeba_profile.core.timing import Measurement
+from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
+from amoeba_profile.core.files import fsync_dir, table_lock, write_file_atomically
+
+SCHEMA_VERSION = 2
+KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
+STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
+STATE_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]  # device state over the row's rounds
+# residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
+# accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row;
+# host_contention: share of the CPU cores the measurement needed that other processes took.
+DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s", "host_contention"]
+OPTIONAL_COLUMNS = STATE_COLUMNS + DIAGNOSTIC_COLUMNS
+COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + OPTIONAL_COLUMNS + [
+    "flags", "wall_s", "samples_ms", "subnet_json", "note",
+]
+INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
+STATUSES = ("ok", "oom", "unsupported", "error")
+SOURCES = ("measured", "roofline")
+ROW_METHODS = ("components", "difference", "whole", "computed")  # how a row was obtained
+# A latency above ~3 hours per forward is a corrupt or hand-edited cell, not a measurement.
+MAX_LATENCY_MS = 1e7
+MAX_TABLE_BYTES = 256 * MIB
+MAX_SIDECAR_BYTES = 16 * MIB
+# Schema 1 named the components method after how a block was timed; both are ``components`` now.
+_V1_METHODS = {"isolated": "components", "stacked": "components"}
+
+
+def table_path(out_dir: Path, device_slug: str, backend: str, model: str, dtype: str) -> Path:
+    return Path(out_dir) / device_slug / backend / f"{model}-{dtype}.csv"
+
+
+def sidecar_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.name.removesuffix(".csv") + ".meta.json")
+
+
+def entry_key_of_row(row: dict[str, Any]) -> str:
+    return entry_key(row["component"], row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]),
+                     int(row["heads"]), int(row["kv_heads"]), int(row["ffn"]), row["subnet_id"] or "")
+
+
+def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
+                 wall_s: float, rounds: int = 0, flags: str = "", note: str = "",
+                 state: dict[str, float] | None = None) -> dict[str, Any]:
+    """One tidy row; stats are NaN unless status is ``ok``; ``state`` fills the device-state and
+    diagnostic columns."""
+    row: dict[str, Any] = {c: (state or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
+    row.update({
+        "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
+        "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
+        "num_layers": entry.num_layers, "subnet_id": entry.subnet_id, "method": method, "source": "measured",
+        "status": status, "repeat": repeat, "rounds": rounds, "flags": flags, "wall_s": round(wall_s, 3), "note": note,
+        "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
+    })
+    if measurement is None:
+        row.update({c: math.nan for c in STAT_COLUMNS}, n=0, samples_ms="[]")
+    else:
+        row.update(
+            n=measurement.n, median_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms,
+            mean_ms=measurement.mean_ms, std_ms=measurement.std_ms, cv=measurement.cv,
+            samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
+        )
+    return row
+
+
+def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    for column in ("subnet_id", "flags", "note", "subnet_json"):
+        frame[column] = frame[column].fillna("").astype(str)
+    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+@dataclass
+class Lut:
+    """A loaded, validated table: rows (DataFrame) + sidecar meta."""
+
+    frame: pd.DataFrame
+    meta: dict[str, Any]
+    path: Path | None = None
+    ok: pd.DataFrame = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ok = self.frame[self.frame["status"] == "ok"]
+
+    @property
+    def is_roofline(self) -> bool:
+        return bool((self.frame["source"] == "roofline").any())
+
+    @property
+    def arch(self) -> ModelArch:
+        """The architecture the table was built for (checked when the table was loaded)."""
+        if "arch" not in self.meta:
+            raise LutError(f"{self._sidecar}: no 'arch'; not a table written by amoeba-profile")
+        return ModelArch.from_dict(self.meta["arch"])
+
+    @property
+    def dtype(self) -> str:
+        if "dtype" not in self.meta:
+            raise LutError(f"{self._sidecar}: no 'dtype'; not a table written by amoeba-profile")
+        return self.meta["dtype"]
+
+    @property
+    def _sidecar(self) -> str:
+        return str(sidecar_path(self.path)) if self.path is not None else "table sidecar"
+
+
+def pending_sidecar_path(csv_path: Path) -> Path:
+    return sidecar_path(csv_path).with_name(sidecar_path(csv_path).name + ".pending")
+
+
+def _finish_interrupted_write(path: Path) -> None:
+    """Roll a write killed mid-way forward (or back) before starting the next one.
+
+    A pending sidecar that matches the CSV is the provenance of a committed write whose last rename
+    never ran: it is promoted, so the next write's own pending sidecar never replaces the only
+    sidecar the current CSV has. One that matches nothing is from a write killed before its commit
+    and is dropped, as are the temp files a SIGKILL left. Callers hold the table's lock, so no
+    other writer's temp file is touched."""
+    pending = pending_sidecar_path(path)
+    meta = _read_sidecar(pending) if pending.is_file() else None
+    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(path.read_bytes()).hexdigest():
+        os.replace(pending, sidecar_path(path))
+    else:
+        pending.unlink(missing_ok=True)
+    for name in (path.name, sidecar_path(path).name, pending.name):
+        for orphan in path.parent.glob(f".{glob.escape(name)}.*.tmp"):
+            orphan.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def _refuse_read_only(path: Path) -> None:
+    """A table whose CSV has no write permission bit is kept as it is, even by root (whom
+    permission bits do not stop, and a rename over the file would not be stopped either)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    if not mode & 0o222:
+        raise LutError(f"{path}: the table is read-only (mode {stat.filemode(mode)}); make it writable "
+                       "(chmod u+w) to change it")
+
+
+def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+    """Write CSV and sidecar with one commit point: the rename of the CSV.
+
+    The new sidecar is first put beside the old one as ``.meta.json.pending``; then the CSV is
+    renamed into place; then the pending sidecar replaces the old one. A crash before the CSV rename
+    leaves the old table whole (the stale pending sidecar matches nothing); a crash after it leaves
+    the new CSV whose provenance is the pending sidecar, which ``load_table`` accepts and the next
+    write replaces. A reader therefore sees the old table or the new one, never a mix.
+    """
+    path = Path(path)
+    _refuse_read_only(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _finish_interrupted_write(path)
+    data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
+    meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
+    pending = pending_sidecar_path(path)
+    write_file_atomically(pending, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_file_atomically(path, data)
+    os.replace(pending, sidecar_path(path))
+    fsync_dir(path.parent)
+
+
+def _bad(path: Path, index: int, message: str) -> LutError:
+    # CSV line = header line + 1-based row number.
+    return LutError(f"{path}: row {index + 1} (line {index + 2}): {message}")
+
+
+def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    for column in OPTIONAL_COLUMNS:  # optional: device-state and diagnostic columns may be absent
+        if column not in frame.columns:
+            frame[column] = math.nan
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
+    for column, allowed in (("component", COMPONENTS), ("phase", PHASES), ("status", STATUSES),
+                            ("source", SOURCES), ("method", ROW_METHODS)):
+        bad = ~frame[column].isin(allowed)
+        if bad.any():
+            i = int(bad.idxmax())
+            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not one of {list(allowed)}")
+    for column in INT_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() | (values < 0) | (values != values.round())
+        if bad.any():
+            i = int(bad.idxmax())
+            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not a non-negative integer")
+        frame[column] = values.astype("int64")
+    for column in STAT_COLUMNS[1:] + OPTIONAL_COLUMNS + ["wall_s"]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    ok = frame["status"] == "ok"
+    stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
+    signed = pd.Series([samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])],
+                       index=frame.index)[ok]
+    # A difference fit's base may be held at exactly 0 ms (``fit``: the least-squares optimum under base >= 0).
+    zero_base = ((frame.loc[ok, "component"] == "base") & (frame.loc[ok, "method"] == "difference")
+                 & stats.eq(0).all(axis=1))
+    bad = ~((stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) | zero_base) & stats.le(MAX_LATENCY_MS).all(axis=1)
+            & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
+            & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
+    if bad.any():
+        i = int(bad[bad].index[0])
+        raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
+                            f"p90={frame.at[i, 'p90_ms']} are not finite, <= {MAX_LATENCY_MS:g} ms and "
+                            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows; "
+                            "a difference fit's base may be 0)")
+    for column in ("subnet_id", "flags", "note", "subnet_json"):
+        frame[column] = frame[column].fillna("").astype(str)
+    keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
+    dup = keys.duplicated()
+    if dup.any():
+        i = int(dup.idxmax())
+        raise _bad(path, i, f"duplicate entry {keys[i]}")
+    return frame
+
+
+def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
+    if not meta_path.exists():
+        return None
+    try:
+        data = read_bounded(meta_path, MAX_SIDECAR_BYTES, "table sidecar", error=LutError)
+    except LutError:
+        if not meta_path.exists():  # a writer renamed it away between the check and the open
+            return None
+        raise
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise LutError(f"{meta_path}: sidecar is not valid JSON ({' '.join(str(exc).split())})") from None
+    if not isinstance(meta, dict):
+        raise LutError(f"{meta_path}: sidecar is not a JSON object")
+    return meta
+
+
+_META_TYPES = {"device_slug": str, "backend": str, "dtype": str, "source": str, "method": str, "grid": dict,
+               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list}
+_GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
+
+
+def check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a sidecar whose fields have the wrong type, naming the file and the field, so that no
+    reader fails later with a bare TypeError. Fields are optional; present ones must be right."""
+    for key, kind in _META_TYPES.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise LutError(f"{meta_path}: field '{key}' must be a {kind.__name__}, got {meta[key]!r}")
+    if "dtype" in meta and meta["dtype"] not in BYTES_PER_ELEMENT:
+        raise LutError(f"{meta_path}: field 'dtype'={meta['dtype']!r} is not one of {sorted(BYTES_PER_ELEMENT)}")
+    if "arch" in meta:
+        try:
+            ModelArch.from_dict(meta["arch"])
+        except ArchError as exc:
+            raise LutError(f"{meta_path}: field 'arch': {exc}") from None
+    grid = meta.get("grid", {})
+    for key in ("batch", "ffn_multiple", "decode_steps"):
+        if key in grid:
+            positive_int(grid[key], f"{meta_path}: field 'grid.{key}'", error=LutError)
+    for key in _GRID_INT_LISTS:
+        values = grid.get(key, [])
+        if not isinstance(values, list):
+            raise LutError(f"{meta_path}: field 'grid.{key}' must be a list, got {values!r}")
+        for value in values:
+            positive_int(value, f"{meta_path}: field 'grid.{key}'", error=LutError)
+    widths = grid.get("widths", [])
+    if not isinstance(widths, list):
+        raise LutError(f"{meta_path}: field 'grid.widths' must be a list, got {widths!r}")
+    for width in widths:
+        if finite_float(width, f"{meta_path}: field 'grid.widths'", error=LutError) <= 0 or width > 1:
+            raise LutError(f"{meta_path}: field 'grid.widths' holds {width!r}, not a ratio in (0, 1]")
+    if not isinstance(grid.get("drop_rule", ""), str):
+        raise LutError(f"{meta_path}: field 'grid.drop_rule' must be a string, got {grid['drop_rule']!r}")
+
+
+def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any], Path]:
+    """CSV bytes and the sidecar (committed, or pending after a crash) whose SHA-256 they match.
+
+    A writer renames the CSV and then the sidecar; a reader between the two renames retries."""
+    for attempt in range(tries):
+        data = read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)
+        digest = hashlib.sha256(data).hexdigest()
+        for meta_path in (sidecar_path(path), pending_sidecar_path(path)):
+            meta = _read_sidecar(meta_path)
+            if meta is not None and meta.get("content_sha256") == digest:
+                return data, meta, meta_path
+        if attempt < tries - 1:
+            time.sleep(0.02 * (attempt + 1))
+    if not sidecar_path(path).is_file() and not pending_sidecar_path(path).is_file():
+        raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance is refused")
+    raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore "
+                   f"it, or, if you changed it on purpose (e.g. re-saved it with pandas), check and re-seal it: "
+                   f"amoeba-profile reseal --lut {path}")
+
+
+def load_table(path: Path | str) -> Lut:
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such table; build one with 'amoeba-profile build-lut'")
+    data, meta, meta_path = _read_consistent(path)
+    return _parse(path, data, meta, meta_path)
+
+
+def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lut:
+    """The validated table in ``data`` (the CSV's bytes) under the sidecar ``meta``."""
+    version = meta.get("schema_version")
+    if version not in (1, SCHEMA_VERSION):
+        raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
+    try:
+        frame = pd.read_csv(io.BytesIO(data), dtype={"subnet_id": str, "flags": str, "note": str,
+                                                      "subnet_json": str, "samples_ms": str},
+                            keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    check_meta(meta_path, meta)
+    if version == 1:
+        frame["method"] = frame["method"].replace(_V1_METHODS)
+        meta = {**meta, "method": meta.get("method", "components")}
+    return Lut(_validate(path, frame)[COLUMNS], meta, path)
+
+
+def reseal(path: Path | str) -> dict[str, Any]:
+    """Accept a table's CSV as it now is - edited or re-saved outside amoeba-profile - after checking
+    every row against the schema, as loading does. The sidecar's SHA-256 becomes the CSV's, and the
+    sidecar records the re-seal (when, old and new SHA-256) so the table's provenance says its rows
+    were not all written by a build. Returns that record."""
+    path = Path(path)
+    if not path.is_file():
+        raise LutError(f"{path}: no such table")
+    with table_lock(path):  # not while a build or validate rewrites the table
+        meta_path = sidecar_path(path) if sidecar_path(path).is_file() else pending_sidecar_path(path)
+        meta = _read_sidecar(meta_path)
+        if meta is None:
+            raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance cannot "
+                           "be re-sealed")
+        data = path.read_bytes()
+        lut = _parse(path, data, meta, meta_path)
+        record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "old_sha256": meta.get("content_sha256"), "new_sha256": hashlib.sha256(data).hexdigest()}
+        meta = {**meta, "content_sha256": record["new_sha256"], "rows": len(lut.frame),
+                "resealed": [*meta.get("resealed", []), record]}
+        write_file_atomically(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        if meta_path != sidecar_path(path):
+            meta_path.unlink(missing_ok=True)
+    return record
+
+
+def find_tables(path: Path | str) -> list[Path]:
+    """The table files at ``path``: the file itself, or every table under a folder."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.csv")
+                      if sidecar_path(p).is_file() or pending_sidecar_path(p).is_file())
+    raise LutError(f"{path}: no such file or folder")
+
+
+def load_one(path: Path | str) -> Lut:
+    """The single table at ``path``; a folder holding several is an error listing them."""
+    tables = find_tables(path)
+    if not tables:
+        raise LutError(f"{path}: holds no tables; build one with 'amoeba-profile build-lut'")
+    if len(tables) > 1:
+        listing = ", ".join(str(t) for t in tables[:6])
+        raise LutError(f"{path}: holds {len(tables)} tables; pass one file: {listing}")
+    return load_table(tables[0])
