@@ -11,32 +11,62 @@ The public API (README, "Python API"); everything else is reached through its mo
 - errors: ``AmoebaError`` and its subclasses
 
 None of these modules imports torch: a backend imports its library when it is constructed
-(``get_backend``), so ``import amoeba_profile`` stays light.
+(``get_backend``). Each name is imported on first use (PEP 562), so a command imports only what it
+uses: ``import amoeba_profile`` costs nothing, and ``select`` never loads the build machinery.
 """
 
-__version__ = "0.1.0"  # before the imports: build.py records it
+__version__ = "0.1.0"
 
-from amoeba_profile.core.arch import ModelArch, resolve_arch  # noqa: E402
-from amoeba_profile.backends import get_backend, list_backends  # noqa: E402
-from amoeba_profile.measure.build import BuildResult, run_build  # noqa: E402
-from amoeba_profile.core.errors import (AmoebaError, ArchError, BackendUnavailable, InfeasibleBudget, LutError, OutOfRange,  # noqa: E402
-                     UnsupportedShape, UsageError)
-from amoeba_profile.table.lut import Lut, load_one, load_table, reseal  # noqa: E402
-from amoeba_profile.core.timing import TimingProtocol  # noqa: E402
-from amoeba_profile.select.optimize import optimize_per_layer  # noqa: E402
-from amoeba_profile.measure.plan import BuildPlan  # noqa: E402
-from amoeba_profile.select.predict import Prediction, Predictor  # noqa: E402
-from amoeba_profile.measure.prepare import PreparedBuild, prepare_build  # noqa: E402
-# The function shadows the submodule of the same name as an attribute of the package; import its
-# other names with ``from amoeba_profile.select.picker import ...``.
-from amoeba_profile.select.picker import Candidate, Selection, select  # noqa: E402
-from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet  # noqa: E402
-from amoeba_profile.core.workload import Workload, metric_name  # noqa: E402
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "__version__", "resolve_arch", "ModelArch", "Subnet", "LayerShape", "DesignSpace", "Workload", "metric_name",
-    "prepare_build", "PreparedBuild", "BuildPlan", "run_build", "BuildResult", "TimingProtocol", "get_backend",
-    "list_backends", "load_table", "load_one", "Lut", "reseal", "Predictor", "Prediction", "select", "Selection",
-    "Candidate", "optimize_per_layer", "AmoebaError", "UsageError", "ArchError", "UnsupportedShape",
-    "BackendUnavailable", "LutError", "OutOfRange", "InfeasibleBudget",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "resolve_arch": "core.arch", "ModelArch": "core.arch",
+    "get_backend": "backends", "list_backends": "backends",
+    "BuildResult": "measure.build", "run_build": "measure.build",
+    "AmoebaError": "core.errors", "ArchError": "core.errors", "BackendUnavailable": "core.errors",
+    "InfeasibleBudget": "core.errors", "LutError": "core.errors", "OutOfRange": "core.errors",
+    "UnsupportedShape": "core.errors", "UsageError": "core.errors",
+    "Lut": "table.lut", "load_one": "table.lut", "load_table": "table.lut", "reseal": "table.lut",
+    "TimingProtocol": "core.timing",
+    "optimize_per_layer": "selection.optimize",
+    "BuildPlan": "measure.plan",
+    "Prediction": "selection.predict", "Predictor": "selection.predict",
+    "PreparedBuild": "measure.prepare", "prepare_build": "measure.prepare",
+    "Candidate": "selection.picker", "Selection": "selection.picker", "select": "selection.picker",
+    "DesignSpace": "core.subnet", "LayerShape": "core.subnet", "Subnet": "core.subnet",
+    "Workload": "core.workload", "metric_name": "core.workload",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'amoeba_profile' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"amoeba_profile.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from amoeba_profile.backends import get_backend, list_backends
+    from amoeba_profile.core.arch import ModelArch, resolve_arch
+    from amoeba_profile.core.errors import (AmoebaError, ArchError, BackendUnavailable, InfeasibleBudget, LutError,
+                                            OutOfRange, UnsupportedShape, UsageError)
+    from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet
+    from amoeba_profile.core.timing import TimingProtocol
+    from amoeba_profile.core.workload import Workload, metric_name
+    from amoeba_profile.measure.build import BuildResult, run_build
+    from amoeba_profile.measure.plan import BuildPlan
+    from amoeba_profile.measure.prepare import PreparedBuild, prepare_build
+    from amoeba_profile.selection.optimize import optimize_per_layer
+    from amoeba_profile.selection.picker import Candidate, Selection, select
+    from amoeba_profile.selection.predict import Prediction, Predictor
+    from amoeba_profile.table.lut import Lut, load_one, load_table, reseal
+
+__all__ = ["__version__", *_EXPORTS]

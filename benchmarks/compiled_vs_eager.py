@@ -32,7 +32,7 @@ from amoeba_profile.measure.build import run_build
 from amoeba_profile.table.lut import load_one, load_table
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import Subnet, parse_ratio
 
 

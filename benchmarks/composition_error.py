@@ -31,7 +31,7 @@ from amoeba_profile.core.errors import AmoebaError
 from amoeba_profile.table.lut import load_one, load_table
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers, width_shape
 
 

@@ -36,8 +36,8 @@ from amoeba_profile.measure.build import run_build
 from amoeba_profile.table.lut import load_one, load_table
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.select.predict import Predictor
-from amoeba_profile.select.picker import Candidate, best_within, describe, evaluate, table_space, table_workload
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.selection.picker import Candidate, best_within, describe, evaluate, table_space, table_workload
 from amoeba_profile.core.subnet import Subnet, parse_ratio
 
 

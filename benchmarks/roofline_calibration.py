@@ -19,7 +19,7 @@ from pathlib import Path
 from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.device.specs import get_spec
 from amoeba_profile.table.lut import load_one, load_table
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.table.roofline import (calibrate, default_efficiency, evaluate, get_flow, spec_from_profile,
                                      whole_model_bounds)
 from amoeba_profile.core.subnet import Subnet

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.table.lut import load_table
-from amoeba_profile.select.optimize import optimize_per_layer, table_options
-from amoeba_profile.select.predict import Predictor
-from amoeba_profile.select.picker import select
+from amoeba_profile.selection.optimize import optimize_per_layer, table_options
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.selection.picker import select
 from amoeba_profile.core.subnet import DesignSpace
 from amoeba_profile.core.workload import Workload
 

@@ -30,7 +30,7 @@ def test_every_documented_name_is_exported():
             "AmoebaError", "reseal"} <= documented <= set(ap.__all__)
     for name in ap.__all__:
         assert getattr(ap, name) is not None, name
-    assert callable(ap.select) and ap.select.__module__ == "amoeba_profile.select.picker"
+    assert callable(ap.select) and ap.select.__module__ == "amoeba_profile.selection.picker"
 
 
 def test_import_loads_no_torch():

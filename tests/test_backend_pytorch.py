@@ -4,7 +4,7 @@ import torch
 from amoeba_profile.backends import get_backend
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.timing import TimingProtocol, sample, warm_up
-from amoeba_profile.select.memory import weight_params
+from amoeba_profile.selection.memory import weight_params
 from amoeba_profile.core.subnet import LayerShape, Subnet
 
 

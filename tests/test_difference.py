@@ -11,7 +11,7 @@ from amoeba_profile.table.lut import entry_key_of_row, load_table
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.measure.methods import choose_method
 from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet
 
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=3, samples_per_round=5, min_round_s=0.0)

@@ -12,7 +12,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') 
 from amoeba_profile.backends.llama_cpp import gguf as writer  # noqa: E402
 from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT  # noqa: E402
 from amoeba_profile.core.errors import AmoebaError, UnsupportedShape  # noqa: E402
-from amoeba_profile.select.memory import weight_params  # noqa: E402
+from amoeba_profile.selection.memory import weight_params  # noqa: E402
 from amoeba_profile.core.subnet import LayerShape, Subnet  # noqa: E402
 
 PER_LAYER = ((8, 4, 128), (4, 2, 64), (8, 4, 96), (6, 3, 128))

@@ -1,6 +1,7 @@
 import math
 
-from amoeba_profile.core.timing import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.device.clock import Clock, ClockedPiece
 
 
 def test_statistics():

@@ -9,9 +9,9 @@ from amoeba_profile.backends import Capabilities
 from amoeba_profile.core.errors import InfeasibleBudget
 from amoeba_profile.backends.flows import flow_capabilities
 from amoeba_profile.table.lut import load_one
-from amoeba_profile.select.memory import estimate
-from amoeba_profile.select.optimize import optimize_per_layer, shared_part, solve_counts, table_options
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.memory import estimate
+from amoeba_profile.selection.optimize import optimize_per_layer, shared_part, solve_counts, table_options
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers
 from amoeba_profile.core.workload import Workload
 
@@ -160,7 +160,7 @@ def test_mlc_llm_table_gets_a_uniform_shape():
 ])
 def test_importance_file_is_refused_unless_every_row_is_sound(tmp_path, tiny_arch, rows, message):
     from amoeba_profile.core.errors import UsageError
-    from amoeba_profile.select.optimize import load_importance
+    from amoeba_profile.selection.optimize import load_importance
 
     path = tmp_path / "importance.csv"
     path.write_text("layer,importance\n" + rows)
@@ -170,7 +170,7 @@ def test_importance_file_is_refused_unless_every_row_is_sound(tmp_path, tiny_arc
 
 
 def test_importance_file_with_whole_layers_in_float_form(tmp_path, tiny_arch):
-    from amoeba_profile.select.optimize import load_importance
+    from amoeba_profile.selection.optimize import load_importance
 
     path = tmp_path / "importance.csv"
     path.write_text("layer,importance\n0,1\n1.0,2\n2,0.5\n3,0\n")
@@ -181,8 +181,8 @@ def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     """What `select --per-layer` prints, from Python: the optimum over the design space's depths for the
     selection's workload, metric and budget, with its gain over the uniform pick."""
     from amoeba_profile.table.lut import Lut
-    from amoeba_profile.select.optimize import optimize_selection
-    from amoeba_profile.select.picker import select, table_space
+    from amoeba_profile.selection.optimize import optimize_selection
+    from amoeba_profile.selection.picker import select, table_space
 
     lut = _lut(tiny_arch)
     lut = Lut(lut.frame, {**lut.meta, "dtype": "float32"})

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from amoeba_profile.core.errors import OutOfRange
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet
 from amoeba_profile.core.workload import Workload
 

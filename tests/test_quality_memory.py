@@ -2,10 +2,10 @@ import pytest
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.core.errors import InfeasibleBudget, UsageError
-from amoeba_profile.select.memory import estimate, weight_params
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.memory import estimate, weight_params
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import PROXY_NAME, load_quality
-from amoeba_profile.select.picker import select
+from amoeba_profile.selection.picker import select
 from amoeba_profile.core.subnet import DesignSpace, Subnet
 from amoeba_profile.core.workload import Workload
 
@@ -122,7 +122,7 @@ def test_quality_table_must_cover_the_space(tmp_path, tiny_arch):
 
 
 def test_build_preflight_sizes_the_largest_engine_by_hand():
-    from amoeba_profile.select.memory import check_fits, plan_peak
+    from amoeba_profile.selection.memory import check_fits, plan_peak
     from amoeba_profile.measure.plan import BuildPlan
 
     plan = BuildPlan(LLAMA2, widths=(1.0,), prompt_lens=(128,), contexts=(4096,), method="difference",
@@ -142,7 +142,7 @@ def test_build_preflight_sizes_the_largest_engine_by_hand():
 
 
 def test_preflight_counts_every_copy_of_a_component_chain(tiny_arch):
-    from amoeba_profile.select.memory import plan_peak
+    from amoeba_profile.selection.memory import plan_peak
     from amoeba_profile.measure.plan import BuildPlan
 
     plan = BuildPlan(tiny_arch, widths=(1.0,), prompt_lens=(16,), contexts=(512,))

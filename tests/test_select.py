@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from amoeba_profile.core.errors import InfeasibleBudget, UsageError
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import retained_params
-from amoeba_profile.select.picker import best_within, evaluate, pareto_front, select, table_space, table_workload
+from amoeba_profile.selection.picker import best_within, evaluate, pareto_front, select, table_space, table_workload
 from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet
 from amoeba_profile.core.workload import Workload
 

@@ -18,10 +18,10 @@ from amoeba_profile.core.errors import AmoebaError, UsageError
 from amoeba_profile.measure.journal import check_corrupt_choice
 from amoeba_profile.table.lut import load_one
 from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.cli.report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
-from amoeba_profile.select.picker import describe, select, table_space, table_workload
+from amoeba_profile.selection.picker import describe, select, table_space, table_workload
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
 from amoeba_profile.core.workload import metric_name
 
@@ -269,7 +269,7 @@ def select_cmd(
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
     if per_layer:
-        from amoeba_profile.select.optimize import optimize_selection
+        from amoeba_profile.selection.optimize import optimize_selection
 
         per_pick = optimize_selection(table, selection, importance, memory_gb)
         result["per_layer"] = per_pick.to_dict()
@@ -395,7 +395,7 @@ def plot_cmd(
     from amoeba_profile.core.inputs import output_dir
     from amoeba_profile.cli.plots import plot_heatmaps, plot_pareto, plot_validation
     from amoeba_profile.core.quality import ProxyQuality, load_quality
-    from amoeba_profile.select.picker import best_within, check_budget, evaluate
+    from amoeba_profile.selection.picker import best_within, check_budget, evaluate
 
     if budget_ms is not None:
         check_budget(budget_ms)

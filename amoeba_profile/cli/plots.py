@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from amoeba_profile.table.lut import Lut
-from amoeba_profile.select.optimize import table_options
-from amoeba_profile.select.predict import Predictor
-from amoeba_profile.select.picker import Candidate, describe, pareto_front
+from amoeba_profile.selection.optimize import table_options
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.selection.picker import Candidate, describe, pareto_front
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from amoeba_profile.backends.flows import MEASURING, list_flows
 from amoeba_profile.table.lut import Lut
-from amoeba_profile.select.picker import Selection, describe, width_text
+from amoeba_profile.selection.picker import Selection, describe, width_text
 from amoeba_profile.core.subnet import Subnet
 
 

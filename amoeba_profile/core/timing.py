@@ -1,7 +1,7 @@
 """Timing protocol and statistics, shared by every backend.
 
-A backend owns its clock (``Clock`` below for PyTorch: ``time.perf_counter`` on CPU, CUDA events
-on the backend's own stream on a GPU; a library's own timers for compiled flows) and hands over
+A backend owns its clock (``device.clock.Clock`` for PyTorch: ``time.perf_counter`` on CPU, CUDA
+events on the backend's own stream on a GPU; a library's own timers for compiled flows) and hands over
 ``Workpiece`` objects that return one sample's time. This module decides how long and how often to
 measure: warm-up until steps agree, enough back-to-back steps per sample that a short step is not
 lost in timer and launch jitter, and every sample kept.
@@ -83,62 +83,6 @@ class Measurement:
             cv=std / mean if mean > 0 else math.inf,
             n=int(arr.size),
         )
-
-
-class Clock:
-    """Times a callable in milliseconds: ``perf_counter`` on CPU; on CUDA, events recorded on
-    ``stream`` (the backend's own) with a synchronize before and after, so the sample covers
-    exactly the device work the call enqueued."""
-
-    def __init__(self, device: str = "cpu", stream: Any = None):
-        self.device = device
-        self.stream = stream
-
-    @property
-    def name(self) -> str:
-        return "cuda-events" if self.device.startswith("cuda") else "perf_counter"
-
-    def time_ms(self, fn: Callable[[], None]) -> float:
-        if not self.device.startswith("cuda"):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        import torch
-
-        stream = self.stream or torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(self.device)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            fn()
-            end.record(stream)
-        torch.cuda.synchronize(self.device)
-        return float(start.elapsed_time(end))
-
-
-class ClockedPiece:
-    """A Workpiece from a step and an untimed reset, timed by ``clock``.
-
-    With ``back_to_back`` up to ``max_steps`` steps run inside one sample and the reset follows them
-    (a decode step whose cache is cropped back afterwards); otherwise each sample is one step.
-    """
-
-    def __init__(self, clock: Clock, step: Callable[[], Any], reset: Callable[[], None] | None = None,
-                 back_to_back: bool = True, max_steps: int = 1 << 30):
-        self.clock = clock
-        self._step = step
-        self._reset = reset
-        self.max_steps = max_steps if back_to_back else 1
-
-    def sample_ms(self, steps: int) -> float:
-        def run() -> None:
-            for _ in range(steps):
-                self._step()
-
-        ms = self.clock.time_ms(run) / steps
-        if self._reset is not None:
-            self._reset()
-        return ms
 
 
 def warm_up(piece: Workpiece, protocol: TimingProtocol) -> tuple[int, int]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from amoeba_profile.core.timing import Clock, ClockedPiece, Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
+from amoeba_profile.device.clock import Clock, ClockedPiece
 from amoeba_profile.device.specs import DeviceSpec
 
 Progress = Callable[[int, int, str], None]  # (done, total, what runs next)

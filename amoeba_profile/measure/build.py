@@ -45,7 +45,7 @@ from amoeba_profile.measure.journal import Journal
 from amoeba_profile.core.files import Notice, held, table_lock
 from amoeba_profile.table.lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
 from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
-from amoeba_profile.select.memory import check_fits
+from amoeba_profile.selection.memory import check_fits
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
 

@@ -33,9 +33,9 @@ from amoeba_profile.core.errors import AmoebaError, LutError, OutOfRange
 from amoeba_profile.core.files import Notice
 from amoeba_profile.table.lut import Lut, load_table
 from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.device.quiet import BusyPolicy
-from amoeba_profile.select.picker import Selection
+from amoeba_profile.selection.picker import Selection
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload, compose
 

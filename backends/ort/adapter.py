@@ -38,7 +38,8 @@ import numpy as np
 
 from amoeba_profile.core.workload import cached_prefix
 from amoeba_profile.core.errors import UsageError
-from amoeba_profile.core.timing import Clock, ClockedPiece, Workpiece
+from amoeba_profile.core.timing import Workpiece
+from amoeba_profile.device.clock import Clock, ClockedPiece
 from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
 from amoeba_profile.backends.ort.weights import pack, unpack
 from amoeba_profile.core.dtypes import canonical_dtype

@@ -32,7 +32,8 @@ from amoeba_profile.core.dtypes import bytes_per_element, canonical_dtype
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
-from amoeba_profile.core.timing import Clock, ClockedPiece, Workpiece
+from amoeba_profile.core.timing import Workpiece
+from amoeba_profile.device.clock import Clock, ClockedPiece
 from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 from amoeba_profile.backends.common.torch_llama import POOL_SIZE, _torch, build_model, cache_keyword, llama_config, materialize
 from amoeba_profile.device.threads import default_threads as device_default_threads

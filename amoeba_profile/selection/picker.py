@@ -20,8 +20,8 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
 from amoeba_profile.table.lut import Lut, entry_key_of_row
 from amoeba_profile.core.inputs import positive_float
-from amoeba_profile.select.memory import MemoryEstimate, estimate
-from amoeba_profile.select.predict import Prediction, Predictor
+from amoeba_profile.selection.memory import MemoryEstimate, estimate
+from amoeba_profile.selection.predict import Prediction, Predictor
 from amoeba_profile.core.quality import ProxyQuality
 from amoeba_profile.core.strategy import Strategy
 from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DesignSpace, Subnet

@@ -32,10 +32,10 @@ from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
 from amoeba_profile.backends.flows import flow_capabilities
 from amoeba_profile.core.inputs import finite_float, positive_float
 from amoeba_profile.table.lut import Lut
-from amoeba_profile.select.memory import fixed_bytes, layer_bytes
-from amoeba_profile.select.predict import Predictor
+from amoeba_profile.selection.memory import fixed_bytes, layer_bytes
+from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import csv_integer, read_small_csv
-from amoeba_profile.select.picker import Selection, check_budget
+from amoeba_profile.selection.picker import Selection, check_budget
 from amoeba_profile.core.subnet import LayerShape, Subnet, default_depths, kept_layers
 from amoeba_profile.core.workload import Workload, metric_name
 

@@ -16,15 +16,17 @@ impossible grid is refused in a line instead of filling the machine or a table w
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from amoeba_profile.core.arch import ModelArch, layer_params, non_layer_params
 from amoeba_profile.core.dtypes import activation_bytes_per_element, bytes_per_element, kv_cache_bytes_per_element
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
-from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
+
+if TYPE_CHECKING:  # a plan is only read here; the build layer imports this module
+    from amoeba_profile.measure.plan import BuildPlan
 
 GB = 1e9
 
