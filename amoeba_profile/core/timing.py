@@ -31,6 +31,9 @@ class Workpiece(Protocol):
         Restoring state afterwards (cropping a KV cache) is untimed."""
 
 
+_BOUNDS = ("min_samples", "max_round_s", "max_samples_per_round", "warmup_max_s")
+
+
 @dataclass(frozen=True)
 class TimingProtocol:
     """How long and how often to measure; stored in every table's sidecar."""
@@ -44,9 +47,23 @@ class TimingProtocol:
     cv_threshold: float = 0.10
     min_sample_ms: float = 2.0  # a sample runs back-to-back steps until it lasts this long (GPU decode steps)
     max_steps_per_sample: int = 256
+    # Bounds, so that long requests (a whole model on a CPU takes seconds) cost what they must and a
+    # round always ends: once ``max_round_s`` of wall time is spent a round stops at ``min_samples``;
+    # it never takes more than ``max_samples_per_round``; warm-up stops after ``warmup_max_s``
+    # (at least two runs: the first request after a load is not a steady one).
+    min_samples: int = 3
+    max_round_s: float = 4.0
+    max_samples_per_round: int = 200
+    warmup_max_s: float = 3.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """What a journal's identity hashes: every field, except bounds left at their defaults, so a
+        journal written before the bounds existed still resumes."""
+        defaults = TimingProtocol()
+        return {k: v for k, v in asdict(self).items() if k not in _BOUNDS or v != getattr(defaults, k)}
 
     @classmethod
     def quick(cls) -> "TimingProtocol":
@@ -91,20 +108,33 @@ def warm_up(piece: Workpiece, protocol: TimingProtocol) -> tuple[int, int]:
     Returns (warm-up runs, steps per sample): enough back-to-back steps that one sample lasts at
     least ``min_sample_ms``, within what the piece allows."""
     times: list[float] = []
+    start = time.perf_counter()
     for run in range(1, protocol.warmup_max + 1):
         times.append(piece.sample_ms(1))
         if run >= protocol.warmup_min and len(times) >= 3:
             last = times[-3:]
             if (max(last) - min(last)) <= protocol.warmup_tolerance * min(last):
                 break
+        if run >= 2 and time.perf_counter() - start >= protocol.warmup_max_s:
+            break
     step_ms = float(np.median(times[-3:]))
     wanted = math.ceil(protocol.min_sample_ms / step_ms) if step_ms > 0 else protocol.max_steps_per_sample
     return len(times), max(1, min(piece.max_steps, protocol.max_steps_per_sample, wanted))
 
 
 def sample(piece: Workpiece, protocol: TimingProtocol, steps: int = 1) -> list[float]:
-    """One round: at least samples_per_round samples and at least min_round_s of timed work."""
+    """One round: ``samples_per_round`` samples over at least ``min_round_s`` of wall time, or, once
+    ``max_round_s`` is spent, ``min_samples``; never more than ``max_samples_per_round``.
+
+    Bounded by count and wall time, never by the samples' sum: a decode sample is a difference of
+    two requests and may be <= 0, so a loop on the sum need not end."""
     samples: list[float] = []
-    while len(samples) < protocol.samples_per_round or sum(samples) * steps < protocol.min_round_s * 1e3:
+    start = time.perf_counter()
+    while len(samples) < protocol.max_samples_per_round:
+        elapsed = time.perf_counter() - start
+        if len(samples) >= protocol.samples_per_round and elapsed >= protocol.min_round_s:
+            break
+        if len(samples) >= protocol.min_samples and elapsed >= protocol.max_round_s:
+            break
         samples.append(piece.sample_ms(steps))
     return samples

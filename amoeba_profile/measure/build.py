@@ -82,7 +82,7 @@ def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProt
     options = {
         "arch": plan.arch.to_dict(), "grid": plan.grid(), "whole": sorted(s.id for s in plan.whole),
         "backend": record.name, "config": record.config, "versions": record.versions,
-        "device": device["slug"], "protocol": protocol.to_dict(),
+        "device": device["slug"], "protocol": protocol.identity_dict(),
     }
     identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return {"kind": "header", "identity": identity, "options": options}
