@@ -39,7 +39,7 @@ from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.device.monitor import Monitor, entry_state, host_contention, monitor_for
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, LutError, UnsupportedShape
-from amoeba_profile.table.fit import fit_rows
+from amoeba_profile.table.fit import calibrate_rows, fit_rows
 from amoeba_profile.core.inputs import output_dir
 from amoeba_profile.measure.journal import Journal
 from amoeba_profile.core.files import Notice, held, table_lock
@@ -89,7 +89,10 @@ def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProt
 
 
 def _row_method(entry: Entry, plan_method: str) -> str:
-    return "whole" if entry.component == "model" else plan_method
+    """A calibrated table measures its rows as components; only its derived layer rows are calibrated."""
+    if entry.component == "model":
+        return "whole"
+    return "components" if plan_method == "calibrated" else plan_method
 
 
 @dataclass
@@ -194,9 +197,9 @@ def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol
         todo = plan.entries()
         meta["monitor"], meta["state_at_start"] = runner.monitor.source, runner.monitor.sample()
         rows, _ = runner.measure(todo, journal)
-        fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+        fit_ids = plan.fit_ids()
         if fit_ids:
-            rows, meta["fit"] = _refit(rows, fit_ids)
+            rows, meta["fit"] = _refit(rows, fit_ids, plan.method)
             meta["fit_subnet_ids"] = sorted(fit_ids)
         meta["state_at_end"] = runner.monitor.sample()
     return Measured(Lut(rows_frame(rows), meta), *_provenance(todo, journal))
@@ -370,7 +373,7 @@ def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: Ti
     the build adds to it."""
     meta = _meta(plan, record, protocol, device, method_reason)
     kept, old_meta = _existing(path, meta)
-    fit_ids = plan.fit_ids() if plan.method == "difference" and plan.measure_grid else set()
+    fit_ids = plan.fit_ids()
     have = {entry_key_of_row(row) for row in kept}
     todo = [e for e in plan.entries() if e.key not in have]
     nothing_new = False
@@ -400,7 +403,7 @@ def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], 
     recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
     all_rows = start.kept + rows
     if start.fit_ids:
-        all_rows, meta["fit"] = _refit(all_rows, start.fit_ids)
+        all_rows, meta["fit"] = _refit(all_rows, start.fit_ids, meta["method"])
         meta["fit_subnet_ids"] = sorted(start.fit_ids)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     stamps = {"created_at": start.old_meta.get("created_at", created), "updated_at": created} \
@@ -594,11 +597,16 @@ def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProt
     return meta
 
 
-def _refit(rows: list[dict[str, Any]], fit_ids: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Replace the derived rows with a fit over every fit model in the table; residuals onto model rows."""
-    rows = [r for r in rows if not (r["method"] == "difference" and r["component"] in ("base", "layer"))]
+def _refit(rows: list[dict[str, Any]], fit_ids: set[str],
+           method: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replace the derived rows with a fit over every fit model in the table (the difference fit,
+    or the calibration of the component rows); residuals onto model rows."""
+    rows = [r for r in rows if not (r["method"] in ("difference", "calibrated") and r["component"] in ("base", "layer"))]
     models = [r for r in rows if r["component"] == "model"]
-    derived, residuals, summary = fit_rows(models, fit_ids)
+    if method == "calibrated":
+        derived, residuals, summary = calibrate_rows(rows, fit_ids)
+    else:
+        derived, residuals, summary = fit_rows(models, fit_ids)
     for row in models:
         row["residual_pct"] = residuals.get(entry_key_of_row(row), math.nan)
     return rows + derived, summary

@@ -7,7 +7,14 @@
   base). Shapes lie on two axes through the full width: each width's heads at full FFN, and each
   width's FFN at full heads. A layer whose heads and FFN are both narrowed is composed additively
   from the axes; the interaction that misses is measured by validation models.
-Both add the ``whole`` subnets (truth rows) measured through the serving loop.
+- ``calibrated``: the ``components`` rows, plus a few whole models through the serving loop
+  (``calibration_subnets``: three engines, whatever the grid) that correct the components' bias:
+  a component timed alone misses what the serving loop adds per layer (dispatch, cache updates,
+  cache misses between blocks), so per (phase, prompt length or context) the fit
+  y - base = a * sum(components) + d * layers rescales the composed cost and adds a per-layer
+  cost (``fit.calibrate_rows``). Two coefficients need only a few engines, where the
+  ``difference`` method needs three depths of every layer shape.
+All add the ``whole`` subnets (truth rows) measured through the serving loop.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
 from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, kept_layers, width_shape
 
-METHODS = ("components", "difference")
+METHODS = ("components", "calibrated", "difference")
 MIN_DEPTHS = 3
 ZERO_LAYERS = ""  # subnet id of a model row with no decoder layers
 
@@ -105,8 +112,37 @@ class BuildPlan:
         return out
 
     def fit_ids(self) -> set[str]:
-        """Subnet ids of the difference fit's models; ``ZERO_LAYERS`` is the model without layers."""
+        """Subnet ids of the models a fit reads: the difference fit's (``ZERO_LAYERS`` is the model
+        without layers) or the calibration's; empty for a components table."""
+        if not self.measure_grid or self.method == "components":
+            return set()
+        if self.method == "calibrated":
+            return {s.id for s in self.calibration_subnets()}
         return {s.id for s in self.fit_subnets()} | {ZERO_LAYERS}
+
+    def calibration_subnets(self) -> list[Subnet]:
+        """The calibrated method's whole models, chosen so that the two coefficients of every group
+        are well apart: the full model (the anchor every budget is compared against), half the
+        layers at the narrowest heads and FFN (the lowest component cost per layer), and half the
+        layers alternating narrow heads at full FFN with full heads at narrow FFN (the middle,
+        and a check that the two axes add)."""
+        a = self.arch
+        narrow_h, narrow_kv = min(self.attn_shapes())
+        narrow_f = min(self.ffn_sizes())
+        half = max(1, a.num_layers // 2)
+
+        def model(depth: int, shapes: list[tuple[int, int, int]]) -> Subnet:
+            kept = kept_layers(a, depth, self.drop_rule)
+            return Subnet(a, tuple(LayerShape(i, *shape) for i, shape in zip(kept, shapes)))
+
+        alternating = [(narrow_h, narrow_kv, a.ffn_size) if i % 2 == 0 else (a.num_heads, a.num_kv_heads, narrow_f)
+                       for i in range(half)]
+        narrowest = min(self.widths)
+        subnets = [Subnet.uniform(a, a.num_layers, 1.0, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
+                   Subnet.uniform(a, half, narrowest, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
+                   model(half, alternating)]
+        unique = {s.id: s for s in subnets}
+        return list(unique.values())
 
     def _serving(self, component: str, subnet: Subnet | None) -> list[Entry]:
         b = self.batch
@@ -129,6 +165,11 @@ class BuildPlan:
                     seen.add(subnet.id)
                     out += self._serving("model", subnet)
             return out
+        if self.method == "calibrated":
+            for subnet in self.calibration_subnets():
+                if subnet.id not in seen:
+                    seen.add(subnet.id)
+                    out += self._serving("model", subnet)
         b = self.batch
         out += self._serving("base", None)
         for heads, kv in self.attn_shapes():

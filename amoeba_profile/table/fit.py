@@ -115,3 +115,106 @@ def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: fl
     cv = stderr / median if math.isfinite(stderr) else math.nan
     measurement = Measurement((), float(median), float(p10), float(p90), float(median), stderr, cv, n)
     return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note, flags=flags)
+
+
+def _component_ms(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    """The ok attn, mlp and base rows by (component, phase, batch, tokens, context, heads, kv_heads, ffn)."""
+    return {(r["component"], r["phase"], int(r["batch"]), int(r["tokens"]), int(r["context"]),
+             int(r["heads"]), int(r["kv_heads"]), int(r["ffn"])): r
+            for r in rows if r["status"] == "ok" and r["component"] in ("attn", "mlp", "base")}
+
+
+def _se(row: dict[str, Any]) -> float:
+    """Standard error of a measured row's median: its spread over the rounds it was measured in
+    (samples within a round share the machine's state, so rounds, not samples, are independent)."""
+    std = float(row.get("std_ms", math.nan))
+    rounds = max(1, int(row.get("rounds") or 1))
+    return std / math.sqrt(rounds) if math.isfinite(std) else 0.0
+
+
+def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
+                   ) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+    """The calibrated method's fit: per (phase, batch, prompt length or context), the whole
+    calibration models' serving-loop latencies y against their composed component cost C and
+    layer count n: y - base = a * C + d * n, least squares weighted by 1/y (relative residuals).
+    Every layer shape of the grid's two axes gets a ``layer`` row a * (attn + mlp) + d, with the
+    standard error of that value (coefficient covariance from the models' own spread, or from the
+    residuals where they are larger) as std_ms. Returns (derived rows, residual % per model row's
+    entry key, one summary per group)."""
+    comps = _component_ms(rows)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["component"] == "model" and row["status"] == "ok" and row["subnet_id"] in calibration_ids:
+            groups[(row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]))].append(row)
+    derived, residuals, summary = [], {}, []
+    for (phase, batch, tokens, context), models in sorted(groups.items()):
+        mlp_context = 0 if phase == "decode" else context
+
+        def comp(component: str, heads: int = 0, kv: int = 0, ffn: int = 0) -> dict[str, Any] | None:
+            x = mlp_context if component == "mlp" else context
+            return comps.get((component, phase, batch, tokens, x, heads, kv, ffn))
+
+        base = comp("base")
+        usable = []
+        for row in models:
+            total, missing = 0.0, False
+            for heads, kv, ffn in _shapes(row).elements():
+                attn, mlp = comp("attn", heads, kv), comp("mlp", ffn=ffn)
+                if attn is None or mlp is None:
+                    missing = True
+                    break
+                total += attn["median_ms"] + mlp["median_ms"]
+            if not missing and base is not None:
+                usable.append((row, total, sum(_shapes(row).values())))
+        if base is None or len(usable) < 2:
+            continue  # nothing to calibrate against: the group keeps only its component rows
+        y = np.array([r["median_ms"] for r, _, _ in usable]) - base["median_ms"]
+        X = np.array([[c, n] for _, c, n in usable], dtype=float)
+        weight = 1.0 / np.array([r["median_ms"] for r, _, _ in usable])
+        Xw, yw = X * weight[:, None], y * weight
+        coef = np.linalg.lstsq(Xw, yw, rcond=None)[0]
+        bread = np.linalg.pinv(Xw.T @ Xw)
+        model_se = np.array([_se(r) for r, _, _ in usable]) * weight
+        cov = bread @ (Xw.T * model_se ** 2) @ Xw @ bread  # from the models' own spread
+        resid = (y - X @ coef) * weight
+        dof = len(y) - 2
+        if dof > 0:
+            from_residuals = bread * float(np.sum(resid ** 2) / dof)
+            cov = from_residuals if np.trace(from_residuals) > np.trace(cov) else cov
+        scale, per_layer = float(coef[0]), float(coef[1])
+        for (row, _, _), r in zip(usable, resid):
+            residuals[entry_key_of_row(row)] = float(100 * r)
+        rms = float(np.sqrt(np.mean((100 * resid) ** 2)))
+        summary.append({"phase": phase, "batch": batch, "tokens": tokens, "context": context, "models": len(usable),
+                        "scale": round(scale, 5), "per_layer_ms": round(per_layer, 5),
+                        "scale_se": round(float(math.sqrt(cov[0, 0])), 5),
+                        "per_layer_se_ms": round(float(math.sqrt(cov[1, 1])), 5),
+                        "rms_residual_pct": round(rms, 3),
+                        "max_abs_residual_pct": round(float(np.abs(100 * resid).max()), 3)})
+        note = (f"calibrated: {scale:.4f} x (attn + mlp) + {per_layer:.4g} ms per layer, from {len(usable)} whole "
+                f"models (rms residual {rms:.2f} %)")
+        flags = ";".join(sorted({f for r, _, _ in usable for f in str(r.get("flags") or "").split(";") if f}))
+        heads_axis = sorted({(k[5], k[6]) for k in comps if k[0] == "attn" and k[1:5] == (phase, batch, tokens, context)})
+        ffn_axis = sorted({k[7] for k in comps if k[0] == "mlp" and k[1:5] == (phase, batch, tokens, mlp_context)})
+        arch_full = max(heads_axis, default=None), max(ffn_axis, default=None)
+        if arch_full[0] is None or arch_full[1] is None:
+            continue
+        shapes = {(h, kv, arch_full[1]) for h, kv in heads_axis} | {(*arch_full[0], f) for f in ffn_axis}
+        for heads, kv, ffn in sorted(shapes):
+            attn, mlp = comp("attn", heads, kv), comp("mlp", ffn=ffn)
+            composed = {stat: attn[stat] + mlp[stat] for stat in ("median_ms", "p10_ms", "p90_ms")}
+            grad = np.array([composed["median_ms"], 1.0])
+            se = math.sqrt(float(grad @ cov @ grad) + scale ** 2 * (_se(attn) ** 2 + _se(mlp) ** 2))
+            entry = Entry("layer", phase, batch, tokens, context, heads, kv, ffn)
+            median = scale * composed["median_ms"] + per_layer
+            if not median > 0:
+                derived.append(measured_row(entry, None, "error", method="calibrated", repeat=1, wall_s=0.0,
+                                            flags=flags, note=f"calibration gave {median:.4g} ms <= 0; {note}"))
+                continue
+            p10 = min(scale * composed["p10_ms"] + per_layer, median)
+            p90 = max(scale * composed["p90_ms"] + per_layer, median)
+            measurement = Measurement((), median, p10 if p10 > 0 else median, p90, math.nan, se, se / median,
+                                      len(usable))
+            derived.append(measured_row(entry, measurement, "ok", method="calibrated", repeat=1, wall_s=0.0,
+                                        note=note, flags=flags))
+    return derived, residuals, summary

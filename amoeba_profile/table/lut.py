@@ -46,7 +46,7 @@ COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STA
 INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
-ROW_METHODS = ("components", "difference", "whole", "computed")  # how a row was obtained
+ROW_METHODS = ("components", "calibrated", "difference", "whole", "computed")  # how a row was obtained
 # A latency above ~3 hours per forward is a corrupt or hand-edited cell, not a measurement.
 MAX_LATENCY_MS = 1e7
 MAX_TABLE_BYTES = 256 * MIB

@@ -285,7 +285,7 @@ class PyTorchBackend(Backend):
         return Capabilities(
             per_layer_heads=True,
             per_layer_ffn=True,
-            methods=("components", "difference"),
+            methods=("components", "calibrated", "difference"),
             dtypes=DTYPES,
             devices=("cpu", "cuda"),
         )
