@@ -3,6 +3,7 @@ failed run, 2 bad usage (ours or the option parser's); every error is one line u
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -220,7 +221,8 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
 
 
 def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
-            widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None):
+            widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None,
+            confidence: float | None = None):
     from amoeba_profile.core.quality import load_quality
 
     table = load_one(lut)
@@ -228,7 +230,7 @@ def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int
     source = load_quality(quality) if quality is not None else None
     selection = select(Predictor(table), table_space(table, width_values, strategy),
                        table_workload(table, prompt_len, gen_len, batch), metric_name(metric), budget_ms, stat, top_k,
-                       source, memory_gb, table.meta["dtype"])
+                       source, memory_gb, table.meta["dtype"], confidence)
     return table, selection
 
 
@@ -253,13 +255,15 @@ def select_cmd(
                                           "(LLaMA, or DeciLM/Nemotron-NAS block_configs), mlc-chat-config.json, "
                                           "AmoebaLLM flags and export.json (which tool reads which file)."),
     pareto: bool = typer.Option(False, "--pareto", help="Also print the Pareto front (latency vs quality)."),
+    confidence: Optional[float] = typer.Option(None, help="Pick the best shape whose predicted latency fits with this "
+                                               "probability (its q-quantile within the budget), e.g. 0.95."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     from amoeba_profile.device.specs import shared_memory_note
 
     table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k, quality,
-                               memory_gb, strategy)
+                               memory_gb, strategy, confidence)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
@@ -282,9 +286,18 @@ def select_cmd(
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         return
     pick = selection.pick
+    low, high = pick.interval()
+    spread = (f", 90 % interval {low:.1f}-{high:.1f} ms, P(<= budget) {pick.p_fit:.2f}"
+              if math.isfinite(low) and math.isfinite(high) else "")
     out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
-              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}) <= {budget_ms:g} ms"
+              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}{spread}) <= {budget_ms:g} ms"
               + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
+    if selection.tied:
+        err.print(f"[yellow]note:[/] {len(selection.tied)} shape(s) of higher quality may fit too (tied with the pick: "
+                  "the table cannot tell them apart at this budget); select --verify K measures them", highlight=False)
+    if not pick.prediction.model_error_known and spread:
+        err.print("[yellow]note:[/] the intervals cover measurement noise only: this table has no fit against "
+                  "whole models to bound its composition error (build it with --method calibrated)", highlight=False)
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
     if pareto:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from rich.console import Console, Group
@@ -11,7 +12,7 @@ from rich.text import Text
 
 from amoeba_profile.backends.flows import MEASURING, list_flows
 from amoeba_profile.table.lut import Lut
-from amoeba_profile.selection.picker import Selection, describe, width_text
+from amoeba_profile.selection.picker import Candidate, Selection, describe, width_text
 from amoeba_profile.core.subnet import Subnet
 
 
@@ -84,15 +85,30 @@ def lut_table(lut: Lut, title: str = "latency table") -> Table:
     return table
 
 
+def _interval_text(cand: Candidate) -> str:
+    low, high = cand.interval()
+    return f"{low:.1f}-{high:.1f}" if math.isfinite(low) and math.isfinite(high) else "-"
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.2f}" if math.isfinite(p) else "-"
+
+
 def selection_table(selection: Selection) -> Table:
-    table = Table(title=f"top {len(selection.top_k)} within {selection.budget_ms:g} ms {selection.metric} ({selection.stat})")
-    for column in ("", "layers", "width", "kept layers", "quality", selection.metric, "source"):
+    """The tied shapes (above the pick, may fit too), then the top-k within the budget; every row with
+    its 90 % interval and its probability of fitting."""
+    sure = f", q{selection.confidence:g} fits" if selection.confidence is not None else ""
+    title = f"top {len(selection.top_k)} within {selection.budget_ms:g} ms {selection.metric} ({selection.stat}{sure})"
+    table = Table(title=title)
+    for column in ("", "layers", "width", "kept layers", "quality", selection.metric, "90 % interval", "P(fits)",
+                   "source"):
         table.add_column(column)
-    for cand in selection.top_k:
-        mark = "pick" if cand is selection.pick else ""
+    for cand in [*selection.tied, *selection.top_k]:
+        mark = "pick" if cand is selection.pick else ("tied" if cand in selection.tied else "")
         kept = cand.subnet.kept_indices
         table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
-                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", cand.source)
+                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", _interval_text(cand),
+                      _p_text(cand.p_fit), cand.source)
     return table
 
 

@@ -6,12 +6,19 @@ Quality comes from a measured table (``quality.load_quality``) or the documented
 (retained decoder parameters), and every output names which. A pick is only as good as the rows it
 rests on: the flagged ones behind the pick and the runner-up are listed, with a warning when their
 flags say the measurement itself was disturbed (noise, contention, throttling, drift).
+
+A pick is also only as sure as its prediction: every candidate carries its standard error
+(``predict``), the probability that it fits the budget, and a 90 % interval. With ``confidence``
+q a shape fits only when its q-quantile does. Shapes that rank above the pick and may fit too
+(probability of fitting at least ``TIE_FLOOR``) are reported as tied with it: the table cannot tell
+which of them is the answer, and ``select --verify`` measures them.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,6 +45,9 @@ def describe(subnet: Subnet) -> str:
     kind = "" if subnet.is_uniform or subnet.width_ratio is None else " (per-layer widths)"
     return f"{subnet.num_layers} layers, width {width_text(subnet.width_ratio)}{kind}"
 
+
+INTERVAL_LEVEL = 0.9  # the interval every candidate is shown with
+TIE_FLOOR = 0.05  # a shape above the pick with at least this probability of fitting is tied with it
 
 # A flag that describes the flow, not a disturbed measurement: listed, never warned about.
 INFORMATIVE_FLAGS = frozenset({"host_bound"})
@@ -93,14 +103,28 @@ class Candidate:
     prediction: Prediction
     source: str  # where latency_ms (the selected metric) comes from: Prediction.source_of
     memory: MemoryEstimate | None = None
+    metric: str = "tpot_ms"
+    p_fit: float = math.nan  # probability that the metric is within the budget (``select`` fills it)
+
+    @property
+    def se_ms(self) -> float:
+        return self.prediction.se_of(self.metric)
+
+    def interval(self, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
+        return self.prediction.interval(self.metric, level)
 
     def to_dict(self) -> dict[str, Any]:
         """One ranked shape; the subnet by id (``Selection.to_dict`` maps ids to shapes once)."""
+        low, high = self.interval()
+        finite = all(math.isfinite(v) for v in (low, high, self.se_ms))
         out = {
             "subnet_id": self.subnet.id,
             "label": self.subnet.label,
             "quality": self.quality,
-            "predicted_ms": {"value": self.latency_ms, "source": self.source},
+            "predicted_ms": {"value": self.latency_ms, "source": self.source,
+                             "se": self.se_ms if finite else None,
+                             "interval_90": [low, high] if finite else None,
+                             "p_within_budget": self.p_fit if math.isfinite(self.p_fit) else None},
         }
         if self.memory is not None:
             out["memory_gb"] = round(self.memory.total_gb, 3)
@@ -123,12 +147,14 @@ class Selection:
     # Flagged rows behind the pick and the runner-up (``flagged_rows``), and the warning they call for.
     flagged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warning: str | None = None
+    confidence: float | None = None  # a shape fits when this quantile of its metric does (None: the value)
+    tied: list[Candidate] = field(default_factory=list)  # shapes above the pick that may fit too
 
     def to_dict(self, pareto: bool = True) -> dict[str, Any]:
         """The pick in full; top-k and (with ``pareto``) the Pareto front refer to shapes by
         ``subnet_id``, each listed once in ``subnets`` (every entry repeating its model made the
         JSON ~20x larger)."""
-        listed = self.top_k + (self.pareto if pareto else [])
+        listed = self.top_k + self.tied + (self.pareto if pareto else [])
         return {
             **self.pick.to_dict(),
             "subnet": self.pick.subnet.to_dict(),
@@ -139,6 +165,9 @@ class Selection:
             "budget_ms": self.budget_ms,
             "memory_budget_gb": self.memory_gb,
             "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len, "gen_len": self.workload.gen_len},
+            "confidence": self.confidence,
+            "model_error_known": self.pick.prediction.model_error_known,
+            "tied": [c.to_dict() for c in self.tied],
             "top_k": [c.to_dict() for c in self.top_k],
             **({"pareto": [{**c.to_dict(), "fits": c.latency_ms <= self.budget_ms} for c in self.pareto]}
                if pareto else {}),
@@ -195,7 +224,7 @@ def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload
             continue
         memory = estimate(subnet, workload, dtype) if dtype else None
         candidates.append(Candidate(subnet, quality.score(subnet), prediction.metric(metric), prediction,
-                                    prediction.source_of(metric), memory))
+                                    prediction.source_of(metric), memory, metric))
     return candidates, skipped
 
 
@@ -213,12 +242,30 @@ def check_budget(budget_ms: float) -> float:
     return positive_float(budget_ms, "--budget-ms")
 
 
+def fit_bound(candidate: Candidate, confidence: float | None) -> float:
+    """What must be within the budget: the predicted value, or its ``confidence``-quantile."""
+    if confidence is None:
+        return candidate.latency_ms
+    bound = candidate.prediction.quantile(candidate.metric, confidence)
+    if math.isnan(bound):
+        raise UsageError("--confidence needs a table whose rows carry their spread; this one (computed) has none")
+    return bound
+
+
+def check_confidence(confidence: float | None) -> float | None:
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise UsageError(f"--confidence {confidence:g}: give a probability in [0.5, 1), e.g. 0.95")
+    return confidence
+
+
 def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
            stat: str = "median", top_k: int = 5, quality=None, memory_gb: float | None = None,
-           dtype: str | None = None) -> Selection:
+           dtype: str | None = None, confidence: float | None = None) -> Selection:
     """``metric`` is ttft, tpot or e2e (with or without ``_ms``); ``memory_gb`` (with ``dtype``)
-    also bounds weights + KV cache + activation headroom."""
+    also bounds weights + KV cache + activation headroom; with ``confidence`` q a shape fits when
+    the q-quantile of its predicted metric is within the budget."""
     metric = metric_name(metric)
+    confidence = check_confidence(confidence)
     if metric == "tpot_ms" and workload.gen_len < 2:
         raise UsageError("tpot needs --gen-len >= 2 (there is no decode step otherwise)")
     budget_ms = check_budget(budget_ms)
@@ -240,16 +287,22 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             smallest = min(candidates, key=lambda c: c.memory.total_bytes)
             raise InfeasibleBudget(f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory.total_gb:.2f} GB: "
                                    f"{describe(smallest.subnet)}")
-    feasible = [c for c in fitting if c.latency_ms <= budget_ms]
+    fitting = [replace(c, p_fit=c.prediction.p_within(metric, budget_ms)) for c in fitting]
+    feasible = [c for c in fitting if fit_bound(c, confidence) <= budget_ms]
     if not feasible:
-        fastest = min(fitting, key=lambda c: c.latency_ms)
+        fastest = min(fitting, key=lambda c: fit_bound(c, confidence))
         within = f" within {memory_gb:g} GB" if memory_gb is not None else ""
+        sure = f" at {confidence:g} confidence" if confidence is not None else ""
         raise InfeasibleBudget(
-            f"no shape fits {budget_ms:g} ms {metric} ({stat}){within}; fastest is {fastest.latency_ms:.1f} ms: "
-            f"{describe(fastest.subnet)}"
+            f"no shape fits {budget_ms:g} ms {metric} ({stat}){sure}{within}; fastest is "
+            f"{fit_bound(fastest, confidence):.1f} ms: {describe(fastest.subnet)}"
         )
     ranked = rank(feasible)
+    pick = ranked[0]
+    ahead = rank(fitting)
+    tied = [c for c in ahead[:ahead.index(pick)] if c.p_fit >= TIE_FLOOR]
     flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
                for who, cand in zip(("pick", "runner_up"), ranked)}
-    return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged))
+    return Selection(pick, ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
+                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged), confidence,
+                     tied)

@@ -11,12 +11,21 @@ never extrapolates (OutOfRange names what is missing). Every answer carries its 
 ttft depends only on prefill rows, tpot only on decode rows, e2e on both; and the
 table rows it rests on (those that bracket every interpolation), so a caller can say when they are
 flagged.
+
+Every value carries a standard error, composed the same way as the value (``uncertainty``):
+each row's own (a measured row's spread over its rounds, std / sqrt(rounds), since samples within
+a round share the machine's state and drift moves whole rounds; a fitted row's coefficient
+standard error), summed over the layers of one shape as fully correlated (they are one row) and
+over distinct rows as independent; plus the table's model error, the rms residual of its fit
+against whole models (``meta["fit"]``), as a relative term. A components table has no fit, so its
+interval covers the measurement only and says so (``model_error_known``).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,10 +62,34 @@ class Prediction:
     ttft_source: str
     tpot_source: str
     rows: tuple[int, ...] = ()  # labels in ``Lut.frame`` of the rows this prediction rests on
+    # standard errors (ms) of the three metrics; NaN where the table cannot say (a computed table)
+    se_ms: dict[str, float] = field(default_factory=dict)
+    model_error_known: bool = False  # False: the interval covers measurement noise only (no fit to whole models)
 
     def metric(self, name: str) -> float:
         """``name`` in any spelling ``metric_name`` accepts: 'tpot' or 'tpot_ms'."""
         return float(getattr(self, metric_name(name)))
+
+    def se_of(self, name: str) -> float:
+        return float(self.se_ms.get(metric_name(name), math.nan))
+
+    def quantile(self, name: str, q: float) -> float:
+        """The ``q``-quantile of metric ``name`` under a normal error of ``se_of(name)``."""
+        return self.metric(name) + normal_quantile(q) * self.se_of(name)
+
+    def interval(self, name: str, level: float = 0.9) -> tuple[float, float]:
+        """The central ``level`` interval of metric ``name`` (NaN bounds where the error is unknown)."""
+        tail = (1 - level) / 2
+        return self.quantile(name, tail), self.quantile(name, 1 - tail)
+
+    def p_within(self, name: str, budget_ms: float) -> float:
+        """Probability that metric ``name`` is at most ``budget_ms``; NaN where the error is unknown."""
+        value, se = self.metric(name), self.se_of(name)
+        if math.isnan(se):
+            return math.nan
+        if se == 0:
+            return 1.0 if value <= budget_ms else 0.0
+        return 0.5 * (1 + math.erf((budget_ms - value) / (se * math.sqrt(2))))
 
     def source_of(self, name: str) -> str:
         """Where the value of metric ``name`` comes from."""
@@ -64,7 +97,55 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "source": self.source,
-                "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")}, "stat": self.stat}
+                "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")}, "stat": self.stat,
+                "se_ms": {m: _finite_or_none(self.se_of(m)) for m in ("ttft_ms", "tpot_ms", "e2e_ms")},
+                "model_error_known": self.model_error_known}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def normal_quantile(q: float) -> float:
+    """The standard normal ``q``-quantile (Acklam's rational approximation, |error| < 1.2e-9): the
+    prediction side stays free of scipy's import time."""
+    if not 0 < q < 1:
+        raise UsageError(f"a probability must lie strictly between 0 and 1, got {q}")
+    a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
+         -3.066479806614716e+01, 2.506628277459239e+00)
+    b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
+         -1.328068155288572e+01)
+    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
+         4.374664141464968e+00, 2.938163982698783e+00)
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00)
+    if q < 0.02425 or q > 1 - 0.02425:
+        t = math.sqrt(-2 * math.log(q if q < 0.5 else 1 - q))
+        x = (((((c[0] * t + c[1]) * t + c[2]) * t + c[3]) * t + c[4]) * t + c[5]) / \
+            ((((d[0] * t + d[1]) * t + d[2]) * t + d[3]) * t + 1)
+        return x if q < 0.5 else -x
+    r = q - 0.5
+    t = r * r
+    return (((((a[0] * t + a[1]) * t + a[2]) * t + a[3]) * t + a[4]) * t + a[5]) * r / \
+        (((((b[0] * t + b[1]) * t + b[2]) * t + b[3]) * t + b[4]) * t + 1)
+
+
+def _row_se(ok: pd.DataFrame) -> pd.Series:
+    """Each row's standard error (ms): a fitted row's is its std_ms already (the coefficient's); a
+    measured row's is its spread over its rounds, std_ms / sqrt(rounds). NaN (a computed row) stays
+    NaN, so a roofline prediction has no interval."""
+    fitted = ok["method"].isin(("difference", "calibrated"))
+    rounds = pd.to_numeric(ok.get("rounds", pd.Series(1, index=ok.index)), errors="coerce").fillna(1).clip(lower=1)
+    se = ok["std_ms"].where(fitted, ok["std_ms"] / np.sqrt(rounds))
+    return se.where(ok["source"] != "roofline", np.nan)
+
+
+def _model_error(meta: dict[str, Any]) -> dict[str, float]:
+    """Relative model error per phase: the median rms residual (%) of the table's fit against whole
+    models (difference or calibrated), as a fraction; empty when the table has no fit."""
+    by_phase: dict[str, list[float]] = {}
+    for group in meta.get("fit") or []:
+        by_phase.setdefault(group["phase"], []).append(float(group["rms_residual_pct"]) / 100)
+    return {phase: float(np.median(values)) for phase, values in by_phase.items()}
 
 
 def _bracket(xs: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -97,11 +178,13 @@ class Predictor:
     def __init__(self, lut: Lut):
         self.lut = lut
         self.roofline = lut.is_roofline
-        ok = lut.ok
+        ok = lut.ok.copy()
+        ok["se_ms"] = _row_se(ok)
         self.fitted_layers = bool((ok.component == "layer").any())
         self.arch = ModelArch.from_dict(lut.meta["arch"]) if self.fitted_layers else None
         self._rows = {key: group for key, group in ok.groupby(["component", "phase", "batch"])}
         self._cache: dict[tuple, tuple[np.ndarray, str]] = {}
+        self.model_error = _model_error(lut.meta)
 
     def _rows_for(self, component: str, phase: str, batch: int) -> pd.DataFrame:
         rows = self._rows.get((component, phase, batch))
@@ -111,17 +194,20 @@ class Predictor:
 
     def _curve(self, component: str, phase: str, batch: int, shape_col: str | None, shape_val: float,
                x_col: str, x: np.ndarray, stat_col: str,
-               rows: pd.DataFrame | None = None) -> tuple[np.ndarray, str, frozenset]:
+               rows: pd.DataFrame | None = None) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
         """Interpolate first across the width axis at every measured x, then along x; returns the
-        values, their source and the labels of the rows they were read from."""
+        values, their source, the labels of the rows they were read from and their standard errors
+        (interpolated as the values are)."""
         rows = self._rows_for(component, phase, batch) if rows is None else rows
         what = f"{component} {phase}"
         if shape_col is None:
             grid = rows.groupby(x_col)[stat_col].first().sort_index()
             xs = grid.index.to_numpy(float)
             values, exact = _interp(xs, grid.to_numpy(float), x, f"{what} {x_col}")
+            se_grid = rows.groupby(x_col)["se_ms"].first().sort_index()
+            se = np.interp(np.atleast_1d(np.asarray(x, dtype=float)), xs, se_grid.to_numpy(float))
             used = rows[rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
-            return values, "measured" if exact else "interpolated", frozenset(used.index)
+            return values, "measured" if exact else "interpolated", frozenset(used.index), se
         pivot = rows.pivot_table(index=shape_col, columns=x_col, values=stat_col, aggfunc="first").dropna()
         shapes = pivot.index.to_numpy(float)
         at_x = np.array([_interp(shapes, pivot[col].to_numpy(float), shape_val, f"{what} {shape_col}")[0][0]
@@ -129,9 +215,13 @@ class Predictor:
         shape_exact = shape_val in shapes
         xs = pivot.columns.to_numpy(float)
         values, x_exact = _interp(xs, at_x, x, f"{what} {x_col} ({shape_col}={shape_val:g})")
+        se_pivot = rows.pivot_table(index=shape_col, columns=x_col, values="se_ms", aggfunc="first",
+                                    dropna=False).reindex(index=pivot.index, columns=pivot.columns)
+        se_at_x = np.array([np.interp(shape_val, shapes, se_pivot[col].to_numpy(float)) for col in pivot.columns])
+        se = np.interp(np.atleast_1d(np.asarray(x, dtype=float)), xs, se_at_x)
         used = rows[rows[shape_col].isin(_bracket(shapes, np.atleast_1d(float(shape_val))))
                     & rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
-        return values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index)
+        return values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index), se
 
     def _layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
                stat_col: str) -> tuple[np.ndarray, str, frozenset]:
@@ -146,12 +236,18 @@ class Predictor:
             # Interpolating in heads is only meaningful at the same GQA group size.
             same_group = attn_rows[attn_rows["heads"] == attn_rows["kv_heads"] * (heads // kv_heads)]
             x_col = "tokens" if phase == "prefill" else "context"
-            attn, s1, r1 = self._curve("attn", phase, batch, "heads", heads, x_col, x, stat_col, same_group)
-            # The MLP sees one token per decode step whatever the context: one row at context 0.
-            mlp_x = x if phase == "prefill" else np.array([0])
-            mlp, s2, r2 = self._curve("mlp", phase, batch, "ffn", ffn, x_col, mlp_x, stat_col)
-            self._cache[key] = (attn + mlp, worst_source(s1, s2), r1 | r2)
+            parts = [("attn", "heads", heads, x, same_group),
+                     # The MLP sees one token per decode step whatever the context: one row at context 0.
+                     ("mlp", "ffn", ffn, x if phase == "prefill" else np.array([0]), None)]
+            self._cache[key] = self._sum([self._curve(component, phase, batch, col, value, x_col, at, stat_col, rows)
+                                          for component, col, value, at, rows in parts], [1, 1])
         return self._cache[key]
+
+    def _sum(self, curves: list[tuple], signs: list[int]) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+        """Signed sum of curves; their errors add as independent rows."""
+        value = sum(sign * c[0] for sign, c in zip(signs, curves))
+        se = np.sqrt(sum(c[3] ** 2 for c in curves))
+        return value, worst_source(*(c[1] for c in curves)), frozenset().union(*(c[2] for c in curves)), se
 
     def _fitted_layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
                       stat_col: str) -> tuple[np.ndarray, str, frozenset]:
@@ -166,27 +262,33 @@ class Predictor:
         heads_axis = rows[(rows.ffn == full_f) & (rows.heads == rows.kv_heads * group)]
         ffn_axis = rows[(rows.heads == full_h) & (rows.kv_heads == full_kv)]
         full = ffn_axis[ffn_axis.ffn == full_f]
-        a, _, ra = self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis)
-        m, _, rm = self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis)
-        f, _, rf = self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)
-        return a + m - f, "interpolated", ra | rm | rf
+        value, _, used, se = self._sum([
+            self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis),
+            self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis),
+            self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)], [1, 1, -1])
+        return value, "interpolated", used, se
 
     def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
-               stat_col: str) -> tuple[np.ndarray, str, frozenset]:
-        """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``."""
+               stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+        """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``, with
+        the standard error of each value."""
         x_col = "tokens" if phase == "prefill" else "context"
         key = ("base", phase, batch, x.tobytes(), stat_col)
         if key not in self._cache:
             self._cache[key] = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
-        total, source, used = self._cache[key]
+        total, source, used, base_se = self._cache[key]
         total = total.copy()
+        variance = base_se ** 2
         sources = [source]
         for (heads, kv_heads, ffn), count in Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers).items():
-            values, s, rows = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
+            values, s, rows, se = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
             total += count * values
+            variance = variance + (count * se) ** 2  # the layers of one shape read one row: fully correlated
             sources.append(s)
             used = used | rows
-        return total, ("roofline" if self.roofline else worst_source(*sources)), used
+        relative = self.model_error.get(phase, 0.0)
+        se = np.sqrt(variance + (relative * total) ** 2)
+        return total, ("roofline" if self.roofline else worst_source(*sources)), used, se
 
     @staticmethod
     def _contexts(workload: Workload, check) -> np.ndarray:
@@ -200,22 +302,29 @@ class Predictor:
 
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
         stat_col = self._stat_col(stat)
-        prefill, source, used = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]),
-                                            stat_col)
+        prefill, source, used, prefill_se = self._phase(subnet, "prefill", workload.batch,
+                                                        np.array([workload.prompt_len]), stat_col)
         contexts = self._contexts(workload, lambda ends: self._phase(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
-            decode, decode_source, decode_used = contexts, source, set()
+            decode, decode_source, decode_used, decode_se = contexts, source, set(), contexts
         else:
-            decode, decode_source, decode_used = self._phase(subnet, "decode", workload.batch, contexts, stat_col)
+            decode, decode_source, decode_used, decode_se = self._phase(subnet, "decode", workload.batch, contexts,
+                                                                        stat_col)
         m = compose(prefill[0], decode)
+        # The decode steps of one request read the same rows: their errors add up, not in quadrature.
+        tpot_se = float(np.mean(decode_se)) if len(decode_se) else math.nan
+        se = {"ttft_ms": float(prefill_se[0]), "tpot_ms": tpot_se,
+              "e2e_ms": float(prefill_se[0] + np.sum(decode_se))}
+        if self.roofline:
+            se = {k: math.nan for k in se}
         return Prediction(subnet, workload, stat, m.ttft_ms, m.tpot_ms, m.e2e_ms, worst_source(source, decode_source),
-                          source, decode_source, tuple(sorted(used | decode_used)))
+                          source, decode_source, tuple(sorted(used | decode_used)), se, bool(self.model_error))
 
     def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
                  stat: str = "median") -> tuple[float, str]:
         """Predicted time of one forward: a prefill of ``tokens`` or one decode step at ``context``."""
         x = np.array([tokens if phase == "prefill" else context])
-        values, source, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
+        values, source, _, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
         return float(values[0]), source
 
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
@@ -235,6 +344,12 @@ class Predictor:
         prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
         return compose(prefill[0], decode).metric(metric)
+
+    def phase_se_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
+                    stat: str = "median") -> float:
+        """The standard error of ``phase_ms``'s value."""
+        x = np.array([tokens if phase == "prefill" else context])
+        return float(self._phase(subnet, phase, batch, x, self._stat_col(stat))[3][0])
 
     @staticmethod
     def _stat_col(stat: str) -> str:
