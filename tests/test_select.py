@@ -113,8 +113,9 @@ def test_selection_json_refers_to_subnets_by_id(setup):
         "id": full.id, "label": "L4-w1.000", "num_layers": 4, "width_ratio": 1.0, "kept_layers": [0, 1, 2, 3],
         "layer_runs": [{"layers": [0, 1, 2, 3], "heads": 8, "kv_heads": 4, "ffn": 128}]}
     assert [e["fits"] for e in data["pareto"]] == [c.latency_ms <= 100.0 for c in selection.pareto]
-    # The pick's prediction is an object with value and source, as every listed entry's is.
-    assert set(data["predicted_ms"]) == {"value", "source"} == set(data["top_k"][0]["predicted_ms"])
+    # The pick's prediction is an object with value, source and uncertainty, as every listed entry's is.
+    assert set(data["predicted_ms"]) == {"value", "source", "se", "interval_90", "p_within_budget"} \
+        == set(data["top_k"][0]["predicted_ms"])
     without = selection.to_dict(pareto=False)
     assert "pareto" not in without and set(without["subnets"]) == {e["subnet_id"] for e in data["top_k"]}
 

@@ -104,7 +104,7 @@ class Candidate:
     source: str  # where latency_ms (the selected metric) comes from: Prediction.source_of
     memory: MemoryEstimate | None = None
     metric: str = "tpot_ms"
-    p_fit: float = math.nan  # probability that the metric is within the budget (``select`` fills it)
+    p_fit: float = field(default=math.nan, compare=False)  # probability of fitting the budget (``select`` fills it)
 
     @property
     def se_ms(self) -> float:
