@@ -20,7 +20,7 @@ from amoeba_profile.measure.journal import check_corrupt_choice
 from amoeba_profile.table.lut import load_one
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.cli.report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
+from amoeba_profile.cli.report import (verified_table, backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
 from amoeba_profile.selection.picker import describe, select, table_space, table_workload
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
@@ -257,6 +257,12 @@ def select_cmd(
     pareto: bool = typer.Option(False, "--pareto", help="Also print the Pareto front (latency vs quality)."),
     confidence: Optional[float] = typer.Option(None, help="Pick the best shape whose predicted latency fits with this "
                                                "probability (its q-quantile within the budget), e.g. 0.95."),
+    verify: Optional[int] = typer.Option(None, min=1, help="Measure the K best candidates (tied shapes first) whole "
+                                         "through the flow's serving loop on this device and answer with the best "
+                                         "that measurably fits; resumable; the table is not written."),
+    write_back: bool = typer.Option(False, "--write-back", help="With --verify: add the measured model rows to the "
+                                    "table (select then prefers them over composition)."),
+    quick: bool = typer.Option(False, "--quick", help="With --verify: fewer rounds and samples."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
@@ -282,8 +288,14 @@ def select_cmd(
         from amoeba_profile.core.export import export_subnet
 
         result["exported"] = export_subnet(pick_subnet, export, table.meta["dtype"]).to_dict()
+    if write_back and verify is None:
+        raise UsageError("--write-back writes what --verify K measured: give --verify")
+    verification = _verify(table, selection, verify, quick) if verify is not None else None
+    if verification is not None:
+        result["verified"] = verification.to_dict()
     if as_json:
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
+        _finish_verify(verification, write_back)
         return
     pick = selection.pick
     low, high = pick.interval()
@@ -324,6 +336,46 @@ def select_cmd(
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
         err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
+    if verification is not None:
+        out.print(verified_table(verification, selection.metric))
+        best = verification.pick
+        if best is None:
+            err.print(f"[bold red]none of the {len(verification.results)} measured candidates fits "
+                      f"{budget_ms:g} ms:[/] choose a lower budget's pick or verify more (--verify K)")
+        else:
+            out.print(f"[bold]verified pick:[/] {best.candidate.subnet.label}  {describe(best.candidate.subnet)}  "
+                      f"measured {selection.metric} = {best.measured_ms:.1f} ms <= {budget_ms:g} ms "
+                      f"(predicted {best.candidate.latency_ms:.1f} ms)", highlight=False)
+    _finish_verify(verification, write_back)
+    if verification is not None and verification.pick is None:
+        raise typer.Exit(1)
+
+
+def _verify(table, selection, k: int, quick: bool):
+    from amoeba_profile.measure.verify import verify_candidates
+
+    protocol = TimingProtocol.quick() if quick else TimingProtocol()
+    with Progress(TextColumn("[bold]verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[entry]}"), console=err) as bar:
+        task = bar.add_task("verify", total=None, entry="")
+        try:
+            return verify_candidates(table.path, selection, k, protocol,
+                                     lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
+                                     notice=_notice)
+        except KeyboardInterrupt:
+            raise AmoebaError("interrupted: finished entries are kept in the verify journal; rerun the same "
+                              "command to resume") from None
+
+
+def _finish_verify(verification, write_back: bool) -> None:
+    """After the answer is out: rows into the table when asked, then the journal goes."""
+    if verification is None:
+        return
+    from amoeba_profile.measure.verify import finish
+
+    added = finish(verification, write_back, _notice)
+    if write_back:
+        err.print(f"{added} model rows written to {verification.table}", highlight=False)
 
 
 @app.command("validate")

@@ -239,3 +239,17 @@ def validation_table(results, metric: str) -> Table:
                       f"{v.error_pct:+.1f} %", f"{v.composition_error_pct:+.1f} %",
                       "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
     return table
+
+
+def verified_table(verification, metric: str) -> Table:
+    """``select --verify``: every measured candidate, predicted (with its 90 % interval) beside measured."""
+    table = Table(title=f"verified: measured whole through the serving loop ({metric})")
+    for column in ("", "shape", "quality", "predicted", "90 % interval", "measured", "error %", "fits"):
+        table.add_column(column)
+    for result in verification.results:
+        cand = result.candidate
+        mark = "pick" if verification.pick is result else ""
+        table.add_row(mark, Text(cand.subnet.label), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}",
+                      _interval_text(cand), f"{result.measured_ms:.1f}", f"{result.error_pct:+.1f}",
+                      "yes" if result.fits else "no")
+    return table

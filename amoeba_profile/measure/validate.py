@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.backends import get_backend
+from amoeba_profile.backends import Backend, get_backend
 from amoeba_profile.measure.build import Progress, add_rows, measure_plan
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.device import device_slug
@@ -89,6 +89,24 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     return compose(ttft, steps).metric(metric)
 
 
+def table_backend(table_path: Path, meta: dict[str, Any]) -> Backend:
+    """The backend a table was measured with, rebuilt from its sidecar (same device, dtype, threads),
+    refused when this machine or its library versions are not the table's: rows measured here must
+    belong to the table."""
+    if meta.get("source") == "roofline":
+        raise LutError(f"{table_path}: a roofline table has no backend to measure with; use a measured table")
+    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
+                                                 "dtype": meta["dtype"]})
+    here = device_slug(config.get("device", "cpu"))
+    if here != meta["device_slug"]:
+        raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; measure there")
+    backend = get_backend(meta["backend"], **config)
+    if meta.get("versions") and meta["versions"] != backend.versions():
+        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
+                       "new rows would mix library versions - rebuild the table here first")
+    return backend
+
+
 def journal_path(table_path: Path) -> Path:
     return table_path.with_name(table_path.name + ".validate.journal.jsonl")
 
@@ -119,17 +137,7 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     table_path = Path(table_path)
     lut = load_table(table_path)
     meta = lut.meta
-    if meta.get("source") == "roofline":
-        raise LutError(f"{table_path}: a roofline table has no backend to measure with; validate a measured table")
-    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
-                                                 "dtype": meta["dtype"]})
-    here = device_slug(config.get("device", "cpu"))
-    if here != meta["device_slug"]:
-        raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; validate there")
-    backend = get_backend(meta["backend"], **config)
-    if meta.get("versions") and meta["versions"] != backend.versions():
-        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
-                       "validation rows would mix library versions - rebuild the table here first")
+    backend = table_backend(table_path, meta)
     workload = selection.workload
     picks = tuple(c.subnet for c in selection.top_k)
     layers = [layer for subnet in picks for layer in subnet.layers]
