@@ -7,7 +7,9 @@ Named architectures are data (a dict of name -> ModelArch); any LLaMA-like Huggi
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+import os
+import re
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,15 +190,32 @@ def from_hf_config(config: dict[str, Any], name: str, source: str) -> ModelArch:
 
 def resolve_arch(name_or_path: str) -> ModelArch:
     """A built-in name, a path to a config.json, or a folder holding one."""
+    return load_model(name_or_path)[0]
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a --model value that names nothing was meant as a file (so the answer is "no such
+    file", not "unknown model")."""
+    return "/" in text or os.sep in text or text.endswith(".json") or text.startswith(".")
+
+
+def load_model(name_or_path: str) -> tuple[ModelArch, dict[str, Any] | None]:
+    """The architecture of a built-in name, a config.json or a folder holding one, and the config's
+    fields as read (None for a built-in name): a table records them so that an export can carry
+    every field the latency model does not use (rope scaling, special tokens, sliding window)."""
     if name_or_path in BUILTIN_ARCHS:
-        return BUILTIN_ARCHS[name_or_path]
+        return BUILTIN_ARCHS[name_or_path], None
+    known = f"a model is one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ArchError(
-            f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
-        )
+        if not path.exists():
+            raise ArchError(f"{path.parent}: the folder holds no config.json ({known})")
+    elif not path.exists() and not path.is_symlink():
+        if _looks_like_path(name_or_path):
+            raise ArchError(f"{name_or_path}: the file does not exist ({known})")
+        raise ArchError(f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a "
+                        "LLaMA-like config.json")
     raw = read_bounded(path, _CONFIG_BYTES, "model config", error=ArchError)
     try:
         config = json.loads(raw)
@@ -205,7 +224,20 @@ def resolve_arch(name_or_path: str) -> ModelArch:
     if not isinstance(config, dict):
         raise ArchError(f"{path}: a config.json must hold a JSON object")
     stem = path.parent.name if path.name == "config.json" else path.stem
-    return from_hf_config(config, name=_slug(stem or "custom"), source=str(path))
+    return from_hf_config(config, name=_slug(stem or "custom"), source=str(path)), config
+
+
+_TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def renamed(arch: ModelArch, name: str) -> ModelArch:
+    """``arch`` under ``name`` (build-lut ``--name``): two configs in folders of the same name would
+    otherwise share one table path. The name becomes the table's file name, so it is one word of
+    letters, digits, '.', '_' and '-'."""
+    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
+        raise ArchError(f"--name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit (it names the table's file)")
+    return replace(arch, name=name)
 
 
 def _slug(text: str) -> str:

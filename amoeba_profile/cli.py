@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .arch import resolve_arch
+from .arch import renamed, resolve_arch
 from .errors import AmoebaError, UsageError
 from .journal import check_corrupt_choice
 from .lut import load_one
@@ -79,6 +79,9 @@ def _notice(message: str) -> None:
 def build_lut(
     backend: str = typer.Option("pytorch", help="Backend adapter (see 'amoeba-profile backends')."),
     model: str = typer.Option(..., help="Built-in name (llama2-7b, tinyllama-1.1b, ...) or path to a config.json."),
+    name: Optional[str] = typer.Option(None, help="Name the table's model (default: the built-in name, or the "
+                                       "config's folder name): the table is <model>-<dtype>.csv, so two configs in "
+                                       "folders of the same name need one."),
     out_dir: Path = typer.Option(Path("out/lut"), "--out", help="Root folder of tables: the table goes to "
                                  "<out>/<device-slug>/<backend>/<model>-<dtype>.csv (the repository's lut/ holds the "
                                  "shipped tables; keep yours apart)."),
@@ -128,6 +131,8 @@ def build_lut(
 
     check_corrupt_choice(on_corrupt_journal)
     arch = resolve_arch(model)
+    if name is not None:
+        arch = renamed(arch, name)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
