@@ -29,7 +29,7 @@ from .backends import get_backend
 from .build import Progress, add_rows, measure_plan
 from .plan import BuildPlan
 from .device import device_slug
-from .errors import AmoebaError, LutError, OutOfRange
+from .errors import AmoebaError, LutError
 from .lockfile import Notice
 from .lut import Lut, load_table
 from .measure import TimingProtocol
@@ -37,7 +37,7 @@ from .predict import Predictor
 from .quiet import BusyPolicy
 from .select import Selection
 from .subnet import Subnet
-from .workload import Workload, compose
+from .workload import Workload
 
 
 @dataclass(frozen=True)
@@ -71,22 +71,9 @@ class Validation:
                 "source": self.source, "breaks_budget": self.breaks_budget}
 
 
-def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat_col: str = "median_ms") -> float:
-    rows = lut.ok[(lut.ok.component == "model") & (lut.ok.subnet_id == subnet.id) & (lut.ok.batch == workload.batch)]
-    prefill = rows[(rows.phase == "prefill") & (rows.tokens == workload.prompt_len)]
-    decode = rows[rows.phase == "decode"].sort_values("context")
-    if prefill.empty:
-        raise OutOfRange(f"{subnet.label}: no measured prefill at {workload.prompt_len} tokens")
-    ttft = float(prefill[stat_col].iloc[0])
-    if metric == "ttft_ms":
-        return ttft
-    span = workload.decode_span()
-    xs = decode.context.to_numpy(float)
-    if span is None or len(xs) == 0 or span[0] < xs.min() or span[1] > xs.max():
-        raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover the decode steps "
-                         f"{span[0]}..{span[1]}" if span else f"{subnet.label}: the workload has no decode step")
-    steps = np.interp(workload.decode_contexts(), xs, decode[stat_col].to_numpy(float))
-    return compose(ttft, steps).metric(metric)
+def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
+    """``metric`` of ``subnet`` from the table's measured model rows alone (``Predictor.measured_metric``)."""
+    return Predictor(lut).measured_metric(subnet, workload, metric, stat)
 
 
 def journal_path(table_path: Path) -> Path:
@@ -140,15 +127,16 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
                      decode_steps=grid.get("decode_steps", 8),
                      extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
                      extra_ffn=tuple(sorted({l.ffn for l in layers})))
-    stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
                             method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
                             busy=busy, notice=notice)
     fresh = measured.lut
-    fresh_predictor = Predictor(fresh)
+    # Composed from the fresh components even though the fresh model rows are there: that gap is
+    # the composition error this run reports.
+    fresh_predictor, truths = Predictor(fresh, whole_models=False), Predictor(fresh)
     out = []
     for cand in selection.top_k:
-        truth = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
+        truth = truths.measured_metric(cand.subnet, workload, selection.metric, selection.stat)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
         out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
     models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))

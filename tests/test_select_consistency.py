@@ -1,0 +1,98 @@
+"""Every command that selects answers the same question the same way: measured whole models outrank
+composition, validate and plot rank with select's options, and --per-layer compares, restricts and
+exports what it prints."""
+
+import json
+import sys
+
+import pytest
+
+from amoeba_profile import cli
+from amoeba_profile.entry import Entry
+from amoeba_profile.lut import Lut, measured_row, rows_frame, write_table
+from amoeba_profile.measure import Measurement
+from amoeba_profile.predict import Predictor
+from amoeba_profile.select import evaluate, select, table_space
+from amoeba_profile.subnet import Subnet
+from amoeba_profile.workload import Workload
+
+from conftest import synthetic_lut
+
+WORKLOAD = Workload(1, 16, 20)  # decode steps at contexts 16..34, inside the tables' 16 and 64
+
+
+def run_main(monkeypatch, capsys, *args):
+    """(exit code, stdout, stderr) of ``amoeba-profile ARGS`` through the entry point, in-process."""
+    monkeypatch.setattr(sys, "argv", ["amoeba-profile", *args])
+    monkeypatch.setitem(cli._state, "debug", False)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def _table(arch, meta=None):
+    # attention 0.1 ms per head, MLP 1 us per channel, base 1 ms: full model tpot = 1 + 4 x (0.8 + 0.128)
+    return synthetic_lut(arch, lambda h, p, c: 0.1 * h, lambda f, p: 0.001 * f, lambda p, c: 1.0,
+                         meta={"dtype": "float32", "device_slug": "cpu-test", **(meta or {})})
+
+
+def _with_models(lut, subnet, prefill_ms, decode_ms, contexts=(16, 64)):
+    """``lut`` plus measured model rows of ``subnet`` (as validate writes them back)."""
+    def row(entry, value):
+        return measured_row(entry, Measurement.from_samples([value] * 3), "ok", method="whole", repeat=1, wall_s=0.0)
+
+    rows = [row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), prefill_ms)] if prefill_ms is not None else []
+    rows += [row(Entry("model", "decode", 1, 1, c, subnet=subnet), decode_ms) for c in contexts]
+    frame = rows_frame(lut.frame.to_dict("records") + rows)
+    return Lut(frame, lut.meta)
+
+
+def test_measured_model_rows_outrank_composition(tiny_arch):
+    lut = _table(tiny_arch)
+    full = Subnet.uniform(tiny_arch, 4, 1.0)
+    composed = Predictor(lut).predict(full, WORKLOAD)
+    assert composed.tpot_ms == pytest.approx(4.712) and composed.tpot_source == "interpolated"
+    assert select(Predictor(lut), table_space(lut), WORKLOAD, "tpot", 4.8).pick.subnet == full
+    # validate measured the full model at 5.0 ms per decode step: it breaks a 4.8 ms budget
+    measured = _with_models(lut, full, 7.0, 5.0)
+    prediction = Predictor(measured).predict(full, WORKLOAD)
+    assert (prediction.ttft_ms, prediction.tpot_ms) == (pytest.approx(7.0), pytest.approx(5.0))
+    assert prediction.source == prediction.tpot_source == prediction.ttft_source == "measured"
+    model_rows = set(measured.frame.index[measured.frame.component == "model"])
+    assert set(prediction.rows) == model_rows  # what the answer rests on: the model rows alone
+    again = select(Predictor(measured), table_space(measured), WORKLOAD, "tpot", 4.8)
+    assert again.pick.subnet != full and again.pick.latency_ms <= 4.8
+    candidates, _ = evaluate(Predictor(measured), [full], WORKLOAD, "tpot")
+    assert (candidates[0].latency_ms, candidates[0].source) == (pytest.approx(5.0), "measured")
+    # composition on request (validate's fresh-components prediction), and for every other shape
+    assert Predictor(measured, whole_models=False).predict(full, WORKLOAD).tpot_ms == pytest.approx(4.712)
+    other = Subnet.uniform(tiny_arch, 3, 1.0)
+    assert Predictor(measured).predict(other, WORKLOAD) == Predictor(lut).predict(other, WORKLOAD)
+
+
+def test_model_rows_answer_only_the_phases_they_cover(tiny_arch):
+    lut = _table(tiny_arch)
+    full = Subnet.uniform(tiny_arch, 4, 1.0)
+    composed = Predictor(lut).predict(full, WORKLOAD)
+    # decode measured at 32 and 64 only: steps at contexts 16..34 leave the span, so decode is composed
+    partial = Predictor(_with_models(lut, full, 7.0, 5.0, contexts=(32, 64))).predict(full, WORKLOAD)
+    assert (partial.ttft_ms, partial.ttft_source) == (pytest.approx(7.0), "measured")
+    assert (partial.tpot_ms, partial.tpot_source) == (pytest.approx(composed.tpot_ms), "interpolated")
+    assert partial.source == "interpolated"
+
+
+def test_select_cli_shows_the_measured_model(tiny_arch, tmp_path, monkeypatch, capsys):
+    full = Subnet.uniform(tiny_arch, 4, 1.0)
+    lut = _with_models(_table(tiny_arch, {"backend": "pytorch"}), full, 7.0, 5.0)
+    table = tmp_path / "tiny-float32.csv"
+    write_table(table, lut.frame, lut.meta)
+    args = ("select", "--lut", str(table), "--prompt-len", "16", "--gen-len", "20")
+    code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "4.8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["subnet_id"] != full.id
+    code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "6", "--json")
+    data = json.loads(out)
+    assert data["subnet_id"] == full.id and data["predicted_ms"] == {"value": pytest.approx(5.0), "source": "measured"}
+    code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "6")
+    assert "predicted tpot_ms = 5.0 ms (median, measured)" in out
