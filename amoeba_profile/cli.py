@@ -4,8 +4,9 @@ failed run, 2 bad usage (ours or the option parser's); every error is one line u
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -224,34 +225,75 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
 
 
-def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
-            widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None):
-    from .quality import load_quality
+# The options of every command that ranks shapes (select, validate, plot), declared once: a command
+# with fewer of them would measure or draw another ranking than the one select printed.
+LutOption = Annotated[Path, typer.Option(help="A table file, or a folder holding exactly one.")]
+MetricOption = Annotated[str, typer.Option(help="ttft, tpot or e2e (see README for definitions).")]
+StatOption = Annotated[str, typer.Option(help="median or p90 of the table rows.")]
+PromptLenOption = Annotated[int, typer.Option(min=1, help="Prompt tokens of the request.")]
+GenLenOption = Annotated[int, typer.Option(min=1, help="Tokens generated per request (tpot needs >= 2).")]
+BatchOption = Annotated[Optional[int], typer.Option(help="Sequences per request (default: the table's batch).")]
+WidthsOption = Annotated[Optional[str], typer.Option(help="Width ratios to consider (default: the table's grid); "
+                                                          "with select --per-layer, the per-layer options too.")]
+QualityOption = Annotated[Optional[Path], typer.Option(help="Quality CSV (num_layers,width_ratio,score | "
+                                                            "subnet_id,score | name,score with _l24w0.875 suffixes). "
+                                                            "Default: a parameter-count proxy.")]
+MemoryOption = Annotated[Optional[float], typer.Option(help="Memory budget in GB: weights + KV cache + activation "
+                                                            "headroom.")]
+StrategyOption = Annotated[Optional[Path], typer.Option(help="AmoebaLLM selection-strategy .npy: exact layers and "
+                                                             "widths.")]
 
-    table = load_one(lut)
-    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else None
-    source = load_quality(quality) if quality is not None else None
-    selection = select(Predictor(table), table_space(table, width_values, strategy),
-                       table_workload(table, prompt_len, gen_len, batch), metric_name(metric), budget_ms, stat, top_k,
-                       source, memory_gb, table.meta["dtype"])
-    return table, selection
+
+@dataclass(frozen=True)
+class Ranking:
+    """What every selecting command ranks by: the request, the statistic, the shapes considered,
+    their quality and the memory budget. ``select`` makes the pick from it; ``validate`` measures
+    that ranking's top-k; ``plot`` draws its candidates and pick."""
+
+    metric: str = "tpot"
+    stat: str = "median"
+    prompt_len: int = 128
+    gen_len: int = 128
+    batch: int | None = None
+    widths: str | None = None
+    quality: Path | None = None
+    memory_gb: float | None = None
+    strategy: Path | None = None
+
+    def width_values(self) -> tuple[float, ...] | None:
+        return tuple(parse_ratio(w) for w in self.widths.split(",")) if self.widths else None
+
+    def space(self, table):
+        return table_space(table, self.width_values(), self.strategy)
+
+    def workload(self, table):
+        return table_workload(table, self.prompt_len, self.gen_len, self.batch)
+
+    def quality_source(self):
+        """The --quality table, or None for the proxy."""
+        from .quality import load_quality
+
+        return load_quality(self.quality) if self.quality is not None else None
+
+    def select(self, table, budget_ms: float, top_k: int):
+        return select(Predictor(table), self.space(table), self.workload(table), metric_name(self.metric), budget_ms,
+                      self.stat, top_k, self.quality_source(), self.memory_gb, table.meta["dtype"])
 
 
 @app.command("select")
 def select_cmd(
-    lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e (see README for definitions)."),
-    stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request (tpot needs >= 2)."),
-    batch: Optional[int] = typer.Option(None, help="Sequences per request (default: the table's batch)."),
-    widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
     top_k: int = typer.Option(5, min=1, help="How many of the best fitting shapes to list."),
-    quality: Optional[Path] = typer.Option(None, help="Quality CSV (num_layers,width_ratio,score | subnet_id,score | "
-                                           "name,score with _l24w0.875 suffixes). Default: a parameter-count proxy."),
-    memory_gb: Optional[float] = typer.Option(None, help="Memory budget: weights + KV cache + activation headroom."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
     per_layer: bool = typer.Option(False, "--per-layer", help="Also optimize one (heads, FFN) option per layer, exactly."),
     importance: Optional[Path] = typer.Option(None, help="With --per-layer: CSV layer,importance (default: equal)."),
     export: Optional[Path] = typer.Option(None, help="Write the pick into this folder: subnet.json, config.json "
@@ -263,8 +305,9 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     from .device.specs import shared_memory_note
 
-    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k, quality,
-                               memory_gb, strategy)
+    ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy)
+    table = load_one(lut)
+    selection = ranking.select(table, budget_ms, top_k)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
@@ -320,15 +363,18 @@ def select_cmd(
 
 @app.command("validate")
 def validate_cmd(
-    lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     top_k: int = typer.Option(3, min=1, help="How many of the top picks to build and measure whole."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
-    stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
-    widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
     on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
     busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait, warn or "
@@ -341,8 +387,9 @@ def validate_cmd(
     from .validate import kendall_tau, measure_picks, write_back
 
     check_corrupt_choice(on_corrupt_journal)
-    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
-                               strategy)
+    table = load_one(lut)
+    selection = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy).select(
+        table, budget_ms, top_k)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -387,32 +434,45 @@ def validate_cmd(
 
 @app.command("plot")
 def plot_cmd(
-    lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     out_dir: Path = typer.Option(Path("out/plots"), "--out", help="Folder for the PNG files."),
     budget_ms: Optional[float] = typer.Option(None, help="Draw the budget line and the pick."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
-    quality: Optional[Path] = typer.Option(None, help="Quality CSV, as for select (default: a parameter-count proxy)."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
 ) -> None:
     """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
+    from .errors import InfeasibleBudget
     from .inputs import output_dir
     from .plots import plot_heatmaps, plot_pareto, plot_validation
-    from .quality import ProxyQuality, load_quality
-    from .select import best_within, check_budget, evaluate
+    from .quality import ProxyQuality
+    from .select import check_budget, evaluate
 
+    ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy)
     if budget_ms is not None:
         check_budget(budget_ms)
     table = load_one(lut)
     output_dir(out_dir, "--out")
-    workload = table_workload(table, prompt_len, gen_len)
-    source = load_quality(quality) if quality is not None else ProxyQuality()
-    candidates, _ = evaluate(Predictor(table), table_space(table, strategy=strategy), workload, metric_name(metric),
-                             quality=source)
-    pick = best_within(candidates, budget_ms) if budget_ms is not None else None
+    workload = ranking.workload(table)
+    source = ranking.quality_source() or ProxyQuality()
+    candidates, _ = evaluate(Predictor(table), ranking.space(table), workload, metric_name(metric), stat,
+                             quality=source, dtype=table.meta["dtype"] if memory_gb is not None else None)
+    if memory_gb is not None:  # as select: shapes over the memory budget are not candidates
+        candidates = [c for c in candidates if c.memory.total_gb <= memory_gb]
+    pick = None
+    if budget_ms is not None:
+        try:
+            pick = ranking.select(table, budget_ms, 1).pick  # the pick select prints, by its own rules
+        except InfeasibleBudget:
+            pick = None  # nothing fits: the figure shows the budget line and every shape beyond it
     paths = [plot_pareto(table, candidates, metric_name(metric), out_dir / "pareto.png", budget_ms, pick, source.name)]
-    paths += plot_heatmaps(table, workload, out_dir)
+    paths += plot_heatmaps(table, workload, out_dir, stat)
     validation = plot_validation(table, out_dir / "validation.png")
     if validation is not None:
         paths.append(validation)

@@ -9,7 +9,7 @@ import pytest
 
 from amoeba_profile import cli
 from amoeba_profile.entry import Entry
-from amoeba_profile.lut import Lut, measured_row, rows_frame, write_table
+from amoeba_profile.lut import Lut, load_table, measured_row, rows_frame, write_table
 from amoeba_profile.measure import Measurement
 from amoeba_profile.predict import Predictor
 from amoeba_profile.select import evaluate, select, table_space
@@ -96,3 +96,74 @@ def test_select_cli_shows_the_measured_model(tiny_arch, tmp_path, monkeypatch, c
     assert data["subnet_id"] == full.id and data["predicted_ms"] == {"value": pytest.approx(5.0), "source": "measured"}
     code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "6")
     assert "predicted tpot_ms = 5.0 ms (median, measured)" in out
+
+
+@pytest.fixture
+def ranked(tiny_arch, tmp_path):
+    """A table whose p90 rows are twice their medians, and a quality CSV that prefers narrow shapes
+    (the proxy prefers wide ones): rankings that differ by option are easy to tell apart."""
+    lut = _table(tiny_arch, {"backend": "pytorch"})
+    lut.frame["p90_ms"] = 2 * lut.frame["median_ms"]
+    table = tmp_path / "tiny-float32.csv"
+    write_table(table, lut.frame, lut.meta)
+    quality = tmp_path / "quality.csv"
+    quality.write_text("num_layers,width_ratio,score\n3,1,0.5\n4,1,0.6\n3,1/2,0.9\n4,1/2,0.8\n")
+    return table, quality
+
+
+def test_validate_measures_the_ranking_select_prints(ranked, tiny_arch, monkeypatch, capsys):
+    """validate takes select's ranking options: --quality and --memory-gb change what it measures."""
+    import amoeba_profile.validate as validate
+    from amoeba_profile.errors import AmoebaError
+
+    table, quality = ranked
+    measured = []
+
+    def capture(path, selection, *args, **kwargs):
+        measured.append(selection)
+        raise AmoebaError("captured before measuring")
+
+    monkeypatch.setattr(validate, "measure_picks", capture)
+    ranking = ("--lut", str(table), "--budget-ms", "100", "--prompt-len", "16", "--gen-len", "20", "--quality",
+               str(quality), "--memory-gb", "0.0007", "--stat", "p90", "--batch", "1")
+    code, out, err = run_main(monkeypatch, capsys, "select", *ranking, "--top-k", "3", "--json")
+    assert code == 0, err
+    chosen = json.loads(out)
+    code, _, err = run_main(monkeypatch, capsys, "validate", *ranking, "--top-k", "3")
+    assert code == 1 and "captured before measuring" in err
+    [selection] = measured
+    assert [c.subnet.id for c in selection.top_k] == [c["subnet_id"] for c in chosen["top_k"]]
+    assert selection.pick.subnet.id == chosen["subnet_id"] and selection.pick.subnet.layers[0].heads == 4  # narrow
+    assert selection.quality_source == chosen["quality_source"] and selection.stat == "p90"
+    assert selection.memory_gb == 0.0007 and all(c.memory.total_gb <= 0.0007 for c in selection.top_k)
+    narrow, wide = (Subnet.uniform(tiny_arch, depth, 0.5) for depth in (3, 4)), Subnet.uniform(tiny_arch, 3, 1.0)
+    assert [c.subnet.id for c in selection.top_k] == [*(s.id for s in narrow), wide.id]  # 4 x 1 is over 0.0007 GB
+
+
+def test_plot_draws_the_ranking_select_prints(ranked, tmp_path, monkeypatch, capsys):
+    """plot takes --stat, --widths and --memory-gb: its candidates and pick are select's."""
+    import amoeba_profile.plots as plots
+
+    table, quality = ranked
+    drawn = {}
+
+    def capture(lut, candidates, metric, out, budget_ms=None, pick=None, quality_name=""):
+        drawn.update(candidates=candidates, pick=pick, quality_name=quality_name)
+        return out
+
+    monkeypatch.setattr(plots, "plot_pareto", capture)
+    ranking = ("--lut", str(table), "--budget-ms", "10", "--prompt-len", "16", "--gen-len", "20", "--stat", "p90",
+               "--widths", "1", "--memory-gb", "0.0007", "--quality", str(quality))
+    code, out, err = run_main(monkeypatch, capsys, "select", *ranking, "--json")
+    assert code == 0, err
+    chosen = json.loads(out)
+    code, out, err = run_main(monkeypatch, capsys, "plot", *ranking, "--out", str(tmp_path / "plots"))
+    assert code == 0, err
+    assert drawn["pick"].subnet.id == chosen["subnet_id"] and drawn["pick"].latency_ms == chosen["predicted_ms"]["value"]
+    assert {c.subnet.layers[0].heads for c in drawn["candidates"]} == {8}  # --widths 1 only
+    assert all(c.memory.total_gb <= 0.0007 for c in drawn["candidates"])
+    lut = load_table(table)
+    for cand in drawn["candidates"]:  # p90 rows: twice the medians
+        assert cand.latency_ms == pytest.approx(Predictor(lut).predict(cand.subnet, WORKLOAD, "p90").tpot_ms)
+        assert cand.latency_ms == pytest.approx(2 * Predictor(lut).predict(cand.subnet, WORKLOAD).tpot_ms)
+    assert drawn["quality_name"] == chosen["quality_source"]
