@@ -319,15 +319,27 @@ def select_cmd(
     if per_layer:
         from .optimize import optimize_selection
 
-        per_pick = optimize_selection(table, selection, importance, memory_gb)
+        per_pick = optimize_selection(table, selection, importance, memory_gb, ranking.width_values())
         result["per_layer"] = per_pick.to_dict()
         pick_subnet = per_pick.result.subnet
+    # --per-layer exports the per-layer optimum it prints, else the pick; either way the output says
+    # which. A shape no deployment form can express fails the export alone: the selection is still
+    # printed in full, then one error line.
+    exported_shape = f"{'the per-layer optimum' if per_layer else 'the pick'} {pick_subnet.label}"
+    export_error: AmoebaError | None = None
     if export is not None:
         from .export import export_subnet
 
-        result["exported"] = export_subnet(pick_subnet, export, table.meta["dtype"]).to_dict()
+        try:
+            report = export_subnet(pick_subnet, export, table.meta["dtype"])
+            result["exported"] = {**report.to_dict(), "shape": "per_layer" if per_layer else "pick",
+                                  "label": pick_subnet.label}
+        except AmoebaError as exc:
+            export_error = exc
+            result["export_error"] = one_line(f"export of {exported_shape} failed: {exc}")
     if as_json:
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
+        _fail_export(result.get("export_error"), export_error)
         return
     pick = selection.pick
     out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
@@ -342,16 +354,15 @@ def select_cmd(
         out.print(flagged)
     if per_layer:
         per = result["per_layer"]
-        gain = per["gain_over_uniform"]
-        versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
-        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']['value']:.1f} ms ({per['predicted_ms']['source']}) "
-                  f"\\[{per['solver']}; {per['shape_rule']}]")
+        out.print(f"[bold]per-layer optimum:[/] {pick_subnet.label}, {per['num_layers']} layers, quality "
+                  f"{per['quality']:.4f} ({per['gain_over_uniform']:+.4f} over the uniform pick, both scored by "
+                  f"{per['quality_model']}), predicted {per['predicted_ms']['value']:.1f} ms "
+                  f"({per['predicted_ms']['source']}) \\[{per['solver']}; {per['shape_rule']}]")
         for line in layer_runs_text(pick_subnet):
             out.print(f"  {line}", highlight=False)
-    if export is not None:
+    if "exported" in result:
         exported = result["exported"]
-        out.print(f"exported to {exported['folder']}: "
+        out.print(f"exported {exported_shape} to {exported['folder']}: "
                   + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
         for line in exported["adjustments"] + exported["skipped"]:
             err.print(f"[yellow]note:[/] {line}", highlight=False)
@@ -359,6 +370,14 @@ def select_cmd(
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
         err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
+    _fail_export(result.get("export_error"), export_error)
+
+
+def _fail_export(message: str | None, exc: AmoebaError | None) -> None:
+    """After the selection is out: the export's failure as one error line and its exit code."""
+    if exc is not None:
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
 
 
 @app.command("validate")

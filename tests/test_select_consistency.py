@@ -167,3 +167,87 @@ def test_plot_draws_the_ranking_select_prints(ranked, tmp_path, monkeypatch, cap
         assert cand.latency_ms == pytest.approx(Predictor(lut).predict(cand.subnet, WORKLOAD, "p90").tpot_ms)
         assert cand.latency_ms == pytest.approx(2 * Predictor(lut).predict(cand.subnet, WORKLOAD).tpot_ms)
     assert drawn["quality_name"] == chosen["quality_source"]
+
+
+@pytest.fixture
+def mixed(tiny_arch, tmp_path):
+    """A pytorch table where the per-layer optimum at 4.5 ms keeps 3 full layers and narrows one to 4
+    query heads: full layers cost 0.928 ms, (4 heads, FFN 128) 0.528 ms, base 1 ms, so 4 full
+    layers (4.712 ms) miss the budget by 0.212 ms."""
+    table = tmp_path / "tiny-float32.csv"
+    lut = _table(tiny_arch, {"backend": "pytorch"})
+    write_table(table, lut.frame, lut.meta)
+    return table, ("select", "--lut", str(table), "--budget-ms", "4.5", "--prompt-len", "16", "--gen-len", "20",
+                   "--per-layer")
+
+
+def test_per_layer_options_keep_to_widths(mixed, monkeypatch, capsys):
+    _, args = mixed
+    code, out, err = run_main(monkeypatch, capsys, *args, "--json")
+    assert code == 0, err
+    free = json.loads(out)["per_layer"]["subnet"]["layers"]
+    assert sorted(l["heads"] for l in free) == [4, 8, 8, 8]  # without --widths: the half-width heads too
+    code, out, err = run_main(monkeypatch, capsys, *args, "--widths", "1", "--json")
+    assert code == 0, err
+    per = json.loads(out)["per_layer"]
+    assert {(l["heads"], l["kv_heads"], l["ffn"]) for l in per["subnet"]["layers"]} == {(8, 4, 128)}
+    assert per["num_layers"] == 3  # 4 full layers do not fit; no narrower option is allowed
+
+
+def test_gain_over_uniform_compares_one_quality_score(mixed, tiny_arch, tmp_path, monkeypatch, capsys):
+    """With --quality the uniform pick ranks by the table's scores; the gain compares both shapes on
+    the per-layer model's scale (the retained-parameter proxy), not the proxy against the table."""
+    from amoeba_profile.quality import retained_params
+
+    _, args = mixed
+    quality = tmp_path / "quality.csv"
+    quality.write_text("num_layers,width_ratio,score\n3,1,0.5\n4,1,0.6\n3,1/2,0.9\n4,1/2,0.8\n")
+    code, out, err = run_main(monkeypatch, capsys, *args, "--quality", str(quality), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    uniform = Subnet.uniform(tiny_arch, 3, 0.5)
+    assert data["subnet_id"] == uniform.id and data["quality"] == 0.9  # ranked by the table's scores
+    per = data["per_layer"]
+    assert per["uniform_quality"] == pytest.approx(retained_params(uniform))
+    assert per["gain_over_uniform"] == pytest.approx(per["quality"] - retained_params(uniform))
+    assert per["gain_over_uniform"] > 0.4  # the proxy's 0.958 against the narrow pick's 0.375
+    code, out, err = run_main(monkeypatch, capsys, *args, "--quality", str(quality))
+    assert f"({per['gain_over_uniform']:+.4f} over the uniform pick, both scored by proxy: retained parameters)" in out
+
+
+def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch, tmp_path, monkeypatch,
+                                                                capsys):
+    _, args = mixed
+    args = (*args, "--widths", "1,1/2")  # options: 8 or 4 query heads, FFN 128 or 64
+    folder = tmp_path / "pick"
+    code, out, err = run_main(monkeypatch, capsys, *args, "--export", str(folder), "--json")
+    assert code == 1  # the optimum mixes 4 and 8 query heads: no deployment form holds it
+    data = json.loads(out)  # the selection is printed in full all the same
+    per = Subnet.from_dict(data["per_layer"]["subnet"])
+    assert sorted(l.heads for l in per.layers) == [4, 8, 8, 8]
+    assert data["subnet_id"] and data["top_k"] and "exported" not in data
+    assert data["export_error"].startswith(f"export of the per-layer optimum {per.label} failed: layer 3 has 4 query "
+                                           "heads and layer 0 has 8")
+    assert err.strip() == f"error: {data['export_error']}" and not folder.exists()
+    code, out, err = run_main(monkeypatch, capsys, *args, "--export", str(folder))
+    assert code == 1 and "pick: L3-w1.000" in out and f"per-layer optimum: {per.label}, 4 layers" in out
+    assert "layers 0-2: 8 heads (4 kv), ffn 128" in out
+    assert err.strip().splitlines()[-1] == f"error: {data['export_error']}"
+    # where FFN channels cost most (1.28 of a full layer's 1.36 ms), 6 ms keeps 8 heads and halves
+    # one FFN: that optimum is exported (DeciLM block_configs), and the output says which shape
+    lut = synthetic_lut(tiny_arch, lambda h, p, c: 0.01 * h, lambda f, p: 0.01 * f, lambda p, c: 1.0,
+                        meta={"dtype": "float32", "device_slug": "cpu-test", "backend": "pytorch"})
+    table = tmp_path / "ffn-heavy" / "tiny-float32.csv"
+    table.parent.mkdir()
+    write_table(table, lut.frame, lut.meta)
+    heavy = ("select", "--lut", str(table), "--budget-ms", "6", *args[5:], "--export", str(folder))
+    code, out, err = run_main(monkeypatch, capsys, *heavy, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    per = Subnet.from_dict(data["per_layer"]["subnet"])
+    assert {l.heads for l in per.layers} == {8} and sorted(l.ffn for l in per.layers) == [64, 128, 128, 128]
+    assert data["exported"]["shape"] == "per_layer" and data["exported"]["label"] == per.label
+    assert Subnet.from_json((folder / "subnet.json").read_text()) == per
+    assert data["subnet"]["num_layers"] == 3  # the uniform pick: another shape, not the one exported
+    code, out, err = run_main(monkeypatch, capsys, *heavy)
+    assert code == 0 and f"exported the per-layer optimum {per.label} to {folder}: subnet.json" in out
