@@ -223,6 +223,7 @@ def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, devi
         "backend_env": record.environment, "dtype": record.dtype, "arch": plan.arch.to_dict(),
         "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
         "protocol": protocol.to_dict(), "clock": record.clock_name, "source": "measured",
+        **({"source_config": plan.source_config} if plan.source_config is not None else {}),
     }
 
 
@@ -602,6 +603,8 @@ def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProt
         grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
     meta = {**old_meta, "grid": grid,
             "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}]}
+    if plan.source_config is not None:  # the config this build read (same sizes: the identity check passed)
+        meta["source_config"] = plan.source_config
     meta.pop("content_sha256", None)
     return meta
 

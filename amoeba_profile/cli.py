@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .arch import renamed, resolve_arch
+from .arch import load_model, renamed, unrepresented_fields
 from .errors import AmoebaError, UsageError
 from .journal import check_corrupt_choice
 from .lut import load_one
@@ -131,13 +131,18 @@ def build_lut(
     from .strategy import Strategy
 
     check_corrupt_choice(on_corrupt_journal)
-    arch = resolve_arch(model)
+    arch, config = load_model(model)
     if name is not None:
         arch = renamed(arch, name)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
-                batch=batch, whole=parse_whole(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
+                batch=batch, whole=parse_whole(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn,
+                source_config=config)
+    unrepresented = unrepresented_fields(config) if config is not None else []
+    if unrepresented:
+        err.print(f"warning: {model}: the latency model does not represent {'; '.join(unrepresented)} (kept in the "
+                  "table's sidecar: select --export carries them)", markup=False, highlight=False, soft_wrap=True)
     if predict:
         measuring_only = [name for name, value in (("--method", method), ("--depths", depths), ("--quick", quick),
                                                     ("--threads", threads), ("--artifacts", artifacts),
@@ -331,7 +336,7 @@ def select_cmd(
         from .export import export_subnet
 
         try:
-            report = export_subnet(pick_subnet, export, table.meta["dtype"])
+            report = export_subnet(pick_subnet, export, table.meta["dtype"], table.meta.get("source_config"))
             result["exported"] = {**report.to_dict(), "shape": "per_layer" if per_layer else "pick",
                                   "label": pick_subnet.label}
         except AmoebaError as exc:
@@ -364,8 +369,12 @@ def select_cmd(
         exported = result["exported"]
         out.print(f"exported {exported_shape} to {exported['folder']}: "
                   + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
-        for line in exported["adjustments"] + exported["skipped"]:
-            err.print(f"[yellow]note:[/] {line}", highlight=False)
+        changed = [c["field"] for c in exported["config_changes"]]
+        if changed:
+            err.print(f"note: config.json differs from {exported['config_source']} in {', '.join(changed)} "
+                      "(export.json says how and why)", markup=False, highlight=False, soft_wrap=True)
+        for line in exported["adjustments"] + exported["not_expressed"] + exported["skipped"]:
+            err.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
     if note:
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
