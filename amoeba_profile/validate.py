@@ -140,7 +140,11 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
         out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
     models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))
-    drift = float(np.mean([v.fresh_predicted_ms / v.predicted_ms for v in out]))
+    # Components now against the same components stored: a pick the table already holds model rows
+    # of is predicted from them, so the stored side is composed explicitly.
+    stored = Predictor(lut, whole_models=False)
+    drift = float(np.mean([v.fresh_predicted_ms / stored.predict(v.subnet, workload, selection.stat).metric(
+        selection.metric) for v in out]))
     note = {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}}
     return ValidationRun(tuple(out), table_path, drift, models, note, journal_path(table_path), measured.measured,
                          measured.from_journal)

@@ -251,3 +251,30 @@ def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch,
     assert data["subnet"]["num_layers"] == 3  # the uniform pick: another shape, not the one exported
     code, out, err = run_main(monkeypatch, capsys, *heavy)
     assert code == 0 and f"exported the per-layer optimum {per.label} to {folder}: subnet.json" in out
+
+
+def test_validate_drift_compares_components_with_components(tmp_path, tiny_arch, fake_backend):
+    """A pick the table holds model rows of is predicted from them; validate's device drift must
+    still set today's components against the stored components, not against that measured model
+    (whose gap to composition is the interaction, not drift)."""
+    from amoeba_profile.artifacts import ArtifactCache
+    from amoeba_profile.backends import get_backend
+    from amoeba_profile.build import run_build
+    from amoeba_profile.measure import TimingProtocol
+    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.validate import measure_picks
+
+    protocol = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=3, min_round_s=0.0)
+    narrow = Subnet.uniform(tiny_arch, 4, 0.5)  # heads and FFN both halved: 0.5 ms of interaction per layer
+    backend = get_backend("fake-engine", interaction_ms=0.5, noise=0.001)
+    plan = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 64), method="difference", depths=(1, 2, 4), whole=(narrow,))
+    path = run_build(plan, backend, tmp_path, protocol, artifacts=ArtifactCache(tmp_path / "artifacts")).path
+    lut = load_table(path)
+    selection = select(Predictor(lut), [narrow], WORKLOAD, "tpot", 1000.0, top_k=1)
+    composed = Predictor(lut, whole_models=False).predict(narrow, WORKLOAD).tpot_ms
+    assert selection.pick.source == "measured" and selection.pick.latency_ms > composed + 1.5  # 4 x 0.5 ms
+    run = measure_picks(path, selection, protocol)
+    [checked] = run.validations
+    assert checked.measured_ms == pytest.approx(selection.pick.latency_ms, rel=0.05)
+    assert checked.fresh_predicted_ms == pytest.approx(composed, rel=0.05)  # composed, though model rows exist
+    assert run.drift == pytest.approx(1.0, abs=0.05)  # same fake device: no drift
