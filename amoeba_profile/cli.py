@@ -477,7 +477,7 @@ def plot_cmd(
 ) -> None:
     """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
     from .errors import InfeasibleBudget
-    from .inputs import output_dir
+    from .inputs import output_dir, positive_float
     from .plots import plot_heatmaps, plot_pareto, plot_validation
     from .quality import ProxyQuality
     from .select import check_budget, evaluate
@@ -485,6 +485,8 @@ def plot_cmd(
     ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy)
     if budget_ms is not None:
         check_budget(budget_ms)
+    if memory_gb is not None:
+        positive_float(memory_gb, "--memory-gb")
     table = load_one(lut)
     output_dir(out_dir, "--out")
     workload = ranking.workload(table)
