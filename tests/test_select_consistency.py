@@ -167,6 +167,9 @@ def test_plot_draws_the_ranking_select_prints(ranked, tmp_path, monkeypatch, cap
         assert cand.latency_ms == pytest.approx(Predictor(lut).predict(cand.subnet, WORKLOAD, "p90").tpot_ms)
         assert cand.latency_ms == pytest.approx(2 * Predictor(lut).predict(cand.subnet, WORKLOAD).tpot_ms)
     assert drawn["quality_name"] == chosen["quality_source"]
+    code, _, err = run_main(monkeypatch, capsys, "plot", "--lut", str(table), "--memory-gb", "nan", "--out",
+                            str(tmp_path / "plots"))
+    assert code == 2 and "--memory-gb must be a finite number" in err
 
 
 @pytest.fixture
