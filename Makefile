@@ -20,10 +20,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The demo shows and selects the table its build printed (`table: PATH`), not whatever $(OUT) holds:
+# other tables there (README's --predict example writes one) would make `--lut $(OUT)` ambiguous.
 demo: setup
-	$(BIN)/amoeba-profile build-lut --model tinyllama-1.1b --out $(OUT)
-	$(BIN)/amoeba-profile show --lut $(OUT)
-	$(BIN)/amoeba-profile select --lut $(OUT) --metric tpot --budget-ms $(BUDGET)
+	@exec 3>&1; \
+	table=$$($(BIN)/amoeba-profile build-lut --model tinyllama-1.1b --out $(OUT) | tee /dev/fd/3 \
+	         | sed -n 's/  (.*//; s/^table: //p'); \
+	test -n "$$table" || { echo "make demo: build-lut printed no 'table:' line" >&2; exit 1; }; \
+	set -x; \
+	$(BIN)/amoeba-profile show --lut "$$table" && \
+	$(BIN)/amoeba-profile select --lut "$$table" --metric tpot --budget-ms $(BUDGET)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -196,6 +196,11 @@ def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     importance = tmp_path / "importance.csv"
     importance.write_text("layer,importance\n0,4\n1,1\n2,1\n3,4\n")
     weighted = optimize_selection(lut, selection, importance)
-    assert weighted.gain_over_uniform is None and weighted.quality_model == "per-layer importance from file"
+    assert weighted.quality_model == "per-layer importance from file"
+    # the uniform pick scored by the same weights: (4 + 1 + 1 + 4) x its layers' share of the full layer / 10
+    share = selection.pick.quality  # uniform: every kept layer has the same share, and it keeps all 4 layers here
+    assert selection.pick.subnet.num_layers == 4
+    assert weighted.uniform_quality == pytest.approx(share)
+    assert weighted.gain_over_uniform == pytest.approx(weighted.result.quality - share)
     assert weighted.result == optimize_per_layer(Predictor(lut), tiny_arch, [3, 4], workload, "tpot_ms", 3.0,
                                                  importance=np.array([4.0, 1, 1, 4]), dtype="float32")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -14,13 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from amoeba_profile import __version__
-from amoeba_profile.core.arch import resolve_arch
+from amoeba_profile.core.arch import load_model, renamed, unrepresented_fields
 from amoeba_profile.core.errors import AmoebaError, UsageError
 from amoeba_profile.measure.journal import check_corrupt_choice
 from amoeba_profile.table.lut import load_one
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.cli.report import (verified_table, backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
+from amoeba_profile.cli.report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
 from amoeba_profile.selection.picker import describe, select, table_space, table_workload
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
@@ -80,6 +81,9 @@ def _notice(message: str) -> None:
 def build_lut(
     backend: str = typer.Option("pytorch", help="Backend adapter (see 'amoeba-profile backends')."),
     model: str = typer.Option(..., help="Built-in name (llama2-7b, tinyllama-1.1b, ...) or path to a config.json."),
+    name: Optional[str] = typer.Option(None, help="Name the table's model (default: the built-in name, or the "
+                                       "config's folder name): the table is <model>-<dtype>.csv, so two configs in "
+                                       "folders of the same name need one."),
     out_dir: Path = typer.Option(Path("out/lut"), "--out", help="Root folder of tables: the table goes to "
                                  "<out>/<device-slug>/<backend>/<model>-<dtype>.csv (the repository's lut/ holds the "
                                  "shipped tables; keep yours apart)."),
@@ -128,11 +132,18 @@ def build_lut(
     from amoeba_profile.core.strategy import Strategy
 
     check_corrupt_choice(on_corrupt_journal)
-    arch = resolve_arch(model)
+    arch, config = load_model(model)
+    if name is not None:
+        arch = renamed(arch, name)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
     grid = dict(widths=width_values, prompt_lens=_ints(prompt_len, "prompt-len"), contexts=_ints(contexts, "contexts"),
-                batch=batch, whole=parse_whole(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn)
+                batch=batch, whole=parse_whole(arch, whole), extra_attn=extra_attn, extra_ffn=extra_ffn,
+                source_config=config)
+    unrepresented = unrepresented_fields(config) if config is not None else []
+    if unrepresented:
+        err.print(f"warning: {model}: the latency model does not represent {'; '.join(unrepresented)} (kept in the "
+                  "table's sidecar: select --export carries them)", markup=False, highlight=False, soft_wrap=True)
     if predict:
         measuring_only = [name for name, value in (("--method", method), ("--depths", depths), ("--quick", quick),
                                                     ("--threads", threads), ("--artifacts", artifacts),
@@ -220,35 +231,76 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
 
 
-def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
-            widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None,
-            confidence: float | None = None):
-    from amoeba_profile.core.quality import load_quality
+# The options of every command that ranks shapes (select, validate, plot), declared once: a command
+# with fewer of them would measure or draw another ranking than the one select printed.
+LutOption = Annotated[Path, typer.Option(help="A table file, or a folder holding exactly one.")]
+MetricOption = Annotated[str, typer.Option(help="ttft, tpot or e2e (see README for definitions).")]
+StatOption = Annotated[str, typer.Option(help="median or p90 of the table rows.")]
+PromptLenOption = Annotated[int, typer.Option(min=1, help="Prompt tokens of the request.")]
+GenLenOption = Annotated[int, typer.Option(min=1, help="Tokens generated per request (tpot needs >= 2).")]
+BatchOption = Annotated[Optional[int], typer.Option(help="Sequences per request (default: the table's batch).")]
+WidthsOption = Annotated[Optional[str], typer.Option(help="Width ratios to consider (default: the table's grid); "
+                                                          "with select --per-layer, the per-layer options too.")]
+QualityOption = Annotated[Optional[Path], typer.Option(help="Quality CSV (num_layers,width_ratio,score | "
+                                                            "subnet_id,score | name,score with _l24w0.875 suffixes). "
+                                                            "Default: a parameter-count proxy.")]
+MemoryOption = Annotated[Optional[float], typer.Option(help="Memory budget in GB: weights + KV cache + activation "
+                                                            "headroom.")]
+StrategyOption = Annotated[Optional[Path], typer.Option(help="AmoebaLLM selection-strategy .npy: exact layers and "
+                                                             "widths.")]
 
-    table = load_one(lut)
-    width_values = tuple(parse_ratio(w) for w in widths.split(",")) if widths else None
-    source = load_quality(quality) if quality is not None else None
-    selection = select(Predictor(table), table_space(table, width_values, strategy),
-                       table_workload(table, prompt_len, gen_len, batch), metric_name(metric), budget_ms, stat, top_k,
-                       source, memory_gb, table.meta["dtype"], confidence)
-    return table, selection
+
+@dataclass(frozen=True)
+class Ranking:
+    """What every selecting command ranks by: the request, the statistic, the shapes considered,
+    their quality and the memory budget. ``select`` makes the pick from it; ``validate`` measures
+    that ranking's top-k; ``plot`` draws its candidates and pick."""
+
+    metric: str = "tpot"
+    stat: str = "median"
+    prompt_len: int = 128
+    gen_len: int = 128
+    batch: int | None = None
+    widths: str | None = None
+    quality: Path | None = None
+    memory_gb: float | None = None
+    strategy: Path | None = None
+    confidence: float | None = None
+
+    def width_values(self) -> tuple[float, ...] | None:
+        return tuple(parse_ratio(w) for w in self.widths.split(",")) if self.widths else None
+
+    def space(self, table):
+        return table_space(table, self.width_values(), self.strategy)
+
+    def workload(self, table):
+        return table_workload(table, self.prompt_len, self.gen_len, self.batch)
+
+    def quality_source(self):
+        """The --quality table, or None for the proxy."""
+        from amoeba_profile.core.quality import load_quality
+
+        return load_quality(self.quality) if self.quality is not None else None
+
+    def select(self, table, budget_ms: float, top_k: int):
+        return select(Predictor(table), self.space(table), self.workload(table), metric_name(self.metric), budget_ms,
+                      self.stat, top_k, self.quality_source(), self.memory_gb, table.meta["dtype"], self.confidence)
 
 
 @app.command("select")
 def select_cmd(
-    lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e (see README for definitions)."),
-    stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request (tpot needs >= 2)."),
-    batch: Optional[int] = typer.Option(None, help="Sequences per request (default: the table's batch)."),
-    widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
     top_k: int = typer.Option(5, min=1, help="How many of the best fitting shapes to list."),
-    quality: Optional[Path] = typer.Option(None, help="Quality CSV (num_layers,width_ratio,score | subnet_id,score | "
-                                           "name,score with _l24w0.875 suffixes). Default: a parameter-count proxy."),
-    memory_gb: Optional[float] = typer.Option(None, help="Memory budget: weights + KV cache + activation headroom."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
     per_layer: bool = typer.Option(False, "--per-layer", help="Also optimize one (heads, FFN) option per layer, exactly."),
     importance: Optional[Path] = typer.Option(None, help="With --per-layer: CSV layer,importance (default: equal)."),
     export: Optional[Path] = typer.Option(None, help="Write the pick into this folder: subnet.json, config.json "
@@ -268,8 +320,9 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     from amoeba_profile.device.specs import shared_memory_note
 
-    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k, quality,
-                               memory_gb, strategy, confidence)
+    ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy, confidence)
+    table = load_one(lut)
+    selection = ranking.select(table, budget_ms, top_k)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
@@ -281,13 +334,24 @@ def select_cmd(
     if per_layer:
         from amoeba_profile.selection.optimize import optimize_selection
 
-        per_pick = optimize_selection(table, selection, importance, memory_gb)
+        per_pick = optimize_selection(table, selection, importance, memory_gb, ranking.width_values())
         result["per_layer"] = per_pick.to_dict()
         pick_subnet = per_pick.result.subnet
+    # --per-layer exports the per-layer optimum it prints, else the pick; either way the output says
+    # which. A shape no deployment form can express fails the export alone: the selection is still
+    # printed in full, then one error line.
+    exported_shape = f"{'the per-layer optimum' if per_layer else 'the pick'} {pick_subnet.label}"
+    export_error: AmoebaError | None = None
     if export is not None:
         from amoeba_profile.core.export import export_subnet
 
-        result["exported"] = export_subnet(pick_subnet, export, table.meta["dtype"]).to_dict()
+        try:
+            report = export_subnet(pick_subnet, export, table.meta["dtype"], table.meta.get("source_config"))
+            result["exported"] = {**report.to_dict(), "shape": "per_layer" if per_layer else "pick",
+                                  "label": pick_subnet.label}
+        except AmoebaError as exc:
+            export_error = exc
+            result["export_error"] = one_line(f"export of {exported_shape} failed: {exc}")
     if write_back and verify is None:
         raise UsageError("--write-back writes what --verify K measured: give --verify")
     verification = _verify(table, selection, verify, quick) if verify is not None else None
@@ -296,6 +360,7 @@ def select_cmd(
     if as_json:
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         _finish_verify(verification, write_back)
+        _fail_export(result.get("export_error"), export_error)
         return
     pick = selection.pick
     low, high = pick.interval()
@@ -319,19 +384,22 @@ def select_cmd(
         out.print(flagged)
     if per_layer:
         per = result["per_layer"]
-        gain = per["gain_over_uniform"]
-        versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
-        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']['value']:.1f} ms ({per['predicted_ms']['source']}) "
-                  f"\\[{per['solver']}; {per['shape_rule']}]")
+        out.print(f"[bold]per-layer optimum:[/] {pick_subnet.label}, {per['num_layers']} layers, quality "
+                  f"{per['quality']:.4f} ({per['gain_over_uniform']:+.4f} over the uniform pick, both scored by "
+                  f"{per['quality_model']}), predicted {per['predicted_ms']['value']:.1f} ms "
+                  f"({per['predicted_ms']['source']}) \\[{per['solver']}; {per['shape_rule']}]")
         for line in layer_runs_text(pick_subnet):
             out.print(f"  {line}", highlight=False)
-    if export is not None:
+    if "exported" in result:
         exported = result["exported"]
-        out.print(f"exported to {exported['folder']}: "
+        out.print(f"exported {exported_shape} to {exported['folder']}: "
                   + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
-        for line in exported["adjustments"] + exported["skipped"]:
-            err.print(f"[yellow]note:[/] {line}", highlight=False)
+        changed = [c["field"] for c in exported["config_changes"]]
+        if changed:
+            err.print(f"note: config.json differs from {exported['config_source']} in {', '.join(changed)} "
+                      "(export.json says how and why)", markup=False, highlight=False, soft_wrap=True)
+        for line in exported["adjustments"] + exported["not_expressed"] + exported["skipped"]:
+            err.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
     if note:
         err.print(f"[yellow]note:[/] {note}")
     if selection.skipped:
@@ -347,6 +415,7 @@ def select_cmd(
                       f"measured {selection.metric} = {best.measured_ms:.1f} ms <= {budget_ms:g} ms "
                       f"(predicted {best.candidate.latency_ms:.1f} ms)", highlight=False)
     _finish_verify(verification, write_back)
+    _fail_export(result.get("export_error"), export_error)
     if verification is not None and verification.pick is None:
         raise typer.Exit(1)
 
@@ -378,17 +447,27 @@ def _finish_verify(verification, write_back: bool) -> None:
         err.print(f"{added} model rows written to {verification.table}", highlight=False)
 
 
+def _fail_export(message: str | None, exc: AmoebaError | None) -> None:
+    """After the selection is out: the export's failure as one error line and its exit code."""
+    if exc is not None:
+        err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+
+
 @app.command("validate")
 def validate_cmd(
-    lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     top_k: int = typer.Option(3, min=1, help="How many of the top picks to build and measure whole."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
-    stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
-    widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
     quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples."),
     on_corrupt_journal: str = typer.Option("stop", help=_CORRUPT_HELP),
     busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait, warn or "
@@ -401,8 +480,9 @@ def validate_cmd(
     from amoeba_profile.measure.validate import kendall_tau, measure_picks, write_back
 
     check_corrupt_choice(on_corrupt_journal)
-    table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, None, widths, top_k, None, None,
-                               strategy)
+    table = load_one(lut)
+    selection = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy).select(
+        table, budget_ms, top_k)
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -447,32 +527,47 @@ def validate_cmd(
 
 @app.command("plot")
 def plot_cmd(
-    lut: Path = typer.Option(..., help="A table file, or a folder holding exactly one."),
+    lut: LutOption = ...,
     out_dir: Path = typer.Option(Path("out/plots"), "--out", help="Folder for the PNG files."),
     budget_ms: Optional[float] = typer.Option(None, help="Draw the budget line and the pick."),
-    metric: str = typer.Option("tpot", help="ttft, tpot or e2e."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request."),
-    quality: Optional[Path] = typer.Option(None, help="Quality CSV, as for select (default: a parameter-count proxy)."),
-    strategy: Optional[Path] = typer.Option(None, help="AmoebaLLM selection-strategy .npy: exact layers and widths."),
+    metric: MetricOption = "tpot",
+    stat: StatOption = "median",
+    prompt_len: PromptLenOption = 128,
+    gen_len: GenLenOption = 128,
+    batch: BatchOption = None,
+    widths: WidthsOption = None,
+    quality: QualityOption = None,
+    memory_gb: MemoryOption = None,
+    strategy: StrategyOption = None,
 ) -> None:
     """PNG figures: Pareto front with budget and pick, layer-latency heatmaps, predicted vs measured."""
-    from amoeba_profile.core.inputs import output_dir
+    from amoeba_profile.core.errors import InfeasibleBudget
+    from amoeba_profile.core.inputs import output_dir, positive_float
     from amoeba_profile.cli.plots import plot_heatmaps, plot_pareto, plot_validation
-    from amoeba_profile.core.quality import ProxyQuality, load_quality
-    from amoeba_profile.selection.picker import best_within, check_budget, evaluate
+    from amoeba_profile.core.quality import ProxyQuality
+    from amoeba_profile.selection.picker import check_budget, evaluate
 
+    ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy)
     if budget_ms is not None:
         check_budget(budget_ms)
+    if memory_gb is not None:
+        positive_float(memory_gb, "--memory-gb")
     table = load_one(lut)
     output_dir(out_dir, "--out")
-    workload = table_workload(table, prompt_len, gen_len)
-    source = load_quality(quality) if quality is not None else ProxyQuality()
-    candidates, _ = evaluate(Predictor(table), table_space(table, strategy=strategy), workload, metric_name(metric),
-                             quality=source)
-    pick = best_within(candidates, budget_ms) if budget_ms is not None else None
+    workload = ranking.workload(table)
+    source = ranking.quality_source() or ProxyQuality()
+    candidates, _ = evaluate(Predictor(table), ranking.space(table), workload, metric_name(metric), stat,
+                             quality=source, dtype=table.meta["dtype"] if memory_gb is not None else None)
+    if memory_gb is not None:  # as select: shapes over the memory budget are not candidates
+        candidates = [c for c in candidates if c.memory.total_gb <= memory_gb]
+    pick = None
+    if budget_ms is not None:
+        try:
+            pick = ranking.select(table, budget_ms, 1).pick  # the pick select prints, by its own rules
+        except InfeasibleBudget:
+            pick = None  # nothing fits: the figure shows the budget line and every shape beyond it
     paths = [plot_pareto(table, candidates, metric_name(metric), out_dir / "pareto.png", budget_ms, pick, source.name)]
-    paths += plot_heatmaps(table, workload, out_dir)
+    paths += plot_heatmaps(table, workload, out_dir, stat)
     validation = plot_validation(table, out_dir / "validation.png")
     if validation is not None:
         paths.append(validation)

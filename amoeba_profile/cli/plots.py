@@ -57,8 +57,8 @@ def plot_pareto(lut: Lut, candidates: list[Candidate], metric: str, out: Path, b
     return out
 
 
-def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
-    """Composed decoder-layer latency over measured heads x FFN, per phase."""
+def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path, stat: str = "median") -> list[Path]:
+    """Composed decoder-layer latency (``stat`` of the rows) over measured heads x FFN, per phase."""
     plt = _pyplot()
     predictor = Predictor(lut)
     options = table_options(predictor)
@@ -67,7 +67,7 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
     paths = []
     for phase, metric, w in (("prefill", "ttft_ms", Workload(workload.batch, workload.prompt_len, 1)),
                              ("decode", "tpot_ms", Workload(workload.batch, workload.prompt_len, 2))):
-        grid = np.array([[predictor.layer_metric(h, kv, f, w, metric) for f in ffns] for h, kv in heads])
+        grid = np.array([[predictor.layer_metric(h, kv, f, w, metric, stat) for f in ffns] for h, kv in heads])
         fig, ax = plt.subplots(figsize=(6.5, 4))
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
         ax.set_xticks(range(len(ffns)), [str(f) for f in ffns], rotation=30, fontsize=8)
@@ -78,7 +78,7 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path) -> list[Path]:
         ax.set_xlabel("FFN channels")
         ax.set_ylabel("attention heads")
         where = f"{workload.prompt_len} tokens" if phase == "prefill" else f"context {workload.prompt_len}"
-        ax.set_title(f"one decoder layer, {phase} ({where}), ms\n{_title(lut)}", fontsize=9)
+        ax.set_title(f"one decoder layer, {phase} ({where}), {stat} ms\n{_title(lut)}", fontsize=9)
         fig.colorbar(image, ax=ax, label="ms")
         fig.tight_layout()
         path = out_dir / f"heatmap_{phase}.png"

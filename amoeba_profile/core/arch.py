@@ -7,7 +7,9 @@ Named architectures are data (a dict of name -> ModelArch); any LLaMA-like Huggi
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+import os
+import re
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,60 @@ BUILTIN_ARCHS: dict[str, ModelArch] = {
 # model_type values whose decoder block is the LLaMA block (RMSNorm, RoPE, SwiGLU, optional GQA).
 _LLAMA_LIKE_TYPES = {"llama", "mistral"}
 
+# What a built-in model's config.json holds beyond ModelArch: its tokenizer's special-token ids
+# (LLaMA-2's 1 and 2 unless listed: LLaMA-2, Vicuna and TinyLlama share them).
+LLAMA2_TOKEN_IDS = (1, 2)
+BUILTIN_TOKEN_IDS: dict[str, tuple[int, int]] = {"llama3-8b": (128000, 128001)}
+
+# config.json fields the latency model uses (sizes) or checks (the block type), and fields that do
+# not change what a forward computes (ids, metadata, training-only settings); with the values at
+# which the others are inert, everything else is a field the latency model does not represent.
+_MODELLED_FIELDS = frozenset({
+    "model_type", "hidden_act", "attention_bias", "mlp_bias", "hidden_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "num_hidden_layers", "intermediate_size", "vocab_size", "tie_word_embeddings",
+    "rms_norm_eps", "rope_theta", "max_position_embeddings"})
+_NO_COST_FIELDS = frozenset({
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
+    "initializer_range", "use_cache", "attention_dropout", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict", "tokenizer_class", "auto_map"})
+_INERT_VALUES: dict[str, Any] = {"pretraining_tp": 1, "use_sliding_window": False}
+_UNREPRESENTED_WHY = {
+    "rope_scaling": "timed with plain RoPE",
+    "sliding_window": "decode is timed attending to the whole context; the window attends to fewer tokens beyond it",
+}
+
+
+def unrepresented_fields(config: dict[str, Any]) -> list[str]:
+    """The fields of a config.json the latency model does not represent, each with its value and,
+    where known, what the tables time instead (``sliding_window=4096 (decode is timed ...)``).
+
+    A field absent, null, false or at its inert value (``pretraining_tp: 1``) is left out."""
+    out = []
+    for field, value in config.items():
+        if (field in _MODELLED_FIELDS or field in _NO_COST_FIELDS or value is None or value is False
+                or _INERT_VALUES.get(field, object()) == value):
+            continue
+        shown = value if isinstance(value, (int, float, str)) else None
+        if isinstance(value, dict) and isinstance(value.get("rope_type", value.get("type")), str):
+            shown = value.get("rope_type", value.get("type"))
+        why = _UNREPRESENTED_WHY.get(field)
+        out.append(field + (f"={shown}" if shown is not None else "") + (f" ({why})" if why else ""))
+    return out
+
+
+def hf_config(arch: ModelArch) -> dict[str, Any]:
+    """A LLaMA config.json for ``arch`` (``from_hf_config`` reads it back to ``arch``), with a
+    built-in model's special-token ids, else LLaMA-2's."""
+    bos, eos = BUILTIN_TOKEN_IDS.get(arch.name, LLAMA2_TOKEN_IDS)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_size, "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "num_hidden_layers": arch.num_layers,
+        "vocab_size": arch.vocab_size, "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta,
+        "rope_scaling": None, "max_position_embeddings": arch.max_position, "tie_word_embeddings": arch.tie_embeddings,
+        "attention_bias": False, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": eos,
+    }
+
 
 def _int(config: dict[str, Any], field: str, source: str, default: int | None = None) -> int:
     """A positive integer field; absent (or JSON null) means ``default``, or an error without one."""
@@ -188,15 +244,32 @@ def from_hf_config(config: dict[str, Any], name: str, source: str) -> ModelArch:
 
 def resolve_arch(name_or_path: str) -> ModelArch:
     """A built-in name, a path to a config.json, or a folder holding one."""
+    return load_model(name_or_path)[0]
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether a --model value that names nothing was meant as a file (so the answer is "no such
+    file", not "unknown model")."""
+    return "/" in text or os.sep in text or text.endswith(".json") or text.startswith(".")
+
+
+def load_model(name_or_path: str) -> tuple[ModelArch, dict[str, Any] | None]:
+    """The architecture of a built-in name, a config.json or a folder holding one, and the config's
+    fields as read (None for a built-in name): a table records them so that an export can carry
+    every field the latency model does not use (rope scaling, special tokens, sliding window)."""
     if name_or_path in BUILTIN_ARCHS:
-        return BUILTIN_ARCHS[name_or_path]
+        return BUILTIN_ARCHS[name_or_path], None
+    known = f"a model is one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ArchError(
-            f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
-        )
+        if not path.exists():
+            raise ArchError(f"{path.parent}: the folder holds no config.json ({known})")
+    elif not path.exists() and not path.is_symlink():
+        if _looks_like_path(name_or_path):
+            raise ArchError(f"{name_or_path}: the file does not exist ({known})")
+        raise ArchError(f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a "
+                        "LLaMA-like config.json")
     raw = read_bounded(path, _CONFIG_BYTES, "model config", error=ArchError)
     try:
         config = json.loads(raw)
@@ -205,7 +278,20 @@ def resolve_arch(name_or_path: str) -> ModelArch:
     if not isinstance(config, dict):
         raise ArchError(f"{path}: a config.json must hold a JSON object")
     stem = path.parent.name if path.name == "config.json" else path.stem
-    return from_hf_config(config, name=_slug(stem or "custom"), source=str(path))
+    return from_hf_config(config, name=_slug(stem or "custom"), source=str(path)), config
+
+
+_TABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def renamed(arch: ModelArch, name: str) -> ModelArch:
+    """``arch`` under ``name`` (build-lut ``--name``): two configs in folders of the same name would
+    otherwise share one table path. The name becomes the table's file name, so it is one word of
+    letters, digits, '.', '_' and '-'."""
+    if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
+        raise ArchError(f"--name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+                        "digit (it names the table's file)")
+    return replace(arch, name=name)
 
 
 def _slug(text: str) -> str:

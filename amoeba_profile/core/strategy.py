@@ -30,6 +30,7 @@ import math
 import numbers
 import pickle
 import re
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,6 +246,17 @@ def load_pickled(path: Path | str) -> Any:
         raise UsageError(f"{path}: {exc}") from None
     except RecursionError:
         raise UsageError(f"{path}: the structure nests too deeply") from None
+    except KeyError as exc:
+        # The unpickler looks each opcode byte up in its dispatch table: an int key is a byte that
+        # is no opcode, i.e. the file is not a pickle at all (text, a zip or gzip archive, ...).
+        if exc.args and isinstance(exc.args[0], int):
+            raise UsageError(f"{path}: not a NumPy .npy or pickle file (byte 0x{exc.args[0]:02x} at offset "
+                             f"{max(stream.tell() - 1, 0)} is no pickle opcode); a strategy file is AmoebaLLM's "
+                             "np.save'd dict") from None
+        raise UsageError(f"{path}: not a readable strategy file (missing key {exc})") from None
+    except (EOFError, struct.error):  # a length or number field cut short
+        raise UsageError(f"{path}: the file ends before its data does (truncated or empty); a strategy file is "
+                         "AmoebaLLM's np.save'd dict") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         message = " ".join(str(exc).split())[:200]
         raise UsageError(f"{path}: not a readable strategy file ({type(exc).__name__}: {message})") from None

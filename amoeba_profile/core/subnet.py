@@ -238,6 +238,8 @@ def parse_whole(arch: ModelArch, text: str | None) -> tuple[Subnet, ...]:
         depth, _, width = item.strip().partition("x")
         if not depth.isdigit() or not width:
             raise UsageError(f"--whole items look like 18x3/4 (layers x width), got {item!r}")
+        if not 1 <= int(depth) <= arch.num_layers:
+            raise UsageError(f"--whole {item.strip()}: {arch.name} has {arch.num_layers} layers; keep 1..{arch.num_layers}")
         subnets.append(Subnet.uniform(arch, int(depth), parse_ratio(width)))
     return tuple(subnets)
 

@@ -226,6 +226,7 @@ def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, devi
         "backend_env": record.environment, "dtype": record.dtype, "arch": plan.arch.to_dict(),
         "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
         "protocol": protocol.to_dict(), "clock": record.clock_name, "source": "measured",
+        **({"source_config": plan.source_config} if plan.source_config is not None else {}),
     }
 
 
@@ -240,12 +241,24 @@ def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], d
         return [], None
     lut = load_table(path)
     for key in _IDENTITY_KEYS:
-        if lut.meta.get(key) != meta[key]:
-            raise LutError(
-                f"{path}: existing table has {key}={lut.meta.get(key)!r}, this build {meta[key]!r}; "
-                "tables with different identities are not merged - choose another --out"
-            )
+        old, new = lut.meta.get(key), meta[key]
+        if old == new:
+            continue
+        if key == "arch" and isinstance(old, dict) and old.get("name") == new["name"]:
+            raise LutError(f"{path}: holds another model also named {new['name']!r} ({identity_difference(old, new)}); "
+                           f"name this one with --name (e.g. --name {new['name']}-2) or choose another --out")
+        raise LutError(f"{path}: existing table has {key} {identity_difference(old, new)}; tables with different "
+                       "identities are not merged - choose another --out")
     return lut.frame.to_dict("records"), lut.meta
+
+
+def identity_difference(old: Any, new: Any) -> str:
+    """What differs between a table's identity field and this build's, short enough for one line:
+    only the differing keys of a mapping (two whole architectures read as a wall of text)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in sorted(set(old) | set(new), key=str) if old.get(k) != new.get(k)]
+        return ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in keys)
+    return f"{old!r} there, {new!r} here"
 
 
 def stored_backend_config(out_dir: Path, plan: BuildPlan, backend: Backend) -> dict[str, Any] | None:
@@ -593,6 +606,8 @@ def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProt
         grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
     meta = {**old_meta, "grid": grid,
             "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}]}
+    if plan.source_config is not None:  # the config this build read (same sizes: the identity check passed)
+        meta["source_config"] = plan.source_config
     meta.pop("content_sha256", None)
     return meta
 

@@ -62,6 +62,9 @@ class BuildPlan:
     measure_grid: bool = True  # False: only the whole subnets (validation runs)
     extra_attn: tuple[tuple[int, int], ...] = ()  # per-layer widths a strategy file adds to the grid
     extra_ffn: tuple[int, ...] = ()
+    # The config.json the arch was read from (None for a built-in name): recorded in the table's
+    # sidecar for --export, which carries the fields no latency depends on; not part of what is measured.
+    source_config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         positive_int(self.batch, "batch")

@@ -29,7 +29,7 @@ from amoeba_profile.backends import Backend, get_backend
 from amoeba_profile.measure.build import Progress, add_rows, measure_plan
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.device import device_slug
-from amoeba_profile.core.errors import AmoebaError, LutError, OutOfRange
+from amoeba_profile.core.errors import AmoebaError, LutError
 from amoeba_profile.core.files import Notice
 from amoeba_profile.table.lut import Lut, load_table
 from amoeba_profile.core.timing import TimingProtocol
@@ -37,7 +37,7 @@ from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.device.quiet import BusyPolicy
 from amoeba_profile.selection.picker import Selection
 from amoeba_profile.core.subnet import Subnet
-from amoeba_profile.core.workload import Workload, compose
+from amoeba_profile.core.workload import Workload
 
 
 @dataclass(frozen=True)
@@ -71,22 +71,9 @@ class Validation:
                 "source": self.source, "breaks_budget": self.breaks_budget}
 
 
-def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat_col: str = "median_ms") -> float:
-    rows = lut.ok[(lut.ok.component == "model") & (lut.ok.subnet_id == subnet.id) & (lut.ok.batch == workload.batch)]
-    prefill = rows[(rows.phase == "prefill") & (rows.tokens == workload.prompt_len)]
-    decode = rows[rows.phase == "decode"].sort_values("context")
-    if prefill.empty:
-        raise OutOfRange(f"{subnet.label}: no measured prefill at {workload.prompt_len} tokens")
-    ttft = float(prefill[stat_col].iloc[0])
-    if metric == "ttft_ms":
-        return ttft
-    span = workload.decode_span()
-    xs = decode.context.to_numpy(float)
-    if span is None or len(xs) == 0 or span[0] < xs.min() or span[1] > xs.max():
-        raise OutOfRange(f"{subnet.label}: measured decode contexts {xs.tolist()} do not cover the decode steps "
-                         f"{span[0]}..{span[1]}" if span else f"{subnet.label}: the workload has no decode step")
-    steps = np.interp(workload.decode_contexts(), xs, decode[stat_col].to_numpy(float))
-    return compose(ttft, steps).metric(metric)
+def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
+    """``metric`` of ``subnet`` from the table's measured model rows alone (``Predictor.measured_metric``)."""
+    return Predictor(lut).measured_metric(subnet, workload, metric, stat)
 
 
 def table_backend(table_path: Path, meta: dict[str, Any]) -> Backend:
@@ -148,19 +135,24 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
                      decode_steps=grid.get("decode_steps", 8),
                      extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
                      extra_ffn=tuple(sorted({l.ffn for l in layers})))
-    stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
                             method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
                             busy=busy, notice=notice)
     fresh = measured.lut
-    fresh_predictor = Predictor(fresh)
+    # Composed from the fresh components even though the fresh model rows are there: that gap is
+    # the composition error this run reports.
+    fresh_predictor, truths = Predictor(fresh, whole_models=False), Predictor(fresh)
     out = []
     for cand in selection.top_k:
-        truth = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
+        truth = truths.measured_metric(cand.subnet, workload, selection.metric, selection.stat)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
         out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
     models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))
-    drift = float(np.mean([v.fresh_predicted_ms / v.predicted_ms for v in out]))
+    # Components now against the same components stored: a pick the table already holds model rows
+    # of is predicted from them, so the stored side is composed explicitly.
+    stored = Predictor(lut, whole_models=False)
+    drift = float(np.mean([v.fresh_predicted_ms / stored.predict(v.subnet, workload, selection.stat).metric(
+        selection.metric) for v in out]))
     note = {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}}
     return ValidationRun(tuple(out), table_path, drift, models, note, journal_path(table_path), measured.measured,
                          measured.from_journal)

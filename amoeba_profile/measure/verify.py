@@ -103,8 +103,7 @@ def verify_candidates(table_path: Path, selection: Selection, k: int,
     journal = verify_journal_path(table_path)
     measured = measure_plan(plan, backend, journal, protocol, progress, method_reason="select --verify",
                             on_corrupt_journal=on_corrupt_journal, busy=busy, notice=notice)
-    stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
-    results = tuple(Verified(c, measured_metric(measured.lut, c.subnet, workload, selection.metric, stat_col),
+    results = tuple(Verified(c, measured_metric(measured.lut, c.subnet, workload, selection.metric, selection.stat),
                              selection.budget_ms) for c in chosen)
     fitting = [r for r in results if r.fits]
     best = fitting[0] if fitting else None  # results are in rank order: the first that fits is the best

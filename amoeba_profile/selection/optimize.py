@@ -36,7 +36,7 @@ from amoeba_profile.selection.memory import fixed_bytes, layer_bytes
 from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import csv_integer, read_small_csv
 from amoeba_profile.selection.picker import Selection, check_budget
-from amoeba_profile.core.subnet import LayerShape, Subnet, default_depths, kept_layers
+from amoeba_profile.core.subnet import LayerShape, Subnet, default_depths, kept_layers, width_shape
 from amoeba_profile.core.workload import Workload, metric_name
 
 
@@ -82,6 +82,24 @@ def table_options(predictor: Predictor) -> list[tuple[int, int, int]]:
     attn = sorted({(int(r.heads), int(r.kv_heads)) for r in heads_rows.itertuples()})
     ffns = sorted({int(f) for f in ffn_rows.ffn})
     return [(h, kv, f) for h, kv in attn for f in ffns]
+
+
+def width_options(arch: ModelArch, widths: Sequence[float], ffn_multiple: int = 1) -> list[tuple[int, int, int]]:
+    """The per-layer menu a --widths list allows: the (heads, kv_heads) of each width x the FFN of
+    each width (a layer may narrow attention and FFN to different ratios of the list, never to a
+    ratio outside it); the predictor interpolates the ones the table did not measure."""
+    shapes = [width_shape(arch, w, ffn_multiple) for w in widths]
+    return sorted({(h, kv, f) for h, kv, _ in shapes for _, _, f in shapes})
+
+
+def additive_quality(arch: ModelArch, subnet: Subnet, importance: np.ndarray | None = None) -> float:
+    """``subnet``'s score under the per-layer quality model (see the module docstring): with equal
+    importance it equals the retained-parameter proxy. The per-layer optimum and the uniform pick
+    are compared on this one scale."""
+    weights = np.ones(arch.num_layers) if importance is None else np.asarray(importance, float)
+    full = layer_params(arch, arch.num_heads, arch.num_kv_heads, arch.ffn_size)
+    kept = sum(weights[l.index] * layer_params(arch, l.heads, l.kv_heads, l.ffn) / full for l in subnet.layers)
+    return float(kept / weights.sum())
 
 
 def shared_part(capabilities: Capabilities, option: tuple[int, int, int]) -> tuple[int, ...]:
@@ -252,12 +270,18 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
 @dataclass(frozen=True)
 class PerLayerPick:
     """The per-layer optimum for a uniform ``Selection``'s workload, metric, budget and statistic.
-    ``gain_over_uniform`` is its quality minus the uniform pick's; None with an importance file,
-    whose quality is on another scale than the uniform proxy."""
+
+    ``uniform_quality`` is the uniform pick scored by the per-layer quality model (``quality_model``:
+    the proxy, or the importance file's weights), whatever the selection ranked by (a --quality
+    table scores uniform shapes only), so that ``gain_over_uniform`` compares like with like."""
 
     result: PerLayerResult
     quality_model: str
-    gain_over_uniform: float | None
+    uniform_quality: float
+
+    @property
+    def gain_over_uniform(self) -> float:
+        return self.result.quality - self.uniform_quality
 
     def to_dict(self) -> dict[str, Any]:
         result = self.result
@@ -265,21 +289,26 @@ class PerLayerPick:
             "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
             "quality_model": self.quality_model,
             "predicted_ms": {"value": result.latency_ms, "source": result.source}, "solver": result.solver,
-            "shape_rule": result.shape_rule, "gain_over_uniform": self.gain_over_uniform,
+            "shape_rule": result.shape_rule, "uniform_quality": self.uniform_quality,
+            "gain_over_uniform": self.gain_over_uniform,
         }
 
 
 def optimize_selection(lut: Lut, selection: Selection, importance: Path | str | None = None,
-                       memory_gb: float | None = None) -> PerLayerPick:
+                       memory_gb: float | None = None, widths: Sequence[float] | None = None) -> PerLayerPick:
     """``optimize_per_layer`` over the design space's depths for the request, metric and budget of a
     uniform selection from ``lut``, with the table's drop rule and dtype; ``importance`` is a CSV
-    of per-layer weights (``load_importance``), by default equal weights."""
+    of per-layer weights (``load_importance``), by default equal weights; ``widths`` (select's
+    --widths) limits the per-layer options to those ratios (``width_options``), by default every
+    measured option of the table."""
     arch = ModelArch.from_dict(lut.meta["arch"])
     weights = load_importance(importance, arch) if importance is not None else None
-    result = optimize_per_layer(Predictor(lut), arch, default_depths(arch), selection.workload, selection.metric,
-                                selection.budget_ms, selection.stat, importance=weights,
-                                drop_rule=lut.meta.get("grid", {}).get("drop_rule", "keep-ends"), memory_gb=memory_gb,
+    grid = lut.meta.get("grid", {})
+    predictor = Predictor(lut)
+    options = width_options(arch, widths, grid.get("ffn_multiple", 1)) if widths else None
+    result = optimize_per_layer(predictor, arch, default_depths(arch), selection.workload, selection.metric,
+                                selection.budget_ms, selection.stat, options=options, importance=weights,
+                                drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
                                 dtype=lut.meta["dtype"])
-    if weights is not None:
-        return PerLayerPick(result, "per-layer importance from file", None)
-    return PerLayerPick(result, "proxy: retained parameters", result.quality - selection.pick.quality)
+    model = "per-layer importance from file" if weights is not None else "proxy: retained parameters"
+    return PerLayerPick(result, model, additive_quality(arch, selection.pick.subnet, weights))

@@ -5,9 +5,14 @@ layer is, by the table's method:
 - ``components``: attn(heads, kv_heads) + mlp(ffn), blocks timed alone;
 - ``difference``: the fitted ``layer`` row of that shape, or, for a shape off the fitted axes,
   layer(h, F) + layer(H, f) - layer(H, F) (heads axis at full FFN, FFN axis at full heads).
+A shape the table holds measured whole-model rows of (``model`` rows: validate writes them back,
+``build-lut --whole`` measures them as truth rows) is answered from those rows instead, per phase:
+prefill at exactly the request's prompt length, decode when the rows' contexts span the request's
+(read between them as validate reads them). What was measured of the whole model outranks what is
+composed from its parts; ``whole_models=False`` composes anyway (validation's composition error).
 Between measured widths, contexts and prompt lengths the predictor interpolates linearly; it
 never extrapolates (OutOfRange names what is missing). Every answer carries its source:
-``measured`` (only grid points), ``interpolated`` or ``roofline`` (a computed table), per metric:
+``measured`` (grid points, or the shape's own model rows), ``interpolated`` or ``roofline`` (a computed table), per metric:
 ttft depends only on prefill rows, tpot only on decode rows, e2e on both; and the
 table rows it rests on (those that bracket every interpolation), so a caller can say when they are
 flagged.
@@ -175,7 +180,7 @@ class Predictor:
     whole-model p90 (component tails rarely coincide).
     """
 
-    def __init__(self, lut: Lut):
+    def __init__(self, lut: Lut, whole_models: bool = True):
         self.lut = lut
         self.roofline = lut.is_roofline
         ok = lut.ok.copy()
@@ -183,6 +188,9 @@ class Predictor:
         self.fitted_layers = bool((ok.component == "layer").any())
         self.arch = ModelArch.from_dict(lut.meta["arch"]) if self.fitted_layers else None
         self._rows = {key: group for key, group in ok.groupby(["component", "phase", "batch"])}
+        # Measured (not computed) whole-model rows by shape: they answer ``predict`` for that shape.
+        models = ok[(ok.component == "model") & (ok.source == "measured")] if whole_models else ok.iloc[:0]
+        self._models = {key: group for key, group in models.groupby(["subnet_id", "phase", "batch"])}
         self._cache: dict[tuple, tuple[np.ndarray, str]] = {}
         self.model_error = _model_error(lut.meta)
 
@@ -290,6 +298,27 @@ class Predictor:
         se = np.sqrt(variance + (relative * total) ** 2)
         return total, ("roofline" if self.roofline else worst_source(*sources)), used, se
 
+    def _whole(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
+               stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray] | None:
+        """The subnet's own measured model rows for this phase, when they cover ``x`` (prefill at
+        exactly the prompt length; decode within the measured contexts), with their standard
+        errors; None when they do not."""
+        rows = self._models.get((subnet.id, phase, batch))
+        if rows is None:
+            return None
+        x_col = "tokens" if phase == "prefill" else "context"
+        xs = rows[x_col].to_numpy(float)
+        covered = np.isin(x, xs).all() if phase == "prefill" else xs.min() <= x.min() and x.max() <= xs.max()
+        if not covered:
+            return None
+        values, _, used, se = self._curve("model", phase, batch, None, 0, x_col, x, stat_col, rows)
+        return values, "measured", used, se
+
+    def _answer(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
+                stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+        """What ``predict`` reads for one phase: the shape's measured model rows, else the composition."""
+        return self._whole(subnet, phase, batch, x, stat_col) or self._phase(subnet, phase, batch, x, stat_col)
+
     @staticmethod
     def _contexts(workload: Workload, check) -> np.ndarray:
         """The workload's decode contexts, after ``check`` accepted the first and the last: every
@@ -301,15 +330,17 @@ class Predictor:
         return workload.decode_contexts()
 
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
+        """Every metric of ``subnet`` for ``workload``: from its measured model rows where the table
+        has them (source ``measured``), else composed from the table's parts."""
         stat_col = self._stat_col(stat)
-        prefill, source, used, prefill_se = self._phase(subnet, "prefill", workload.batch,
-                                                        np.array([workload.prompt_len]), stat_col)
-        contexts = self._contexts(workload, lambda ends: self._phase(subnet, "decode", workload.batch, ends, stat_col))
+        prefill, source, used, prefill_se = self._answer(subnet, "prefill", workload.batch,
+                                                         np.array([workload.prompt_len]), stat_col)
+        contexts = self._contexts(workload, lambda ends: self._answer(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
             decode, decode_source, decode_used, decode_se = contexts, source, set(), contexts
         else:
-            decode, decode_source, decode_used, decode_se = self._phase(subnet, "decode", workload.batch, contexts,
-                                                                        stat_col)
+            decode, decode_source, decode_used, decode_se = self._answer(subnet, "decode", workload.batch, contexts,
+                                                                         stat_col)
         m = compose(prefill[0], decode)
         # The decode steps of one request read the same rows: their errors add up, not in quadrature.
         tpot_se = float(np.mean(decode_se)) if len(decode_se) else math.nan
@@ -320,9 +351,31 @@ class Predictor:
         return Prediction(subnet, workload, stat, m.ttft_ms, m.tpot_ms, m.e2e_ms, worst_source(source, decode_source),
                           source, decode_source, tuple(sorted(used | decode_used)), se, bool(self.model_error))
 
+    def measured_metric(self, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
+        """``metric`` of ``subnet`` from its measured model rows alone, read as ``predict`` reads them
+        (ttft needs only the prefill row); OutOfRange says what the rows lack."""
+        metric, stat_col, batch = metric_name(metric), self._stat_col(stat), workload.batch
+        prefill = self._whole(subnet, "prefill", batch, np.array([workload.prompt_len]), stat_col)
+        if prefill is None:
+            raise OutOfRange(f"{subnet.label}: no measured prefill at {workload.prompt_len} tokens")
+        if metric == "ttft_ms":
+            return float(prefill[0][0])
+        span = workload.decode_span()
+        if span is None:
+            raise OutOfRange(f"{subnet.label}: the workload has no decode step")
+        decode = self._whole(subnet, "decode", batch, np.array(span), stat_col)
+        if decode is None:
+            rows = self._models.get((subnet.id, "decode", batch))
+            measured = sorted(rows.context.astype(int).tolist()) if rows is not None else []
+            raise OutOfRange(f"{subnet.label}: measured decode contexts {measured} do not cover the decode steps "
+                             f"{span[0]}..{span[1]}")
+        steps = self._whole(subnet, "decode", batch, workload.decode_contexts(), stat_col)[0]
+        return compose(prefill[0][0], steps).metric(metric)
+
     def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
                  stat: str = "median") -> tuple[float, str]:
-        """Predicted time of one forward: a prefill of ``tokens`` or one decode step at ``context``."""
+        """Composed time of one forward: a prefill of ``tokens`` or one decode step at ``context``
+        (always from the parts, even for a shape with model rows: it is what those rows check)."""
         x = np.array([tokens if phase == "prefill" else context])
         values, source, _, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
         return float(values[0]), source

@@ -337,6 +337,7 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
         "method": "computed", "host_overlaps_device": host_overlaps(spec), "dtype": dtype, "arch": plan.arch.to_dict(), "grid": plan.grid(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "computed from the spec sheet and per-op FLOPs/bytes, not measured",
+        **({"source_config": plan.source_config} if plan.source_config is not None else {}),
     }
     with table_lock(path):
         write_table(path, rows_frame(rows), meta)
