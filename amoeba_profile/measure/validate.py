@@ -33,7 +33,7 @@ from amoeba_profile.core.errors import AmoebaError, LutError, OutOfRange
 from amoeba_profile.core.files import Notice
 from amoeba_profile.table.lut import Lut, load_table
 from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.selection.predict import Predictor, stat_column
 from amoeba_profile.device.quiet import BusyPolicy
 from amoeba_profile.selection.picker import Selection
 from amoeba_profile.core.subnet import Subnet
@@ -71,7 +71,10 @@ class Validation:
                 "source": self.source, "breaks_budget": self.breaks_budget}
 
 
-def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat_col: str = "median_ms") -> float:
+def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
+    """``metric`` of ``subnet`` from its measured model rows, composed as a prediction is
+    (``stat``: the row statistic, median or p90)."""
+    stat_col = stat_column(stat)
     rows = lut.ok[(lut.ok.component == "model") & (lut.ok.subnet_id == subnet.id) & (lut.ok.batch == workload.batch)]
     prefill = rows[(rows.phase == "prefill") & (rows.tokens == workload.prompt_len)]
     decode = rows[rows.phase == "decode"].sort_values("context")
@@ -140,7 +143,6 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
                      decode_steps=grid.get("decode_steps", 8),
                      extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
                      extra_ffn=tuple(sorted({l.ffn for l in layers})))
-    stat_col = {"median": "median_ms", "p90": "p90_ms"}[selection.stat]
     measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
                             method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
                             busy=busy, notice=notice)
@@ -148,7 +150,7 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     fresh_predictor = Predictor(fresh)
     out = []
     for cand in selection.top_k:
-        truth = measured_metric(fresh, cand.subnet, workload, selection.metric, stat_col)
+        truth = measured_metric(fresh, cand.subnet, workload, selection.metric, selection.stat)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
         out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
     models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))

@@ -32,6 +32,14 @@ SOURCES = ("measured", "interpolated", "roofline")
 STATS = {"median": "median_ms", "p90": "p90_ms"}
 
 
+def stat_column(stat: str) -> str:
+    """The row column that holds statistic ``stat`` (median or p90), for predicted and measured
+    metrics alike."""
+    if stat not in STATS:
+        raise UsageError(f"unknown statistic {stat!r}: use median or p90")
+    return STATS[stat]
+
+
 def worst_source(*sources: str) -> str:
     return max(sources, key=SOURCES.index)
 
@@ -199,7 +207,7 @@ class Predictor:
         return workload.decode_contexts()
 
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
-        stat_col = self._stat_col(stat)
+        stat_col = stat_column(stat)
         prefill, source, used = self._phase(subnet, "prefill", workload.batch, np.array([workload.prompt_len]),
                                             stat_col)
         contexts = self._contexts(workload, lambda ends: self._phase(subnet, "decode", workload.batch, ends, stat_col))
@@ -215,12 +223,12 @@ class Predictor:
                  stat: str = "median") -> tuple[float, str]:
         """Predicted time of one forward: a prefill of ``tokens`` or one decode step at ``context``."""
         x = np.array([tokens if phase == "prefill" else context])
-        values, source, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
+        values, source, _ = self._phase(subnet, phase, batch, x, stat_column(stat))
         return float(values[0]), source
 
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
-        col = self._stat_col(stat)
+        col = stat_column(stat)
         contexts = self._contexts(workload, lambda ends: self._curve("base", "decode", workload.batch, None, 0,
                                                                       "context", ends, col))
         prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
@@ -230,14 +238,8 @@ class Predictor:
     def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
                      stat: str = "median") -> float:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
-        col, b = self._stat_col(stat), workload.batch
+        col, b = stat_column(stat), workload.batch
         contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
         prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
         return compose(prefill[0], decode).metric(metric)
-
-    @staticmethod
-    def _stat_col(stat: str) -> str:
-        if stat not in STATS:
-            raise UsageError(f"unknown statistic {stat!r}: use median or p90")
-        return STATS[stat]
