@@ -590,7 +590,7 @@ def _names(text: str) -> list[str]:
 
 @app.command("backends")
 def backends(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Every flow the project knows (measuring, unavailable, roofline-only), why, and what to install."""
+    """Every flow the project knows (measuring or unavailable here), why, and what to install."""
     if as_json:
         print_json(out, backends_rows())
         return
