@@ -25,9 +25,10 @@ build that extends a table, its ``later_builds`` entry's) names the resource and
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +239,8 @@ class _Driver:
     """Runs every build of the fleet at once, each in a thread of its own: a build's loop
     (``scheduler.run_rounds``) waits while its round's tasks run, and the builds of other devices
     must not wait with it. A thread polls Ray every ``poll_s``, so a stopped run (Ctrl-C) ends each
-    build at its next poll, its tasks cancelled and its lock released."""
+    build at its next poll, its tasks cancelled and its lock released. The caller's ``progress``
+    and ``notice`` run on the calling thread (``_on_caller``), as in a local build."""
 
     def __init__(self, out_dir: Path, protocol: TimingProtocol, busy: BusyPolicy | None,
                  progress: FleetProgress | None, notice: Notice, device_wait_s: float, max_retries: int,
@@ -250,19 +252,37 @@ class _Driver:
         self.paths: dict[Path, _Table] = {}
         self.claiming = threading.Lock()
         self.stopping = threading.Event()
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def run(self, tables: list[_Table]) -> list[FleetOutcome]:
         with ThreadPoolExecutor(max_workers=max(len(tables), 1), thread_name_prefix="fleet-build") as pool:
             futures = [pool.submit(self._build, table) for table in tables]
             try:
-                for future in as_completed(futures):
-                    future.result()
+                while not all(future.done() for future in futures):
+                    try:
+                        self.calls.get(timeout=self.poll_s)()
+                    except queue.Empty:
+                        pass
+                    for future in futures:
+                        if future.done():
+                            future.result()  # a build's unexpected error stops the run
+                while not self.calls.empty():
+                    self.calls.get()()
             except BaseException:
                 self.stopping.set()
                 raise
         return [FleetOutcome(t.build, t.status, t.message, t.result, tuple(sorted(t.nodes)),
                              t.journal.path if t.journal is not None and t.journal.path.exists() else None)
                 for t in tables]
+
+    def _on_caller(self, function: Callable[..., None], *args: Any) -> None:
+        """Call ``function(*args)`` on the thread that runs ``run``, in order, without waiting for
+        it: a caller's callback may do what only the main thread may (a test's progress callback
+        starts a Ray node, which installs a signal handler)."""
+        self.calls.put(lambda: function(*args))
+
+    def say(self, message: str) -> None:
+        self._on_caller(self.notice, message)
 
     def _build(self, table: _Table) -> None:
         try:
@@ -291,7 +311,7 @@ class _Driver:
             raise _Stop("failed", f"writes {path}, as {other.build.name} does: both labels' nodes have the same "
                         "device; give one of them other flows or models")
         output_dir(path.parent, "--out")
-        table.stack.enter_context(table_lock(path, 0, self.notice))
+        table.stack.enter_context(table_lock(path, 0, self.say))
         start = start_table(path, plan, record, self.protocol, described.device, described.method_reason)
 
         def journal() -> Journal:
@@ -307,7 +327,8 @@ class _Driver:
         launcher = RayLauncher(self, table, described, fingerprint, str(path))
         progress = self.progress
         run_rounds(start.todo, table.journal, self.protocol, launcher,
-                   (lambda done, total, label: progress(table.build.name, done, total, label)) if progress else None)
+                   (lambda *done_total_label: self._on_caller(progress, table.build.name, *done_total_label))
+                   if progress else None)
         rows, oom = journal_rows(start.todo, table.journal, self.protocol, plan.method)
         start.meta["state_at_end"] = launcher.last_state if launcher.last_state is not None else described.state
         provenance = {"resource": table.resource, "nodes": sorted(table.nodes)}
@@ -362,7 +383,7 @@ class _Driver:
             table.missing_since = None
         elif table.missing_since is None:
             table.missing_since = now
-            self.notice(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
+            self.say(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
                         f"{self.device_wait_s:g} s for one to join")
         elif now - table.missing_since >= self.device_wait_s:
             raise _Stop("lost", f"no live node advertised {table.resource} for {self.device_wait_s:g} s")
@@ -404,7 +425,7 @@ class RayLauncher:
                     problem = refusal(self.fingerprint, self.described.record.versions, entries, round_index, result)
                     if problem is not None:
                         if result.node not in self.refused:
-                            driver.notice(f"{self.table.build.name}: results from node {result.node[:12]} refused, "
+                            driver.say(f"{self.table.build.name}: results from node {result.node[:12]} refused, "
                                           f"never mixed in: {problem}")
                         self.refused[result.node] = problem
                         pending[self._submit(entries, round_index)] = entries
