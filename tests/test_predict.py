@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from amoeba_profile.core.errors import OutOfRange
+from amoeba_profile.core.errors import OutOfRange, UsageError
 from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet
 from amoeba_profile.core.workload import Workload
@@ -148,3 +148,25 @@ def test_prediction_and_its_parts_and_measured_models_compose_alike(tiny_arch, l
     models = Lut(rows_frame(rows), lut.meta)
     for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):  # decode is linear in context here: interpolation is exact
         assert measured_metric(models, subnet, workload, metric) == pytest.approx(p.metric(metric))
+
+
+def test_a_statistic_reads_the_same_column_when_predicted_and_when_measured(tiny_arch, lut):
+    """median / p90 map to their row columns once (``predict.stat_column``): validation's measured
+    metric reads the column the predictor reads, and refuses what the predictor refuses."""
+    from amoeba_profile.core.entry import Entry
+    from amoeba_profile.core.timing import Measurement
+    from amoeba_profile.measure.validate import measured_metric
+    from amoeba_profile.selection.predict import stat_column
+    from amoeba_profile.table.lut import Lut, measured_row, rows_frame
+
+    subnet, workload = Subnet.uniform(tiny_arch, 2, 1.0), Workload(1, 16, 40)
+    prefill = Measurement.from_samples([float(s) for s in range(1, 11)])
+    row = measured_row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), prefill, "ok", method="whole", repeat=1,
+                       wall_s=0.0)
+    models = Lut(rows_frame([row]), lut.meta)
+    assert (stat_column("median"), stat_column("p90")) == ("median_ms", "p90_ms")
+    assert measured_metric(models, subnet, workload, "ttft_ms", "p90") == pytest.approx(prefill.p90_ms)
+    assert measured_metric(models, subnet, workload, "ttft_ms") == pytest.approx(prefill.median_ms)
+    assert prefill.p90_ms > prefill.median_ms
+    with pytest.raises(UsageError, match="unknown statistic 'mean': use median or p90"):
+        measured_metric(models, subnet, workload, "ttft_ms", "mean")

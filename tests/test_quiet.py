@@ -1,8 +1,10 @@
 """A busy machine never ruins a table silently: the load reader, the busy policy, the
 machine-wide measurement lock, and contended rows flagged in a real build."""
 
+import json
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -142,6 +144,29 @@ def test_a_stale_holder_is_ignored(tmp_path):
     lock.holder_path.write_text('{"pid": 999999999, "target": "gone"}')
     assert lock.holder() is None and measuring_pids(tmp_path) == []
     assert lock.describe_holder() == "another measurement (holder unknown)"
+
+
+def test_a_table_lock_and_a_measurement_lock_leave_one_kind_of_note(tmp_path):
+    """Both are one primitive (``core.files.NotedLock``): the same note - pid, host, since, and
+    what each adds - and a note left by a dead process of this host names nobody."""
+    from amoeba_profile.core.files import describe_holder, held
+
+    table = tmp_path / "t.csv.lock"
+    with held(table, "table t"):
+        table_note = json.loads((tmp_path / "t.csv.lock.holder").read_text())
+    lock = MeasurementLock("cpu", "cpu-test", tmp_path)
+    lock.acquire("/tables/a.csv", _Notices())
+    try:
+        measure_note = lock.holder()
+    finally:
+        lock.release()
+    assert set(table_note) == {"pid", "host", "since"}
+    assert set(measure_note) == {"pid", "host", "since", "command", "target"}
+    assert (measure_note["pid"], measure_note["host"]) == (table_note["pid"], table_note["host"]) \
+        == (os.getpid(), socket.gethostname())
+    (tmp_path / "t.csv.lock.holder").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(),
+                                                             "since": "2026-01-01T00:00:00+00:00"}))
+    assert describe_holder(table) == "another process"
 
 
 def _plan(arch):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from amoeba_profile.core.entry import Entry
@@ -13,7 +11,7 @@ from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.subnet import DesignSpace, Subnet
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.workload import Workload
-from amoeba_profile.selection.picker import rank, select
+from amoeba_profile.selection.picker import select
 from amoeba_profile.selection.predict import Predictor, normal_quantile
 from amoeba_profile.table.lut import Lut, measured_row, rows_frame
 

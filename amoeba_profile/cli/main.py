@@ -21,7 +21,7 @@ from amoeba_profile.measure.journal import check_corrupt_choice
 from amoeba_profile.table.lut import load_one
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.cli.report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
+from amoeba_profile.cli.report import (verified_table, backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
 from amoeba_profile.selection.picker import describe, select, table_space, table_workload
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
@@ -750,7 +750,7 @@ def _names(text: str) -> list[str]:
 
 @app.command("backends")
 def backends(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Every flow the project knows (measuring, unavailable, roofline-only), why, and what to install."""
+    """Every flow the project knows (measuring or unavailable here), why, and what to install."""
     if as_json:
         print_json(out, backends_rows())
         return

@@ -157,7 +157,7 @@ def _ranges(indices: list[int]) -> str:
 
 
 def backends_rows() -> list[dict[str, Any]]:
-    """Every flow the project knows (measuring, unavailable, roofline-only), one flat dict each."""
+    """Every flow the project knows (measuring or unavailable here), one flat dict each."""
     return [
         {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
          "install_hint": f.install_hint, "roofline_profile": f.roofline_profile,

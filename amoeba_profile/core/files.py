@@ -1,10 +1,11 @@
 """Files written so that a crash never leaves half of one, and file locks that say who holds them.
 
 A ``FileLock`` alone tells a waiting process nothing, so a second build of a table looked stuck at
-its start. The holder writes its pid, host and start time beside the lock (``<lock>.holder``); a
-waiter prints what it waits for and for how long. The note is advisory: it is written after the
-lock is taken and removed before it is released, and one left by a killed holder is overwritten by
-the next holder (a waiter may read it in between and name the dead process).
+its start. The holder writes its pid, host and start time beside the lock (``<lock>.holder``,
+``NotedLock``); a waiter prints what it waits for and for how long. The note is advisory: it is
+written after the lock is taken and removed before it is released, and one left by a killed holder
+is overwritten by the next holder; until then a waiter on the same host sees that its process is
+gone and does not name it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import socket
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -67,21 +68,77 @@ def holder_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + ".holder")
 
 
-def describe_holder(lock_path: Path) -> str:
-    """'pid N on HOST since T' from the holder note, or 'another process' without a readable one."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder_note(lock_path: Path) -> dict[str, Any] | None:
+    """The note of whoever holds the lock at ``lock_path``; None without a readable one, or when it
+    names a process of this host that is gone (a holder killed before it removed its note)."""
     try:
         note = json.loads(holder_path(lock_path).read_text())
-        return f"pid {int(note['pid'])} on {note['host']} since {note['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return None
+    if not isinstance(note, dict) or not isinstance(note.get("pid"), int) or isinstance(note["pid"], bool):
+        return None
+    if note.get("host", socket.gethostname()) == socket.gethostname() and not _alive(note["pid"]):
+        return None
+    return note
+
+
+def describe_holder(lock_path: Path) -> str:
+    """'pid N on HOST since T' from the holder note, or 'another process' without a live one."""
+    note = holder_note(lock_path)
+    if note is None:
         return "another process"
+    return f"pid {note['pid']} on {note.get('host', '?')} since {note.get('since', '?')}"
 
 
-def _acquire(lock: FileLock, timeout_s: float) -> bool:
-    try:
-        lock.acquire(timeout=timeout_s)
-    except Timeout:
-        return False
-    return True
+class NotedLock:
+    """A file lock whose holder leaves a note beside it (``<lock>.holder``): its pid, host and start
+    time, and whatever the caller adds. Every lock of the project is one: a table's (``held``) and
+    a device's measurement lock (``device/lock.py``)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.holder_path = holder_path(self.path)
+        self._lock = FileLock(str(self.path))
+
+    def _take(self, timeout_s: float) -> bool:
+        try:
+            self._lock.acquire(timeout=timeout_s)
+        except Timeout:
+            return False
+        return True
+
+    def acquire(self, timeout_s: float, waiting: Callable[[], None], note: dict[str, Any] | None = None) -> bool:
+        """Take the lock and write the note; False when another process kept it. Held elsewhere:
+        ``timeout_s`` 0 gives up at once; otherwise ``waiting()`` is called (to say whom we wait for)
+        and the wait lasts up to ``timeout_s`` (< 0: until it is released)."""
+        if not self._take(0):
+            if timeout_s == 0:
+                return False
+            waiting()
+            if not self._take(timeout_s):
+                return False
+        try:
+            since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_file_atomically(self.holder_path, json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": since, **(note or {})}).encode())
+        except BaseException:
+            self._lock.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        self.holder_path.unlink(missing_ok=True)
+        self._lock.release()
 
 
 @contextmanager
@@ -91,21 +148,19 @@ def held(lock_path: Path, what: str, timeout_s: float = -1, notice: Notice | Non
     When another process holds it, ``notice`` gets one line naming the holder and how long this
     process waits (``timeout_s`` < 0: until it is released); after ``timeout_s`` a ``LutError``
     names the holder."""
-    lock = FileLock(str(lock_path))
-    if not _acquire(lock, 0):
-        if timeout_s != 0 and notice is not None:
+    lock = NotedLock(lock_path)
+
+    def waiting() -> None:
+        if notice is not None:
             wait = "until it is released" if timeout_s < 0 else f"for up to {timeout_s:g} s"
             notice(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); waiting {wait}")
-        if timeout_s == 0 or not _acquire(lock, timeout_s):
-            raise LutError(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); another build or "
-                           "validation is using it - wait for it to finish")
+
+    if not lock.acquire(timeout_s, waiting):
+        raise LutError(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); another build or "
+                       "validation is using it - wait for it to finish")
     try:
-        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        write_file_atomically(holder_path(lock_path), json.dumps(
-            {"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
         yield
     finally:
-        holder_path(lock_path).unlink(missing_ok=True)
         lock.release()
 
 

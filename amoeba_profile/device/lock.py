@@ -2,27 +2,25 @@
 
 Two builds (or a build and a validate) that measure on one device at once slow each other down
 without a trace in either table, even when they write different tables. Every measurement holds a
-file lock named after the device; the holder writes who it is (pid, command, target, since) beside
-the lock, so a second measurement says whom it waits for. The lock folder is per user
-(``$AMOEBA_LOCK_DIR``, else ``$XDG_RUNTIME_DIR/amoeba-profile``, else ``<tmp>/amoeba-profile-<uid>``):
-other users' processes are seen by the load check (``load.py``) instead. A holder killed with
-SIGKILL releases the lock with its process; its stale holder file is ignored and replaced.
+file lock named after the device, a ``core.files.NotedLock``: the holder writes who it is (pid,
+host, command, target, since) beside the lock, so a second measurement says whom it waits for. The
+lock folder is per user (``$AMOEBA_LOCK_DIR``, else ``$XDG_RUNTIME_DIR/amoeba-profile``, else
+``<tmp>/amoeba-profile-<uid>``): other users' processes are seen by the load check (``load.py``)
+instead. A holder killed with SIGKILL releases the lock with its process; its stale holder file is
+ignored and replaced.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
-
-from filelock import FileLock, Timeout
+from typing import Any
 
 from amoeba_profile.core.errors import MachineBusy, UsageError
+from amoeba_profile.core.files import Notice, NotedLock, holder_note
 
 
 def lock_dir() -> Path:
@@ -34,16 +32,6 @@ def lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"amoeba-profile-{uid}"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class MeasurementLock:
     """The machine-wide lock of one device (``device`` as the backend names it, ``slug`` its folder name)."""
 
@@ -52,8 +40,8 @@ class MeasurementLock:
         name = re.sub(r"[^a-z0-9.-]+", "-", f"{slug}-{index}".strip("-").lower())
         self.folder = Path(folder) if folder is not None else lock_dir()
         self.path = self.folder / f"measure-{name}.lock"
-        self.holder_path = self.path.with_name(self.path.name + ".holder")
-        self._lock = FileLock(str(self.path))
+        self._lock = NotedLock(self.path)
+        self.holder_path = self._lock.holder_path
 
     def _prepare(self) -> None:
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -61,12 +49,8 @@ class MeasurementLock:
             raise UsageError(f"{self.folder} belongs to another user; set AMOEBA_LOCK_DIR to a folder of yours")
 
     def holder(self) -> dict[str, Any] | None:
-        """Who holds the lock, from its holder file; None when nobody alive is recorded there."""
-        try:
-            info = json.loads(self.holder_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return info if isinstance(info, dict) and isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
+        """Who holds the lock, from its holder note; None when nobody alive is recorded there."""
+        return holder_note(self.path)
 
     def describe_holder(self) -> str:
         info = self.holder()
@@ -75,32 +59,23 @@ class MeasurementLock:
         return (f"pid {info['pid']} ({info.get('command', '?')}) measuring {info.get('target', '?')} "
                 f"since {info.get('since', '?')}")
 
-    def acquire(self, target: str, notice: Callable[[str], None], timeout_s: float = -1) -> None:
+    def acquire(self, target: str, notice: Notice, timeout_s: float = -1) -> None:
         """Take the lock; if another measurement holds it, say whom we wait for, then wait
         (``timeout_s`` < 0: as long as it takes) or raise ``MachineBusy``."""
         self._prepare()
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
+        bound = "" if timeout_s < 0 else f" (up to {timeout_s:g} s)"
+
+        def waiting() -> None:
+            notice(f"waiting for the {self.path.stem.removeprefix('measure-')} measurement lock{bound}: held by "
+                   f"{self.describe_holder()}")
+
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:160]
+        if not self._lock.acquire(timeout_s, waiting, {"command": command, "target": target}):
             who = self.describe_holder()
-            if timeout_s == 0:
-                raise MachineBusy(f"{who} holds {self.path}; wait for it to finish") from None
-            bound = "" if timeout_s < 0 else f" (up to {timeout_s:g} s)"
-            notice(f"waiting for the {self.path.stem.removeprefix('measure-')} measurement lock{bound}: held by {who}")
-            try:
-                self._lock.acquire(timeout=timeout_s)
-            except Timeout:
-                raise MachineBusy(f"{who} still holds {self.path} after {timeout_s:g} s") from None
-        info = {"pid": os.getpid(), "command": " ".join(os.path.basename(a) if i == 0 else a
-                                                        for i, a in enumerate(sys.argv))[:160],
-                "target": target, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        # Informational only (a torn read means "holder unknown"), so no fsync: write and rename.
-        scratch = self.holder_path.with_name(f"{self.holder_path.name}.{os.getpid()}.tmp")
-        scratch.write_text(json.dumps(info))
-        os.replace(scratch, self.holder_path)
+            raise MachineBusy(f"{who} holds {self.path}; wait for it to finish" if timeout_s == 0
+                              else f"{who} still holds {self.path} after {timeout_s:g} s")
 
     def release(self) -> None:
-        self.holder_path.unlink(missing_ok=True)
         self._lock.release()
 
 
@@ -110,10 +85,7 @@ def measuring_pids(folder: Path | None = None) -> list[int]:
     folder = Path(folder) if folder is not None else lock_dir()
     pids = []
     for path in folder.glob("measure-*.lock.holder") if folder.is_dir() else ():
-        try:
-            pid = json.loads(path.read_text()).get("pid")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
-            pids.append(pid)
+        note = holder_note(path.with_name(path.name.removesuffix(".holder")))
+        if note is not None and note["pid"] != os.getpid():
+            pids.append(note["pid"])
     return pids

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Iterator
 
 from amoeba_profile.device.load import Contention, CpuLoad, sample_contention
 from amoeba_profile.device.lock import MeasurementLock
 from amoeba_profile.core.errors import MachineBusy, UsageError
+from amoeba_profile.core.files import Notice
 
 BUSY_MODES = ("wait", "warn", "refuse")
 # A row is flagged ``contended`` when other processes took more than this share of the cores it
 # needed; a quarter of one core already stalls a barrier-synchronized kernel (see ``load.idle_cores``).
 CONTENDED_SHARE = 0.25
-Notice = Callable[[str], None]
 
 
 @dataclass(frozen=True)

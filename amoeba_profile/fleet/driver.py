@@ -7,11 +7,11 @@ measuring task asks for one unit of it, so two measurements never share a device
 the cluster runs.
 
 The driver does everything a local build does on its own machine - the table lock, the journal,
-the rounds, the choice of noisy rows to re-measure, the aggregation, the fit and the atomic write
-(``build.start_table`` ... ``build.finish_table``) - and the workers only measure
-(``fleet_worker.py``): one task measures one unit's pending entries in one round
-(``build.UnitMeasurer``, under the device's measurement lock on that node) and returns the
-results, which the driver appends to the table's journal as each task finishes. So:
+the build loop of ``scheduler.py`` (rounds, noisy rows re-measured), the aggregation, the fit and
+the atomic write (``build.start_table`` ... ``build.finish_table``) - and the workers only measure
+(``worker.py``): the loop's launcher here (``RayLauncher``) sends each unit's pending entries of a
+round as one task (``build.UnitMeasurer``, under the device's measurement lock on that node), and
+the loop appends the results to the table's journal as each task finishes. So:
 - a worker or node killed mid-build loses only the unit it was measuring; Ray retries that task
   (``max_retries``) on another node of the same device, or on one that joins later;
 - a device with no node for ``device_wait_s`` is given up: its journal stays, and the message names
@@ -25,14 +25,18 @@ build that extends a table, its ``later_builds`` entry's) names the resource and
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from amoeba_profile.measure.build import (BuildResult, TableStart, finish_table, group_units, journal_rows, leave_unchanged, noisy_groups,
-                    open_journal, round_groups, start_table, stored_config_at, to_stderr)
+from amoeba_profile.measure.build import (BuildResult, finish_table, journal_rows, leave_unchanged, open_journal,
+                                          start_table, stored_config_at, to_stderr)
+from amoeba_profile.measure.scheduler import Sink, run_rounds
 from amoeba_profile.device import device_slug, resolve_device
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, UsageError
@@ -107,13 +111,15 @@ class FleetNode:
 
 
 _REMOTE: dict[str, Any] = {}
+_REMOTE_MADE = threading.Lock()
 
 
 def _remote(function: Callable):
-    """The Ray remote function of ``function``, made once per process."""
-    if function.__name__ not in _REMOTE:
-        _REMOTE[function.__name__] = _ray().remote(function)
-    return _REMOTE[function.__name__]
+    """The Ray remote function of ``function``, made once per process (the builds' threads share it)."""
+    with _REMOTE_MADE:
+        if function.__name__ not in _REMOTE:
+            _REMOTE[function.__name__] = _ray().remote(function)
+        return _REMOTE[function.__name__]
 
 
 def discover(timeout_s: float = 120.0) -> list[FleetNode]:
@@ -168,39 +174,31 @@ def refusal(expected_device: dict[str, Any], expected_versions: dict[str, Any], 
 # ---- the driver -------------------------------------------------------------------------------
 
 
+class _Stop(Exception):
+    """Ends one build of the fleet without writing its table; ``status`` is ``lost`` or ``failed``."""
+
+    def __init__(self, status: str, why: str):
+        super().__init__(why)
+        self.status, self.why = status, why
+
+
 @dataclass
 class _Table:
-    """One build of the fleet in flight; ``pending`` maps each outstanding task to its unit-round
-    (None: the describe task)."""
+    """One build of the fleet, run in a driver thread of its own."""
 
     build: FleetBuild
     started: float = field(default_factory=time.perf_counter)
     stack: ExitStack = field(default_factory=ExitStack)
     status: str = "describing"  # describing, measuring, written, unchanged, lost, failed
     message: str = ""
-    described: Described | None = None
-    start: TableStart | None = None
     journal: Journal | None = None
-    fingerprint: dict[str, Any] = field(default_factory=dict)
-    units: dict[tuple, list[Entry]] = field(default_factory=dict)
-    failed_units: set[tuple] = field(default_factory=set)
-    round_index: int = 0
-    pending: dict[Any, tuple[list[Entry], int] | None] = field(default_factory=dict)
     nodes: set[str] = field(default_factory=set)
-    refused: dict[str, str] = field(default_factory=dict)  # node id -> why its results were refused
-    turn: int = 0
-    redescribed: bool = False
-    last_state: dict[str, Any] | None = None
     missing_since: float | None = None
     result: BuildResult | None = None
 
     @property
     def resource(self) -> str:
         return resource_name(self.build.label)
-
-    @property
-    def active(self) -> bool:
-        return self.status in ("describing", "measuring")
 
 
 @dataclass(frozen=True)
@@ -238,6 +236,12 @@ def run_fleet(builds: list[FleetBuild], out_dir: Path, protocol: TimingProtocol 
 
 
 class _Driver:
+    """Runs every build of the fleet at once, each in a thread of its own: a build's loop
+    (``scheduler.run_rounds``) waits while its round's tasks run, and the builds of other devices
+    must not wait with it. A thread polls Ray every ``poll_s``, so a stopped run (Ctrl-C) ends each
+    build at its next poll, its tasks cancelled and its lock released. The caller's ``progress``
+    and ``notice`` run on the calling thread (``_on_caller``), as in a local build."""
+
     def __init__(self, out_dir: Path, protocol: TimingProtocol, busy: BusyPolicy | None,
                  progress: FleetProgress | None, notice: Notice, device_wait_s: float, max_retries: int,
                  on_corrupt: str, resume_hint: str, poll_s: float):
@@ -245,72 +249,69 @@ class _Driver:
         self.out_dir, self.protocol, self.busy, self.progress, self.notice = out_dir, protocol, busy, progress, notice
         self.device_wait_s, self.max_retries, self.on_corrupt = device_wait_s, max_retries, on_corrupt
         self.resume_hint, self.poll_s = resume_hint, poll_s
-        self.owner: dict[Any, _Table] = {}
         self.paths: dict[Path, _Table] = {}
+        self.claiming = threading.Lock()
+        self.stopping = threading.Event()
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
     def run(self, tables: list[_Table]) -> list[FleetOutcome]:
-        try:
-            for table in tables:
-                self._describe(table, table.build.threads)
-            while self.owner:
-                ready, _ = self.ray.wait(list(self.owner), num_returns=1, timeout=self.poll_s)
-                for ref in ready:
-                    table = self.owner.pop(ref)
-                    job = table.pending.pop(ref)
-                    if table.active:
-                        self._handle(table, ref, job)
-                self._watch_devices(tables)
-        finally:
-            for table in tables:
-                for ref in table.pending:
-                    self.ray.cancel(ref)
-                table.stack.close()
+        with ThreadPoolExecutor(max_workers=max(len(tables), 1), thread_name_prefix="fleet-build") as pool:
+            futures = [pool.submit(self._build, table) for table in tables]
+            try:
+                while not all(future.done() for future in futures):
+                    try:
+                        self.calls.get(timeout=self.poll_s)()
+                    except queue.Empty:
+                        pass
+                    for future in futures:
+                        if future.done():
+                            future.result()  # a build's unexpected error stops the run
+                while not self.calls.empty():
+                    self.calls.get()()
+            except BaseException:
+                self.stopping.set()
+                raise
         return [FleetOutcome(t.build, t.status, t.message, t.result, tuple(sorted(t.nodes)),
                              t.journal.path if t.journal is not None and t.journal.path.exists() else None)
                 for t in tables]
 
-    def _options(self, table: _Table) -> dict[str, Any]:
-        # num_cpus=0: the device resource is what a measurement holds; a node started with
-        # --num-cpus=0 (a head that measures nothing) still runs nothing of ours.
-        return {"resources": {table.resource: 1}, "num_cpus": 0, "max_retries": self.max_retries,
-                "retry_exceptions": False}
+    def _on_caller(self, function: Callable[..., None], *args: Any) -> None:
+        """Call ``function(*args)`` on the thread that runs ``run``, in order, without waiting for
+        it: a caller's callback may do what only the main thread may (a test's progress callback
+        starts a Ray node, which installs a signal handler)."""
+        self.calls.put(lambda: function(*args))
 
-    def _describe(self, table: _Table, threads: int | None) -> None:
-        ref = _remote(describe_task).options(**self._options(table)).remote(table.build, threads)
-        self.owner[ref] = table
-        table.pending[ref] = None
+    def say(self, message: str) -> None:
+        self._on_caller(self.notice, message)
 
-    def _handle(self, table: _Table, ref: Any, job: tuple[list[Entry], int] | None) -> None:
+    def _build(self, table: _Table) -> None:
         try:
-            value = self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as exc:  # the task raised: a refusal or a failed measurement
-            return self._stop(table, "failed", _cause(exc))
-        except self.ray.exceptions.RayError as exc:  # the task was lost past its retries
-            return self._stop(table, "lost", _cause(exc))
-        try:
-            if job is None:
-                self._described(table, value)
-            else:
-                self._measured(table, job, value)
+            self._measure(table)
+        except _Stop as stop:
+            self._stopped(table, stop.status, stop.why)
         except AmoebaError as exc:  # the table or journal refused (identity, lock, a bad record)
-            self._stop(table, "failed", str(exc))
+            self._stopped(table, "failed", str(exc))
+        finally:
+            table.stack.close()
 
-    def _described(self, table: _Table, described: Described) -> None:
+    def _measure(self, table: _Table) -> None:
+        """``run_build`` with the device's answers taken from its nodes: describe, start the table,
+        the build loop through a ``RayLauncher``, finish the table."""
+        described = self._describe(table, table.build.threads)
         plan, record = described.plan, described.record
         path = table_path(self.out_dir, described.device["slug"], record.name, plan.arch.name, record.dtype)
-        if table.build.threads is None and not table.redescribed:
+        stored = stored_config_at(path) if table.build.threads is None else None
+        if stored and stored.get("threads") and stored["threads"] != record.config.get("threads"):
             # A load-dependent default thread count must not change a table's identity between runs.
-            stored = stored_config_at(path)
-            if stored and stored.get("threads") and stored["threads"] != record.config.get("threads"):
-                table.redescribed = True
-                return self._describe(table, stored["threads"])
-        other = self.paths.get(path)
-        if other is not None:
-            return self._stop(table, "failed", f"writes {path}, as {other.build.name} does: both labels' nodes have "
-                              "the same device; give one of them other flows or models")
-        self.paths[path] = table
+            described = self._describe(table, stored["threads"])
+            plan, record = described.plan, described.record
+        with self.claiming:
+            other = self.paths.setdefault(path, table)
+        if other is not table:
+            raise _Stop("failed", f"writes {path}, as {other.build.name} does: both labels' nodes have the same "
+                        "device; give one of them other flows or models")
         output_dir(path.parent, "--out")
-        table.stack.enter_context(table_lock(path, 0, self.notice))
+        table.stack.enter_context(table_lock(path, 0, self.say))
         start = start_table(path, plan, record, self.protocol, described.device, described.method_reason)
 
         def journal() -> Journal:
@@ -318,91 +319,18 @@ class _Driver:
 
         if start.nothing_new:
             table.result, table.status = leave_unchanged(start, journal, table.started), "unchanged"
-            return table.stack.close()
-        table.journal, table.start, table.described, table.status = journal(), start, described, "measuring"
+            return
+        table.journal, table.status = journal(), "measuring"
         # An extended table keeps the device it was measured on: rows from any other are refused.
-        table.fingerprint = start.old_meta.get("device", described.device) if start.old_meta else described.device
+        fingerprint = start.old_meta.get("device", described.device) if start.old_meta else described.device
         start.meta["monitor"], start.meta["state_at_start"] = described.monitor, described.state
-        table.units = group_units(start.todo)
-        self._report(table, "resuming" if table.journal.records else "starting")
-        self._advance(table)
-
-    def _advance(self, table: _Table) -> None:
-        """Submit the next round that has work (every unit once per round, as a local build; then
-        the extra round for noisy rows); with none left, write the table."""
-        rounds = self.protocol.rounds
-        while table.round_index <= rounds:
-            if table.round_index < rounds:
-                groups = round_groups(table.units, table.journal.done(), table.failed_units, table.round_index)
-            else:
-                groups = noisy_groups(table.units, table.journal, table.failed_units, self.protocol)
-            for entries in groups:
-                self._submit(table, entries, table.round_index)
-            if groups:
-                return
-            table.round_index += 1
-        self._finish(table)
-
-    def _submit(self, table: _Table, entries: list[Entry], round_index: int) -> None:
-        if not table.active:
-            return
-        described = table.described
-        job = UnitJob(described.plan, described.record, table.fingerprint, self.protocol, tuple(entries), round_index,
-                      self.busy, str(table.start.path))
-        options = self._options(table)
-        if table.refused:
-            eligible = self._eligible(table)
-            if not eligible:
-                reasons = "; ".join(f"node {node[:12]}: {why}" for node, why in table.refused.items())
-                return self._stop(table, "failed", f"no node with {table.resource} measures as the table was "
-                                  f"measured ({reasons})")
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(eligible[table.turn % len(eligible)],
-                                                                            soft=False)
-            table.turn += 1
-        ref = _remote(measure_task).options(**options).remote(job)
-        self.owner[ref] = table
-        table.pending[ref] = (entries, round_index)
-
-    def _eligible(self, table: _Table) -> list[str]:
-        """Live nodes that advertise the table's device and whose results were never refused."""
-        return sorted(n["NodeID"] for n in self.ray.nodes() if n["Alive"] and n["Resources"].get(table.resource, 0) > 0
-                      and n["NodeID"] not in table.refused)
-
-    def _measured(self, table: _Table, job: tuple[list[Entry], int], result: UnitResult) -> None:
-        entries, round_index = job
-        problem = refusal(table.fingerprint, table.described.record.versions, entries, round_index, result)
-        if problem is not None:
-            if result.node not in table.refused:
-                self.notice(f"{table.build.name}: results from node {result.node[:12]} refused, never mixed in: "
-                            f"{problem}")
-            table.refused[result.node] = problem
-            return self._submit(table, entries, round_index)
-        for record in result.records:
-            table.journal.append(record)
-        table.nodes.add(result.node)
-        table.last_state = result.state
-        if not result.built:
-            table.failed_units.add(entries[0].unit)
-        rounds = self.protocol.rounds
-        which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for noisy rows"
-        self._report(table, f"{which}: {entries[-1].label}")
-        if not table.pending:
-            self._advance(table)
-
-    def _report(self, table: _Table, label: str) -> None:
-        if self.progress is None:
-            return
-        todo_keys = {e.key for e in table.start.todo}
-        total = len(todo_keys) * self.protocol.rounds
-        done = len({d for d in table.journal.done() if d[0] in todo_keys})
-        self.progress(table.build.name, min(done, total), total, label)
-
-    def _finish(self, table: _Table) -> None:
-        start, described = table.start, table.described
-        rows, oom = journal_rows(start.todo, table.journal, self.protocol, described.plan.method)
-        start.meta["state_at_end"] = table.last_state if table.last_state is not None else described.state
+        launcher = RayLauncher(self, table, described, fingerprint, str(path))
+        progress = self.progress
+        run_rounds(start.todo, table.journal, self.protocol, launcher,
+                   (lambda *done_total_label: self._on_caller(progress, table.build.name, *done_total_label))
+                   if progress else None)
+        rows, oom = journal_rows(start.todo, table.journal, self.protocol, plan.method)
+        start.meta["state_at_end"] = launcher.last_state if launcher.last_state is not None else described.state
         provenance = {"resource": table.resource, "nodes": sorted(table.nodes)}
         if start.old_meta is None:
             start.meta["fleet"] = provenance
@@ -410,36 +338,130 @@ class _Driver:
             start.meta["later_builds"][-1]["fleet"] = provenance
         table.result = finish_table(start, rows, oom, table.journal, table.started)
         table.status = "written"
-        table.stack.close()
 
-    def _watch_devices(self, tables: list[_Table]) -> None:
+    def options(self, table: _Table) -> dict[str, Any]:
+        # num_cpus=0: the device resource is what a measurement holds; a node started with
+        # --num-cpus=0 (a head that measures nothing) still runs nothing of ours.
+        return {"resources": {table.resource: 1}, "num_cpus": 0, "max_retries": self.max_retries,
+                "retry_exceptions": False}
+
+    def _describe(self, table: _Table, threads: int | None) -> Described:
+        ref = _remote(describe_task).options(**self.options(table)).remote(table.build, threads)
+        try:
+            self.ready(table, [ref])
+        except BaseException:
+            self.ray.cancel(ref)
+            raise
+        return self.value(ref)
+
+    def ready(self, table: _Table, refs: list[Any]) -> list[Any]:
+        """The tasks of ``refs`` that have finished, waiting at most ``poll_s`` at a time; in between,
+        a stopped run or a device with no live node for ``device_wait_s`` ends the build."""
+        while True:
+            if self.stopping.is_set():
+                raise _Stop("failed", "the fleet run was stopped")
+            done, _ = self.ray.wait(refs, num_returns=1, timeout=self.poll_s)
+            if done:
+                return done
+            self._watch_device(table)
+
+    def value(self, ref: Any) -> Any:
+        """A finished task's value; a task that raised (a refusal, a failed measurement) fails the
+        build, one lost past its retries loses it."""
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            raise _Stop("failed", _cause(exc)) from None
+        except self.ray.exceptions.RayError as exc:
+            raise _Stop("lost", _cause(exc)) from None
+
+    def _watch_device(self, table: _Table) -> None:
         """Give up a build whose device has had no live node for ``device_wait_s``: its tasks wait
         for a node that may never come back."""
-        waiting = [t for t in tables if t.active and t.pending]
-        if not waiting:
-            return
-        present = self.ray.cluster_resources()
         now = time.monotonic()
-        for table in waiting:
-            if present.get(table.resource, 0) > 0:
-                table.missing_since = None
-            elif table.missing_since is None:
-                table.missing_since = now
-                self.notice(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
-                            f"{self.device_wait_s:g} s for one to join")
-            elif now - table.missing_since >= self.device_wait_s:
-                self._stop(table, "lost", f"no live node advertised {table.resource} for {self.device_wait_s:g} s")
+        if self.ray.cluster_resources().get(table.resource, 0) > 0:
+            table.missing_since = None
+        elif table.missing_since is None:
+            table.missing_since = now
+            self.say(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
+                        f"{self.device_wait_s:g} s for one to join")
+        elif now - table.missing_since >= self.device_wait_s:
+            raise _Stop("lost", f"no live node advertised {table.resource} for {self.device_wait_s:g} s")
 
-    def _stop(self, table: _Table, status: str, why: str) -> None:
-        """End a build without writing its table: cancel its tasks, release its lock, and say in one
-        line what is kept and how to resume."""
-        for ref in table.pending:
-            self.ray.cancel(ref)
-            self.owner.pop(ref, None)
-        table.pending.clear()
+    def _stopped(self, table: _Table, status: str, why: str) -> None:
+        """A build ended without writing its table: say in one line what is kept and how to resume."""
         journal = table.journal
         kept = (f"{len(journal.records)} results kept in {journal.path}" if journal is not None
                 else "nothing measured yet")
         table.status = status
         table.message = f"{table.build.name}: {why}; {kept}; resume with: {self.resume_hint}"
-        table.stack.close()
+
+
+class RayLauncher:
+    """Where a fleet build's units run: one Ray task per unit (``worker.measure_task``), every unit
+    of a round at once, on the nodes that advertise the table's device (the device resource makes
+    them take turns there); Ray reruns a task lost with its node elsewhere (``max_retries``).
+    Results from a node that measures unlike the table (``refusal``) are never journaled: the unit
+    goes to another node of the device, and with none left the build fails."""
+
+    def __init__(self, driver: _Driver, table: _Table, described: Described, fingerprint: dict[str, Any],
+                 target: str):
+        self.driver, self.table, self.described = driver, table, described
+        self.fingerprint, self.target = fingerprint, target
+        self.refused: dict[str, str] = {}  # node id -> why its results were refused
+        self.turn = 0
+        self.last_state: dict[str, Any] | None = None  # the device state after the latest unit
+
+    def launch(self, groups: list[list[Entry]], round_index: int, sink: Sink) -> set[tuple]:
+        driver, failed = self.driver, set()
+        pending = {}
+        try:
+            for entries in groups:
+                pending[self._submit(entries, round_index)] = entries
+            while pending:
+                for ref in driver.ready(self.table, list(pending)):
+                    entries = pending.pop(ref)
+                    result: UnitResult = driver.value(ref)
+                    problem = refusal(self.fingerprint, self.described.record.versions, entries, round_index, result)
+                    if problem is not None:
+                        if result.node not in self.refused:
+                            driver.say(f"{self.table.build.name}: results from node {result.node[:12]} refused, "
+                                          f"never mixed in: {problem}")
+                        self.refused[result.node] = problem
+                        pending[self._submit(entries, round_index)] = entries
+                        continue
+                    by_key = {e.key: e for e in entries}
+                    for record in result.records:
+                        sink(by_key[record["key"]], record)
+                    self.table.nodes.add(result.node)
+                    self.last_state = result.state
+                    if not result.built:
+                        failed.add(entries[0].unit)
+        finally:
+            for ref in pending:
+                driver.ray.cancel(ref)
+        return failed
+
+    def _submit(self, entries: list[Entry], round_index: int) -> Any:
+        described, driver = self.described, self.driver
+        job = UnitJob(described.plan, described.record, self.fingerprint, driver.protocol, tuple(entries),
+                      round_index, driver.busy, self.target)
+        options = driver.options(self.table)
+        if self.refused:
+            eligible = self._eligible()
+            if not eligible:
+                reasons = "; ".join(f"node {node[:12]}: {why}" for node, why in self.refused.items())
+                raise _Stop("failed", f"no node with {self.table.resource} measures as the table was measured "
+                            f"({reasons})")
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(eligible[self.turn % len(eligible)],
+                                                                            soft=False)
+            self.turn += 1
+        return _remote(measure_task).options(**options).remote(job)
+
+    def _eligible(self) -> list[str]:
+        """Live nodes that advertise the table's device and whose results were never refused."""
+        resource = self.table.resource
+        return sorted(n["NodeID"] for n in self.driver.ray.nodes() if n["Alive"] and n["Resources"].get(resource, 0) > 0
+                      and n["NodeID"] not in self.refused)

@@ -1,6 +1,6 @@
 """What a fleet runs on its nodes: detection, the description of a build, one unit-round's measurement.
 
-These are plain functions, made Ray tasks by the driver (``fleet.py``), so each runs in a worker
+These are plain functions, made Ray tasks by the driver (``driver.py``), so each runs in a worker
 process on a node of the device and returns plain values. Every measurement goes through the
 code a local build runs (``build.UnitMeasurer``) under the node's measurement lock, with the
 backend rebuilt from the table's own config; a node that is not the table's device measures

@@ -2,17 +2,16 @@
 
 Every (entry, round) result goes to the journal (``journal.py``) before the next one starts, so a
 build killed at any moment (even ``kill -9``) resumes with nothing lost or measured twice. Entries
-are measured in rounds - every entry once per round, whole models included - so slow drift of
-clocks or temperature spreads over all entries instead of biasing the ones measured last. Whole
-models run through the backend's serving loop from engines compiled once (``artifacts.py``) and
+are measured in interleaved rounds by the build loop of ``scheduler.py``; a local build runs each
+unit in this process (``InlineLauncher`` around ``UnitMeasurer``). Whole models run through the backend's serving loop from engines compiled once (``artifacts.py``) and
 loaded per round. A ``difference`` build then fits base + per-layer costs (``fit.py``). The
 finished table replaces the old one atomically; a file lock serializes two builds of one table,
 and a machine-wide lock per device serializes every measurement on it (``quiet.py``). Other
 processes' CPU load is recorded around every entry; rows measured under it are flagged.
 
-A fleet build (``fleet.py``) runs the same parts, split between machines: ``UnitMeasurer`` on a
-node of the device, the rounds (``round_groups``, ``noisy_groups``), the journal and the table
-(``start_table``, ``finish_table``) on the driver.
+A fleet build (``fleet/driver.py``) runs the same parts, split between machines: ``UnitMeasurer``
+on a node of the device, the same build loop with a launcher that sends units there, the journal
+and the table (``start_table``, ``finish_table``) on the driver.
 """
 
 from __future__ import annotations
@@ -47,11 +46,9 @@ from amoeba_profile.table.lut import Lut, entry_key_of_row, load_table, measured
 from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
 from amoeba_profile.selection.memory import check_fits
 from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.measure.scheduler import Progress, Sink, run_rounds
 from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
 
-Progress = Callable[[int, int, str], None]
-# Where one (entry, round) result goes: the build's journal, or the list a fleet worker returns.
-Sink = Callable[[Entry, dict[str, Any]], None]
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
 
@@ -311,47 +308,6 @@ def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: T
                    keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
 
 
-def group_units(entries: list[Entry]) -> dict[tuple, list[Entry]]:
-    """Entries by the unit (built module or engine) they share, in plan order."""
-    units: dict[tuple, list[Entry]] = defaultdict(list)
-    for entry in entries:
-        units[entry.unit].append(entry)
-    return units
-
-
-def round_groups(units: dict[tuple, list[Entry]], done: set[tuple[str, int]], failed: set[tuple],
-                 round_index: int) -> list[list[Entry]]:
-    """Per unit, the entries still to measure in round ``round_index``; units that could not be
-    built in an earlier round are skipped."""
-    groups = [[e for e in entries if (e.key, round_index) not in done]
-              for unit_key, entries in units.items() if unit_key not in failed]
-    return [group for group in groups if group]
-
-
-def noisy_groups(units: dict[tuple, list[Entry]], journal: Journal, failed: set[tuple],
-                 protocol: TimingProtocol) -> list[list[Entry]]:
-    """Per unit, the entries that get the extra round (index ``protocol.rounds``): CV over the
-    normal rounds above the threshold, or measured under contention; those already re-measured are
-    left out."""
-    extra = protocol.rounds
-    by_key: dict[str, list[float]] = defaultdict(list)
-    states: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in journal.records:
-        if record["status"] == "ok" and record["round"] < extra:
-            by_key[record["key"]].extend(record["samples_ms"])
-            states[record["key"]].append(record.get("state", {}))
-
-    def disturbed(key: str) -> bool:
-        samples = by_key.get(key, [])
-        noisy = len(samples) > 1 and Measurement.from_samples(samples).cv > protocol.cv_threshold
-        return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
-
-    done = journal.done()
-    groups = [[e for e in entries if disturbed(e.key) and (e.key, extra) not in done]
-              for unit_key, entries in units.items() if unit_key not in failed]
-    return [group for group in groups if group]
-
-
 def journal_rows(todo: list[Entry], journal: Journal, protocol: TimingProtocol,
                  plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of ``todo`` from the journal's results, and the labels of the entries that failed."""
@@ -511,56 +467,40 @@ class UnitMeasurer:
         return True
 
 
+class InlineLauncher:
+    """Where a local build's units run: in this process, one after the other (``UnitMeasurer``).
+
+    With a ``busy`` policy, the extra round first waits for a quiet CPU: the rows it re-measures
+    were noisy or contended, and on a machine still busy they would be again."""
+
+    def __init__(self, measurer: UnitMeasurer, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
+        self.measurer, self.busy, self.notice, self.load = measurer, busy, notice, load
+
+    def launch(self, groups: list[list[Entry]], round_index: int, sink: Sink) -> set[tuple]:
+        measurer = self.measurer
+        if round_index >= measurer.protocol.rounds and self.busy is not None:
+            wait_for_quiet(self.load, measurer.backend.host_cores(), self.busy, self.notice, may_refuse=False)
+        failed = set()
+        for entries in groups:
+            if not measurer.measure_unit(entries, round_index, sink):
+                failed.add(entries[0].unit)
+        return failed
+
+
 class _Runner:
-    """A local build: every unit measured in this process, results journaled as they come."""
+    """A local build: the build loop (``scheduler.run_rounds``) with every unit measured here."""
 
     def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
                  progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
-        self.plan, self.backend, self.protocol = plan, backend, protocol
-        self.progress, self.busy, self.notice, self.load = progress, busy, notice, load
-        self.measurer = UnitMeasurer(plan, backend, protocol, artifacts, load)
-        self.monitor = self.measurer.monitor
-        self.failed_units: set[tuple] = set()
-        self.counter = 0
-        self.total = 0
-
-    def tick(self, entry: Entry, round_index: int) -> None:
-        self.counter += 1
-        if self.progress:
-            rounds = self.protocol.rounds
-            which = f"round {round_index + 1}/{rounds}" if round_index < rounds else "extra round for a noisy row"
-            self.progress(min(self.counter, self.total), self.total, f"{which}: {entry.label}")
+        self.plan, self.backend, self.protocol, self.progress = plan, backend, protocol, progress
+        measurer = UnitMeasurer(plan, backend, protocol, artifacts, load)
+        self.monitor = measurer.monitor
+        self.launcher = InlineLauncher(measurer, busy, notice, load)
 
     def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
-        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal.
-
-        Rounds are interleaved (every unit once per round); entries whose CV exceeds the threshold,
-        or that were measured under contention, get one extra round, after a wait for a quiet CPU
-        (with a busy policy); still noisy or contended, they are flagged."""
-        protocol = self.protocol
-        units = group_units(todo)
-        self.total = len(todo) * protocol.rounds
-        todo_keys = {e.key for e in todo}
-        self.counter = len({d for d in journal.done() if d[0] in todo_keys})
-        if self.progress:
-            self.progress(self.counter, self.total, "resuming" if self.counter else "starting")
-        for round_index in range(protocol.rounds):
-            for entries in round_groups(units, journal.done(), self.failed_units, round_index):
-                self._measure_unit(entries, round_index, journal)
-        redo = noisy_groups(units, journal, self.failed_units, protocol)
-        if redo and self.busy is not None:
-            wait_for_quiet(self.load, self.backend.host_cores(), self.busy, self.notice, may_refuse=False)
-        for entries in redo:
-            self._measure_unit(entries, protocol.rounds, journal)
-        return journal_rows(todo, journal, protocol, self.plan.method)
-
-    def _measure_unit(self, entries: list[Entry], round_index: int, journal: Journal) -> None:
-        def sink(entry: Entry, result: dict[str, Any]) -> None:
-            journal.append(result)
-            self.tick(entry, round_index)
-
-        if not self.measurer.measure_unit(entries, round_index, sink):
-            self.failed_units.add(entries[0].unit)
+        """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal."""
+        run_rounds(todo, journal, self.protocol, self.launcher, self.progress)
+        return journal_rows(todo, journal, self.protocol, self.plan.method)
 
     def build(self, path: Path, device: dict[str, Any], method_reason: str, on_corrupt: str) -> BuildResult:
         plan, protocol = self.plan, self.protocol

@@ -1,8 +1,8 @@
 """Check every option of a measured build before anything is measured or written.
 
 A build writes its journal before the first measurement, and the journal remembers the options it
-started with. A mistake found only while measuring (a device torch cannot use, a flow with no
-measuring adapter) would leave a journal that refuses the corrected command. So the backend, the
+started with. A mistake found only while measuring (a device torch cannot use, a flow whose
+library is missing) would leave a journal that refuses the corrected command. So the backend, the
 device, the method, the plan and the dtype are all resolved here, and ``run_build`` starts only
 from the result.
 """
@@ -41,11 +41,6 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
     whole subnets, decode steps). With ``out_dir``, a build that resumes or extends a table there
     keeps the thread count it was measured with (``build.backend_for_build``). Raises UsageError (or BackendUnavailable) naming the option."""
     if backend not in REGISTRY:
-        from amoeba_profile.table.roofline import load_flows
-
-        if backend in load_flows():
-            raise UsageError(f"backend {backend!r} has no measuring adapter, only a roofline flow profile: add "
-                             "--predict and a spec-sheet --device (e.g. rtx-a5000) to compute its table")
         backend_class(backend)  # raises: unknown backend, with the list
     if threads is not None:
         threads = positive_int(threads, "--threads")

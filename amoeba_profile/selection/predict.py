@@ -46,6 +46,14 @@ SOURCES = ("measured", "interpolated", "roofline")
 STATS = {"median": "median_ms", "p90": "p90_ms"}
 
 
+def stat_column(stat: str) -> str:
+    """The row column that holds statistic ``stat`` (median or p90), for predicted and measured
+    metrics alike."""
+    if stat not in STATS:
+        raise UsageError(f"unknown statistic {stat!r}: use median or p90")
+    return STATS[stat]
+
+
 def worst_source(*sources: str) -> str:
     return max(sources, key=SOURCES.index)
 
@@ -332,7 +340,7 @@ class Predictor:
     def predict(self, subnet: Subnet, workload: Workload, stat: str = "median") -> Prediction:
         """Every metric of ``subnet`` for ``workload``: from its measured model rows where the table
         has them (source ``measured``), else composed from the table's parts."""
-        stat_col = self._stat_col(stat)
+        stat_col = stat_column(stat)
         prefill, source, used, prefill_se = self._answer(subnet, "prefill", workload.batch,
                                                          np.array([workload.prompt_len]), stat_col)
         contexts = self._contexts(workload, lambda ends: self._answer(subnet, "decode", workload.batch, ends, stat_col))
@@ -354,7 +362,7 @@ class Predictor:
     def measured_metric(self, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
         """``metric`` of ``subnet`` from its measured model rows alone, read as ``predict`` reads them
         (ttft needs only the prefill row); OutOfRange says what the rows lack."""
-        metric, stat_col, batch = metric_name(metric), self._stat_col(stat), workload.batch
+        metric, stat_col, batch = metric_name(metric), stat_column(stat), workload.batch
         prefill = self._whole(subnet, "prefill", batch, np.array([workload.prompt_len]), stat_col)
         if prefill is None:
             raise OutOfRange(f"{subnet.label}: no measured prefill at {workload.prompt_len} tokens")
@@ -377,12 +385,12 @@ class Predictor:
         """Composed time of one forward: a prefill of ``tokens`` or one decode step at ``context``
         (always from the parts, even for a shape with model rows: it is what those rows check)."""
         x = np.array([tokens if phase == "prefill" else context])
-        values, source, _, _ = self._phase(subnet, phase, batch, x, self._stat_col(stat))
+        values, source, _, _ = self._phase(subnet, phase, batch, x, stat_column(stat))
         return float(values[0]), source
 
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
-        col = self._stat_col(stat)
+        col = stat_column(stat)
         contexts = self._contexts(workload, lambda ends: self._curve("base", "decode", workload.batch, None, 0,
                                                                       "context", ends, col))
         prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
@@ -392,7 +400,7 @@ class Predictor:
     def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
                      stat: str = "median") -> float:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
-        col, b = self._stat_col(stat), workload.batch
+        col, b = stat_column(stat), workload.batch
         contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
         prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
@@ -402,10 +410,4 @@ class Predictor:
                     stat: str = "median") -> float:
         """The standard error of ``phase_ms``'s value."""
         x = np.array([tokens if phase == "prefill" else context])
-        return float(self._phase(subnet, phase, batch, x, self._stat_col(stat))[3][0])
-
-    @staticmethod
-    def _stat_col(stat: str) -> str:
-        if stat not in STATS:
-            raise UsageError(f"unknown statistic {stat!r}: use median or p90")
-        return STATS[stat]
+        return float(self._phase(subnet, phase, batch, x, stat_column(stat))[3][0])

@@ -21,13 +21,14 @@ back after every request, untimed, exactly as the dynamic cache is.
 
 Compile cost. ``compile`` builds the engine and runs one short request, so the decode step is
 compiled there, timed, and never inside a measurement. The engine is then kept alive across rounds
-in an ``EnginePool`` (least recently used released past half the device memory), so a round's
-``load`` costs nothing. Dynamo keeps compiled code in the process, keyed by guards on the model's
-structure, not on its instance, so a released engine rebuilt later reuses its graph. After a
-restart ``load`` compiles again and reports it as ``Engine.compile_s``; inductor's on-disk cache
-(``environment()["inductor_cache_dir"]``) makes that cheaper. Measured for the 4-layer tiny model
-(hidden 64) on the shared 2-core CPU: 105 s with an empty cache, 17 s from the disk cache in a new
-process, 0.02 s for a rebuilt model in the same process. Every engine shape adds a cache entry on
+in an ``EnginePool``, so a round's ``load`` costs nothing; when a new engine would push the pool
+past half the device memory, every pooled engine is released together with dynamo's compiled code
+(releasing one alone frees nothing, see ``EnginePool``). A released engine, and every engine after
+a restart, compiles again in ``load`` and reports it as ``Engine.compile_s``; inductor's on-disk
+cache (``environment()["inductor_cache_dir"]``) makes that cheaper. Measured for the 4-layer tiny
+model (hidden 64) on the shared 2-core CPU: 105 s with an empty cache, 17 s from the disk cache in
+a new process, 0.02 s for a model rebuilt in the same process while dynamo's code is kept (it is
+keyed by guards on the model's structure, not on its instance). Every engine shape adds a cache entry on
 one code object (``LlamaForCausalLM.forward``), so dynamo's recompile limit (8, past which it runs
 eager with only a warning) is raised, and a frame that fell back to eager anyway makes the shape
 ``unsupported`` instead of a mislabelled row.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -26,8 +25,7 @@ from typing import Any
 from amoeba_profile.core.workload import cached_prefix
 from amoeba_profile.core.arch import ModelArch, attn_params, mlp_params
 from amoeba_profile.device import last_level_cache_bytes, resolve_device
-from amoeba_profile.device.load import CpuLoad, idle_cores
-from amoeba_profile.device.lock import measuring_pids
+from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.core.dtypes import bytes_per_element, canonical_dtype
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
@@ -35,7 +33,7 @@ from amoeba_profile.core.inputs import positive_int
 from amoeba_profile.core.timing import Workpiece
 from amoeba_profile.device.clock import Clock, ClockedPiece
 from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
-from amoeba_profile.backends.common.torch_llama import POOL_SIZE, _torch, build_model, cache_keyword, llama_config, materialize
+from amoeba_profile.backends.common.torch_llama import _torch, build_model, cache_keyword, llama_config, materialize
 from amoeba_profile.device.threads import default_threads as device_default_threads
 
 DTYPES = ("float32", "float16", "bfloat16")
