@@ -71,8 +71,9 @@ def test_a_calibrated_table_predicts_its_own_calibration_models(tiny_arch, tmp_p
     # prefill 16, decode 16 and 32; a tiny model's decode difference may come out <= 0 and leave a group unfitted
     fitted = table.meta["fit"]
     assert table.meta["method"] == "calibrated" and "prefill" in {g["phase"] for g in fitted} and len(fitted) >= 2
-    layers = table.ok[table.ok.component == "layer"]
+    layers = table.frame[table.frame.component == "layer"]
     assert set(layers.method) == {"calibrated"} and len(layers) == 3 * len(fitted)  # 3 shapes on the two axes
+    assert all(g["scale"] > 0 for g in fitted)
     predictor = Predictor(table)
     for subnet in plan.calibration_subnets():
         row = table.ok[(table.ok.subnet_id == subnet.id) & (table.ok.phase == "prefill")].iloc[0]

@@ -173,6 +173,9 @@ def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
         weight = 1.0 / np.array([r["median_ms"] for r, _, _ in usable])
         Xw, yw = X * weight[:, None], y * weight
         coef = np.linalg.lstsq(Xw, yw, rcond=None)[0]
+        held = not coef[0] > 0  # a non-positive scale is noise, not physics: keep the components' scale
+        if held:
+            coef = np.array([1.0, float(np.sum(Xw[:, 1] * (yw - Xw[:, 0])) / np.sum(Xw[:, 1] ** 2))])
         bread = np.linalg.pinv(Xw.T @ Xw)
         model_se = np.array([_se(r) for r, _, _ in usable]) * weight
         cov = bread @ (Xw.T * model_se ** 2) @ Xw @ bread  # from the models' own spread
@@ -192,7 +195,10 @@ def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
                         "rms_residual_pct": round(rms, 3),
                         "max_abs_residual_pct": round(float(np.abs(100 * resid).max()), 3)})
         note = (f"calibrated: {scale:.4f} x (attn + mlp) + {per_layer:.4g} ms per layer, from {len(usable)} whole "
-                f"models (rms residual {rms:.2f} %)")
+                f"models (rms residual {rms:.2f} %)" + ("; the fitted scale was not positive, so it is held at 1"
+                                                         if held else ""))
+        if held:
+            summary[-1]["scale_held"] = True
         flags = ";".join(sorted({f for r, _, _ in usable for f in str(r.get("flags") or "").split(";") if f}))
         heads_axis = sorted({(k[5], k[6]) for k in comps if k[0] == "attn" and k[1:5] == (phase, batch, tokens, context)})
         ffn_axis = sorted({k[7] for k in comps if k[0] == "mlp" and k[1:5] == (phase, batch, tokens, mlp_context)})
