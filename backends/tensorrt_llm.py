@@ -84,7 +84,7 @@ import numpy as np
 
 from ..dtypes import canonical_dtype
 from ..errors import AmoebaError, UnsupportedShape, UsageError
-from ..export import EOS_TOKEN_ID, deci_config, llama_config, loads_as_llama
+from ..export import DECI_CONFIG_MODULE, EOS_TOKEN_ID, deci_config, deci_config_module, llama_config, loads_as_llama
 from ..inputs import positive_float
 from ..subnet import LayerShape, Subnet
 from .base import Availability, Backend, Capabilities, Engine, EngineSpec
@@ -93,7 +93,7 @@ from .llama_cpp import tpot_depth
 DTYPES = ("float16", "bfloat16")
 INSTALL_HINT = ("pip install tensorrt-llm (Linux, NVIDIA GPU; it pins its own torch and transformers, so use a "
                 "fresh environment or NVIDIA's TensorRT-LLM container and install amoeba-profile into it)")
-REMOTE_CONFIG = "configuration_decilm.py"  # the module export.deci_config's auto_map names
+REMOTE_CONFIG = DECI_CONFIG_MODULE  # the module export.deci_config's auto_map names
 # Markers of a failed device allocation in torch's, the CUDA runtime's and TensorRT-LLM's messages.
 _OOM_MARKERS = ("out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory", "failed to allocate")
 _FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -125,7 +125,7 @@ class ModelFolder:
     def files(self) -> dict[str, str]:
         files = {"config.json": json.dumps(self.config, indent=2) + "\n"}
         if self.form != "llama":
-            files[REMOTE_CONFIG] = Path(__file__).with_name(REMOTE_CONFIG).read_text()
+            files[REMOTE_CONFIG] = deci_config_module()
         return files
 
 
