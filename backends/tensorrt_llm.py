@@ -24,15 +24,31 @@ the next load asks for the same spec; a load of another spec shuts it down first
 ``LLM`` holds its own executor, KV cache and CUDA graphs on the one GPU.
 
 Serving loop and clock. Every sample is one ``LLM.generate`` call over ``batch`` prompts of random
-token ids (one request each, submitted back to back: in-flight batching may start one an iteration
-after another, which is part of the flow's batch latency): greedy (no temperature, top-k or top-p, which the
-LLM API reads as greedy), ``ignore_eos`` (the executor then passes ``end_id=-1``, so the output
+token ids, one request each: greedy (no temperature, top-k or top-p, which the LLM API reads as greedy), ``ignore_eos`` (the executor then passes ``end_id=-1``, so the output
 length is fixed), no detokenizing, and KV-cache block reuse off (it is on by default, and a repeated
 prompt would then hit the prefix cache, so a ttft would time a cache lookup). The times are the
 library's: with ``return_perf_metrics`` every request carries ``RequestPerfMetrics`` whose
 ``timing_metrics`` are steady-clock timestamps (``arrival_time``, stamped by
 ``LLM.generate_async`` when the LLM was created with ``return_perf_metrics``; ``first_token_time``;
 ``last_token_time``).
+
+A batch is one prefill. ``generate`` hands its requests to the executor one at a time, and an idle
+executor starts on the first one it fetches (``executor_request_queue.py``
+``get_from_request_queue``), so without help the batch's requests would be prefilled over several
+iterations and ``ttft_ms`` would time scheduling, not one batched prefill. An engine for a batch
+above 1 therefore gets ``batch_wait_timeout_ms`` (``TorchLlmArgs``): the request queue waits up to
+that long for ``max_batch_size`` (= the spec's batch) requests before the iteration starts, and
+returns as soon as they are all in. Every sample then checks, from each request's
+``RequestPerfMetrics.first_iter`` (the iteration that scheduled it; chunked prefill is off, so its
+prefill), that the whole batch was prefilled in one iteration, and refuses the row otherwise: a
+batch whose requests started in different iterations also decodes part of its window at a smaller
+batch. (``batch_wait_timeout_iters`` and ``batch_wait_max_tokens_ratio`` do not help here: the
+scheduler applies them only while generation requests are in flight, ``py_executor.py``
+``_waiting_requests``, and each sample starts on an idle engine.) The price: the queue waits the
+same way on every iteration that fetches fewer than ``max_batch_size`` new requests, decode
+iterations included, so at batch > 1 a decode step whose GPU work is shorter than the wait (the
+overlap scheduler hides the wait behind the previous step's GPU work) is timed with it; keep the
+wait short (default 5 ms) and raise it only when rows are refused for a split prefill.
 
 - ``ttft_ms`` = a request for 1 token: the latest ``first_token_time`` minus the earliest
   ``arrival_time`` of the batch (scheduling, the prefill, the first token's sampling and the loop's
@@ -48,9 +64,15 @@ library's: with ``return_perf_metrics`` every request carries ``RequestPerfMetri
 Engines are sized by the spec: ``max_batch_size``, ``max_input_len``, ``max_seq_len``,
 ``max_num_tokens = max_batch x max_input_len`` (so a whole batch's prefill is one iteration;
 chunked prefill off), a KV cache of ``max_batch x max_seq_len`` tokens (at most
-``kv_cache_free_gpu_memory_fraction`` of free memory), CUDA graphs for every decode batch size up
-to ``max_batch`` without padding, and the overlap scheduler on (the library default, passed
-explicitly so a changed default cannot change the flow silently).
+``kv_cache_free_gpu_memory_fraction`` of free memory), decode CUDA graphs captured for exactly the
+batch the table measures (``cuda_graph_config.batch_sizes = [max_batch]``, no padding; recorded in
+``engine.json`` and the table's environment), and the overlap scheduler on (the library default,
+passed explicitly so a changed default cannot change the flow silently). The batch size is passed
+explicitly because TensorRT-LLM's own list, made from ``max_batch_size`` alone
+(``CudaGraphConfig._generate_cuda_graph_batch_sizes``: 1-31, 32, 64, 128, powers of two up to
+``max_batch_size``, and ``max_batch_size``), leaves a decode batch above 31 that is not in it without
+a graph: a table at such a batch would time eager decode steps while one at batch 8 times graphed
+ones.
 
 The ``trtllm-bench`` route is not offered: it reads a prepared dataset file, builds its own LLM in a
 new process per run and reports statistics over a run rather than per-request samples.
@@ -103,14 +125,18 @@ _FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no"
 class TensorRtLlmConfig:
     """Stored in the table's sidecar; ``TensorRtLlmBackend(**config)`` rebuilds the same backend.
 
-    ``cuda_graphs``: capture decode CUDA graphs (the library default); ``kv_cache_free_gpu_memory_fraction``:
-    the most of the free GPU memory the KV cache may take (the library default, 0.9); it is also
-    capped at ``max_batch x max_seq_len`` tokens per engine."""
+    ``cuda_graphs``: capture decode CUDA graphs (the library default) for the table's batch;
+    ``kv_cache_free_gpu_memory_fraction``: the most of the free GPU memory the KV cache may take (the
+    library default, 0.9); it is also capped at ``max_batch x max_seq_len`` tokens per engine;
+    ``batch_wait_timeout_ms``: how long the request queue of an engine for a batch above 1 waits to
+    gather the whole batch before an iteration (see the module docstring; batch-1 engines wait not
+    at all)."""
 
     device: str = "cuda"
     dtype: str = "float16"
     cuda_graphs: bool = True
     kv_cache_free_gpu_memory_fraction: float = 0.9
+    batch_wait_timeout_ms: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -149,7 +175,10 @@ def model_folder(spec: EngineSpec, dtype: str) -> ModelFolder:
 def llm_kwargs(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[str, Any]:
     """The keyword arguments of ``LLM(model=<artifact>, ...)`` for an engine of ``spec``, as plain
     values (``kv_cache_config`` and ``cuda_graph_config`` become the library's config objects at load;
-    ``cuda_graph_config=None`` is how the LLM API turns CUDA graphs off)."""
+    ``cuda_graph_config=None`` is how the LLM API turns CUDA graphs off). ``batch_wait_timeout_ms``
+    is passed only to an engine for a batch above 1: one sequence needs no gathering."""
+    graphs = {"batch_sizes": [spec.max_batch], "max_batch_size": spec.max_batch, "enable_padding": False}
+    gather = {"batch_wait_timeout_ms": config.batch_wait_timeout_ms} if spec.max_batch > 1 else {}
     return {
         "skip_tokenizer_init": True,
         "trust_remote_code": form != "llama",  # the DeciLM config class is remote code in the folder
@@ -162,9 +191,10 @@ def llm_kwargs(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[s
         "enable_chunked_prefill": False,
         "kv_cache_config": {"enable_block_reuse": False, "max_tokens": spec.max_batch * spec.max_seq_len,
                             "free_gpu_memory_fraction": config.kv_cache_free_gpu_memory_fraction},
-        "cuda_graph_config": {"max_batch_size": spec.max_batch, "enable_padding": False} if config.cuda_graphs else None,
+        "cuda_graph_config": graphs if config.cuda_graphs else None,
         "disable_overlap_scheduler": False,
         "return_perf_metrics": True,
+        **gather,
     }
 
 
@@ -192,14 +222,15 @@ def perf_metrics_json(metrics: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RequestTiming:
-    """One request's timestamps, in seconds on the executor's steady clock, and its number of
-    output tokens."""
+    """One request's timestamps, in seconds on the executor's steady clock, its number of output
+    tokens and ``first_iter``, the executor iteration that first scheduled it (its prefill)."""
 
     arrival_s: float
     first_scheduled_s: float
     first_token_s: float
     last_token_s: float
     output_tokens: int
+    first_iter: int
 
 
 def request_timing(perf_metrics: dict[str, Any], output_tokens: int) -> RequestTiming:
@@ -207,8 +238,12 @@ def request_timing(perf_metrics: dict[str, Any], output_tokens: int) -> RequestT
     timestamps are out of order (a request that never finished has ``last_token_time`` 0)."""
     try:
         stamps = perf_metrics["timing_metrics"]
+        first_iter = perf_metrics["first_iter"]
+        if isinstance(first_iter, bool) or not isinstance(first_iter, int) or first_iter < 0:
+            raise ValueError("'first_iter'")
         timing = RequestTiming(float(stamps["arrival_time"]), float(stamps["first_scheduled_time"]),
-                               float(stamps["first_token_time"]), float(stamps["last_token_time"]), int(output_tokens))
+                               float(stamps["first_token_time"]), float(stamps["last_token_time"]), int(output_tokens),
+                               first_iter)
     except (KeyError, TypeError, ValueError) as exc:
         raise AmoebaError(f"TensorRT-LLM perf metrics lack or mangle field {exc}") from None
     order = (timing.arrival_s, timing.first_scheduled_s, timing.first_token_s, timing.last_token_s)
@@ -224,15 +259,29 @@ def _check_lengths(timings: list[RequestTiming], new_tokens: int) -> None:
                           "(ignore_eos and max_tokens should fix the length)")
 
 
+def check_one_prefill(timings: list[RequestTiming]) -> None:
+    """Refuse a batch whose requests were first scheduled in different executor iterations: its ttft
+    would time scheduling rather than one batched prefill, and its decode window would run part of
+    its steps at a smaller batch."""
+    iterations = sorted({t.first_iter for t in timings})
+    if len(iterations) > 1:
+        raise AmoebaError(f"TensorRT-LLM prefilled the batch of {len(timings)} over iterations {iterations}, not in one: "
+                          "the executor fetched its requests apart; raise --backend-option batch_wait_timeout_ms "
+                          "so the request queue gathers the whole batch")
+
+
 def batch_ttft_ms(timings: list[RequestTiming]) -> float:
-    """ttft of a batch of 1-token requests submitted together: the first arrival to the last first token."""
+    """ttft of a batch of 1-token requests prefilled in one iteration: the first arrival to the last first token."""
     _check_lengths(timings, 1)
+    check_one_prefill(timings)
     return (max(t.first_token_s for t in timings) - min(t.arrival_s for t in timings)) * 1e3
 
 
 def batch_tpot_ms(timings: list[RequestTiming], steps: int) -> float:
-    """tpot of a batch of (1 + steps)-token requests: the batch's last first token to its last token, per step."""
+    """tpot of a batch of (1 + steps)-token requests prefilled in one iteration: the batch's last first
+    token to its last token, per step."""
     _check_lengths(timings, 1 + steps)
+    check_one_prefill(timings)
     return (max(t.last_token_s for t in timings) - max(t.first_token_s for t in timings)) * 1e3 / steps
 
 
@@ -302,6 +351,17 @@ def _flag(value: Any, name: str) -> bool:
     return _FLAGS[str(value).strip().lower()]
 
 
+def _wait_ms(value: Any) -> float:
+    """A non-negative wait in ms given as a number or as text (``--backend-option``)."""
+    try:
+        wait = float(value)
+    except (TypeError, ValueError):
+        wait = math.nan
+    if not math.isfinite(wait) or wait < 0 or isinstance(value, bool):
+        raise UsageError(f"tensorrt-llm option batch_wait_timeout_ms takes a number of ms >= 0, got {value!r}")
+    return wait
+
+
 def _fraction(value: Any, name: str) -> float:
     """A fraction in (0, 1] given as a number or as text (``--backend-option``)."""
     if isinstance(value, str):
@@ -322,7 +382,8 @@ class TensorRtLlmBackend(Backend):
     name = "tensorrt-llm"
 
     def __init__(self, device: str = "cuda", dtype: str | None = None, threads: int | None = None,
-                 cuda_graphs: bool | str = True, kv_cache_free_gpu_memory_fraction: float | str = 0.9):
+                 cuda_graphs: bool | str = True, kv_cache_free_gpu_memory_fraction: float | str = 0.9,
+                 batch_wait_timeout_ms: float | str = 5.0):
         if device not in ("cuda", "cuda:0"):
             raise UsageError(f"the tensorrt-llm backend runs on the first visible GPU ('cuda'), not {device!r}; choose "
                              "the GPU with CUDA_VISIBLE_DEVICES")
@@ -333,7 +394,8 @@ class TensorRtLlmBackend(Backend):
         if name not in DTYPES:
             raise UsageError(f"tensorrt-llm runs {list(DTYPES)} weights here, not {dtype!r}")
         self.config = TensorRtLlmConfig(device, name, _flag(cuda_graphs, "cuda_graphs"),
-                                        _fraction(kv_cache_free_gpu_memory_fraction, "kv_cache_free_gpu_memory_fraction"))
+                                        _fraction(kv_cache_free_gpu_memory_fraction, "kv_cache_free_gpu_memory_fraction"),
+                                        _wait_ms(batch_wait_timeout_ms))
         self.device, self.dtype = device, name
         self._held: TensorRtLlmEngine | None = None
 
@@ -379,8 +441,10 @@ class TensorRtLlmBackend(Backend):
             "max_num_tokens": "per engine: max_batch x max_input_len", "chunked_prefill": False,
             "kv_cache": {"enable_block_reuse": False, "max_tokens": "per engine: max_batch x max_seq_len",
                          "free_gpu_memory_fraction": cfg.kv_cache_free_gpu_memory_fraction},
-            "cuda_graphs": ({"batch_sizes": "every size up to max_batch", "enable_padding": False} if cfg.cuda_graphs
-                            else False),
+            "cuda_graphs": ({"batch_sizes": "per engine: [max_batch] (the table's batch)", "enable_padding": False}
+                            if cfg.cuda_graphs else False),
+            "batch_wait_timeout_ms": {"value": cfg.batch_wait_timeout_ms, "applies": "engines for a batch above 1",
+                                      "check": "every request of a sample first scheduled in one iteration"},
             "overlap_scheduler": True,
             "serving_loop": "LLM.generate over batch token-id prompts, greedy, ignore_eos, fixed output length; times "
                             "from RequestPerfMetrics (ttft: arrival to first token; tpot: first to last token / steps)",

@@ -120,13 +120,30 @@ def test_llm_arguments_size_the_engine_to_the_spec():
         "max_batch_size": 4, "max_input_len": 300, "max_seq_len": 302, "max_num_tokens": 1200,
         "enable_chunked_prefill": False,
         "kv_cache_config": {"enable_block_reuse": False, "max_tokens": 1208, "free_gpu_memory_fraction": 0.9},
-        "cuda_graph_config": {"max_batch_size": 4, "enable_padding": False},
-        "disable_overlap_scheduler": False, "return_perf_metrics": True,
+        "cuda_graph_config": {"batch_sizes": [4], "max_batch_size": 4, "enable_padding": False},
+        "disable_overlap_scheduler": False, "return_perf_metrics": True, "batch_wait_timeout_ms": 5.0,
     }
     deci = trt.llm_kwargs(spec, trt.TensorRtLlmConfig(dtype="bfloat16", cuda_graphs=False,
                                                       kv_cache_free_gpu_memory_fraction=0.5), "nemotron-nas")
     assert (deci["trust_remote_code"], deci["dtype"], deci["cuda_graph_config"]) == (True, "bfloat16", None)
     assert deci["kv_cache_config"]["free_gpu_memory_fraction"] == 0.5
+
+
+def test_cuda_graphs_are_captured_for_the_measured_batch():
+    """TensorRT-LLM's own list from max_batch_size (1-31, 32, 64, 128, powers of two, max) skips e.g. 48;
+    the batch the table measures is passed explicitly, whatever it is, and recorded in engine.json."""
+    for batch in (1, 8, 48):
+        graphs = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, batch, 64, 66), trt.TensorRtLlmConfig(), "llama")[
+            "cuda_graph_config"]
+        assert graphs == {"batch_sizes": [batch], "max_batch_size": batch, "enable_padding": False}
+
+
+def test_batch_gathering_applies_to_batches_above_one():
+    one = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, 1, 64, 66), trt.TensorRtLlmConfig(), "llama")
+    assert "batch_wait_timeout_ms" not in one  # one sequence needs no gathering, and no decode step waits
+    four = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, 4, 64, 66), trt.TensorRtLlmConfig(batch_wait_timeout_ms=20.0),
+                          "llama")
+    assert four["batch_wait_timeout_ms"] == 20.0 and four["max_batch_size"] == 4
 
 
 def test_sampling_parameters_are_greedy_fixed_length_and_timed():
@@ -140,7 +157,7 @@ def test_recorded_perf_metrics_give_ttft_and_tpot():
     items = json.loads(PERF_SAMPLE.read_text())
     timings = [trt.request_timing(item["perf_metrics"], 9) for item in items]
     assert [item["perf_metrics"]["last_iter"] - item["perf_metrics"]["first_iter"] for item in items] == [8, 8]
-    assert timings[0] == trt.RequestTiming(1523.104211, 1523.104873, 1523.112406, 1523.121278, 9)
+    assert timings[0] == trt.RequestTiming(1523.104211, 1523.104873, 1523.112406, 1523.121278, 9, 40)
     assert trt.batch_tpot_ms(timings, 8) == pytest.approx((1523.121278 - 1523.112406) * 1e3 / 8)
     assert trt.batch_tpot_ms(timings, 8) == pytest.approx(1.109, abs=1e-6)
     one_token = [dataclasses.replace(t, output_tokens=1) for t in timings]
@@ -151,6 +168,32 @@ def test_recorded_perf_metrics_give_ttft_and_tpot():
         trt.batch_tpot_ms(timings, 4)
 
 
+def _stamped(first_iter: int, arrival: float, first_token: float, last_token: float, tokens: int):
+    """A request's perf metrics as the binding gives them (timedelta stamps), converted like a real one."""
+    stamps = {"arrival_time": arrival, "first_scheduled_time": arrival + 0.0005, "first_token_time": first_token,
+              "last_token_time": last_token}
+    binding = SimpleNamespace(first_iter=first_iter, last_iter=first_iter + tokens - 1,
+                              timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
+                              kv_cache_metrics=SimpleNamespace(num_total_allocated_blocks=1, num_new_allocated_blocks=1,
+                                                               num_reused_blocks=0, num_missed_blocks=1))
+    return trt.request_timing(trt.perf_metrics_json(binding), tokens)
+
+
+def test_a_batch_prefilled_over_several_iterations_is_refused():
+    # 3 requests gathered into iteration 12: one batched prefill; ttft from the first arrival
+    together = [_stamped(12, 10.000, 10.020, 10.020, 1), _stamped(12, 10.001, 10.020, 10.020, 1),
+                _stamped(12, 10.002, 10.021, 10.021, 1)]
+    assert trt.batch_ttft_ms(together) == pytest.approx(21.0, abs=1e-3)
+    # the third request fetched an iteration later: its prefill ran apart from the others'
+    apart = together[:2] + [_stamped(13, 10.002, 10.031, 10.031, 1)]
+    with pytest.raises(AmoebaError, match=r"prefilled the batch of 3 over iterations \[12, 13\].*batch_wait_timeout_ms"):
+        trt.batch_ttft_ms(apart)
+    decode_apart = [_stamped(12, 10.0, 10.02, 10.10, 9), _stamped(14, 10.0, 10.04, 10.12, 9)]
+    with pytest.raises(AmoebaError, match=r"over iterations \[12, 14\]"):
+        trt.batch_tpot_ms(decode_apart, 8)
+    assert trt.batch_tpot_ms([_stamped(12, 10.0, 10.02, 10.10, 9)] * 2, 8) == pytest.approx(10.0, abs=1e-3)
+
+
 def test_broken_perf_metrics_are_refused():
     item = json.loads(PERF_SAMPLE.read_text())[0]["perf_metrics"]
     unfinished = {**item, "timing_metrics": {**item["timing_metrics"], "last_token_time": 0.0}}
@@ -158,7 +201,12 @@ def test_broken_perf_metrics_are_refused():
         trt.request_timing(unfinished, 9)
     stamps = {k: v for k, v in item["timing_metrics"].items() if k != "first_token_time"}
     with pytest.raises(AmoebaError, match="lack or mangle field 'first_token_time'"):
-        trt.request_timing({"timing_metrics": stamps}, 9)
+        trt.request_timing({"timing_metrics": stamps, "first_iter": 40}, 9)
+    for first_iter in (None, -1, "40"):  # a request never scheduled, or a mangled count
+        with pytest.raises(AmoebaError, match="lack or mangle field 'first_iter'"):
+            trt.request_timing({**item, "first_iter": first_iter}, 9)
+    with pytest.raises(AmoebaError, match="lack or mangle field 'first_iter'"):
+        trt.request_timing({k: v for k, v in item.items() if k != "first_iter"}, 9)
     with pytest.raises(AmoebaError, match="without perf metrics"):
         trt.perf_metrics_json(None)
 
@@ -187,7 +235,7 @@ def test_artifact_key_and_folder(tmp_path):
     assert key["backend"] == "tensorrt-llm" and key["device_arch"] == "sm_90"
     assert key["versions"]["tensorrt_llm"] == "1.0.0"
     assert key["config"] == {"device": "cuda", "dtype": "float16", "cuda_graphs": True,
-                             "kv_cache_free_gpu_memory_fraction": 0.9}
+                             "kv_cache_free_gpu_memory_fraction": 0.9, "batch_wait_timeout_ms": 5.0}
     path = cache.path_for(backend, spec)
     assert path == cache.path_for(StandIn(), _spec(PER_LAYER_FFN)) and path.parent == tmp_path / "tensorrt-llm"
     others = [cache.path_for(backend, _spec(PER_LAYER_FFN, batch=4)), cache.path_for(backend, _spec(UNIFORM)),
@@ -216,13 +264,14 @@ def test_artifact_key_and_folder(tmp_path):
 
 
 def test_options_are_checked():
-    assert StandIn(cuda_graphs="false", kv_cache_free_gpu_memory_fraction="0.5").config == trt.TensorRtLlmConfig(
-        "cuda", "float16", False, 0.5)
+    assert StandIn(cuda_graphs="false", kv_cache_free_gpu_memory_fraction="0.5",
+                   batch_wait_timeout_ms="12").config == trt.TensorRtLlmConfig("cuda", "float16", False, 0.5, 12.0)
     assert StandIn(dtype="bf16").dtype == "bfloat16"
     for options, message in (({"device": "cpu"}, "first visible GPU"), ({"device": "cuda:1"}, "CUDA_VISIBLE_DEVICES"),
                              ({"threads": 4}, "no thread count"), ({"dtype": "float32"}, "not 'float32'"),
                              ({"cuda_graphs": "maybe"}, "true or false"),
-                             ({"kv_cache_free_gpu_memory_fraction": 1.5}, "fraction")):
+                             ({"kv_cache_free_gpu_memory_fraction": 1.5}, "fraction"),
+                             ({"batch_wait_timeout_ms": "-1"}, "ms >= 0"), ({"batch_wait_timeout_ms": "soon"}, "ms >= 0")):
         with pytest.raises(UsageError, match=message):
             StandIn(**options)
 
