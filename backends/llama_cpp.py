@@ -26,6 +26,18 @@ How the metrics (``workload.py``) map onto llama-bench's tests, for one sequence
 llama-bench serves one sequence, so a batch above 1 is an unsupported shape (that needs
 ``llama-batched-bench``). A model without decoder layers cannot be loaded (``block_count > 0``), so
 the difference fit goes on without the 0-layer model.
+
+Settings that change the numbers are pinned, passed and read back: flash attention (``-fa``, whose
+own default ``auto`` lets llama.cpp decide per device, so a table would not say which kernel ran)
+and the KV cache types (``-ctk``/``-ctv``) are config fields with explicit defaults (``on``, ``f16``,
+``f16``; ``--backend-option flash_attn=off`` etc.), so they are in the table's ``backend_config``
+and identity; every report's ``flash_attn``, ``type_k`` and ``type_v`` must match them. llama.cpp
+refuses a quantized V cache without flash attention, and so does the config.
+
+The build (commit, build number) is part of the table's identity. It is read from
+``llama-bench --version`` where the build has that flag, else from the ``build_commit`` and
+``build_number`` fields of a one-token llama-bench run on a tiny model written for it, so a
+llama-bench without ``--version`` is not reported unavailable.
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ import platform
 import re
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..arch import ModelArch
 from ..device.cpu import cpu_info
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
 from .base import Availability, Backend, Capabilities, Engine, EngineSpec
@@ -53,6 +67,13 @@ INSTALL_HINT = (f"pip install 'amoeba-profile[llama-cpp]', run scripts/build-lla
                 f"{ENV_VAR}=<path to llama-bench> it prints")
 DTYPE_ALIASES = {"f16": "f16", "float16": "f16", "fp16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
 _OOM_MARKERS = ("failed to allocate", "out of memory", "bad_alloc", "unable to allocate")
+FLASH_ATTN = ("on", "off")  # llama-bench also takes auto: llama.cpp's choice per device, not a pinned setting
+# The KV cache types llama-bench's -ctk/-ctv parse (tools/llama-bench ggml_type_from_name).
+KV_CACHE_TYPES = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+# llama-bench's JSON writes flash_attn as llama_flash_attn_type (-1 auto, 0 off, 1 on); older builds as a bool.
+_FLASH_ATTN_JSON = {-1: "auto", 0: "off", 1: "on"}
+# The model of the build probe: one tiny f16 layer, written and run in a temporary folder.
+PROBE_ARCH = ModelArch("llama-bench-probe", 64, 1, 2, 1, 32, 64, 32, max_position=64)
 
 
 def find_llama_bench(explicit: str | None = None) -> Path | None:
@@ -90,6 +111,42 @@ def parse_version(text: str) -> dict[str, str]:
             "compiler": built.group(1).strip() if built else "", "target": built.group(2).strip() if built else ""}
 
 
+def detect_build(binary: Path) -> dict[str, str]:
+    """The build of ``binary``: from ``--version`` where it has the flag, else from a one-token run.
+
+    ``detected_by`` says which; a probe gives no version string, compiler or target (llama-bench's
+    JSON has none of them), only the commit and build number that identify the build."""
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
+    if done.returncode == 0:
+        try:
+            return {**parse_version(done.stdout + done.stderr), "detected_by": "llama-bench --version"}
+        except BackendUnavailable:
+            pass  # a build whose --version prints something else: the probe still finds its commit
+    return probe_build(binary)
+
+
+def probe_command(binary: Path, model: Path) -> list[str]:
+    """A one-token llama-bench run whose JSON report carries the build fields."""
+    return [str(binary), "-m", str(model), "-p", "1", "-n", "0", "-r", "1", "-t", "1", "-ngl", "0", "-o", "json"]
+
+
+def probe_build(binary: Path) -> dict[str, str]:
+    """The build fields of a one-token run of ``binary`` on a tiny model written for it."""
+    with tempfile.TemporaryDirectory(prefix="amoeba-llama-bench-probe-") as folder:
+        model = Path(folder) / "probe.gguf"
+        write_gguf(model, PROBE_ARCH, ((2, 1, 64),), "f16")
+        done = subprocess.run(probe_command(binary, model), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-2:])
+        raise BackendUnavailable(f"{binary}: neither --version nor a one-token run identifies its build (exit "
+                                 f"{done.returncode}: {tail}); {INSTALL_HINT}")
+    tests = parse_bench_json(done.stdout)
+    if not tests:
+        raise BackendUnavailable(f"{binary}: a one-token run printed no test; {INSTALL_HINT}")
+    return {"version": "", "build_number": str(tests[0].build_number), "commit": tests[0].build_commit,
+            "compiler": "", "target": "", "detected_by": "build_commit and build_number of a one-token llama-bench run"}
+
+
 @dataclass(frozen=True)
 class BenchTest:
     """One test of a llama-bench ``-o json`` report: pp (n_prompt > 0) or tg (n_gen > 0) at a
@@ -105,6 +162,9 @@ class BenchTest:
     avg_ns: int
     build_commit: str
     build_number: int
+    flash_attn: str  # on, off or auto
+    type_k: str
+    type_v: str
     cpu_info: str
     backends: str
     model_type: str
@@ -114,6 +174,14 @@ class BenchTest:
     def samples_ms(self, per: int) -> list[float]:
         """Each repetition in milliseconds, divided by ``per`` (decode steps for a tg test)."""
         return [ns / 1e6 / per for ns in self.samples_ns]
+
+
+def _flash_attn_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int) and value in _FLASH_ATTN_JSON:
+        return _FLASH_ATTN_JSON[value]
+    raise ValueError("'flash_attn'")
 
 
 def parse_bench_json(text: str) -> list[BenchTest]:
@@ -132,6 +200,7 @@ def parse_bench_json(text: str) -> list[BenchTest]:
                 n_threads=int(item["n_threads"]), n_batch=int(item["n_batch"]), n_ubatch=int(item["n_ubatch"]),
                 samples_ns=tuple(int(x) for x in item["samples_ns"]), avg_ns=int(item["avg_ns"]),
                 build_commit=str(item["build_commit"]), build_number=int(item["build_number"]),
+                flash_attn=_flash_attn_name(item["flash_attn"]), type_k=str(item["type_k"]), type_v=str(item["type_v"]),
                 cpu_info=str(item.get("cpu_info", "")), backends=str(item.get("backends", "")),
                 model_type=str(item.get("model_type", "")), model_size=int(item["model_size"]),
                 model_n_params=int(item["model_n_params"]),
@@ -146,7 +215,9 @@ class LlamaCppConfig:
     """Stored in the table's sidecar; ``LlamaCppBackend(**config)`` rebuilds the same backend.
 
     ``dtype`` is the GGUF weight type; ``threads``, ``n_batch`` and ``n_ubatch`` are llama-bench's
-    ``-t``, ``-b`` and ``-ub``; ``repetitions`` is how many samples one process run yields (it runs
+    ``-t``, ``-b`` and ``-ub``; ``flash_attn``, ``type_k`` and ``type_v`` its ``-fa``, ``-ctk`` and
+    ``-ctv`` (``on`` is what ``auto`` picks on a CPU, whose backend runs the flash-attention op;
+    ``f16`` is llama-bench's own KV default); ``repetitions`` is how many samples one process run yields (it runs
     ``-r repetitions + 1`` and drops the first);
     ``binary`` is the llama-bench that was found (its build is in ``versions``).
 
@@ -162,6 +233,23 @@ class LlamaCppConfig:
     n_batch: int = 2048
     n_ubatch: int = 512
     repetitions: int = 10
+    flash_attn: str = "on"
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+
+def check_settings(flash_attn: str, type_k: str, type_v: str) -> tuple[str, str, str]:
+    """The pinned llama.cpp settings, normalized; UsageError for one llama-bench would not run."""
+    flash_attn, type_k, type_v = (str(v).strip().lower() for v in (flash_attn, type_k, type_v))
+    if flash_attn not in FLASH_ATTN:
+        raise UsageError(f"llama.cpp flash_attn must be one of {list(FLASH_ATTN)}, not {flash_attn!r} (auto leaves the "
+                         "choice to llama.cpp per device, and the table could not say which kernel it timed)")
+    for label, value in (("type_k", type_k), ("type_v", type_v)):
+        if value not in KV_CACHE_TYPES:
+            raise UsageError(f"llama.cpp {label} must be one of {list(KV_CACHE_TYPES)}, not {value!r}")
+    if flash_attn == "off" and type_v not in ("f16", "bf16"):
+        raise UsageError(f"llama.cpp refuses a quantized V cache ({type_v}) without flash attention; use flash_attn=on")
+    return flash_attn, type_k, type_v
 
 
 class _BenchPiece:
@@ -212,7 +300,8 @@ class LlamaCppBackend(Backend):
     name = "llama.cpp"
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
-                 binary: str | None = None, n_batch: int = 2048, n_ubatch: int = 512, repetitions: int = 10):
+                 binary: str | None = None, n_batch: int = 2048, n_ubatch: int = 512, repetitions: int = 10,
+                 flash_attn: str = "on", type_k: str = "f16", type_v: str = "f16"):
         if device != "cpu":
             raise UsageError(f"the llama.cpp backend runs a CPU build of llama-bench; device {device!r} is not supported")
         weight_type = DTYPE_ALIASES.get((dtype or "f16").lower())
@@ -221,21 +310,14 @@ class LlamaCppBackend(Backend):
         for label, value in (("n_batch", n_batch), ("n_ubatch", n_ubatch), ("repetitions", repetitions)):
             if value < 1:
                 raise UsageError(f"llama.cpp {label} must be >= 1, got {value}")
+        settings = check_settings(flash_attn, type_k, type_v)
         found = find_llama_bench(binary)
         if found is None:
             raise BackendUnavailable(f"no llama-bench at {binary or '$' + ENV_VAR + ' or PATH'}; {INSTALL_HINT}")
         self.config = LlamaCppConfig(device, weight_type, threads or default_threads(), str(found), n_batch, n_ubatch,
-                                     repetitions)
+                                     repetitions, *settings)
         self.device, self.dtype = device, weight_type
-        self.build = parse_version(self._run_version(found))
-
-    @staticmethod
-    def _run_version(binary: Path) -> str:
-        done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BackendUnavailable(f"{binary} --version failed (exit {done.returncode}); a llama-bench without "
-                                     f"--version is too old: {INSTALL_HINT}")
-        return done.stdout + done.stderr
+        self.build = detect_build(found)
 
     @classmethod
     def availability(cls) -> Availability:
@@ -270,8 +352,10 @@ class LlamaCppBackend(Backend):
         return {
             **self.versions(),
             "llama.cpp_version": self.build["version"], "compiler": self.build["compiler"],
-            "target": self.build["target"], "binary": cfg.binary, "device": "cpu", "dtype": cfg.dtype,
-            "threads": cfg.threads, "n_batch": cfg.n_batch, "n_ubatch": cfg.n_ubatch, "repetitions": cfg.repetitions,
+            "target": self.build["target"], "build_detected_by": self.build["detected_by"], "binary": cfg.binary,
+            "device": "cpu", "dtype": cfg.dtype, "threads": cfg.threads, "n_batch": cfg.n_batch,
+            "n_ubatch": cfg.n_ubatch, "repetitions": cfg.repetitions, "flash_attn": cfg.flash_attn,
+            "type_k": cfg.type_k, "type_v": cfg.type_v,
             "cpu_isa": cpu_info()["isa"], "python": platform.python_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "serving_loop": "llama-bench: pp test for ttft, tg test at a KV depth for tpot, one sequence",
@@ -296,7 +380,7 @@ class LlamaCppBackend(Backend):
         cfg = self.config
         return [cfg.binary, "-m", str(model), "-p", str(prompt), "-n", str(gen), "-d", str(depth),
                 "-r", str(cfg.repetitions + 1), "-t", str(cfg.threads), "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch),
-                "-ngl", "0", "-o", "json"]
+                "-fa", cfg.flash_attn, "-ctk", cfg.type_k, "-ctv", cfg.type_v, "-ngl", "0", "-o", "json"]
 
     def run_test(self, model: Path, prompt: int, gen: int, depth: int) -> BenchTest:
         """Run one llama-bench test to completion (blocking) and return its report."""
@@ -312,7 +396,17 @@ class LlamaCppBackend(Backend):
         if tests[0].build_commit != self.build["commit"]:
             raise AmoebaError(f"llama-bench build changed during the build ({self.build['commit']} -> "
                               f"{tests[0].build_commit}); rerun")
+        self.check_reported_settings(tests[0])
         return tests[0]
+
+    def check_reported_settings(self, test: BenchTest) -> None:
+        """Refuse a report whose flash attention or KV cache types are not the pinned ones."""
+        cfg = self.config
+        ran, asked = (test.flash_attn, test.type_k, test.type_v), (cfg.flash_attn, cfg.type_k, cfg.type_v)
+        if ran != asked:
+            raise AmoebaError(f"llama-bench ran with flash_attn={ran[0]}, type_k={ran[1]}, type_v={ran[2]} where "
+                              f"-fa {asked[0]} -ctk {asked[1]} -ctv {asked[2]} were asked; this llama-bench does not "
+                              "honour them - rebuild it with scripts/build-llama-cpp.sh")
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _OOM_MARKERS)
