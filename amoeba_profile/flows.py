@@ -23,7 +23,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from .backends import REGISTRY, Capabilities, backend_class, list_backends
+from .backends import REGISTRY, Capabilities, Maturity, backend_class, list_backends
 from .errors import UsageError
 
 MEASURING, UNAVAILABLE, ROOFLINE_ONLY = "measuring", "unavailable", "roofline-only"
@@ -32,7 +32,9 @@ MEASURING, UNAVAILABLE, ROOFLINE_ONLY = "measuring", "unavailable", "roofline-on
 @dataclass(frozen=True)
 class FlowInfo:
     """One row of the flow listing. ``install_hint`` says what to install for the flow's library;
-    ``roofline_profile`` says whether ``build-lut --predict`` can compute a table for it."""
+    ``roofline_profile`` says whether ``build-lut --predict`` can compute a table for it;
+    ``maturity`` is the adapter's own declaration of a recorded hardware run (a roofline-only flow
+    has no adapter, and is labelled so)."""
 
     name: str
     status: str
@@ -40,6 +42,7 @@ class FlowInfo:
     install_hint: str
     capabilities: Capabilities
     roofline_profile: bool
+    maturity: Maturity
 
 
 @lru_cache(maxsize=1)
@@ -77,7 +80,7 @@ def list_flows() -> list[FlowInfo]:
     """Every known flow with its kind, why it can or cannot measure here, and an install hint."""
     profiles = set(_flows_data()["flows"])
     rows = [FlowInfo(name, MEASURING if avail.ok else UNAVAILABLE, avail.reason, avail.install_hint, caps,
-                     name in profiles)
+                     name in profiles, backend_class(name).maturity())
             for name, avail, caps in list_backends()]
     for name, entry in _declared().items():
         if name in REGISTRY:
@@ -86,5 +89,5 @@ def list_flows() -> list[FlowInfo]:
         reason = (f"no measuring adapter yet ({entry['library']} {'is' if installed else 'is not'} installed here); "
                   f"compute its tables with build-lut --predict --backend {name}")
         rows.append(FlowInfo(name, ROOFLINE_ONLY, reason, entry["install_hint"], _declared_capabilities(entry),
-                             name in profiles))
+                             name in profiles, Maturity(False, "no adapter: computed tables only", "")))
     return rows

@@ -144,7 +144,8 @@ def backends_rows() -> list[dict[str, Any]]:
     """Every flow the project knows (measuring, unavailable, roofline-only), one flat dict each."""
     return [
         {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
-         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile,
+         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile, "maturity": f.maturity.label,
+         "verified": f.maturity.verified, "maturity_note": f.maturity.note,
          "per_layer_heads": f.capabilities.per_layer_heads, "per_layer_ffn": f.capabilities.per_layer_ffn,
          "methods": list(f.capabilities.methods), "dtypes": list(f.capabilities.dtypes),
          "devices": list(f.capabilities.devices)}
@@ -165,15 +166,16 @@ def _widths_text(row: dict[str, Any]) -> str:
 def backends_table() -> Group:
     """The flows as a table, then one line each with why (and what to install where it cannot run)."""
     table = Table(title="deployment flows")
-    for column in ("flow", "status", "widths", "methods", "devices", "roofline"):
+    for column in ("flow", "status", "maturity", "widths", "methods", "devices", "roofline"):
         table.add_column(column)
     rows = backends_rows()
     lines = []
     for row in rows:
-        table.add_row(row["name"], row["status"], _widths_text(row), ",".join(row["methods"]) or "-",
+        table.add_row(row["name"], row["status"], row["maturity"], _widths_text(row), ",".join(row["methods"]) or "-",
                       ",".join(row["devices"]), "yes" if row["roofline_profile"] else "no")
         hint = f" Install: {row['install_hint']}." if row["install_hint"] and not row["available"] else ""
-        lines.append(Text(f"{row['name']}: {row['reason']}.{hint}"))
+        note = f" {row['maturity'].capitalize()} ({row['maturity_note']})." if row["maturity_note"] else ""
+        lines.append(Text(f"{row['name']}: {row['reason']}.{note}{hint}"))
     return Group(table, *lines)
 
 

@@ -28,6 +28,19 @@ class Availability:
     install_hint: str = ""
 
 
+EXPERIMENTAL = "experimental: not yet run on hardware"
+
+
+@dataclass(frozen=True)
+class Maturity:
+    """Whether a flow's adapter has a recorded run on real hardware. ``label`` is what the flow
+    listing prints: ``verified on <devices>`` or ``EXPERIMENTAL``; ``note`` says why."""
+
+    verified: bool
+    label: str
+    note: str
+
+
 @dataclass(frozen=True)
 class Capabilities:
     per_layer_heads: bool
@@ -111,6 +124,19 @@ class Backend(ABC):
     device: str = "cpu"
     dtype: str = "float32"
     config: Any = None
+    # Devices a recorded run of this adapter exists on (a shipped table, recorded tool output or its
+    # test suite measuring in CI). Empty: the adapter was written against its library's source and
+    # has never run, and ``experimental_reason`` says so; the flow listing labels it EXPERIMENTAL
+    # until a recorded run exists (then the adapter names the device here).
+    verified_on: tuple[str, ...] = ()
+    experimental_reason: str = "no recorded run of this adapter on hardware"
+
+    @classmethod
+    def maturity(cls) -> Maturity:
+        """The adapter's own declaration, read by ``amoeba-profile backends`` and the README's table."""
+        if cls.verified_on:
+            return Maturity(True, f"verified on {', '.join(cls.verified_on)}", "")
+        return Maturity(False, EXPERIMENTAL, cls.experimental_reason)
 
     @classmethod
     @abstractmethod

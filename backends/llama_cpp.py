@@ -298,6 +298,7 @@ def _one_sequence(batch: int) -> None:
 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
+    verified_on = ("cpu",)  # tests/data holds llama-bench reports recorded from a real build
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
                  binary: str | None = None, n_batch: int = 2048, n_ubatch: int = 512, repetitions: int = 10,

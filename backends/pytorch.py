@@ -346,6 +346,7 @@ class _ComponentUnit(BuiltUnit):
 
 class PyTorchBackend(Backend):
     name = "pytorch"
+    verified_on = ("cpu", "cuda")  # tables shipped for two CPUs and a lent H200 (lut/README.md)
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"):
         torch = _torch()

@@ -267,6 +267,7 @@ class CompiledEngine(PyTorchEngine):
 
 
 class PyTorchCompiledBackend(PyTorchBackend):
+    verified_on = ("cpu",)  # measured by the CI's compiled build; no CUDA run recorded yet
     name = "pytorch-compiled"
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,

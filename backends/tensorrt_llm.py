@@ -380,6 +380,9 @@ def _torch():
 
 class TensorRtLlmBackend(Backend):
     name = "tensorrt-llm"
+    experimental_reason = ("written against TensorRT-LLM's source; its parsing tests use samples constructed from that "
+                           "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
+                           "to replace them")
 
     def __init__(self, device: str = "cuda", dtype: str | None = None, threads: int | None = None,
                  cuda_graphs: bool | str = True, kv_cache_free_gpu_memory_fraction: float | str = 0.9,
