@@ -11,6 +11,8 @@ with it. Backends know nothing of tables or pickers.
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,29 @@ class Availability:
 
 
 EXPERIMENTAL = "experimental: not yet run on hardware"
+RAW_DIR_VAR = "AMOEBA_RAW_DIR"
+RAW_RECORDS = 200  # per file: the first run's outputs, not a second copy of every sample
+_raw_counts: dict[Path, int] = {}
+
+
+def save_raw(flow: str, kind: str, record: Any) -> None:
+    """Keep one raw output of a flow's library (as it came, JSON-serialisable) in
+    ``$AMOEBA_RAW_DIR/<flow>/<kind>.jsonl``, up to ``RAW_RECORDS`` lines per file; nothing when the
+    variable is unset. The device scripts set it, so the first run on hardware leaves the library's
+    own outputs to replace the test samples that were constructed from its source. Called between
+    samples, never inside a timed region."""
+    folder = os.environ.get(RAW_DIR_VAR)
+    if not folder:
+        return
+    path = Path(folder) / flow / f"{kind}.jsonl"
+    if path not in _raw_counts:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _raw_counts[path] = sum(1 for _ in path.open()) if path.is_file() else 0
+    if _raw_counts[path] >= RAW_RECORDS:
+        return
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+    _raw_counts[path] += 1
 
 
 @dataclass(frozen=True)

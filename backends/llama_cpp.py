@@ -58,7 +58,7 @@ from typing import Any
 from ..arch import ModelArch
 from ..device.cpu import cpu_info
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, save_raw
 from .llama_cpp_gguf import WEIGHT_TYPES, check_layers, write_gguf
 
 ENV_VAR = "AMOEBA_LLAMA_CPP"
@@ -390,6 +390,7 @@ class LlamaCppBackend(Backend):
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
             raise AmoebaError(f"llama-bench exited {done.returncode} on {model.name} (p={prompt}, n={gen}, d={depth}): "
                               f"{tail}")
+        save_raw("llama.cpp", "llama-bench", {"command": self.command(model, prompt, gen, depth), "stdout": done.stdout})
         tests = parse_bench_json(done.stdout)
         if len(tests) != 1 or (tests[0].n_prompt, tests[0].n_gen, tests[0].n_depth) != (prompt, gen, depth):
             raise AmoebaError(f"llama-bench reported {[(t.n_prompt, t.n_gen, t.n_depth) for t in tests]}, "

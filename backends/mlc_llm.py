@@ -59,7 +59,7 @@ from ..dtypes import canonical_dtype
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
 from ..export import MLC_QUANTIZATION, loads_as_llama, mlc_chat_config
 from ..subnet import LayerShape, Subnet
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, save_raw
 from .mlc_llm_weights import DTYPES, NDARRAY_CACHE_INDEX, TENSOR_CACHE_INDEX, llama_params, write_tensor_cache
 
 INSTALL_HINT = ("pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
@@ -299,7 +299,9 @@ class MlcLlmEngine(Engine):
         """One greedy completion of exactly ``tokens`` tokens; MLC's metrics of it."""
         response = self.engine.completions.create(prompt=prompt, max_tokens=tokens, temperature=0.0,
                                                   extra_body={"debug_config": {"ignore_eos": True}})
-        timing = parse_usage(response.usage.model_dump())
+        usage = response.usage.model_dump()
+        save_raw("mlc-llm", "usage", usage)
+        timing = parse_usage(usage)
         timing.expect(len(prompt), tokens)
         return timing
 

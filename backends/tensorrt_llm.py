@@ -109,7 +109,7 @@ from ..errors import AmoebaError, UnsupportedShape, UsageError
 from ..export import DECI_CONFIG_MODULE, EOS_TOKEN_ID, deci_config, deci_config_module, llama_config, loads_as_llama
 from ..inputs import positive_float
 from ..subnet import LayerShape, Subnet
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, save_raw
 from .llama_cpp import tpot_depth
 
 DTYPES = ("float16", "bfloat16")
@@ -303,9 +303,10 @@ class _RequestPiece:
     def sample_ms(self, steps: int) -> float:
         del steps  # always 1 (max_steps)
         outputs = self.engine.llm.generate(self.prompts, self.params, use_tqdm=False)
-        timings = [request_timing(perf_metrics_json(out.outputs[0].request_perf_metrics), len(out.outputs[0].token_ids))
-                   for out in outputs]
-        return self.metric(timings)
+        served = [(perf_metrics_json(out.outputs[0].request_perf_metrics), len(out.outputs[0].token_ids))
+                  for out in outputs]
+        save_raw("tensorrt-llm", "perf-metrics", [{"perf_metrics": m, "output_tokens": n} for m, n in served])
+        return self.metric([request_timing(metrics, tokens) for metrics, tokens in served])
 
 
 def _library_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -224,6 +224,23 @@ def test_a_report_for_another_test_or_build_is_refused(stand_in, tiny_arch, tmp_
         backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
 
 
+def test_raw_reports_are_kept_for_the_first_run_when_asked(stand_in, tmp_path, monkeypatch):
+    from amoeba_profile.backends import base
+
+    backend = llama_cpp.LlamaCppBackend(threads=1)
+    backend.run_test(tmp_path / "model.gguf", 16, 0, 0)  # AMOEBA_RAW_DIR unset: nothing kept
+    monkeypatch.setenv(base.RAW_DIR_VAR, str(tmp_path / "raw"))
+    monkeypatch.setattr(base, "RAW_RECORDS", 2)
+    for _ in range(3):
+        backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
+    lines = (tmp_path / "raw" / "llama.cpp" / "llama-bench.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the first run's outputs, capped
+    kept = json.loads(lines[0])
+    assert kept["command"] == backend.command(tmp_path / "model.gguf", 16, 0, 0)
+    assert llama_cpp.parse_bench_json(kept["stdout"])[0].samples_ns == tuple(
+        json.loads(PP_REPORT.read_text())[0]["samples_ns"])
+
+
 def test_a_failing_llama_bench_names_its_error_and_oom_is_classified(stand_in, tmp_path, monkeypatch):
     backend = llama_cpp.LlamaCppBackend(threads=1)
     monkeypatch.setenv("FAKE_FAIL", "llama_model_load: error loading model: unable to allocate CPU buffer")

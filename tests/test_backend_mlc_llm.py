@@ -284,3 +284,25 @@ def test_cuda_build_measures_through_the_engine(tmp_path, tiny_arch):
     assert (models[models.num_layers > 0].status == "ok").all()
     assert (models[models.num_layers == 0].status == "unsupported").all()
     assert lut.meta["clock"].startswith("MLC-LLM engine metrics")
+
+
+def test_a_request_keeps_the_engines_usage_raw_when_asked(tmp_path, monkeypatch):
+    """The engine's glue on a stand-in MLCEngine: the usage of each completion is parsed, checked and,
+    with AMOEBA_RAW_DIR set, kept as the engine returned it (the device scripts' first run)."""
+    from amoeba_profile.backends import base
+
+    usage = USAGE["ttft_request"]
+    sent = []
+
+    def create(**request):
+        sent.append(request)
+        return SimpleNamespace(usage=SimpleNamespace(model_dump=lambda: usage))
+
+    engine = object.__new__(mlc_llm.MlcLlmEngine)  # its __init__ imports mlc_llm
+    engine.engine = SimpleNamespace(completions=SimpleNamespace(create=create))
+    monkeypatch.setenv(base.RAW_DIR_VAR, str(tmp_path / "raw"))
+    timing = engine.request(list(range(128)), 1)
+    assert timing.e2e_ms == pytest.approx(21.587) and timing.prefill_tokens == 128
+    assert sent[0]["max_tokens"] == 1 and sent[0]["extra_body"] == {"debug_config": {"ignore_eos": True}}
+    (kept,) = [json.loads(line) for line in (tmp_path / "raw" / "mlc-llm" / "usage.jsonl").open()]
+    assert kept == usage

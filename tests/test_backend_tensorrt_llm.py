@@ -194,6 +194,34 @@ def test_a_batch_prefilled_over_several_iterations_is_refused():
     assert trt.batch_tpot_ms([_stamped(12, 10.0, 10.02, 10.10, 9)] * 2, 8) == pytest.approx(10.0, abs=1e-3)
 
 
+def test_a_sample_reads_the_requests_metrics_and_keeps_them_raw(tmp_path, monkeypatch):
+    """The workpiece's glue on a stand-in LLM: each generate() output's RequestPerfMetrics binding is
+    read into timings (first_iter included) and, with AMOEBA_RAW_DIR set, kept as served."""
+    from amoeba_profile.backends import base
+
+    def output(first_iter, arrival, first_token):
+        stamps = {"arrival_time": arrival, "first_scheduled_time": arrival + 0.001, "first_token_time": first_token,
+                  "last_token_time": first_token}
+        metrics = SimpleNamespace(first_iter=first_iter, last_iter=first_iter,
+                                  timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
+                                  kv_cache_metrics=SimpleNamespace(num_total_allocated_blocks=1, num_new_allocated_blocks=1,
+                                                                   num_reused_blocks=0, num_missed_blocks=1))
+        return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics, token_ids=[7])])
+
+    served = [output(3, 5.000, 5.010), output(3, 5.002, 5.010)]
+    piece = object.__new__(trt._RequestPiece)  # its __init__ imports tensorrt_llm for SamplingParams
+    piece.engine = SimpleNamespace(llm=SimpleNamespace(generate=lambda prompts, params, use_tqdm: served))
+    piece.prompts, piece.params, piece.metric = [[1, 2], [3, 4]], None, trt.batch_ttft_ms
+    monkeypatch.setenv(base.RAW_DIR_VAR, str(tmp_path / "raw"))
+    assert piece.sample_ms(1) == pytest.approx(10.0, abs=1e-3)
+    (kept,) = [json.loads(line) for line in (tmp_path / "raw" / "tensorrt-llm" / "perf-metrics.jsonl").open()]
+    assert [k["perf_metrics"]["first_iter"] for k in kept] == [3, 3] and kept[0]["output_tokens"] == 1
+    assert kept[1]["perf_metrics"]["timing_metrics"]["arrival_time"] == pytest.approx(5.002)
+    served[1] = output(4, 5.002, 5.020)
+    with pytest.raises(AmoebaError, match=r"over iterations \[3, 4\]"):
+        piece.sample_ms(1)
+
+
 def test_broken_perf_metrics_are_refused():
     item = json.loads(PERF_SAMPLE.read_text())[0]["perf_metrics"]
     unfinished = {**item, "timing_metrics": {**item["timing_metrics"], "last_token_time": 0.0}}
