@@ -301,7 +301,7 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
 
 
 _META_TYPES = {"device_slug": str, "backend": str, "dtype": str, "source": str, "method": str, "grid": dict,
-               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list}
+               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list, "crosschecks": list}
 _GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
 
 

@@ -39,6 +39,10 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
         "tool_version": meta.get("tool_version"),
         "content_sha256": meta.get("content_sha256"),
         "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
+        # each cross-check in brief (the sidecar keeps the tool's raw output and definitions)
+        "crosschecks": [f"{c['tool']['tool']} at {c['at']}: " + ", ".join(
+            f"{m.removesuffix('_ms')} {c['agreement_pct'][m]:+.1f} %" for m in ("ttft_ms", "tpot_ms"))
+            for c in meta.get("crosschecks", []) if isinstance(c, dict) and "agreement_pct" in c],
     }
 
 
@@ -177,6 +181,19 @@ def backends_table() -> Group:
         note = f" {row['maturity'].capitalize()} ({row['maturity_note']})." if row["maturity_note"] else ""
         lines.append(Text(f"{row['name']}: {row['reason']}.{note}{hint}"))
     return Group(table, *lines)
+
+
+def crosscheck_table(check) -> Table:
+    """A cross-check (``amoeba_profile.crosscheck.Crosscheck``): predicted vs the flow's tool, per metric."""
+    w = check.workload
+    table = Table(title=Text(f"{check.subnet.label} of {check.backend} on {check.device_slug}: table vs "
+                             f"{check.tool.tool} (batch {w.batch}, prompt {w.prompt_len}, {w.gen_len} new tokens)"))
+    for column in ("metric", "table (ms)", "tool (ms)", "agreement"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for metric, measured in check.measured_ms.items():
+        table.add_row(metric, f"{check.predicted_ms[metric]:.3f}", f"{measured:.3f}",
+                      f"{check.agreement_pct[metric]:+.1f} %")
+    return table
 
 
 def print_json(console: Console, data: Any) -> None:

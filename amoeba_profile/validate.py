@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .arch import ModelArch
-from .backends import get_backend
+from .backends import Backend, get_backend
 from .build import Progress, add_rows, measure_plan
 from .plan import BuildPlan
 from .device import device_slug
@@ -110,6 +110,23 @@ class ValidationRun:
     from_journal: int
 
 
+def table_backend(table_path: Path, meta: dict[str, Any]) -> Backend:
+    """The backend a measured table was built with, rebuilt from its sidecar's config on this
+    machine; LutError for a roofline table, another device or other library versions."""
+    if meta.get("source") == "roofline":
+        raise LutError(f"{table_path}: a roofline table has no backend to measure with; use a measured table")
+    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
+                                                 "dtype": meta["dtype"]})
+    here = device_slug(config.get("device", "cpu"))
+    if here != meta["device_slug"]:
+        raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; run this there")
+    backend = get_backend(meta["backend"], **config)
+    if meta.get("versions") and meta["versions"] != backend.versions():
+        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
+                       "new measurements would mix library versions - rebuild the table here first")
+    return backend
+
+
 def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
                   progress: Progress | None = None, on_corrupt_journal: str = "stop",
                   notice: Notice | None = None, busy: BusyPolicy | None = None) -> ValidationRun:
@@ -119,17 +136,7 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     table_path = Path(table_path)
     lut = load_table(table_path)
     meta = lut.meta
-    if meta.get("source") == "roofline":
-        raise LutError(f"{table_path}: a roofline table has no backend to measure with; validate a measured table")
-    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
-                                                 "dtype": meta["dtype"]})
-    here = device_slug(config.get("device", "cpu"))
-    if here != meta["device_slug"]:
-        raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; validate there")
-    backend = get_backend(meta["backend"], **config)
-    if meta.get("versions") and meta["versions"] != backend.versions():
-        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
-                       "validation rows would mix library versions - rebuild the table here first")
+    backend = table_backend(table_path, meta)
     workload = selection.workload
     picks = tuple(c.subnet for c in selection.top_k)
     layers = [layer for subnet in picks for layer in subnet.layers]

@@ -11,7 +11,7 @@ import inspect
 from typing import Any
 
 from ..errors import BackendUnavailable, UsageError
-from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec, Maturity
+from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec, Maturity, ToolResult
 
 # name -> "module:class", resolved on demand.
 REGISTRY: dict[str, str] = {
@@ -52,4 +52,4 @@ def list_backends() -> list[tuple[str, Availability, Capabilities]]:
     return [(name, backend_class(name).availability(), backend_class(name).capabilities()) for name in REGISTRY]
 
 
-__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "Engine", "EngineSpec", "Maturity", "REGISTRY", "backend_class", "get_backend", "list_backends"]
+__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "Engine", "EngineSpec", "Maturity", "REGISTRY", "ToolResult", "backend_class", "get_backend", "list_backends"]

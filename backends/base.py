@@ -22,6 +22,7 @@ from ..arch import ModelArch
 from ..entry import Entry
 from ..errors import UnsupportedShape
 from ..measure import Workpiece
+from ..workload import Workload
 
 @dataclass(frozen=True)
 class Availability:
@@ -64,6 +65,26 @@ class Maturity:
     verified: bool
     label: str
     note: str
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a flow's own benchmark tool measured for one full model and workload (``crosscheck``).
+
+    ``command``: the command line it ran (or, for an in-process tool, the calls it made);
+    ``definitions``: how the tool's numbers relate to ``ttft_ms``/``tpot_ms`` of ``workload.py``;
+    ``raw``: the tool's own output as it printed or wrote it, kept beside the agreement."""
+
+    tool: str
+    command: tuple[str, ...]
+    ttft_ms: float
+    tpot_ms: float
+    definitions: str
+    raw: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "command": list(self.command), "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
+                "definitions": self.definitions, "raw": self.raw}
 
 
 @dataclass(frozen=True)
@@ -210,6 +231,12 @@ class Backend(ABC):
 
     def check_spec(self, spec: EngineSpec) -> None:
         """Raise UnsupportedShape when the flow cannot express ``spec`` (the reason in the message)."""
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """Time the full model of ``arch`` at ``workload`` with the flow's own benchmark tool (a code
+        path apart from this adapter's workpieces), ``repetitions`` requests, using the empty folder
+        ``work_dir`` for what the tool reads; ``amoeba_profile.crosscheck`` compares it with the table."""
+        raise UnsupportedShape(f"backend {self.name!r} has no benchmark tool of its own wired in for a cross-check")
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the device ran out of memory (recorded as an ``oom`` row)."""

@@ -52,17 +52,21 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 from typing import Any
 
 from ..arch import ModelArch
 from ..device.cpu import cpu_info
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec, save_raw
+from ..workload import Workload
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, ToolResult, save_raw
 from .llama_cpp_gguf import WEIGHT_TYPES, check_layers, write_gguf
 
 ENV_VAR = "AMOEBA_LLAMA_CPP"
 BINARY = "llama-bench"
+BATCHED_BINARY = "llama-batched-bench"  # built beside llama-bench by scripts/build-llama-cpp.sh
 INSTALL_HINT = (f"pip install 'amoeba-profile[llama-cpp]', run scripts/build-llama-cpp.sh and export the "
                 f"{ENV_VAR}=<path to llama-bench> it prints")
 DTYPE_ALIASES = {"f16": "f16", "float16": "f16", "fp16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
@@ -272,6 +276,47 @@ class _BenchPiece:
         return self.pending.pop(0)
 
 
+@dataclass(frozen=True)
+class BatchedRun:
+    """One line of ``llama-batched-bench --output-format jsonl``: ``pl`` sequences of ``pp`` prompt
+    tokens prefilled together in ``t_pp_s``, then ``tg`` tokens each generated in ``t_tg_s``."""
+
+    pp: int
+    tg: int
+    pl: int
+    t_pp_s: float
+    t_tg_s: float
+    flash_attn: str
+
+
+def parse_batched_bench(text: str) -> list[BatchedRun]:
+    """The JSONL lines of a llama-batched-bench run (its other output is log text, skipped)."""
+    runs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            item = json.loads(line)
+            runs.append(BatchedRun(int(item["pp"]), int(item["tg"]), int(item["pl"]), float(item["t_pp"]),
+                                   float(item["t_tg"]), _flash_attn_name(item["flash_attn"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise AmoebaError(f"llama-batched-bench JSONL line lacks or mangles field {exc}: {line[:120]!r}") from None
+    if not runs:
+        raise AmoebaError(f"llama-batched-bench printed no JSONL result: {text.strip()[-200:]!r}")
+    return runs
+
+
+LLAMA_BENCH_DEFINITIONS = (
+    "llama-bench on the full model in one GGUF file: ttft_ms = median of its pp test (-p P -n 0: the prompt "
+    "decoded into an empty cache, no token sampled); tpot_ms = median of its tg test (-p 0 -n N-1 -d P: N-1 "
+    "single-token decodes after a P-token cache, the generation's own decode window) / (N - 1). The table composes "
+    "the same quantities from a difference fit over partial-depth models and centred decode windows")
+BATCHED_BENCH_DEFINITIONS = (
+    "llama-batched-bench on the full model: -npl B sequences of P prompt tokens prefilled in one batch (t_pp, "
+    "ttft_ms = t_pp), then N-1 tokens each decoded together (tpot_ms = t_tg / (N - 1)); one run, no sampling")
+
+
 class LlamaCppEngine(Engine):
     def __init__(self, backend: "LlamaCppBackend", spec: EngineSpec, model: Path):
         self.backend, self.spec, self.model = backend, spec, model
@@ -412,3 +457,42 @@ class LlamaCppBackend(Backend):
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _OOM_MARKERS)
+
+    def batched_bench_command(self, model: Path, workload: Workload) -> list[str]:
+        """llama-batched-bench for ``workload.batch`` sequences of the workload's lengths, with this
+        backend's threads, batch sizes, flash attention and KV cache types, JSONL out."""
+        cfg = self.config
+        context = workload.batch * (workload.prompt_len + workload.gen_len)
+        return [str(Path(cfg.binary).with_name(BATCHED_BINARY)), "-m", str(model), "-c", str(context),
+                "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch), "-npp", str(workload.prompt_len),
+                "-ntg", str(workload.gen_len - 1), "-npl", str(workload.batch), "-t", str(cfg.threads),
+                "-fa", cfg.flash_attn, "-ctk", cfg.type_k, "-ctv", cfg.type_v, "-ngl", "0", "--output-format", "jsonl"]
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """The full model through llama-bench (batch 1: a pp and a tg test, each of the backend's
+        ``repetitions`` + 1 repetitions, the first dropped) or llama-batched-bench (one run)."""
+        model = work_dir / "model.gguf"
+        write_gguf(model, arch, ((arch.num_heads, arch.num_kv_heads, arch.ffn_size),) * arch.num_layers, self.dtype)
+        steps = workload.gen_len - 1
+        if workload.batch > 1:
+            command = self.batched_bench_command(model, workload)
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise AmoebaError(f"{BATCHED_BINARY} exited {done.returncode}: "
+                                  f"{' | '.join(done.stderr.strip().splitlines()[-3:])}")
+            (run,) = [r for r in parse_batched_bench(done.stdout) if (r.pp, r.tg, r.pl) ==
+                      (workload.prompt_len, steps, workload.batch)] or [None]
+            if run is None or run.flash_attn != self.config.flash_attn:
+                raise AmoebaError(f"{BATCHED_BINARY} did not report pp={workload.prompt_len}, tg={steps}, "
+                                  f"pl={workload.batch} with flash_attn={self.config.flash_attn}")
+            return ToolResult(BATCHED_BINARY, tuple(command), run.t_pp_s * 1e3, run.t_tg_s * 1e3 / steps,
+                              BATCHED_BENCH_DEFINITIONS, done.stdout)
+        prefill = self.run_test(model, workload.prompt_len, 0, 0)
+        decode = self.run_test(model, 0, steps, workload.prompt_len)
+        commands = (" ".join(self.command(model, workload.prompt_len, 0, 0)),
+                    " ".join(self.command(model, 0, steps, workload.prompt_len)))
+        # The first repetition of each run pays one-time set-up (module docstring), as in the workpieces.
+        raw = json.dumps({"pp_samples_ns": prefill.samples_ns, "tg_samples_ns": decode.samples_ns,
+                          "first_repetition_dropped": True})
+        return ToolResult("llama-bench", commands, float(np.median(prefill.samples_ms(1)[1:])),
+                          float(np.median(decode.samples_ms(steps)[1:])), LLAMA_BENCH_DEFINITIONS, raw)

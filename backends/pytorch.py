@@ -19,6 +19,8 @@ import inspect
 import json
 import os
 import platform
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,11 @@ from ..device.load import CpuLoad, idle_cores
 from ..device.lock import measuring_pids
 from ..dtypes import bytes_per_element, canonical_dtype
 from ..entry import Entry
-from ..errors import UsageError
+from ..errors import AmoebaError, UsageError
 from ..inputs import positive_int
 from ..measure import Clock, ClockedPiece, Workpiece
-from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
+from ..workload import Workload
+from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec, ToolResult
 
 DTYPES = ("float32", "float16", "bfloat16")
 POOL_SIZE = 1 << 20  # elements of the random pool every weight tiles (ort_weights stores it once)
@@ -162,6 +165,58 @@ def build_model(spec: EngineSpec, device: str, dtype, attn_impl: str):
     model.generation_config.pad_token_id = 0
     model.generation_config.do_sample = False
     return model, cfg
+
+
+GENERATE_DEFINITIONS = (
+    "optimum-benchmark's generate() timing on the full model: plain transformers generate() with "
+    "min_new_tokens = max_new_tokens (the output length is fixed without touching eos), greedy, a fresh "
+    "random prompt prefilled every request, time.perf_counter around each call (device synchronized "
+    "before and after); ttft_ms = median of 1-token generates, tpot_ms = (median e2e(N) - ttft_ms) / (N - 1). "
+    "Apart from this flow's workpieces: no cached prompt KV, no centred decode windows, no difference fit")
+
+
+def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Workload, repetitions: int) -> ToolResult:
+    """Time the full model the way optimum-benchmark's inference scenario times a transformers model
+    (``GENERATE_DEFINITIONS``), after one warm-up call of each length."""
+    torch = _torch()
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = llama_config(arch, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.ffn_size,
+                       backend.config.attn_impl)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = materialize(model, backend.device, backend.torch_dtype).eval()
+    if arch.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(backend.device)  # its buffers were left on meta
+    ids = torch.randint(0, arch.vocab_size, (workload.batch, workload.prompt_len), device=backend.device)
+    mask = torch.ones_like(ids)
+    cuda = backend.device.startswith("cuda")
+
+    def timed(new_tokens: int) -> float:
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if out.shape[-1] != workload.prompt_len + new_tokens:
+            raise AmoebaError(f"generate() returned {out.shape[-1] - workload.prompt_len} tokens, not {new_tokens}")
+        return elapsed_ms
+
+    timed(1), timed(workload.gen_len)  # warm-up, as optimum-benchmark's warmup runs
+    first = [timed(1) for _ in range(repetitions)]
+    whole = [timed(workload.gen_len) for _ in range(repetitions)]
+    ttft_ms, e2e_ms = statistics.median(first), statistics.median(whole)
+    calls = (f"model.generate(ids[{workload.batch}x{workload.prompt_len}], min_new_tokens=n, max_new_tokens=n, "
+             f"do_sample=False) for n in (1, {workload.gen_len}), {repetitions} each after one warm-up",)
+    raw = json.dumps({"ttft_samples_ms": first, "e2e_samples_ms": whole, "device": backend.device,
+                      "dtype": backend.dtype, "threads": torch.get_num_threads()})
+    return ToolResult("generate() timing (optimum-benchmark style)", calls, ttft_ms,
+                      (e2e_ms - ttft_ms) / (workload.gen_len - 1), GENERATE_DEFINITIONS, raw)
 
 
 class _TpotPiece:
@@ -435,6 +490,9 @@ class PyTorchBackend(Backend):
 
     def build_component(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
         return _ComponentUnit(self, arch, entry)
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        return generate_timing(self, arch, workload, repetitions)
 
     def chain_length(self, arch: ModelArch, component: str, heads: int, kv_heads: int, ffn: int) -> int:
         """How many copies of a component one timed step runs.

@@ -48,7 +48,8 @@ from ..arch import ModelArch, layer_params, non_layer_params
 from ..dtypes import bytes_per_element, kv_cache_bytes_per_element
 from ..entry import Entry
 from ..errors import UnsupportedShape, UsageError
-from .base import Backend, BuiltUnit, Capabilities, EngineSpec
+from ..workload import Workload
+from .base import Backend, BuiltUnit, Capabilities, EngineSpec, ToolResult
 from .pytorch import PyTorchBackend, PyTorchEngine, _torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -268,6 +269,12 @@ class CompiledEngine(PyTorchEngine):
 
 class PyTorchCompiledBackend(PyTorchBackend):
     verified_on = ("cpu",)  # measured by the CI's compiled build; no CUDA run recorded yet
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """The compiled flow has no benchmark tool of its own: eager generate() timing would check
+        another flow."""
+        raise UnsupportedShape("pytorch-compiled has no benchmark tool of its own to cross-check with (eager "
+                               "generate() timing would check another flow); cross-check the eager pytorch table")
     name = "pytorch-compiled"
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,

@@ -97,6 +97,9 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +111,12 @@ from ..dtypes import canonical_dtype
 from ..errors import AmoebaError, UnsupportedShape, UsageError
 from ..export import DECI_CONFIG_MODULE, EOS_TOKEN_ID, deci_config, deci_config_module, llama_config, loads_as_llama
 from ..inputs import positive_float
+from ..arch import ModelArch
 from ..subnet import LayerShape, Subnet
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec, save_raw
+from ..workload import Workload
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, ToolResult, save_raw
 from .llama_cpp import tpot_depth
+from .mlc_llm import hf_tokenizer_files
 
 DTYPES = ("float16", "bfloat16")
 INSTALL_HINT = ("pip install tensorrt-llm (Linux, NVIDIA GPU; it pins its own torch and transformers, so use a "
@@ -283,6 +289,57 @@ def batch_tpot_ms(timings: list[RequestTiming], steps: int) -> float:
     _check_lengths(timings, 1 + steps)
     check_one_prefill(timings)
     return (max(t.last_token_s for t in timings) - max(t.first_token_s for t in timings)) * 1e3 / steps
+
+
+TRTLLM_BENCH_DEFINITIONS = (
+    "trtllm-bench latency on the full model (its own LLM, max_batch_size 1, one request at a time, streaming), "
+    "the same model folder and LLM options as the table's engines plus a synthetic tokenizer; requests of P "
+    "token ids and N output tokens (ignore_eos); ttft_ms and tpot_ms = the p50 of its per-request TTFT and TPOT "
+    "((e2e - ttft) / (N - 1)), which include its async client's handling that RequestPerfMetrics leaves out")
+# What trtllm-bench does not set itself and the table's engines were built with (llm_kwargs).
+_BENCH_OPTIONS = ("trust_remote_code", "dtype", "load_format", "enable_chunked_prefill", "kv_cache_config",
+                  "cuda_graph_config", "disable_overlap_scheduler")
+
+
+def bench_llm_options(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[str, Any]:
+    """The ``--extra_llm_api_options`` of the cross-check: the engine's own LLM arguments that
+    trtllm-bench does not set itself (it sizes batch, tokens and sequence length on its own)."""
+    kwargs = llm_kwargs(spec, config, form)
+    return {name: kwargs[name] for name in _BENCH_OPTIONS}
+
+
+def trtllm_bench_command(executable: str, model_name: str, folder: Path, dataset: Path, options: Path, report: Path,
+                         workload: Workload, requests: int, kv_fraction: float) -> list[str]:
+    """``trtllm-bench latency`` on a local model folder (``bench/benchmark/low_latency.py`` options)."""
+    return [executable, "--model", model_name, "--model_path", str(folder), "latency", "--backend", "pytorch",
+            "--dataset", str(dataset), "--num_requests", str(requests), "--warmup", "2",
+            "--max_seq_len", str(workload.prompt_len + workload.gen_len),
+            "--kv_cache_free_gpu_mem_fraction", str(kv_fraction), "--extra_llm_api_options", str(options),
+            "--report_json", str(report)]
+
+
+def bench_dataset(workload: Workload, requests: int, vocab_size: int) -> str:
+    """trtllm-bench's dataset: one JSON line per request with its token ids and output length
+    (``bench/utils/data.py`` ``create_dataset_from_stream`` reads ``input_ids`` and ``output_tokens``)."""
+    rng = np.random.default_rng(0)
+    return "".join(json.dumps({"task_id": i, "input_ids": rng.integers(3, vocab_size, workload.prompt_len).tolist(),
+                               "output_tokens": workload.gen_len}) + "\n" for i in range(requests))
+
+
+def parse_trtllm_bench_report(text: str, workload: Workload) -> tuple[float, float]:
+    """(ttft_ms, tpot_ms) from ``--report_json`` (``ReportUtility.get_statistics_dict``: latency runs
+    stream, so ``streaming_metrics`` holds per-request TTFT and TPOT percentiles in ms)."""
+    try:
+        report = json.loads(text)
+        streaming, requests = report["streaming_metrics"], report["request_info"]
+        ttft_ms, tpot_ms = float(streaming["ttft_percentiles"]["p50"]), float(streaming["tpot_percentiles"]["p50"])
+        lengths = (float(requests["avg_input_length"]), float(requests["avg_output_length"]))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise AmoebaError(f"trtllm-bench report lacks or mangles field {exc}") from None
+    if lengths != (workload.prompt_len, workload.gen_len):
+        raise AmoebaError(f"trtllm-bench ran requests of {lengths[0]:g} input and {lengths[1]:g} output tokens on "
+                          f"average, not {workload.prompt_len} and {workload.gen_len}")
+    return ttft_ms, tpot_ms
 
 
 class _RequestPiece:
@@ -475,6 +532,34 @@ class TensorRtLlmBackend(Backend):
         self.release_engine()
         self._held = TensorRtLlmEngine(spec, artifact, stored["llm_kwargs"])
         return self._held
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """The full model's folder, as a build writes it, benchmarked by ``trtllm-bench latency``."""
+        if workload.batch != 1:
+            raise UnsupportedShape("trtllm-bench latency runs one request at a time (max_batch_size 1); cross-check "
+                                   "a batch-1 table")
+        layers = ((arch.num_heads, arch.num_kv_heads, arch.ffn_size),) * arch.num_layers
+        spec = EngineSpec(arch, layers, 1, workload.prompt_len, workload.prompt_len + workload.gen_len)
+        folder = model_folder(spec, self.dtype)
+        model_dir = work_dir / "model"
+        model_dir.mkdir()
+        for name, text in {**folder.files(), **hf_tokenizer_files(arch.vocab_size, arch.max_position)}.items():
+            (model_dir / name).write_text(text)
+        dataset, options, report = work_dir / "dataset.jsonl", work_dir / "llm-options.yaml", work_dir / "report.json"
+        dataset.write_text(bench_dataset(workload, repetitions, arch.vocab_size))
+        # JSON is YAML: trtllm-bench reads the file with yaml.safe_load.
+        options.write_text(json.dumps(bench_llm_options(spec, self.config, folder.form), indent=2))
+        executable = shutil.which("trtllm-bench", path=str(Path(sys.executable).parent)) or "trtllm-bench"
+        command = trtllm_bench_command(executable, f"amoeba-{arch.name}", model_dir, dataset, options, report,
+                                       workload, repetitions, self.config.kv_cache_free_gpu_memory_fraction)
+        self.release_engine()  # one GPU: no engine of ours beside the tool's
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not report.is_file():
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise AmoebaError(f"trtllm-bench latency exited {done.returncode}: {tail}")
+        text = report.read_text()
+        ttft_ms, tpot_ms = parse_trtllm_bench_report(text, workload)
+        return ToolResult("trtllm-bench latency", tuple(command), ttft_ms, tpot_ms, TRTLLM_BENCH_DEFINITIONS, text)
 
     def release_engine(self) -> None:
         """Shut the kept engine down (its executor, KV cache and CUDA graphs)."""

@@ -43,8 +43,9 @@ needs_llama_bench = pytest.mark.skipif(
 def stand_in(tmp_path, monkeypatch):
     """A llama-bench stand-in: prints VERSION_TEXT for --version (or refuses the flag, as builds without
     it do, with $FAKE_NO_VERSION), else replays the report named by $FAKE_REPORT (or fails like
-    llama-bench with $FAKE_FAIL), logging each command line. The replayed report states the -fa, -ctk
-    and -ctv it was given, as llama-bench reports the settings it ran with, unless $FAKE_VERBATIM."""
+    llama-bench with $FAKE_FAIL), logging each command line. The replayed report states the -p, -n, -d,
+    -fa, -ctk and -ctv it was given, as llama-bench reports the test and settings it ran, unless
+    $FAKE_VERBATIM."""
     script = tmp_path / "bin" / "llama-bench"
     script.parent.mkdir()
     script.write_text(
@@ -58,7 +59,8 @@ def stand_in(tmp_path, monkeypatch):
         "if os.environ.get('FAKE_FAIL'):\n    sys.stderr.write(os.environ['FAKE_FAIL'] + '\\n'); sys.exit(1)\n"
         "report = json.load(open(os.environ['FAKE_REPORT']))\n"
         "for flag, field, value in (('-fa', 'flash_attn', {'on': 1, 'off': 0, 'auto': -1}.get),\n"
-        "                           ('-ctk', 'type_k', str), ('-ctv', 'type_v', str)):\n"
+        "                           ('-ctk', 'type_k', str), ('-ctv', 'type_v', str), ('-p', 'n_prompt', int),\n"
+        "                           ('-n', 'n_gen', int), ('-d', 'n_depth', int)):\n"
         "    if flag in args and not os.environ.get('FAKE_VERBATIM'):\n"
         "        for test in report:\n"
         "            test[field] = value(args[args.index(flag) + 1])\n"
@@ -212,11 +214,12 @@ def test_a_tpot_sample_is_one_decode_step(stand_in, tiny_arch, tmp_path, monkeyp
 
 
 def test_a_report_for_another_test_or_build_is_refused(stand_in, tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VERBATIM", "1")
     backend = llama_cpp.LlamaCppBackend(threads=1)
     with pytest.raises(AmoebaError, match=r"expected one test \(p=32"):
         backend.run_test(tmp_path / "model.gguf", 32, 0, 0)
     report = json.loads(PP_REPORT.read_text())
-    report[0]["build_commit"] = "deadbeef"
+    report[0]["build_commit"], report[0]["flash_attn"] = "deadbeef", 1
     other = tmp_path / "other.json"
     other.write_text(json.dumps(report))
     monkeypatch.setenv("FAKE_REPORT", str(other))
@@ -347,3 +350,51 @@ def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
     assert set(layers.method) == {"difference"} and len(layers) >= 2
     assert lut.meta["versions"]["llama.cpp"] == "0c1e57098" and lut.meta["backend_config"]["dtype"] == "f16"
     assert lut.meta["backend_config"]["threads"] == 1
+
+
+# --- cross-check tools (amoeba_profile.crosscheck) ----------------------------------------------
+
+def test_crosscheck_runs_llama_bench_on_the_full_model(stand_in, tiny_arch, tmp_path):
+    from amoeba_profile.workload import Workload
+
+    backend = llama_cpp.LlamaCppBackend(threads=1, repetitions=3)
+    result = backend.crosscheck_tool(tiny_arch, Workload(1, 16, 5), tmp_path, 3)
+    runs = [c for c in _calls(stand_in) if c != "--version"]
+    assert len(runs) == 2
+    assert " -p 16 -n 0 -d 0 -r 4 " in runs[0] and " -p 0 -n 4 -d 16 -r 4 " in runs[1]  # prompt; N-1 steps after P
+    assert all(" -fa on -ctk f16 -ctv f16 " in r for r in runs)
+    model = tmp_path / "model.gguf"
+    assert runs[0].split()[1] == str(model) and model.stat().st_size > 0  # the full model in one file
+    recorded = [ns / 1e6 for ns in json.loads(PP_REPORT.read_text())[0]["samples_ns"]]
+    assert result.tool == "llama-bench" and result.ttft_ms == pytest.approx(np.median(recorded[1:]))
+    assert result.tpot_ms == pytest.approx(np.median(recorded[1:]) / 4)  # the stand-in replays the same samples
+    assert json.loads(result.raw)["first_repetition_dropped"] is True and "-d 16" in result.command[1]
+
+
+# One line per (pp, tg, pl) as llama-batched-bench writes it with --output-format jsonl
+# (tools/batched-bench/batched-bench.cpp; CONSTRUCTED from that format string, not recorded), among log lines.
+BATCHED_OUTPUT = """main: n_kv_max = 192, n_batch = 2048, n_ubatch = 512, flash_attn = 1, is_pp_shared = 0
+{"n_kv_max": 192, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 1, "is_pp_shared": 0, "n_gpu_layers": 0, \
+"n_threads": 1, "n_threads_batch": 1, "pp": 16, "tg": 7, "pl": 4, "n_kv": 92, "t_pp": 0.012000, \
+"speed_pp": 5333.333496, "t_tg": 0.028000, "speed_tg": 1000.000000, "t": 0.040000, "speed": 2300.000000}
+
+llama_perf_context_print:        load time =      10.00 ms
+"""
+
+
+def test_batched_bench_command_and_output(stand_in, tmp_path):
+    from amoeba_profile.workload import Workload
+
+    backend = llama_cpp.LlamaCppBackend(threads=2, n_batch=256, n_ubatch=64)
+    command = backend.batched_bench_command(tmp_path / "m.gguf", Workload(4, 16, 8))
+    assert command[0] == str(stand_in.resolve().with_name("llama-batched-bench"))
+    assert command[1:] == ["-m", str(tmp_path / "m.gguf"), "-c", "96", "-b", "256", "-ub", "64", "-npp", "16",
+                           "-ntg", "7", "-npl", "4", "-t", "2", "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-ngl", "0",
+                           "--output-format", "jsonl"]
+    (run,) = llama_cpp.parse_batched_bench(BATCHED_OUTPUT)
+    assert (run.pp, run.tg, run.pl, run.flash_attn) == (16, 7, 4, "on")
+    assert (run.t_pp_s, run.t_tg_s) == (0.012, 0.028)
+    with pytest.raises(AmoebaError, match="no JSONL result"):
+        llama_cpp.parse_batched_bench("main: error: failed to load model\n")
+    with pytest.raises(AmoebaError, match="'t_tg'"):
+        llama_cpp.parse_batched_bench(BATCHED_OUTPUT.replace('"t_tg"', '"t_xx"'))

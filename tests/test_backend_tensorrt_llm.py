@@ -354,3 +354,59 @@ def test_llm_api_times_uniform_and_per_layer_engines(tmp_path):
     finally:
         backend.release_engine()
     assert backend.device_arch().startswith("sm_") and backend.environment()["kv_cache"]["enable_block_reuse"] is False
+
+
+# --- trtllm-bench latency (amoeba_profile.crosscheck) ---------------------------------------------
+# A --report_json of a latency run, CONSTRUCTED from bench/dataclasses/reporting.py
+# ReportUtility.get_statistics_dict (latency runs stream, so streaming_metrics is present), not recorded.
+BENCH_REPORT = {
+    "engine": {"model": "amoeba-trt-tiny", "model_path": "/w/model", "engine_dir": "None", "version": "1.1.0",
+               "backend": "Pytorch", "dtype": "float16", "kv_cache_dtype": None, "quantization": None},
+    "world_info": {"tp_size": 1, "pp_size": 1, "ep_size": 1, "world_size": 1, "max_batch_size": 1,
+                   "max_num_tokens": 2048, "scheduling_policy": "GUARANTEED_NO_EVICT", "kv_cache_percentage": 0.9,
+                   "issue_rate": 5.0},
+    "request_info": {"num_requests": 5, "avg_num_concurrent_requests": 1.0, "avg_input_length": 64.0,
+                     "avg_output_length": 9.0},
+    "performance": {"total_latency_ms": 120.0, "avg_request_latency_ms": 24.0},
+    "streaming_metrics": {"token_output_speed_tok_s": 400.0, "avg_ttft_ms": 4.2, "avg_tpot_ms": 2.45,
+                          "tpot_percentiles": {"minimum": 2.3, "maximum": 2.7, "average": 2.45, "p50": 2.4, "p90": 2.6,
+                                               "p95": 2.65, "p99": 2.7},
+                          "ttft_percentiles": {"minimum": 4.0, "maximum": 4.6, "average": 4.2, "p50": 4.1, "p90": 4.5,
+                                               "p95": 4.55, "p99": 4.6}},
+}
+
+
+def test_trtllm_bench_command_options_dataset_and_report():
+    from amoeba_profile.workload import Workload
+
+    workload, spec = Workload(1, 64, 9), EngineSpec(ARCH, PER_LAYER_FFN, 1, 64, 73)
+    command = trt.trtllm_bench_command("trtllm-bench", "amoeba-trt-tiny", Path("/w/model"), Path("/w/d.jsonl"),
+                                       Path("/w/o.yaml"), Path("/w/r.json"), workload, 5, 0.9)
+    assert command == ["trtllm-bench", "--model", "amoeba-trt-tiny", "--model_path", "/w/model", "latency",
+                       "--backend", "pytorch", "--dataset", "/w/d.jsonl", "--num_requests", "5", "--warmup", "2",
+                       "--max_seq_len", "73", "--kv_cache_free_gpu_mem_fraction", "0.9", "--extra_llm_api_options",
+                       "/w/o.yaml", "--report_json", "/w/r.json"]
+    options = trt.bench_llm_options(spec, trt.TensorRtLlmConfig(), "nemotron-nas")
+    assert options == {"trust_remote_code": True, "dtype": "float16", "load_format": "dummy",
+                       "enable_chunked_prefill": False,
+                       "kv_cache_config": {"enable_block_reuse": False, "max_tokens": 73,
+                                           "free_gpu_memory_fraction": 0.9},
+                       "cuda_graph_config": {"batch_sizes": [1], "max_batch_size": 1, "enable_padding": False},
+                       "disable_overlap_scheduler": False}
+    lines = [json.loads(line) for line in trt.bench_dataset(workload, 3, 1024).splitlines()]
+    assert [(r["task_id"], len(r["input_ids"]), r["output_tokens"]) for r in lines] == [(0, 64, 9), (1, 64, 9),
+                                                                                      (2, 64, 9)]
+    assert all(3 <= t < 1024 for r in lines for t in r["input_ids"])
+    assert trt.parse_trtllm_bench_report(json.dumps(BENCH_REPORT), workload) == (4.1, 2.4)  # the medians
+    with pytest.raises(AmoebaError, match="64 input and 9 output tokens on average, not 64 and 17"):
+        trt.parse_trtllm_bench_report(json.dumps(BENCH_REPORT), Workload(1, 64, 17))
+    with pytest.raises(AmoebaError, match="'streaming_metrics'"):
+        trt.parse_trtllm_bench_report(json.dumps({k: v for k, v in BENCH_REPORT.items() if k != "streaming_metrics"}),
+                                      workload)
+
+
+def test_crosscheck_refuses_a_batch_trtllm_bench_latency_cannot_run(tmp_path):
+    from amoeba_profile.workload import Workload
+
+    with pytest.raises(UnsupportedShape, match="one request at a time"):
+        StandIn().crosscheck_tool(ARCH, Workload(4, 64, 9), tmp_path, 5)
