@@ -19,6 +19,7 @@ from typing import Any
 
 from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 from amoeba_profile.core.errors import BackendUnavailable, UsageError
+from amoeba_profile.backends.base import Maturity, ToolResult
 
 ENTRY_POINT_GROUP = "amoeba_profile.backends"
 
@@ -71,4 +72,4 @@ def list_backends() -> list[tuple[str, Availability, Capabilities]]:
     return [(name, backend_class(name).availability(), backend_class(name).capabilities()) for name in REGISTRY]
 
 
-__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "Engine", "EngineSpec", "REGISTRY", "backend_class", "get_backend", "list_backends"]
+__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "Engine", "EngineSpec", "Maturity", "REGISTRY", "ToolResult", "backend_class", "get_backend", "list_backends"]

@@ -11,6 +11,8 @@ with it. Backends know nothing of tables or pickers.
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +22,69 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape
 from amoeba_profile.core.timing import Workpiece
+from amoeba_profile.core.workload import Workload
 
 @dataclass(frozen=True)
 class Availability:
     ok: bool
     reason: str
     install_hint: str = ""
+
+
+EXPERIMENTAL = "experimental: not yet run on hardware"
+RAW_DIR_VAR = "AMOEBA_RAW_DIR"
+RAW_RECORDS = 200  # per file: the first run's outputs, not a second copy of every sample
+_raw_counts: dict[Path, int] = {}
+
+
+def save_raw(flow: str, kind: str, record: Any) -> None:
+    """Keep one raw output of a flow's library (as it came, JSON-serialisable) in
+    ``$AMOEBA_RAW_DIR/<flow>/<kind>.jsonl``, up to ``RAW_RECORDS`` lines per file; nothing when the
+    variable is unset. The device scripts set it, so the first run on hardware leaves the library's
+    own outputs to replace the test samples that were constructed from its source. Called between
+    samples, never inside a timed region."""
+    folder = os.environ.get(RAW_DIR_VAR)
+    if not folder:
+        return
+    path = Path(folder) / flow / f"{kind}.jsonl"
+    if path not in _raw_counts:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _raw_counts[path] = sum(1 for _ in path.open()) if path.is_file() else 0
+    if _raw_counts[path] >= RAW_RECORDS:
+        return
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+    _raw_counts[path] += 1
+
+
+@dataclass(frozen=True)
+class Maturity:
+    """Whether a flow's adapter has a recorded run on real hardware. ``label`` is what the flow
+    listing prints: ``verified on <devices>`` or ``EXPERIMENTAL``; ``note`` says why."""
+
+    verified: bool
+    label: str
+    note: str
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """What a flow's own benchmark tool measured for one full model and workload (``crosscheck``).
+
+    ``command``: the command line it ran (or, for an in-process tool, the calls it made);
+    ``definitions``: how the tool's numbers relate to ``ttft_ms``/``tpot_ms`` of ``workload.py``;
+    ``raw``: the tool's own output as it printed or wrote it, kept beside the agreement."""
+
+    tool: str
+    command: tuple[str, ...]
+    ttft_ms: float
+    tpot_ms: float
+    definitions: str
+    raw: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": self.tool, "command": list(self.command), "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
+                "definitions": self.definitions, "raw": self.raw}
 
 
 @dataclass(frozen=True)
@@ -111,6 +170,19 @@ class Backend(ABC):
     device: str = "cpu"
     dtype: str = "float32"
     config: Any = None
+    # Devices a recorded run of this adapter exists on (a shipped table, recorded tool output or its
+    # test suite measuring in CI). Empty: the adapter was written against its library's source and
+    # has never run, and ``experimental_reason`` says so; the flow listing labels it EXPERIMENTAL
+    # until a recorded run exists (then the adapter names the device here).
+    verified_on: tuple[str, ...] = ()
+    experimental_reason: str = "no recorded run of this adapter on hardware"
+
+    @classmethod
+    def maturity(cls) -> Maturity:
+        """The adapter's own declaration, read by ``amoeba-profile backends`` and the README's table."""
+        if cls.verified_on:
+            return Maturity(True, f"verified on {', '.join(cls.verified_on)}", "")
+        return Maturity(False, EXPERIMENTAL, cls.experimental_reason)
 
     @classmethod
     @abstractmethod
@@ -159,6 +231,12 @@ class Backend(ABC):
 
     def check_spec(self, spec: EngineSpec) -> None:
         """Raise UnsupportedShape when the flow cannot express ``spec`` (the reason in the message)."""
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """Time the full model of ``arch`` at ``workload`` with the flow's own benchmark tool (a code
+        path apart from this adapter's workpieces), ``repetitions`` requests, using the empty folder
+        ``work_dir`` for what the tool reads; ``amoeba_profile.measure.crosscheck`` compares it with the table."""
+        raise UnsupportedShape(f"backend {self.name!r} has no benchmark tool of its own wired in for a cross-check")
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the device ran out of memory (recorded as an ``oom`` row)."""

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-from amoeba_profile.backends import REGISTRY, Capabilities, backend_class, list_backends
+from amoeba_profile.backends import REGISTRY, Capabilities, Maturity, backend_class, list_backends
 from amoeba_profile.core.errors import UsageError
 
 MEASURING, UNAVAILABLE = "measuring", "unavailable"
@@ -25,7 +25,8 @@ MEASURING, UNAVAILABLE = "measuring", "unavailable"
 @dataclass(frozen=True)
 class FlowInfo:
     """One row of the flow listing. ``install_hint`` says what to install for the flow's library;
-    ``roofline_profile`` says whether ``build-lut --predict`` can compute a table for it."""
+    ``roofline_profile`` says whether ``build-lut --predict`` can compute a table for it;
+    ``maturity`` is the adapter's own declaration of a recorded hardware run."""
 
     name: str
     status: str
@@ -33,6 +34,7 @@ class FlowInfo:
     install_hint: str
     capabilities: Capabilities
     roofline_profile: bool
+    maturity: Maturity
 
 
 @lru_cache(maxsize=1)
@@ -51,5 +53,5 @@ def list_flows() -> list[FlowInfo]:
     """Every known flow with its kind, why it can or cannot measure here, and an install hint."""
     profiles = set(_flows_data()["flows"])
     return [FlowInfo(name, MEASURING if avail.ok else UNAVAILABLE, avail.reason, avail.install_hint, caps,
-                     name in profiles)
+                     name in profiles, backend_class(name).maturity())
             for name, avail, caps in list_backends()]

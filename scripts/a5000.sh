@@ -12,7 +12,8 @@
 #
 # Each flow has its own venv: TensorRT-LLM pins its own torch and transformers 4.x, so the project
 # goes into that venv without its dependencies. A flow that fails to install, build or validate is
-# reported and skipped; the summary at the end says what each flow produced.
+# reported and skipped; the summary at the end says what each flow produced. The run ends by writing
+# one archive to contribute (scripts/archive.sh): OUT/amoeba-profile-<slug>-<time>.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source scripts/device-tables.sh
@@ -38,6 +39,8 @@ if venv "$PT" && "$PT/bin/python" -m pip install --quiet "torch>=2.4,<2.14" &&
         "$PT/bin/python" -m pip install --quiet -e ".[dev]"; then
     SLUG=$("$PT/bin/python" -c 'from amoeba_profile.device import device_slug; print(device_slug("cuda"))') || exit 1
     "$PT/bin/amoeba-profile" profile-device --device cuda --out "$OUT"  # OUT/<slug>/device.json
+    keep_raw_outputs  # the libraries' raw outputs of this first run: OUT/<slug>/raw
+    ARCHIVE_ENVS+=("pytorch=$PT/bin/python")
     "$PT/bin/python" -m pytest -q -m gpu  # CUDA-event timing on a tiny model (other flows skip here)
     build_and_validate pytorch "$PT/bin/amoeba-profile" "$PT/bin/python" "${GRID[@]}" \
         ${WHOLE:+--whole "$WHOLE"}
@@ -52,6 +55,7 @@ if venv "$TRT" && "$TRT/bin/python" -m pip install --quiet --extra-index-url htt
         "$TRT/bin/python" -m pip install --quiet --no-deps -e . &&
         "$TRT/bin/python" -m pip freeze | grep -iE '^(numpy|torch|transformers)==' > "$TRT/keep.txt" &&
         "$TRT/bin/python" -m pip install --quiet -c "$TRT/keep.txt" "${LIGHT_DEPS[@]}"; then
+    ARCHIVE_ENVS+=("tensorrt-llm=$TRT/bin/python")
     build_and_validate tensorrt-llm "$TRT/bin/amoeba-profile" "$TRT/bin/python" "${GRID[@]}" \
         ${WHOLE:+--whole "$WHOLE"}
 else
@@ -67,6 +71,7 @@ if command -v nvcc >/dev/null && venv "$MLC" && "$MLC/bin/python" -m pip install
         "$MLC/bin/python" -m pip install --quiet -e ".[dev]" &&
         "$MLC/bin/python" -m pip install --quiet --pre -U -f https://mlc.ai/wheels \
             "mlc-llm-nightly-$MLC_CUDA" "mlc-ai-nightly-$MLC_CUDA"; then
+    ARCHIVE_ENVS+=("mlc-llm=$MLC/bin/python")
     "$MLC/bin/python" -m pytest -q -m gpu tests/test_backend_mlc_llm.py  # compiles and serves a tiny model
     build_and_validate mlc-llm "$MLC/bin/amoeba-profile" "$MLC/bin/python" "${GRID[@]}" \
         ${WHOLE_UNIFORM_HEADS:+--whole "$WHOLE_UNIFORM_HEADS"}
@@ -79,4 +84,5 @@ if [ "${BENCH:-0}" = 1 ]; then
     "$PT/bin/python" benchmarks/composition_error.py --model "$MODEL" --device cuda --contexts 128,512 \
         --decode-steps 32 --out "$OUT/bench" --json "$OUT/bench/composition-$MODEL.json"
 fi
+write_archive  # one tar.gz: tables, raw outputs, cross-checks, pip freeze, nvidia-smi -q
 summary

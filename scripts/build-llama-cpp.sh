@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-bench for the llama.cpp backend: CPU only, this machine's ISA
+# Build llama.cpp's llama-bench (and llama-batched-bench, the cross-check's tool at batch > 1) for the
+# llama.cpp backend: CPU only, this machine's ISA
 # (GGML_NATIVE), Release, statically linked so the binary can be copied out of the build tree.
 #
 # There is no prebuilt CPU llama.cpp on PyPI or in Debian 12, so the source comes from the
 # llama-cpp-python sdist on PyPI, which vendors a pinned llama.cpp commit (its CHANGELOG names it);
-# the sdist's sha256 is checked. Only the llama-bench target is built (ggml, llama, common and the
-# tool), not the Python bindings, the server or the other tools.
+# the sdist's sha256 is checked. Only the llama-bench and llama-batched-bench targets are built (ggml,
+# llama, common and the two tools), not the Python bindings, the server or the other tools.
 #
 # Idempotent: a finished binary in the cache is reused. The last line printed is the export to run:
 #   export AMOEBA_LLAMA_CPP=<cache>/bin/llama-bench
@@ -24,7 +25,7 @@ ROOT=${AMOEBA_LLAMA_CPP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/amoeba-profile/ll
 CACHE="$ROOT/$LLAMA_COMMIT"
 BIN="$CACHE/bin/llama-bench"
 
-if [[ -x "$BIN" ]] && "$BIN" --version >/dev/null 2>&1; then
+if [[ -x "$BIN" && -x "$CACHE/bin/llama-batched-bench" ]] && "$BIN" --version >/dev/null 2>&1; then
     echo "llama-bench already built: $BIN" >&2
     echo "export AMOEBA_LLAMA_CPP=$BIN"
     exit 0
@@ -58,8 +59,10 @@ cmake -S "$SRC" -B "$CACHE/build" -G Ninja \
     -DLLAMA_BUILD_COMMIT="$LLAMA_COMMIT" -DLLAMA_BUILD_NUMBER=0 \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
     -DLLAMA_OPENSSL=OFF >"$CACHE/configure.log"
-cmake --build "$CACHE/build" --target llama-bench -j "$JOBS" >"$CACHE/build.log"
+cmake --build "$CACHE/build" --target llama-bench llama-batched-bench -j "$JOBS" >"$CACHE/build.log"
 mkdir -p "$CACHE/bin"
+cp "$CACHE/build/bin/llama-batched-bench" "$CACHE/bin/llama-batched-bench.tmp"
+mv "$CACHE/bin/llama-batched-bench.tmp" "$CACHE/bin/llama-batched-bench"
 cp "$CACHE/build/bin/llama-bench" "$BIN.tmp"
 mv "$BIN.tmp" "$BIN"
 "$BIN" --version >&2

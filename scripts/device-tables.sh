@@ -50,6 +50,41 @@ set_roofline_aside() {  # TABLE
     fi
 }
 
+# The flows' environments whose pip freeze goes into the archive (NAME=PYTHON), added as each installs.
+ARCHIVE_ENVS=()
+
+# The libraries' raw outputs of this run (first samples of each kind) go to OUT/SLUG/raw, an absolute
+# path so the containers of jetson-orin-nx.sh write to the same place (backends/base.py save_raw).
+keep_raw_outputs() {  # after OUT/SLUG exists
+    AMOEBA_RAW_DIR="$(cd "$OUT/$SLUG" && pwd)/raw"
+    export AMOEBA_RAW_DIR
+    mkdir -p "$AMOEBA_RAW_DIR" "$OUT/$SLUG/crosscheck"
+}
+
+# The table's full-model prediction against the flow's own benchmark tool (amoeba-profile
+# crosscheck): stored in the sidecar and, as JSON, in OUT/SLUG/crosscheck/ for the archive.
+crosscheck_table() {  # FLOW "AMOEBA" TABLE
+    local result="$OUT/$SLUG/crosscheck/$1-$MODEL.json"
+    if $2 crosscheck --lut "$3" --json > "$result.tmp"; then
+        mv "$result.tmp" "$result"
+        echo "cross-check of $1 written to $result"
+    else
+        rm -f "$result.tmp"
+        echo "cross-check of $1 failed (see above); the table is kept"
+    fi
+}
+
+# The archive to contribute (scripts/archive.sh): tables, raw outputs, cross-checks, pip freeze of
+# every flow's environment, the device state.
+write_archive() {
+    local archive="$OUT/amoeba-profile-$SLUG-$(date -u +%Y%m%dT%H%M%SZ).tar.gz"
+    if scripts/archive.sh "$archive" "$OUT" "$SLUG" "${ARCHIVE_ENVS[@]}"; then
+        echo "To contribute: attach $archive to a pull request (README, 'Contributing results')."
+    else
+        echo "writing the archive failed (see above); the tables are under $OUT/$SLUG/"
+    fi
+}
+
 # build-lut for FLOW, then validate its top-3 picks against whole-model truth; records the outcome.
 # AMOEBA is the amoeba-profile command (a venv's, or a `docker run ...` prefix), PYTHON its python.
 build_and_validate() {  # FLOW "AMOEBA" "PYTHON" BUILD-OPTIONS...
@@ -62,6 +97,7 @@ build_and_validate() {  # FLOW "AMOEBA" "PYTHON" BUILD-OPTIONS...
         return
     fi
     $amoeba show --lut "$table" | head -n 40
+    crosscheck_table "$flow" "$amoeba" "$table"
     if ! budget=$(table_budget "$python" "$table"); then
         record "$flow" "table $table built; no budget (its full model is not covered), not validated"
         return
@@ -82,6 +118,5 @@ summary() {
         echo "  $flow: ${FLOW_STATUS[$flow]}"
         [[ ${FLOW_STATUS[$flow]} == table* ]] && built=$((built + 1))
     done
-    echo "To contribute: open a pull request adding $OUT/$SLUG/ (CSV + .meta.json of each table, device.json)."
     [ "$built" -gt 0 ]
 }

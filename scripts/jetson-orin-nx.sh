@@ -9,6 +9,7 @@
 # ~8 GB each to pull),
 # with this checkout mounted at the same path (a path without spaces). A flow that fails to
 # install, build or validate is reported and skipped; the summary at the end says what each made.
+# The run ends by writing one archive to contribute (scripts/archive.sh).
 # Usage: scripts/jetson-orin-nx.sh [MODEL] [OUT]
 # Environment: MLC_IMAGE, TRTLLM_IMAGE override the images below.
 set -uo pipefail
@@ -43,6 +44,8 @@ if "$VENV/bin/python" -c 'import torch; assert torch.cuda.is_available()' &&
             matplotlib pytest hypothesis; then
     SLUG=$("$VENV/bin/python" -c 'from amoeba_profile.device import device_slug; print(device_slug("cuda"))') || exit 1
     "$VENV/bin/amoeba-profile" profile-device --device cuda --out "$OUT"  # OUT/<slug>/device.json
+    keep_raw_outputs  # the libraries' raw outputs of this first run: OUT/<slug>/raw (mounted in the containers)
+    ARCHIVE_ENVS+=("pytorch=$VENV/bin/python")
     "$VENV/bin/python" -m pytest -q -m gpu  # CUDA-event timing on a tiny model (other flows skip here)
     build_and_validate pytorch "$VENV/bin/amoeba-profile" "$VENV/bin/python" "${GRID[@]}" ${WHOLE:+--whole "$WHOLE"}
 else
@@ -70,10 +73,12 @@ project_image() {  # FLOW IMAGE
 in_container() {  # TAG [-i]
     echo "docker run --rm ${2:-} --runtime nvidia --network host -v $PWD:$PWD -w $PWD" \
          "-v $AMOEBA_LOCK_DIR:$AMOEBA_LOCK_DIR -e AMOEBA_LOCK_DIR=$AMOEBA_LOCK_DIR" \
+         "-v $AMOEBA_RAW_DIR:$AMOEBA_RAW_DIR -e AMOEBA_RAW_DIR=$AMOEBA_RAW_DIR" \
          "-v $HOME/.cache/amoeba-profile:/root/.cache/amoeba-profile $1"
 }
 
 if TAG=$(project_image tensorrt-llm "$TRTLLM_IMAGE"); then
+    ARCHIVE_ENVS+=("tensorrt-llm=$(in_container "$TAG" -i) python3")
     build_and_validate tensorrt-llm "$(in_container "$TAG") amoeba-profile" "$(in_container "$TAG" -i) python3" \
         "${GRID[@]}" ${WHOLE:+--whole "$WHOLE"}
 else
@@ -83,6 +88,7 @@ fi
 # MLC-LLM: uniform shapes whose head count divides hidden_size only (MLC's LlamaModel asserts it),
 # so TinyLlama's widths 3/4 and 5/8 (24 heads) are `unsupported` rows and its whole rows prune depth.
 if TAG=$(project_image mlc-llm "$MLC_IMAGE"); then
+    ARCHIVE_ENVS+=("mlc-llm=$(in_container "$TAG" -i) python3")
     # A tiny model end to end; the pytest script (not python -m) keeps the checkout off sys.path.
     $(in_container "$TAG") pytest -q -p no:cacheprovider -m gpu tests/test_backend_mlc_llm.py
     build_and_validate mlc-llm "$(in_container "$TAG") amoeba-profile" "$(in_container "$TAG" -i) python3" \
@@ -92,4 +98,5 @@ else
 fi
 
 sudo chown -R "$(id -u):$(id -g)" "$OUT"  # the containers wrote as root
+write_archive  # one tar.gz: tables, raw outputs, cross-checks, pip freeze, nvpmodel and clock state
 summary

@@ -27,6 +27,7 @@ from amoeba_profile.backends.base import EngineSpec  # noqa: E402
 from amoeba_profile.backends.llama_cpp.gguf import tensor_specs  # noqa: E402
 from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape  # noqa: E402
 from amoeba_profile.measure.methods import choose_method  # noqa: E402
+from amoeba_profile.core.errors import UsageError  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 PP_REPORT = DATA / "llama-bench-0c1e57098-pp16.json"
@@ -41,21 +42,35 @@ needs_llama_bench = pytest.mark.skipif(
 
 @pytest.fixture
 def stand_in(tmp_path, monkeypatch):
-    """A llama-bench stand-in: prints VERSION_TEXT for --version, else replays the report named by
-    $FAKE_REPORT (or fails like llama-bench with $FAKE_FAIL), logging each command line."""
+    """A llama-bench stand-in: prints VERSION_TEXT for --version (or refuses the flag, as builds without
+    it do, with $FAKE_NO_VERSION), else replays the report named by $FAKE_REPORT (or fails like
+    llama-bench with $FAKE_FAIL), logging each command line. The replayed report states the -p, -n, -d,
+    -fa, -ctk and -ctv it was given, as llama-bench reports the test and settings it ran, unless
+    $FAKE_VERBATIM."""
     script = tmp_path / "bin" / "llama-bench"
     script.parent.mkdir()
     script.write_text(
         f"#!{sys.executable}\n"
-        "import os, sys\n"
-        f"open({str(tmp_path / 'calls.log')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
-        f"if sys.argv[1:] == ['--version']:\n    sys.stderr.write({VERSION_TEXT!r}); sys.exit(0)\n"
+        "import json, os, sys\n"
+        "args = sys.argv[1:]\n"
+        f"open({str(tmp_path / 'calls.log')!r}, 'a').write(' '.join(args) + '\\n')\n"
+        "if args == ['--version'] and os.environ.get('FAKE_NO_VERSION'):\n"
+        "    sys.stderr.write('error: invalid parameter for argument: --version\\n'); sys.exit(1)\n"
+        f"if args == ['--version']:\n    sys.stderr.write({VERSION_TEXT!r}); sys.exit(0)\n"
         "if os.environ.get('FAKE_FAIL'):\n    sys.stderr.write(os.environ['FAKE_FAIL'] + '\\n'); sys.exit(1)\n"
-        "sys.stdout.write(open(os.environ['FAKE_REPORT']).read())\n")
+        "report = json.load(open(os.environ['FAKE_REPORT']))\n"
+        "for flag, field, value in (('-fa', 'flash_attn', {'on': 1, 'off': 0, 'auto': -1}.get),\n"
+        "                           ('-ctk', 'type_k', str), ('-ctv', 'type_v', str), ('-p', 'n_prompt', int),\n"
+        "                           ('-n', 'n_gen', int), ('-d', 'n_depth', int)):\n"
+        "    if flag in args and not os.environ.get('FAKE_VERBATIM'):\n"
+        "        for test in report:\n"
+        "            test[field] = value(args[args.index(flag) + 1])\n"
+        "sys.stdout.write(json.dumps(report))\n")
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv(llama_cpp.ENV_VAR, str(script.parent))
     monkeypatch.setenv("FAKE_REPORT", str(PP_REPORT))
-    monkeypatch.delenv("FAKE_FAIL", raising=False)
+    for name in ("FAKE_FAIL", "FAKE_NO_VERSION", "FAKE_VERBATIM"):
+        monkeypatch.delenv(name, raising=False)
     return script
 
 
@@ -78,6 +93,18 @@ def test_recorded_reports_parse_to_their_samples():
     assert pp.samples_ms(1) == [ns / 1e6 for ns in raw_pp["samples_ns"]]
     assert tg.samples_ms(4) == [ns / 4e6 for ns in raw_tg["samples_ns"]]
     assert pp.avg_ns == raw_pp["avg_ns"] and min(pp.samples_ns) <= pp.avg_ns <= max(pp.samples_ns)
+    # recorded without -fa/-ctk/-ctv: llama-bench's defaults, flash attention auto (-1) and f16 caches
+    assert (pp.flash_attn, pp.type_k, pp.type_v) == ("auto", "f16", "f16")
+
+
+@pytest.mark.parametrize("value, name", [(-1, "auto"), (0, "off"), (1, "on"), (False, "off"), (True, "on")])
+def test_flash_attn_reads_as_llama_bench_writes_it(value, name):
+    report = json.loads(PP_REPORT.read_text())
+    report[0]["flash_attn"] = value  # llama_flash_attn_type, or a bool in builds before it
+    assert llama_cpp.parse_bench_json(json.dumps(report))[0].flash_attn == name
+    report[0]["flash_attn"] = 2
+    with pytest.raises(AmoebaError, match="flash_attn"):
+        llama_cpp.parse_bench_json(json.dumps(report))
 
 
 def test_reports_without_samples_are_errors():
@@ -117,12 +144,54 @@ def test_config_and_versions_come_from_the_binary(stand_in):
 def test_command_lines_follow_llama_bench_definitions(stand_in, tiny_arch, tmp_path):
     backend = llama_cpp.LlamaCppBackend(threads=2, n_batch=256, n_ubatch=64, repetitions=4)
     model = tmp_path / "model.gguf"
-    tail = ["-r", "5", "-t", "2", "-b", "256", "-ub", "64", "-ngl", "0", "-o", "json"]
+    tail = ["-r", "5", "-t", "2", "-b", "256", "-ub", "64", "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-ngl", "0",
+            "-o", "json"]
     assert backend.command(model, 16, 0, 0) == [str(stand_in.resolve()), "-m", str(model), "-p", "16", "-n", "0",
                                                 "-d", "0", *tail]
     engine = llama_cpp.LlamaCppEngine(backend, _spec(tiny_arch, PER_LAYER), model)
     piece = engine.tpot(1, 128, 8)
     assert (piece.prompt, piece.gen, piece.depth) == (0, 8, 125)
+
+
+def test_flash_attention_and_kv_types_are_pinned_passed_and_read_back(stand_in, tmp_path, monkeypatch):
+    backend = get_backend("llama.cpp", threads=1, flash_attn="OFF", type_k="q8_0", type_v="f16")
+    assert (backend.config.flash_attn, backend.config.type_k, backend.config.type_v) == ("off", "q8_0", "f16")
+    assert backend.config_dict()["flash_attn"] == "off"  # in backend_config: the table's identity
+    env = backend.environment()
+    assert (env["flash_attn"], env["type_k"], env["type_v"]) == ("off", "q8_0", "f16")
+    command = backend.command(tmp_path / "model.gguf", 16, 0, 0)
+    assert command[command.index("-fa") + 1] == "off" and command[command.index("-ctk") + 1] == "q8_0"
+    assert command[command.index("-ctv") + 1] == "f16"
+    test = backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
+    assert (test.flash_attn, test.type_k, test.type_v) == ("off", "q8_0", "f16")
+    monkeypatch.setenv("FAKE_VERBATIM", "1")  # a build that ignored the flags: the recorded auto / f16 / f16
+    with pytest.raises(AmoebaError, match="ran with flash_attn=auto, type_k=f16, type_v=f16 where -fa off -ctk q8_0"):
+        backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
+    defaults = get_backend("llama.cpp", threads=1)
+    assert (defaults.config.flash_attn, defaults.config.type_k, defaults.config.type_v) == ("on", "f16", "f16")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"flash_attn": "auto"}, "must be one of \\['on', 'off'\\], not 'auto'"),
+    ({"type_k": "q3_k"}, "type_k must be one of"),
+    ({"flash_attn": "off", "type_v": "q4_0"}, "quantized V cache"),
+])
+def test_unpinned_or_impossible_settings_are_refused(stand_in, options, message):
+    with pytest.raises(UsageError, match=message):
+        get_backend("llama.cpp", threads=1, **options)
+
+
+def test_a_build_without_version_flag_is_identified_by_a_one_token_run(stand_in, monkeypatch):
+    monkeypatch.setenv("FAKE_NO_VERSION", "1")
+    backend = get_backend("llama.cpp", threads=1)  # not BackendUnavailable
+    assert backend.versions()["llama.cpp"] == "0c1e57098" and backend.versions()["llama.cpp_build"] == "0"
+    assert "one-token llama-bench run" in backend.environment()["build_detected_by"]
+    calls = _calls(stand_in)
+    assert calls[0] == "--version" and " -p 1 -n 0 -r 1 " in calls[1] and calls[1].endswith("-o json")
+    assert calls[1].split()[1].endswith("probe.gguf")
+    monkeypatch.setenv("FAKE_FAIL", "error: failed to load model")
+    with pytest.raises(BackendUnavailable, match="neither --version nor a one-token run.*failed to load model"):
+        get_backend("llama.cpp", threads=1)
 
 
 def test_a_workpiece_hands_out_llama_bench_samples_and_reruns_when_used_up(stand_in, tiny_arch, tmp_path):
@@ -146,16 +215,34 @@ def test_a_tpot_sample_is_one_decode_step(stand_in, tiny_arch, tmp_path, monkeyp
 
 
 def test_a_report_for_another_test_or_build_is_refused(stand_in, tiny_arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_VERBATIM", "1")
     backend = llama_cpp.LlamaCppBackend(threads=1)
     with pytest.raises(AmoebaError, match=r"expected one test \(p=32"):
         backend.run_test(tmp_path / "model.gguf", 32, 0, 0)
     report = json.loads(PP_REPORT.read_text())
-    report[0]["build_commit"] = "deadbeef"
+    report[0]["build_commit"], report[0]["flash_attn"] = "deadbeef", 1
     other = tmp_path / "other.json"
     other.write_text(json.dumps(report))
     monkeypatch.setenv("FAKE_REPORT", str(other))
     with pytest.raises(AmoebaError, match="build changed"):
         backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
+
+
+def test_raw_reports_are_kept_for_the_first_run_when_asked(stand_in, tmp_path, monkeypatch):
+    from amoeba_profile.backends import base
+
+    backend = llama_cpp.LlamaCppBackend(threads=1)
+    backend.run_test(tmp_path / "model.gguf", 16, 0, 0)  # AMOEBA_RAW_DIR unset: nothing kept
+    monkeypatch.setenv(base.RAW_DIR_VAR, str(tmp_path / "raw"))
+    monkeypatch.setattr(base, "RAW_RECORDS", 2)
+    for _ in range(3):
+        backend.run_test(tmp_path / "model.gguf", 16, 0, 0)
+    lines = (tmp_path / "raw" / "llama.cpp" / "llama-bench.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # the first run's outputs, capped
+    kept = json.loads(lines[0])
+    assert kept["command"] == backend.command(tmp_path / "model.gguf", 16, 0, 0)
+    assert llama_cpp.parse_bench_json(kept["stdout"])[0].samples_ns == tuple(
+        json.loads(PP_REPORT.read_text())[0]["samples_ns"])
 
 
 def test_a_failing_llama_bench_names_its_error_and_oom_is_classified(stand_in, tmp_path, monkeypatch):
@@ -269,3 +356,51 @@ def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
     assert set(layers.method) == {"difference"} and len(layers) >= 2
     assert lut.meta["versions"]["llama.cpp"] == "0c1e57098" and lut.meta["backend_config"]["dtype"] == "f16"
     assert lut.meta["backend_config"]["threads"] == 1
+
+
+# --- cross-check tools (amoeba_profile.measure.crosscheck) ----------------------------------------------
+
+def test_crosscheck_runs_llama_bench_on_the_full_model(stand_in, tiny_arch, tmp_path):
+    from amoeba_profile.core.workload import Workload
+
+    backend = llama_cpp.LlamaCppBackend(threads=1, repetitions=3)
+    result = backend.crosscheck_tool(tiny_arch, Workload(1, 16, 5), tmp_path, 3)
+    runs = [c for c in _calls(stand_in) if c != "--version"]
+    assert len(runs) == 2
+    assert " -p 16 -n 0 -d 0 -r 4 " in runs[0] and " -p 0 -n 4 -d 16 -r 4 " in runs[1]  # prompt; N-1 steps after P
+    assert all(" -fa on -ctk f16 -ctv f16 " in r for r in runs)
+    model = tmp_path / "model.gguf"
+    assert runs[0].split()[1] == str(model) and model.stat().st_size > 0  # the full model in one file
+    recorded = [ns / 1e6 for ns in json.loads(PP_REPORT.read_text())[0]["samples_ns"]]
+    assert result.tool == "llama-bench" and result.ttft_ms == pytest.approx(np.median(recorded[1:]))
+    assert result.tpot_ms == pytest.approx(np.median(recorded[1:]) / 4)  # the stand-in replays the same samples
+    assert json.loads(result.raw)["first_repetition_dropped"] is True and "-d 16" in result.command[1]
+
+
+# One line per (pp, tg, pl) as llama-batched-bench writes it with --output-format jsonl
+# (tools/batched-bench/batched-bench.cpp; CONSTRUCTED from that format string, not recorded), among log lines.
+BATCHED_OUTPUT = """main: n_kv_max = 192, n_batch = 2048, n_ubatch = 512, flash_attn = 1, is_pp_shared = 0
+{"n_kv_max": 192, "n_batch": 2048, "n_ubatch": 512, "flash_attn": 1, "is_pp_shared": 0, "n_gpu_layers": 0, \
+"n_threads": 1, "n_threads_batch": 1, "pp": 16, "tg": 7, "pl": 4, "n_kv": 92, "t_pp": 0.012000, \
+"speed_pp": 5333.333496, "t_tg": 0.028000, "speed_tg": 1000.000000, "t": 0.040000, "speed": 2300.000000}
+
+llama_perf_context_print:        load time =      10.00 ms
+"""
+
+
+def test_batched_bench_command_and_output(stand_in, tmp_path):
+    from amoeba_profile.core.workload import Workload
+
+    backend = llama_cpp.LlamaCppBackend(threads=2, n_batch=256, n_ubatch=64)
+    command = backend.batched_bench_command(tmp_path / "m.gguf", Workload(4, 16, 8))
+    assert command[0] == str(stand_in.resolve().with_name("llama-batched-bench"))
+    assert command[1:] == ["-m", str(tmp_path / "m.gguf"), "-c", "96", "-b", "256", "-ub", "64", "-npp", "16",
+                           "-ntg", "7", "-npl", "4", "-t", "2", "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-ngl", "0",
+                           "--output-format", "jsonl"]
+    (run,) = llama_cpp.parse_batched_bench(BATCHED_OUTPUT)
+    assert (run.pp, run.tg, run.pl, run.flash_attn) == (16, 7, 4, "on")
+    assert (run.t_pp_s, run.t_tg_s) == (0.012, 0.028)
+    with pytest.raises(AmoebaError, match="no JSONL result"):
+        llama_cpp.parse_batched_bench("main: error: failed to load model\n")
+    with pytest.raises(AmoebaError, match="'t_tg'"):
+        llama_cpp.parse_batched_bench(BATCHED_OUTPUT.replace('"t_tg"', '"t_xx"'))

@@ -285,3 +285,81 @@ def test_cuda_build_measures_through_the_engine(tmp_path, tiny_arch):
     assert (models[models.num_layers > 0].status == "ok").all()
     assert (models[models.num_layers == 0].status == "unsupported").all()
     assert lut.meta["clock"].startswith("MLC-LLM engine metrics")
+
+
+def test_a_request_keeps_the_engines_usage_raw_when_asked(tmp_path, monkeypatch):
+    """The engine's glue on a stand-in MLCEngine: the usage of each completion is parsed, checked and,
+    with AMOEBA_RAW_DIR set, kept as the engine returned it (the device scripts' first run)."""
+    from amoeba_profile.backends import base
+
+    usage = USAGE["ttft_request"]
+    sent = []
+
+    def create(**request):
+        sent.append(request)
+        return SimpleNamespace(usage=SimpleNamespace(model_dump=lambda: usage))
+
+    engine = object.__new__(mlc_llm.MlcLlmEngine)  # its __init__ imports mlc_llm
+    engine.engine = SimpleNamespace(completions=SimpleNamespace(create=create))
+    monkeypatch.setenv(base.RAW_DIR_VAR, str(tmp_path / "raw"))
+    timing = engine.request(list(range(128)), 1)
+    assert timing.e2e_ms == pytest.approx(21.587) and timing.prefill_tokens == 128
+    assert sent[0]["max_tokens"] == 1 and sent[0]["extra_body"] == {"debug_config": {"ignore_eos": True}}
+    (kept,) = [json.loads(line) for line in (tmp_path / "raw" / "mlc-llm" / "usage.jsonl").open()]
+    assert kept == usage
+
+
+# --- python -m mlc_llm.bench (amoeba_profile.measure.crosscheck) ------------------------------------------
+# Its --output CSV, CONSTRUCTED from bench/request_record.py (generate_metrics_summary flattened by
+# convert_reports_to_df: nested keys joined by dots), one pipeline; not recorded.
+MLC_BENCH_CSV = (
+    "exec_feature,num_gpus,duration,num_total_requests,num_completed_requests,request_throughput,"
+    "end_to_end_latency_s.mean,time_to_first_token_s.quantiles.p50,time_to_first_token_s.mean,"
+    "time_per_output_token_s.quantiles.p50,time_per_output_token_s.mean,input_tokens.mean,output_tokens.mean\n"
+    '"{""num_concurrent_requests"": 1}",1,2.0,5,5,2.5,0.4,0.0123,0.0125,0.0031,0.0032,65.0,128.0\n')
+
+
+def test_mlc_bench_command_and_csv(tmp_path):
+    from amoeba_profile.core.workload import Workload
+
+    workload = Workload(1, 64, 128)
+    command = mlc_llm.mlc_bench_command("/venv/bin/python", tmp_path / "m", tmp_path / "p.txt", workload, 5, 8123,
+                                        tmp_path / "o.csv")
+    assert command == ["/venv/bin/python", "-m", "mlc_llm.bench", "--dataset", "llmperf", "--dataset-path",
+                       str(tmp_path / "p.txt"), "--tokenizer", str(tmp_path / "m"), "--mlc-model-lib",
+                       str(tmp_path / "m" / "lib.so"), "--mlc-engine-config",
+                       "max_num_sequence=1;max_total_seq_length=200;prefix_cache_mode=disable", "--num-gpus", "1",
+                       "--num-requests", "5", "--num-warmup-requests", "2", "--num-concurrent-requests", "1",
+                       "--input-len", "64", "--input-len-std", "0", "--output-len", "128", "--output-len-std", "0",
+                       "--temperature", "0", "--host", "127.0.0.1", "--port", "8123", "--disable-tqdm", "--output",
+                       str(tmp_path / "o.csv")]
+    assert mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV, workload) == pytest.approx((12.3, 3.1))
+    with pytest.raises(AmoebaError, match="completed 4 of 5"):
+        mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV.replace(",5,5,", ",5,4,"), workload)
+    with pytest.raises(AmoebaError, match="returned 128 tokens on average, not 64"):
+        mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV, Workload(1, 64, 64))
+    with pytest.raises(AmoebaError, match="time_per_output_token_s.quantiles.p50"):
+        mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV.replace("time_per_output_token_s.quantiles.p50", "x"), workload)
+
+
+def test_benchmark_tools_tokenize_the_synthetic_vocabulary_one_word_per_token(tmp_path):
+    """mlc_llm.bench and trtllm-bench load the tokenizer with transformers' AutoTokenizer: the files
+    load from a folder with no model config.json, and P words are P tokens."""
+    from transformers import AutoTokenizer
+
+    for name, text in mlc_llm.hf_tokenizer_files(512, 256).items():
+        (tmp_path / name).write_text(text)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tokenizer("t5 t300 t17", add_special_tokens=False).input_ids == [5, 300, 17]
+    assert tokenizer.pad_token_id == 0
+    assert tokenizer.model_max_length == 256
+
+
+def test_crosscheck_refuses_what_mlc_llm_bench_cannot_run(tmp_path):
+    from amoeba_profile.core.workload import Workload
+
+    backend = object.__new__(MlcLlmBackend)  # its __init__ imports mlc_llm and tvm
+    with pytest.raises(UnsupportedShape, match="one request at a time"):
+        backend.crosscheck_tool(ModelArch("m", 64, 2, 4, 2, 16, 128, 512), Workload(2, 64, 9), tmp_path, 5)
+    with pytest.raises(UsageError, match="at least 40 tokens"):
+        backend.crosscheck_tool(ModelArch("m", 64, 2, 4, 2, 16, 128, 512), Workload(1, 16, 9), tmp_path, 5)

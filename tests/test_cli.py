@@ -161,8 +161,15 @@ def test_backends_lists_every_flow():
     assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
     assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
     assert data["mlc-llm"]["install_hint"] and not data["mlc-llm"]["available"]
+    assert {name: b["maturity"] for name, b in data.items()} == {
+        "pytorch": "verified on cpu, cuda", "llama.cpp": "verified on cpu", "pytorch-compiled": "verified on cpu",
+        "onnxruntime": "verified on cpu", "tensorrt-llm": "experimental: not yet run on hardware",
+        "mlc-llm": "experimental: not yet run on hardware"}
+    assert "samples constructed from that source" in data["tensorrt-llm"]["maturity_note"]
+    assert data["mlc-llm"]["verified"] is False and data["pytorch"]["maturity_note"] == ""
     text = " ".join(run("backends", check_rc=0).stdout.split())  # lines wrap at the console width
-    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "unavailable", "uniform only", "pip install tensorrt-llm"):
+    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "unavailable", "uniform only", "pip install tensorrt-llm",
+                 "tensorrt-llm: tensorrt_llm is not installed. Experimental: not yet run on hardware (written against"):
         assert word in text
 
 

@@ -9,6 +9,7 @@ from amoeba_profile.core.arch import BUILTIN_ARCHS, resolve_arch
 from amoeba_profile.core.errors import UnsupportedShape
 from amoeba_profile.core.export import export_subnet, llama_config
 from amoeba_profile.core.subnet import LayerShape, Subnet
+from amoeba_profile.core.arch import ModelArch
 
 TINY = BUILTIN_ARCHS["tinyllama-1.1b"]
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
@@ -147,7 +148,8 @@ def test_24_head_picks_export_as_nemotron_nas(tmp_path, width, rounded_ffn):
     with pytest.raises(Exception, match=r"hidden size \(2048\) is not a multiple of the number of attention heads"):
         hf_layer_shapes(tmp_path / "llama")  # why the plain form is not written
     report = export_subnet(subnet, tmp_path / "out", "float16")
-    assert files(report) == ["subnet.json", "config.json", "amoeballm_flags.txt", "export.json"]
+    assert files(report) == ["subnet.json", "config.json", "configuration_decilm.py", "amoeballm_flags.txt",
+                             "export.json"]
     assert report.files[1].form == "nemotron-nas"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert trtllm_nemotron_nas_layers(config) == [(24, 3, 64, rounded_ffn)] * 18
@@ -163,7 +165,7 @@ def test_per_layer_pick_exports_block_configs(tmp_path):
               LayerShape(21, 32, 4, 5632))
     subnet = Subnet(TINY, layers)
     report = export_subnet(subnet, tmp_path, "bfloat16")
-    assert files(report) == ["subnet.json", "config.json", "export.json"]
+    assert files(report) == ["subnet.json", "config.json", "configuration_decilm.py", "export.json"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert trtllm_nemotron_nas_layers(config) == [(32, 4, 64, 5632), (32, 4, 64, 4096), (32, 4, 64, 3072),
                                                   (32, 4, 64, 5632)]
@@ -191,3 +193,89 @@ def test_mixed_query_heads_are_refused_before_writing(tmp_path):
         export_subnet(subnet, tmp_path / "out", "float32")
     assert not (tmp_path / "out").exists()
 
+
+
+# DeciLM form through transformers itself: AutoConfig.from_pretrained(folder, trust_remote_code=True)
+# imports the shipped configuration_decilm.py (auto_map), as TensorRT-LLM's PyTorch flow does. Runs
+# on the transformers installed here (the CI's supported 5.x).
+DECI_TINY = ModelArch("deci-tiny", 256, 4, 8, 4, 32, 1024, 512, max_position=256)
+
+
+def _reader_ffn(mult):
+    """TensorRT-LLM's _ffn_mult_to_intermediate_size: int(2 * mult * hidden / 3) up to a multiple of 256."""
+    width = int(2 * mult * DECI_TINY.hidden_size / 3)
+    return width + -width % 256
+
+
+def _auto_config(folder):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+
+
+def _trtllm_view(config):
+    """Per layer (kv heads, FFN width, attention no_op, ffn no_op) as modeling_nemotron_nas.py reads the
+    loaded config's attributes (kv heads 0 for a block without n_heads_in_group, i.e. a no-op)."""
+    heads = config.num_attention_heads
+    return [(heads // b.attention.n_heads_in_group if b.attention.n_heads_in_group else 0,
+             None if b.ffn.no_op else _reader_ffn(b.ffn.ffn_mult), b.attention.no_op, b.ffn.no_op)
+            for b in config.block_configs]
+
+
+@pytest.mark.parametrize("layers, expected", [
+    # uniform, 6 query heads that do not divide hidden 256: the DeciLM form
+    (tuple(LayerShape(i, 6, 3, 768) for i in range(4)), [(3, 768, False, False)] * 4),
+    # per-layer FFN (600 is written as 768)
+    ((LayerShape(0, 8, 4, 1024), LayerShape(1, 8, 4, 512), LayerShape(3, 8, 4, 600)),
+     [(4, 1024, False, False), (4, 512, False, False), (4, 768, False, False)]),
+])
+def test_deci_exports_load_through_autoconfig(tmp_path, layers, expected):
+    subnet = Subnet(DECI_TINY, layers)
+    report = export_subnet(subnet, tmp_path, "float16")
+    assert report.files[1].form == "nemotron-nas"
+    config = _auto_config(tmp_path)
+    assert type(config).__name__ == "DeciLMConfig" and config.model_type == "nemotron-nas"
+    assert (config.num_attention_heads, config.head_dim, config.hidden_size) == (layers[0].heads, 32, 256)
+    assert (config.num_hidden_layers, config.vocab_size, config.max_position_embeddings) == (len(layers), 512, 256)
+    assert config.rope_theta == DECI_TINY.rope_theta and config.amoeba_kept_layers == subnet.kept_indices
+    assert _trtllm_view(config) == expected
+    saved = tmp_path / "saved"  # save_pretrained writes the blocks back as plain dicts; they load again
+    config.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["block_configs"] == \
+        json.loads((tmp_path / "config.json").read_text())["block_configs"]
+    assert _trtllm_view(_auto_config(saved)) == expected
+
+
+def test_deci_config_loads_per_layer_kv_and_no_op_blocks(tmp_path):
+    """Per-layer kv heads at one query-head count and no-op attention or FFN blocks, as Nemotron-NAS
+    checkpoints write them (a Subnet cannot express them: its GQA groups tie kv to query heads, and
+    every layer has both blocks), in the config an export ships: every field TensorRT-LLM reads is
+    an attribute, a no-op attention's n_heads_in_group None, a no-op FFN's ffn_mult None."""
+    subnet = Subnet(DECI_TINY, tuple(LayerShape(i, 8, 4, 1024 - 256 * (i % 2)) for i in range(4)))
+    export_subnet(subnet, tmp_path, "float16")
+    config = json.loads((tmp_path / "config.json").read_text())
+    blocks = config["block_configs"]
+    blocks[1]["attention"]["n_heads_in_group"] = 4  # 2 kv heads here, 4 in the other layers
+    blocks[2] = {"attention": {"no_op": True}, "ffn": blocks[2]["ffn"]}
+    blocks[3] = {"attention": blocks[3]["attention"], "ffn": {"no_op": True, "replace_with_linear": False}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = _auto_config(tmp_path)
+    assert _trtllm_view(loaded) == [(4, 1024, False, False), (2, 768, False, False), (0, 1024, True, False),
+                                    (4, None, False, True)]
+    assert loaded.block_configs[2].attention.replace_with_linear is False
+    assert loaded.block_configs[3].ffn.ffn_mult is None and loaded.block_configs[2].attention.n_heads_in_group is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["block_configs"][0]["attention"].update(no_op=True, replace_with_linear=True), "exclusive"),
+    (lambda c: c["block_configs"][0]["ffn"].pop("ffn_mult"), "an active ffn needs ffn_mult"),
+    (lambda c: c["block_configs"].pop(), "3 block_configs for num_hidden_layers=4"),
+])
+def test_deci_config_refuses_what_block_config_refuses(tmp_path, edit, message):
+    export_subnet(Subnet(DECI_TINY, tuple(LayerShape(i, 8, 4, 512 * (1 + i % 2)) for i in range(4))), tmp_path,
+                  "float16")
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        _auto_config(tmp_path)

@@ -20,6 +20,18 @@ class MissingLibraryBackend(FakeEngineBackend):
         return Availability(False, "fakelib is not installed", "pip install fakelib")
 
 
+class RunOnOrin(FakeEngineBackend):
+    """An adapter with a recorded run on an Orin NX."""
+
+    verified_on = ("orin-nx-16gb",)
+
+
+class NeverRun(FakeEngineBackend):
+    """An adapter never run on hardware."""
+
+    experimental_reason = "written from the library's docs"
+
+
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
     assert list(flows)[:len(REGISTRY)] == list(REGISTRY)  # every registered plugin, in registry order
@@ -48,6 +60,21 @@ def test_capabilities_have_one_definition_per_flow():
         assert flow.capabilities == flow_capabilities(flow.name)
     with pytest.raises(UsageError, match="unknown flow 'vllm'"):
         flow_capabilities("vllm")
+
+
+def test_maturity_is_the_adapters_own_declaration(monkeypatch):
+    """The label comes from the adapter class, not from a list: an adapter that names a device it ran
+    on is verified there; one that names none is experimental, with its reason."""
+    monkeypatch.setitem(REGISTRY, "ran", "test_flows:RunOnOrin")
+    monkeypatch.setitem(REGISTRY, "never-ran", "test_flows:NeverRun")
+    rows = {r["name"]: r for r in backends_rows()}
+    assert (rows["ran"]["maturity"], rows["ran"]["verified"], rows["ran"]["maturity_note"]) == (
+        "verified on orin-nx-16gb", True, "")
+    assert (rows["never-ran"]["maturity"], rows["never-ran"]["maturity_note"]) == (
+        "experimental: not yet run on hardware", "written from the library's docs")
+    flows = {f.name: f for f in list_flows()}
+    assert not flows["tensorrt-llm"].maturity.verified and not flows["mlc-llm"].maturity.verified
+    assert flows["pytorch"].maturity.label == "verified on cpu, cuda"
 
 
 def test_registered_adapter_without_its_library_is_unavailable(monkeypatch):

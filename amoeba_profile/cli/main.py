@@ -26,6 +26,7 @@ from amoeba_profile.cli.report import (verified_table, backends_rows, backends_t
 from amoeba_profile.selection.picker import describe, select, table_space, table_workload
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
 from amoeba_profile.core.workload import metric_name
+from amoeba_profile.cli.report import (crosscheck_table)
 
 # rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
 # `--json <bool>` as if they took a value; the plain help prints flags bare.
@@ -587,10 +588,38 @@ def show(
         print_json(out, {**summary, "table": table.frame.drop(columns=["samples_ms", "subnet_json"]).to_dict("records")})
         return
     for key in ("path", "device_slug", "backend", "dtype", "model", "source", "method", "versions", "grid", "clock",
-                "created_at", "rows"):
+                "created_at", "rows", "crosschecks"):
         out.print(f"[bold]{key}:[/] ", end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
     out.print(lut_table(table))
+
+
+@app.command("crosscheck")
+def crosscheck_cmd(
+    lut: Path = typer.Option(..., help="A measured table file, or a folder holding exactly one."),
+    prompt_len: Optional[int] = typer.Option(None, min=1, help="Prompt tokens (default: from the table's grid)."),
+    gen_len: Optional[int] = typer.Option(None, min=2, help="Tokens generated per request (default: from the "
+                                                           "table's contexts, at most 128)."),
+    repetitions: int = typer.Option(5, min=1, help="Timed requests of each kind for the tool."),
+    stat: str = typer.Option("median", help="median or p90 of the table rows."),
+    busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait, warn or "
+                             "refuse (as build-lut)."),
+    busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Time the table's full model with the flow's own benchmark tool, print the agreement, store it in the sidecar."""
+    from amoeba_profile.measure.crosscheck import run_crosscheck, store
+    from amoeba_profile.device.quiet import BusyPolicy
+
+    table = load_one(lut)
+    check = run_crosscheck(table.path, prompt_len, gen_len, repetitions, stat, BusyPolicy(busy, busy_wait_s), _notice)
+    store(check, _notice)
+    if as_json:
+        print_json(out, check.to_dict())
+        return
+    out.print(crosscheck_table(check))
+    out.print(f"stored in {check.table.name.removesuffix('.csv')}.meta.json under crosschecks "
+              f"({check.tool.tool}: {check.tool.definitions})", markup=False, highlight=False)
 
 
 @app.command("reseal")

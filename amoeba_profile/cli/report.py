@@ -40,6 +40,10 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
         "tool_version": meta.get("tool_version"),
         "content_sha256": meta.get("content_sha256"),
         "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
+        # each cross-check in brief (the sidecar keeps the tool's raw output and definitions)
+        "crosschecks": [f"{c['tool']['tool']} at {c['at']}: " + ", ".join(
+            f"{m.removesuffix('_ms')} {c['agreement_pct'][m]:+.1f} %" for m in ("ttft_ms", "tpot_ms"))
+            for c in meta.get("crosschecks", []) if isinstance(c, dict) and "agreement_pct" in c],
     }
 
 
@@ -160,7 +164,8 @@ def backends_rows() -> list[dict[str, Any]]:
     """Every flow the project knows (measuring or unavailable here), one flat dict each."""
     return [
         {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
-         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile,
+         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile, "maturity": f.maturity.label,
+         "verified": f.maturity.verified, "maturity_note": f.maturity.note,
          "per_layer_heads": f.capabilities.per_layer_heads, "per_layer_ffn": f.capabilities.per_layer_ffn,
          "methods": list(f.capabilities.methods), "dtypes": list(f.capabilities.dtypes),
          "devices": list(f.capabilities.devices)}
@@ -181,16 +186,30 @@ def _widths_text(row: dict[str, Any]) -> str:
 def backends_table() -> Group:
     """The flows as a table, then one line each with why (and what to install where it cannot run)."""
     table = Table(title="deployment flows")
-    for column in ("flow", "status", "widths", "methods", "devices", "roofline"):
+    for column in ("flow", "status", "maturity", "widths", "methods", "devices", "roofline"):
         table.add_column(column)
     rows = backends_rows()
     lines = []
     for row in rows:
-        table.add_row(row["name"], row["status"], _widths_text(row), ",".join(row["methods"]) or "-",
+        table.add_row(row["name"], row["status"], row["maturity"], _widths_text(row), ",".join(row["methods"]) or "-",
                       ",".join(row["devices"]), "yes" if row["roofline_profile"] else "no")
         hint = f" Install: {row['install_hint']}." if row["install_hint"] and not row["available"] else ""
-        lines.append(Text(f"{row['name']}: {row['reason']}.{hint}"))
+        note = f" {row['maturity'].capitalize()} ({row['maturity_note']})." if row["maturity_note"] else ""
+        lines.append(Text(f"{row['name']}: {row['reason']}.{note}{hint}"))
     return Group(table, *lines)
+
+
+def crosscheck_table(check) -> Table:
+    """A cross-check (``amoeba_profile.measure.crosscheck.Crosscheck``): predicted vs the flow's tool, per metric."""
+    w = check.workload
+    table = Table(title=Text(f"{check.subnet.label} of {check.backend} on {check.device_slug}: table vs "
+                             f"{check.tool.tool} (batch {w.batch}, prompt {w.prompt_len}, {w.gen_len} new tokens)"))
+    for column in ("metric", "table (ms)", "tool (ms)", "agreement"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for metric, measured in check.measured_ms.items():
+        table.add_row(metric, f"{check.predicted_ms[metric]:.3f}", f"{measured:.3f}",
+                      f"{check.agreement_pct[metric]:+.1f} %")
+    return table
 
 
 def print_json(console: Console, data: Any) -> None:

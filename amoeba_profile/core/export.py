@@ -4,7 +4,8 @@
 |---|---|---|
 | ``subnet.json`` | always | this project (``Subnet.from_json``) |
 | ``config.json``, plain LLaMA (``model_type: llama``, ``head_dim`` explicit) | every kept layer has one shape and its query-head count divides ``hidden_size`` | transformers ``AutoConfig`` / ``AutoModelForCausalLM``; the LLaMA paths of TensorRT-LLM, vLLM and MLC-LLM's ``convert_weight`` |
-| ``config.json``, DeciLM / Nemotron-NAS (``model_type: nemotron-nas``, ``block_configs``) | otherwise | TensorRT-LLM (PyTorch flow ``_torch/models/modeling_nemotron_nas.py``; checkpoint converter ``models/nemotron_nas``); transformers with ``trust_remote_code`` and a Nemotron-NAS checkpoint's ``configuration_decilm.py``, ``block_config.py`` and ``modeling_decilm.py`` (named in ``auto_map``, not shipped here) |
+| ``config.json``, DeciLM / Nemotron-NAS (``model_type: nemotron-nas``, ``block_configs``) | otherwise | TensorRT-LLM (PyTorch flow ``_torch/models/modeling_nemotron_nas.py``; checkpoint converter ``models/nemotron_nas``); transformers ``AutoConfig`` with ``trust_remote_code`` |
+| ``configuration_decilm.py`` | with the DeciLM form | transformers ``AutoConfig.from_pretrained(folder, trust_remote_code=True)`` (``auto_map``); the model class ``modeling_decilm.py`` that ``auto_map`` also names is not shipped (a Nemotron-NAS checkpoint's, for ``AutoModelForCausalLM``) |
 | ``mlc-chat-config.json`` | one shape for every layer, a head count that divides ``hidden_size``, no sliding window | MLC-LLM (``mlc_llm compile`` / ``serve``) |
 | ``amoeballm_flags.txt`` | the pick came from the (num_layers, width) grid | AmoebaLLM's evaluation |
 | ``export.json`` | always | people: each file and its readers, every adjustment, every file not written and why |
@@ -51,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,8 @@ DECI_FFN_MULTIPLE = 256
 # MLC-LLM's protocol/mlc_chat_config.py MLC_CHAT_CONFIG_VERSION and its weight-format names.
 MLC_CHAT_CONFIG_VERSION = "0.1.0"
 MLC_QUANTIZATION = {"float16": "q0f16", "bfloat16": "q0bf16", "float32": "q0f32"}
+# The config class a DeciLM-form folder ships, as the module ``deci_config``'s ``auto_map`` names it.
+DECI_CONFIG_MODULE = "configuration_decilm.py"
 # LLaMA-2 / TinyLlama tokenizer ids (MLC-LLM's system defaults are the same): the end id a backend's
 # serving loop passes while it ignores end-of-sequence.
 BOS_TOKEN_ID, EOS_TOKEN_ID = LLAMA2_TOKEN_IDS
@@ -258,6 +262,13 @@ def deci_config(subnet: Subnet, dtype: str, source: dict[str, Any] | None = None
     return config, adjustments
 
 
+def deci_config_module() -> str:
+    """The source of ``DeciLMConfig`` (``amoeba_profile/data/configuration_decilm.py``): without it
+    beside a DeciLM-form ``config.json``, ``AutoConfig.from_pretrained(folder, trust_remote_code=True)``
+    fails for want of the module ``auto_map`` names."""
+    return resources.files("amoeba_profile").joinpath("data", DECI_CONFIG_MODULE).read_text()
+
+
 def _token_ids(value: Any) -> list[Any]:
     """A config's bos/eos id (an int, a list of them, or None) as MLC-LLM's id list."""
     if value is None:
@@ -311,8 +322,8 @@ def amoeballm_flags(subnet: Subnet) -> str | None:
 LLAMA_READERS = ("transformers AutoConfig / AutoModelForCausalLM; TensorRT-LLM, vLLM and MLC-LLM convert_weight "
                  "(LLaMA)")
 DECI_READERS = ("TensorRT-LLM (PyTorch flow: _torch/models/modeling_nemotron_nas.py; converter: "
-                "models/nemotron_nas); transformers with trust_remote_code and a Nemotron-NAS checkpoint's "
-                "configuration_decilm.py, block_config.py, modeling_decilm.py (auto_map)")
+                "models/nemotron_nas); transformers AutoConfig with trust_remote_code (configuration_decilm.py "
+                "beside it; AutoModelForCausalLM needs a Nemotron-NAS checkpoint's modeling_decilm.py)")
 
 
 def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str,
@@ -346,6 +357,9 @@ def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str,
         adjustments += shape_adjustments
         changes = config_changes(base, config, {**_WHY, **_DECI_WHY, **{f: _DECI_DEFAULT for f in _DECI_DEFAULTS}})
         files.append(ExportedFile("config.json", "nemotron-nas", DECI_READERS))
+        contents[DECI_CONFIG_MODULE] = deci_config_module().rstrip("\n")
+        files.append(ExportedFile(DECI_CONFIG_MODULE, "nemotron-nas", "transformers AutoConfig with trust_remote_code "
+                                  "(the DeciLMConfig class config.json's auto_map names)"))
         why = ("widths differ per layer" if not subnet.is_uniform else
                f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}")
         skipped.append(f"plain LLaMA config.json: {why} (transformers' LlamaConfig refuses it)")

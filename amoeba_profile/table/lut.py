@@ -263,7 +263,7 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
 
 
 _META_TYPES = {"device_slug": str, "backend": str, "dtype": str, "source": str, "method": str, "grid": dict,
-               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list, "source_config": dict}
+               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list, "source_config": dict, "crosschecks": list}
 _GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
 
 

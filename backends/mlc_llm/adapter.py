@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import io
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -60,14 +62,17 @@ from amoeba_profile.core.dtypes import canonical_dtype
 from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
 from amoeba_profile.core.export import MLC_QUANTIZATION, loads_as_llama, mlc_chat_config
 from amoeba_profile.core.subnet import LayerShape, Subnet
+from amoeba_profile.backends.common.tokenizer import TOKENIZER, hf_tokenizer_files, tokenizer_json
 from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
 from amoeba_profile.backends.mlc_llm.weights import DTYPES, NDARRAY_CACHE_INDEX, TENSOR_CACHE_INDEX, llama_params, write_tensor_cache
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.workload import Workload
+from amoeba_profile.backends.base import ToolResult, save_raw
 
 INSTALL_HINT = ("pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
                 "wheels of your CUDA, per MLC-LLM's install page; on a Jetson run inside a dustynv/mlc image); "
                 "mlc_llm compile also needs the CUDA toolkit's nvcc on PATH")
 CHAT_CONFIG = "mlc-chat-config.json"
-TOKENIZER = "tokenizer.json"
 LIBRARY = "lib.so"
 ENGINE_RECORD = "engine.json"
 _PROMPT_DRAWS = 3  # fresh ttft prompts tried before a prefix-cache hit is an error
@@ -182,18 +187,6 @@ def chat_config(spec: EngineSpec, dtype: str) -> dict[str, Any]:
     return config
 
 
-def tokenizer_json(vocab_size: int) -> dict[str, Any]:
-    """A Hugging Face ``tokenizer.json`` with one word per token id: MLC's engine loads a tokenizer from
-    the model folder (``Tokenizer::FromPath`` fails without one) and detokenizes every generated id,
-    so all ``vocab_size`` ids must decode. Prompts are token ids, so nothing is ever encoded."""
-    special = ["<unk>", "<s>", "</s>"]  # LLaMA's ids 0, 1, 2
-    vocab = {(special[i] if i < len(special) else f"t{i}"): i for i in range(vocab_size)}
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
-            "decoder": {"type": "ByteFallback"},
-            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-
-
 def write_model_folder(folder: Path, spec: EngineSpec, dtype: str, index_name: str) -> None:
     """Everything MLC's compile and engine read except the library: config, weights, tokenizer."""
     (folder / CHAT_CONFIG).write_text(json.dumps(chat_config(spec, dtype), indent=2) + "\n")
@@ -238,6 +231,55 @@ def cache_index_name(tvmjs: Any) -> str:
     to Tensor (and ``tvmjs.dump_ndarray_cache`` to ``dump_tensor_cache``), ``ndarray-cache.json`` before
     (e.g. the MLC-LLM 0.20 Jetson images)."""
     return TENSOR_CACHE_INDEX if hasattr(tvmjs, "dump_tensor_cache") else NDARRAY_CACHE_INDEX
+
+
+MLC_BENCH_DEFINITIONS = (
+    "python -m mlc_llm.bench on the full model, served by the MLC server it launches (--mlc-model-lib), one "
+    "request at a time, llmperf prompts of P words of the synthetic tokenizer (one token each, plus the "
+    "conversation template's BOS), N output tokens with ignore_eos, greedy, prefix cache off; ttft_ms and "
+    "tpot_ms = the medians (p50) of its client-side time_to_first_token_s and time_per_output_token_s "
+    "((e2e - ttft) / (N - 1)), which include the HTTP server's streaming that the table's engine metrics do not")
+MLC_BENCH_MIN_PROMPT = 40  # its llmperf dataset replaces input lengths below 40 with 550
+
+
+def mlc_bench_command(python: str, folder: Path, prompts: Path, workload: Workload, requests: int, port: int,
+                      output: Path) -> list[str]:
+    """``python -m mlc_llm.bench`` of ``requests`` requests of the workload's lengths against the MLC
+    server it launches for ``folder`` (``--mlc-model-lib``), one at a time (``python/mlc_llm/bench/__main__.py``)."""
+    engine = (f"max_num_sequence=1;max_total_seq_length={workload.prompt_len + workload.gen_len + 8};"
+              "prefix_cache_mode=disable")
+    return [python, "-m", "mlc_llm.bench", "--dataset", "llmperf", "--dataset-path", str(prompts),
+            "--tokenizer", str(folder), "--mlc-model-lib", str(folder / LIBRARY), "--mlc-engine-config", engine,
+            "--num-gpus", "1", "--num-requests", str(requests), "--num-warmup-requests", "2",
+            "--num-concurrent-requests", "1", "--input-len", str(workload.prompt_len), "--input-len-std", "0",
+            "--output-len", str(workload.gen_len), "--output-len-std", "0", "--temperature", "0",
+            "--host", "127.0.0.1", "--port", str(port), "--disable-tqdm", "--output", str(output)]
+
+
+def parse_mlc_bench_csv(text: str, workload: Workload) -> tuple[float, float]:
+    """(ttft_ms, tpot_ms) from mlc_llm.bench's CSV (``convert_reports_to_df``: one row per pipeline,
+    nested report keys joined by dots); AmoebaError when a request failed or the lengths differ."""
+    import pandas as pd
+
+    try:
+        row = pd.read_csv(io.StringIO(text)).iloc[0]
+        completed, total = int(row["num_completed_requests"]), int(row["num_total_requests"])
+        output_tokens = float(row["output_tokens.mean"])
+        ttft_ms = float(row["time_to_first_token_s.quantiles.p50"]) * 1e3
+        tpot_ms = float(row["time_per_output_token_s.quantiles.p50"]) * 1e3
+    except (KeyError, IndexError, ValueError, pd.errors.ParserError) as exc:
+        raise AmoebaError(f"mlc_llm.bench CSV lacks or mangles column {exc}") from None
+    if completed != total:
+        raise AmoebaError(f"mlc_llm.bench completed {completed} of {total} requests")
+    if output_tokens != workload.gen_len:
+        raise AmoebaError(f"mlc_llm.bench requests returned {output_tokens:g} tokens on average, not {workload.gen_len}")
+    return ttft_ms, tpot_ms
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class _TtftPiece:
@@ -300,7 +342,9 @@ class MlcLlmEngine(Engine):
         """One greedy completion of exactly ``tokens`` tokens; MLC's metrics of it."""
         response = self.engine.completions.create(prompt=prompt, max_tokens=tokens, temperature=0.0,
                                                   extra_body={"debug_config": {"ignore_eos": True}})
-        timing = parse_usage(response.usage.model_dump())
+        usage = response.usage.model_dump()
+        save_raw("mlc-llm", "usage", usage)
+        timing = parse_usage(usage)
         timing.expect(len(prompt), tokens)
         return timing
 
@@ -318,6 +362,9 @@ class MlcLlmEngine(Engine):
 
 class MlcLlmBackend(Backend):
     name = "mlc-llm"
+    experimental_reason = ("written against MLC-LLM's source; its parsing tests use samples constructed from that "
+                           "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
+                           "to replace them")
 
     def __init__(self, device: str = "cuda", dtype: str | None = None, threads: int | None = None, opt: str = "O2"):
         if threads is not None:
@@ -401,3 +448,34 @@ class MlcLlmBackend(Backend):
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _OOM_MARKERS)
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """The full model compiled as a build compiles it, benchmarked by ``python -m mlc_llm.bench``."""
+        if workload.batch != 1:
+            raise UnsupportedShape("this cross-check runs mlc_llm.bench one request at a time; cross-check a batch-1 "
+                                   "table")
+        if workload.prompt_len < MLC_BENCH_MIN_PROMPT:
+            raise UsageError(f"mlc_llm.bench's llmperf prompts are at least {MLC_BENCH_MIN_PROMPT} tokens (shorter "
+                             "ones become 550); pass --prompt-len 40 or more")
+        layers = ((arch.num_heads, arch.num_kv_heads, arch.ffn_size),) * arch.num_layers
+        spec = EngineSpec(arch, layers, 1, workload.prompt_len + 1, workload.prompt_len + workload.gen_len + 1)
+        check_mlc_shape(spec)
+        folder = work_dir / "model"
+        folder.mkdir()
+        self.compile(spec, folder)
+        for name, text in hf_tokenizer_files(arch.vocab_size, arch.max_position).items():
+            (folder / name).write_text(text)
+        rng = np.random.default_rng(0)
+        prompts = work_dir / "prompts.txt"  # lines of vocabulary words: llmperf cuts and joins them to P tokens
+        prompts.write_text("".join(" ".join(f"t{i}" for i in rng.integers(3, arch.vocab_size, 64)) + "\n"
+                                   for _ in range(64)))
+        output = work_dir / "mlc-bench.csv"
+        command = mlc_bench_command(sys.executable, folder, prompts, workload, repetitions, _free_port(), output)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not output.is_file():
+            tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+            raise AmoebaError(f"mlc_llm.bench exited {done.returncode}: {tail}")
+        text = output.read_text()
+        ttft_ms, tpot_ms = parse_mlc_bench_csv(text, workload)
+        return ToolResult("mlc_llm.bench", tuple(command), ttft_ms, tpot_ms, MLC_BENCH_DEFINITIONS,
+                          text + "\n" + done.stdout[-20000:])

@@ -51,6 +51,8 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape, UsageError
 from amoeba_profile.backends.base import Backend, BuiltUnit, Capabilities, EngineSpec
 from amoeba_profile.backends.pytorch.eager import PyTorchBackend, PyTorchEngine, _torch
+from amoeba_profile.core.workload import Workload
+from amoeba_profile.backends.base import ToolResult
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -268,6 +270,13 @@ class CompiledEngine(PyTorchEngine):
 
 
 class PyTorchCompiledBackend(PyTorchBackend):
+    verified_on = ("cpu",)  # measured by the CI's compiled build; no CUDA run recorded yet
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        """The compiled flow has no benchmark tool of its own: eager generate() timing would check
+        another flow."""
+        raise UnsupportedShape("pytorch-compiled has no benchmark tool of its own to cross-check with (eager "
+                               "generate() timing would check another flow); cross-check the eager pytorch table")
     name = "pytorch-compiled"
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,

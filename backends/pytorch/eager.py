@@ -18,6 +18,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,9 @@ from amoeba_profile.device.clock import Clock, ClockedPiece
 from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
 from amoeba_profile.backends.common.torch_llama import _torch, build_model, cache_keyword, llama_config, materialize
 from amoeba_profile.device.threads import default_threads as device_default_threads
+from amoeba_profile.core.errors import AmoebaError
+from amoeba_profile.core.workload import Workload
+from amoeba_profile.backends.base import ToolResult
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -60,6 +65,58 @@ class PyTorchConfig:
     dtype: str | None = None  # default: float32 on CPU, float16 on CUDA
     threads: int | None = None  # default: ``default_threads``; the number used is what gets stored
     attn_impl: str = "sdpa"
+
+
+GENERATE_DEFINITIONS = (
+    "optimum-benchmark's generate() timing on the full model: plain transformers generate() with "
+    "min_new_tokens = max_new_tokens (the output length is fixed without touching eos), greedy, a fresh "
+    "random prompt prefilled every request, time.perf_counter around each call (device synchronized "
+    "before and after); ttft_ms = median of 1-token generates, tpot_ms = (median e2e(N) - ttft_ms) / (N - 1). "
+    "Apart from this flow's workpieces: no cached prompt KV, no centred decode windows, no difference fit")
+
+
+def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Workload, repetitions: int) -> ToolResult:
+    """Time the full model the way optimum-benchmark's inference scenario times a transformers model
+    (``GENERATE_DEFINITIONS``), after one warm-up call of each length."""
+    torch = _torch()
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = llama_config(arch, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.ffn_size,
+                       backend.config.attn_impl)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = materialize(model, backend.device, backend.torch_dtype).eval()
+    if arch.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = LlamaRotaryEmbedding(cfg).to(backend.device)  # its buffers were left on meta
+    ids = torch.randint(0, arch.vocab_size, (workload.batch, workload.prompt_len), device=backend.device)
+    mask = torch.ones_like(ids)
+    cuda = backend.device.startswith("cuda")
+
+    def timed(new_tokens: int) -> float:
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)
+        if cuda:
+            torch.cuda.synchronize(backend.device)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if out.shape[-1] != workload.prompt_len + new_tokens:
+            raise AmoebaError(f"generate() returned {out.shape[-1] - workload.prompt_len} tokens, not {new_tokens}")
+        return elapsed_ms
+
+    timed(1), timed(workload.gen_len)  # warm-up, as optimum-benchmark's warmup runs
+    first = [timed(1) for _ in range(repetitions)]
+    whole = [timed(workload.gen_len) for _ in range(repetitions)]
+    ttft_ms, e2e_ms = statistics.median(first), statistics.median(whole)
+    calls = (f"model.generate(ids[{workload.batch}x{workload.prompt_len}], min_new_tokens=n, max_new_tokens=n, "
+             f"do_sample=False) for n in (1, {workload.gen_len}), {repetitions} each after one warm-up",)
+    raw = json.dumps({"ttft_samples_ms": first, "e2e_samples_ms": whole, "device": backend.device,
+                      "dtype": backend.dtype, "threads": torch.get_num_threads()})
+    return ToolResult("generate() timing (optimum-benchmark style)", calls, ttft_ms,
+                      (e2e_ms - ttft_ms) / (workload.gen_len - 1), GENERATE_DEFINITIONS, raw)
 
 
 class _TpotPiece:
@@ -244,6 +301,7 @@ class _ComponentUnit(BuiltUnit):
 
 class PyTorchBackend(Backend):
     name = "pytorch"
+    verified_on = ("cpu", "cuda")  # tables shipped for two CPUs and a lent H200 (lut/README.md)
 
     def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"):
         torch = _torch()
@@ -332,6 +390,9 @@ class PyTorchBackend(Backend):
 
     def build_component(self, arch: ModelArch, entry: Entry) -> BuiltUnit:
         return _ComponentUnit(self, arch, entry)
+
+    def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
+        return generate_timing(self, arch, workload, repetitions)
 
     def chain_length(self, arch: ModelArch, component: str, heads: int, kv_heads: int, ffn: int) -> int:
         """How many copies of a component one timed step runs.
