@@ -44,6 +44,11 @@ class TimingProtocol:
     cv_threshold: float = 0.10
     min_sample_ms: float = 2.0  # a sample runs back-to-back steps until it lasts this long (GPU decode steps)
     max_steps_per_sample: int = 256
+    # Bounds of one round of one entry, whatever its samples say: a sample may be <= 0 (a difference
+    # of two requests) or absurd (the process was paused in it), so no loop waits on their sum.
+    max_samples_per_round: int = 100
+    max_round_s: float = 120.0
+    max_remeasures: int = 3  # samples measured again per round because the process was paused in them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,9 +163,56 @@ def warm_up(piece: Workpiece, protocol: TimingProtocol) -> tuple[int, int]:
     return len(times), max(1, min(piece.max_steps, protocol.max_steps_per_sample, wanted))
 
 
+# A sample was paused in (SIGSTOP, a laptop lid, a preempted VM) when its call took this much longer
+# than the round's typical sample, in wall time, and its value stands out from the others by as much
+# (robust spread: median absolute deviation). Both are needed: a flow that times outside the call
+# (llama-bench runs all its repetitions in the first call) has long calls with ordinary values.
+PAUSE_FACTOR = 5.0  # times the median wall time of a sample
+PAUSE_MIN_S = 0.05  # and at least this much longer than it
+OUTLIER_MADS = 10.0  # the value further than this many (scaled) MADs from the median
+
+
+def paused_sample(samples: list[float], walls_s: list[float]) -> int | None:
+    """The index of the sample most likely paused in (see ``PAUSE_FACTOR``), or None."""
+    if len(samples) < 3:
+        return None
+    values, walls = np.asarray(samples, dtype=float), np.asarray(walls_s, dtype=float)
+    deviation = np.abs(values - np.median(values))
+    spread = 1.4826 * float(np.median(deviation))  # the standard deviation, for normal noise
+    typical_wall = float(np.median(walls))
+    long_call = walls - typical_wall > max(PAUSE_FACTOR * typical_wall, PAUSE_MIN_S)
+    suspects = np.flatnonzero(long_call & (deviation > OUTLIER_MADS * spread))
+    return int(suspects[np.argmax(walls[suspects])]) if suspects.size else None
+
+
 def sample(piece: Workpiece, protocol: TimingProtocol, steps: int = 1) -> list[float]:
-    """One round: at least samples_per_round samples and at least min_round_s of timed work."""
+    """One round: ``samples_per_round`` samples, more until ``min_round_s`` of wall time has passed,
+    never more than ``max_samples_per_round`` and no new one after ``max_round_s``; then a sample the
+    process was paused in (``paused_sample``) is measured again, at most ``max_remeasures`` times.
+
+    Wall time bounds the round, not the samples' sum: a decode sample is a difference of two
+    requests and may be <= 0, so a sum can stay below any target for ever."""
     samples: list[float] = []
-    while len(samples) < protocol.samples_per_round or sum(samples) * steps < protocol.min_round_s * 1e3:
-        samples.append(piece.sample_ms(steps))
+    walls: list[float] = []
+
+    def take() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        value = piece.sample_ms(steps)
+        return value, time.perf_counter() - t0
+
+    started = time.perf_counter()
+    while len(samples) < protocol.max_samples_per_round:
+        elapsed = time.perf_counter() - started
+        if samples and elapsed >= protocol.max_round_s:
+            break
+        if len(samples) >= protocol.samples_per_round and elapsed >= protocol.min_round_s:
+            break
+        value, wall = take()
+        samples.append(value)
+        walls.append(wall)
+    for _ in range(protocol.max_remeasures):
+        index = paused_sample(samples, walls)
+        if index is None:
+            break
+        samples[index], walls[index] = take()
     return samples
