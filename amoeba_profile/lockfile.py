@@ -20,9 +20,11 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 
 from .errors import LutError
+from .inputs import KIB, read_bounded
 from .lut import write_file_atomically
 
 Notice = Callable[[str], None]
+HOLDER_BYTES = 64 * KIB
 
 
 def holder_path(lock_path: Path) -> Path:
@@ -31,10 +33,10 @@ def holder_path(lock_path: Path) -> Path:
 
 def describe_holder(lock_path: Path) -> str:
     """'pid N on HOST since T' from the holder note, or 'another process' without a readable one."""
-    try:
-        note = json.loads(holder_path(lock_path).read_text())
+    try:  # bounded and non-blocking: a FIFO planted as the note must not hang the waiter
+        note = json.loads(read_bounded(holder_path(lock_path), HOLDER_BYTES, "lock holder note", error=LutError))
         return f"pid {int(note['pid'])} on {note['host']} since {note['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (LutError, ValueError, KeyError, TypeError, RecursionError):
         return "another process"
 
 

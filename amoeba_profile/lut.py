@@ -185,7 +185,8 @@ def _finish_interrupted_write(path: Path) -> None:
     other writer's temp file is touched."""
     pending = pending_sidecar_path(path)
     meta = _read_sidecar(pending) if pending.is_file() else None
-    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(path.read_bytes()).hexdigest():
+    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(
+            read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)).hexdigest():
         os.replace(pending, sidecar_path(path))
     else:
         pending.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ from typing import Any
 
 from ..device.cpu import cpu_info
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
 from .llama_cpp_gguf import WEIGHT_TYPES, check_layers, write_gguf
 
 ENV_VAR = "AMOEBA_LLAMA_CPP"
@@ -286,7 +286,7 @@ class LlamaCppBackend(Backend):
         (dest / "engine.json").write_text(json.dumps({"flow": "llama.cpp", "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / "engine.json").read_text())["spec"]
+        stored = read_engine_record(artifact)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return LlamaCppEngine(self, spec, artifact / "model.gguf")

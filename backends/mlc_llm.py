@@ -59,7 +59,7 @@ from ..dtypes import canonical_dtype
 from ..errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
 from ..export import MLC_QUANTIZATION, loads_as_llama, mlc_chat_config
 from ..subnet import LayerShape, Subnet
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
 from .mlc_llm_weights import DTYPES, NDARRAY_CACHE_INDEX, TENSOR_CACHE_INDEX, llama_params, write_tensor_cache
 
 INSTALL_HINT = ("pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
@@ -393,7 +393,7 @@ class MlcLlmBackend(Backend):
         (dest / ENGINE_RECORD).write_text(json.dumps({"flow": self.name, "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> MlcLlmEngine:
-        stored = json.loads((artifact / ENGINE_RECORD).read_text())
+        stored = read_engine_record(artifact, ENGINE_RECORD)
         if stored.get("flow") != self.name or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         return MlcLlmEngine(self, spec, artifact)

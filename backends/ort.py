@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..measure import Clock, ClockedPiece, Workpiece
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
 from .ort_weights import pack, unpack
 from ..dtypes import canonical_dtype
 from .pytorch import POOL_SIZE, build_model, cache_keyword
@@ -336,7 +336,7 @@ class OrtBackend(Backend):
                                                     "weights": kinds}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / ENGINE_FILE).read_text())["spec"]
+        stored = read_engine_record(artifact, ENGINE_FILE)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return OrtEngine(self, spec, artifact)

@@ -32,7 +32,7 @@ from ..entry import Entry
 from ..errors import UsageError
 from ..inputs import positive_int
 from ..measure import Clock, ClockedPiece, Workpiece
-from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec, read_engine_record
 
 DTYPES = ("float32", "float16", "bfloat16")
 POOL_SIZE = 1 << 20  # elements of the random pool every weight tiles (ort_weights stores it once)
@@ -427,7 +427,7 @@ class PyTorchBackend(Backend):
         (dest / "engine.json").write_text(json.dumps({"flow": "eager", "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / "engine.json").read_text())["spec"]
+        stored = read_engine_record(artifact)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return PyTorchEngine(self, spec)

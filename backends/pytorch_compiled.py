@@ -48,7 +48,7 @@ from ..arch import ModelArch, layer_params, non_layer_params
 from ..dtypes import bytes_per_element, kv_cache_bytes_per_element
 from ..entry import Entry
 from ..errors import UnsupportedShape, UsageError
-from .base import Backend, BuiltUnit, Capabilities, EngineSpec
+from .base import Backend, BuiltUnit, Capabilities, EngineSpec, read_engine_record
 from .pytorch import PyTorchBackend, PyTorchEngine, _torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -325,7 +325,7 @@ class PyTorchCompiledBackend(PyTorchBackend):
         (dest / "engine.json").write_text(json.dumps(record, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> CompiledEngine:
-        stored = json.loads((artifact / "engine.json").read_text())
+        stored = read_engine_record(artifact)
         if stored.get("flow") != "compiled" or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         engine, seconds = self._engine(spec)

@@ -87,7 +87,7 @@ from ..errors import AmoebaError, UnsupportedShape, UsageError
 from ..export import EOS_TOKEN_ID, deci_config, llama_config, loads_as_llama
 from ..inputs import positive_float
 from ..subnet import LayerShape, Subnet
-from .base import Availability, Backend, Capabilities, Engine, EngineSpec
+from .base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
 from .llama_cpp import tpot_depth
 
 DTYPES = ("float16", "bfloat16")
@@ -398,7 +398,7 @@ class TensorRtLlmBackend(Backend):
         (dest / "engine.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> TensorRtLlmEngine:
-        stored = json.loads((artifact / "engine.json").read_text())
+        stored = read_engine_record(artifact)
         if stored.get("flow") != self.name or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         if self._held is not None and self._held.spec == spec:

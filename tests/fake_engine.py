@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
+from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
 from amoeba_profile.errors import UnsupportedShape
 
 COMPILES: list[dict[str, Any]] = []
@@ -126,8 +126,8 @@ class FakeEngineBackend(Backend):
 
     def compile(self, spec: EngineSpec, dest: Path) -> None:
         COMPILES.append(spec.to_dict())
-        (dest / "engine.json").write_text(json.dumps(spec.to_dict()))
+        (dest / "engine.json").write_text(json.dumps({"spec": spec.to_dict()}))
 
     def load(self, spec: EngineSpec, artifact: Path) -> FakeEngine:
-        assert json.loads((artifact / "engine.json").read_text()) == spec.to_dict()
+        assert read_engine_record(artifact)["spec"] == spec.to_dict()  # read as every flow reads its record
         return FakeEngine(self, spec)

@@ -23,6 +23,9 @@ from typing import Any, Callable
 from filelock import FileLock, Timeout
 
 from ..errors import MachineBusy, UsageError
+from ..inputs import KIB, read_bounded
+
+HOLDER_BYTES = 64 * KIB  # a holder note is a line of JSON; a FIFO or /dev/zero planted there is refused unread
 
 
 def lock_dir() -> Path:
@@ -63,8 +66,8 @@ class MeasurementLock:
     def holder(self) -> dict[str, Any] | None:
         """Who holds the lock, from its holder file; None when nobody alive is recorded there."""
         try:
-            info = json.loads(self.holder_path.read_text())
-        except (OSError, ValueError):
+            info = json.loads(read_bounded(self.holder_path, HOLDER_BYTES, "lock holder note"))
+        except (UsageError, ValueError, RecursionError):
             return None
         return info if isinstance(info, dict) and isinstance(info.get("pid"), int) and _alive(info["pid"]) else None
 
@@ -111,8 +114,8 @@ def measuring_pids(folder: Path | None = None) -> list[int]:
     pids = []
     for path in folder.glob("measure-*.lock.holder") if folder.is_dir() else ():
         try:
-            pid = json.loads(path.read_text()).get("pid")
-        except (OSError, ValueError, AttributeError):
+            pid = json.loads(read_bounded(path, HOLDER_BYTES, "lock holder note")).get("pid")
+        except (UsageError, ValueError, AttributeError, RecursionError):
             continue
         if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
             pids.append(pid)
