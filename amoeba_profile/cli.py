@@ -166,7 +166,7 @@ def build_lut(
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
                                method_reason=build.method_reason, on_corrupt_journal=on_corrupt_journal, busy=policy,
-                               notice=_notice)
+                               notice=_notice, adopt_threads=build.adopt_threads)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None

@@ -1,0 +1,190 @@
+"""Hostile files and faults, each used as such: a FIFO, a link to /dev/zero, a sparse 3 GB file, a
+malformed cache entry, ``ulimit -f``, a build that waited for another's lock.
+
+Builds run the pure-Python fake engine (tests/fake_engine.py) on one whole model, so each takes a
+fraction of a second; an alarm turns a hang (what a FIFO used to cause) into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+from contextlib import contextmanager
+
+import pytest
+
+from amoeba_profile.artifacts import ArtifactCache
+from amoeba_profile.backends import get_backend
+from amoeba_profile.build import device_out_of_memory, run_build
+from amoeba_profile.errors import AmoebaError, LutError
+from amoeba_profile.lut import load_table
+from amoeba_profile.measure import TimingProtocol
+from amoeba_profile.plan import BuildPlan
+from amoeba_profile.subnet import Subnet
+
+PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=3, min_round_s=0.0)
+
+
+@contextmanager
+def no_hang(seconds: int = 30):
+    """Fail, instead of waiting for ever, if the block takes longer than ``seconds``."""
+    def alarm(*_):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _plan(arch):
+    """Two whole models only (prefill and decode rows each): two engines, no grid."""
+    return BuildPlan(arch, (1.0,), (16,), (16,), method="difference", measure_grid=False,
+                     whole=(Subnet.uniform(arch, 2, 1.0), Subnet.uniform(arch, 3, 1.0)))
+
+
+def _build(out, arch, artifacts, backend=None, **kw):
+    return run_build(_plan(arch), backend or get_backend("fake-engine"), out, PROTOCOL,
+                     artifacts=ArtifactCache(artifacts), notice=lambda message: None, **kw)
+
+
+def _engine_records(artifacts):
+    records = sorted(artifacts.rglob("engine.json"))
+    assert len(records) == 2
+    return records
+
+
+@pytest.mark.parametrize("plant", ["fifo", "dev-zero"])
+def test_a_cached_engine_record_that_is_no_file_is_refused_at_once(tmp_path, tiny_arch, fake_backend, plant):
+    """A FIFO there blocked the build for ever while it held the table's and the device's locks; a
+    link to /dev/zero ate memory until a MemoryError was stored as the device running out of it."""
+    artifacts = tmp_path / "artifacts"
+    _build(tmp_path / "first", tiny_arch, artifacts)
+    record = _engine_records(artifacts)[0]
+    record.unlink()
+    os.mkfifo(record) if plant == "fifo" else record.symlink_to("/dev/zero")
+    with no_hang(), pytest.raises(AmoebaError) as failure:
+        _build(tmp_path / "second", tiny_arch, artifacts)
+    message = str(failure.value)
+    assert f"{record}: not a regular file" in message
+    assert f"delete the cached engine {record.parent} so that the next run compiles it again" in message
+    assert not list((tmp_path / "second").rglob("*.csv"))  # nothing stored, let alone an oom row
+    # The locks went with the failure: another build of that table and device starts at once.
+    with no_hang():
+        other = _build(tmp_path / "second", tiny_arch, tmp_path / "fresh-artifacts")
+    assert set(load_table(other.path).frame.status) == {"ok"}
+
+
+def test_a_malformed_engine_record_names_the_cache_entry_to_delete(tmp_path, tiny_arch, fake_backend):
+    """'rerun to resume' alone failed the same way on every rerun: the message names the entry."""
+    artifacts = tmp_path / "artifacts"
+    _build(tmp_path / "first", tiny_arch, artifacts)
+    record = _engine_records(artifacts)[0]
+    record.write_text('{"spec": ')
+    for _ in range(2):  # a rerun reads the same entry
+        with pytest.raises(AmoebaError, match=f"{record}: not a readable engine record .*delete the cached engine "
+                                              f"{record.parent} so that the next run compiles it again"):
+            _build(tmp_path / "second", tiny_arch, artifacts)
+    import shutil
+
+    shutil.rmtree(record.parent)  # as the message says
+    result = _build(tmp_path / "second", tiny_arch, artifacts)
+    assert result.written and set(load_table(result.path).frame.status) == {"ok"}
+
+
+def _journal_of(out, arch, artifacts):
+    """The journal path the build of ``_plan`` into ``out`` uses (learned from a finished build)."""
+    path = _build(out, arch, artifacts).path
+    path.unlink()
+    path.with_name(path.name.removesuffix(".csv") + ".meta.json").unlink()
+    return path.with_name(path.name + ".journal.jsonl")
+
+
+def test_a_fifo_or_a_sparse_giant_at_the_journal_is_refused_by_type_and_size(tmp_path, tiny_arch, fake_backend):
+    artifacts = tmp_path / "artifacts"
+    journal = _journal_of(tmp_path, tiny_arch, artifacts)
+    os.mkfifo(journal)
+    with no_hang(), pytest.raises(LutError, match=f"{journal}: not a regular file; .*--on-corrupt-journal restart"):
+        _build(tmp_path, tiny_arch, artifacts)
+    journal.unlink()
+    with journal.open("wb") as handle:
+        handle.truncate(3 << 30)  # 3 GB of holes: no disk used, but 3 GB to read
+    with no_hang(10), pytest.raises(LutError, match=f"{journal}: 3221225472 bytes, over the 256 MiB limit"):
+        _build(tmp_path, tiny_arch, artifacts)
+    result = _build(tmp_path, tiny_arch, artifacts, on_corrupt_journal="restart")
+    assert result.measured == len(_plan(tiny_arch).entries()) and not journal.exists()
+
+
+class _OutOfMemoryOnDeepModels:
+    """The fake engine, except that loading the 3-layer model fails like an allocator would."""
+
+    def __init__(self, inner, error):
+        self.inner, self.error = inner, error
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, spec, artifact):
+        if len(spec.layers) == 3:
+            raise self.error
+        return self.inner.load(spec, artifact)
+
+
+def test_an_oom_row_is_measured_again_by_the_next_build(tmp_path, tiny_arch, fake_backend):
+    """A rerun used to keep an oom row for good, bogus or not: it now measures that entry again."""
+    artifacts = tmp_path / "artifacts"
+    backend = get_backend("fake-engine")
+    first = _build(tmp_path, tiny_arch, artifacts, _OutOfMemoryOnDeepModels(backend, MemoryError("out of memory")))
+    assert sorted(load_table(first.path).frame.status) == ["ok", "ok", "oom", "oom"]
+    again = _build(tmp_path, tiny_arch, artifacts, backend)
+    assert again.written and again.measured == 2 and again.reused == 2
+    assert set(load_table(again.path).frame.status) == {"ok"}
+
+
+def test_a_host_memory_error_is_no_device_oom(fake_backend):
+    on_gpu, on_cpu = fake_backend.FakeEngineBackend(device="cuda:0"), fake_backend.FakeEngineBackend(device="cpu")
+    assert device_out_of_memory(on_cpu, MemoryError()) and not device_out_of_memory(on_gpu, MemoryError())
+    assert not device_out_of_memory(on_cpu, LutError("a refused input"))
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_journal(tmp_path, tiny_arch, fake_backend):
+    """``ulimit -f``: the build used to end on a bare 'OSError: [Errno 27] File too large'."""
+    artifacts = tmp_path / "artifacts"
+    journal = _journal_of(tmp_path, tiny_arch, artifacts)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # Python ignores SIGXFSZ: writes fail with EFBIG
+    try:
+        with pytest.raises(LutError) as failure:
+            _build(tmp_path, tiny_arch, artifacts)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(failure.value)
+    assert message.startswith(f"{journal}: cannot write (File too large); the ") and " results before it are kept " \
+        "there - free some space (or raise the file-size limit, ulimit -f) and rerun the same command to resume" \
+        in message, message
+    kept = sum(1 for line in journal.read_text().splitlines() if '"result"' in line)
+    result = _build(tmp_path, tiny_arch, artifacts)
+    assert kept > 0 and result.from_journal + result.measured == len(_plan(tiny_arch).entries())
+    assert set(load_table(result.path).frame.status) == {"ok"}
+
+
+def test_a_build_that_waited_for_the_lock_adopts_the_threads_of_the_table_it_finds(tmp_path, tiny_arch, fake_backend):
+    """Two builds started together: the second chose its default thread count (load-dependent)
+    before the first wrote the table, so it used to refuse that table once it got the lock."""
+    artifacts = tmp_path / "artifacts"
+    waiting = get_backend("fake-engine", threads=2)  # chosen while the table did not exist yet
+    first = _build(tmp_path, tiny_arch, artifacts, get_backend("fake-engine", threads=1))
+    heard = []
+    second = run_build(_plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts),
+                       notice=heard.append, adopt_threads=True)
+    assert second.path == first.path and not second.written
+    assert heard == [f"threads: 1 instead of 2, as {first.path} was measured by the build this one waited for"]
+    assert load_table(first.path).meta["backend_config"]["threads"] == 1
+    with pytest.raises(LutError, match="existing table has backend_config"):  # a count the user gave stays refused
+        run_build(_plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts),
+                  notice=heard.append)
