@@ -188,3 +188,90 @@ def test_a_build_that_waited_for_the_lock_adopts_the_threads_of_the_table_it_fin
     with pytest.raises(LutError, match="existing table has backend_config"):  # a count the user gave stays refused
         run_build(_plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts),
                   notice=heard.append)
+
+
+# ---- reseal: a CSV changed by hand is checked against the table's own model, method and grid -----
+
+
+def _sealed_table(tmp_path, arch):
+    """A components table with full provenance (grid, method) and one whole-model row."""
+    from amoeba_profile.entry import Entry
+    from amoeba_profile.lut import measured_row, rows_frame, write_table
+    from amoeba_profile.measure import Measurement
+
+    from conftest import synthetic_lut
+
+    lut = synthetic_lut(arch, lambda h, p, c: 1.0 + h / 8, lambda f, p: 2.0, lambda p, c: 3.0)
+    model = measured_row(Entry("model", "decode", 1, 1, 16, subnet=Subnet.uniform(arch, 2, 1.0)),
+                         Measurement.from_samples([0.8, 0.81, 0.79]), "ok", method="whole", repeat=1, wall_s=0.1)
+    meta = {**lut.meta, "dtype": "float32", "device_slug": "cpu-test", "method": "components",
+            "grid": {"widths": [1.0, 0.75, 0.5, 0.25], "prompt_lens": [16], "contexts": [16, 64], "batch": 1}}
+    path = tmp_path / "tiny-float32.csv"
+    write_table(path, rows_frame(lut.frame.to_dict("records") + [model]), meta)
+    return path
+
+
+def _edit(path, where, column, value):
+    """Change one cell as a spreadsheet would (every cell kept as text), or append a row (``where`` None)."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if where is None:
+        frame = pd.concat([frame, frame[frame.component == "attn"].head(1).assign(**column)], ignore_index=True)
+    else:
+        frame.loc[frame.index[where(frame)][0], column] = value
+    frame.to_csv(path, index=False)
+
+
+def _attn(frame):
+    return (frame.component == "attn") & (frame.phase == "prefill") & (frame.heads == "8")
+
+
+@pytest.mark.parametrize("where, column, value, message", [
+    (_attn, "heads", "999", "not a shape of tiny"),
+    (_attn, "kv_heads", "3", "heads=8 must be kv_heads x 2"),
+    (_attn, "heads", "0", "not a shape of tiny"),
+    (_attn, "p10_ms", "1e-9", "p10_ms=1e-09 is not the p10 of its samples_ms"),
+    (_attn, "samples_ms", "[2.0, oops", "is not a JSON list of numbers"),
+    (_attn, "n", "0", "n=0 but samples_ms holds 3 samples"),
+    (_attn, "mean_ms", "-2", "mean_ms=-2.0 is negative"),
+    (_attn, "std_ms", "-1", "std_ms=-1.0 is negative"),
+    (_attn, "tokens", "17", "tokens=17 is not in the table's grid [16]"),
+    (lambda f: f.component == "mlp", "ffn", "100", "mlp shape (100,) is not one of the table's grid [(32,), (64,), "
+                                                   "(96,), (128,)]"),
+    (lambda f: f.component == "model", "subnet_json", '{"layers": [', "subnet_json does not describe a subnet"),
+    (None, {"component": "layer", "ffn": "128"}, None, "a layer row of method 'components'; a table of method "
+                                                       "'components' holds model rows and attn, base, mlp rows"),
+])
+def test_reseal_refuses_rows_no_build_writes(tmp_path, tiny_arch, where, column, value, message):
+    from amoeba_profile.lut import reseal, sidecar_path
+
+    path = _sealed_table(tmp_path, tiny_arch)
+    sidecar = sidecar_path(path).read_bytes()
+    _edit(path, where, column, value)
+    with pytest.raises(LutError, match=r"tiny-float32.csv: row \d+ \(line \d+\): ") as refused:
+        reseal(path)
+    assert message in str(refused.value)
+    assert sidecar_path(path).read_bytes() == sidecar  # nothing sealed
+
+
+def test_reseal_takes_the_sidecar_of_a_write_cut_between_its_renames(tmp_path, tiny_arch):
+    """The CSV was renamed into place, its sidecar still pending: the old sidecar (other grid, no
+    later_builds) used to be attached to it."""
+    import shutil
+
+    from amoeba_profile.lut import pending_sidecar_path, reseal, sidecar_path, write_table
+
+    path = _sealed_table(tmp_path, tiny_arch)
+    newer = load_table(path)
+    newer_meta = {**newer.meta, "later_builds": [{"grid": {"contexts": [64]}}]}
+    newer_meta.pop("content_sha256")
+    staged = tmp_path / "staged" / path.name
+    staged.parent.mkdir()
+    write_table(staged, newer.frame.iloc[:-1], newer_meta)  # the write: one row fewer, a later build logged
+    shutil.copy(sidecar_path(staged), pending_sidecar_path(path))  # its first two steps ran, the last did not
+    shutil.copy(staged, path)
+    reseal(path)
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["later_builds"] == newer_meta["later_builds"] and meta["rows"] == len(newer.frame) - 1
+    assert not pending_sidecar_path(path).exists() and len(load_table(path).frame) == len(newer.frame) - 1
