@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
@@ -30,8 +31,11 @@ from .workload import metric_name
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 120},
                   help="Per-device latency tables for shrinkable LLaMA models, and budgeted shape selection.")
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# markup=False: paths, model names and table cells are printed as they are; a folder named
+# "mk[/]" or "[bold]x[/bold]" must neither crash the command after its work is done nor print
+# altered. Styles come from Text objects (``_styled``), never from markup in a string.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 _state = {"debug": False}
 
 
@@ -71,8 +75,13 @@ _CORRUPT_HELP = ("A journal damaged other than by a crash mid-append: stop (name
                  "results before it) or restart (discard it).")
 
 
+def _styled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style``, then ``message`` exactly as it is (never read as markup)."""
+    return Text.assemble((label, style), " ", message)
+
+
 def _notice(message: str) -> None:
-    err.print("[yellow]note:[/] " + escape(message), highlight=False, soft_wrap=True)
+    err.print(_styled("note:", "yellow", message), highlight=False, soft_wrap=True)
 
 
 @app.command("build-lut")
@@ -157,8 +166,8 @@ def build_lut(
         err.print(build.threads_reason, markup=False, highlight=False)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
-        task = bar.add_task(f"{arch.name} on {backend}/{instance.device}", total=None, entry="")
+                  TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
+        task = bar.add_task(escape(f"{arch.name} on {backend}/{instance.device}"), total=None, entry="")
 
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, entry=label)
@@ -171,11 +180,12 @@ def build_lut(
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
     if result.recompiled:
-        err.print(f"[yellow]warning:[/] {len(result.recompiled)} rows compiled inside their timed samples (flagged "
-                  f"'recompiled'; their times include compile work): {', '.join(result.recompiled[:3])}")
+        err.print(_styled("warning:", "yellow", f"{len(result.recompiled)} rows compiled inside their timed samples "
+                          "(flagged 'recompiled'; their times include compile work): "
+                          f"{', '.join(result.recompiled[:3])}"))
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
-                  f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
+        err.print(_styled("warning:", "yellow", f"{len(result.oom)} entries failed (out of memory, unsupported or too "
+                          f"noisy) and are stored with that status: {', '.join(result.oom[:3])}"))
     if not result.written:
         out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
         return
@@ -211,7 +221,7 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     reference = load_one(calibrate) if calibrate is not None else None
     warning = calibration_warning(reference, spec, flow) if reference is not None else None
     if warning:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(_styled("warning:", "yellow", warning))
     path, meta = write_roofline_table(plan, spec, flow, dtype, out_dir, reference, dispatch_us)
     fit = meta["calibration"]
     how = (f"calibrated on {fit['table']} ({fit['rows']} rows, median |err| {fit['median_abs_pct']} %, max "
@@ -264,7 +274,7 @@ def select_cmd(
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
     for line in warnings:
-        err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
+        err.print(_styled("warning:", "bold yellow", line), highlight=False)
     note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
@@ -282,9 +292,9 @@ def select_cmd(
         print_json(out, {**result, **({"warning": warning} if warning else {}), **({"note": note} if note else {})})
         return
     pick = selection.pick
-    out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
-              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}) <= {budget_ms:g} ms"
-              + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
+    out.print(_styled("pick:", "bold", f"{pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
+                      f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}) <= {budget_ms:g} ms"
+                      + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else "")))
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
     if pareto:
@@ -296,9 +306,10 @@ def select_cmd(
         per = result["per_layer"]
         gain = per["gain_over_uniform"]
         versus = f" ({gain:+.4f} over the best uniform shape)" if gain is not None else ""
-        out.print(f"[bold]per-layer optimum:[/] {per['num_layers']} layers, quality {per['quality']:.4f}{versus}, "
-                  f"predicted {per['predicted_ms']['value']:.1f} ms ({per['predicted_ms']['source']}) "
-                  f"\\[{per['solver']}; {per['shape_rule']}]")
+        predicted = per["predicted_ms"]
+        out.print(_styled("per-layer optimum:", "bold", f"{per['num_layers']} layers, quality {per['quality']:.4f}"
+                          f"{versus}, predicted {predicted['value']:.1f} ms ({predicted['source']}) "
+                          f"[{per['solver']}; {per['shape_rule']}]"))
         for line in layer_runs_text(pick_subnet):
             out.print(f"  {line}", highlight=False)
     if export is not None:
@@ -306,11 +317,12 @@ def select_cmd(
         out.print(f"exported to {exported['folder']}: "
                   + ", ".join(f"{f['name']} ({f['form']})" for f in exported["files"]), markup=False)
         for line in exported["adjustments"] + exported["skipped"]:
-            err.print(f"[yellow]note:[/] {line}", highlight=False)
+            err.print(_styled("note:", "yellow", line), highlight=False)
     if note:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(_styled("note:", "yellow", note))
     if selection.skipped:
-        err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
+        err.print(_styled("note:", "yellow", f"{len(selection.skipped)} shapes not covered by the table: "
+                          f"{selection.skipped[0]}"))
 
 
 @app.command("validate")
@@ -341,7 +353,7 @@ def validate_cmd(
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err) as bar:
+                  TextColumn("{task.fields[entry]}", markup=False), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
         try:
             run = measure_picks(table.path, selection, protocol,
@@ -367,12 +379,12 @@ def validate_cmd(
         out.print(f"device drift since the table was built (the picks' components now vs stored): "
                   f"{100 * (drift - 1):+.1f} %")
         if abs(drift - 1) > 0.05:
-            err.print("[yellow]note:[/] the device runs more than 5 % off its state when the table was built; "
-                      "rebuild the table for this state")
+            err.print(_styled("note:", "yellow", "the device runs more than 5 % off its state when the table was "
+                              "built; rebuild the table for this state"))
     broken = [v for v in results if v.breaks_budget]
     if broken:
-        err.print(f"[bold red]budget broken:[/] {', '.join(v.subnet.label for v in broken)} measured above "
-                  f"{budget_ms:g} ms")
+        err.print(_styled("budget broken:", "bold red", f"{', '.join(v.subnet.label for v in broken)} measured above "
+                          f"{budget_ms:g} ms"))
     # Results are out before the write-back, so a table that cannot be written still shows them.
     added = write_back(run, _notice)
     err.print(f"{added} model rows written to {path}", highlight=False)
@@ -428,7 +440,7 @@ def show(
         return
     for key in ("path", "device_slug", "backend", "dtype", "model", "source", "method", "versions", "grid", "clock",
                 "created_at", "rows"):
-        out.print(f"[bold]{key}:[/] ", end="")
+        out.print(Text(f"{key}: ", style="bold"), end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
     out.print(lut_table(table))
 
@@ -470,7 +482,7 @@ def profile_device(
     root = output_dir(out_dir, "--out") if out_dir is not None else None  # checked before the benchmarks run
     err.print(f"device: {resolved} ({why})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]micro-benchmarks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err, disable=no_bench) as bar:
+                  TextColumn("{task.fields[entry]}", markup=False), console=err, disable=no_bench) as bar:
         task = bar.add_task("profile", total=None, entry="")
         report = profile(resolved, bench=not no_bench, quick=quick,
                          progress=lambda done, total, label: bar.update(task, completed=done, total=total, entry=label))
@@ -553,7 +565,7 @@ def fleet_build(
             err.print(f"node {node.node[:12]} on {node.host}: {labels}; detected {node.detected}{note}",
                       markup=False, highlight=False)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
+                      TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
             tasks = {b.name: bar.add_task(escape(b.name), total=None, entry="waiting for a node") for b in builds}
 
             def progress(name: str, done: int, total: int, label: str) -> None:

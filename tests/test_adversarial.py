@@ -275,3 +275,45 @@ def test_reseal_takes_the_sidecar_of_a_write_cut_between_its_renames(tmp_path, t
     meta = json.loads(sidecar_path(path).read_text())
     assert meta["later_builds"] == newer_meta["later_builds"] and meta["rows"] == len(newer.frame) - 1
     assert not pending_sidecar_path(path).exists() and len(load_table(path).frame) == len(newer.frame) - 1
+
+
+# ---- markup in paths, a planted symlink among the plots ------------------------------------------
+
+
+def _main(monkeypatch, capsys, *args):
+    """(exit code, stdout, stderr) of ``amoeba-profile ARGS`` through the entry point, in-process."""
+    import sys
+
+    from amoeba_profile import cli
+
+    monkeypatch.setattr(sys, "argv", ["amoeba-profile", *args])
+    monkeypatch.setitem(cli._state, "debug", False)
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def test_paths_with_markup_print_as_they_are_and_plots_replace_a_planted_symlink(tmp_path, monkeypatch, capsys,
+                                                                                 tiny_config_path):
+    """``--out 'mk[/]'`` wrote the table, then crashed with MarkupError (exit 1); '[bold]x[/bold]'
+    printed altered. ``plot`` wrote through a symlink planted at pareto.png."""
+    out = tmp_path / "mk[/]" / "[bold]x[/bold]"
+    code, stdout, stderr = _main(monkeypatch, capsys, "build-lut", "--model", str(tiny_config_path), "--out", str(out),
+                                 "--quick", "--prompt-len", "16", "--contexts", "16", "--widths", "1")
+    assert code == 0, stderr
+    [table] = out.rglob("*.csv")
+    assert f"table: {table}  (" in stdout
+    code, stdout, stderr = _main(monkeypatch, capsys, "show", "--lut", str(table))
+    assert code == 0 and f"path: {table}\n" in stdout, stderr
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    plots = tmp_path / "plots[/]"
+    plots.mkdir(parents=True)
+    (plots / "pareto.png").symlink_to(victim)
+    code, stdout, stderr = _main(monkeypatch, capsys, "plot", "--lut", str(table), "--out", str(plots),
+                                 "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "20")
+    assert code == 0 and f"wrote {plots / 'pareto.png'}\n" in stdout, stderr
+    assert victim.read_text() == "precious\n"
+    assert not (plots / "pareto.png").is_symlink() and (plots / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(plots.glob(".*.tmp"))
