@@ -541,7 +541,7 @@ def fleet_build(
     """Build every (device, flow, model) table of a plan on a Ray cluster, one measurement per device at a time."""
     import shlex
 
-    from .fleet import connect, disconnect, discover, run_fleet
+    from .fleet import connect, disconnect, discover, listed, run_fleet
     from .fleet_plan import flags_builds, load_fleet_plan
     from .quiet import BusyPolicy
 
@@ -559,11 +559,16 @@ def fleet_build(
     joined = connect(address)
     try:
         err.print(f"joined {joined}", markup=False, highlight=False)
-        for node in discover():
+        nodes = discover()
+        for node in nodes:
             labels = ", ".join(f"device:{label}" for label in node.labels)
             note = "" if node.detected in node.labels else f" (its tables go under {node.detected})"
             err.print(f"node {node.node[:12]} on {node.host}: {labels}; detected {node.detected}{note}",
                       markup=False, highlight=False)
+        absent = sorted({b.label for b in builds} - {label for node in nodes for label in node.labels})
+        if absent:
+            _notice(f"no node advertises {listed([f'device:{label}' for label in absent])} yet; their builds wait "
+                    f"up to {device_wait_s:g} s for one to join")
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
             tasks = {b.name: bar.add_task(escape(b.name), total=None, entry="waiting for a node") for b in builds}
@@ -581,6 +586,7 @@ def fleet_build(
                                   "command to resume") from None
     finally:
         disconnect()
+    failed = [o for o in outcomes if o.status not in ("written", "unchanged")]
     for outcome in outcomes:
         result = outcome.result
         if outcome.status == "written":
@@ -590,10 +596,18 @@ def fleet_build(
         elif outcome.status == "unchanged":
             out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build)",
                       markup=False, highlight=False)
-        else:
-            err.print(f"error: {one_line(outcome.message)}", markup=False, highlight=False, soft_wrap=True)
-    if any(o.status not in ("written", "unchanged") for o in outcomes):
+    for outcome in failed[:_FAILURES_SHOWN]:
+        err.print(f"error: {one_line(outcome.message)}", markup=False, highlight=False, soft_wrap=True)
+    if len(failed) > _FAILURES_SHOWN:  # a plan of thousands of builds fails in a few lines, not thousands
+        rest = failed[_FAILURES_SHOWN:]
+        err.print(f"error: {len(rest)} more builds were not written ({listed([o.build.name for o in rest])}); each "
+                  "keeps its journal, and the same command resumes them", markup=False, highlight=False,
+                  soft_wrap=True)
+    if failed:
         raise typer.Exit(1)
+
+
+_FAILURES_SHOWN = 5
 
 
 def _names(text: str) -> list[str]:

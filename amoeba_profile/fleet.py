@@ -63,6 +63,12 @@ def resource_name(label: str) -> str:
     return RESOURCE_PREFIX + label
 
 
+def listed(names: list[str], shown: int = 3) -> str:
+    """``a, b, c and 1997 more``: a list of any length as a few words of one line."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def node_resources(device: str = "auto") -> dict[str, float]:
     """The custom resource this machine's node advertises: its device slug, capacity 1, so that
     one measurement at a time runs on it (``ray start --resources '<this as JSON>'``)."""
@@ -420,15 +426,19 @@ class _Driver:
             return
         present = self.ray.cluster_resources()
         now = time.monotonic()
+        missing: list[str] = []
         for table in waiting:
             if present.get(table.resource, 0) > 0:
                 table.missing_since = None
             elif table.missing_since is None:
                 table.missing_since = now
-                self.notice(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
-                            f"{self.device_wait_s:g} s for one to join")
+                missing.append(table.resource)
             elif now - table.missing_since >= self.device_wait_s:
                 self._stop(table, "lost", f"no live node advertised {table.resource} for {self.device_wait_s:g} s")
+        if missing:  # one line however many devices: a plan may name thousands of labels no node has
+            missing = sorted(set(missing))
+            self.notice(f"no live node advertises {listed(missing)}; waiting up to {self.device_wait_s:g} s for one "
+                        "to join")
 
     def _stop(self, table: _Table, status: str, why: str) -> None:
         """End a build without writing its table: cancel its tasks, release its lock, and say in one

@@ -317,3 +317,71 @@ def test_paths_with_markup_print_as_they_are_and_plots_replace_a_planted_symlink
     assert victim.read_text() == "precious\n"
     assert not (plots / "pareto.png").is_symlink() and (plots / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(plots.glob(".*.tmp"))
+
+
+# ---- fleet plans: an alias bomb, a 5000-deep plan, everything checked before Ray starts -----------
+
+
+def _alias_bomb(levels: int) -> str:
+    """A few hundred bytes of YAML whose nested aliases in ``grid.whole`` expand to 9**levels subnets."""
+    lists = ['&l0 ["4x1", "4x1", "4x1", "4x1", "4x1", "4x1", "4x1", "4x1", "4x1"]']
+    lists += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels + 1)]
+    return "devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid:\n  whole: [" + ", ".join(lists) + "]\n"
+
+
+def test_a_fleet_plan_with_aliases_or_nested_5000_deep_is_refused_in_one_line(tmp_path):
+    from amoeba_profile.errors import UsageError
+    from amoeba_profile.fleet_plan import load_fleet_plan
+
+    plan = tmp_path / "fleet.yaml"
+    plan.write_text(_alias_bomb(5))  # 9**5 = 59049 copies here; 9 levels (567 bytes) made over 10 GB
+    with pytest.raises(UsageError, match=r"fleet.yaml: not a readable YAML file \(aliases \(\*name\) are not allowed "
+                                         r"in a fleet plan; write the value out in .*, line 5, column \d+"):
+        load_fleet_plan(plan)
+    plan.write_text("devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid: {whole: "
+                    + "[" * 5000 + "]" * 5000 + "}\n")
+    with pytest.raises(UsageError, match="fleet.yaml: nested too deeply to be a fleet plan"):
+        load_fleet_plan(plan)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("flows: [tensorflow]", "device 'a': unknown flow 'tensorflow': a fleet measures with one of"),
+    ("method: bogus", "device 'a': method 'bogus' is not one of pytorch's ['components', 'difference']"),
+    ("device: tpu", "device 'a': unknown device 'tpu': use auto, cpu or cuda[:N]"),
+    ("dtype: float8", "device 'a': dtype 'float8' is not one of pytorch's"),
+])
+def test_a_fleet_plan_is_checked_whole_before_ray_starts(tmp_path, monkeypatch, capsys, device, message):
+    """Unknown flows, methods and devices were refused only after Ray had started (7-9 s)."""
+    import amoeba_profile.fleet as fleet
+
+    def no_ray(*_):
+        raise AssertionError("Ray was started for a plan that could be refused without it")
+
+    monkeypatch.setattr(fleet, "connect", no_ray)
+    plan = tmp_path / "fleet.yaml"
+    plan.write_text(f"flows: [pytorch]\nmodels: [tinyllama-1.1b]\ndevices:\n  a: {{{device}}}\n  b: {{}}\n")
+    code, _, stderr = _main(monkeypatch, capsys, "fleet", "build", "--plan", str(plan))
+    assert code == 2 and stderr.startswith(f"error: {plan}: ") and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_thousands_of_devices_without_a_node_are_one_line(tmp_path):
+    """2000 labels no node advertises printed 2000 notices."""
+    from amoeba_profile.fleet import _Driver, _Table
+    from amoeba_profile.fleet_plan import flags_builds
+
+    class NoNodes:
+        def cluster_resources(self):
+            return {}
+
+    notices = []
+    driver = _Driver.__new__(_Driver)
+    driver.ray, driver.notice, driver.device_wait_s = NoNodes(), notices.append, 600.0
+    tables = [_Table(build) for build in flags_builds([f"kind-{i:04d}" for i in range(2000)], ["pytorch"],
+                                                      ["tinyllama-1.1b"])]
+    for table in tables:
+        table.pending[object()] = None  # a describe task waiting for its device
+    driver._watch_devices(tables)
+    driver._watch_devices(tables)  # still missing: nothing new to say
+    assert notices == ["no live node advertises device:kind-0000, device:kind-0001, device:kind-0002 and 1997 more; "
+                       "waiting up to 600 s for one to join"]
