@@ -49,6 +49,7 @@ def _print_version(value: bool) -> None:
 # raises them from its copy of click, whose public member is ``typer.BadParameter``; their common
 # base, the parser's UsageError, carries exit code 2 and ``format_message()``.
 _PARSER_ERROR = typer.BadParameter.__mro__[1]
+_INTERRUPTED = 130  # 128 + SIGINT: the exit code typer returns for a Ctrl-C that no command handled
 
 
 @app.callback(invoke_without_command=True)
@@ -627,6 +628,8 @@ def _failure(exc: Exception) -> tuple[str, int]:
     """(message, exit code) of a failure: ours, the option parser's, or unexpected."""
     if isinstance(exc, AmoebaError):
         return str(exc), exc.exit_code
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}", 1
     if isinstance(exc, _PARSER_ERROR):
         return exc.format_message(), exc.exit_code
     if isinstance(exc, typer.Abort):
@@ -648,6 +651,8 @@ def main() -> None:
             raise
         message, code = _failure(exc)
         err.print(f"error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    if code == _INTERRUPTED:  # typer turns Ctrl-C outside our own handlers into a bare exit 130
+        err.print("error: interrupted", markup=False, highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -385,3 +385,15 @@ def test_thousands_of_devices_without_a_node_are_one_line(tmp_path):
     driver._watch_devices(tables)  # still missing: nothing new to say
     assert notices == ["no live node advertises device:kind-0000, device:kind-0001, device:kind-0002 and 1997 more; "
                        "waiting up to 600 s for one to join"]
+
+
+def test_ctrl_c_before_a_command_measures_says_so_in_one_line(monkeypatch, capsys):
+    """A SIGINT while a command starts (outside the build's own handler) exited 130 without a word."""
+    from amoeba_profile import cli
+
+    def interrupted(*_):
+        signal.raise_signal(signal.SIGINT)  # Python's default handler: KeyboardInterrupt, here
+
+    monkeypatch.setattr(cli, "load_one", interrupted)
+    code, stdout, stderr = _main(monkeypatch, capsys, "show", "--lut", "x")
+    assert (code, stdout, stderr) == (130, "", "error: interrupted\n")
