@@ -15,6 +15,8 @@ span, see ``entry.samples_may_be_negative``) - no crash of ours produces, so the
 before the bad line; ``restart`` discards the journal. A record repeated for the same entry and
 round (a journal concatenated or replayed by hand) counts once: the first wins. A result's device
 state (``state``) was named ``context`` by earlier versions; such a journal is read, not refused.
+What is not a regular file of bounded size (a FIFO, a device, a sparse multi-gigabyte file) is
+refused before a byte is read (``inputs.read_bounded``), and those choices apply to it as a whole.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class Journal:
         if on_corrupt == "drop-tail":
             return good
         if number is None:
-            raise LutError(f"{self.path}: {problem}; not a journal this tool wrote - rerun with "
+            raise LutError(f"{self.path}: {problem}; the journal cannot be read - rerun with "
                            "--on-corrupt-journal restart to replace it, or delete it")
         raise LutError(f"{self.path}: line {number}: {problem}; the journal is corrupt - rerun with "
                        f"--on-corrupt-journal drop-tail to keep the {len(good)} results before line {number} "
