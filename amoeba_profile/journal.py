@@ -37,8 +37,8 @@ CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
 # A journal holds a table's rows with their samples once per round: bounded as the table is, so a
 # sparse multi-gigabyte file planted at its path is refused by its size before a byte is read.
 MAX_JOURNAL_BYTES = MAX_TABLE_BYTES
-HEADER_BYTES = 1 * MIB
-_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # the first line, read alone to learn the options a journal was started with
+HEADER_BYTES = 1 * MIB  # the first line, read alone to learn the options a journal was started with
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for want of space or a size limit
 _STATUSES = ("ok", "oom", "unsupported")
 _OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "state"})
 _FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
