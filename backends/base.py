@@ -23,6 +23,33 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape
 from amoeba_profile.core.timing import Workpiece
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.core.errors import ArtifactError
+from amoeba_profile.core.inputs import MIB, read_bounded
+
+ENGINE_RECORD = "engine.json"
+ENGINE_RECORD_BYTES = 4 * MIB  # a spec and a few settings; TensorRT-LLM's lists every rounded layer
+
+
+def read_engine_record(artifact: Path, name: str = ENGINE_RECORD) -> dict[str, Any]:
+    """The JSON record (with its ``spec``) that a backend's ``compile`` wrote into ``artifact``.
+
+    It is read as every input is (``inputs.read_bounded``): a FIFO, a link to /dev/zero or a huge
+    file planted in the cache is refused at once, never waited on or read into memory. Anything
+    wrong with it is an ``ArtifactError`` that names the file and the cache entry to delete, since
+    a plain rerun would read the same file and fail the same way."""
+    path = Path(artifact) / name
+    advice = f"delete the cached engine {artifact} so that the next run compiles it again"
+    try:
+        record = json.loads(read_bounded(path, ENGINE_RECORD_BYTES, "cached engine record", error=ArtifactError))
+    except ArtifactError as exc:
+        raise ArtifactError(f"{exc}; {advice}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: not a readable engine record ({' '.join(str(exc).split())[:120]}); "
+                            f"{advice}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise ArtifactError(f"{path}: not an engine record (no 'spec' object); {advice}")
+    return record
+
 
 @dataclass(frozen=True)
 class Availability:

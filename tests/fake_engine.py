@@ -16,6 +16,7 @@ from typing import Any
 
 from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
 from amoeba_profile.core.errors import UnsupportedShape
+from amoeba_profile.backends.base import read_engine_record
 
 COMPILES: list[dict[str, Any]] = []
 
@@ -126,8 +127,8 @@ class FakeEngineBackend(Backend):
 
     def compile(self, spec: EngineSpec, dest: Path) -> None:
         COMPILES.append(spec.to_dict())
-        (dest / "engine.json").write_text(json.dumps(spec.to_dict()))
+        (dest / "engine.json").write_text(json.dumps({"spec": spec.to_dict()}))
 
     def load(self, spec: EngineSpec, artifact: Path) -> FakeEngine:
-        assert json.loads((artifact / "engine.json").read_text()) == spec.to_dict()
+        assert read_engine_record(artifact)["spec"] == spec.to_dict()  # read as every flow reads its record
         return FakeEngine(self, spec)

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 from rich.console import Console
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from amoeba_profile import __version__
@@ -33,8 +34,11 @@ from amoeba_profile.cli.report import (crosscheck_table)
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 120},
                   help="Per-device latency tables for shrinkable LLaMA models, and budgeted shape selection.")
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# markup=False: paths, model names and table cells are printed as they are; a folder named
+# "mk[/]" or "[bold]x[/bold]" must neither crash the command after its work is done nor print
+# altered. Styles come from Text objects (``_styled``), never from markup in a string.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 _state = {"debug": False}
 
 
@@ -48,6 +52,7 @@ def _print_version(value: bool) -> None:
 # raises them from its copy of click, whose public member is ``typer.BadParameter``; their common
 # base, the parser's UsageError, carries exit code 2 and ``format_message()``.
 _PARSER_ERROR = typer.BadParameter.__mro__[1]
+_INTERRUPTED = 130  # 128 + SIGINT: the exit code typer returns for a Ctrl-C that no command handled
 
 
 @app.callback(invoke_without_command=True)
@@ -74,8 +79,13 @@ _CORRUPT_HELP = ("A journal damaged other than by a crash mid-append: stop (name
                  "results before it) or restart (discard it).")
 
 
+def _styled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style``, then ``message`` exactly as it is (never read as markup)."""
+    return Text.assemble((label, style), " ", message)
+
+
 def _notice(message: str) -> None:
-    err.print("[yellow]note:[/] " + escape(message), highlight=False, soft_wrap=True)
+    err.print(_styled("note:", "yellow", message), highlight=False, soft_wrap=True)
 
 
 @app.command("build-lut")
@@ -170,8 +180,8 @@ def build_lut(
         err.print(build.threads_reason, markup=False, highlight=False)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
-        task = bar.add_task(f"{arch.name} on {backend}/{instance.device}", total=None, entry="")
+                  TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
+        task = bar.add_task(escape(f"{arch.name} on {backend}/{instance.device}"), total=None, entry="")
 
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, entry=label)
@@ -179,16 +189,17 @@ def build_lut(
         try:
             result = run_build(plan, instance, out_dir, protocol, progress, artifacts=ArtifactCache(artifacts),
                                method_reason=build.method_reason, on_corrupt_journal=on_corrupt_journal, busy=policy,
-                               notice=_notice)
+                               notice=_notice, adopt_threads=build.adopt_threads)
         except KeyboardInterrupt:
             raise AmoebaError("interrupted: finished entries are kept in the build journal; rerun the same command "
                               "to resume") from None
     if result.recompiled:
-        err.print(f"[yellow]warning:[/] {len(result.recompiled)} rows compiled inside their timed samples (flagged "
-                  f"'recompiled'; their times include compile work): {', '.join(result.recompiled[:3])}")
+        err.print(_styled("warning:", "yellow", f"{len(result.recompiled)} rows compiled inside their timed samples "
+                          "(flagged 'recompiled'; their times include compile work): "
+                          f"{', '.join(result.recompiled[:3])}"))
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
-                  f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
+        err.print(_styled("warning:", "yellow", f"{len(result.oom)} entries failed (out of memory, unsupported or too "
+                          f"noisy) and are stored with that status: {', '.join(result.oom[:3])}"))
     if not result.written:
         out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
         return
@@ -224,7 +235,7 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     reference = load_one(calibrate) if calibrate is not None else None
     warning = calibration_warning(reference, spec, flow) if reference is not None else None
     if warning:
-        err.print(f"[yellow]warning:[/] {warning}")
+        err.print(_styled("warning:", "yellow", warning))
     path, meta = write_roofline_table(plan, spec, flow, dtype, out_dir, reference, dispatch_us)
     fit = meta["calibration"]
     how = (f"calibrated on {fit['table']} ({fit['rows']} rows, median |err| {fit['median_abs_pct']} %, max "
@@ -328,7 +339,7 @@ def select_cmd(
     warnings += [selection.warning] if selection.warning else []
     warning = "; ".join(warnings) or None
     for line in warnings:
-        err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
+        err.print(_styled("warning:", "bold yellow", line), highlight=False)
     note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
@@ -367,15 +378,17 @@ def select_cmd(
     low, high = pick.interval()
     spread = (f", 90 % interval {low:.1f}-{high:.1f} ms, P(<= budget) {pick.p_fit:.2f}"
               if math.isfinite(low) and math.isfinite(high) else "")
-    out.print(f"[bold]pick:[/] {pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
-              f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}{spread}) <= {budget_ms:g} ms"
-              + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""))
+    out.print(_styled("pick:", "bold", f"{pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
+                      f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}{spread}) <= {budget_ms:g} ms"
+                      + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else "")))
     if selection.tied:
-        err.print(f"[yellow]note:[/] {len(selection.tied)} shape(s) of higher quality may fit too (tied with the pick: "
-                  "the table cannot tell them apart at this budget); select --verify K measures them", highlight=False)
+        err.print(_styled("note:", "yellow", f"{len(selection.tied)} shape(s) of higher quality may fit too (tied "
+                          "with the pick: the table cannot tell them apart at this budget); select --verify K "
+                          "measures them"), highlight=False)
     if not pick.prediction.model_error_known and spread:
-        err.print("[yellow]note:[/] the intervals cover measurement noise only: this table has no fit against "
-                  "whole models to bound its composition error (build it with --method calibrated)", highlight=False)
+        err.print(_styled("note:", "yellow", "the intervals cover measurement noise only: this table has no fit "
+                          "against whole models to bound its composition error (build it with --method calibrated)"),
+                  highlight=False)
     out.print(f"quality: {pick.quality:.3f} ({selection.quality_source}); {selection.considered} shapes considered")
     out.print(selection_table(selection))
     if pareto:
@@ -385,10 +398,10 @@ def select_cmd(
         out.print(flagged)
     if per_layer:
         per = result["per_layer"]
-        out.print(f"[bold]per-layer optimum:[/] {pick_subnet.label}, {per['num_layers']} layers, quality "
-                  f"{per['quality']:.4f} ({per['gain_over_uniform']:+.4f} over the uniform pick, both scored by "
-                  f"{per['quality_model']}), predicted {per['predicted_ms']['value']:.1f} ms "
-                  f"({per['predicted_ms']['source']}) \\[{per['solver']}; {per['shape_rule']}]")
+        out.print(_styled("per-layer optimum:", "bold", f"{pick_subnet.label}, {per['num_layers']} layers, quality "
+                          f"{per['quality']:.4f} ({per['gain_over_uniform']:+.4f} over the uniform pick, both scored "
+                          f"by {per['quality_model']}), predicted {per['predicted_ms']['value']:.1f} ms "
+                          f"({per['predicted_ms']['source']}) [{per['solver']}; {per['shape_rule']}]"))
         for line in layer_runs_text(pick_subnet):
             out.print(f"  {line}", highlight=False)
     if "exported" in result:
@@ -400,21 +413,22 @@ def select_cmd(
             err.print(f"note: config.json differs from {exported['config_source']} in {', '.join(changed)} "
                       "(export.json says how and why)", markup=False, highlight=False, soft_wrap=True)
         for line in exported["adjustments"] + exported["not_expressed"] + exported["skipped"]:
-            err.print(f"[yellow]note:[/] {escape(line)}", highlight=False)
+            err.print(_styled("note:", "yellow", line), highlight=False)
     if note:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(_styled("note:", "yellow", note))
     if selection.skipped:
-        err.print(f"[yellow]note:[/] {len(selection.skipped)} shapes not covered by the table: {selection.skipped[0]}")
+        err.print(_styled("note:", "yellow", f"{len(selection.skipped)} shapes not covered by the table: "
+                          f"{selection.skipped[0]}"))
     if verification is not None:
         out.print(verified_table(verification, selection.metric))
         best = verification.pick
         if best is None:
-            err.print(f"[bold red]none of the {len(verification.results)} measured candidates fits "
-                      f"{budget_ms:g} ms:[/] choose a lower budget's pick or verify more (--verify K)")
+            err.print(_styled(f"none of the {len(verification.results)} measured candidates fits {budget_ms:g} ms:",
+                              "bold red", "choose a lower budget's pick or verify more (--verify K)"))
         else:
-            out.print(f"[bold]verified pick:[/] {best.candidate.subnet.label}  {describe(best.candidate.subnet)}  "
-                      f"measured {selection.metric} = {best.measured_ms:.1f} ms <= {budget_ms:g} ms "
-                      f"(predicted {best.candidate.latency_ms:.1f} ms)", highlight=False)
+            out.print(_styled("verified pick:", "bold", f"{best.candidate.subnet.label}  {describe(best.candidate.subnet)}  "
+                              f"measured {selection.metric} = {best.measured_ms:.1f} ms <= {budget_ms:g} ms "
+                              f"(predicted {best.candidate.latency_ms:.1f} ms)"), highlight=False)
     _finish_verify(verification, write_back)
     _fail_export(result.get("export_error"), export_error)
     if verification is not None and verification.pick is None:
@@ -425,7 +439,7 @@ def _verify(table, selection, k: int, quick: bool):
     from amoeba_profile.measure.verify import verify_candidates
 
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
-    with Progress(TextColumn("[bold]verifying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("verifying", style="bold"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err) as bar:
         task = bar.add_task("verify", total=None, entry="")
         try:
@@ -487,7 +501,7 @@ def validate_cmd(
     protocol = TimingProtocol.quick() if quick else TimingProtocol()
     policy = BusyPolicy(busy, busy_wait_s)
     with Progress(TextColumn("[bold]validating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err) as bar:
+                  TextColumn("{task.fields[entry]}", markup=False), console=err) as bar:
         task = bar.add_task("validate", total=None, entry="")
         try:
             run = measure_picks(table.path, selection, protocol,
@@ -513,12 +527,12 @@ def validate_cmd(
         out.print(f"device drift since the table was built (the picks' components now vs stored): "
                   f"{100 * (drift - 1):+.1f} %")
         if abs(drift - 1) > 0.05:
-            err.print("[yellow]note:[/] the device runs more than 5 % off its state when the table was built; "
-                      "rebuild the table for this state")
+            err.print(_styled("note:", "yellow", "the device runs more than 5 % off its state when the table was "
+                              "built; rebuild the table for this state"))
     broken = [v for v in results if v.breaks_budget]
     if broken:
-        err.print(f"[bold red]budget broken:[/] {', '.join(v.subnet.label for v in broken)} measured above "
-                  f"{budget_ms:g} ms")
+        err.print(_styled("budget broken:", "bold red", f"{', '.join(v.subnet.label for v in broken)} measured above "
+                          f"{budget_ms:g} ms"))
     # Results are out before the write-back, so a table that cannot be written still shows them.
     added = write_back(run, _notice)
     err.print(f"{added} model rows written to {path}", highlight=False)
@@ -589,7 +603,7 @@ def show(
         return
     for key in ("path", "device_slug", "backend", "dtype", "model", "source", "method", "versions", "grid", "clock",
                 "created_at", "rows", "crosschecks"):
-        out.print(f"[bold]{key}:[/] ", end="")
+        out.print(Text(f"{key}: ", style="bold"), end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
     out.print(lut_table(table))
 
@@ -659,7 +673,7 @@ def profile_device(
     root = output_dir(out_dir, "--out") if out_dir is not None else None  # checked before the benchmarks run
     err.print(f"device: {resolved} ({why})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]micro-benchmarks"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[entry]}"), console=err, disable=no_bench) as bar:
+                  TextColumn("{task.fields[entry]}", markup=False), console=err, disable=no_bench) as bar:
         task = bar.add_task("profile", total=None, entry="")
         report = profile(resolved, bench=not no_bench, quick=quick,
                          progress=lambda done, total, label: bar.update(task, completed=done, total=total, entry=label))
@@ -718,7 +732,7 @@ def fleet_build(
     """Build every (device, flow, model) table of a plan on a Ray cluster, one measurement per device at a time."""
     import shlex
 
-    from amoeba_profile.fleet.driver import connect, disconnect, discover, run_fleet
+    from amoeba_profile.fleet.driver import connect, disconnect, discover, listed, run_fleet
     from amoeba_profile.fleet.plan import flags_builds, load_fleet_plan
     from amoeba_profile.device.quiet import BusyPolicy
 
@@ -736,13 +750,14 @@ def fleet_build(
     joined = connect(address)
     try:
         err.print(f"joined {joined}", markup=False, highlight=False)
-        for node in discover():
+        nodes = discover()
+        for node in nodes:
             labels = ", ".join(f"device:{label}" for label in node.labels)
             note = "" if node.detected in node.labels else f" (its tables go under {node.detected})"
             err.print(f"node {node.node[:12]} on {node.host}: {labels}; detected {node.detected}{note}",
                       markup=False, highlight=False)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
+                      TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
             tasks = {b.name: bar.add_task(escape(b.name), total=None, entry="waiting for a node") for b in builds}
 
             def progress(name: str, done: int, total: int, label: str) -> None:
@@ -758,6 +773,7 @@ def fleet_build(
                                   "command to resume") from None
     finally:
         disconnect()
+    failed = [o for o in outcomes if o.status not in ("written", "unchanged")]
     for outcome in outcomes:
         result = outcome.result
         if outcome.status == "written":
@@ -767,10 +783,18 @@ def fleet_build(
         elif outcome.status == "unchanged":
             out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build)",
                       markup=False, highlight=False)
-        else:
-            err.print(f"error: {one_line(outcome.message)}", markup=False, highlight=False, soft_wrap=True)
-    if any(o.status not in ("written", "unchanged") for o in outcomes):
+    for outcome in failed[:_FAILURES_SHOWN]:
+        err.print(f"error: {one_line(outcome.message)}", markup=False, highlight=False, soft_wrap=True)
+    if len(failed) > _FAILURES_SHOWN:  # a plan of thousands of builds fails in a few lines, not thousands
+        rest = failed[_FAILURES_SHOWN:]
+        err.print(f"error: {len(rest)} more builds were not written ({listed([o.build.name for o in rest])}); each "
+                  "keeps its journal, and the same command resumes them", markup=False, highlight=False,
+                  soft_wrap=True)
+    if failed:
         raise typer.Exit(1)
+
+
+_FAILURES_SHOWN = 5
 
 
 def _names(text: str) -> list[str]:
@@ -790,6 +814,8 @@ def _failure(exc: Exception) -> tuple[str, int]:
     """(message, exit code) of a failure: ours, the option parser's, or unexpected."""
     if isinstance(exc, AmoebaError):
         return str(exc), exc.exit_code
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}", 1
     if isinstance(exc, _PARSER_ERROR):
         return exc.format_message(), exc.exit_code
     if isinstance(exc, typer.Abort):
@@ -811,6 +837,8 @@ def main() -> None:
             raise
         message, code = _failure(exc)
         err.print(f"error: {one_line(message)}", markup=False, highlight=False, soft_wrap=True)
+    if code == _INTERRUPTED:  # typer turns Ctrl-C outside our own handlers into a bare exit 130
+        err.print("error: interrupted", markup=False, highlight=False)
     sys.exit(code if isinstance(code, int) else 0)
 
 

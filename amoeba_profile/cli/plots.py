@@ -6,6 +6,7 @@ this module (or the CLI) never needs a display.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.selection.picker import Candidate, describe, pareto_front
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.table.lut import write_file_atomically
 
 
 def _pyplot():
@@ -25,6 +27,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Render ``fig`` as PNG and put it at ``path`` as tables are written (``write_file_atomically``):
+    a new file renamed over the old, so a symlink planted at ``path`` is replaced, never written
+    through, and a reader never sees half a figure."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_file_atomically(Path(path), buffer.getvalue())
+    return path
 
 
 def _title(lut: Lut) -> str:
@@ -52,7 +64,7 @@ def plot_pareto(lut: Lut, candidates: list[Candidate], metric: str, out: Path, b
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    _save(fig, out)
     plt.close(fig)
     return out
 
@@ -82,7 +94,7 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path, stat: str = "medi
         fig.colorbar(image, ax=ax, label="ms")
         fig.tight_layout()
         path = out_dir / f"heatmap_{phase}.png"
-        fig.savefig(path, dpi=120)
+        _save(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -117,6 +129,6 @@ def plot_validation(lut: Lut, out: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    _save(fig, out)
     plt.close(fig)
     return out

@@ -256,7 +256,7 @@ def validation_table(results, metric: str) -> Table:
     for v in results:
         table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.fresh_predicted_ms:.1f}", f"{v.measured_ms:.1f}",
                       f"{v.error_pct:+.1f} %", f"{v.composition_error_pct:+.1f} %",
-                      "[bold red]BROKEN[/]" if v.breaks_budget else "ok")
+                      Text("BROKEN", style="bold red") if v.breaks_budget else "ok")
     return table
 
 

@@ -25,6 +25,11 @@ class BackendUnavailable(AmoebaError):
     """A backend whose library or hardware is missing; the message carries the install hint."""
 
 
+class ArtifactError(AmoebaError):
+    """A cached compiled engine that cannot be used (unreadable or malformed); the message names the
+    file and the cache entry to delete, since rerunning alone would read it again."""
+
+
 class LutError(AmoebaError):
     """A latency table that is missing, malformed or incompatible; the message names file and row."""
 

@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock, Timeout
 
 from amoeba_profile.core.errors import LutError
+from amoeba_profile.core.inputs import KIB, read_bounded
 
 Notice = Callable[[str], None]
+HOLDER_BYTES = 64 * KIB  # a holder note is one line of JSON
 
 
 def fsync_dir(folder: Path) -> None:
@@ -81,9 +83,9 @@ def _alive(pid: int) -> bool:
 def holder_note(lock_path: Path) -> dict[str, Any] | None:
     """The note of whoever holds the lock at ``lock_path``; None without a readable one, or when it
     names a process of this host that is gone (a holder killed before it removed its note)."""
-    try:
-        note = json.loads(holder_path(lock_path).read_text())
-    except (OSError, ValueError):
+    try:  # bounded and non-blocking: a FIFO or /dev/zero planted as the note must not hang or fill a waiter
+        note = json.loads(read_bounded(holder_path(lock_path), HOLDER_BYTES, "lock holder note", error=LutError))
+    except (LutError, ValueError, RecursionError):
         return None
     if not isinstance(note, dict) or not isinstance(note.get("pid"), int) or isinstance(note["pid"], bool):
         return None

@@ -14,6 +14,7 @@ import numbers
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from amoeba_profile.core.errors import AmoebaError, UsageError
 
@@ -69,29 +70,48 @@ def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB else f"{n} bytes"
 
 
-def read_bounded(path: Path | str, limit_bytes: int, what: str, error: type[AmoebaError] = UsageError) -> bytes:
-    """The bytes of a regular file of at most ``limit_bytes``; anything else is refused unread.
+def open_regular(path: Path | str, what: str, error: type[AmoebaError] = UsageError) -> BinaryIO:
+    """``path`` opened for reading in binary, once it is known to be a regular file.
 
-    The type and size come from ``fstat`` of the opened descriptor, so a symlink is judged by what
-    it points to, and the open does not block on a FIFO (``O_NONBLOCK``). At most one byte more
-    than the limit is read, so a file that grows after the check is refused too."""
+    The one way a file that comes from outside (a user's, or one left in a cache or beside a table)
+    is opened. The type comes from ``fstat`` of the opened descriptor, so a symlink is judged by
+    what it points to, and the open does not block on a FIFO (``O_NONBLOCK``, which changes nothing
+    for a regular file). For a file a library reads itself (weights); ``read_bounded`` for the rest."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise error(f"{path}: not a regular file; a {what} must be a file")
-        if info.st_size > limit_bytes:
-            raise error(f"{path}: {info.st_size} bytes, over the {_size(limit_bytes)} limit for a {what}")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            data = handle.read(limit_bytes + 1)
-    except OSError as exc:
-        raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_bounded(path: Path | str, limit_bytes: int, what: str, error: type[AmoebaError] = UsageError, *,
+                 head: bool = False) -> bytes:
+    """The bytes of a regular file of at most ``limit_bytes`` (``open_regular``); anything else is
+    refused unread.
+
+    The size comes from ``fstat`` too, and at most one byte more than the limit is read, so a file
+    that grows after the check is refused as well. With ``head`` a larger file is not refused: its
+    first ``limit_bytes`` are returned (a header line). Every failure, a lack of memory for the
+    bytes included, is ``error`` naming the file: a caller never mistakes it for the device
+    running out of memory."""
+    path = Path(path)
+    with open_regular(path, what, error) as handle:
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            if size > limit_bytes and not head:
+                raise error(f"{path}: {size} bytes, over the {_size(limit_bytes)} limit for a {what}")
+            data = handle.read(limit_bytes if head else limit_bytes + 1)
+        except OSError as exc:
+            raise error(f"{path}: cannot read {what} ({exc.strerror})") from None
+        except MemoryError:
+            raise error(f"{path}: not enough memory to read this {what}") from None
     if len(data) > limit_bytes:
         raise error(f"{path}: grew past the {_size(limit_bytes)} limit for a {what} while being read")
     return data

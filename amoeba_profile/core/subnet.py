@@ -79,6 +79,19 @@ def width_shape(arch: ModelArch, width_ratio: float, ffn_multiple: int = 1) -> t
     return kv * arch.group_size, kv, min(ffn, arch.ffn_size)
 
 
+def grid_shapes(arch: ModelArch, widths: Sequence[float], ffn_multiple: int = 1,
+                extra_attn: Sequence[tuple[int, int]] = (), extra_ffn: Sequence[int] = (),
+                ) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int, int]]]:
+    """What a grid of width ratios measures: (heads, kv_heads) attention shapes, FFN sizes, and the
+    layer shapes on two axes through the full width (each width's heads at full FFN, each width's
+    FFN at full heads). Builds plan with it and ``reseal`` checks rows against it."""
+    attn = sorted({width_shape(arch, w, ffn_multiple)[:2] for w in widths} | {tuple(x) for x in extra_attn})
+    ffn = sorted({width_shape(arch, w, ffn_multiple)[2] for w in widths} | set(extra_ffn))
+    layers = sorted({(arch.num_heads, arch.num_kv_heads, arch.ffn_size)}
+                    | {(h, kv, arch.ffn_size) for h, kv in attn} | {(arch.num_heads, arch.num_kv_heads, f) for f in ffn})
+    return attn, ffn, layers
+
+
 @dataclass(frozen=True)
 class Subnet:
     """A shape cut from ``arch``: one LayerShape per kept layer, in base-model order."""

@@ -31,7 +31,7 @@ class Workpiece(Protocol):
         Restoring state afterwards (cropping a KV cache) is untimed."""
 
 
-_BOUNDS = ("min_samples", "max_round_s", "max_samples_per_round", "warmup_max_s")
+_BOUNDS = ("min_samples", "max_round_s", "max_samples_per_round", "warmup_max_s", "max_remeasures")
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,17 @@ class TimingProtocol:
     min_sample_ms: float = 2.0  # a sample runs back-to-back steps until it lasts this long (GPU decode steps)
     max_steps_per_sample: int = 256
     # Bounds, so that long requests (a whole model on a CPU takes seconds) cost what they must and a
-    # round always ends: once ``max_round_s`` of wall time is spent a round stops at ``min_samples``;
-    # it never takes more than ``max_samples_per_round``; warm-up stops after ``warmup_max_s``
-    # (at least two runs: the first request after a load is not a steady one).
+    # round always ends, whatever its samples say (a sample may be <= 0, a difference of two
+    # requests, or absurd, the process was paused in it): once ``max_round_s`` of wall time is spent
+    # a round stops at ``min_samples``; it never takes more than ``max_samples_per_round``; warm-up
+    # stops after ``warmup_max_s`` (at least two runs: the first request after a load is not a
+    # steady one); a sample the process was paused in is measured again, ``max_remeasures`` times
+    # at most per round.
     min_samples: int = 3
     max_round_s: float = 4.0
-    max_samples_per_round: int = 200
+    max_samples_per_round: int = 100
     warmup_max_s: float = 3.0
+    max_remeasures: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,13 +126,44 @@ def warm_up(piece: Workpiece, protocol: TimingProtocol) -> tuple[int, int]:
     return len(times), max(1, min(piece.max_steps, protocol.max_steps_per_sample, wanted))
 
 
+# A sample was paused in (SIGSTOP, a laptop lid, a preempted VM) when its call took this much longer
+# than the round's typical sample, in wall time, and its value stands out from the others by as much
+# (robust spread: median absolute deviation). Both are needed: a flow that times outside the call
+# (llama-bench runs all its repetitions in the first call) has long calls with ordinary values.
+PAUSE_FACTOR = 5.0  # times the median wall time of a sample
+PAUSE_MIN_S = 0.05  # and at least this much longer than it
+OUTLIER_MADS = 10.0  # the value further than this many (scaled) MADs from the median
+
+
+def paused_sample(samples: list[float], walls_s: list[float]) -> int | None:
+    """The index of the sample most likely paused in (see ``PAUSE_FACTOR``), or None."""
+    if len(samples) < 3:
+        return None
+    values, walls = np.asarray(samples, dtype=float), np.asarray(walls_s, dtype=float)
+    deviation = np.abs(values - np.median(values))
+    spread = 1.4826 * float(np.median(deviation))  # the standard deviation, for normal noise
+    typical_wall = float(np.median(walls))
+    long_call = walls - typical_wall > max(PAUSE_FACTOR * typical_wall, PAUSE_MIN_S)
+    suspects = np.flatnonzero(long_call & (deviation > OUTLIER_MADS * spread))
+    return int(suspects[np.argmax(walls[suspects])]) if suspects.size else None
+
+
 def sample(piece: Workpiece, protocol: TimingProtocol, steps: int = 1) -> list[float]:
     """One round: ``samples_per_round`` samples over at least ``min_round_s`` of wall time, or, once
-    ``max_round_s`` is spent, ``min_samples``; never more than ``max_samples_per_round``.
+    ``max_round_s`` is spent, ``min_samples``; never more than ``max_samples_per_round``. Then a
+    sample the process was paused in (``paused_sample``) is measured again, at most
+    ``max_remeasures`` times.
 
     Bounded by count and wall time, never by the samples' sum: a decode sample is a difference of
     two requests and may be <= 0, so a loop on the sum need not end."""
     samples: list[float] = []
+    walls: list[float] = []
+
+    def take() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        value = piece.sample_ms(steps)
+        return value, time.perf_counter() - t0
+
     start = time.perf_counter()
     while len(samples) < protocol.max_samples_per_round:
         elapsed = time.perf_counter() - start
@@ -136,5 +171,12 @@ def sample(piece: Workpiece, protocol: TimingProtocol, steps: int = 1) -> list[f
             break
         if len(samples) >= protocol.min_samples and elapsed >= protocol.max_round_s:
             break
-        samples.append(piece.sample_ms(steps))
+        value, wall = take()
+        samples.append(value)
+        walls.append(wall)
+    for _ in range(protocol.max_remeasures):
+        index = paused_sample(samples, walls)
+        if index is None:
+            break
+        samples[index], walls[index] = take()
     return samples

@@ -78,12 +78,10 @@ def device_slug(device: str = "cpu", root: Path = Path("/")) -> str:
 _TORCH_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
-def resolve_device(requested: str = "auto") -> tuple[str, str]:
-    """(torch device, why it was chosen). ``auto`` is CUDA when torch sees a GPU, else the CPU.
-
-    A device this machine cannot measure on - a spec-sheet slug, a GPU torch does not see - is a
-    UsageError here, before a build writes its journal: a build that failed later would leave a
-    journal that refuses the corrected command."""
+def check_device_name(requested: str) -> str:
+    """``requested`` as a device name a build measures on (auto, cpu or cuda[:N]), lower case; a
+    spec-sheet slug or anything else is a UsageError. Whether this machine has that device is
+    ``resolve_device``'s question: a fleet driver checks names for devices on other machines."""
     name = requested.strip().lower()
     if name in load_specs():
         raise UsageError(f"device {requested!r} is a spec-sheet entry, not a device torch can measure on: add "
@@ -92,6 +90,16 @@ def resolve_device(requested: str = "auto") -> tuple[str, str]:
     if name != "auto" and not _TORCH_DEVICE.fullmatch(name):
         raise UsageError(f"unknown device {requested!r}: use auto, cpu or cuda[:N] (with --predict: a spec-sheet "
                          f"slug, one of {sorted(load_specs())})")
+    return name
+
+
+def resolve_device(requested: str = "auto") -> tuple[str, str]:
+    """(torch device, why it was chosen). ``auto`` is CUDA when torch sees a GPU, else the CPU.
+
+    A device this machine cannot measure on - a spec-sheet slug, a GPU torch does not see - is a
+    UsageError here, before a build writes its journal: a build that failed later would leave a
+    journal that refuses the corrected command."""
+    name = check_device_name(requested)
     if name == "cpu":
         return "cpu", "requested"
     import torch
@@ -150,6 +158,6 @@ def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: 
     return report
 
 
-__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "available_memory_bytes", "cpu_slug", "detect",
-           "device_slug", "fingerprint", "get_spec", "gpu_slug", "jetson_slug", "last_level_cache_bytes", "load_specs",
-           "resolve_device", "slugify"]
+__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "available_memory_bytes", "check_device_name",
+           "cpu_slug", "detect", "device_slug", "fingerprint", "get_spec", "gpu_slug", "jetson_slug",
+           "last_level_cache_bytes", "load_specs", "resolve_device", "slugify"]

@@ -67,6 +67,12 @@ def resource_name(label: str) -> str:
     return RESOURCE_PREFIX + label
 
 
+def listed(names: list[str], shown: int = 3) -> str:
+    """``a, b, c and 1997 more``: a list of any length as a few words of one line."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def node_resources(device: str = "auto") -> dict[str, float]:
     """The custom resource this machine's node advertises: its device slug, capacity 1, so that
     one measurement at a time runs on it (``ray start --resources '<this as JSON>'``)."""
@@ -254,7 +260,21 @@ class _Driver:
         self.stopping = threading.Event()
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
 
+    def announce_missing(self, tables: list[_Table]) -> None:
+        """One line for every device no live node advertises as the run starts (a plan may name
+        thousands); their builds then wait silently, and only a device lost later is named alone."""
+        present, now = self.ray.cluster_resources(), time.monotonic()
+        missing = [t for t in tables if present.get(t.resource, 0) <= 0]
+        for table in missing:
+            table.missing_since = now
+        if missing:
+            self.say(f"no live node advertises {listed(sorted({t.resource for t in missing}))}; waiting up to "
+                     f"{self.device_wait_s:g} s for one to join")
+
     def run(self, tables: list[_Table]) -> list[FleetOutcome]:
+        self.announce_missing(tables)
+        while not self.calls.empty():
+            self.calls.get()()
         with ThreadPoolExecutor(max_workers=max(len(tables), 1), thread_name_prefix="fleet-build") as pool:
             futures = [pool.submit(self._build, table) for table in tables]
             try:

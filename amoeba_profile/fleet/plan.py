@@ -33,6 +33,7 @@ from amoeba_profile.core.arch import BUILTIN_ARCHS, ModelArch, resolve_arch
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int, read_bounded
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
+from amoeba_profile.device import check_device_name
 
 T = TypeVar("T")
 MAX_PLAN_BYTES = 1 << 20
@@ -67,6 +68,21 @@ class FleetBuild:
         return f"{self.label}: {self.arch.name} on {self.backend}"
 
 
+def _plan_loader(yaml):
+    """A SafeLoader that refuses aliases (``*name``, merge keys ``<<: *name``): a few hundred bytes
+    of nested aliases expand to gigabytes, which the file's size limit does not bound. A plan is
+    short enough to write out; an anchor alone (``&name``) is harmless and stays allowed."""
+    class PlanLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a fleet plan; "
+                                                  "write the value out", mark)
+            return super().compose_node(parent, index)
+
+    return PlanLoader
+
+
 def load_fleet_plan(path: Path | str) -> list[FleetBuild]:
     """The builds of a YAML plan file; model config paths are relative to the file's folder."""
     import yaml
@@ -74,9 +90,11 @@ def load_fleet_plan(path: Path | str) -> list[FleetBuild]:
     path = Path(path)
     text = read_bounded(path, MAX_PLAN_BYTES, "fleet plan", error=UsageError)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_plan_loader(yaml))  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not a readable YAML file ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply to be a fleet plan") from None
     return plan_builds(data, path.parent, str(path))
 
 
@@ -109,14 +127,17 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
         _no_unknown(grid, _GRID_KEYS, f"{where}: 'grid'")
         backend_options = _mapping(overrides.get("backend_options"), f"{where}: 'backend_options'")
         threads = overrides.get("threads")
+        method = overrides.get("method", data.get("method"))
+        device = _within(where, check_device_name, str(overrides.get("device", "auto")))
         for flow in _names(overrides.get("flows", data.get("flows")), "flows", where):
+            _check_flow(flow, method, device, overrides.get("dtype"), where)
             for model in _names(overrides.get("models", data.get("models")), "models", where):
                 if model not in archs:
                     archs[model] = _within(where, resolve_arch, _model_path(model, base))
                 arch = archs[model]
                 builds.append(FleetBuild(
                     label=label, backend=flow, model=model, arch=arch, device=str(overrides.get("device", "auto")),
-                    dtype=overrides.get("dtype"), method=overrides.get("method", data.get("method")),
+                    dtype=overrides.get("dtype"), method=method,
                     threads=positive_int(threads, f"{where}: 'threads'") if threads is not None else None,
                     backend_options=dict(backend_options), plan_options=_within(where, _plan_options, arch, grid, where)))
     seen: set[tuple[str, str, str]] = set()
@@ -126,6 +147,26 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
             raise UsageError(f"{source}: {build.name} is listed twice")
         seen.add(key)
     return builds
+
+
+def _check_flow(flow: str, method: Any, device: str, dtype: Any, where: str) -> None:
+    """Refuse, before any cluster is joined, a flow with no measuring adapter, or a method, device
+    kind or dtype it does not support (its ``capabilities``); whether a node has its libraries is
+    the node's to say."""
+    from amoeba_profile.backends import REGISTRY, backend_class
+    from amoeba_profile.core.dtypes import canonical_dtype
+    from amoeba_profile.measure.methods import device_kind
+    from amoeba_profile.measure.plan import METHODS
+
+    if flow not in REGISTRY:
+        raise UsageError(f"{where}: unknown flow {flow!r}: a fleet measures with one of {sorted(REGISTRY)}")
+    capabilities = backend_class(flow).capabilities()
+    if method is not None and (method not in METHODS or method not in capabilities.methods):
+        raise UsageError(f"{where}: method {method!r} is not one of {flow}'s {list(capabilities.methods)}")
+    if device != "auto" and device_kind(device) not in capabilities.devices:
+        raise UsageError(f"{where}: {flow} runs on {list(capabilities.devices)}, not {device!r}")
+    if dtype is not None and (not isinstance(dtype, str) or canonical_dtype(dtype) not in capabilities.dtypes):
+        raise UsageError(f"{where}: dtype {dtype!r} is not one of {flow}'s {list(capabilities.dtypes)}")
 
 
 def _within(where: str, function: Callable[..., T], *args: Any) -> T:

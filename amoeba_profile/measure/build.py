@@ -48,6 +48,9 @@ from amoeba_profile.selection.memory import check_fits
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.measure.scheduler import Progress, Sink, run_rounds
 from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
+from amoeba_profile.core.errors import ArtifactError
+from amoeba_profile.core.inputs import read_bounded
+from amoeba_profile.measure.journal import HEADER_BYTES, cannot_write
 
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
@@ -138,6 +141,7 @@ def run_build(
     busy: BusyPolicy | None = None,
     notice: Notice | None = None,
     load: CpuLoad | None = None,
+    adopt_threads: bool = False,
 ) -> BuildResult:
     """Measure every entry of ``plan`` not already in the table, then write the table atomically.
 
@@ -146,18 +150,22 @@ def run_build(
     build holds the table's lock and the device's measurement lock. With a ``busy`` policy it checks
     other processes' load first and waits for quiet before a re-measure round; without one it
     measures at once. Either way the load around every entry is recorded (``load`` reads it; tests
-    pass a simulated one) and contended rows are flagged."""
+    pass a simulated one) and contended rows are flagged. ``adopt_threads``: the backend's thread
+    count is a load-dependent default, not the user's; once the table's lock is held, the build
+    takes the count of the table or journal found there (``adopt_stored_threads``)."""
     preflight(plan, backend, out_dir)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
     output_dir(path.parent, "--out")
     notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
-    with table_lock(path, lock_timeout_s, notice), \
-            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
-                          lock_timeout_s, load):
-        runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
-        return runner.build(path, device, method_reason, on_corrupt_journal)
+    with table_lock(path, lock_timeout_s, notice):
+        if adopt_threads:
+            backend = adopt_stored_threads(path, backend, notice)
+        with quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
+                           lock_timeout_s, load):
+            runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
+            return runner.build(path, device, method_reason, on_corrupt_journal)
 
 
 @dataclass(frozen=True)
@@ -270,11 +278,11 @@ def stored_config_at(path: Path) -> dict[str, Any] | None:
     """The backend config of the unfinished journal or the table at ``path`` (a table's CSV), or None."""
     journal = path.with_name(path.name + ".journal.jsonl")
     if journal.is_file():
-        with journal.open() as handle:
-            try:
-                header = json.loads(handle.readline())
-            except json.JSONDecodeError:
-                header = {}
+        try:  # the first line only: opening the journal itself judges the rest (and refuses what is no journal)
+            first = read_bounded(journal, HEADER_BYTES, "journal", error=LutError, head=True).split(b"\n", 1)[0]
+            header = json.loads(first)
+        except (LutError, ValueError, RecursionError):
+            header = {}
         options = header.get("options") if isinstance(header, dict) else None
         if isinstance(options, dict) and isinstance(options.get("config"), dict):
             return options["config"]
@@ -293,11 +301,32 @@ def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dt
     if "threads" not in config:
         return backend, ""
     stored = stored_backend_config(out_dir, plan, backend) if threads is None else None
-    if stored and stored.get("threads") and stored["threads"] != config["threads"]:
-        return (get_backend(name, device=device, dtype=dtype, threads=stored["threads"], **options),
-                f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)")
+    adopted = _with_stored_threads(backend, stored)
+    if adopted is not backend:
+        return adopted, f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)"
     why = backend.environment().get("threads_reason")
     return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")
+
+
+def _with_stored_threads(backend: Backend, stored: dict[str, Any] | None) -> Backend:
+    """``backend`` rebuilt with the thread count of ``stored`` (a table's or journal's backend
+    config) where the two differ; ``backend`` itself otherwise."""
+    config = backend.config_dict()
+    if not stored or not stored.get("threads") or "threads" not in config or stored["threads"] == config["threads"]:
+        return backend
+    return get_backend(backend.name, **{**config, "threads": stored["threads"]})
+
+
+def adopt_stored_threads(path: Path, backend: Backend, notice: Notice) -> Backend:
+    """``backend`` with the thread count of the table or unfinished journal at ``path`` (a table's
+    CSV), for a build whose count was a load-dependent default. Called under the table's lock: a
+    build that waited for it finds the table another build wrote meanwhile, measured with the count
+    the load gave that build; a different default must not make this one refuse the table."""
+    adopted = _with_stored_threads(backend, stored_config_at(path))
+    if adopted is not backend:
+        notice(f"threads: {adopted.config_dict()['threads']} instead of {backend.config_dict()['threads']}, as "
+               f"{path} was measured by the build this one waited for")
+    return adopted
 
 
 def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
@@ -342,6 +371,10 @@ def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: Ti
     the build adds to it."""
     meta = _meta(plan, record, protocol, device, method_reason)
     kept, old_meta = _existing(path, meta)
+    # An entry stored as out of memory is tried again: the memory left to a build changes from run
+    # to run, and a failure wrongly taken for one must not stay in the table for good.
+    planned = {e.key for e in plan.entries()}
+    kept = [row for row in kept if not (row["status"] == "oom" and entry_key_of_row(row) in planned)]
     fit_ids = plan.fit_ids()
     have = {entry_key_of_row(row) for row in kept}
     todo = [e for e in plan.entries() if e.key not in have]
@@ -377,10 +410,25 @@ def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     stamps = {"created_at": start.old_meta.get("created_at", created), "updated_at": created} \
         if start.old_meta else {"created_at": created}
-    write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
+    try:
+        write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
+    except OSError as exc:  # the old table, if any, is whole: write_table commits by one rename
+        raise cannot_write(exc, start.path, f"the measurements are kept in the journal {journal.path}") from None
     journal.path.unlink(missing_ok=True)
     return BuildResult(start.path, *_provenance(start.todo, journal), len(start.kept), oom,
                        time.perf_counter() - started, recompiled=recompiled)
+
+
+def device_out_of_memory(backend: Backend, exc: BaseException) -> bool:
+    """Whether ``exc`` means the measured device ran out of memory: the one test before a failure
+    is stored as an ``oom`` row. Our own errors (a refused input file among them) never are, and a
+    ``MemoryError`` is the host's: on an accelerator it says nothing of whether the shape fits the
+    device, so it stops the build instead of marking that shape as too large for good."""
+    if isinstance(exc, AmoebaError):
+        return False
+    if isinstance(exc, MemoryError) and not backend.device.startswith("cpu"):
+        return False
+    return backend.is_out_of_memory(exc)
 
 
 class UnitMeasurer:
@@ -427,8 +475,10 @@ class UnitMeasurer:
         except UnsupportedShape as exc:
             self._fail(entries, round_index, sink, "unsupported", exc)
             return False
+        except ArtifactError as exc:  # its message says which cache entry to delete before a rerun
+            raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept") from exc
         except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
-            if not backend.is_out_of_memory(exc):
+            if not device_out_of_memory(backend, exc):
                 raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to "
                                   "resume") from exc
             self._fail(entries, round_index, sink, "oom", exc)
@@ -447,7 +497,7 @@ class UnitMeasurer:
                     after = self.monitor.sample()
                     busy = opened.device_busy(piece) if entry.runs_whole and round_index == 0 else None
                 except Exception as exc:  # noqa: BLE001
-                    if not backend.is_out_of_memory(exc):
+                    if not device_out_of_memory(backend, exc):
                         raise AmoebaError(f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to "
                                           "resume") from exc
                     self._fail([entry], round_index, sink, "oom", exc)

@@ -15,10 +15,13 @@ span, see ``entry.samples_may_be_negative``) - no crash of ours produces, so the
 before the bad line; ``restart`` discards the journal. A record repeated for the same entry and
 round (a journal concatenated or replayed by hand) counts once: the first wins. A result's device
 state (``state``) was named ``context`` by earlier versions; such a journal is read, not refused.
+What is not a regular file of bounded size (a FIFO, a device, a sparse multi-gigabyte file) is
+refused before a byte is read (``inputs.read_bounded``), and those choices apply to it as a whole.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -28,8 +31,15 @@ from typing import Any, Iterable
 from amoeba_profile.core.entry import kind_of_key, samples_may_be_negative
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
 from amoeba_profile.core.files import write_file_atomically
+from amoeba_profile.core.inputs import MIB, read_bounded
+from amoeba_profile.table.lut import MAX_TABLE_BYTES
 
 CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
+# A journal holds a table's rows with their samples once per round: bounded as the table is, so a
+# sparse multi-gigabyte file planted at its path is refused by its size before a byte is read.
+MAX_JOURNAL_BYTES = MAX_TABLE_BYTES
+HEADER_BYTES = 1 * MIB  # the first line, read alone to learn the options a journal was started with
+_NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for want of space or a size limit
 _STATUSES = ("ok", "oom", "unsupported")
 _OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "state"})
 _FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
@@ -38,6 +48,15 @@ _HEADER_FIELDS = frozenset({"kind", "identity"})
 _STATE_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
                             "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
 _STATE_FIELDS = _STATE_NUMBERS | {"throttled", "clock_event_reasons"}
+
+
+def cannot_write(exc: OSError, path: Path, kept: str) -> LutError:
+    """One line for a write that failed (a full disk, ``ulimit -f``, a read-only folder): the file,
+    the reason, what is ``kept`` and how to go on, instead of a bare ``OSError: [Errno 27] ...``."""
+    where = exc.filename if exc.filename is not None else path
+    reason = exc.strerror or type(exc).__name__
+    fix = "free some space (or raise the file-size limit, ulimit -f)" if exc.errno in _NO_ROOM else "fix that"
+    return LutError(f"{where}: cannot write ({reason}); {kept} - {fix} and rerun the same command to resume")
 
 
 def check_corrupt_choice(choice: str) -> None:
@@ -127,7 +146,11 @@ class Journal:
     def _read(self, header: dict[str, Any], on_corrupt: str) -> list[dict[str, Any]]:
         if self.path.is_symlink():  # ours are renamed into place; a planted link is not read through
             return self._corrupt(1, "a symbolic link, not a journal", [], on_corrupt)
-        lines = self.path.read_bytes().split(b"\n")
+        try:
+            data = read_bounded(self.path, MAX_JOURNAL_BYTES, "journal", error=LutError)
+        except LutError as exc:  # a FIFO, a device, a file too large: nothing to read line by line
+            return self._corrupt(None, str(exc).removeprefix(f"{self.path}: "), [], on_corrupt)
+        lines = data.split(b"\n")
         lines.pop()  # after the last newline: empty, or a torn append (see the module docstring)
         records: list[dict[str, Any]] = []
         seen: set[tuple[str, int]] = set()
@@ -169,29 +192,40 @@ class Journal:
             return f"not a journal header (expected {sorted(_HEADER_FIELDS)}, got {str(record)[:80]})"
         return None
 
-    def _corrupt(self, number: int, problem: str, good: list[dict[str, Any]], on_corrupt: str) -> list[dict[str, Any]]:
-        """The records to keep after a bad line, by the caller's choice; ``stop`` raises."""
+    def _corrupt(self, number: int | None, problem: str, good: list[dict[str, Any]],
+                 on_corrupt: str) -> list[dict[str, Any]]:
+        """The records to keep after a bad line (``number`` None: the file as a whole), by the
+        caller's choice; ``stop`` raises."""
         if on_corrupt == "restart":
             return []
         if on_corrupt == "drop-tail":
             return good
+        if number is None:
+            raise LutError(f"{self.path}: {problem}; the journal cannot be read - rerun with "
+                           "--on-corrupt-journal restart to replace it, or delete it")
         raise LutError(f"{self.path}: line {number}: {problem}; the journal is corrupt - rerun with "
                        f"--on-corrupt-journal drop-tail to keep the {len(good)} results before line {number} "
                        "and measure the rest again, or --on-corrupt-journal restart to discard it")
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        write_file_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records).encode())
+        try:
+            write_file_atomically(self.path, "".join(json.dumps(record) + "\n" for record in records).encode())
+        except OSError as exc:  # the journal at its path, if any, is as it was: a rename is all or nothing
+            raise cannot_write(exc, self.path, "the journal there is as it was") from None
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"kind": "result", **record}
         problem = _result_problem(record, self._keys, self._max_round)
         if problem is not None:  # never write what a resumed run would refuse to read back
             raise AmoebaError(f"{self.path}: result for {record.get('key')!r} not journaled: {problem}")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
-        with os.fdopen(fd, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+            with os.fdopen(fd, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # a line torn by it is repaired when the journal is next opened
+            raise cannot_write(exc, self.path, f"the {len(self.records)} results before it are kept there") from None
         self.records.append(record)
 
     def done(self) -> set[tuple[str, int]]:

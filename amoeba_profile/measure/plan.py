@@ -26,7 +26,7 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
-from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, kept_layers, width_shape
+from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, grid_shapes, kept_layers
 
 METHODS = ("components", "calibrated", "difference")
 MIN_DEPTHS = 3
@@ -92,18 +92,18 @@ class BuildPlan:
     def fit_depths(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.depths))) if self.depths else spread_depths(self.arch)
 
+    def _grid_shapes(self) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int, int]]]:
+        return grid_shapes(self.arch, self.widths, self.ffn_multiple, self.extra_attn, self.extra_ffn)
+
     def attn_shapes(self) -> list[tuple[int, int]]:
-        return sorted({width_shape(self.arch, w, self.ffn_multiple)[:2] for w in self.widths} | set(self.extra_attn))
+        return self._grid_shapes()[0]
 
     def ffn_sizes(self) -> list[int]:
-        return sorted({width_shape(self.arch, w, self.ffn_multiple)[2] for w in self.widths} | set(self.extra_ffn))
+        return self._grid_shapes()[1]
 
     def layer_shapes(self) -> list[tuple[int, int, int]]:
         """Shapes the difference method fits: the heads axis at full FFN, the FFN axis at full heads."""
-        a = self.arch
-        return sorted({(a.num_heads, a.num_kv_heads, a.ffn_size)}
-                      | {(h, kv, a.ffn_size) for h, kv in self.attn_shapes()}
-                      | {(a.num_heads, a.num_kv_heads, f) for f in self.ffn_sizes()})
+        return self._grid_shapes()[2]
 
     def fit_subnets(self) -> list[Subnet]:
         """One model per (shape, depth): ``depth`` layers all of that shape."""

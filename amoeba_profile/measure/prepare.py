@@ -31,6 +31,8 @@ class PreparedBuild:
     device_reason: str  # why this device: "requested" or what ``auto`` saw
     method_reason: str  # why this method: "requested with --method" or the evidence for the default
     threads_reason: str = ""  # the thread count and why ("" for a backend without one)
+    # The thread count is a load-dependent default: run_build(adopt_threads=...) keeps the table's own.
+    adopt_threads: bool = False
 
 
 def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
@@ -58,4 +60,5 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
 
         instance, threads_reason = backend_for_build(backend, out_dir, plan, resolved, dtype, threads,
                                                      backend_options or {})
-    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason)
+    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason,
+                         adopt_threads=threads is None and "threads" in instance.config_dict())

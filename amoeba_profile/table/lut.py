@@ -147,7 +147,8 @@ def _finish_interrupted_write(path: Path) -> None:
     other writer's temp file is touched."""
     pending = pending_sidecar_path(path)
     meta = _read_sidecar(pending) if pending.is_file() else None
-    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(path.read_bytes()).hexdigest():
+    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(
+            read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)).hexdigest():
         os.replace(pending, sidecar_path(path))
     else:
         pending.unlink(missing_ok=True)
@@ -346,29 +347,173 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
     return Lut(_validate(path, frame)[COLUMNS], meta, path)
 
 
+# Which components a table of each method holds beside its ``model`` rows (``whole``), all with the
+# table's method: components measures blocks alone, difference fits layers, a roofline computes any.
+# table method -> the components its non-model rows may be, and the method each such row records
+_METHOD_COMPONENTS = {"components": {"attn": "components", "mlp": "components", "base": "components"},
+                      "calibrated": {"attn": "components", "mlp": "components", "base": "components",
+                                     "layer": "calibrated"},
+                      "difference": {"layer": "difference", "base": "difference"},
+                      "computed": {"attn": "computed", "mlp": "computed", "base": "computed", "layer": "computed"}}
+
+
+def _samples_problem(row: dict[str, Any], measured: bool) -> str | None:
+    """What is wrong with a row's ``samples_ms`` and the stats made of them, or None."""
+    try:
+        samples = json.loads(row["samples_ms"])
+    except (TypeError, ValueError, RecursionError):
+        return f"samples_ms={str(row['samples_ms'])[:40]!r} is not a JSON list of numbers"
+    if not isinstance(samples, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                 and math.isfinite(x) for x in samples):
+        return f"samples_ms={str(row['samples_ms'])[:40]!r} is not a JSON list of finite numbers"
+    if row["status"] != "ok":
+        return None
+    if not measured:  # a fitted or computed row has no samples; n counts the models it was fitted from
+        return "n=0: a fitted row counts at least one model" if row["method"] == "difference" and row["n"] < 1 \
+            else None
+    if not samples or row["n"] != len(samples):
+        return f"n={row['n']} but samples_ms holds {len(samples)} samples; a measured row has n >= 1 samples"
+    if not samples_may_be_negative(row["component"], row["phase"]) and min(samples) <= 0:
+        return f"samples_ms holds {min(samples)!r}, not a positive number of milliseconds"
+    from_samples = Measurement.from_samples(samples)
+    for column in ("median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms"):
+        stored, computed = row[column], getattr(from_samples, column)
+        if not math.isclose(stored, computed, rel_tol=1e-3, abs_tol=1e-4):  # samples keep 5 decimals
+            return f"{column}={stored!r} is not the {column.removesuffix('_ms')} of its samples_ms ({computed:.6g})"
+    return None
+
+
+def _shape_problem(row: dict[str, Any], arch: ModelArch) -> str | None:
+    """What makes a row's (heads, kv_heads, ffn) a shape outside ``arch``'s design space, or None.
+    The rule is the one every subnet obeys (``Subnet``): whole GQA groups, widths within the model."""
+    from amoeba_profile.core.subnet import LayerShape, Subnet
+    from amoeba_profile.core.errors import UnsupportedShape
+
+    component = row["component"]
+    uses = {"attn": ("heads", "kv_heads"), "mlp": ("ffn",), "layer": ("heads", "kv_heads", "ffn")}.get(component, ())
+    unused = [c for c in ("heads", "kv_heads", "ffn") if c not in uses and row[c] != 0]
+    if unused:
+        return f"{unused[0]}={row[unused[0]]} on a {component} row, which has none"
+    if not uses:
+        return None
+    heads = row["heads"] if "heads" in uses else arch.num_heads
+    kv_heads = row["kv_heads"] if "kv_heads" in uses else arch.num_kv_heads
+    ffn = row["ffn"] if "ffn" in uses else arch.ffn_size
+    try:
+        Subnet(arch, (LayerShape(0, heads, kv_heads, ffn),))
+    except UnsupportedShape as exc:
+        return f"not a shape of {arch.name} ({str(exc).removeprefix('layer 0: ')})"
+    return None
+
+
+def _model_problem(row: dict[str, Any], arch: ModelArch) -> str | None:
+    """What is wrong with a ``model`` row's subnet (it must parse, be of ``arch`` and match its key)."""
+    from amoeba_profile.core.errors import AmoebaError
+    from amoeba_profile.core.subnet import Subnet
+
+    if not row["subnet_json"]:
+        return None if row["subnet_id"] == "" and row["num_layers"] == 0 else \
+            "a model row without subnet_json must be the 0-layer model (no subnet_id, num_layers 0)"
+    try:
+        subnet = Subnet.from_json(row["subnet_json"])
+    except (AmoebaError, RecursionError) as exc:
+        return f"subnet_json does not describe a subnet ({' '.join(str(exc).split())[:120]})"
+    if subnet.arch != arch:
+        return f"subnet_json is a subnet of {subnet.arch.name}, not of the table's {arch.name}"
+    if (subnet.id, subnet.num_layers) != (row["subnet_id"], row["num_layers"]):
+        return (f"subnet_json is subnet {subnet.id} of {subnet.num_layers} layers, the row says {row['subnet_id']} "
+                f"of {row['num_layers']}")
+    return None
+
+
+def _grid_shapes(lut: Lut) -> dict[str, set[tuple[int, ...]]]:
+    """The (heads, kv_heads) of attn rows, (ffn,) of mlp rows and (heads, kv_heads, ffn) of layer
+    rows that the table's grid makes, as a build makes them (``subnet.grid_shapes``); empty for a sidecar
+    whose grid lists no widths, prompt lengths and contexts."""
+    from amoeba_profile.core.errors import UsageError
+    from amoeba_profile.core.subnet import grid_shapes
+
+    grid = lut.meta.get("grid", {})
+    if not all(grid.get(key) for key in ("widths", "prompt_lens", "contexts")):
+        return {}
+    try:
+        attn, ffn, layers = grid_shapes(lut.arch, tuple(grid["widths"]), grid.get("ffn_multiple", 1),
+                                        tuple(tuple(x) for x in grid.get("extra_attn", ())),
+                                        tuple(grid.get("extra_ffn", ())))
+    except (UsageError, TypeError, ValueError) as exc:
+        raise LutError(f"{lut._sidecar}: field 'grid' is not a grid a build makes ({exc})") from None
+    return {"attn": set(attn), "mlp": {(f,) for f in ffn}, "layer": set(layers)}
+
+
+def check_rows(lut: Lut) -> None:
+    """Refuse a table whose rows, each valid for the loader (``_validate``), still cannot be what a
+    build wrote: a shape outside the model, a component its method does not make, a prompt length
+    or context off its own grid, stats that are not those of the row's samples, a model row whose
+    subnet does not parse. ``reseal`` runs it before sealing a CSV changed by hand; a table written
+    by a build is sealed as written, so loading needs only ``_validate``."""
+    meta, path = lut.meta, lut.path
+    arch = lut.arch
+    method = meta.get("method")
+    grid = meta.get("grid", {})
+    off_grid = {"prefill": ("tokens", set(grid.get("prompt_lens") or ())),
+                "decode": ("context", set(grid.get("contexts") or ()))}
+    shapes = _grid_shapes(lut)
+    for index, row in enumerate(lut.frame.to_dict("records")):
+        component = row["component"]
+        if component == "model":
+            problem = None if row["method"] == "whole" else f"method={row['method']!r} on a model row, not 'whole'"
+            problem = problem or _model_problem(row, arch)
+        elif method in _METHOD_COMPONENTS and _METHOD_COMPONENTS[method].get(component) != row["method"]:
+            problem = (f"a {component} row of method {row['method']!r}; a table of method {method!r} holds model "
+                       f"rows and {', '.join(sorted(_METHOD_COMPONENTS[method]))} rows of its method")
+        else:
+            problem = _shape_problem(row, arch)
+            shape = tuple(row[c] for c in {"attn": ("heads", "kv_heads"), "mlp": ("ffn",),
+                                           "layer": ("heads", "kv_heads", "ffn")}.get(component, ()))
+            if problem is None and shapes and shape and shape not in shapes[component]:
+                problem = f"{component} shape {shape} is not one of the table's grid {sorted(shapes[component])}"
+            column, values = off_grid[row["phase"]]
+            if problem is None and values and not (component == "mlp" and row["phase"] == "decode") \
+                    and row[column] not in values:
+                problem = f"{column}={row[column]} is not in the table's grid {sorted(values)}"
+        if problem is None and row["status"] == "ok":
+            negative = [c for c in ("mean_ms", "std_ms", "cv") if row[c] < 0]
+            if negative and not samples_may_be_negative(component, row["phase"]):
+                problem = f"{negative[0]}={row[negative[0]]} is negative"
+        problem = problem or _samples_problem(row, row["source"] == "measured"
+                                              and row["method"] not in ("difference", "calibrated"))
+        if problem is not None:
+            raise _bad(path, index, problem)
+
+
 def reseal(path: Path | str) -> dict[str, Any]:
     """Accept a table's CSV as it now is - edited or re-saved outside amoeba-profile - after checking
-    every row against the schema, as loading does. The sidecar's SHA-256 becomes the CSV's, and the
-    sidecar records the re-seal (when, old and new SHA-256) so the table's provenance says its rows
-    were not all written by a build. Returns that record."""
+    every row against the schema, as loading does, and against the table's own model, method and
+    grid (``check_rows``). A write interrupted between its renames is finished first, so the CSV
+    gets the sidecar written with it, not the one before. The sidecar's SHA-256 becomes the CSV's,
+    and the sidecar records the re-seal (when, old and new SHA-256) so the table's provenance says
+    its rows were not all written by a build. Returns that record."""
     path = Path(path)
     if not path.is_file():
         raise LutError(f"{path}: no such table")
     with table_lock(path):  # not while a build or validate rewrites the table
-        meta_path = sidecar_path(path) if sidecar_path(path).is_file() else pending_sidecar_path(path)
+        pending = pending_sidecar_path(path)
+        if pending.is_file() and not sidecar_path(path).is_file():
+            os.replace(pending, sidecar_path(path))  # a first write cut short: the CSV's only provenance
+        _finish_interrupted_write(path)
+        meta_path = sidecar_path(path)
         meta = _read_sidecar(meta_path)
         if meta is None:
             raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance cannot "
                            "be re-sealed")
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)
         lut = _parse(path, data, meta, meta_path)
+        check_rows(lut)
         record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "old_sha256": meta.get("content_sha256"), "new_sha256": hashlib.sha256(data).hexdigest()}
         meta = {**meta, "content_sha256": record["new_sha256"], "rows": len(lut.frame),
                 "resealed": [*meta.get("resealed", []), record]}
         write_file_atomically(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
-        if meta_path != sidecar_path(path):
-            meta_path.unlink(missing_ok=True)
     return record
 
 

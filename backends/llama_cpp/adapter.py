@@ -66,6 +66,7 @@ from amoeba_profile.backends.llama_cpp.gguf import WEIGHT_TYPES, check_layers, w
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.backends.base import ToolResult, save_raw
+from amoeba_profile.backends.base import read_engine_record
 
 ENV_VAR = "AMOEBA_LLAMA_CPP"
 BINARY = "llama-bench"
@@ -417,7 +418,7 @@ class LlamaCppBackend(Backend):
         (dest / "engine.json").write_text(json.dumps({"flow": "llama.cpp", "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / "engine.json").read_text())["spec"]
+        stored = read_engine_record(artifact)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return LlamaCppEngine(self, spec, artifact / "model.gguf")

@@ -68,6 +68,7 @@ from amoeba_profile.backends.mlc_llm.weights import DTYPES, NDARRAY_CACHE_INDEX,
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.backends.base import ToolResult, save_raw
+from amoeba_profile.backends.base import read_engine_record
 
 INSTALL_HINT = ("pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
                 "wheels of your CUDA, per MLC-LLM's install page; on a Jetson run inside a dustynv/mlc image); "
@@ -441,7 +442,7 @@ class MlcLlmBackend(Backend):
         (dest / ENGINE_RECORD).write_text(json.dumps({"flow": self.name, "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> MlcLlmEngine:
-        stored = json.loads((artifact / ENGINE_RECORD).read_text())
+        stored = read_engine_record(artifact, ENGINE_RECORD)
         if stored.get("flow") != self.name or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         return MlcLlmEngine(self, spec, artifact)

@@ -46,6 +46,7 @@ from amoeba_profile.core.dtypes import canonical_dtype
 from amoeba_profile.backends.common.torch_llama import POOL_SIZE, build_model, cache_keyword
 from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.threads import default_threads
+from amoeba_profile.backends.base import read_engine_record
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
@@ -339,7 +340,7 @@ class OrtBackend(Backend):
                                                     "weights": kinds}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / ENGINE_FILE).read_text())["spec"]
+        stored = read_engine_record(artifact, ENGINE_FILE)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return OrtEngine(self, spec, artifact)

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from amoeba_profile.core.errors import ArtifactError
+from amoeba_profile.core.inputs import MIB, open_regular, read_bounded
+
 LAYOUT_FILE = "weights.json"
+LAYOUT_BYTES = 64 * MIB  # one short line per initializer
 STORED_FILE = "weights.npz"
 TILED, TRANSPOSED, STORED = "tiled", "transposed", "stored"
 POOL_KEY = "_pool"  # exported initializer names start with a letter (``model.``, ``val_``)
@@ -68,9 +72,11 @@ def pack(model_path: Path, pool: np.ndarray) -> dict[str, str]:
 
 def unpack(model_path: Path) -> tuple[list[str], list[np.ndarray]]:
     """(names, arrays) of every external initializer, byte for byte as exported."""
-    layout = json.loads((model_path.parent / LAYOUT_FILE).read_text())
+    layout = json.loads(read_bounded(model_path.parent / LAYOUT_FILE, LAYOUT_BYTES, "onnx weight layout",
+                                     error=ArtifactError))
     names, arrays = [], []
-    with np.load(model_path.parent / STORED_FILE) as stored:
+    with open_regular(model_path.parent / STORED_FILE, "stored onnx weights", ArtifactError) as handle, \
+            np.load(handle) as stored:
         pool = stored[POOL_KEY]
         for init in _external(model_path):
             kind = layout[init.name]

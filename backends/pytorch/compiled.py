@@ -53,6 +53,7 @@ from amoeba_profile.backends.base import Backend, BuiltUnit, Capabilities, Engin
 from amoeba_profile.backends.pytorch.eager import PyTorchBackend, PyTorchEngine, _torch
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.backends.base import ToolResult
+from amoeba_profile.backends.base import read_engine_record
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -335,7 +336,7 @@ class PyTorchCompiledBackend(PyTorchBackend):
         (dest / "engine.json").write_text(json.dumps(record, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> CompiledEngine:
-        stored = json.loads((artifact / "engine.json").read_text())
+        stored = read_engine_record(artifact)
         if stored.get("flow") != "compiled" or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         engine, seconds = self._engine(spec)

@@ -40,6 +40,7 @@ from amoeba_profile.device.threads import default_threads as device_default_thre
 from amoeba_profile.core.errors import AmoebaError
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.backends.base import ToolResult
+from amoeba_profile.backends.base import read_engine_record
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -383,7 +384,7 @@ class PyTorchBackend(Backend):
         (dest / "engine.json").write_text(json.dumps({"flow": "eager", "spec": spec.to_dict()}, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
-        stored = json.loads((artifact / "engine.json").read_text())["spec"]
+        stored = read_engine_record(artifact)["spec"]
         if stored != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another shape than requested; delete it to recompile")
         return PyTorchEngine(self, spec)

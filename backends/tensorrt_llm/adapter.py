@@ -119,6 +119,7 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.backends.base import ToolResult, save_raw
 from amoeba_profile.backends.common.tokenizer import hf_tokenizer_files
+from amoeba_profile.backends.base import read_engine_record
 
 DTYPES = ("float16", "bfloat16")
 INSTALL_HINT = ("pip install tensorrt-llm (Linux, NVIDIA GPU; it pins its own torch and transformers, so use a "
@@ -525,7 +526,7 @@ class TensorRtLlmBackend(Backend):
         (dest / "engine.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> TensorRtLlmEngine:
-        stored = json.loads((artifact / "engine.json").read_text())
+        stored = read_engine_record(artifact)
         if stored.get("flow") != self.name or stored["spec"] != spec.to_dict():
             raise UsageError(f"{artifact}: artifact holds another engine than requested; delete it to recompile")
         if self._held is not None and self._held.spec == spec:
