@@ -174,13 +174,20 @@ def build_lut(
         err.print(f"[yellow]warning:[/] {len(result.recompiled)} rows compiled inside their timed samples (flagged "
                   f"'recompiled'; their times include compile work): {', '.join(result.recompiled[:3])}")
     if result.oom:
-        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory, unsupported or too "
-                  f"noisy) and are stored with that status: {', '.join(result.oom[:3])}")
+        err.print(f"[yellow]warning:[/] {len(result.oom)} entries failed (out of memory or too noisy) and are "
+                  f"stored with that status: {', '.join(result.oom[:3])}")
+    if result.unsupported:
+        _notice(f"{len(result.unsupported)} entries skipped: {backend} cannot run them (stored as unsupported, "
+                f"the reason in their note): {', '.join(result.unsupported[:3])}")
     if not result.written:
-        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
+        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} "
+                  "rows)", markup=False, highlight=False)
         return
+    again = (f", {result.remeasured} re-measured because their rows held fewer rounds or samples than this "
+             "build's protocol" if result.remeasured else "")
     out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken from the "
-              f"journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s)")
+              f"journal of an interrupted build, {result.reused} kept{again}, {result.wall_s:.0f} s)",
+              markup=False, highlight=False)
 
 
 def _backend_options(items: list[str] | None) -> dict[str, str]:
@@ -430,6 +437,9 @@ def show(
                 "created_at", "rows"):
         out.print(f"[bold]{key}:[/] ", end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
+        if key == "method" and summary["protocols"]:
+            out.print("[bold]protocol:[/] ", end="")
+            out.print(", then ".join(summary["protocols"]), markup=False, highlight=False)
     out.print(lut_table(table))
 
 

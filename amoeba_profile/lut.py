@@ -28,7 +28,7 @@ from .arch import ModelArch
 from .entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
 from .errors import ArchError, LutError
 from .inputs import MIB, finite_float, positive_int, read_bounded
-from .measure import Measurement
+from .measure import Measurement, TimingProtocol
 from .dtypes import BYTES_PER_ELEMENT
 
 SCHEMA_VERSION = 2
@@ -90,6 +90,16 @@ def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, 
             samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
         )
     return row
+
+
+def short_of(frame: pd.DataFrame, protocol: TimingProtocol) -> pd.Series:
+    """The rows measured with fewer rounds or fewer samples than ``protocol`` asks: a ``--quick``
+    build's rows (2 rounds x 4 samples) under the default protocol (3 x 7). Only measured timings
+    count; failed rows (oom, unsupported), computed ones (roofline) and a difference fit's derived
+    rows (``rounds`` 0: their ``n`` counts models, not samples) are never short."""
+    measured = frame["status"].isin(("ok", "error")) & (frame["source"] == "measured") & (frame["rounds"] > 0)
+    asked_n = protocol.rounds * protocol.samples_per_round
+    return measured & ((frame["rounds"] < protocol.rounds) | (frame["n"] < asked_n))
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

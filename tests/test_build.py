@@ -65,6 +65,29 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert len(load_table(third.path).meta["later_builds"]) == 1
 
 
+def test_a_build_asking_more_rounds_remeasures_the_rows_a_coarser_build_left(tmp_path, tiny_arch):
+    """A --quick table is not a full one: a build whose protocol asks more rounds or samples than a
+    row holds measures that entry again, and its row is replaced; one asking less keeps the table."""
+    from amoeba_profile.report import build_protocols
+
+    backend = get_backend("pytorch")
+    plan = BuildPlan(tiny_arch, (1.0,), (16,), (16,))
+    coarse = run_build(plan, backend, tmp_path, FAST_PROTOCOL)  # 2 rounds x 2 samples (3 rounds if noisy)
+    fuller = TimingProtocol(warmup_min=1, warmup_max=2, rounds=3, samples_per_round=3, min_round_s=0.0)
+    result = run_build(plan, backend, tmp_path, fuller)
+    assert result.written and result.remeasured == len(plan.entries()) == result.measured
+    assert result.reused == 0
+    lut = load_table(result.path)
+    measured = lut.frame[lut.frame.status == "ok"]
+    assert len(lut.frame) == len(plan.entries()) and len(measured) > 0
+    assert (measured.rounds >= 3).all() and (measured.n >= 9).all()
+    assert build_protocols(lut.meta) == ["2 rounds x 2 samples", "3 rounds x 3 samples"]
+    # Rows that hold what a build asks, or more, are done.
+    assert run_build(plan, backend, tmp_path, fuller).written is False
+    again = run_build(plan, backend, tmp_path, FAST_PROTOCOL)
+    assert again.written is False and again.remeasured == 0 and coarse.path == again.path
+
+
 # A real build process that SIGKILLs itself while it measures its 7th (entry, round): a fixed
 # point, so the test does not race the build, whatever the machine's load.
 _DIE_MEASURING = """

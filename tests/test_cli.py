@@ -69,6 +69,9 @@ def test_show_labels_model_rows_and_prints_no_reprs(built):
     assert "versions: torch=" in text and "{'" not in text and "[1.0" not in text
     model_rows = [line for line in text.splitlines() if "│ model" in line]
     assert model_rows and all("w1" in line for line in model_rows)  # --whole 4x1: 4 layers at width 1
+    assert "protocol: 2 rounds x 4 samples (--quick)" in text.splitlines()  # built with --quick
+    data = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)
+    assert data["protocols"] == ["2 rounds x 4 samples (--quick)"]
 
 
 def test_version_and_plain_flags_in_help():
