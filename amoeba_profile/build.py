@@ -154,6 +154,7 @@ def run_build(
     other processes' load first and waits for quiet before a re-measure round; without one it
     measures at once. Either way the load around every entry is recorded (``load`` reads it; tests
     pass a simulated one) and contended rows are flagged."""
+    plan.check_usable()
     preflight(plan, backend, out_dir)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)

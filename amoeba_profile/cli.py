@@ -21,7 +21,7 @@ from .measure import TimingProtocol
 from .predict import Predictor
 from .report import (backends_rows, backends_table, device_report, flagged_table, layer_runs_text, lut_summary,
                      lut_table, pareto_table, plain, print_json, selection_table, validation_table)
-from .select import describe, select, table_space, table_workload
+from .select import DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN, describe, select, table_space, table_workload
 from .subnet import parse_ratio, parse_whole
 from .workload import metric_name
 
@@ -226,7 +226,8 @@ def _predict_table(plan, device: str, flow_name: str, dtype: str, out_dir: Path,
     out.print(f"table: {path}  (roofline, {len(plan.entries())} rows; {how}; efficiency {meta['efficiency']})")
 
 
-def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int, gen_len: int, batch: int | None,
+def _select(lut: Path, budget_ms: float, metric: str, stat: str, prompt_len: int | None, gen_len: int | None,
+            batch: int | None,
             widths: str | None, top_k: int, quality: Path | None, memory_gb: float | None, strategy: Path | None):
     from .quality import load_quality
 
@@ -245,8 +246,10 @@ def select_cmd(
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     metric: str = typer.Option("tpot", help="ttft, tpot or e2e (see README for definitions)."),
     stat: str = typer.Option("median", help="median or p90 of the table rows."),
-    prompt_len: int = typer.Option(128, min=1, help="Prompt tokens of the request."),
-    gen_len: int = typer.Option(128, min=1, help="Tokens generated per request (tpot needs >= 2)."),
+    prompt_len: Optional[int] = typer.Option(None, min=1, help="Prompt tokens of the request (default: 128, or the "
+                                             "table's shortest prompt length when it does not cover 128)."),
+    gen_len: Optional[int] = typer.Option(None, min=1, help="Tokens generated per request (tpot needs >= 2; "
+                                          "default: 128, or as many as the table's longest context covers)."),
     batch: Optional[int] = typer.Option(None, help="Sequences per request (default: the table's batch)."),
     widths: Optional[str] = typer.Option(None, help="Width ratios to consider (default: the table's grid)."),
     top_k: int = typer.Option(5, min=1, help="How many of the best fitting shapes to list."),
@@ -272,6 +275,11 @@ def select_cmd(
     warning = "; ".join(warnings) or None
     for line in warnings:
         err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
+    chosen = selection.workload
+    if (prompt_len is None and chosen.prompt_len != DEFAULT_PROMPT_LEN) or \
+            (gen_len is None and chosen.gen_len != DEFAULT_GEN_LEN):
+        _notice(f"a request of {chosen.prompt_len} prompt tokens and {chosen.gen_len} generated, as far as the table "
+                f"covers (not {DEFAULT_PROMPT_LEN} and {DEFAULT_GEN_LEN}); --prompt-len and --gen-len choose")
     note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet

@@ -55,6 +55,7 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
         raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
     plan = BuildPlan(arch, method=chosen, **plan_options)
+    plan.check_usable()
     if out_dir is None:
         instance, threads_reason = get_backend(backend, device=resolved, dtype=dtype, threads=threads,
                                                **(backend_options or {})), ""

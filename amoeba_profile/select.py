@@ -163,9 +163,32 @@ def table_space(lut: Lut, widths: Sequence[float] | None = None, strategy: Path 
     return list(space.subnets())
 
 
-def table_workload(lut: Lut, prompt_len: int, gen_len: int, batch: int | None = None) -> Workload:
-    """A request for this table: ``batch`` sequences, by default the batch the table was measured at."""
-    return Workload(batch if batch is not None else lut.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+DEFAULT_PROMPT_LEN = 128
+DEFAULT_GEN_LEN = 128
+
+
+def table_workload(lut: Lut, prompt_len: int | None = None, gen_len: int | None = None,
+                   batch: int | None = None) -> Workload:
+    """A request for this table; what is not given defaults to what the table covers.
+
+    ``batch``: the batch the table was measured at. ``prompt_len``: 128 where the table's prompt
+    lengths and decode contexts cover it, else its shortest prompt length its contexts cover.
+    ``gen_len``: 128, or fewer when the decode steps would run past the longest context (at least 2,
+    so tpot has a step). A given value is kept, and refused later if the table cannot cover it."""
+    grid = lut.meta.get("grid", {})
+    prompts, contexts = sorted(grid.get("prompt_lens") or ()), sorted(grid.get("contexts") or ())
+    if prompt_len is None:
+        prompt_len = DEFAULT_PROMPT_LEN
+        if prompts and contexts:
+            low, high = max(prompts[0], contexts[0]), min(prompts[-1], contexts[-1])
+            if not low <= prompt_len <= high:
+                usable = [p for p in prompts if contexts[0] <= p <= contexts[-1]]
+                prompt_len = usable[0] if usable else prompts[0]
+    if gen_len is None:
+        gen_len = DEFAULT_GEN_LEN
+        if contexts and prompt_len + gen_len - 2 > contexts[-1]:
+            gen_len = max(2, contexts[-1] - prompt_len + 2)
+    return Workload(batch if batch is not None else grid.get("batch", 1), prompt_len, gen_len)
 
 
 def rank(candidates: Iterable[Candidate]) -> list[Candidate]:

@@ -81,6 +81,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, table, monkeypatch, capsys):
                        "unknown device 'tpu'"),
         "context above max": (["build-lut", "--model", _config(tmp_path), "--out", out, "--contexts", "1000000"],
                               "contexts [1000000] are above cfg's max_position_embeddings 512"),
+        "prompt outside contexts": (["build-lut", "--model", _config(tmp_path), "--out", out, "--prompt-len", "32",
+                                     "--contexts", "64,128"],
+                                    "--prompt-len 32: outside the decode contexts [64, 128]; a request's first decode "
+                                    "step runs at context = its prompt length"),
+        "predict prompt outside contexts": (["build-lut", "--predict", "--device", "rtx-a5000", "--model",
+                                             _config(tmp_path), "--out", out, "--prompt-len", "256", "--contexts",
+                                             "64,128"], "add one of 256 or more to --contexts"),
         "batch 0 option": (["build-lut", "--model", _config(tmp_path), "--out", out, "--batch", "0"],
                            "Invalid value for '--batch'"),
         "threads 0": (["build-lut", "--model", _config(tmp_path), "--out", out, "--threads", "0"],

@@ -55,6 +55,18 @@ def test_select_json_and_text(built):
                            "30", "--pareto", check_rc=0).stdout
 
 
+def test_select_defaults_to_a_request_the_table_covers(built):
+    """The table holds prompt 16 and contexts 16..64: 128/128 would be outside it, so select asks
+    for a 16-token prompt and as many tokens as the contexts cover, and says so."""
+    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--json", check_rc=0)
+    data = json.loads(proc.stdout)
+    assert data["workload"] == {"batch": 1, "prompt_len": 16, "gen_len": 50}  # decode contexts 16..64
+    assert "a request of 16 prompt tokens and 50 generated" in proc.stderr
+    given = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--gen-len", "20", "--json",
+                           check_rc=0).stdout)
+    assert given["workload"]["gen_len"] == 20 and given["workload"]["prompt_len"] == 16
+
+
 def test_select_json_lists_each_subnet_once(built):
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--top-k", "20", "--pareto", "--json", check_rc=0)

@@ -215,3 +215,18 @@ def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
     assert table_space(lut, strategy=path) == Strategy.load(path, tiny_arch).subnets()
     assert [s.width_ratio for s in table_space(lut, (0.8,), path)] == [0.8] * 3
     assert table_workload(lut, 16, 20) == Workload(2, 16, 20) and table_workload(lut, 16, 20, batch=1).batch == 1
+
+
+@pytest.mark.parametrize("prompts, contexts, given, expected", [
+    ([128], [128, 256, 512], (None, None), (128, 128)),  # the README's grid: 128/128 as before
+    ([16], [16, 64], (None, None), (16, 50)),  # decode steps at contexts 16..64
+    ([16, 256], [64, 512], (None, None), (128, 128)),  # 128 interpolates between prompts and contexts
+    ([32, 64], [64, 128], (None, 10), (64, 10)),  # 32 is outside the contexts: the shortest usable prompt
+    ([16], [16, 64], (16, 30), (16, 30)),  # given values are kept
+    ([16], [16, 64], (64, None), (64, 2)),  # tpot needs a step even at the last context
+])
+def test_a_request_defaults_to_what_the_table_covers(tiny_arch, prompts, contexts, given, expected):
+    lut = synthetic_lut(tiny_arch, attn, mlp, base, meta={"grid": {"prompt_lens": prompts, "contexts": contexts,
+                                                                   "batch": 2}})
+    workload = table_workload(lut, *given)
+    assert (workload.batch, workload.prompt_len, workload.gen_len) == (2, *expected)
