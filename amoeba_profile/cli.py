@@ -155,6 +155,8 @@ def build_lut(
     err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
     if build.threads_reason:
         err.print(build.threads_reason, markup=False, highlight=False)
+    for line in build.warnings:
+        err.print("[yellow]warning:[/] " + escape(line), highlight=False, soft_wrap=True)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}"), console=err, transient=False) as bar:
@@ -268,10 +270,14 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     from .device.specs import shared_memory_note
 
+    if importance is not None and not per_layer:
+        raise UsageError("--importance weighs the layers of the per-layer optimum: add --per-layer, or drop "
+                         "--importance")
     table, selection = _select(lut, budget_ms, metric, stat, prompt_len, gen_len, batch, widths, top_k, quality,
                                memory_gb, strategy)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
+    warnings += [selection.quality_warning] if selection.quality_warning else []
     warning = "; ".join(warnings) or None
     for line in warnings:
         err.print(f"[bold yellow]warning:[/] {line}", highlight=False)
@@ -418,6 +424,9 @@ def plot_cmd(
     output_dir(out_dir, "--out")
     workload = table_workload(table, prompt_len, gen_len)
     source = load_quality(quality) if quality is not None else ProxyQuality()
+    foreign = source.check_model(table.arch)
+    if foreign:
+        err.print("[yellow]warning:[/] " + escape(foreign), highlight=False, soft_wrap=True)
     candidates, _ = evaluate(Predictor(table), table_space(table, strategy=strategy), workload, metric_name(metric),
                              quality=source)
     pick = best_within(candidates, budget_ms) if budget_ms is not None else None

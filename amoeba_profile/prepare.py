@@ -16,6 +16,7 @@ from typing import Any
 from .arch import ModelArch
 from .backends import REGISTRY, Backend, backend_class, get_backend
 from .device import resolve_device
+from .device.load import CpuLoad
 from .errors import UsageError
 from .inputs import positive_int
 from .methods import choose_method, device_kind
@@ -31,6 +32,7 @@ class PreparedBuild:
     device_reason: str  # why this device: "requested" or what ``auto`` saw
     method_reason: str  # why this method: "requested with --method" or the evidence for the default
     threads_reason: str = ""  # the thread count and why ("" for a backend without one)
+    warnings: tuple[str, ...] = ()  # one line each: an option changed to what the build really uses
 
 
 def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
@@ -47,13 +49,26 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
             raise UsageError(f"backend {backend!r} has no measuring adapter, only a roofline flow profile: add "
                              "--predict and a spec-sheet --device (e.g. rtx-a5000) to compute its table")
         backend_class(backend)  # raises: unknown backend, with the list
+    warnings: list[str] = []
+    capped = ""
     if threads is not None:
         threads = positive_int(threads, "--threads")
+        cores = CpuLoad().cores()
+        if threads > cores:
+            # Threads beyond the cores share them, and every OpenMP barrier waits for the one descheduled.
+            warnings.append(f"--threads {threads} is more than the {cores} cores this process may run on; measuring "
+                            f"with {cores} threads (recorded as such)")
+            capped = f"threads: {cores} (capped from --threads {threads})"
+            threads = cores
     resolved, device_reason = resolve_device(device)
     capabilities = backend_class(backend).capabilities()
     if device_kind(resolved) not in capabilities.devices:
         raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
+    if plan_options.get("depths") and chosen != "difference":
+        how = f"--method {chosen}" if method else f"the default for {backend} on {device_kind(resolved)}"
+        raise UsageError(f"--depths sets the model depths the difference method fits; this build uses the {chosen} "
+                         f"method ({how}): drop --depths, or add --method difference")
     plan = BuildPlan(arch, method=chosen, **plan_options)
     plan.check_usable()
     if out_dir is None:
@@ -64,4 +79,6 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
 
         instance, threads_reason = backend_for_build(backend, out_dir, plan, resolved, dtype, threads,
                                                      backend_options or {})
-    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason)
+    if capped and threads_reason:
+        threads_reason = capped
+    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason, tuple(warnings))

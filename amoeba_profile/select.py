@@ -123,6 +123,7 @@ class Selection:
     # Flagged rows behind the pick and the runner-up (``flagged_rows``), and the warning they call for.
     flagged: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warning: str | None = None
+    quality_warning: str | None = None  # the quality CSV names another model (``TableQuality.check_model``)
 
     def to_dict(self, pareto: bool = True) -> dict[str, Any]:
         """The pick in full; top-k and (with ``pareto``) the Pareto front refer to shapes by
@@ -147,6 +148,7 @@ class Selection:
             "skipped": self.skipped,
             "flagged_rows": self.flagged,
             "measurement_warning": self.warning,
+            "quality_warning": self.quality_warning,
         }
 
 
@@ -251,6 +253,7 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             raise UsageError("a memory budget needs the table's dtype")
     subnets = list(subnets)
     quality = quality or ProxyQuality()
+    quality_warning = quality.check_model(subnets[0].arch) if subnets else None
     quality.check_covers(subnets)
     candidates, skipped = evaluate(predictor, subnets, workload, metric, stat, quality, dtype)
     if not candidates:
@@ -275,4 +278,4 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
     flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
                for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged))
+                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged), quality_warning)

@@ -70,6 +70,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, table, monkeypatch, capsys):
         "quality inf": ([*select, "--budget-ms", "100", "--quality", str(quality)], "score must be a finite number"),
         "importance zeros": ([*select, "--budget-ms", "100", "--per-layer", "--importance", str(zeros)],
                              "every importance is 0"),
+        "importance without per-layer": ([*select, "--budget-ms", "100", "--importance", str(zeros)],
+                                         "--importance weighs the layers of the per-layer optimum: add --per-layer"),
         "strategy /dev/zero": ([*select, "--budget-ms", "100", "--strategy", "/dev/zero"], "not a regular file"),
         "validate inf": (["validate", "--lut", lut, "--budget-ms", "inf"], "--budget-ms must be a finite number"),
         "plot nan": (["plot", "--lut", lut, "--budget-ms", "nan", "--out", str(tmp_path / "p")],
@@ -88,6 +90,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, table, monkeypatch, capsys):
         "predict prompt outside contexts": (["build-lut", "--predict", "--device", "rtx-a5000", "--model",
                                              _config(tmp_path), "--out", out, "--prompt-len", "256", "--contexts",
                                              "64,128"], "add one of 256 or more to --contexts"),
+        "depths under components": (["build-lut", "--model", _config(tmp_path), "--out", out, "--method", "components",
+                                     "--depths", "1,2,4"], "--depths sets the model depths the difference method fits; "
+                                                           "this build uses the components method (--method components)"),
         "batch 0 option": (["build-lut", "--model", _config(tmp_path), "--out", out, "--batch", "0"],
                            "Invalid value for '--batch'"),
         "threads 0": (["build-lut", "--model", _config(tmp_path), "--out", out, "--threads", "0"],
