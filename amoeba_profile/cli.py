@@ -601,7 +601,8 @@ def fleet_build(
         if outcome.status == "written":
             out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken "
                       f"from the journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s, "
-                      f"{len(outcome.nodes)} nodes)", markup=False, highlight=False)
+                      f"{len(outcome.nodes)} node{'' if len(outcome.nodes) == 1 else 's'})", markup=False,
+                      highlight=False)
         elif outcome.status == "unchanged":
             out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build)",
                       markup=False, highlight=False)
