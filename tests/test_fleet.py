@@ -162,6 +162,27 @@ def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_pa
     assert len(lines) == 2 and "1.5 of 2 cores" in lines[0] and "1.7 of 2 cores" in lines[1]
 
 
+def test_fleet_build_counts_its_nodes_in_words(tmp_path, monkeypatch, capsys):
+    """The CLI's summary line, with the cluster replaced by what run_fleet returns."""
+    from amoeba_profile import cli, fleet
+    from amoeba_profile.build import BuildResult
+
+    [build] = flags_builds(["a"], ["pytorch"], ["tinyllama-1.1b"])
+    outcomes = [fleet.FleetOutcome(build, "written", "", BuildResult(tmp_path / f"t{n}.csv", 20, 0, 0, [], 3.0),
+                                   tuple(f"node-{i}" for i in range(n)), None) for n in (1, 2)]
+    monkeypatch.setattr(fleet, "connect", lambda address: "a test cluster")
+    monkeypatch.setattr(fleet, "disconnect", lambda: None)
+    monkeypatch.setattr(fleet, "discover", lambda: [])
+    monkeypatch.setattr(fleet, "run_fleet", lambda *args, **kwargs: outcomes)
+    monkeypatch.setattr(sys, "argv", ["amoeba-profile", "fleet", "build", "--devices", "a", "--models",
+                                      "tinyllama-1.1b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.count(", 1 node)") == 1 and out.count(", 2 nodes)") == 1
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "amoeba_profile.cli", *args], capture_output=True, text=True,
                           timeout=300)
