@@ -18,8 +18,9 @@ from typing import Any, Iterable, Sequence
 
 from .arch import ModelArch
 from .errors import InfeasibleBudget, OutOfRange, UsageError
-from .lut import Lut, entry_key_of_row
+from .lut import Lut, entry_key_of_row, short_of
 from .inputs import positive_float
+from .measure import TimingProtocol
 from .memory import MemoryEstimate, estimate
 from .predict import Prediction, Predictor
 from .quality import ProxyQuality
@@ -61,8 +62,11 @@ def flagged_rows(lut: Lut, prediction: Prediction, metric: str = "e2e_ms") -> li
     return out
 
 
-def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
-    """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not."""
+def flag_warning(flagged: dict[str, list[dict[str, Any]]], coarse: bool = False) -> str | None:
+    """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not.
+
+    ``coarse``: the table holds rows measured with fewer rounds or samples than a default build
+    takes (``lut.short_of``, a ``--quick`` build); only then is a build without --quick a remedy."""
     parts, seen = [], set()
     for who, rows in flagged.items():
         counts = Counter(f for row in rows for f in row["flags"] if f not in INFORMATIVE_FLAGS)
@@ -75,9 +79,14 @@ def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
         return None
     # The remedy follows the cause: other processes (contended, recompiled under load) want an idle
     # machine; rows that are only noisy (high_cv, e.g. inherited by a fit from its noisy models on a
-    # host-bound GPU) want more samples; a hot device wants cooling and locked clocks.
-    if seen <= {"high_cv"}:
-        advice = "rebuild the table with more rounds (without --quick) or on a quieter machine"
+    # host-bound GPU) want more samples - which a default build over a --quick table takes, while a
+    # table measured in full already had its noisy rows re-measured once; a hot device wants
+    # cooling and locked clocks.
+    if seen <= {"high_cv"} and coarse:
+        advice = ("build the table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+                  "quieter machine")
+    elif seen <= {"high_cv"}:
+        advice = "rebuild the table on a quieter machine"
     else:
         advice = "rebuild the table on an idle machine (build-lut --busy wait)"
     if "throttled" in seen:
@@ -278,4 +287,6 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
     flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
                for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(ranked[0], ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged), quality_warning)
+                     quality.name, len(candidates), skipped, memory_gb, flagged,
+                     flag_warning(flagged, bool(short_of(predictor.lut.frame, TimingProtocol()).any())),
+                     quality_warning)

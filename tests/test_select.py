@@ -174,12 +174,20 @@ def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
                               "machine (build-lut --busy wait) before relying on it")
     data = chosen.to_dict()
     assert data["flagged_rows"] == chosen.flagged and data["measurement_warning"] == chosen.warning
-    # Rows that are only noisy call for more samples, not an idle machine.
+    # Rows that are only noisy call for more samples, not an idle machine: a build without --quick
+    # takes more where the table was measured with fewer rounds than a default build; where it was
+    # measured in full, only a quieter machine helps.
     noisy = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
     _flag(noisy, "high_cv", component="attn", phase="decode", heads=8, context=64)
+    noisy.frame["rounds"], noisy.frame["n"] = 3, 21  # the default protocol's 3 rounds x 7 samples
     chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
     assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - rebuild the "
-                              "table with more rounds (without --quick) or on a quieter machine before relying on it")
+                              "table on a quieter machine before relying on it")
+    noisy.frame["rounds"], noisy.frame["n"] = 2, 8  # --quick: 2 rounds x 4 samples
+    chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
+    assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - build the "
+                              "table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+                              "quieter machine before relying on it")
 
 
 def test_clean_or_informative_rows_give_no_warning(setup, tiny_arch):
