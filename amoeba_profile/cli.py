@@ -533,8 +533,8 @@ def fleet_resources(
 
 @fleet_app.command("build")
 def fleet_build(
-    plan: Optional[Path] = typer.Option(None, help="YAML plan: devices, flows, models and grid (see docs/design.md, "
-                                        "Fleet)."),
+    plan: Optional[Path] = typer.Option(None, help="YAML plan: devices, flows, models and grid (format: README.md, "
+                                        "section 'Fleet: every device at once')."),
     devices: Optional[str] = typer.Option(None, help="Without --plan: device labels, comma-separated (each a node "
                                           "resource device:<label>)."),
     flows: str = typer.Option("pytorch", help="Without --plan: backends, comma-separated."),

@@ -323,3 +323,19 @@ def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
     assert proc.stderr.startswith("warning: the pick rests on 2 disturbed rows")
     assert "flagged table rows behind the answer" in proc.stdout and "attn|decode|b1|t1|c64|h8" in proc.stdout
     assert "high_cv, contended" in proc.stdout and "80%" in proc.stdout
+
+
+def test_readme_synopsis_lists_every_measuring_backend_and_option():
+    """The README's CLI synopsis of build-lut names each measuring backend and every option of
+    ``build-lut --help``."""
+    import re
+
+    from amoeba_profile.backends import REGISTRY
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = readme.split("## CLI", 1)[1].split("```text", 1)[1].split("amoeba-profile select", 1)[0]
+    assert sorted(re.search(r"--backend (\S+)", synopsis).group(1).split("|")) == sorted(REGISTRY)
+    options = set(re.findall(r"(--[a-z][a-z-]+)", run("build-lut", "--help", check_rc=0).stdout)) - {"--help"}
+    predict_only = {"--predict", "--calibrate", "--device-profile"}  # the --predict synopsis line has them
+    missing = sorted(o for o in options - predict_only if o not in synopsis)
+    assert not missing, missing

@@ -196,6 +196,15 @@ def test_fleet_resources_prints_this_machines_resource_and_the_join_line():
     assert second == f"ray start --address=workstation:6379 --resources='{first}'"
 
 
+def test_fleet_build_help_points_to_where_the_plan_format_is_described():
+    proc = _cli("fleet", "build", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "(format: README.md, section 'Fleet: every device at once')" in " ".join(proc.stdout.split())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Fleet: every device at once", 1)[1].split("\n## ", 1)[0]
+    assert "```yaml" in section and "devices" in section and "flows" in section
+
+
 def test_fleet_build_refuses_a_missing_or_bad_plan_before_touching_ray(tmp_path):
     proc = _cli("fleet", "build")
     assert proc.returncode == 2 and proc.stderr.strip() == ("error: name what to build: --plan fleet.yaml, or "
