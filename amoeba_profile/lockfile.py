@@ -109,7 +109,8 @@ def held(lock_path: Path, what: str, timeout_s: float = -1, notice: Notice | Non
 
     When another process holds it, ``notice`` gets one line naming the holder and how long this
     process waits (``timeout_s`` < 0: until it is released); after ``timeout_s`` a ``LutError``
-    names the holder. The lock file is gone once the block ends."""
+    names the holder. The lock file is gone once the block ends (its folder is made if missing)."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = _acquire(lock_path, 0)
     if fd is None:
         if timeout_s != 0 and notice is not None:
