@@ -108,7 +108,8 @@ def build_lut(
     busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait (up to "
                              "--busy-wait-s, then measure with a warning), warn (measure at once) or refuse."),
     busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast; a later build "
+                               "without --quick measures its rows again)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
     calibrate: Optional[Path] = typer.Option(None, help="With --predict: fit the flow's efficiencies to this measured table."),
@@ -599,8 +600,9 @@ def fleet_build(
     for outcome in outcomes:
         result = outcome.result
         if outcome.status == "written":
+            again = f", {result.remeasured} re-measured with more rounds or samples" if result.remeasured else ""
             out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken "
-                      f"from the journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s, "
+                      f"from the journal of an interrupted build, {result.reused} kept{again}, {result.wall_s:.0f} s, "
                       f"{len(outcome.nodes)} node{'' if len(outcome.nodes) == 1 else 's'})", markup=False,
                       highlight=False)
         elif outcome.status == "unchanged":
