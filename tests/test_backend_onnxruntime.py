@@ -187,6 +187,38 @@ def test_float16_export_runs(tiny_arch, tmp_path):
 
 
 @needs_ort
+def test_an_export_prints_nothing_nobody_can_act_on(tiny_arch, tmp_path, capfd):
+    """Without torchvision, every export logged 4 skipped operators and torch.export's LeafSpec
+    FutureWarning: ~6 lines per engine through a build's progress bar."""
+    import logging
+    import warnings
+
+    from amoeba_profile.backends.ort import _EXPORTER_LOGGER, export_onnx
+
+    class Seen(logging.Handler):  # beside the exporter's own handlers, on its logger
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    seen, logger = Seen(), logging.getLogger(_EXPORTER_LOGGER)
+    logger.addHandler(seen)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_onnx(EngineSpec(tiny_arch, ((8, 4, 128),), 1, 16, 32), "float32", tmp_path / "model.onnx")
+    finally:
+        logger.removeHandler(seen)
+    assert (tmp_path / "model.onnx").is_file()
+    assert not [line for line in seen.lines if "torchvision" in line], seen.lines
+    assert not [w for w in caught if "LeafSpec" in str(w.message) or "axis name" in str(w.message)], \
+        [str(w.message) for w in caught]
+    assert "torchvision" not in capfd.readouterr().err
+
+
+@needs_ort
 def test_out_of_memory_is_recognized_from_a_real_allocation_failure():
     import onnxruntime
     from onnx import TensorProto, helper

@@ -65,6 +65,29 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert len(load_table(third.path).meta["later_builds"]) == 1
 
 
+def test_a_build_asking_more_rounds_remeasures_the_rows_a_coarser_build_left(tmp_path, tiny_arch):
+    """A --quick table is not a full one: a build whose protocol asks more rounds or samples than a
+    row holds measures that entry again, and its row is replaced; one asking less keeps the table."""
+    from amoeba_profile.report import build_protocols
+
+    backend = get_backend("pytorch")
+    plan = BuildPlan(tiny_arch, (1.0,), (16,), (16,))
+    coarse = run_build(plan, backend, tmp_path, FAST_PROTOCOL)  # 2 rounds x 2 samples (3 rounds if noisy)
+    fuller = TimingProtocol(warmup_min=1, warmup_max=2, rounds=3, samples_per_round=3, min_round_s=0.0)
+    result = run_build(plan, backend, tmp_path, fuller)
+    assert result.written and result.remeasured == len(plan.entries()) == result.measured
+    assert result.reused == 0
+    lut = load_table(result.path)
+    measured = lut.frame[lut.frame.status == "ok"]
+    assert len(lut.frame) == len(plan.entries()) and len(measured) > 0
+    assert (measured.rounds >= 3).all() and (measured.n >= 9).all()
+    assert build_protocols(lut.meta) == ["2 rounds x 2 samples", "3 rounds x 3 samples"]
+    # Rows that hold what a build asks, or more, are done.
+    assert run_build(plan, backend, tmp_path, fuller).written is False
+    again = run_build(plan, backend, tmp_path, FAST_PROTOCOL)
+    assert again.written is False and again.remeasured == 0 and coarse.path == again.path
+
+
 # A real build process that SIGKILLs itself while it measures its 7th (entry, round): a fixed
 # point, so the test does not race the build, whatever the machine's load.
 _DIE_MEASURING = """
@@ -140,6 +163,36 @@ def test_a_waiting_build_says_whose_lock_it_waits_for_and_how_long(tmp_path, tin
     assert len(notes) == 1 and notes[0].startswith(f"table {first.path} is locked by pid {os.getpid()} on ")
     assert notes[0].endswith("waiting for up to 0.2 s")
     assert not Path(str(first.path) + ".lock.holder").exists()  # the note goes with the lock
+    assert not Path(str(first.path) + ".lock").exists()  # and so does the lock file
+
+
+def test_no_lock_file_stays_beside_a_table(tmp_path, tiny_arch):
+    result = run_build(_plan(tiny_arch), get_backend("pytorch"), tmp_path, FAST_PROTOCOL)
+    assert sorted(p.name for p in result.path.parent.iterdir()) == ["tiny-float32.csv", "tiny-float32.meta.json"]
+
+
+def test_a_lock_file_removed_under_a_waiter_is_not_held_on_the_removed_file(tmp_path, monkeypatch):
+    """A waiter that opened the lock file just before its holder removed it wins the flock on a
+    file nobody else opens; it must take the file at the path instead, or two processes hold it."""
+    import fcntl
+
+    from amoeba_profile import lockfile
+
+    lock = tmp_path / "t.csv.lock"
+    with lockfile.held(lock, "the table"):
+        stale = os.open(lock, os.O_RDWR)  # the waiter's open, before the holder lets go
+    assert not lock.exists()
+    opened, real = [stale], lockfile._open_lock_file
+    monkeypatch.setattr(lockfile, "_open_lock_file", lambda path: opened.pop() if opened else real(path))
+    with lockfile.held(lock, "the table", timeout_s=0):
+        assert not opened and lock.exists()  # it opened the stale file first, then took the one at the path
+        other = os.open(lock, os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):  # and holds that: nobody else can
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(other)
+    assert not lock.exists()
 
 
 def test_cli_build_prints_the_lock_it_waits_for(tmp_path, tiny_config_path):

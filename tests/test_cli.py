@@ -55,6 +55,18 @@ def test_select_json_and_text(built):
                            "30", "--pareto", check_rc=0).stdout
 
 
+def test_select_defaults_to_a_request_the_table_covers(built):
+    """The table holds prompt 16 and contexts 16..64: 128/128 would be outside it, so select asks
+    for a 16-token prompt and as many tokens as the contexts cover, and says so."""
+    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--json", check_rc=0)
+    data = json.loads(proc.stdout)
+    assert data["workload"] == {"batch": 1, "prompt_len": 16, "gen_len": 50}  # decode contexts 16..64
+    assert "a request of 16 prompt tokens and 50 generated" in proc.stderr
+    given = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--gen-len", "20", "--json",
+                           check_rc=0).stdout)
+    assert given["workload"]["gen_len"] == 20 and given["workload"]["prompt_len"] == 16
+
+
 def test_select_json_lists_each_subnet_once(built):
     proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
                "--top-k", "20", "--pareto", "--json", check_rc=0)
@@ -69,6 +81,9 @@ def test_show_labels_model_rows_and_prints_no_reprs(built):
     assert "versions: torch=" in text and "{'" not in text and "[1.0" not in text
     model_rows = [line for line in text.splitlines() if "│ model" in line]
     assert model_rows and all("w1" in line for line in model_rows)  # --whole 4x1: 4 layers at width 1
+    assert "protocol: 2 rounds x 4 samples (--quick)" in text.splitlines()  # built with --quick
+    data = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)
+    assert data["protocols"] == ["2 rounds x 4 samples (--quick)"]
 
 
 def test_version_and_plain_flags_in_help():
@@ -316,3 +331,19 @@ def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
     assert proc.stderr.startswith("warning: the pick rests on 2 disturbed rows")
     assert "flagged table rows behind the answer" in proc.stdout and "attn|decode|b1|t1|c64|h8" in proc.stdout
     assert "high_cv, contended" in proc.stdout and "80%" in proc.stdout
+
+
+def test_readme_synopsis_lists_every_measuring_backend_and_option():
+    """The README's CLI synopsis of build-lut names each measuring backend and every option of
+    ``build-lut --help``."""
+    import re
+
+    from amoeba_profile.backends import REGISTRY
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = readme.split("## CLI", 1)[1].split("```text", 1)[1].split("amoeba-profile select", 1)[0]
+    assert sorted(re.search(r"--backend (\S+)", synopsis).group(1).split("|")) == sorted(REGISTRY)
+    options = set(re.findall(r"(--[a-z][a-z-]+)", run("build-lut", "--help", check_rc=0).stdout)) - {"--help"}
+    predict_only = {"--predict", "--calibrate", "--device-profile"}  # the --predict synopsis line has them
+    missing = sorted(o for o in options - predict_only if o not in synopsis)
+    assert not missing, missing

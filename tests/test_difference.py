@@ -101,10 +101,15 @@ def test_host_bound_rows_are_flagged(tmp_path, tiny_arch, fake_backend):
 
 def test_unsupported_shapes_are_rows_not_crashes(tmp_path, tiny_arch, fake_backend):
     mixed = Subnet(tiny_arch, (LayerShape(0, 4, 2, 64), LayerShape(3, 8, 4, 128)))
-    lut = _build(tmp_path, tiny_arch, get_backend("fake-engine", uniform_only=True), whole=(mixed,))
+    result = run_build(_plan(tiny_arch, whole=(mixed,)), get_backend("fake-engine", uniform_only=True), tmp_path,
+                       PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts"))
+    lut = load_table(result.path)
     rows = lut.frame[lut.frame.subnet_id == mixed.id]
     assert (rows.status == "unsupported").all() and rows.note.str.contains("one width").all()
     assert (lut.frame[lut.frame.component == "layer"].status == "ok").all()
+    # A shape the flow cannot run is skipped by design: listed as such, never counted as a failure.
+    assert len(result.unsupported) == len(rows) == 4 and all(label.startswith("model") for label in result.unsupported)
+    assert not set(result.unsupported) & set(result.oom)
 
 
 def test_method_choice_follows_validation_data(tiny_arch, fake_backend):

@@ -132,6 +132,57 @@ def test_a_task_drops_the_thread_pin_ray_adds_but_keeps_the_nodes_own(tmp_path, 
     assert os.environ.get("OMP_NUM_THREADS") == ("4" if node_sets_it else None)
 
 
+def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_path, tiny_arch, monkeypatch, capsys):
+    """Every unit-round is a task that checks the machine again; on a busy node the same warning,
+    differing only in its figures, came once per task."""
+    from amoeba_profile import fleet_worker
+    from amoeba_profile.backends import get_backend
+    from amoeba_profile.build import BackendRecord, group_units
+    from amoeba_profile.device import fingerprint
+    from amoeba_profile.plan import BuildPlan
+    from amoeba_profile.quiet import BusyPolicy
+    from amoeba_profile.fleet_worker import UnitJob, measure_task
+
+    from conftest import SimulatedLoad
+
+    busy = iter([1.5, 1.9, 1.7, 2.0])  # other processes' cores, a new figure for every task
+    monkeypatch.setattr(fleet_worker, "as_on_the_node", lambda: None)  # keep the suite's thread pin
+    monkeypatch.setattr(fleet_worker, "_node_id", lambda: "node-1")
+    monkeypatch.setattr(fleet_worker, "_SAID", set())
+    monkeypatch.setattr(fleet_worker, "CpuLoad", lambda: SimulatedLoad(others=lambda t, v=next(busy): v))
+    backend = get_backend("pytorch")
+    plan = BuildPlan(tiny_arch, (1.0,), (16,), (16,))
+    unit = next(iter(group_units(plan.entries()).values()))
+    for round_index, target in ((0, "a.csv"), (1, "a.csv"), (0, "b.csv")):
+        job = UnitJob(plan, BackendRecord.of(backend), fingerprint("cpu"), FAST_PROTOCOL, tuple(unit), round_index,
+                      BusyPolicy("warn"), str(tmp_path / target))
+        assert len(measure_task(job).records) == len(unit)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "busy machine" in line]
+    # Once for table a (its second task is quiet about it), once for table b.
+    assert len(lines) == 2 and "1.5 of 2 cores" in lines[0] and "1.7 of 2 cores" in lines[1]
+
+
+def test_fleet_build_counts_its_nodes_in_words(tmp_path, monkeypatch, capsys):
+    """The CLI's summary line, with the cluster replaced by what run_fleet returns."""
+    from amoeba_profile import cli, fleet
+    from amoeba_profile.build import BuildResult
+
+    [build] = flags_builds(["a"], ["pytorch"], ["tinyllama-1.1b"])
+    outcomes = [fleet.FleetOutcome(build, "written", "", BuildResult(tmp_path / f"t{n}.csv", 20, 0, 0, [], 3.0),
+                                   tuple(f"node-{i}" for i in range(n)), None) for n in (1, 2)]
+    monkeypatch.setattr(fleet, "connect", lambda address: "a test cluster")
+    monkeypatch.setattr(fleet, "disconnect", lambda: None)
+    monkeypatch.setattr(fleet, "discover", lambda: [])
+    monkeypatch.setattr(fleet, "run_fleet", lambda *args, **kwargs: outcomes)
+    monkeypatch.setattr(sys, "argv", ["amoeba-profile", "fleet", "build", "--devices", "a", "--models",
+                                      "tinyllama-1.1b", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert out.count(", 1 node)") == 1 and out.count(", 2 nodes)") == 1
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
                           timeout=300)
@@ -143,6 +194,15 @@ def test_fleet_resources_prints_this_machines_resource_and_the_join_line():
     first, second = proc.stdout.splitlines()
     assert json.loads(first) == {f"device:{cpu_slug()}": 1}
     assert second == f"ray start --address=workstation:6379 --resources='{first}'"
+
+
+def test_fleet_build_help_points_to_where_the_plan_format_is_described():
+    proc = _cli("fleet", "build", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "(format: README.md, section 'Fleet: every device at once')" in " ".join(proc.stdout.split())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Fleet: every device at once", 1)[1].split("\n## ", 1)[0]
+    assert "```yaml" in section and "devices" in section and "flows" in section
 
 
 def test_fleet_build_refuses_a_missing_or_bad_plan_before_touching_ray(tmp_path):

@@ -163,3 +163,27 @@ def test_build_refuses_before_writing_anything(tmp_path, tiny_arch, monkeypatch)
     with pytest.raises(UsageError, match="but cpu has 0.001 GB available"):
         build.run_build(BuildPlan(tiny_arch, prompt_lens=(16,), contexts=(16,)), get_backend("pytorch"), out)
     assert not out.exists()
+
+
+def test_a_quality_table_of_another_model_is_named_or_refused(tmp_path, tiny_arch):
+    """Scores are matched by depth and width: another model's CSV would rank this one's shapes
+    silently. Shapes named for another model get a warning; shapes deeper than this one are refused."""
+    space = list(DesignSpace(tiny_arch, (2, 4), (1.0, 0.5)).subnets())
+    rows = "".join(f"{{}}_l{layers}w{width},{0.1 * layers + width}\n" for layers in (2, 4) for width in (1.0, 0.5))
+    other = tmp_path / "other.csv"
+    other.write_text("name,score\n" + rows.format(*["llama2-7b"] * 4))
+    chosen = select(Predictor(_lut(tiny_arch)), space, Workload(1, 16, 20), "tpot_ms", 1e6,
+                    quality=load_quality(other))
+    assert chosen.quality_warning == (f"{other}: line 2 scores a shape of 'llama2-7b', this table is 'tiny'; its "
+                                      "scores are matched by depth and width only - check it is this model's "
+                                      "quality CSV")
+    assert chosen.to_dict()["quality_warning"] == chosen.quality_warning
+    own = tmp_path / "own.csv"
+    own.write_text("name,score\n" + rows.format(*["Tiny-hf"] * 4))  # the same model, spelled otherwise
+    assert select(Predictor(_lut(tiny_arch)), space, Workload(1, 16, 20), "tpot_ms", 1e6,
+                  quality=load_quality(own)).quality_warning is None
+    deeper = tmp_path / "deeper.csv"
+    deeper.write_text("num_layers,width_ratio,score\n2,1,0.2\n2,0.5,0.1\n4,1,0.4\n4,0.5,0.3\n32,1,1.0\n")
+    with pytest.raises(UsageError, match=rf"^{deeper}: line 6: 32 layers, but tiny has 4: these are scores of "
+                                         "another model; pass tiny's quality CSV$"):
+        select(Predictor(_lut(tiny_arch)), space, Workload(1, 16, 20), "tpot_ms", 1e6, quality=load_quality(deeper))

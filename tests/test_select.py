@@ -175,12 +175,20 @@ def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
                               "machine (build-lut --busy wait) before relying on it")
     data = chosen.to_dict()
     assert data["flagged_rows"] == chosen.flagged and data["measurement_warning"] == chosen.warning
-    # Rows that are only noisy call for more samples, not an idle machine.
+    # Rows that are only noisy call for more samples, not an idle machine: a build without --quick
+    # takes more where the table was measured with fewer rounds than a default build; where it was
+    # measured in full, only a quieter machine helps.
     noisy = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
     _flag(noisy, "high_cv", component="attn", phase="decode", heads=8, context=64)
+    noisy.frame["rounds"], noisy.frame["n"] = 3, 21  # the default protocol's 3 rounds x 7 samples
     chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
     assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - rebuild the "
-                              "table with more rounds (without --quick) or on a quieter machine before relying on it")
+                              "table on a quieter machine before relying on it")
+    noisy.frame["rounds"], noisy.frame["n"] = 2, 8  # --quick: 2 rounds x 4 samples
+    chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
+    assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - build the "
+                              "table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+                              "quieter machine before relying on it")
 
 
 def test_clean_or_informative_rows_give_no_warning(setup, tiny_arch):
@@ -216,3 +224,18 @@ def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
     assert table_space(lut, strategy=path) == Strategy.load(path, tiny_arch).subnets()
     assert [s.width_ratio for s in table_space(lut, (0.8,), path)] == [0.8] * 3
     assert table_workload(lut, 16, 20) == Workload(2, 16, 20) and table_workload(lut, 16, 20, batch=1).batch == 1
+
+
+@pytest.mark.parametrize("prompts, contexts, given, expected", [
+    ([128], [128, 256, 512], (None, None), (128, 128)),  # the README's grid: 128/128 as before
+    ([16], [16, 64], (None, None), (16, 50)),  # decode steps at contexts 16..64
+    ([16, 256], [64, 512], (None, None), (128, 128)),  # 128 interpolates between prompts and contexts
+    ([32, 64], [64, 128], (None, 10), (64, 10)),  # 32 is outside the contexts: the shortest usable prompt
+    ([16], [16, 64], (16, 30), (16, 30)),  # given values are kept
+    ([16], [16, 64], (64, None), (64, 2)),  # tpot needs a step even at the last context
+])
+def test_a_request_defaults_to_what_the_table_covers(tiny_arch, prompts, contexts, given, expected):
+    lut = synthetic_lut(tiny_arch, attn, mlp, base, meta={"grid": {"prompt_lens": prompts, "contexts": contexts,
+                                                                   "batch": 2}})
+    workload = table_workload(lut, *given)
+    assert (workload.batch, workload.prompt_len, workload.gen_len) == (2, *expected)

@@ -28,6 +28,7 @@ from amoeba_profile.selection.picker import describe, select, table_space, table
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
 from amoeba_profile.core.workload import metric_name
 from amoeba_profile.cli.report import (crosscheck_table)
+from amoeba_profile.selection.picker import DEFAULT_GEN_LEN, DEFAULT_PROMPT_LEN
 
 # rich_markup_mode=None: Typer's rich help prints a value type for every option, so flags read
 # `--json <bool>` as if they took a value; the plain help prints flags bare.
@@ -124,7 +125,8 @@ def build_lut(
     busy: str = typer.Option("wait", envvar="AMOEBA_BUSY", help="When other processes load the CPU: wait (up to "
                              "--busy-wait-s, then measure with a warning), warn (measure at once) or refuse."),
     busy_wait_s: float = typer.Option(120.0, min=0, help="How long --busy wait/refuse waits for a quiet CPU."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer rounds and samples (a coarse table, fast; a later build "
+                               "without --quick measures its rows again)."),
     predict: bool = typer.Option(False, "--predict", help="Compute a roofline table for a spec-sheet --device "
                                  "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs."),
     calibrate: Optional[Path] = typer.Option(None, help="With --predict: fit the flow's efficiencies to this measured table."),
@@ -178,6 +180,8 @@ def build_lut(
     err.print(f"device: {instance.device} ({build.device_reason})", markup=False, highlight=False)
     if build.threads_reason:
         err.print(build.threads_reason, markup=False, highlight=False)
+    for line in build.warnings:
+        err.print("[yellow]warning:[/] " + escape(line), highlight=False, soft_wrap=True)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[entry]}", markup=False), console=err, transient=False) as bar:
@@ -198,13 +202,20 @@ def build_lut(
                           "(flagged 'recompiled'; their times include compile work): "
                           f"{', '.join(result.recompiled[:3])}"))
     if result.oom:
-        err.print(_styled("warning:", "yellow", f"{len(result.oom)} entries failed (out of memory, unsupported or too "
-                          f"noisy) and are stored with that status: {', '.join(result.oom[:3])}"))
+        err.print(_styled("warning:", "yellow", f"{len(result.oom)} entries failed (out of memory or too noisy) and are "
+                          f"stored with that status: {', '.join(result.oom[:3])}"))
+    if result.unsupported:
+        _notice(f"{len(result.unsupported)} entries skipped: {backend} cannot run them (stored as unsupported, "
+                f"the reason in their note): {', '.join(result.unsupported[:3])}")
     if not result.written:
-        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} rows)")
+        out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build, {result.reused} "
+                  "rows)", markup=False, highlight=False)
         return
+    again = (f", {result.remeasured} re-measured because their rows held fewer rounds or samples than this "
+             "build's protocol" if result.remeasured else "")
     out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken from the "
-              f"journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s)")
+              f"journal of an interrupted build, {result.reused} kept{again}, {result.wall_s:.0f} s)",
+              markup=False, highlight=False)
 
 
 def _backend_options(items: list[str] | None) -> dict[str, str]:
@@ -270,8 +281,8 @@ class Ranking:
 
     metric: str = "tpot"
     stat: str = "median"
-    prompt_len: int = 128
-    gen_len: int = 128
+    prompt_len: int | None = 128  # None: what the table covers (``table_workload``)
+    gen_len: int | None = 128
     batch: int | None = None
     widths: str | None = None
     quality: Path | None = None
@@ -305,8 +316,10 @@ def select_cmd(
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     metric: MetricOption = "tpot",
     stat: StatOption = "median",
-    prompt_len: PromptLenOption = 128,
-    gen_len: GenLenOption = 128,
+    prompt_len: Optional[int] = typer.Option(None, min=1, help="Prompt tokens of the request (default: 128, or the "
+                                             "table's shortest prompt length when it does not cover 128)."),
+    gen_len: Optional[int] = typer.Option(None, min=1, help="Tokens generated per request (tpot needs >= 2; "
+                                          "default: 128, or as many as the table's longest context covers)."),
     batch: BatchOption = None,
     widths: WidthsOption = None,
     top_k: int = typer.Option(5, min=1, help="How many of the best fitting shapes to list."),
@@ -337,9 +350,15 @@ def select_cmd(
     selection = ranking.select(table, budget_ms, top_k)
     warnings = ["computed (roofline) table, not measured: treat latencies as estimates"] if table.is_roofline else []
     warnings += [selection.warning] if selection.warning else []
+    warnings += [selection.quality_warning] if selection.quality_warning else []
     warning = "; ".join(warnings) or None
     for line in warnings:
         err.print(_styled("warning:", "bold yellow", line), highlight=False)
+    chosen = selection.workload
+    if (prompt_len is None and chosen.prompt_len != DEFAULT_PROMPT_LEN) or \
+            (gen_len is None and chosen.gen_len != DEFAULT_GEN_LEN):
+        _notice(f"a request of {chosen.prompt_len} prompt tokens and {chosen.gen_len} generated, as far as the table "
+                f"covers (not {DEFAULT_PROMPT_LEN} and {DEFAULT_GEN_LEN}); --prompt-len and --gen-len choose")
     note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
@@ -571,6 +590,9 @@ def plot_cmd(
     output_dir(out_dir, "--out")
     workload = ranking.workload(table)
     source = ranking.quality_source() or ProxyQuality()
+    foreign = source.check_model(table.arch)
+    if foreign:
+        err.print(_styled("warning:", "yellow", foreign), highlight=False, soft_wrap=True)
     candidates, _ = evaluate(Predictor(table), ranking.space(table), workload, metric_name(metric), stat,
                              quality=source, dtype=table.meta["dtype"] if memory_gb is not None else None)
     if memory_gb is not None:  # as select: shapes over the memory budget are not candidates
@@ -605,6 +627,9 @@ def show(
                 "created_at", "rows", "crosschecks"):
         out.print(Text(f"{key}: ", style="bold"), end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
+        if key == "method" and summary["protocols"]:
+            out.print("[bold]protocol:[/] ", end="")
+            out.print(", then ".join(summary["protocols"]), markup=False, highlight=False)
     out.print(lut_table(table))
 
 
@@ -709,8 +734,8 @@ def fleet_resources(
 
 @fleet_app.command("build")
 def fleet_build(
-    plan: Optional[Path] = typer.Option(None, help="YAML plan: devices, flows, models and grid (see docs/design.md, "
-                                        "Fleet)."),
+    plan: Optional[Path] = typer.Option(None, help="YAML plan: devices, flows, models and grid (format: README.md, "
+                                        "section 'Fleet: every device at once')."),
     devices: Optional[str] = typer.Option(None, help="Without --plan: device labels, comma-separated (each a node "
                                           "resource device:<label>)."),
     flows: str = typer.Option("pytorch", help="Without --plan: backends, comma-separated."),
@@ -777,9 +802,11 @@ def fleet_build(
     for outcome in outcomes:
         result = outcome.result
         if outcome.status == "written":
+            again = f", {result.remeasured} re-measured with more rounds or samples" if result.remeasured else ""
             out.print(f"table: {result.path}  ({result.measured} entries measured now, {result.from_journal} taken "
-                      f"from the journal of an interrupted build, {result.reused} kept, {result.wall_s:.0f} s, "
-                      f"{len(outcome.nodes)} nodes)", markup=False, highlight=False)
+                      f"from the journal of an interrupted build, {result.reused} kept{again}, {result.wall_s:.0f} s, "
+                      f"{len(outcome.nodes)} node{'' if len(outcome.nodes) == 1 else 's'})", markup=False,
+                      highlight=False)
         elif outcome.status == "unchanged":
             out.print(f"table: {result.path}  (unchanged: it already holds every entry of this build)",
                       markup=False, highlight=False)

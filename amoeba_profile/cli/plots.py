@@ -7,6 +7,7 @@ this module (or the CLI) never needs a display.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,14 +101,36 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path, stat: str = "medi
     return paths
 
 
-def plot_validation(lut: Lut, out: Path) -> Path | None:
-    """Predicted (composed from the table's rows) vs measured for every whole-model row of the table."""
+def _log_ticks(ax, low: float, high: float) -> None:
+    """Square log axes over [low, high] whose tick labels never run into each other.
+
+    matplotlib labels every minor tick of a log axis that spans less than a decade (``6x10^1``,
+    ``7x10^1``, ...), and at the top of a decade those labels overlapped. Labels go on 1-2-5 steps
+    as plain numbers (only powers of ten past three decades; more steps under one decade), never
+    on minor ticks, and the x labels are turned."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    decades = math.log10(high / low)
+    subs = (1.0,) if decades > 3 else (1.0, 2.0, 5.0) if decades > 1 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=subs))
+        axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.tick_params(axis="x", labelrotation=45)
+
+
+def validation_figure(lut: Lut):
+    """The figure of ``plot_validation`` (a matplotlib Figure; the caller closes it), or None when
+    the table has no whole-model rows."""
     models = lut.ok[(lut.ok.component == "model") & (lut.ok.num_layers > 0)]  # the 0-layer model is a fit input
     if models.empty:
         return None
     plt = _pyplot()
     predictor = Predictor(lut)
     fig, ax = plt.subplots(figsize=(5.5, 5))
+    shown: list[float] = []
     for phase, color in (("prefill", "tab:orange"), ("decode", "tab:blue")):
         rows = models[models.phase == phase]
         measured, predicted = [], []
@@ -119,16 +142,26 @@ def plot_validation(lut: Lut, out: Path) -> Path | None:
             errors = np.abs(np.array(predicted) / np.array(measured) - 1) * 100
             ax.scatter(measured, predicted, s=16, color=color,
                        label=f"{phase}: median |err| {np.median(errors):.1f} %, max {errors.max():.1f} %")
-    low, high = ax.get_xlim()
+            shown += measured + predicted
+    low, high = min(shown) / 1.15, max(shown) * 1.15  # the diagonal spans the points, with a margin
     ax.plot([low, high], [low, high], color="0.4", lw=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _log_ticks(ax, low, high)
     ax.set_xlabel("measured whole model (ms)")
     ax.set_ylabel("predicted from the table (ms)")
     ax.set_title(f"stored-table prediction vs whole models measured (any later run includes device drift)\n{_title(lut)}", fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
+    return fig
+
+
+def plot_validation(lut: Lut, out: Path) -> Path | None:
+    """Predicted (composed from the table's rows) vs measured for every whole-model row of the table."""
+    fig = validation_figure(lut)
+    if fig is None:
+        return None
     _save(fig, out)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out

@@ -14,6 +14,24 @@ from amoeba_profile.backends.flows import MEASURING, list_flows
 from amoeba_profile.table.lut import Lut
 from amoeba_profile.selection.picker import Candidate, Selection, describe, width_text
 from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.timing import TimingProtocol
+
+
+def protocol_text(protocol: dict[str, Any]) -> str:
+    """A stored timing protocol for people: ``3 rounds x 7 samples``, marked ``(--quick)`` when it
+    is the quick one, which a later default build re-measures."""
+    quick = TimingProtocol.quick()
+    text = f"{protocol.get('rounds', '?')} rounds x {protocol.get('samples_per_round', '?')} samples"
+    same = all(protocol.get(k) == getattr(quick, k) for k in ("rounds", "samples_per_round", "warmup_max"))
+    return text + (" (--quick)" if same else "")
+
+
+def build_protocols(meta: dict[str, Any]) -> list[str]:
+    """The protocols a table's builds measured with, first build first, each listed once (empty for
+    a computed table). A later build adds rows, or re-measures rows its protocol asks more of."""
+    builds = [meta.get("protocol")] + [b.get("protocol") for b in meta.get("later_builds", []) if isinstance(b, dict)]
+    texts = [protocol_text(p) for p in builds if isinstance(p, dict)]
+    return list(dict.fromkeys(texts))
 
 
 def lut_summary(lut: Lut) -> dict[str, Any]:
@@ -35,6 +53,7 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
         "fit": meta.get("fit"),
         "grid": meta.get("grid"),
         "protocol": meta.get("protocol"),
+        "protocols": build_protocols(meta),
         "clock": meta.get("clock"),
         "created_at": meta.get("created_at"),
         "tool_version": meta.get("tool_version"),

@@ -1,6 +1,6 @@
 """Files written so that a crash never leaves half of one, and file locks that say who holds them.
 
-A ``FileLock`` alone tells a waiting process nothing, so a second build of a table looked stuck at
+A lock file alone tells a waiting process nothing, so a second build of a table looked stuck at
 its start. The holder writes its pid, host and start time beside the lock (``<lock>.holder``,
 ``NotedLock``); a waiter prints what it waits for and for how long. The note is advisory: it is
 written after the lock is taken and removed before it is released, and one left by a killed holder
@@ -10,21 +10,24 @@ gone and does not name it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import secrets
 import socket
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from filelock import FileLock, Timeout
-
 from amoeba_profile.core.errors import LutError
 from amoeba_profile.core.inputs import KIB, read_bounded
 
 Notice = Callable[[str], None]
+_POLL_S = 0.05  # how often a waiter tries the lock again
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 HOLDER_BYTES = 64 * KIB  # a holder note is one line of JSON
 
 
@@ -102,22 +105,84 @@ def describe_holder(lock_path: Path) -> str:
     return f"pid {note['pid']} on {note.get('host', '?')} since {note.get('since', '?')}"
 
 
+def _same_file(lock_path: Path, fd: int) -> bool:
+    """Whether ``lock_path`` still names the file open at ``fd``."""
+    try:
+        now = os.stat(lock_path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _open_lock_file(lock_path: Path) -> int:
+    """The lock file, created if missing; a planted symbolic link is refused, not followed."""
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LutError(f"{lock_path}: a symbolic link where a lock file belongs; remove it") from None
+        raise
+
+
+def _try_lock(lock_path: Path) -> int | None:
+    """A descriptor holding the lock at ``lock_path``, or None while another process holds it."""
+    while True:
+        fd = _open_lock_file(lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in _BUSY:
+                return None
+            raise
+        if _same_file(lock_path, fd):
+            return fd
+        os.close(fd)  # its holder removed it after we opened it: lock the file there now instead
+
+
+def _acquire(lock_path: Path, timeout_s: float) -> int | None:
+    """The lock's descriptor, waiting up to ``timeout_s`` (< 0: as long as it takes), or None."""
+    deadline = None if timeout_s < 0 else time.monotonic() + timeout_s
+    while True:
+        fd = _try_lock(lock_path)
+        if fd is not None or (deadline is not None and time.monotonic() >= deadline):
+            return fd
+        time.sleep(_POLL_S)
+
+
+def _release(lock_path: Path, fd: int) -> None:
+    """Remove the lock file while still holding it (see the module docstring), then let go."""
+    try:
+        if _same_file(lock_path, fd):
+            lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+
 class NotedLock:
     """A file lock whose holder leaves a note beside it (``<lock>.holder``): its pid, host and start
-    time, and whatever the caller adds. Every lock of the project is one: a table's (``held``) and
+    time, and whatever the caller adds. The lock is an ``flock`` on the lock file, and the holder
+    removes that file before it lets go, so no ``.lock`` file stays beside a table; a process that
+    gets the lock checks that the path still names the file it locked (a waiter may have opened it
+    just before it was removed) and otherwise starts again on the file there now. Every lock of the project is one: a table's (``held``) and
     a device's measurement lock (``device/lock.py``)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.holder_path = holder_path(self.path)
-        self._lock = FileLock(str(self.path))
+        self._fd: int | None = None
 
     def _take(self, timeout_s: float) -> bool:
-        try:
-            self._lock.acquire(timeout=timeout_s)
-        except Timeout:
-            return False
-        return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = _acquire(self.path, timeout_s)
+        return self._fd is not None
+
+    def _let_go(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _release(self.path, fd)
 
     def acquire(self, timeout_s: float, waiting: Callable[[], None], note: dict[str, Any] | None = None) -> bool:
         """Take the lock and write the note; False when another process kept it. Held elsewhere:
@@ -134,13 +199,13 @@ class NotedLock:
             write_file_atomically(self.holder_path, json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "since": since, **(note or {})}).encode())
         except BaseException:
-            self._lock.release()
+            self._let_go()
             raise
         return True
 
     def release(self) -> None:
         self.holder_path.unlink(missing_ok=True)
-        self._lock.release()
+        self._let_go()
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from amoeba_profile.core.arch import layer_params
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import MIB, finite_float, integer, read_bounded
 from amoeba_profile.core.subnet import Subnet, parse_ratio
+from amoeba_profile.core.arch import ModelArch
 
 PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
 _SUFFIX = re.compile(r"_l(\d+)w([0-9./]+)")
@@ -41,6 +42,10 @@ class ProxyQuality:
     def check_covers(self, subnets: Iterable[Subnet]) -> None:
         """The proxy scores every shape."""
 
+    def check_model(self, arch: ModelArch) -> str | None:
+        """The proxy is every model's."""
+        return None
+
 
 @dataclass
 class TableQuality:
@@ -49,6 +54,9 @@ class TableQuality:
     path: Path
     by_shape: dict[tuple[int, float], float] = field(default_factory=dict)
     by_id: dict[str, float] = field(default_factory=dict)
+    lines: dict[tuple[int, float], int] = field(default_factory=dict)  # CSV line of each (layers, width) row
+    # The model part of AmoebaLLM evaluation names (``llama2-7b`` of ``llama2-7b_l24w0.875``) -> first line
+    model_names: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -69,6 +77,27 @@ class TableQuality:
             raise UsageError(f"{self.path}: no score for {subnet.label} (layers={subnet.num_layers}, "
                              f"width={subnet.width_ratio}, id={subnet.id})")
         return value
+
+    def check_model(self, arch: ModelArch) -> str | None:
+        """Scores of another model are refused or named before they rank this one's shapes.
+
+        A row deeper than ``arch`` cannot be one of its shapes: refused. An evaluation name whose
+        model part is not ``arch``'s name (compared lowercase without punctuation, either containing
+        the other, so ``Llama-2-7b-hf`` matches ``llama2-7b``) returns a one-line warning: the
+        scores are matched by depth and width only, so another model's would be used silently."""
+        deeper = sorted((line, layers) for (layers, _), line in self.lines.items() if layers > arch.num_layers)
+        if deeper:
+            line, layers = deeper[0]
+            raise UsageError(f"{self.path}: line {line}: {layers} layers, but {arch.name} has {arch.num_layers}: "
+                             f"these are scores of another model; pass {arch.name}'s quality CSV")
+        mine = _squash(arch.name)
+        foreign = sorted((line, name) for name, line in self.model_names.items()
+                         if _squash(name) and mine not in _squash(name) and _squash(name) not in mine)
+        if not foreign:
+            return None
+        line, name = foreign[0]
+        return (f"{self.path}: line {line} scores a shape of {name!r}, this table is {arch.name!r}; its scores are "
+                "matched by depth and width only - check it is this model's quality CSV")
 
     def check_covers(self, subnets: Iterable[Subnet]) -> None:
         missing = [s.label for s in subnets if self._lookup(s) is None]
@@ -119,7 +148,17 @@ def load_quality(path: Path | str) -> TableQuality:
             raise UsageError(f"{path}: line {line} repeats the shape of line {seen[key]} ({key})")
         seen[key] = line
         target[key] = float(score)
+        if target is quality.by_shape:
+            quality.lines[key] = line
+            match = _SUFFIX.search(str(row["name"])) if "name" in frame.columns else None
+            if match:
+                quality.model_names.setdefault(str(row["name"])[:match.start()], line)
     return quality
+
+
+def _squash(name: str) -> str:
+    """A model name compared loosely: lowercase letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def _shape_key(row, columns, path: Path, line: int) -> tuple[int, float]:

@@ -10,9 +10,10 @@ nothing and says what it is, so the driver can refuse it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
@@ -115,6 +116,26 @@ class UnitResult:
     state: dict[str, Any] | None
 
 
+# The kinds of notice this worker process has printed, per table: see ``once_per_table``.
+_SAID: set[tuple[str, str]] = set()
+
+
+def once_per_table(target: str) -> Callable[[str], None]:
+    """A notice that prints each kind of message once per worker process and table.
+
+    A local build checks the machine once and prints its busy-machine warning or lock wait once; a
+    fleet measures a table one unit-round per task, and every task checks again, so the same lines
+    (differing only in their figures) came once per task. The first of each kind stands for the
+    rest; the rows measured under contention are flagged in the table either way."""
+    def notice(message: str) -> None:
+        kind = (target, re.sub(r"\d+(?:\.\d+)?", "#", message))
+        if kind not in _SAID:
+            _SAID.add(kind)
+            to_stderr(message)
+
+    return notice
+
+
 def measure_task(job: UnitJob) -> UnitResult:
     """Measure one unit-round with the backend rebuilt from the table's config, under this node's
     measurement lock. A node whose device or versions are not the table's measures nothing: the
@@ -126,8 +147,8 @@ def measure_task(job: UnitJob) -> UnitResult:
         return UnitResult([], True, device, versions, node, None)
     records: list[dict[str, Any]] = []
     load = CpuLoad()
-    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy, to_stderr,
-                       -1, load):
+    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy,
+                       once_per_table(job.target), -1, load):
         measurer = UnitMeasurer(job.plan, backend, job.protocol, ArtifactCache(), load)
         built = measurer.measure_unit(list(job.entries), job.round_index, lambda entry, result: records.append(result))
         state = measurer.monitor.sample()

@@ -51,6 +51,7 @@ from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machi
 from amoeba_profile.core.errors import ArtifactError
 from amoeba_profile.core.inputs import read_bounded
 from amoeba_profile.measure.journal import HEADER_BYTES, cannot_write
+from amoeba_profile.table.lut import (short_of)
 
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
@@ -99,16 +100,22 @@ def _row_method(entry: Entry, plan_method: str) -> str:
 class BuildResult:
     """``measured``: entries with a result measured by this run; ``from_journal``: entries whose
     results all came from an earlier, interrupted run's journal; ``reused``: rows already in the
-    table; ``written``: False when the run had nothing to add and left the table untouched."""
+    table; ``remeasured``: entries of ``measured`` + ``from_journal`` whose old rows held fewer
+    rounds or samples than this run's protocol; ``written``: False when the run had nothing to add
+    and left the table untouched."""
 
     path: Path
     measured: int
     from_journal: int
     reused: int
-    oom: list[str]  # labels of the entries stored as oom or unsupported
+    oom: list[str]  # labels of the entries that failed: stored as oom, or as error (too noisy)
     wall_s: float
     written: bool = True
     recompiled: list[str] = field(default_factory=list)  # rows whose timed samples included JIT compiling
+    remeasured: int = 0
+    # Labels of the entries the flow cannot run (stored as unsupported, the reason in their note):
+    # skipped by design, such as pytorch-compiled's model without layers, not failures.
+    unsupported: list[str] = field(default_factory=list)
 
 
 def preflight(plan: BuildPlan, backend: Backend, out_dir: Path) -> None:
@@ -153,6 +160,7 @@ def run_build(
     pass a simulated one) and contended rows are flagged. ``adopt_threads``: the backend's thread
     count is a load-dependent default, not the user's; once the table's lock is held, the build
     takes the count of the table or journal found there (``adopt_stored_threads``)."""
+    plan.check_usable()
     preflight(plan, backend, out_dir)
     device = fingerprint(backend.device)
     path = table_path(out_dir, device["slug"], backend.name, plan.arch.name, backend.dtype)
@@ -339,7 +347,8 @@ def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: T
 
 def journal_rows(todo: list[Entry], journal: Journal, protocol: TimingProtocol,
                  plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows of ``todo`` from the journal's results, and the labels of the entries that failed."""
+    """The rows of ``todo`` from the journal's results, and the labels of the entries that failed
+    (out of memory, or too noisy for a positive median; an unsupported shape is not a failure)."""
     return _aggregate(todo, journal.records, protocol.cv_threshold, plan_method)
 
 
@@ -349,8 +358,10 @@ class TableStart:
     fleet driver share it, so both write the same table from the same journal.
 
     ``meta`` is the sidecar to write (the old one extended, when the table exists); ``kept`` the
-    rows already there; ``todo`` the entries to measure; ``nothing_new``: the build would add no
-    row, fit model or grid value, so the table is left alone."""
+    rows already there that stay; ``todo`` the entries to measure; ``remeasured`` the keys of
+    ``todo`` whose rows the table holds with fewer rounds or samples than this build's protocol
+    asks (``lut.short_of``), measured again and replaced; ``nothing_new``: the build would add no
+    row, fit model or grid value and re-measure nothing, so the table is left alone."""
 
     path: Path
     meta: dict[str, Any]
@@ -359,6 +370,7 @@ class TableStart:
     todo: list[Entry]
     fit_ids: set[str]
     nothing_new: bool
+    remeasured: frozenset[str] = frozenset()
 
     @property
     def journal_path(self) -> Path:
@@ -368,16 +380,25 @@ class TableStart:
 def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
                 device: dict[str, Any], method_reason: str) -> TableStart:
     """Read the table at ``path`` (refused when its identity is not this build's) and work out what
-    the build adds to it."""
+    the build adds to it. A row of this build's entries measured with fewer rounds or samples than
+    ``protocol`` asks (a ``--quick`` build's, under a default one) is not counted as done: its
+    entry is measured again under ``protocol`` and its new row replaces the old."""
     meta = _meta(plan, record, protocol, device, method_reason)
     kept, old_meta = _existing(path, meta)
     # An entry stored as out of memory is tried again: the memory left to a build changes from run
     # to run, and a failure wrongly taken for one must not stay in the table for good.
-    planned = {e.key for e in plan.entries()}
+    entries = plan.entries()
+    planned = {e.key for e in entries}
     kept = [row for row in kept if not (row["status"] == "oom" and entry_key_of_row(row) in planned)]
     fit_ids = plan.fit_ids()
+    remeasured: frozenset[str] = frozenset()
+    if kept:
+        frame = rows_frame(kept)
+        short = {entry_key_of_row(row) for row in frame[short_of(frame, protocol)].to_dict("records")}
+        remeasured = frozenset(short & planned)
+        kept = [row for row in kept if entry_key_of_row(row) not in remeasured]
     have = {entry_key_of_row(row) for row in kept}
-    todo = [e for e in plan.entries() if e.key not in have]
+    todo = [e for e in entries if e.key not in have]
     nothing_new = False
     if old_meta is not None:
         old_fits = set(old_meta.get("fit_subnet_ids", []))
@@ -385,7 +406,7 @@ def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: Ti
         if not nothing_new:
             meta = _extend_meta(old_meta, plan, protocol)
             fit_ids |= old_fits
-    return TableStart(path, meta, kept, old_meta, todo, fit_ids, nothing_new)
+    return TableStart(path, meta, kept, old_meta, todo, fit_ids, nothing_new, remeasured)
 
 
 def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: float) -> BuildResult:
@@ -415,8 +436,12 @@ def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], 
     except OSError as exc:  # the old table, if any, is whole: write_table commits by one rename
         raise cannot_write(exc, start.path, f"the measurements are kept in the journal {journal.path}") from None
     journal.path.unlink(missing_ok=True)
+    labels = {e.key: e.label for e in start.todo}
+    unsupported = [labels[key] for key in (entry_key_of_row(r) for r in rows if r["status"] == "unsupported")
+                   if key in labels]
     return BuildResult(start.path, *_provenance(start.todo, journal), len(start.kept), oom,
-                       time.perf_counter() - started, recompiled=recompiled)
+                       time.perf_counter() - started, recompiled=recompiled, remeasured=len(start.remeasured),
+                       unsupported=unsupported)
 
 
 def device_out_of_memory(backend: Backend, exc: BaseException) -> bool:
@@ -628,8 +653,9 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
         method = _row_method(entry, plan_method)
         failures = [r for r in results if r["status"] != "ok"]
         if failures or not results:
-            failed.append(entry.label)
             status = failures[0]["status"] if failures else "oom"
+            if status != "unsupported":  # a shape the flow cannot run is skipped by design, not a failure
+                failed.append(entry.label)
             rows.append(measured_row(entry, None, status, method=method, repeat=1, wall_s=0.0,
                                      note=failures[0].get("note", "") if failures else "no result"))
             continue

@@ -89,6 +89,24 @@ class BuildPlan:
         if small:
             raise UsageError(f"contexts {small} are shorter than half the decode window ({self.decode_steps} steps)")
 
+    def check_usable(self) -> None:
+        """Refuse a grid no request can be predicted from, before anything is measured or computed.
+
+        A request's decode steps start with its prompt in the KV cache: after a P-token prompt the
+        first step runs at context P (``Workload.decode_span``), and the predictor interpolates
+        decode rows only inside the measured contexts (for ttft too: every prediction composes
+        the request's decode steps). So a prompt length outside [min(contexts), max(contexts)]
+        gives rows no request of that prompt can use."""
+        low, high = min(self.contexts), max(self.contexts)
+        outside = sorted(p for p in set(self.prompt_lens) if not low <= p <= high)
+        if outside:
+            fix = " and ".join(([f"a context of {outside[0]} or less"] if outside[0] < low else [])
+                               + ([f"one of {outside[-1]} or more"] if outside[-1] > high else []))
+            fix = f"add {fix} to --contexts"
+            raise UsageError(f"--prompt-len {','.join(map(str, outside))}: outside the decode contexts [{low}, "
+                             f"{high}]; a request's first decode step runs at context = its prompt length, so no "
+                             f"request with that prompt could be predicted from this table; {fix}")
+
     def fit_depths(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.depths))) if self.depths else spread_depths(self.arch)
 

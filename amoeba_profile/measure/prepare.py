@@ -20,6 +20,7 @@ from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
 from amoeba_profile.measure.methods import choose_method, device_kind
 from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.device.load import CpuLoad
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class PreparedBuild:
     threads_reason: str = ""  # the thread count and why ("" for a backend without one)
     # The thread count is a load-dependent default: run_build(adopt_threads=...) keeps the table's own.
     adopt_threads: bool = False
+    warnings: tuple[str, ...] = ()  # one line each: an option changed to what the build really uses
 
 
 def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
@@ -44,14 +46,28 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
     keeps the thread count it was measured with (``build.backend_for_build``). Raises UsageError (or BackendUnavailable) naming the option."""
     if backend not in REGISTRY:
         backend_class(backend)  # raises: unknown backend, with the list
+    warnings: list[str] = []
+    capped = ""
     if threads is not None:
         threads = positive_int(threads, "--threads")
+        cores = CpuLoad().cores()
+        if threads > cores:
+            # Threads beyond the cores share them, and every OpenMP barrier waits for the one descheduled.
+            warnings.append(f"--threads {threads} is more than the {cores} cores this process may run on; measuring "
+                            f"with {cores} threads (recorded as such)")
+            capped = f"threads: {cores} (capped from --threads {threads})"
+            threads = cores
     resolved, device_reason = resolve_device(device)
     capabilities = backend_class(backend).capabilities()
     if device_kind(resolved) not in capabilities.devices:
         raise UsageError(f"backend {backend!r} runs on {list(capabilities.devices)}, not {resolved!r}")
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
+    if plan_options.get("depths") and chosen != "difference":
+        how = f"--method {chosen}" if method else f"the default for {backend} on {device_kind(resolved)}"
+        raise UsageError(f"--depths sets the model depths the difference method fits; this build uses the {chosen} "
+                         f"method ({how}): drop --depths, or add --method difference")
     plan = BuildPlan(arch, method=chosen, **plan_options)
+    plan.check_usable()
     if out_dir is None:
         instance, threads_reason = get_backend(backend, device=resolved, dtype=dtype, threads=threads,
                                                **(backend_options or {})), ""
@@ -60,5 +76,7 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
 
         instance, threads_reason = backend_for_build(backend, out_dir, plan, resolved, dtype, threads,
                                                      backend_options or {})
+    if capped and threads_reason:
+        threads_reason = capped
     return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason,
-                         adopt_threads=threads is None and "threads" in instance.config_dict())
+                         adopt_threads=threads is None and "threads" in instance.config_dict(), warnings=tuple(warnings))

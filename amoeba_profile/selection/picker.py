@@ -33,6 +33,8 @@ from amoeba_profile.core.quality import ProxyQuality
 from amoeba_profile.core.strategy import Strategy
 from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DesignSpace, Subnet
 from amoeba_profile.core.workload import Workload, metric_name
+from amoeba_profile.table.lut import short_of
+from amoeba_profile.core.timing import TimingProtocol
 
 
 def width_text(ratio: float | None) -> str:
@@ -71,8 +73,11 @@ def flagged_rows(lut: Lut, prediction: Prediction, metric: str = "e2e_ms") -> li
     return out
 
 
-def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
-    """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not."""
+def flag_warning(flagged: dict[str, list[dict[str, Any]]], coarse: bool = False) -> str | None:
+    """One line when the rows behind the pick or runner-up were disturbed, with what to do; None if not.
+
+    ``coarse``: the table holds rows measured with fewer rounds or samples than a default build
+    takes (``lut.short_of``, a ``--quick`` build); only then is a build without --quick a remedy."""
     parts, seen = [], set()
     for who, rows in flagged.items():
         counts = Counter(f for row in rows for f in row["flags"] if f not in INFORMATIVE_FLAGS)
@@ -85,9 +90,14 @@ def flag_warning(flagged: dict[str, list[dict[str, Any]]]) -> str | None:
         return None
     # The remedy follows the cause: other processes (contended, recompiled under load) want an idle
     # machine; rows that are only noisy (high_cv, e.g. inherited by a fit from its noisy models on a
-    # host-bound GPU) want more samples; a hot device wants cooling and locked clocks.
-    if seen <= {"high_cv"}:
-        advice = "rebuild the table with more rounds (without --quick) or on a quieter machine"
+    # host-bound GPU) want more samples - which a default build over a --quick table takes, while a
+    # table measured in full already had its noisy rows re-measured once; a hot device wants
+    # cooling and locked clocks.
+    if seen <= {"high_cv"} and coarse:
+        advice = ("build the table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+                  "quieter machine")
+    elif seen <= {"high_cv"}:
+        advice = "rebuild the table on a quieter machine"
     else:
         advice = "rebuild the table on an idle machine (build-lut --busy wait)"
     if "throttled" in seen:
@@ -149,6 +159,7 @@ class Selection:
     warning: str | None = None
     confidence: float | None = None  # a shape fits when this quantile of its metric does (None: the value)
     tied: list[Candidate] = field(default_factory=list)  # shapes above the pick that may fit too
+    quality_warning: str | None = None  # the quality CSV names another model (``TableQuality.check_model``)
 
     def to_dict(self, pareto: bool = True) -> dict[str, Any]:
         """The pick in full; top-k and (with ``pareto``) the Pareto front refer to shapes by
@@ -176,6 +187,7 @@ class Selection:
             "skipped": self.skipped,
             "flagged_rows": self.flagged,
             "measurement_warning": self.warning,
+            "quality_warning": self.quality_warning,
         }
 
 
@@ -192,9 +204,32 @@ def table_space(lut: Lut, widths: Sequence[float] | None = None, strategy: Path 
     return list(space.subnets())
 
 
-def table_workload(lut: Lut, prompt_len: int, gen_len: int, batch: int | None = None) -> Workload:
-    """A request for this table: ``batch`` sequences, by default the batch the table was measured at."""
-    return Workload(batch if batch is not None else lut.meta.get("grid", {}).get("batch", 1), prompt_len, gen_len)
+DEFAULT_PROMPT_LEN = 128
+DEFAULT_GEN_LEN = 128
+
+
+def table_workload(lut: Lut, prompt_len: int | None = None, gen_len: int | None = None,
+                   batch: int | None = None) -> Workload:
+    """A request for this table; what is not given defaults to what the table covers.
+
+    ``batch``: the batch the table was measured at. ``prompt_len``: 128 where the table's prompt
+    lengths and decode contexts cover it, else its shortest prompt length its contexts cover.
+    ``gen_len``: 128, or fewer when the decode steps would run past the longest context (at least 2,
+    so tpot has a step). A given value is kept, and refused later if the table cannot cover it."""
+    grid = lut.meta.get("grid", {})
+    prompts, contexts = sorted(grid.get("prompt_lens") or ()), sorted(grid.get("contexts") or ())
+    if prompt_len is None:
+        prompt_len = DEFAULT_PROMPT_LEN
+        if prompts and contexts:
+            low, high = max(prompts[0], contexts[0]), min(prompts[-1], contexts[-1])
+            if not low <= prompt_len <= high:
+                usable = [p for p in prompts if contexts[0] <= p <= contexts[-1]]
+                prompt_len = usable[0] if usable else prompts[0]
+    if gen_len is None:
+        gen_len = DEFAULT_GEN_LEN
+        if contexts and prompt_len + gen_len - 2 > contexts[-1]:
+            gen_len = max(2, contexts[-1] - prompt_len + 2)
+    return Workload(batch if batch is not None else grid.get("batch", 1), prompt_len, gen_len)
 
 
 def rank(candidates: Iterable[Candidate]) -> list[Candidate]:
@@ -275,6 +310,7 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
             raise UsageError("a memory budget needs the table's dtype")
     subnets = list(subnets)
     quality = quality or ProxyQuality()
+    quality_warning = quality.check_model(subnets[0].arch) if subnets else None
     quality.check_covers(subnets)
     candidates, skipped = evaluate(predictor, subnets, workload, metric, stat, quality, dtype)
     if not candidates:
@@ -304,5 +340,6 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
     flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
                for who, cand in zip(("pick", "runner_up"), ranked)}
     return Selection(pick, ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb, flagged, flag_warning(flagged), confidence,
-                     tied)
+                     quality.name, len(candidates), skipped, memory_gb, flagged,
+                     flag_warning(flagged, bool(short_of(predictor.lut.frame, TimingProtocol()).any())), confidence,
+                     tied, quality_warning)

@@ -30,6 +30,7 @@ from amoeba_profile.core.inputs import MIB, finite_float, positive_int, read_bou
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
 from amoeba_profile.core.files import fsync_dir, table_lock, write_file_atomically
+from amoeba_profile.core.timing import TimingProtocol
 
 SCHEMA_VERSION = 2
 KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
@@ -90,6 +91,16 @@ def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, 
             samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
         )
     return row
+
+
+def short_of(frame: pd.DataFrame, protocol: TimingProtocol) -> pd.Series:
+    """The rows measured with fewer rounds or fewer samples than ``protocol`` asks: a ``--quick``
+    build's rows (2 rounds x 4 samples) under the default protocol (3 x 7). Only measured timings
+    count; failed rows (oom, unsupported), computed ones (roofline) and a difference fit's derived
+    rows (``rounds`` 0: their ``n`` counts models, not samples) are never short."""
+    measured = frame["status"].isin(("ok", "error")) & (frame["source"] == "measured") & (frame["rounds"] > 0)
+    asked_n = protocol.rounds * protocol.samples_per_round
+    return measured & ((frame["rounds"] < protocol.rounds) | (frame["n"] < asked_n))
 
 
 def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -322,6 +322,7 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     if plan.whole:
         raise UsageError("a roofline table computes components, not whole models: whole subnets (--whole) need a "
                          "measured build")
+    plan.check_usable()
     out_dir = output_dir(out_dir, "--out")
     calibration = None
     eff = default_efficiency(flow)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import platform
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -104,6 +106,34 @@ def kv_graph(model, num_layers: int):
     return KvGraph().eval()
 
 
+# The exporter's registry logs one line per torchvision operator it skips (4 per export) when
+# torchvision is absent; this flow never uses those operators.
+_EXPORTER_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+class _WithoutTorchvisionNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence what every export prints and nobody can act on: the skipped torchvision operators,
+    torch.export's own ``LeafSpec`` deprecation and the shared dynamic axes (see ``export_onnx``).
+    Anything else the exporter says still comes through."""
+    logger, notes = logging.getLogger(_EXPORTER_LOGGER), _WithoutTorchvisionNotes()
+    logger.addFilter(notes)
+    try:
+        with warnings.catch_warnings():
+            # Every past shares the batch and past axes on purpose; the exporter warns about each one.
+            warnings.filterwarnings("ignore", message="# The axis name")
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        logger.removeFilter(notes)
+
+
 def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> dict[str, str]:
     """Export the subnet's LlamaForCausalLM (random weights) with explicit KV inputs and outputs,
     its weights packed as the random pool they tile (``ort_weights``); returns the packing map.
@@ -122,9 +152,7 @@ def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> dict[str, str]:
     pasts = tuple(torch.randn(shape, dtype=model.dtype) for shape in _kv_shape(spec, 2, 5))
     # ``*pasts`` is one tuple argument to torch.export, absent when the model has no layers
     dynamic = ({0: batch, 1: seq},) + ((tuple({0: batch, 2: past} for _ in pasts),) if pasts else ())
-    with torch.no_grad(), warnings.catch_warnings():
-        # Every past shares the batch and past axes on purpose; the exporter warns about each one.
-        warnings.filterwarnings("ignore", message="# The axis name")
+    with torch.no_grad(), _quiet_export():
         torch.onnx.export(kv_graph(model, len(spec.layers)), (ids, *pasts), str(path), dynamo=True,
                           dynamic_shapes=dynamic, input_names=inputs, output_names=outputs, verbose=False,
                           external_data=True)
