@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,6 +211,19 @@ class Backend(ABC):
         if cls.verified_on:
             return Maturity(True, f"verified on {', '.join(cls.verified_on)}", "")
         return Maturity(False, EXPERIMENTAL, cls.experimental_reason)
+
+    @classmethod
+    def default_methods(cls) -> dict[str, dict[str, str]]:
+        """Device kind (``cpu``, ``cuda``) -> ``{"method", "evidence"}``: the measurement method
+        validated for this flow there and the evidence, from ``methods.json`` beside the adapter's
+        module (``defaults[<flow name>]``); empty when the flow declares none, and a build then
+        uses the fallback (``measure.methods``). A plugin ships its evidence the same way."""
+        module = sys.modules[cls.__module__]
+        path = Path(module.__file__ or "").with_name("methods.json")
+        if not path.is_file():
+            return {}
+        defaults = json.loads(read_bounded(path, MIB, "methods.json")).get("defaults", {})
+        return dict(defaults.get(cls.name, {}))
 
     @classmethod
     @abstractmethod

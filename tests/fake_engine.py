@@ -1,9 +1,27 @@
-"""A pure-Python whole-engine backend: proves the backend contract without any runtime.
+"""The template of a flow: a pure-Python whole-engine backend that proves the contract without any runtime.
 
-Latency is deterministic - base(phase, x) + sum of per-layer costs of (heads, ffn, phase, x), plus
-an optional interaction when a layer narrows heads and FFN at once - times multiplicative Gaussian
-noise. Like a compiled flow it cannot time lone components (``difference`` only), compiles an
-artifact per shape (counted, so tests can prove engines are not rebuilt) and owns its clock.
+A new flow is one folder (or one pip package, as ``examples/flow-plugin`` packages this file):
+
+1. an adapter class deriving ``amoeba_profile.backends.base.Backend`` with a ``name``, and
+   ``availability()`` (an ``Availability`` with the reason and install hint when the library is
+   missing: import the library lazily, inside the adapter), ``capabilities()`` (per-layer heads and
+   FFN, methods, dtypes, devices), ``versions()``, ``environment()``, ``clock_name``,
+   ``check_spec`` / ``compile`` / ``load`` for whole engines (``Engine.ttft`` / ``Engine.tpot``
+   return timed workpieces on the flow's own clock), and ``is_out_of_memory``;
+2. optionally ``methods.json`` beside the adapter's module: the default measurement method per
+   device kind with the evidence (``Backend.default_methods``), and ``verified_on`` once a recorded
+   run on hardware exists (until then the listing labels the flow experimental);
+3. one entry point in its package's ``pyproject.toml``:
+   ``[project.entry-points."amoeba_profile.backends"] my-flow = "my_module:MyBackend"``.
+
+A flow imports only the contract (``amoeba_profile.backends.base``), shared flow utilities
+(``amoeba_profile.backends.common``), ``amoeba_profile.core`` and ``amoeba_profile.device``.
+
+This one's latency is deterministic - base(phase, x) + sum of per-layer costs of (heads, ffn,
+phase, x), plus an optional interaction when a layer narrows heads and FFN at once - times
+multiplicative Gaussian noise: a test double, never a measurement. Like a compiled flow it cannot
+time lone components (``difference`` only), compiles an artifact per shape (counted, so tests can
+prove engines are not rebuilt) and owns its clock.
 """
 
 from __future__ import annotations

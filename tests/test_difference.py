@@ -113,7 +113,8 @@ def test_unsupported_shapes_are_rows_not_crashes(tmp_path, tiny_arch, fake_backe
 
 
 def test_method_choice_follows_validation_data(tiny_arch, fake_backend):
-    assert choose_method("pytorch", ("components", "difference"), "cpu")[0] == "components"
+    assert choose_method("pytorch", ("components", "calibrated", "difference"), "cpu")[0] == "calibrated"
+    assert choose_method("pytorch", ("components", "difference"), "cpu")[0] == "difference"  # not supported: fallback
     method, why = choose_method("pytorch", ("components", "difference"), "cuda:0")
     assert method == "difference" and "H100" in why
     assert choose_method("fake-engine", ("difference",), "cpu")[0] == "difference"

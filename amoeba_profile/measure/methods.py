@@ -1,7 +1,9 @@
 """Which measurement method a build uses: the one validated for this backend and kind of device.
 
-The choice is data (``data/methods.json``) with the evidence beside it, not a rule in code; a
-backend that cannot time lone components can only use ``difference``.
+The choice is data with the evidence beside it, not a rule in code: each flow declares its own
+(``Backend.default_methods``, its folder's ``methods.json``), and ``data/methods.json`` holds the
+fallback for a flow or device that declares none; a backend that cannot time lone components can
+only use ``difference``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from amoeba_profile.backends import REGISTRY, backend_class
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.measure.plan import METHODS
 
@@ -33,8 +36,9 @@ def choose_method(backend_name: str, supported: tuple[str, ...], device: str,
         if requested not in supported:
             raise UsageError(f"backend {backend_name!r} supports {list(supported)}, not {requested!r}")
         return requested, "requested with --method"
-    table = _table()
-    choice = table["defaults"].get(backend_name, {}).get(device_kind(device), table["fallback"])
+    fallback = _table()["fallback"]
+    declared = backend_class(backend_name).default_methods() if backend_name in REGISTRY else {}
+    choice = declared.get(device_kind(device), fallback)
     if choice["method"] not in supported:
-        choice = table["fallback"]
+        choice = fallback
     return choice["method"], choice["evidence"]
