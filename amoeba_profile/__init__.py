@@ -21,21 +21,39 @@ from typing import TYPE_CHECKING, Any
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "resolve_arch": "core.arch", "ModelArch": "core.arch",
-    "get_backend": "backends", "list_backends": "backends",
-    "BuildResult": "measure.build", "run_build": "measure.build",
-    "AmoebaError": "core.errors", "ArchError": "core.errors", "BackendUnavailable": "core.errors",
-    "InfeasibleBudget": "core.errors", "LutError": "core.errors", "OutOfRange": "core.errors",
-    "UnsupportedShape": "core.errors", "UsageError": "core.errors",
-    "Lut": "table.lut", "load_one": "table.lut", "load_table": "table.lut", "reseal": "table.lut",
+    "resolve_arch": "core.arch",
+    "ModelArch": "core.arch",
+    "get_backend": "backends",
+    "list_backends": "backends",
+    "BuildResult": "measure.build",
+    "run_build": "measure.build",
+    "AmoebaError": "core.errors",
+    "ArchError": "core.errors",
+    "BackendUnavailable": "core.errors",
+    "InfeasibleBudget": "core.errors",
+    "LutError": "core.errors",
+    "OutOfRange": "core.errors",
+    "UnsupportedShape": "core.errors",
+    "UsageError": "core.errors",
+    "Lut": "table.lut",
+    "load_one": "table.lut",
+    "load_table": "table.lut",
+    "reseal": "table.lut",
     "TimingProtocol": "core.timing",
     "optimize_per_layer": "selection.optimize",
     "BuildPlan": "measure.plan",
-    "Prediction": "selection.predict", "Predictor": "selection.predict",
-    "PreparedBuild": "measure.prepare", "prepare_build": "measure.prepare",
-    "Candidate": "selection.picker", "Selection": "selection.picker", "select": "selection.picker",
-    "DesignSpace": "core.subnet", "LayerShape": "core.subnet", "Subnet": "core.subnet",
-    "Workload": "core.workload", "metric_name": "core.workload",
+    "Prediction": "selection.predict",
+    "Predictor": "selection.predict",
+    "PreparedBuild": "measure.prepare",
+    "prepare_build": "measure.prepare",
+    "Candidate": "selection.picker",
+    "Selection": "selection.picker",
+    "select": "selection.picker",
+    "DesignSpace": "core.subnet",
+    "LayerShape": "core.subnet",
+    "Subnet": "core.subnet",
+    "Workload": "core.workload",
+    "metric_name": "core.workload",
 }
 
 
@@ -56,8 +74,16 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from amoeba_profile.backends import get_backend, list_backends
     from amoeba_profile.core.arch import ModelArch, resolve_arch
-    from amoeba_profile.core.errors import (AmoebaError, ArchError, BackendUnavailable, InfeasibleBudget, LutError,
-                                            OutOfRange, UnsupportedShape, UsageError)
+    from amoeba_profile.core.errors import (
+        AmoebaError,
+        ArchError,
+        BackendUnavailable,
+        InfeasibleBudget,
+        LutError,
+        OutOfRange,
+        UnsupportedShape,
+        UsageError,
+    )
     from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet
     from amoeba_profile.core.timing import TimingProtocol
     from amoeba_profile.core.workload import Workload, metric_name

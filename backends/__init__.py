@@ -17,9 +17,18 @@ from collections import UserDict
 from importlib.metadata import entry_points
 from typing import Any
 
-from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
+from amoeba_profile.backends.base import (
+    Availability,
+    Backend,
+    BuiltUnit,
+    Capabilities,
+    Engine,
+    EngineSpec,
+    Maturity,
+    ToolResult,
+)
+
 from amoeba_profile.core.errors import BackendUnavailable, UsageError
-from amoeba_profile.backends.base import Maturity, ToolResult
 
 ENTRY_POINT_GROUP = "amoeba_profile.backends"
 
@@ -63,8 +72,9 @@ def get_backend(name: str, **options: Any) -> Backend:
         signature.bind(**options)
     except TypeError:
         known = [p.name for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        raise UsageError(f"backend {name!r} has no option {sorted(set(options) - set(known))}; its options are "
-                         f"{known}") from None
+        raise UsageError(
+            f"backend {name!r} has no option {sorted(set(options) - set(known))}; its options are {known}"
+        ) from None
     return cls(**options)
 
 
@@ -72,4 +82,17 @@ def list_backends() -> list[tuple[str, Availability, Capabilities]]:
     return [(name, backend_class(name).availability(), backend_class(name).capabilities()) for name in REGISTRY]
 
 
-__all__ = ["Availability", "Backend", "BuiltUnit", "Capabilities", "Engine", "EngineSpec", "Maturity", "REGISTRY", "ToolResult", "backend_class", "get_backend", "list_backends"]
+__all__ = [
+    "Availability",
+    "Backend",
+    "BuiltUnit",
+    "Capabilities",
+    "Engine",
+    "EngineSpec",
+    "Maturity",
+    "REGISTRY",
+    "ToolResult",
+    "backend_class",
+    "get_backend",
+    "list_backends",
+]

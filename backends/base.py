@@ -21,11 +21,10 @@ from typing import Any
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.entry import Entry
-from amoeba_profile.core.errors import UnsupportedShape
+from amoeba_profile.core.errors import ArtifactError, UnsupportedShape
+from amoeba_profile.core.inputs import MIB, read_bounded
 from amoeba_profile.core.timing import Workpiece
 from amoeba_profile.core.workload import Workload
-from amoeba_profile.core.errors import ArtifactError
-from amoeba_profile.core.inputs import MIB, read_bounded
 
 ENGINE_RECORD = "engine.json"
 ENGINE_RECORD_BYTES = 4 * MIB  # a spec and a few settings; TensorRT-LLM's lists every rounded layer
@@ -45,8 +44,9 @@ def read_engine_record(artifact: Path, name: str = ENGINE_RECORD) -> dict[str, A
     except ArtifactError as exc:
         raise ArtifactError(f"{exc}; {advice}") from None
     except (ValueError, RecursionError) as exc:
-        raise ArtifactError(f"{path}: not a readable engine record ({' '.join(str(exc).split())[:120]}); "
-                            f"{advice}") from None
+        raise ArtifactError(
+            f"{path}: not a readable engine record ({' '.join(str(exc).split())[:120]}); {advice}"
+        ) from None
     if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
         raise ArtifactError(f"{path}: not an engine record (no 'spec' object); {advice}")
     return record
@@ -111,8 +111,14 @@ class ToolResult:
     raw: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tool": self.tool, "command": list(self.command), "ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms,
-                "definitions": self.definitions, "raw": self.raw}
+        return {
+            "tool": self.tool,
+            "command": list(self.command),
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "definitions": self.definitions,
+            "raw": self.raw,
+        }
 
 
 @dataclass(frozen=True)
@@ -137,8 +143,13 @@ class EngineSpec:
     max_seq_len: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch.to_dict(), "layers": [list(x) for x in self.layers], "max_batch": self.max_batch,
-                "max_input_len": self.max_input_len, "max_seq_len": self.max_seq_len}
+        return {
+            "arch": self.arch.to_dict(),
+            "layers": [list(x) for x in self.layers],
+            "max_batch": self.max_batch,
+            "max_input_len": self.max_input_len,
+            "max_seq_len": self.max_seq_len,
+        }
 
 
 class Engine(ABC):

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 from amoeba_profile.backends import REGISTRY, Capabilities, Maturity, backend_class, list_backends
+
 from amoeba_profile.core.errors import UsageError
 
 MEASURING, UNAVAILABLE = "measuring", "unavailable"
@@ -52,6 +53,15 @@ def flow_capabilities(name: str) -> Capabilities:
 def list_flows() -> list[FlowInfo]:
     """Every known flow with its kind, why it can or cannot measure here, and an install hint."""
     profiles = set(_flows_data()["flows"])
-    return [FlowInfo(name, MEASURING if avail.ok else UNAVAILABLE, avail.reason, avail.install_hint, caps,
-                     name in profiles, backend_class(name).maturity())
-            for name, avail, caps in list_backends()]
+    return [
+        FlowInfo(
+            name,
+            MEASURING if avail.ok else UNAVAILABLE,
+            avail.reason,
+            avail.install_hint,
+            caps,
+            name in profiles,
+            backend_class(name).maturity(),
+        )
+        for name, avail, caps in list_backends()
+    ]

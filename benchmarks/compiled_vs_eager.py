@@ -23,21 +23,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-
+from amoeba_profile.backends import get_backend
 from composition_error import report, validation_subnets
 
 from amoeba_profile.core.arch import resolve_arch
-from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
-from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.core.subnet import Subnet, parse_ratio
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.core.subnet import Subnet, parse_ratio
+from amoeba_profile.table.lut import load_one, load_table
 
 
-def per_layer_by_width(lut, arch, widths: tuple[float, ...], prompt_len: int,
-                       contexts: tuple[int, ...]) -> dict[str, dict[str, float]]:
+def per_layer_by_width(
+    lut, arch, widths: tuple[float, ...], prompt_len: int, contexts: tuple[int, ...]
+) -> dict[str, dict[str, float]]:
     """{width: {"prefill": ms, "decode@c": ms, ...}}: one decoder layer's cost at that width (heads and
     FFN narrowed together), as the table composes it: the slope between the shallowest and the full
     uniform model, so the base cancels."""
@@ -47,9 +47,11 @@ def per_layer_by_width(lut, arch, widths: tuple[float, ...], prompt_len: int,
     for width in widths:
         deep, shallow = Subnet.uniform(arch, depth, width), Subnet.uniform(arch, 1, width)
 
-        def layer_ms(phase: str, tokens: int, context: int) -> float:
-            return (predictor.phase_ms(deep, phase, 1, tokens, context)[0]
-                    - predictor.phase_ms(shallow, phase, 1, tokens, context)[0]) / (depth - 1)
+        def layer_ms(phase: str, tokens: int, context: int, deep: Subnet = deep, shallow: Subnet = shallow) -> float:
+            return (
+                predictor.phase_ms(deep, phase, 1, tokens, context)[0]
+                - predictor.phase_ms(shallow, phase, 1, tokens, context)[0]
+            ) / (depth - 1)
 
         costs = {"prefill": layer_ms("prefill", prompt_len, 0)}
         costs.update({f"decode@{c}": layer_ms("decode", 1, c) for c in contexts})
@@ -61,10 +63,13 @@ def compile_cost(lut) -> dict[str, float]:
     models = lut.frame[(lut.frame.component == "model") & (lut.frame.status == "ok")]
     compiled = models.drop_duplicates("subnet_id").compile_s.dropna()
     compiled = compiled[compiled > 0]
-    return {"engines": int(len(compiled)), "total_s": float(compiled.sum()),
-            "median_s": float(compiled.median()) if len(compiled) else 0.0,
-            "max_s": float(compiled.max()) if len(compiled) else 0.0,
-            "recompiled_rows": int(lut.frame["flags"].str.contains("recompiled").sum())}
+    return {
+        "engines": int(len(compiled)),
+        "total_s": float(compiled.sum()),
+        "median_s": float(compiled.median()) if len(compiled) else 0.0,
+        "max_s": float(compiled.max()) if len(compiled) else 0.0,
+        "recompiled_rows": int(lut.frame["flags"].str.contains("recompiled").sum()),
+    }
 
 
 def print_widths(by_flow: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -72,12 +77,16 @@ def print_widths(by_flow: dict[str, dict[str, dict[str, float]]]) -> None:
     columns = list(next(iter(by_flow.values()))["1"])
     print("\n== per-layer cost by width (ms; in brackets: relative to full width)")
     for column in columns:
-        print(f"{column:<12}" + "".join(f"{flow:>30}" for flow in flows)
-              + ("   eager/compiled" if len(flows) == 2 else ""))
+        print(
+            f"{column:<12}"
+            + "".join(f"{flow:>30}" for flow in flows)
+            + ("   eager/compiled" if len(flows) == 2 else "")
+        )
         for width in by_flow[flows[0]]:
             cells = [by_flow[f][width][column] for f in flows]
             line = f"  width {width:<4}" + "".join(
-                f"{c:>20.4f} [{c / by_flow[f]['1'][column]:.2f}]   " for f, c in zip(flows, cells))
+                f"{c:>20.4f} [{c / by_flow[f]['1'][column]:.2f}]   " for f, c in zip(flows, cells)
+            )
             if len(flows) == 2:
                 line += f"{cells[0] / cells[1]:>10.2f}x"
             print(line)
@@ -105,8 +114,9 @@ def main() -> None:
     contexts = tuple(int(c) for c in args.contexts.split(","))
     depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else ()
     widths_grid = tuple(parse_ratio(w) for w in args.widths.split(","))
-    protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=args.rounds,
-                              samples_per_round=3, min_round_s=0.0)
+    protocol = TimingProtocol(
+        warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=args.rounds, samples_per_round=3, min_round_s=0.0
+    )
     summary: dict = {"model": arch.name, "device": args.device, "protocol": protocol.to_dict(), "flows": {}}
     widths: dict[str, dict] = {}
     t0 = time.perf_counter()
@@ -114,11 +124,25 @@ def main() -> None:
         if args.report_only:
             lut = load_one(args.out / flow)
         else:
-            plan = BuildPlan(arch, widths_grid, prompt_lens=(args.prompt_len,), contexts=contexts, method="difference",
-                             depths=depths, decode_steps=args.decode_steps, whole=tuple(s for _, s in subnets))
+            plan = BuildPlan(
+                arch,
+                widths_grid,
+                prompt_lens=(args.prompt_len,),
+                contexts=contexts,
+                method="difference",
+                depths=depths,
+                decode_steps=args.decode_steps,
+                whole=tuple(s for _, s in subnets),
+            )
             print(f"building {flow} table for {arch.name} ({len(plan.entries())} entries)", flush=True)
-            result = run_build(plan, get_backend(flow, device=args.device), args.out / flow, protocol,
-                               lambda done, total, label: None, method_reason="benchmark")
+            result = run_build(
+                plan,
+                get_backend(flow, device=args.device),
+                args.out / flow,
+                protocol,
+                lambda done, total, label: None,
+                method_reason="benchmark",
+            )
             print(f"  {flow}: {result.wall_s:.0f} s, {len(result.recompiled)} rows recompiled while timed", flush=True)
             lut = load_table(result.path)
         widths[flow] = per_layer_by_width(lut, arch, widths_grid, args.prompt_len, contexts)
@@ -127,15 +151,19 @@ def main() -> None:
             entry["composition"] = report(lut, subnets, flow)
         summary["flows"][flow] = entry
         cost = entry["compile"]
-        print(f"{flow:<18}compile: {cost['engines']} engines, {cost['total_s']:.0f} s total, median "
-              f"{cost['median_s']:.1f} s, max {cost['max_s']:.1f} s; {cost['recompiled_rows']} rows recompiled")
+        print(
+            f"{flow:<18}compile: {cost['engines']} engines, {cost['total_s']:.0f} s total, median "
+            f"{cost['median_s']:.1f} s, max {cost['max_s']:.1f} s; {cost['recompiled_rows']} rows recompiled"
+        )
     print_widths(widths)
     if len(widths) == 2:
         eager, compiled = widths.values()
         speedups = [eager[w][c] / compiled[w][c] for w in eager for c in eager[w] if c != "prefill"]
         summary["decode_speedup_median"] = float(np.median(speedups))
-        print(f"\ndecode per layer: compiled is {np.median(speedups):.2f}x faster than eager (median over widths "
-              f"and contexts); total {time.perf_counter() - t0:.0f} s")
+        print(
+            f"\ndecode per layer: compiled is {np.median(speedups):.2f}x faster than eager (median over widths "
+            f"and contexts); total {time.perf_counter() - t0:.0f} s"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

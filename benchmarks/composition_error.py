@@ -23,16 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from amoeba_profile.backends import get_backend
 
 from amoeba_profile.core.arch import resolve_arch
-from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
 from amoeba_profile.core.errors import AmoebaError
-from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers, width_shape
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers, width_shape
+from amoeba_profile.table.lut import load_one, load_table
 
 
 def validation_subnets(arch) -> list[tuple[str, Subnet]]:
@@ -44,7 +44,7 @@ def validation_subnets(arch) -> list[tuple[str, Subnet]]:
     def per_layer(depth: int, shapes, rule: str = "keep-ends") -> Subnet:
         return Subnet(arch, tuple(LayerShape(i, *s) for i, s in zip(kept_layers(arch, depth, rule), shapes)))
 
-    d = lambda frac: max(1, round(L * frac))  # noqa: E731
+    d = lambda frac: max(1, round(L * frac))
     out = [
         ("uniform", Subnet.uniform(arch, L, 1.0)),
         ("uniform", Subnet.uniform(arch, d(18 / 22), 7 / 8)),
@@ -54,9 +54,16 @@ def validation_subnets(arch) -> list[tuple[str, Subnet]]:
         ("per-layer", per_layer(d(18 / 22), [full] * (d(18 / 22) // 2) + [w58] * (d(18 / 22) - d(18 / 22) // 2))),
         ("per-layer", per_layer(d(16 / 22), [full if i % 2 else w58 for i in range(d(16 / 22))])),
         ("per-layer", per_layer(d(20 / 22), [rng.choice([full, w78, w34, w58]) for _ in range(d(20 / 22))])),
-        ("per-layer off-grid ffn", per_layer(d(15 / 22), [
-            (s[0], s[1], rng.randrange(w58[2], full[2])) for s in (rng.choice([full, w34]) for _ in range(d(15 / 22)))
-        ])),
+        (
+            "per-layer off-grid ffn",
+            per_layer(
+                d(15 / 22),
+                [
+                    (s[0], s[1], rng.randrange(w58[2], full[2]))
+                    for s in (rng.choice([full, w34]) for _ in range(d(15 / 22)))
+                ],
+            ),
+        ),
         ("per-layer", per_layer(d(21 / 22), [w34 if i < 7 else w78 for i in range(d(21 / 22))], "uniform")),
     ]
     return out
@@ -76,7 +83,8 @@ def report(lut, subnets, label: str) -> dict:
     for kind, subnet in subnets:
         off_axes = any(l.heads < arch.num_heads and l.ffn < arch.ffn_size for l in subnet.layers)
         rows = frame[(frame.component == "model") & (frame.subnet_id == subnet.id)].sort_values(
-            ["phase", "context"], ascending=[False, True])
+            ["phase", "context"], ascending=[False, True]
+        )
         for row in rows.itertuples():
             ctx = row.context if row.phase == "decode" else row.tokens
             try:
@@ -88,24 +96,38 @@ def report(lut, subnets, label: str) -> dict:
             err = 100 * (predicted - row.median_ms) / row.median_ms
             errors[row.phase].append(err)
             by_axes["off the axes" if off_axes else "on the axes"].append(err)
-            print(f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}{predicted:>10.2f}{row.median_ms:>10.2f}"
-                  f"{err:>+8.2f}  {source}")
+            print(
+                f"{subnet.label:<26}{kind:<24}{row.phase:<9}{ctx:>5}{predicted:>10.2f}{row.median_ms:>10.2f}"
+                f"{err:>+8.2f}  {source}"
+            )
     summary: dict = {"refused": refused}
     for phase, errs in errors.items():
         if not errs:
             continue
         a = np.abs(errs)
-        summary[phase] = {"n": len(errs), "median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
-                          "mean_signed_pct": float(np.mean(errs))}
-        print(f"{label:<12}{phase:<8} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = "
-              f"{a.max():.2f} %   mean signed = {np.mean(errs):+.2f} %")
+        summary[phase] = {
+            "n": len(errs),
+            "median_abs_pct": float(np.median(a)),
+            "max_abs_pct": float(a.max()),
+            "mean_signed_pct": float(np.mean(errs)),
+        }
+        print(
+            f"{label:<12}{phase:<8} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = "
+            f"{a.max():.2f} %   mean signed = {np.mean(errs):+.2f} %"
+        )
     for where, errs in by_axes.items():
         if errs:
             a = np.abs(errs)
-            summary[where] = {"n": len(errs), "median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
-                              "mean_signed_pct": float(np.mean(errs))}
-            print(f"{label:<12}{where:<13} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = "
-                  f"{a.max():.2f} %   mean signed = {np.mean(errs):+.2f} %")
+            summary[where] = {
+                "n": len(errs),
+                "median_abs_pct": float(np.median(a)),
+                "max_abs_pct": float(a.max()),
+                "mean_signed_pct": float(np.mean(errs)),
+            }
+            print(
+                f"{label:<12}{where:<13} n={len(errs):>3}  median |err| = {np.median(a):.2f} %   max |err| = "
+                f"{a.max():.2f} %   mean signed = {np.mean(errs):+.2f} %"
+            )
     truth_ids = {s.id for _, s in subnets}
     rows = lut.frame
     summary["table_device_s"] = float(rows[~rows.subnet_id.isin(truth_ids)].wall_s.sum())
@@ -114,18 +136,24 @@ def report(lut, subnets, label: str) -> dict:
     if not layers.empty:  # the width-vs-depth question: what does one layer cost at each fitted shape?
         print(f"{label:<12}fitted per-layer cost (ms; heads, kv_heads, ffn):")
         for (phase, tokens, context), group in layers.groupby(["phase", "tokens", "context"]):
-            costs = "  ".join(f"({r.heads},{r.kv_heads},{r.ffn}) {r.median_ms:.3f}±{r.std_ms:.3f}"
-                              for r in group.itertuples())
-            print(f"{'':<12}{phase} {'tokens ' + str(tokens) if phase == 'prefill' else 'ctx ' + str(context)}: {costs}")
-        summary["layer_ms"] = layers[["phase", "tokens", "context", "heads", "kv_heads", "ffn", "median_ms",
-                                      "std_ms"]].to_dict("records")
+            costs = "  ".join(
+                f"({r.heads},{r.kv_heads},{r.ffn}) {r.median_ms:.3f}±{r.std_ms:.3f}" for r in group.itertuples()
+            )
+            print(
+                f"{'':<12}{phase} {'tokens ' + str(tokens) if phase == 'prefill' else 'ctx ' + str(context)}: {costs}"
+            )
+        summary["layer_ms"] = layers[
+            ["phase", "tokens", "context", "heads", "kv_heads", "ffn", "median_ms", "std_ms"]
+        ].to_dict("records")
     if lut.meta.get("fit"):
         worst = max(f["max_abs_residual_pct"] for f in lut.meta["fit"])
         rms = max(f["rms_residual_pct"] for f in lut.meta["fit"])
         summary["fit_max_abs_residual_pct"], summary["fit_worst_rms_pct"] = worst, rms
         print(f"{label:<12}fit residuals: worst rms {rms:.2f} %, max |residual| {worst:.2f} %")
-    print(f"{label:<12}build cost: table rows {summary['table_device_s']:.0f} device-s, truth models "
-          f"{summary['truth_device_s']:.0f} device-s")
+    print(
+        f"{label:<12}build cost: table rows {summary['table_device_s']:.0f} device-s, truth models "
+        f"{summary['truth_device_s']:.0f} device-s"
+    )
     return summary
 
 
@@ -148,15 +176,21 @@ def main() -> None:
     subnets = validation_subnets(arch)
     contexts = tuple(int(c) for c in args.contexts.split(","))
     # Few warm-up runs: whole models take seconds per request on a CPU; three rounds interleave them.
-    protocol = TimingProtocol(warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=3, samples_per_round=3,
-                              min_round_s=0.0)
+    protocol = TimingProtocol(
+        warmup_min=1, warmup_max=3, warmup_tolerance=0.1, rounds=3, samples_per_round=3, min_round_s=0.0
+    )
     # llama-bench yields its samples in one process run: as many as one entry's round can use, no more.
     options = {"repetitions": protocol.warmup_max + protocol.samples_per_round} if args.backend == "llama.cpp" else {}
     backend = get_backend(args.backend, device=args.device, dtype=args.dtype, **options)
     supported = backend.capabilities().methods
     methods = [m for m in ("components", "difference") if m in supported] if args.method == "both" else [args.method]
-    summary = {"model": arch.name, "device": args.device, "backend": backend.name, "dtype": backend.dtype,
-               "protocol": protocol.to_dict()}
+    summary = {
+        "model": arch.name,
+        "device": args.device,
+        "backend": backend.name,
+        "dtype": backend.dtype,
+        "protocol": protocol.to_dict(),
+    }
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -169,8 +203,14 @@ def main() -> None:
         if args.report_only:
             summary[method] = report(load_one(args.out / method), subnets, method)
             continue
-        plan = BuildPlan(arch, prompt_lens=(args.prompt_len,), contexts=contexts, method=method,
-                         decode_steps=args.decode_steps, whole=tuple(s for _, s in subnets))
+        plan = BuildPlan(
+            arch,
+            prompt_lens=(args.prompt_len,),
+            contexts=contexts,
+            method=method,
+            decode_steps=args.decode_steps,
+            whole=tuple(s for _, s in subnets),
+        )
         print(f"building {method} table for {arch.name} ({len(plan.entries())} entries)", flush=True)
         result = run_build(plan, backend, args.out / method, protocol, progress, method_reason="benchmark")
         summary[method] = report(load_table(result.path), subnets, method)

@@ -86,16 +86,27 @@ def _program(template: str, path: Path) -> str:
 
 
 def _write_old(path: Path) -> None:
-    subprocess.run([sys.executable, "-c", _program(_SETUP + "\nt = table(3.0)\nwrite_table(path, t.frame, {{**t.meta, 'generation': 'old'}})\n", path)],
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _program(
+                _SETUP + "\nt = table(3.0)\nwrite_table(path, t.frame, {{**t.meta, 'generation': 'old'}})\n", path
+            ),
+        ],
+        check=True,
+    )
 
 
 def _check(path: Path, allowed: set[str | None]) -> str:
     """Load the table in a fresh process; return its generation ("absent" when there is none)."""
     if not path.exists():
         return "absent"
-    out = subprocess.run([sys.executable, "-c", _program(_SETUP + "\nprint(load_table(path).meta.get('generation'))\n", path)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _program(_SETUP + "\nprint(load_table(path).meta.get('generation'))\n", path)],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         return "unloadable: " + out.stderr.strip().splitlines()[-1]
     generation = out.stdout.strip()
@@ -108,8 +119,11 @@ def _leftovers(folder: Path) -> list[str]:
 
 def step_kills(work: Path) -> None:
     probe = work / "probe" / "t.csv"
-    steps = int(subprocess.run([sys.executable, "-c", _program(_STEP_WRITER, probe), "-1"],
-                               capture_output=True, text=True, check=True).stdout)
+    steps = int(
+        subprocess.run(
+            [sys.executable, "-c", _program(_STEP_WRITER, probe), "-1"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     print(f"step kills: write_table makes {steps} file-system steps")
     for first in (True, False):
         outcomes: dict[str, int] = {}
@@ -126,8 +140,11 @@ def step_kills(work: Path) -> None:
             key = f"after kill: {seen:>8}, after rerun: {rerun}"
             outcomes[key] = outcomes.get(key, 0) + 1
             leftovers += bool(_leftovers(path.parent))
-        print(f"  {'first write' if first else 'rewrite    '}: " + "; ".join(f"{n} x [{k}]" for k, n in outcomes.items())
-              + f"; folders with temp files left after the rerun: {leftovers}")
+        print(
+            f"  {'first write' if first else 'rewrite    '}: "
+            + "; ".join(f"{n} x [{k}]" for k, n in outcomes.items())
+            + f"; folders with temp files left after the rerun: {leftovers}"
+        )
 
 
 def random_kills(work: Path, tries: int) -> None:
@@ -143,31 +160,49 @@ def random_kills(work: Path, tries: int) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen = _check(path, {"old", "0", "1"})
-        bucket = {"old": "the table before the writer's first rewrite", "0": "a rewritten table",
-                  "1": "a rewritten table"}.get(seen, seen)
+        bucket = {
+            "old": "the table before the writer's first rewrite",
+            "0": "a rewritten table",
+            "1": "a rewritten table",
+        }.get(seen, seen)
         outcomes[bucket] = outcomes.get(bucket, 0) + 1
         _write_old(path)  # the rerun
         leftovers += bool(_leftovers(path.parent))
-    print(f"random kills ({tries}): " + "; ".join(f"{n} x {k}" for k, n in outcomes.items())
-          + f"; tries with temp files left after the rerun: {leftovers}")
+    print(
+        f"random kills ({tries}): "
+        + "; ".join(f"{n} x {k}" for k, n in outcomes.items())
+        + f"; tries with temp files left after the rerun: {leftovers}"
+    )
 
 
 def reader_race(work: Path, seconds: float, readers: int) -> None:
     path = work / "race" / "t.csv"
     path.parent.mkdir(parents=True)
     _write_old(path)
-    writer_program = _program(_LOOP_WRITER.replace("while True:", "import time\ndeadline = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < deadline:")
-                              + "\nprint(i)\n", path)
+    writer_program = _program(
+        _LOOP_WRITER.replace(
+            "while True:",
+            "import time\ndeadline = time.monotonic() + float(sys.argv[1])\nwhile time.monotonic() < deadline:",
+        )
+        + "\nprint(i)\n",
+        path,
+    )
     writer = subprocess.Popen([sys.executable, "-c", writer_program, str(seconds)], stdout=subprocess.PIPE, text=True)
-    procs = [subprocess.Popen([sys.executable, "-c", _program(_READER, path), str(seconds)], stdout=subprocess.PIPE, text=True)
-             for _ in range(readers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _program(_READER, path), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(readers)
+    ]
     rewrites = int(writer.communicate()[0])
     results = [p.communicate()[0].split(" ", 2) for p in procs]
     reads = sum(int(r[0]) for r in results)
     errors = sum(int(r[1]) for r in results)
     examples = [r[2].strip() for r in results if int(r[1])]
-    print(f"reader race: {rewrites} rewrites, {readers} reader processes, {reads} loads, {errors} errors"
-          + ("" if not errors else f" e.g. {examples}"))
+    print(
+        f"reader race: {rewrites} rewrites, {readers} reader processes, {reads} loads, {errors} errors"
+        + ("" if not errors else f" e.g. {examples}")
+    )
 
 
 def main() -> None:

@@ -24,11 +24,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: one thread per build, both builds fit 2 cores
 
-from amoeba_profile.measure.build import run_build  # noqa: E402
-from amoeba_profile.fleet.driver import run_fleet  # noqa: E402
-from amoeba_profile.fleet.plan import FleetBuild, plan_builds  # noqa: E402
-from amoeba_profile.core.timing import TimingProtocol  # noqa: E402
-from amoeba_profile.measure.prepare import prepare_build  # noqa: E402
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.fleet.driver import run_fleet
+from amoeba_profile.fleet.plan import FleetBuild, plan_builds
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.measure.prepare import prepare_build
 
 GRID = {"widths": ["1", "3/4", "1/2"], "prompt_lens": [32], "contexts": [32, 64]}
 
@@ -36,16 +36,33 @@ GRID = {"widths": ["1", "3/4", "1/2"], "prompt_lens": [32], "contexts": [32, 64]
 def configs(root: Path, hidden: int, layers: int) -> None:
     for name, width in (("bench-a", hidden), ("bench-b", hidden // 2)):
         (root / name).mkdir()
-        (root / name / "config.json").write_text(json.dumps({
-            "model_type": "llama", "hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": 8,
-            "num_key_value_heads": 4, "intermediate_size": 3 * width, "vocab_size": 1024,
-            "max_position_embeddings": 512}))
+        (root / name / "config.json").write_text(
+            json.dumps(
+                {
+                    "model_type": "llama",
+                    "hidden_size": width,
+                    "num_hidden_layers": layers,
+                    "num_attention_heads": 8,
+                    "num_key_value_heads": 4,
+                    "intermediate_size": 3 * width,
+                    "vocab_size": 1024,
+                    "max_position_embeddings": 512,
+                }
+            )
+        )
 
 
 def builds(root: Path, devices: dict[str, list[str]]) -> list[FleetBuild]:
     """The two models' builds, by device label; one thread each."""
-    return plan_builds({"flows": ["pytorch"], "grid": GRID, "devices": {
-        label: {"models": models, "threads": 1} for label, models in devices.items()}}, root, "benchmark plan")
+    return plan_builds(
+        {
+            "flows": ["pytorch"],
+            "grid": GRID,
+            "devices": {label: {"models": models, "threads": 1} for label, models in devices.items()},
+        },
+        root,
+        "benchmark plan",
+    )
 
 
 def local(root: Path, protocol: TimingProtocol) -> float:
@@ -60,8 +77,9 @@ def add_node(cluster, labels: list[str]):
     """A worker node advertising ``labels``, with a measurement-lock folder of its own (inherited by
     its raylet and workers from this process's environment at start)."""
     os.environ["AMOEBA_LOCK_DIR"] = tempfile.mkdtemp(prefix="fleet-bench-locks-")
-    return cluster.add_node(num_cpus=1, resources={f"device:{label}": 1 for label in labels},
-                            object_store_memory=100 << 20)
+    return cluster.add_node(
+        num_cpus=1, resources={f"device:{label}": 1 for label in labels}, object_store_memory=100 << 20
+    )
 
 
 def fleet(root: Path, protocol: TimingProtocol, devices: dict[str, list[str]], out: str) -> float:
@@ -90,8 +108,10 @@ def main() -> None:
         configs(root, args.hidden, args.layers)
         t_local = local(root, protocol)
         started = time.perf_counter()
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                                "object_store_memory": 100 << 20})
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "include_dashboard": False, "object_store_memory": 100 << 20},
+        )
         ray.init(address=cluster.address)
         shared = add_node(cluster, ["one"])
         t_start = time.perf_counter() - started
@@ -105,8 +125,10 @@ def main() -> None:
         finally:
             ray.shutdown()
             cluster.shutdown()
-    print(f"two builds ({args.hidden}/{args.hidden // 2} hidden, {args.layers} layers, "
-          f"{'full' if args.full else 'quick'} protocol), wall seconds:")
+    print(
+        f"two builds ({args.hidden}/{args.hidden // 2} hidden, {args.layers} layers, "
+        f"{'full' if args.full else 'quick'} protocol), wall seconds:"
+    )
     print(f"  local, one after another:            {t_local:7.1f}")
     print(f"  fleet, one device, both builds:      {t_serial:7.1f}  (overhead {t_serial - t_local:+.1f} s)")
     print(f"  fleet, two devices, at once:         {t_parallel:7.1f}  (speed-up x{t_local / t_parallel:.2f})")

@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
+from amoeba_profile.backends import get_backend
 from composition_error import validation_subnets
 
-from amoeba_profile.backends import get_backend
 from amoeba_profile.core.arch import resolve_arch
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.core.workload import Workload
@@ -74,16 +73,23 @@ def evaluate(lut: Lut, design: str, subnets, workload: Workload) -> dict:
             inside.append(bool(low <= truth <= high))
             print(f"{subnet.label:<22}{kind:<24}{metric:<8}{predicted:>9.1f}{se:>7.1f}{truth:>9.1f}{err:>+8.2f}")
     wall_s, engines = cost(lut, design, truth_ids)
-    summary: dict = {"device_s": wall_s, "engines": engines,
-                     "interval_90_coverage": float(np.mean(inside))}
+    summary: dict = {"device_s": wall_s, "engines": engines, "interval_90_coverage": float(np.mean(inside))}
     for metric, errs in errors.items():
         a = np.abs(errs)
-        summary[metric] = {"median_abs_pct": float(np.median(a)), "max_abs_pct": float(a.max()),
-                           "mean_signed_pct": float(np.mean(errs)), "n": len(errs)}
-        print(f"{design:<12}{metric:<8} median |err| {np.median(a):5.2f} %   max |err| {a.max():5.2f} %   "
-              f"mean signed {np.mean(errs):+5.2f} %")
-    print(f"{design:<12}cost: {wall_s:.0f} device-s of its own rows, {engines} engines; 90 % intervals hold "
-          f"the truth {100 * summary['interval_90_coverage']:.0f} % of the time")
+        summary[metric] = {
+            "median_abs_pct": float(np.median(a)),
+            "max_abs_pct": float(a.max()),
+            "mean_signed_pct": float(np.mean(errs)),
+            "n": len(errs),
+        }
+        print(
+            f"{design:<12}{metric:<8} median |err| {np.median(a):5.2f} %   max |err| {a.max():5.2f} %   "
+            f"mean signed {np.mean(errs):+5.2f} %"
+        )
+    print(
+        f"{design:<12}cost: {wall_s:.0f} device-s of its own rows, {engines} engines; 90 % intervals hold "
+        f"the truth {100 * summary['interval_90_coverage']:.0f} % of the time"
+    )
     return summary
 
 
@@ -106,8 +112,9 @@ def main() -> None:
         wall = None
     else:
         backend = get_backend("pytorch")
-        plan = BuildPlan(arch, prompt_lens=(128,), contexts=contexts, method="calibrated",
-                         whole=tuple(s for _, s in subnets))
+        plan = BuildPlan(
+            arch, prompt_lens=(128,), contexts=contexts, method="calibrated", whole=tuple(s for _, s in subnets)
+        )
         last = [0.0]
 
         def progress(done: int, total: int, label: str) -> None:
@@ -118,9 +125,14 @@ def main() -> None:
         print(f"one interleaved build: {len(plan.entries())} entries, {len(subnets)} truth subnets", flush=True)
         result = run_build(plan, backend, args.out, TimingProtocol(), progress, method_reason="benchmark")
         lut, wall = load_table(result.path), result.wall_s
-    summary = {"model": arch.name, "table": str(lut.path), "wall_s": wall, "workload": vars(workload),
-               "threads": lut.meta.get("backend_config", {}).get("threads"),
-               "designs": {d: evaluate(lut, d, subnets, workload) for d in ("components", "calibrated")}}
+    summary = {
+        "model": arch.name,
+        "table": str(lut.path),
+        "wall_s": wall,
+        "workload": vars(workload),
+        "threads": lut.meta.get("backend_config", {}).get("threads"),
+        "designs": {d: evaluate(lut, d, subnets, workload) for d in ("components", "calibrated")},
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))

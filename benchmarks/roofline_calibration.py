@@ -17,13 +17,19 @@ import json
 from pathlib import Path
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS
-from amoeba_profile.device.specs import get_spec
-from amoeba_profile.table.lut import load_one, load_table
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.table.roofline import (calibrate, default_efficiency, evaluate, get_flow, spec_from_profile,
-                                     whole_model_bounds)
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.device.specs import get_spec
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import load_one, load_table
+from amoeba_profile.table.roofline import (
+    calibrate,
+    default_efficiency,
+    evaluate,
+    get_flow,
+    spec_from_profile,
+    whole_model_bounds,
+)
 
 CPU_TABLES = Path("lut/cpu-intel-xeon/pytorch")
 
@@ -37,11 +43,15 @@ def calibration_figures(fit_path: Path, test_path: Path, profile_path: Path) -> 
     for label, eff in (("documented defaults", default_efficiency(flow)), ("calibrated", None)):
         if eff is None:
             eff, report = calibrate(fit, spec, flow, dtype)
-            print(f"fit on {fit_path.name}: {report['rows']} rows, median |err| {report['median_abs_pct']} %, "
-                  f"max {report['max_abs_pct']} %  -> {report['efficiency']}")
+            print(
+                f"fit on {fit_path.name}: {report['rows']} rows, median |err| {report['median_abs_pct']} %, "
+                f"max {report['max_abs_pct']} %  -> {report['efficiency']}"
+            )
         held_out = evaluate(test, spec, flow, dtype, eff)
-        print(f"{label:>20}: on {test_path.name} (not fitted): {held_out['rows']} rows, median |err| "
-              f"{held_out['median_abs_pct']} %, max {held_out['max_abs_pct']} %")
+        print(
+            f"{label:>20}: on {test_path.name} (not fitted): {held_out['rows']} rows, median |err| "
+            f"{held_out['median_abs_pct']} %, max {held_out['max_abs_pct']} %"
+        )
 
 
 def device_figures(lut_root: Path) -> None:
@@ -54,11 +64,17 @@ def device_figures(lut_root: Path) -> None:
             lut = load_one(table_dir)
             spec, predictor = get_spec(slug), Predictor(lut)
             prediction = predictor.predict(full, Workload(1, 128, 2))
-            for metric, phase, tokens, value in (("decode/token @ctx 128", "decode", 1, prediction.tpot_ms),
-                                                 ("prefill 128 tokens", "prefill", 128, prediction.ttft_ms)):
-                bounds = whole_model_bounds(arch, layers, spec, "float16", phase, tokens, 128 if phase == "decode" else 0)
-                print(f"{slug + ' / ' + table_dir.name:<30}{metric:<24}{value:>13.2f}{bounds['bandwidth_bound_ms']:>10.2f}"
-                      f"{bounds['compute_bound_ms']:>15.2f}")
+            for metric, phase, tokens, value in (
+                ("decode/token @ctx 128", "decode", 1, prediction.tpot_ms),
+                ("prefill 128 tokens", "prefill", 128, prediction.ttft_ms),
+            ):
+                bounds = whole_model_bounds(
+                    arch, layers, spec, "float16", phase, tokens, 128 if phase == "decode" else 0
+                )
+                print(
+                    f"{slug + ' / ' + table_dir.name:<30}{metric:<24}{value:>13.2f}{bounds['bandwidth_bound_ms']:>10.2f}"
+                    f"{bounds['compute_bound_ms']:>15.2f}"
+                )
 
 
 def main() -> None:

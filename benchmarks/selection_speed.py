@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.table.lut import load_table
-from amoeba_profile.selection.optimize import optimize_per_layer, table_options
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.selection.picker import select
 from amoeba_profile.core.subnet import DesignSpace
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.selection.optimize import optimize_per_layer, table_options
+from amoeba_profile.selection.picker import select
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import load_table
 
 
 def timed(fn, repeat: int = 5) -> tuple[float, object]:
@@ -52,25 +52,37 @@ def main() -> None:
     select(predictor, space, workload, args.metric, budget)
     warm, chosen = timed(lambda: select(predictor, space, workload, args.metric, budget))
     print(f"table: {args.lut} ({'roofline' if lut.is_roofline else 'measured'})")
-    print(f"uniform selection over {len(space)} shapes: {cold:.1f} ms cold (new predictor), {warm:.2f} ms warm "
-          f"-> {chosen.pick.subnet.label}")
+    print(
+        f"uniform selection over {len(space)} shapes: {cold:.1f} ms cold (new predictor), {warm:.2f} ms warm "
+        f"-> {chosen.pick.subnet.label}"
+    )
 
     options = table_options(predictor)
-    one, result = timed(lambda: optimize_per_layer(predictor, arch, [arch.num_layers], workload, args.metric, budget,
-                                                   options=options))
-    every, _ = timed(lambda: optimize_per_layer(predictor, arch, DesignSpace.amoeba(arch).depths, workload, args.metric,
-                                                budget, options=options), repeat=3)
-    print(f"per-layer optimization, {arch.num_layers} layers x {len(options)} options: {one:.0f} ms (one depth), "
-          f"{every:.0f} ms (all {len(DesignSpace.amoeba(arch).depths)} depths)")
+    one, result = timed(
+        lambda: optimize_per_layer(predictor, arch, [arch.num_layers], workload, args.metric, budget, options=options)
+    )
+    every, _ = timed(
+        lambda: optimize_per_layer(
+            predictor, arch, DesignSpace.amoeba(arch).depths, workload, args.metric, budget, options=options
+        ),
+        repeat=3,
+    )
+    print(
+        f"per-layer optimization, {arch.num_layers} layers x {len(options)} options: {one:.0f} ms (one depth), "
+        f"{every:.0f} ms (all {len(DesignSpace.amoeba(arch).depths)} depths)"
+    )
 
     print(f"\n{'budget ms':>10}{'best uniform':>24}{'quality':>9}{'per-layer':>12}{'quality':>9}{'gain':>8}")
     for fraction in (0.6, 0.7, 0.8, 0.9):
         b = fraction * full
         uniform = select(predictor, space, workload, args.metric, b).pick
-        per = optimize_per_layer(predictor, arch, DesignSpace.amoeba(arch).depths, workload, args.metric, b,
-                                 options=options)
-        print(f"{b:>10.2f}{uniform.subnet.label:>24}{uniform.quality:>9.4f}{per.subnet.num_layers:>9} L{per.quality:>12.4f}"
-              f"{per.quality - uniform.quality:>+8.4f}")
+        per = optimize_per_layer(
+            predictor, arch, DesignSpace.amoeba(arch).depths, workload, args.metric, b, options=options
+        )
+        print(
+            f"{b:>10.2f}{uniform.subnet.label:>24}{uniform.quality:>9.4f}{per.subnet.num_layers:>9} L{per.quality:>12.4f}"
+            f"{per.quality - uniform.quality:>+8.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -62,16 +62,22 @@ def main() -> None:
     predictors = [Predictor(t) for t in tables]
     workload = Workload(1, 128, 128)
     space = table_space(tables[0])
-    summary: dict = {"model": args.model, "method": tables[0].meta["method"], "build_wall_s": walls,
-                     "shapes": len(space)}
+    summary: dict = {
+        "model": args.model,
+        "method": tables[0].meta["method"],
+        "build_wall_s": walls,
+        "shapes": len(space),
+    }
     for metric in ("ttft_ms", "tpot_ms"):
         diffs = []
         for subnet in space:
             a, b = (p.predict(subnet, workload).metric(metric) for p in predictors)
             diffs.append(100 * abs(a - b) / ((a + b) / 2))
         summary[metric] = {"median_abs_diff_pct": float(np.median(diffs)), "max_abs_diff_pct": float(np.max(diffs))}
-        print(f"{metric}: the two tables' predictions differ by {np.median(diffs):.2f} % median, "
-              f"{np.max(diffs):.2f} % max over {len(space)} shapes")
+        print(
+            f"{metric}: the two tables' predictions differ by {np.median(diffs):.2f} % median, "
+            f"{np.max(diffs):.2f} % max over {len(space)} shapes"
+        )
     full = Subnet.uniform(tables[0].arch, tables[0].arch.num_layers, 1.0)
     full_tpot = predictors[0].predict(full, workload).tpot_ms
     picks = []
@@ -79,14 +85,24 @@ def main() -> None:
         budget = fraction * full_tpot
         sel = [select(p, space, workload, "tpot", budget) for p in predictors]
         same = sel[0].pick.subnet == sel[1].pick.subnet
-        tied = (sel[1].pick.subnet in [c.subnet for c in sel[0].tied]
-                or sel[0].pick.subnet in [c.subnet for c in sel[1].tied])
+        tied = sel[1].pick.subnet in [c.subnet for c in sel[0].tied] or sel[0].pick.subnet in [
+            c.subnet for c in sel[1].tied
+        ]
         verdict = "same" if same else ("tied" if tied else "DIFFERENT")
-        picks.append({"budget_ms": budget, "a": sel[0].pick.subnet.label, "b": sel[1].pick.subnet.label,
-                      "verdict": verdict, "a_ties": [c.subnet.label for c in sel[0].tied],
-                      "b_ties": [c.subnet.label for c in sel[1].tied]})
-        print(f"budget {fraction:.1f} x full tpot = {budget:6.1f} ms: {sel[0].pick.subnet.label:>14} vs "
-              f"{sel[1].pick.subnet.label:<14} {verdict}")
+        picks.append(
+            {
+                "budget_ms": budget,
+                "a": sel[0].pick.subnet.label,
+                "b": sel[1].pick.subnet.label,
+                "verdict": verdict,
+                "a_ties": [c.subnet.label for c in sel[0].tied],
+                "b_ties": [c.subnet.label for c in sel[1].tied],
+            }
+        )
+        print(
+            f"budget {fraction:.1f} x full tpot = {budget:6.1f} ms: {sel[0].pick.subnet.label:>14} vs "
+            f"{sel[1].pick.subnet.label:<14} {verdict}"
+        )
     summary["picks"] = picks
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,13 @@ os.environ["AMOEBA_BUSY"] = "warn"
 os.environ["AMOEBA_LOCK_DIR"] = tempfile.mkdtemp(prefix="amoeba-locks-")
 os.environ.setdefault("AMOEBA_ARTIFACTS", tempfile.mkdtemp(prefix="amoeba-artifacts-"))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from amoeba_profile.core.arch import ModelArch  # noqa: E402
-from amoeba_profile.core.entry import Entry  # noqa: E402
-from amoeba_profile.table.lut import Lut, measured_row, rows_frame  # noqa: E402
-from amoeba_profile.core.timing import Measurement, TimingProtocol  # noqa: E402
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.timing import Measurement, TimingProtocol
+from amoeba_profile.table.lut import Lut, measured_row, rows_frame
 
 torch.set_num_threads(1)
 
@@ -78,8 +78,11 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
     rows = []
 
     def add(entry: Entry, value: float) -> None:
-        rows.append(measured_row(entry, Measurement.from_samples([value, value, value]), "ok",
-                                 method="components", repeat=1, wall_s=0.0))
+        rows.append(
+            measured_row(
+                entry, Measurement.from_samples([value, value, value]), "ok", method="components", repeat=1, wall_s=0.0
+            )
+        )
 
     heads_set = sorted({h for h in range(arch.group_size, arch.num_heads + 1, arch.group_size)})
     for heads in heads_set:
@@ -93,8 +96,12 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
     add(Entry("base", "prefill", 1, prompt_len, 0), base("prefill", 0))
     for c in contexts:
         add(Entry("base", "decode", 1, 1, c), base("decode", c))
-    full_meta = {"arch": arch.to_dict(), "backend": "pytorch", "source": "measured",
-                 "grid": {"widths": [1.0, 0.5], "batch": 1}}
+    full_meta = {
+        "arch": arch.to_dict(),
+        "backend": "pytorch",
+        "source": "measured",
+        "grid": {"widths": [1.0, 0.5], "batch": 1},
+    }
     full_meta.update(meta or {})
     return Lut(rows_frame(rows), full_meta)
 
@@ -102,9 +109,8 @@ def synthetic_lut(arch: ModelArch, attn, mlp, base, contexts=(16, 64), prompt_le
 @pytest.fixture
 def fake_backend(monkeypatch):
     """Registers the pure-Python whole-engine backend (tests/fake_engine.py) as ``fake-engine``."""
-    from amoeba_profile.backends import REGISTRY
-
     import fake_engine
+    from amoeba_profile.backends import REGISTRY
 
     monkeypatch.setitem(REGISTRY, "fake-engine", "fake_engine:FakeEngineBackend")
     fake_engine.COMPILES.clear()

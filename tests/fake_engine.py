@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
+from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
+
 from amoeba_profile.core.errors import UnsupportedShape
-from amoeba_profile.backends.base import read_engine_record
 
 COMPILES: list[dict[str, Any]] = []
 

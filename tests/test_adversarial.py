@@ -14,15 +14,15 @@ import signal
 from contextlib import contextmanager
 
 import pytest
-
-from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import device_out_of_memory, run_build
+
 from amoeba_profile.core.errors import AmoebaError, LutError
-from amoeba_profile.table.lut import load_table
-from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.build import device_out_of_memory, run_build
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.table.lut import load_table
 
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=3, min_round_s=0.0)
 
@@ -30,6 +30,7 @@ PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_roun
 @contextmanager
 def no_hang(seconds: int = 30):
     """Fail, instead of waiting for ever, if the block takes longer than ``seconds``."""
+
     def alarm(*_):
         raise TimeoutError(f"still blocked after {seconds} s")
 
@@ -44,13 +45,27 @@ def no_hang(seconds: int = 30):
 
 def _plan(arch):
     """Two whole models only (prefill and decode rows each): two engines, no grid."""
-    return BuildPlan(arch, (1.0,), (16,), (16,), method="difference", measure_grid=False,
-                     whole=(Subnet.uniform(arch, 2, 1.0), Subnet.uniform(arch, 3, 1.0)))
+    return BuildPlan(
+        arch,
+        (1.0,),
+        (16,),
+        (16,),
+        method="difference",
+        measure_grid=False,
+        whole=(Subnet.uniform(arch, 2, 1.0), Subnet.uniform(arch, 3, 1.0)),
+    )
 
 
 def _build(out, arch, artifacts, backend=None, **kw):
-    return run_build(_plan(arch), backend or get_backend("fake-engine"), out, PROTOCOL,
-                     artifacts=ArtifactCache(artifacts), notice=lambda message: None, **kw)
+    return run_build(
+        _plan(arch),
+        backend or get_backend("fake-engine"),
+        out,
+        PROTOCOL,
+        artifacts=ArtifactCache(artifacts),
+        notice=lambda message: None,
+        **kw,
+    )
 
 
 def _engine_records(artifacts):
@@ -87,8 +102,11 @@ def test_a_malformed_engine_record_names_the_cache_entry_to_delete(tmp_path, tin
     record = _engine_records(artifacts)[0]
     record.write_text('{"spec": ')
     for _ in range(2):  # a rerun reads the same entry
-        with pytest.raises(AmoebaError, match=f"{record}: not a readable engine record .*delete the cached engine "
-                                              f"{record.parent} so that the next run compiles it again"):
+        with pytest.raises(
+            AmoebaError,
+            match=f"{record}: not a readable engine record .*delete the cached engine "
+            f"{record.parent} so that the next run compiles it again",
+        ):
             _build(tmp_path / "second", tiny_arch, artifacts)
     import shutil
 
@@ -164,9 +182,12 @@ def test_a_full_disk_names_the_file_and_keeps_the_journal(tmp_path, tiny_arch, f
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     message = str(failure.value)
-    assert message.startswith(f"{journal}: cannot write (File too large); the ") and " results before it are kept " \
-        "there - free some space (or raise the file-size limit, ulimit -f) and rerun the same command to resume" \
-        in message, message
+    assert (
+        message.startswith(f"{journal}: cannot write (File too large); the ")
+        and " results before it are kept "
+        "there - free some space (or raise the file-size limit, ulimit -f) and rerun the same command to resume"
+        in message
+    ), message
     kept = sum(1 for line in journal.read_text().splitlines() if '"result"' in line)
     result = _build(tmp_path, tiny_arch, artifacts)
     assert kept > 0 and result.from_journal + result.measured == len(_plan(tiny_arch).entries())
@@ -180,14 +201,22 @@ def test_a_build_that_waited_for_the_lock_adopts_the_threads_of_the_table_it_fin
     waiting = get_backend("fake-engine", threads=2)  # chosen while the table did not exist yet
     first = _build(tmp_path, tiny_arch, artifacts, get_backend("fake-engine", threads=1))
     heard = []
-    second = run_build(_plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts),
-                       notice=heard.append, adopt_threads=True)
+    second = run_build(
+        _plan(tiny_arch),
+        waiting,
+        tmp_path,
+        PROTOCOL,
+        artifacts=ArtifactCache(artifacts),
+        notice=heard.append,
+        adopt_threads=True,
+    )
     assert second.path == first.path and not second.written
     assert heard == [f"threads: 1 instead of 2, as {first.path} was measured by the build this one waited for"]
     assert load_table(first.path).meta["backend_config"]["threads"] == 1
     with pytest.raises(LutError, match="existing table has backend_config"):  # a count the user gave stays refused
-        run_build(_plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts),
-                  notice=heard.append)
+        run_build(
+            _plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts), notice=heard.append
+        )
 
 
 # ---- reseal: a CSV changed by hand is checked against the table's own model, method and grid -----
@@ -195,17 +224,28 @@ def test_a_build_that_waited_for_the_lock_adopts_the_threads_of_the_table_it_fin
 
 def _sealed_table(tmp_path, arch):
     """A components table with full provenance (grid, method) and one whole-model row."""
-    from amoeba_profile.core.entry import Entry
-    from amoeba_profile.table.lut import measured_row, rows_frame, write_table
-    from amoeba_profile.core.timing import Measurement
-
     from conftest import synthetic_lut
 
+    from amoeba_profile.core.entry import Entry
+    from amoeba_profile.core.timing import Measurement
+    from amoeba_profile.table.lut import measured_row, rows_frame, write_table
+
     lut = synthetic_lut(arch, lambda h, p, c: 1.0 + h / 8, lambda f, p: 2.0, lambda p, c: 3.0)
-    model = measured_row(Entry("model", "decode", 1, 1, 16, subnet=Subnet.uniform(arch, 2, 1.0)),
-                         Measurement.from_samples([0.8, 0.81, 0.79]), "ok", method="whole", repeat=1, wall_s=0.1)
-    meta = {**lut.meta, "dtype": "float32", "device_slug": "cpu-test", "method": "components",
-            "grid": {"widths": [1.0, 0.75, 0.5, 0.25], "prompt_lens": [16], "contexts": [16, 64], "batch": 1}}
+    model = measured_row(
+        Entry("model", "decode", 1, 1, 16, subnet=Subnet.uniform(arch, 2, 1.0)),
+        Measurement.from_samples([0.8, 0.81, 0.79]),
+        "ok",
+        method="whole",
+        repeat=1,
+        wall_s=0.1,
+    )
+    meta = {
+        **lut.meta,
+        "dtype": "float32",
+        "device_slug": "cpu-test",
+        "method": "components",
+        "grid": {"widths": [1.0, 0.75, 0.5, 0.25], "prompt_lens": [16], "contexts": [16, 64], "batch": 1},
+    }
     path = tmp_path / "tiny-float32.csv"
     write_table(path, rows_frame(lut.frame.to_dict("records") + [model]), meta)
     return path
@@ -227,22 +267,34 @@ def _attn(frame):
     return (frame.component == "attn") & (frame.phase == "prefill") & (frame.heads == "8")
 
 
-@pytest.mark.parametrize("where, column, value, message", [
-    (_attn, "heads", "999", "not a shape of tiny"),
-    (_attn, "kv_heads", "3", "heads=8 must be kv_heads x 2"),
-    (_attn, "heads", "0", "not a shape of tiny"),
-    (_attn, "p10_ms", "1e-9", "p10_ms=1e-09 is not the p10 of its samples_ms"),
-    (_attn, "samples_ms", "[2.0, oops", "is not a JSON list of numbers"),
-    (_attn, "n", "0", "n=0 but samples_ms holds 3 samples"),
-    (_attn, "mean_ms", "-2", "mean_ms=-2.0 is negative"),
-    (_attn, "std_ms", "-1", "std_ms=-1.0 is negative"),
-    (_attn, "tokens", "17", "tokens=17 is not in the table's grid [16]"),
-    (lambda f: f.component == "mlp", "ffn", "100", "mlp shape (100,) is not one of the table's grid [(32,), (64,), "
-                                                   "(96,), (128,)]"),
-    (lambda f: f.component == "model", "subnet_json", '{"layers": [', "subnet_json does not describe a subnet"),
-    (None, {"component": "layer", "ffn": "128"}, None, "a layer row of method 'components'; a table of method "
-                                                       "'components' holds model rows and attn, base, mlp rows"),
-])
+@pytest.mark.parametrize(
+    "where, column, value, message",
+    [
+        (_attn, "heads", "999", "not a shape of tiny"),
+        (_attn, "kv_heads", "3", "heads=8 must be kv_heads x 2"),
+        (_attn, "heads", "0", "not a shape of tiny"),
+        (_attn, "p10_ms", "1e-9", "p10_ms=1e-09 is not the p10 of its samples_ms"),
+        (_attn, "samples_ms", "[2.0, oops", "is not a JSON list of numbers"),
+        (_attn, "n", "0", "n=0 but samples_ms holds 3 samples"),
+        (_attn, "mean_ms", "-2", "mean_ms=-2.0 is negative"),
+        (_attn, "std_ms", "-1", "std_ms=-1.0 is negative"),
+        (_attn, "tokens", "17", "tokens=17 is not in the table's grid [16]"),
+        (
+            lambda f: f.component == "mlp",
+            "ffn",
+            "100",
+            "mlp shape (100,) is not one of the table's grid [(32,), (64,), (96,), (128,)]",
+        ),
+        (lambda f: f.component == "model", "subnet_json", '{"layers": [', "subnet_json does not describe a subnet"),
+        (
+            None,
+            {"component": "layer", "ffn": "128"},
+            None,
+            "a layer row of method 'components'; a table of method "
+            "'components' holds model rows and attn, base, mlp rows",
+        ),
+    ],
+)
 def test_reseal_refuses_rows_no_build_writes(tmp_path, tiny_arch, where, column, value, message):
     from amoeba_profile.table.lut import reseal, sidecar_path
 
@@ -294,13 +346,28 @@ def _main(monkeypatch, capsys, *args):
     return done.value.code, captured.out, captured.err
 
 
-def test_paths_with_markup_print_as_they_are_and_plots_replace_a_planted_symlink(tmp_path, monkeypatch, capsys,
-                                                                                 tiny_config_path):
+def test_paths_with_markup_print_as_they_are_and_plots_replace_a_planted_symlink(
+    tmp_path, monkeypatch, capsys, tiny_config_path
+):
     """``--out 'mk[/]'`` wrote the table, then crashed with MarkupError (exit 1); '[bold]x[/bold]'
     printed altered. ``plot`` wrote through a symlink planted at pareto.png."""
     out = tmp_path / "mk[/]" / "[bold]x[/bold]"
-    code, stdout, stderr = _main(monkeypatch, capsys, "build-lut", "--model", str(tiny_config_path), "--out", str(out),
-                                 "--quick", "--prompt-len", "16", "--contexts", "16,64", "--widths", "1")
+    code, stdout, stderr = _main(
+        monkeypatch,
+        capsys,
+        "build-lut",
+        "--model",
+        str(tiny_config_path),
+        "--out",
+        str(out),
+        "--quick",
+        "--prompt-len",
+        "16",
+        "--contexts",
+        "16,64",
+        "--widths",
+        "1",
+    )
     assert code == 0, stderr
     [table] = out.rglob("*.csv")
     assert f"table: {table}  (" in stdout
@@ -311,8 +378,21 @@ def test_paths_with_markup_print_as_they_are_and_plots_replace_a_planted_symlink
     plots = tmp_path / "plots[/]"
     plots.mkdir(parents=True)
     (plots / "pareto.png").symlink_to(victim)
-    code, stdout, stderr = _main(monkeypatch, capsys, "plot", "--lut", str(table), "--out", str(plots),
-                                 "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "20")
+    code, stdout, stderr = _main(
+        monkeypatch,
+        capsys,
+        "plot",
+        "--lut",
+        str(table),
+        "--out",
+        str(plots),
+        "--budget-ms",
+        "1000",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+    )
     assert code == 0 and f"wrote {plots / 'pareto.png'}\n" in stdout, stderr
     assert victim.read_text() == "precious\n"
     assert not (plots / "pareto.png").is_symlink() and (plots / "pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -335,21 +415,31 @@ def test_a_fleet_plan_with_aliases_or_nested_5000_deep_is_refused_in_one_line(tm
 
     plan = tmp_path / "fleet.yaml"
     plan.write_text(_alias_bomb(5))  # 9**5 = 59049 copies here; 9 levels (567 bytes) made over 10 GB
-    with pytest.raises(UsageError, match=r"fleet.yaml: not a readable YAML file \(aliases \(\*name\) are not allowed "
-                                         r"in a fleet plan; write the value out in .*, line 5, column \d+"):
+    with pytest.raises(
+        UsageError,
+        match=r"fleet.yaml: not a readable YAML file \(aliases \(\*name\) are not allowed "
+        r"in a fleet plan; write the value out in .*, line 5, column \d+",
+    ):
         load_fleet_plan(plan)
-    plan.write_text("devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid: {whole: "
-                    + "[" * 5000 + "]" * 5000 + "}\n")
+    plan.write_text(
+        "devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid: {whole: " + "[" * 5000 + "]" * 5000 + "}\n"
+    )
     with pytest.raises(UsageError, match="fleet.yaml: nested too deeply to be a fleet plan"):
         load_fleet_plan(plan)
 
 
-@pytest.mark.parametrize("device, message", [
-    ("flows: [tensorflow]", "device 'a': unknown flow 'tensorflow': a fleet measures with one of"),
-    ("method: bogus", "device 'a': method 'bogus' is not one of pytorch's ['components', 'calibrated', 'difference']"),
-    ("device: tpu", "device 'a': unknown device 'tpu': use auto, cpu or cuda[:N]"),
-    ("dtype: float8", "device 'a': dtype 'float8' is not one of pytorch's"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("flows: [tensorflow]", "device 'a': unknown flow 'tensorflow': a fleet measures with one of"),
+        (
+            "method: bogus",
+            "device 'a': method 'bogus' is not one of pytorch's ['components', 'calibrated', 'difference']",
+        ),
+        ("device: tpu", "device 'a': unknown device 'tpu': use auto, cpu or cuda[:N]"),
+        ("dtype: float8", "device 'a': dtype 'float8' is not one of pytorch's"),
+    ],
+)
 def test_a_fleet_plan_is_checked_whole_before_ray_starts(tmp_path, monkeypatch, capsys, device, message):
     """Unknown flows, methods and devices were refused only after Ray had started (7-9 s)."""
     import amoeba_profile.fleet.driver as fleet
@@ -378,15 +468,18 @@ def test_thousands_of_devices_without_a_node_are_one_line(tmp_path):
     driver = _Driver.__new__(_Driver)
     driver.ray, driver.notice, driver.device_wait_s = NoNodes(), notices.append, 600.0
     driver.calls = __import__("queue").SimpleQueue()
-    tables = [_Table(build) for build in flags_builds([f"kind-{i:04d}" for i in range(2000)], ["pytorch"],
-                                                      ["tinyllama-1.1b"])]
+    tables = [
+        _Table(build) for build in flags_builds([f"kind-{i:04d}" for i in range(2000)], ["pytorch"], ["tinyllama-1.1b"])
+    ]
     driver.announce_missing(tables)
     for table in tables:
         driver._watch_device(table)  # each build's own watch: already announced, nothing new to say
     while not driver.calls.empty():
         driver.calls.get()()
-    assert notices == ["no live node advertises device:kind-0000, device:kind-0001, device:kind-0002 and 1997 more; "
-                       "waiting up to 600 s for one to join"]
+    assert notices == [
+        "no live node advertises device:kind-0000, device:kind-0001, device:kind-0002 and 1997 more; "
+        "waiting up to 600 s for one to join"
+    ]
 
 
 def test_ctrl_c_before_a_command_measures_says_so_in_one_line(monkeypatch, capsys):

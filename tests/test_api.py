@@ -6,18 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import synthetic_lut
 
 import amoeba_profile as ap
 from amoeba_profile.table.lut import table_path, write_table
-
-from conftest import synthetic_lut
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _readme_api_section() -> str:
     text = README.read_text()
-    return text[text.index("## Python API"):text.index("## Backends")]
+    return text[text.index("## Python API") : text.index("## Backends")]
 
 
 def test_every_documented_name_is_exported():
@@ -26,8 +25,21 @@ def test_every_documented_name_is_exported():
     documented = {name for cell in first_cells for name in re.findall(r"`([A-Za-z_]+)`", cell)}
     used = set(re.findall(r"\bap\.([A-Za-z_]+)", section))
     assert used and used <= set(ap.__all__)
-    assert {"resolve_arch", "prepare_build", "run_build", "load_table", "Predictor", "select", "Workload",
-            "AmoebaError", "reseal"} <= documented <= set(ap.__all__)
+    assert (
+        {
+            "resolve_arch",
+            "prepare_build",
+            "run_build",
+            "load_table",
+            "Predictor",
+            "select",
+            "Workload",
+            "AmoebaError",
+            "reseal",
+        }
+        <= documented
+        <= set(ap.__all__)
+    )
     for name in ap.__all__:
         assert getattr(ap, name) is not None, name
     assert callable(ap.select) and ap.select.__module__ == "amoeba_profile.selection.picker"
@@ -40,9 +52,13 @@ def test_import_loads_no_torch():
 
 def test_readme_snippet_on_a_tiny_table(tmp_path, tiny_arch):
     """The README's snippet, with a written tiny table in place of the measured TinyLlama one."""
-    lut = synthetic_lut(tiny_arch, lambda h, p, c: 0.3 * h if p == "prefill" else 0.05 * h + 0.001 * c,
-                        lambda f, p: 0.01 * f if p == "prefill" else 0.004 * f, lambda p, c: 2.0,
-                        meta={"dtype": "float32"})
+    lut = synthetic_lut(
+        tiny_arch,
+        lambda h, p, c: 0.3 * h if p == "prefill" else 0.05 * h + 0.001 * c,
+        lambda f, p: 0.01 * f if p == "prefill" else 0.004 * f,
+        lambda p, c: 2.0,
+        meta={"dtype": "float32"},
+    )
     path = table_path(tmp_path, "cpu-test", "pytorch", "tiny", "float32")
     write_table(path, lut.frame, lut.meta)
 

@@ -2,15 +2,33 @@ import json
 
 import pytest
 
-from amoeba_profile.core.arch import (BUILTIN_ARCHS, ModelArch, attn_params, from_hf_config, layer_params, mlp_params,
-                                 non_layer_params, resolve_arch)
+from amoeba_profile.core.arch import (
+    BUILTIN_ARCHS,
+    ModelArch,
+    attn_params,
+    from_hf_config,
+    layer_params,
+    mlp_params,
+    non_layer_params,
+    resolve_arch,
+)
 from amoeba_profile.core.errors import ArchError
 
 MISTRAL_7B = {
-    "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "vocab_size": 32000, "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32000,
+    "hidden_act": "silu",
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "tie_word_embeddings": False,
 }
 
 
@@ -89,8 +107,10 @@ def test_round_trip_dict():
         ({"num_key_value_heads": 0}, "field 'num_key_value_heads' must be a positive integer, got 0"),
         ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false, got 'false'"),
         ({"head_dim": 7, "num_attention_heads": 32}, "field 'head_dim'=7 must be even"),
-        ({"hidden_size": 4000, "num_attention_heads": 32, "num_key_value_heads": 8},
-         r"field 'head_dim'=125 \(hidden_size 4000 / num_attention_heads 32\) must be even"),
+        (
+            {"hidden_size": 4000, "num_attention_heads": 32, "num_key_value_heads": 8},
+            r"field 'head_dim'=125 \(hidden_size 4000 / num_attention_heads 32\) must be even",
+        ),
         ({"hidden_size": 10**40}, "field 'hidden_size'=10000000000000000000000000000000000000000 is above the maximum"),
         ({"intermediate_size": 1.5}, "field 'intermediate_size' must be a positive integer, got 1.5"),
         ({"num_hidden_layers": True}, "field 'num_hidden_layers' must be a positive integer, got True"),

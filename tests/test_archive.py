@@ -23,10 +23,20 @@ def device_run(tmp_path, tiny_arch):
     raw outputs, a cross-check JSON, and a journal and a lock that are not part of the archive."""
     from conftest import synthetic_lut
 
-    lut = synthetic_lut(tiny_arch, lambda h, phase, c: 0.3 * h, lambda f, phase: 0.01 * f, lambda phase, c: 2.0,
-                        meta={"dtype": "float32", "device_slug": "cpu-test", "versions": {"torch": "2.13.0"},
-                              "crosschecks": [{"tool": {"tool": "generate() timing"}, "at": "now",
-                                               "agreement_pct": {"ttft_ms": 3.0, "tpot_ms": -2.0}}]})
+    lut = synthetic_lut(
+        tiny_arch,
+        lambda h, phase, c: 0.3 * h,
+        lambda f, phase: 0.01 * f,
+        lambda phase, c: 2.0,
+        meta={
+            "dtype": "float32",
+            "device_slug": "cpu-test",
+            "versions": {"torch": "2.13.0"},
+            "crosschecks": [
+                {"tool": {"tool": "generate() timing"}, "at": "now", "agreement_pct": {"ttft_ms": 3.0, "tpot_ms": -2.0}}
+            ],
+        },
+    )
     slug = tmp_path / "lut" / "cpu-test"
     write_table(slug / "pytorch" / "tiny-float32.csv", lut.frame, lut.meta)
     (slug / "device.json").write_text(json.dumps({"slug": "cpu-test"}))
@@ -45,15 +55,25 @@ def _archive(*args, cwd):
 
 def test_dry_run_archive_holds_tables_raw_outputs_crosschecks_and_environment(device_run, tmp_path):
     archive = tmp_path / "out" / "run.tar.gz"
-    proc = _archive("--dry-run", str(archive), str(device_run), "cpu-test", f"pytorch={sys.executable}",
-                    cwd=SCRIPT.parents[1])
+    proc = _archive(
+        "--dry-run", str(archive), str(device_run), "cpu-test", f"pytorch={sys.executable}", cwd=SCRIPT.parents[1]
+    )
     assert proc.returncode == 0, proc.stderr
     with tarfile.open(archive) as tar:
         names = sorted(m.name.removeprefix("amoeba-profile-cpu-test/") for m in tar.getmembers() if m.isfile())
         tar.extractall(tmp_path / "x", filter="data")
-    assert names == ["MANIFEST.sha256", "archive.json", "crosscheck/pytorch-tiny.json", "env/nvidia-smi-q.txt",
-                     "env/pip-freeze-pytorch.txt", "env/uname.txt", "raw/llama.cpp/llama-bench.jsonl",
-                     "tables/device.json", "tables/pytorch/tiny-float32.csv", "tables/pytorch/tiny-float32.meta.json"]
+    assert names == [
+        "MANIFEST.sha256",
+        "archive.json",
+        "crosscheck/pytorch-tiny.json",
+        "env/nvidia-smi-q.txt",
+        "env/pip-freeze-pytorch.txt",
+        "env/uname.txt",
+        "raw/llama.cpp/llama-bench.jsonl",
+        "tables/device.json",
+        "tables/pytorch/tiny-float32.csv",
+        "tables/pytorch/tiny-float32.meta.json",
+    ]
     root = tmp_path / "x" / "amoeba-profile-cpu-test"
     manifest = dict(line.split("  ./")[::-1] for line in (root / "MANIFEST.sha256").read_text().splitlines())
     assert set(manifest) == set(names) - {"MANIFEST.sha256"}
@@ -69,8 +89,9 @@ def test_dry_run_archive_holds_tables_raw_outputs_crosschecks_and_environment(de
 
 
 def test_an_archive_from_a_device_needs_its_state_and_a_real_folder(device_run, tmp_path):
-    with_tools = subprocess.run(["bash", "-c", "command -v nvidia-smi || test -f /etc/nv_tegra_release"],
-                                capture_output=True)
+    with_tools = subprocess.run(
+        ["bash", "-c", "command -v nvidia-smi || test -f /etc/nv_tegra_release"], capture_output=True
+    )
     if with_tools.returncode == 0:
         pytest.skip("this machine has nvidia-smi or is a Jetson: the device state is there to record")
     proc = _archive(str(tmp_path / "a.tar.gz"), str(device_run), "cpu-test", cwd=SCRIPT.parents[1])

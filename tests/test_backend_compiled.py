@@ -2,10 +2,17 @@
 
 import pytest
 import torch
-
 from amoeba_profile.backends import EngineSpec, get_backend
-from amoeba_profile.backends.pytorch.compiled import (CompiledEngine, EnginePool, JitCount, compile_config,
-                                                      engine_bytes, raise_recompile_limits, resolve_mode)
+from amoeba_profile.backends.pytorch.compiled import (
+    CompiledEngine,
+    EnginePool,
+    JitCount,
+    compile_config,
+    engine_bytes,
+    raise_recompile_limits,
+    resolve_mode,
+)
+
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape, UsageError
 from amoeba_profile.measure.methods import choose_method
@@ -33,8 +40,13 @@ def test_compile_config_is_what_generate_compiles_with():
 def test_config_is_stored_and_rebuilds_the_backend():
     backend = get_backend("pytorch-compiled", mode="max-autotune-no-cudagraphs", threads=1)
     stored = backend.config_dict()
-    assert stored == {"device": "cpu", "dtype": "float32", "threads": 1, "attn_impl": "sdpa",
-                      "mode": "max-autotune-no-cudagraphs"}
+    assert stored == {
+        "device": "cpu",
+        "dtype": "float32",
+        "threads": 1,
+        "attn_impl": "sdpa",
+        "mode": "max-autotune-no-cudagraphs",
+    }
     assert type(backend)(**stored).config == backend.config
     assert backend.compile_config.mode == "max-autotune-no-cudagraphs"
     assert backend.environment()["compile_mode"] == "max-autotune-no-cudagraphs"
@@ -126,11 +138,11 @@ def test_pool_keeps_engines_until_full_then_releases_all_with_the_compiled_code(
 @pytest.mark.slow
 def test_compiled_build_reuses_engines_and_never_compiles_while_timed(tmp_path, tiny_arch):
     """A tiny difference build through the compiled flow; a second build reuses the in-process engines."""
+    from amoeba_profile.core.timing import TimingProtocol
     from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.measure.build import run_build
-    from amoeba_profile.table.lut import load_table
-    from amoeba_profile.core.timing import TimingProtocol
     from amoeba_profile.measure.plan import BuildPlan
+    from amoeba_profile.table.lut import load_table
 
     protocol = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=2, min_round_s=0.0)
     backend = get_backend("pytorch-compiled", threads=1)
@@ -160,8 +172,8 @@ def test_compiled_build_reuses_engines_and_never_compiles_while_timed(tmp_path, 
 @pytest.mark.slow
 def test_static_cache_window_is_cropped_back(tiny_arch, tmp_path):
     """tpot's cached prefix in a StaticCache is cropped back after each request; ttft sizes the cache to max_seq_len."""
-    from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.core.timing import TimingProtocol, sample, warm_up
+    from amoeba_profile.measure.artifacts import ArtifactCache
 
     backend = get_backend("pytorch-compiled", threads=1)
     spec = EngineSpec(tiny_arch, ((8, 4, 128),), 1, 64, 66)

@@ -20,14 +20,19 @@ import pytest
 
 pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
 
-from amoeba_profile.measure.artifacts import ArtifactCache  # noqa: E402
-from amoeba_profile.backends import get_backend  # noqa: E402
-from amoeba_profile.backends.llama_cpp import adapter as llama_cpp  # noqa: E402
-from amoeba_profile.backends.base import EngineSpec  # noqa: E402
-from amoeba_profile.backends.llama_cpp.gguf import tensor_specs  # noqa: E402
-from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape  # noqa: E402
-from amoeba_profile.measure.methods import choose_method  # noqa: E402
-from amoeba_profile.core.errors import UsageError  # noqa: E402
+from amoeba_profile.backends import get_backend
+from amoeba_profile.backends.base import EngineSpec
+from amoeba_profile.backends.llama_cpp import adapter as llama_cpp
+from amoeba_profile.backends.llama_cpp.gguf import tensor_specs
+
+from amoeba_profile.core.errors import (
+    AmoebaError,
+    BackendUnavailable,
+    UnsupportedShape,
+    UsageError,
+)
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.methods import choose_method
 
 DATA = Path(__file__).parent / "data"
 PP_REPORT = DATA / "llama-bench-0c1e57098-pp16.json"
@@ -37,7 +42,8 @@ PER_LAYER = ((8, 4, 128), (4, 2, 64), (8, 4, 96), (8, 4, 128))
 
 REAL = llama_cpp.find_llama_bench()
 needs_llama_bench = pytest.mark.skipif(
-    REAL is None, reason=f"no llama-bench (run scripts/build-llama-cpp.sh and export {llama_cpp.ENV_VAR})")
+    REAL is None, reason=f"no llama-bench (run scripts/build-llama-cpp.sh and export {llama_cpp.ENV_VAR})"
+)
 
 
 @pytest.fixture
@@ -65,7 +71,8 @@ def stand_in(tmp_path, monkeypatch):
         "    if flag in args and not os.environ.get('FAKE_VERBATIM'):\n"
         "        for test in report:\n"
         "            test[field] = value(args[args.index(flag) + 1])\n"
-        "sys.stdout.write(json.dumps(report))\n")
+        "sys.stdout.write(json.dumps(report))\n"
+    )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv(llama_cpp.ENV_VAR, str(script.parent))
     monkeypatch.setenv("FAKE_REPORT", str(PP_REPORT))
@@ -118,8 +125,12 @@ def test_reports_without_samples_are_errors():
 
 def test_version_line_gives_commit_and_build():
     assert llama_cpp.parse_version(VERSION_TEXT) == {
-        "version": "0.5.0-dev", "build_number": "0", "commit": "0c1e57098", "compiler": "GNU 12.2.0",
-        "target": "Linux x86_64"}
+        "version": "0.5.0-dev",
+        "build_number": "0",
+        "commit": "0c1e57098",
+        "compiler": "GNU 12.2.0",
+        "target": "Linux x86_64",
+    }
     with pytest.raises(BackendUnavailable, match="unrecognised"):
         llama_cpp.parse_version("error: invalid parameter for argument: --version")
 
@@ -144,10 +155,38 @@ def test_config_and_versions_come_from_the_binary(stand_in):
 def test_command_lines_follow_llama_bench_definitions(stand_in, tiny_arch, tmp_path):
     backend = llama_cpp.LlamaCppBackend(threads=2, n_batch=256, n_ubatch=64, repetitions=4)
     model = tmp_path / "model.gguf"
-    tail = ["-r", "5", "-t", "2", "-b", "256", "-ub", "64", "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-ngl", "0",
-            "-o", "json"]
-    assert backend.command(model, 16, 0, 0) == [str(stand_in.resolve()), "-m", str(model), "-p", "16", "-n", "0",
-                                                "-d", "0", *tail]
+    tail = [
+        "-r",
+        "5",
+        "-t",
+        "2",
+        "-b",
+        "256",
+        "-ub",
+        "64",
+        "-fa",
+        "on",
+        "-ctk",
+        "f16",
+        "-ctv",
+        "f16",
+        "-ngl",
+        "0",
+        "-o",
+        "json",
+    ]
+    assert backend.command(model, 16, 0, 0) == [
+        str(stand_in.resolve()),
+        "-m",
+        str(model),
+        "-p",
+        "16",
+        "-n",
+        "0",
+        "-d",
+        "0",
+        *tail,
+    ]
     engine = llama_cpp.LlamaCppEngine(backend, _spec(tiny_arch, PER_LAYER), model)
     piece = engine.tpot(1, 128, 8)
     assert (piece.prompt, piece.gen, piece.depth) == (0, 8, 125)
@@ -171,11 +210,14 @@ def test_flash_attention_and_kv_types_are_pinned_passed_and_read_back(stand_in, 
     assert (defaults.config.flash_attn, defaults.config.type_k, defaults.config.type_v) == ("on", "f16", "f16")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"flash_attn": "auto"}, "must be one of \\['on', 'off'\\], not 'auto'"),
-    ({"type_k": "q3_k"}, "type_k must be one of"),
-    ({"flash_attn": "off", "type_v": "q4_0"}, "quantized V cache"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"flash_attn": "auto"}, "must be one of \\['on', 'off'\\], not 'auto'"),
+        ({"type_k": "q3_k"}, "type_k must be one of"),
+        ({"flash_attn": "off", "type_v": "q4_0"}, "quantized V cache"),
+    ],
+)
 def test_unpinned_or_impossible_settings_are_refused(stand_in, options, message):
     with pytest.raises(UsageError, match=message):
         get_backend("llama.cpp", threads=1, **options)
@@ -242,7 +284,8 @@ def test_raw_reports_are_kept_for_the_first_run_when_asked(stand_in, tmp_path, m
     kept = json.loads(lines[0])
     assert kept["command"] == backend.command(tmp_path / "model.gguf", 16, 0, 0)
     assert llama_cpp.parse_bench_json(kept["stdout"])[0].samples_ns == tuple(
-        json.loads(PP_REPORT.read_text())[0]["samples_ns"])
+        json.loads(PP_REPORT.read_text())[0]["samples_ns"]
+    )
 
 
 def test_a_failing_llama_bench_names_its_error_and_oom_is_classified(stand_in, tmp_path, monkeypatch):
@@ -292,6 +335,7 @@ def test_backends_table_prints_the_install_hint_verbatim(tmp_path, monkeypatch):
 def test_default_threads_follow_the_shared_rule(monkeypatch):
     """One policy for every CPU flow (device.threads): the idle cores, capped by the flow's default."""
     from amoeba_profile.backends.pytorch.eager import default_threads
+
     from amoeba_profile.device import threads
     from amoeba_profile.device.load import Contention
 
@@ -313,8 +357,7 @@ def _n_params(arch, layers) -> int:
 
 
 @needs_llama_bench
-@pytest.mark.parametrize("layers, weight_type", [(((8, 4, 128),) * 4, "f16"), (PER_LAYER, "f16"),
-                                                 (PER_LAYER, "q4_0")])
+@pytest.mark.parametrize("layers, weight_type", [(((8, 4, 128),) * 4, "f16"), (PER_LAYER, "f16"), (PER_LAYER, "q4_0")])
 def test_llama_bench_runs_the_written_shapes(tiny_arch, tmp_path, layers, weight_type):
     backend = llama_cpp.LlamaCppBackend(dtype=weight_type, threads=1, repetitions=2)
     spec = _spec(tiny_arch, layers)
@@ -338,10 +381,32 @@ def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
     out = tmp_path / "lut"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AMOEBA_ARTIFACTS": str(tmp_path / "artifacts")}
     proc = subprocess.run(
-        [sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--backend", "llama.cpp", "--model",
-         str(tiny_config_path), "--out", str(out), "--quick", "--widths", "1,1/2", "--prompt-len", "16",
-         "--contexts", "16", "--decode-steps", "4"],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            sys.executable,
+            "-m",
+            "amoeba_profile.cli.main",
+            "build-lut",
+            "--backend",
+            "llama.cpp",
+            "--model",
+            str(tiny_config_path),
+            "--out",
+            str(out),
+            "--quick",
+            "--widths",
+            "1,1/2",
+            "--prompt-len",
+            "16",
+            "--contexts",
+            "16",
+            "--decode-steps",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "method: difference" in proc.stderr
     (path,) = out.rglob("*.csv")
@@ -359,6 +424,7 @@ def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
 
 
 # --- cross-check tools (amoeba_profile.measure.crosscheck) ----------------------------------------------
+
 
 def test_crosscheck_runs_llama_bench_on_the_full_model(stand_in, tiny_arch, tmp_path):
     from amoeba_profile.core.workload import Workload
@@ -394,9 +460,34 @@ def test_batched_bench_command_and_output(stand_in, tmp_path):
     backend = llama_cpp.LlamaCppBackend(threads=2, n_batch=256, n_ubatch=64)
     command = backend.batched_bench_command(tmp_path / "m.gguf", Workload(4, 16, 8))
     assert command[0] == str(stand_in.resolve().with_name("llama-batched-bench"))
-    assert command[1:] == ["-m", str(tmp_path / "m.gguf"), "-c", "96", "-b", "256", "-ub", "64", "-npp", "16",
-                           "-ntg", "7", "-npl", "4", "-t", "2", "-fa", "on", "-ctk", "f16", "-ctv", "f16", "-ngl", "0",
-                           "--output-format", "jsonl"]
+    assert command[1:] == [
+        "-m",
+        str(tmp_path / "m.gguf"),
+        "-c",
+        "96",
+        "-b",
+        "256",
+        "-ub",
+        "64",
+        "-npp",
+        "16",
+        "-ntg",
+        "7",
+        "-npl",
+        "4",
+        "-t",
+        "2",
+        "-fa",
+        "on",
+        "-ctk",
+        "f16",
+        "-ctv",
+        "f16",
+        "-ngl",
+        "0",
+        "--output-format",
+        "jsonl",
+    ]
     (run,) = llama_cpp.parse_batched_bench(BATCHED_OUTPUT)
     assert (run.pp, run.tg, run.pl, run.flash_attn) == (16, 7, 4, "on")
     assert (run.t_pp_s, run.t_tg_s) == (0.012, 0.028)

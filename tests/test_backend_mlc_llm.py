@@ -15,20 +15,37 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from amoeba_profile.backends import backend_class
+from amoeba_profile.backends.base import EngineSpec
+from amoeba_profile.backends.mlc_llm import adapter as mlc_llm
+from amoeba_profile.backends.mlc_llm.adapter import (
+    MlcLlmBackend,
+    MlcLlmConfig,
+    RequestTiming,
+    chat_config,
+    check_mlc_shape,
+    compile_command,
+    compile_environment,
+    cuda_arch,
+    engine_config_fields,
+    parse_usage,
+    tokenizer_json,
+    tpot_prompt_len,
+    tpot_sample_ms,
+    write_model_folder,
+)
+from amoeba_profile.backends.mlc_llm.weights import (
+    NDARRAY_CACHE_INDEX,
+    SHARD_FILE,
+    TENSOR_CACHE_INDEX,
+    llama_params,
+    write_tensor_cache,
+)
+from test_export import mlc_llama_shape
 
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
-from amoeba_profile.backends import backend_class
-from amoeba_profile.backends.mlc_llm import adapter as mlc_llm
-from amoeba_profile.backends.base import EngineSpec
-from amoeba_profile.backends.mlc_llm.adapter import (MlcLlmBackend, MlcLlmConfig, RequestTiming, chat_config,
-                                             check_mlc_shape, compile_command, compile_environment, cuda_arch,
-                                             engine_config_fields, parse_usage, tokenizer_json, tpot_prompt_len,
-                                             tpot_sample_ms, write_model_folder)
-from amoeba_profile.backends.mlc_llm.weights import (NDARRAY_CACHE_INDEX, SHARD_FILE, TENSOR_CACHE_INDEX, llama_params,
-                                                     write_tensor_cache)
 from amoeba_profile.core.errors import AmoebaError, UnsupportedShape, UsageError
-from test_export import mlc_llama_shape
+from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
 
 USAGE = json.loads((Path(__file__).parent / "data" / "mlc-llm-79d603f0-usage.json").read_text())
 MLC = MlcLlmBackend.availability()
@@ -49,7 +66,7 @@ def read_tensor_cache(folder: Path, index_name: str = TENSOR_CACHE_INDEX) -> dic
         assert shard["md5sum"] == hashlib.md5(raw).hexdigest()
         for rec in shard["records"]:
             assert rec["format"] == "raw" and rec["byteOffset"] + rec["nbytes"] <= len(raw)
-            data = raw[rec["byteOffset"]:rec["byteOffset"] + rec["nbytes"]]
+            data = raw[rec["byteOffset"] : rec["byteOffset"] + rec["nbytes"]]
             arrays[rec["name"]] = np.frombuffer(data, NUMPY_DTYPE[rec["dtype"]]).reshape(rec["shape"])
     return arrays
 
@@ -67,14 +84,25 @@ def test_uniform_spec_becomes_mlc_chat_config(tiny_arch):
     assert chat_config(s, "float32")["quantization"] == "q0f32"
 
 
-@pytest.mark.parametrize("layers, batch, reason", [
-    ([(8, 4, 128), (4, 2, 64)], 1, r"layers differ in shape \(2 distinct.*one num_attention_heads, num_key_value_heads "
-                                   r"and intermediate_size for every layer.*paged KV cache"),
-    ([(8, 4, 128), (8, 4, 96)], 1, r"layers differ in shape"),  # FFN alone differs: still one shape in MLC
-    ([(6, 3, 128)] * 2, 1, r"6 query heads do not divide hidden_size 64: .*asserts hidden_size % num_attention_heads"),
-    ([], 1, r"without decoder layers.*pipeline_parallel_stages"),
-    ([(8, 4, 128)], 2, r"a batch of 2"),
-])
+@pytest.mark.parametrize(
+    "layers, batch, reason",
+    [
+        (
+            [(8, 4, 128), (4, 2, 64)],
+            1,
+            r"layers differ in shape \(2 distinct.*one num_attention_heads, num_key_value_heads "
+            r"and intermediate_size for every layer.*paged KV cache",
+        ),
+        ([(8, 4, 128), (8, 4, 96)], 1, r"layers differ in shape"),  # FFN alone differs: still one shape in MLC
+        (
+            [(6, 3, 128)] * 2,
+            1,
+            r"6 query heads do not divide hidden_size 64: .*asserts hidden_size % num_attention_heads",
+        ),
+        ([], 1, r"without decoder layers.*pipeline_parallel_stages"),
+        ([(8, 4, 128)], 2, r"a batch of 2"),
+    ],
+)
 def test_shapes_mlc_cannot_express_are_unsupported_with_the_reason(tiny_arch, layers, batch, reason):
     with pytest.raises(UnsupportedShape, match=reason):
         check_mlc_shape(spec(tiny_arch, layers, batch))
@@ -96,8 +124,12 @@ def test_params_have_mlc_llama_names_and_shapes(tiny_arch):
     assert params["model.layers.1.mlp.gate_up_proj.weight"].shape == (2 * 128, 64)
     assert params["model.layers.1.mlp.down_proj.weight"].shape == (64, 128)
     assert [n for n, p in params.items() if p.ones] == [
-        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
-        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"]
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.1.input_layernorm.weight",
+        "model.layers.1.post_attention_layernorm.weight",
+        "model.norm.weight",
+    ]
     tied = ModelArch("tied", 64, 4, 8, 4, 8, 128, 256, tie_embeddings=True)
     assert "lm_head.weight" not in {p.name for p in llama_params(tied, ((8, 4, 128),))}
 
@@ -125,8 +157,11 @@ def test_tensor_cache_round_trips(tmp_path, tiny_arch, dtype, one):
         embed = (embed.astype(np.uint32) << 16).view(np.float32)
     embed = embed.astype(np.float32)
     assert np.abs(embed).max() <= 0.0201 and embed.std() > 0.005
-    assert index["metadata"] == {"ParamSize": len(params), "ParamBytes": float(sum(p.numel for p in params) * itemsize),
-                                 "BitsPerParam": 8.0 * itemsize}
+    assert index["metadata"] == {
+        "ParamSize": len(params),
+        "ParamBytes": float(sum(p.numel for p in params) * itemsize),
+        "BitsPerParam": 8.0 * itemsize,
+    }
 
 
 def test_tensor_cache_index_is_named_as_the_installed_tvm_reads_it(tmp_path, tiny_arch):
@@ -142,16 +177,21 @@ def test_tensor_cache_index_is_named_as_the_installed_tvm_reads_it(tmp_path, tin
 def test_model_folder_holds_what_compile_and_engine_read(tmp_path, tiny_arch):
     s = spec(tiny_arch, [(8, 4, 128)] * 2)
     write_model_folder(tmp_path, s, "float16", TENSOR_CACHE_INDEX)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlc-chat-config.json", SHARD_FILE, "tensor-cache.json",
-                                                         "tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlc-chat-config.json",
+        SHARD_FILE,
+        "tensor-cache.json",
+        "tokenizer.json",
+    ]
     assert json.loads((tmp_path / "mlc-chat-config.json").read_text()) == chat_config(s, "float16")
     vocab = json.loads((tmp_path / "tokenizer.json").read_text())["model"]["vocab"]
     assert len(vocab) == 256 and sorted(vocab.values()) == list(range(256)) and vocab["</s>"] == 2
 
 
 def test_tokenizer_decodes_every_id():
-    tokenizers = pytest.importorskip("tokenizers", reason="Hugging Face tokenizers (MLC's tokenizer library) checks "
-                                                          "the file")
+    tokenizers = pytest.importorskip(
+        "tokenizers", reason="Hugging Face tokenizers (MLC's tokenizer library) checks the file"
+    )
     tokenizer = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json(300)))
     assert tokenizer.get_vocab_size() == 300
     assert tokenizer.id_to_token(299) == "t299" and tokenizer.token_to_id("t7") == 7
@@ -159,11 +199,26 @@ def test_tokenizer_decodes_every_id():
 
 
 def test_compile_command_and_environment(tmp_path):
-    command = compile_command("/venv/bin/python", tmp_path / "mlc-chat-config.json", "cuda:1", "q0f16", "O2",
-                              tmp_path / "lib.so")
-    assert command == ["/venv/bin/python", "-m", "mlc_llm", "compile", str(tmp_path / "mlc-chat-config.json"),
-                       "--model-type", "llama", "--quantization", "q0f16", "--device", "cuda:1", "--opt", "O2",
-                       "--output", str(tmp_path / "lib.so")]
+    command = compile_command(
+        "/venv/bin/python", tmp_path / "mlc-chat-config.json", "cuda:1", "q0f16", "O2", tmp_path / "lib.so"
+    )
+    assert command == [
+        "/venv/bin/python",
+        "-m",
+        "mlc_llm",
+        "compile",
+        str(tmp_path / "mlc-chat-config.json"),
+        "--model-type",
+        "llama",
+        "--quantization",
+        "q0f16",
+        "--device",
+        "cuda:1",
+        "--opt",
+        "O2",
+        "--output",
+        str(tmp_path / "lib.so"),
+    ]
     assert compile_environment({"PATH": "/bin", "MLC_MULTI_ARCH": "80,86"}) == {"PATH": "/bin"}
     assert (mlc_llm.mlc_device("cuda"), mlc_llm.mlc_device("cuda:2")) == ("cuda:0", "cuda:2")
     assert (cuda_arch("8.6"), cuda_arch("8.7"), cuda_arch("9.0")) == ("sm_86", "sm_87", "sm_90")
@@ -171,8 +226,13 @@ def test_compile_command_and_environment(tmp_path):
 
 def test_engine_is_sized_to_the_spec(tiny_arch):
     fields = engine_config_fields(EngineSpec(tiny_arch, ((8, 4, 128),), 1, 136, 138))
-    assert fields == {"max_num_sequence": 1, "max_single_sequence_length": 138, "max_total_sequence_length": 276,
-                      "prefix_cache_mode": "radix", "verbose": False}
+    assert fields == {
+        "max_num_sequence": 1,
+        "max_single_sequence_length": 138,
+        "max_total_sequence_length": 276,
+        "prefix_cache_mode": "radix",
+        "verbose": False,
+    }
 
 
 def _backend(dtype: str = "float16", arch: str = "sm_86", version: str = "0.20.dev1") -> MlcLlmBackend:
@@ -189,8 +249,12 @@ def test_artifacts_are_keyed_by_shape_dtype_versions_and_gpu_architecture(tmp_pa
     assert path.parent == tmp_path / "mlc-llm" and path == cache.path_for(_backend(), s)
     key = artifact_key(_backend(), s)
     assert key["device_arch"] == "sm_86" and key["config"] == {"device": "cuda", "dtype": "float16", "opt": "O2"}
-    others = {cache.path_for(_backend(arch="sm_87"), s), cache.path_for(_backend(dtype="float32"), s),
-              cache.path_for(_backend(version="0.20.dev2"), s), cache.path_for(_backend(), spec(tiny_arch, [(8, 4, 128)]))}
+    others = {
+        cache.path_for(_backend(arch="sm_87"), s),
+        cache.path_for(_backend(dtype="float32"), s),
+        cache.path_for(_backend(version="0.20.dev2"), s),
+        cache.path_for(_backend(), spec(tiny_arch, [(8, 4, 128)])),
+    }
     assert path not in others and len(others) == 4
 
 
@@ -244,11 +308,14 @@ def test_tpot_sample_is_a_request_pair_over_the_cached_prompt():
         piece.sample_ms(1)
 
 
-@pytest.mark.parametrize("usage, message", [
-    ({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "no usage.extra"),
-    ({"extra": {"prompt_tokens": 1}}, "lacks or mangles field 'completion_tokens'"),
-    ({"extra": {**USAGE["tpot_short"]["extra"], "ttft_s": 0.5}}, "ttft 500.000 ms and end-to-end 20.012 ms"),
-])
+@pytest.mark.parametrize(
+    "usage, message",
+    [
+        ({"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}, "no usage.extra"),
+        ({"extra": {"prompt_tokens": 1}}, "lacks or mangles field 'completion_tokens'"),
+        ({"extra": {**USAGE["tpot_short"]["extra"], "ttft_s": 0.5}}, "ttft 500.000 ms and end-to-end 20.012 ms"),
+    ],
+)
 def test_malformed_usage_is_refused(usage, message):
     with pytest.raises(AmoebaError, match=message):
         parse_usage(usage)
@@ -271,16 +338,20 @@ def test_unavailable_says_why_and_how_to_install():
 @pytest.mark.skipif(not MLC.ok, reason=f"needs mlc_llm and a CUDA GPU: {MLC.reason}")
 def test_cuda_build_measures_through_the_engine(tmp_path, tiny_arch):
     from amoeba_profile.backends import get_backend
-    from amoeba_profile.measure.build import run_build
-    from amoeba_profile.table.lut import load_table
+
     from amoeba_profile.core.timing import TimingProtocol
+    from amoeba_profile.measure.build import run_build
     from amoeba_profile.measure.plan import BuildPlan
+    from amoeba_profile.table.lut import load_table
 
     backend = get_backend("mlc-llm", device="cuda")
     assert backend.device_arch().startswith("sm_") and set(backend.versions()) == {"mlc-llm", "tvm"}
     plan = BuildPlan(tiny_arch, (1.0,), (16,), (16, 32), method="difference", depths=(1, 2, 4))
-    lut = load_table(run_build(plan, backend, tmp_path / "lut", TimingProtocol.quick(),
-                               artifacts=ArtifactCache(tmp_path / "artifacts")).path)
+    lut = load_table(
+        run_build(
+            plan, backend, tmp_path / "lut", TimingProtocol.quick(), artifacts=ArtifactCache(tmp_path / "artifacts")
+        ).path
+    )
     models = lut.frame[lut.frame.component == "model"]
     assert (models[models.num_layers > 0].status == "ok").all()
     assert (models[models.num_layers == 0].status == "unsupported").all()
@@ -316,23 +387,57 @@ MLC_BENCH_CSV = (
     "exec_feature,num_gpus,duration,num_total_requests,num_completed_requests,request_throughput,"
     "end_to_end_latency_s.mean,time_to_first_token_s.quantiles.p50,time_to_first_token_s.mean,"
     "time_per_output_token_s.quantiles.p50,time_per_output_token_s.mean,input_tokens.mean,output_tokens.mean\n"
-    '"{""num_concurrent_requests"": 1}",1,2.0,5,5,2.5,0.4,0.0123,0.0125,0.0031,0.0032,65.0,128.0\n')
+    '"{""num_concurrent_requests"": 1}",1,2.0,5,5,2.5,0.4,0.0123,0.0125,0.0031,0.0032,65.0,128.0\n'
+)
 
 
 def test_mlc_bench_command_and_csv(tmp_path):
     from amoeba_profile.core.workload import Workload
 
     workload = Workload(1, 64, 128)
-    command = mlc_llm.mlc_bench_command("/venv/bin/python", tmp_path / "m", tmp_path / "p.txt", workload, 5, 8123,
-                                        tmp_path / "o.csv")
-    assert command == ["/venv/bin/python", "-m", "mlc_llm.bench", "--dataset", "llmperf", "--dataset-path",
-                       str(tmp_path / "p.txt"), "--tokenizer", str(tmp_path / "m"), "--mlc-model-lib",
-                       str(tmp_path / "m" / "lib.so"), "--mlc-engine-config",
-                       "max_num_sequence=1;max_total_seq_length=200;prefix_cache_mode=disable", "--num-gpus", "1",
-                       "--num-requests", "5", "--num-warmup-requests", "2", "--num-concurrent-requests", "1",
-                       "--input-len", "64", "--input-len-std", "0", "--output-len", "128", "--output-len-std", "0",
-                       "--temperature", "0", "--host", "127.0.0.1", "--port", "8123", "--disable-tqdm", "--output",
-                       str(tmp_path / "o.csv")]
+    command = mlc_llm.mlc_bench_command(
+        "/venv/bin/python", tmp_path / "m", tmp_path / "p.txt", workload, 5, 8123, tmp_path / "o.csv"
+    )
+    assert command == [
+        "/venv/bin/python",
+        "-m",
+        "mlc_llm.bench",
+        "--dataset",
+        "llmperf",
+        "--dataset-path",
+        str(tmp_path / "p.txt"),
+        "--tokenizer",
+        str(tmp_path / "m"),
+        "--mlc-model-lib",
+        str(tmp_path / "m" / "lib.so"),
+        "--mlc-engine-config",
+        "max_num_sequence=1;max_total_seq_length=200;prefix_cache_mode=disable",
+        "--num-gpus",
+        "1",
+        "--num-requests",
+        "5",
+        "--num-warmup-requests",
+        "2",
+        "--num-concurrent-requests",
+        "1",
+        "--input-len",
+        "64",
+        "--input-len-std",
+        "0",
+        "--output-len",
+        "128",
+        "--output-len-std",
+        "0",
+        "--temperature",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8123",
+        "--disable-tqdm",
+        "--output",
+        str(tmp_path / "o.csv"),
+    ]
     assert mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV, workload) == pytest.approx((12.3, 3.1))
     with pytest.raises(AmoebaError, match="completed 4 of 5"):
         mlc_llm.parse_mlc_bench_csv(MLC_BENCH_CSV.replace(",5,5,", ",5,4,"), workload)

@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from amoeba_profile.backends import EngineSpec, get_backend
 from amoeba_profile.backends.ort.adapter import OrtBackend, OrtConfig, io_names, session_providers
+
 from amoeba_profile.core.errors import BackendUnavailable, UsageError
 
 AVAILABLE = OrtBackend.availability()
@@ -23,10 +23,10 @@ LAYERS = ((8, 4, 128), (4, 2, 40), (2, 1, 96))
 def exported(tmp_path_factory):
     """One engine of a per-layer subnet and the eager model with the same random weights."""
     import torch
+    from amoeba_profile.backends.pytorch.eager import build_model
 
     from amoeba_profile.core.arch import ModelArch
     from amoeba_profile.measure.artifacts import ArtifactCache
-    from amoeba_profile.backends.pytorch.eager import build_model
 
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
     spec = EngineSpec(arch, LAYERS, 2, 64, 80)
@@ -43,9 +43,8 @@ def exported(tmp_path_factory):
 def _eager_greedy(model, ids, past, steps):
     """Last-position logits of each step of eager greedy decoding from ``past`` (a list of k, v)."""
     import torch
-    from transformers import DynamicCache
-
     from amoeba_profile.backends.pytorch.eager import cache_keyword
+    from transformers import DynamicCache
 
     cache = DynamicCache(list(zip(past[0::2], past[1::2])))
     keyword = cache_keyword(type(model).forward)
@@ -95,21 +94,35 @@ def test_weights_pack_and_unpack_byte_for_byte(tmp_path):
     ONNX Runtime computes the same from them as from the exporter's file."""
     import onnx
     import onnxruntime
+    from amoeba_profile.backends.ort.weights import pack, unpack
     from onnx import TensorProto, helper, numpy_helper
 
-    from amoeba_profile.backends.ort.weights import pack, unpack
-
     pool = np.random.default_rng(0).standard_normal(6).astype(np.float32)
-    weights = {"a": np.resize(pool, 20).reshape(4, 5), "b": np.ascontiguousarray(np.resize(pool, 20).reshape(5, 4).T),
-               "c": np.ones((4, 5), np.float32)}
-    nodes = [helper.make_node("Add", ["x", "a"], ["xa"]), helper.make_node("Add", ["xa", "b"], ["xb"]),
-             helper.make_node("Mul", ["xb", "c"], ["y"])]
-    graph = helper.make_graph(nodes, "w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
-                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    weights = {
+        "a": np.resize(pool, 20).reshape(4, 5),
+        "b": np.ascontiguousarray(np.resize(pool, 20).reshape(5, 4).T),
+        "c": np.ones((4, 5), np.float32),
+    }
+    nodes = [
+        helper.make_node("Add", ["x", "a"], ["xa"]),
+        helper.make_node("Add", ["xa", "b"], ["xb"]),
+        helper.make_node("Mul", ["xb", "c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "w",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 5])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
     path = tmp_path / "model.onnx"
-    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
-                    save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        str(path),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     x = {"x": np.arange(20, dtype=np.float32).reshape(4, 5)}
     expected = onnxruntime.InferenceSession(str(path)).run(None, x)[0]
     assert pack(path, pool) == {"a": "tiled", "b": "transposed", "c": "stored"}
@@ -133,8 +146,11 @@ def test_prefill_and_decode_match_the_eager_model(exported):
     rng = np.random.default_rng(1)
     for batch, prefix in ((1, 0), (2, 6)):
         ids = rng.integers(0, 256, (batch, 5 if prefix == 0 else 1))
-        past = [rng.standard_normal(shape, dtype=np.float32) for _, kv, _ in LAYERS
-                for shape in [(batch, kv, prefix, 8)] * 2]
+        past = [
+            rng.standard_normal(shape, dtype=np.float32)
+            for _, kv, _ in LAYERS
+            for shape in [(batch, kv, prefix, 8)] * 2
+        ]
         expected = _eager_greedy(model, torch.from_numpy(ids), [torch.from_numpy(p) for p in past], 4)
         assert np.std(expected[0]) > 1e-3  # random weights give non-trivial logits
         for steps in range(1, 5):
@@ -156,7 +172,9 @@ def test_ttft_and_tpot_pieces_time_the_greedy_loop(exported):
     assert tpot.ids.shape() == [1, 1] and tpot.ids.data_type() == "tensor(int64)"
     calls = []
     generate = engine.generate
-    engine.generate = lambda ids, pasts, n: calls.append((ids.shape(), pasts[0].shape()[2], n)) or generate(ids, pasts, n)
+    engine.generate = lambda ids, pasts, n: (
+        calls.append((ids.shape(), pasts[0].shape()[2], n)) or generate(ids, pasts, n)
+    )
     protocol = TimingProtocol(warmup_min=1, warmup_max=2, samples_per_round=3, min_round_s=0.0)
     try:
         for piece, request in ((ttft, ([1, 16], 0, 1)), (tpot, ([1, 1], 29, 8))):
@@ -213,8 +231,9 @@ def test_an_export_prints_nothing_nobody_can_act_on(tiny_arch, tmp_path, capfd):
         logger.removeHandler(seen)
     assert (tmp_path / "model.onnx").is_file()
     assert not [line for line in seen.lines if "torchvision" in line], seen.lines
-    assert not [w for w in caught if "LeafSpec" in str(w.message) or "axis name" in str(w.message)], \
-        [str(w.message) for w in caught]
+    assert not [w for w in caught if "LeafSpec" in str(w.message) or "axis name" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
     assert "torchvision" not in capfd.readouterr().err
 
 
@@ -223,13 +242,22 @@ def test_out_of_memory_is_recognized_from_a_real_allocation_failure():
     import onnxruntime
     from onnx import TensorProto, helper
 
-    node = helper.make_node("ConstantOfShape", ["shape"], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0]))
-    graph = helper.make_graph([node], "alloc", [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    node = helper.make_node(
+        "ConstantOfShape", ["shape"], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
+    )
+    graph = helper.make_graph(
+        [node],
+        "alloc",
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 4
-    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                           .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
     backend = get_backend("onnxruntime")
     with pytest.raises(Exception) as too_big:
         session.run(None, {"shape": np.array([1 << 50], np.int64)})  # 4 PiB
@@ -247,12 +275,20 @@ def test_config_defaults_and_refusals(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "idle_cores", lambda load: (1, Contention(1.0, 2, 1, 0.5)))
     backend = get_backend("onnxruntime")
-    assert backend.config_dict() == {"device": "cpu", "provider": "CPUExecutionProvider", "dtype": "float32",
-                                     "threads": 1, "graph_opt": "all"}
+    assert backend.config_dict() == {
+        "device": "cpu",
+        "provider": "CPUExecutionProvider",
+        "dtype": "float32",
+        "threads": 1,
+        "graph_opt": "all",
+    }
     again = type(backend)(**backend.config_dict())
     assert again.config == backend.config and again.clock_name == "perf_counter"
     assert set(backend.versions()) == {"onnxruntime", "onnx", "onnxscript", "torch", "transformers"}
-    assert get_backend("onnxruntime", threads=1, dtype="fp16", graph_opt="basic").session_options().intra_op_num_threads == 1
+    assert (
+        get_backend("onnxruntime", threads=1, dtype="fp16", graph_opt="basic").session_options().intra_op_num_threads
+        == 1
+    )
     with pytest.raises(UsageError, match="float32 or float16"):
         get_backend("onnxruntime", dtype="bfloat16")
     with pytest.raises(UsageError, match="not in this build"):
@@ -267,10 +303,12 @@ def test_missing_onnxruntime_is_a_reason_with_an_install_hint(monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a)
+    )
     available = OrtBackend.availability()
     assert not available.ok and available.reason == "onnxruntime not installed"
-    assert '.[onnxruntime]' in available.install_hint
+    assert ".[onnxruntime]" in available.install_hint
     with pytest.raises(BackendUnavailable, match="onnxruntime not installed"):
         get_backend("onnxruntime")
 
@@ -282,8 +320,9 @@ def test_tensorrt_profile_spans_the_spec(tiny_arch):
     assert name == "TensorrtExecutionProvider" and cuda == ("CUDAExecutionProvider", {"device_id": 1})
     assert trt["trt_fp16_enable"] and trt["device_id"] == 1
     assert trt["trt_profile_min_shapes"].startswith("input_ids:1x1,past_k_0:1x4x0x8,past_v_0:1x4x0x8,past_k_1:1x2x0x8")
-    assert trt["trt_profile_max_shapes"] == ("input_ids:2x40,past_k_0:2x4x42x8,past_v_0:2x4x42x8,"
-                                             "past_k_1:2x2x42x8,past_v_1:2x2x42x8")
+    assert trt["trt_profile_max_shapes"] == (
+        "input_ids:2x40,past_k_0:2x4x42x8,past_v_0:2x4x42x8,past_k_1:2x2x42x8,past_v_1:2x2x42x8"
+    )
 
 
 @needs_ort
@@ -297,11 +336,36 @@ def test_build_lut_end_to_end(tmp_path):
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "lut"
-    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--backend", "onnxruntime",
-                           "--model", str(config), "--out", str(out), "--quick", "--depths", "1,2,4", "--widths", "1",
-                           "--prompt-len", "16", "--contexts", "16", "--decode-steps", "4",
-                           "--artifacts", str(tmp_path / "artifacts")],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "amoeba_profile.cli.main",
+            "build-lut",
+            "--backend",
+            "onnxruntime",
+            "--model",
+            str(config),
+            "--out",
+            str(out),
+            "--quick",
+            "--depths",
+            "1,2,4",
+            "--widths",
+            "1",
+            "--prompt-len",
+            "16",
+            "--contexts",
+            "16",
+            "--decode-steps",
+            "4",
+            "--artifacts",
+            str(tmp_path / "artifacts"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method: difference (whole-engine flow" in proc.stderr
     lut = load_one(out)
@@ -312,6 +376,8 @@ def test_build_lut_end_to_end(tmp_path):
     assert set(models.num_layers) == {0, 1, 2, 4} and (models.status == "ok").all()
     assert (models.compile_s > 0).any()  # four engines exported
     layers = lut.ok[lut.ok.component == "layer"]
-    assert {(r.heads, r.kv_heads, r.ffn, r.phase) for r in layers.itertuples()} == {(8, 4, 128, "prefill"),
-                                                                                   (8, 4, 128, "decode")}
+    assert {(r.heads, r.kv_heads, r.ffn, r.phase) for r in layers.itertuples()} == {
+        (8, 4, 128, "prefill"),
+        (8, 4, 128, "decode"),
+    }
     assert len(list((tmp_path / "artifacts" / "onnxruntime").glob("*/model.onnx"))) == 4

@@ -1,16 +1,17 @@
 import pytest
 import torch
-
 from amoeba_profile.backends import get_backend
+
 from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.subnet import LayerShape, Subnet
 from amoeba_profile.core.timing import TimingProtocol, sample, warm_up
 from amoeba_profile.selection.memory import weight_params
-from amoeba_profile.core.subnet import LayerShape, Subnet
 
 
 def _engine(backend, arch, layers, tmp_path):
-    from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.backends import EngineSpec
+
+    from amoeba_profile.measure.artifacts import ArtifactCache
 
     spec = EngineSpec(arch, tuple(layers), 1, 64, 80)
     artifact = ArtifactCache(tmp_path).ensure(backend, spec)
@@ -40,7 +41,9 @@ def test_serving_loop_decode_window_is_centred_and_restored(tiny_arch, tmp_path)
     assert piece.prefix == 28 and piece.cache.get_seq_length() == 28
     calls = []
     generate = engine.generate
-    engine.generate = lambda ids, cache, n: calls.append((ids.shape[1], cache.get_seq_length(), n)) or generate(ids, cache, n)
+    engine.generate = lambda ids, cache, n: (
+        calls.append((ids.shape[1], cache.get_seq_length(), n)) or generate(ids, cache, n)
+    )
     protocol = TimingProtocol(warmup_min=1, warmup_max=2, samples_per_round=3, min_round_s=0.0)
     runs, steps = warm_up(piece, protocol)
     assert steps == 1 and len(sample(piece, protocol, steps)) == 3
@@ -87,16 +90,30 @@ def test_unknown_dtype_and_missing_cuda():
 def test_cuda_measures_with_events(tmp_path, tiny_arch):
     from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.measure.build import run_build
-    from amoeba_profile.table.lut import load_table
     from amoeba_profile.measure.plan import BuildPlan
+    from amoeba_profile.table.lut import load_table
 
     backend = get_backend("pytorch", device="cuda")
     assert backend.dtype == "float16" and backend.device_arch().startswith("sm_")
     for method in ("components", "difference"):
-        plan = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 32), whole=(Subnet.uniform(tiny_arch, 4, 1.0),),
-                         method=method, depths=(1, 2, 4) if method == "difference" else ())
-        lut = load_table(run_build(plan, backend, tmp_path / method, TimingProtocol.quick(),
-                                   artifacts=ArtifactCache(tmp_path / "artifacts")).path)
+        plan = BuildPlan(
+            tiny_arch,
+            (1.0, 0.5),
+            (16,),
+            (16, 32),
+            whole=(Subnet.uniform(tiny_arch, 4, 1.0),),
+            method=method,
+            depths=(1, 2, 4) if method == "difference" else (),
+        )
+        lut = load_table(
+            run_build(
+                plan,
+                backend,
+                tmp_path / method,
+                TimingProtocol.quick(),
+                artifacts=ArtifactCache(tmp_path / "artifacts"),
+            ).path
+        )
         assert (lut.frame.status == "ok").all() and lut.meta["clock"] == "cuda-events"
         models = lut.frame[lut.frame.component == "model"]
         assert models.device_busy.between(0, 1).all()  # measured by the profiler on the GPU
@@ -104,18 +121,19 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
     compiled = get_backend("pytorch-compiled", device="cuda")
     assert compiled.config.mode == "reduce-overhead" and "triton" in compiled.versions()
     plan = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 32), method="difference", depths=(1, 2, 4))
-    result = run_build(plan, compiled, tmp_path / "compiled", TimingProtocol.quick(),
-                       artifacts=ArtifactCache(tmp_path / "artifacts"))
+    result = run_build(
+        plan, compiled, tmp_path / "compiled", TimingProtocol.quick(), artifacts=ArtifactCache(tmp_path / "artifacts")
+    )
     lut = load_table(result.path)
     models = lut.frame[lut.frame.component == "model"]
     layered = models[models.num_layers > 0]
     assert (layered.status == "ok").all() and (layered.compile_s > 0).all() and result.recompiled == []
     assert lut.meta["clock"] == "cuda-events" and (lut.ok[lut.ok.component == "layer"].median_ms > 0).all()
 
+
 def test_default_threads_are_the_idle_cores(monkeypatch):
     """torch's one-thread-per-core oversubscribes a shared CPU; the default takes the idle cores."""
     from amoeba_profile.backends.pytorch.eager import default_threads
-
     from conftest import SimulatedLoad
 
     monkeypatch.delenv("OMP_NUM_THREADS")
@@ -126,7 +144,9 @@ def test_default_threads_are_the_idle_cores(monkeypatch):
     assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4, step_s=0.0), cap=4)[0] == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_threads("cpu", SimulatedLoad(lambda t: 4.0, cores=4), cap=3) == (
-        3, "torch's default under OMP_NUM_THREADS=3")
+        3,
+        "torch's default under OMP_NUM_THREADS=3",
+    )
 
 
 def test_thread_count_is_recorded_and_sets_the_cores_needed():

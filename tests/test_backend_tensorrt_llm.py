@@ -23,16 +23,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from amoeba_profile.backends import REGISTRY, backend_class, get_backend
+from amoeba_profile.backends.base import EngineSpec
+from amoeba_profile.backends.flows import UNAVAILABLE, flow_capabilities, list_flows
+from amoeba_profile.backends.tensorrt_llm import adapter as trt
 
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
-from amoeba_profile.core.workload import tpot_prompt_tokens
-from amoeba_profile.core.export import deci_config_module
-from amoeba_profile.backends import REGISTRY, backend_class, get_backend
-from amoeba_profile.backends.tensorrt_llm import adapter as trt
-from amoeba_profile.backends.base import EngineSpec
 from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from amoeba_profile.backends.flows import UNAVAILABLE, flow_capabilities, list_flows
+from amoeba_profile.core.export import deci_config_module
+from amoeba_profile.core.workload import tpot_prompt_tokens
+from amoeba_profile.measure.artifacts import ArtifactCache, artifact_key
 
 DATA = Path(__file__).parent / "data"
 PERF_SAMPLE = DATA / "trtllm-perf-metrics-openai-server-format.json"
@@ -90,24 +90,30 @@ def test_per_layer_ffn_is_a_deci_folder_that_reads_back_to_the_widths(tmp_path):
     blocks = folder.config["block_configs"]
     assert [b["attention"]["n_heads_in_group"] for b in blocks] == [2, 2, 2]
     assert [b["ffn"]["ffn_mult"] for b in blocks] == [6.0, 3.0, 4.5]
-    assert folder.adjustments == ("layer 2: FFN 600 written as 768 (ffn_mult 4.5; the readers round FFN widths up to "
-                                  "a multiple of 256)",)
+    assert folder.adjustments == (
+        "layer 2: FFN 600 written as 768 (ffn_mult 4.5; the readers round FFN widths up to a multiple of 256)",
+    )
     for name, text in folder.files().items():
         (tmp_path / name).write_text(text)
     loaded = _remote_config_class(tmp_path)(**json.loads((tmp_path / "config.json").read_text()))
     heads = loaded.num_attention_heads
     assert [heads // b.attention.n_heads_in_group for b in loaded.block_configs] == [2, 2, 2]
     assert [_reader_ffn(b.ffn.ffn_mult, loaded.hidden_size) for b in loaded.block_configs] == [1024, 512, 768]
-    assert not any(b.attention.no_op or b.attention.replace_with_linear or b.ffn.no_op or b.ffn.replace_with_linear
-                   for b in loaded.block_configs)
+    assert not any(
+        b.attention.no_op or b.attention.replace_with_linear or b.ffn.no_op or b.ffn.replace_with_linear
+        for b in loaded.block_configs
+    )
     assert (loaded.head_dim, loaded.model_type) == (64, "nemotron-nas")
     assert loaded.to_dict()["block_configs"] == blocks  # saves back as plain dicts
 
 
 def test_shapes_tensorrt_llm_cannot_hold_are_unsupported_with_the_reason():
     backend = StandIn()
-    with pytest.raises(UnsupportedShape, match=r"TensorRT-LLM loads LLaMA or DeciLM.*layer 1 has 2 query heads and "
-                                               r"layer 0 has 4"):
+    with pytest.raises(
+        UnsupportedShape,
+        match=r"TensorRT-LLM loads LLaMA or DeciLM.*layer 1 has 2 query heads and "
+        r"layer 0 has 4",
+    ):
         backend.check_spec(_spec(MIXED_HEADS))
     with pytest.raises(UnsupportedShape, match="without decoder layers"):
         backend.check_spec(_spec(()))
@@ -118,15 +124,26 @@ def test_llm_arguments_size_the_engine_to_the_spec():
     spec = EngineSpec(ARCH, UNIFORM, 4, 300, 302)
     kwargs = trt.llm_kwargs(spec, trt.TensorRtLlmConfig(), "llama")
     assert kwargs == {
-        "skip_tokenizer_init": True, "trust_remote_code": False, "dtype": "float16", "load_format": "dummy",
-        "max_batch_size": 4, "max_input_len": 300, "max_seq_len": 302, "max_num_tokens": 1200,
+        "skip_tokenizer_init": True,
+        "trust_remote_code": False,
+        "dtype": "float16",
+        "load_format": "dummy",
+        "max_batch_size": 4,
+        "max_input_len": 300,
+        "max_seq_len": 302,
+        "max_num_tokens": 1200,
         "enable_chunked_prefill": False,
         "kv_cache_config": {"enable_block_reuse": False, "max_tokens": 1208, "free_gpu_memory_fraction": 0.9},
         "cuda_graph_config": {"batch_sizes": [4], "max_batch_size": 4, "enable_padding": False},
-        "disable_overlap_scheduler": False, "return_perf_metrics": True, "batch_wait_timeout_ms": 5.0,
+        "disable_overlap_scheduler": False,
+        "return_perf_metrics": True,
+        "batch_wait_timeout_ms": 5.0,
     }
-    deci = trt.llm_kwargs(spec, trt.TensorRtLlmConfig(dtype="bfloat16", cuda_graphs=False,
-                                                      kv_cache_free_gpu_memory_fraction=0.5), "nemotron-nas")
+    deci = trt.llm_kwargs(
+        spec,
+        trt.TensorRtLlmConfig(dtype="bfloat16", cuda_graphs=False, kv_cache_free_gpu_memory_fraction=0.5),
+        "nemotron-nas",
+    )
     assert (deci["trust_remote_code"], deci["dtype"], deci["cuda_graph_config"]) == (True, "bfloat16", None)
     assert deci["kv_cache_config"]["free_gpu_memory_fraction"] == 0.5
 
@@ -136,21 +153,28 @@ def test_cuda_graphs_are_captured_for_the_measured_batch():
     the batch the table measures is passed explicitly, whatever it is, and recorded in engine.json."""
     for batch in (1, 8, 48):
         graphs = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, batch, 64, 66), trt.TensorRtLlmConfig(), "llama")[
-            "cuda_graph_config"]
+            "cuda_graph_config"
+        ]
         assert graphs == {"batch_sizes": [batch], "max_batch_size": batch, "enable_padding": False}
 
 
 def test_batch_gathering_applies_to_batches_above_one():
     one = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, 1, 64, 66), trt.TensorRtLlmConfig(), "llama")
     assert "batch_wait_timeout_ms" not in one  # one sequence needs no gathering, and no decode step waits
-    four = trt.llm_kwargs(EngineSpec(ARCH, UNIFORM, 4, 64, 66), trt.TensorRtLlmConfig(batch_wait_timeout_ms=20.0),
-                          "llama")
+    four = trt.llm_kwargs(
+        EngineSpec(ARCH, UNIFORM, 4, 64, 66), trt.TensorRtLlmConfig(batch_wait_timeout_ms=20.0), "llama"
+    )
     assert four["batch_wait_timeout_ms"] == 20.0 and four["max_batch_size"] == 4
 
 
 def test_sampling_parameters_are_greedy_fixed_length_and_timed():
-    assert trt.sampling_kwargs(9) == {"max_tokens": 9, "end_id": 2, "ignore_eos": True, "detokenize": False,
-                                      "return_perf_metrics": True}
+    assert trt.sampling_kwargs(9) == {
+        "max_tokens": 9,
+        "end_id": 2,
+        "ignore_eos": True,
+        "detokenize": False,
+        "return_perf_metrics": True,
+    }
     # greedy: the LLM API reads no temperature, top_k and top_p as greedy decoding
     assert not {"temperature", "top_k", "top_p"} & set(trt.sampling_kwargs(1))
 
@@ -172,23 +196,36 @@ def test_recorded_perf_metrics_give_ttft_and_tpot():
 
 def _stamped(first_iter: int, arrival: float, first_token: float, last_token: float, tokens: int):
     """A request's perf metrics as the binding gives them (timedelta stamps), converted like a real one."""
-    stamps = {"arrival_time": arrival, "first_scheduled_time": arrival + 0.0005, "first_token_time": first_token,
-              "last_token_time": last_token}
-    binding = SimpleNamespace(first_iter=first_iter, last_iter=first_iter + tokens - 1,
-                              timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
-                              kv_cache_metrics=SimpleNamespace(num_total_allocated_blocks=1, num_new_allocated_blocks=1,
-                                                               num_reused_blocks=0, num_missed_blocks=1))
+    stamps = {
+        "arrival_time": arrival,
+        "first_scheduled_time": arrival + 0.0005,
+        "first_token_time": first_token,
+        "last_token_time": last_token,
+    }
+    binding = SimpleNamespace(
+        first_iter=first_iter,
+        last_iter=first_iter + tokens - 1,
+        timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
+        kv_cache_metrics=SimpleNamespace(
+            num_total_allocated_blocks=1, num_new_allocated_blocks=1, num_reused_blocks=0, num_missed_blocks=1
+        ),
+    )
     return trt.request_timing(trt.perf_metrics_json(binding), tokens)
 
 
 def test_a_batch_prefilled_over_several_iterations_is_refused():
     # 3 requests gathered into iteration 12: one batched prefill; ttft from the first arrival
-    together = [_stamped(12, 10.000, 10.020, 10.020, 1), _stamped(12, 10.001, 10.020, 10.020, 1),
-                _stamped(12, 10.002, 10.021, 10.021, 1)]
+    together = [
+        _stamped(12, 10.000, 10.020, 10.020, 1),
+        _stamped(12, 10.001, 10.020, 10.020, 1),
+        _stamped(12, 10.002, 10.021, 10.021, 1),
+    ]
     assert trt.batch_ttft_ms(together) == pytest.approx(21.0, abs=1e-3)
     # the third request fetched an iteration later: its prefill ran apart from the others'
     apart = together[:2] + [_stamped(13, 10.002, 10.031, 10.031, 1)]
-    with pytest.raises(AmoebaError, match=r"prefilled the batch of 3 over iterations \[12, 13\].*batch_wait_timeout_ms"):
+    with pytest.raises(
+        AmoebaError, match=r"prefilled the batch of 3 over iterations \[12, 13\].*batch_wait_timeout_ms"
+    ):
         trt.batch_ttft_ms(apart)
     decode_apart = [_stamped(12, 10.0, 10.02, 10.10, 9), _stamped(14, 10.0, 10.04, 10.12, 9)]
     with pytest.raises(AmoebaError, match=r"over iterations \[12, 14\]"):
@@ -202,12 +239,20 @@ def test_a_sample_reads_the_requests_metrics_and_keeps_them_raw(tmp_path, monkey
     from amoeba_profile.backends import base
 
     def output(first_iter, arrival, first_token):
-        stamps = {"arrival_time": arrival, "first_scheduled_time": arrival + 0.001, "first_token_time": first_token,
-                  "last_token_time": first_token}
-        metrics = SimpleNamespace(first_iter=first_iter, last_iter=first_iter,
-                                  timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
-                                  kv_cache_metrics=SimpleNamespace(num_total_allocated_blocks=1, num_new_allocated_blocks=1,
-                                                                   num_reused_blocks=0, num_missed_blocks=1))
+        stamps = {
+            "arrival_time": arrival,
+            "first_scheduled_time": arrival + 0.001,
+            "first_token_time": first_token,
+            "last_token_time": first_token,
+        }
+        metrics = SimpleNamespace(
+            first_iter=first_iter,
+            last_iter=first_iter,
+            timing_metrics=SimpleNamespace(**{k: timedelta(seconds=v) for k, v in stamps.items()}),
+            kv_cache_metrics=SimpleNamespace(
+                num_total_allocated_blocks=1, num_new_allocated_blocks=1, num_reused_blocks=0, num_missed_blocks=1
+            ),
+        )
         return SimpleNamespace(outputs=[SimpleNamespace(request_perf_metrics=metrics, token_ids=[7])])
 
     served = [output(3, 5.000, 5.010), output(3, 5.002, 5.010)]
@@ -244,8 +289,12 @@ def test_broken_perf_metrics_are_refused():
 def test_binding_metrics_convert_to_the_served_json_form():
     item = json.loads(PERF_SAMPLE.read_text())[0]["perf_metrics"]
     stamps = {k: timedelta(seconds=v) for k, v in item["timing_metrics"].items() if v is not None}
-    binding = SimpleNamespace(first_iter=40, last_iter=48, timing_metrics=SimpleNamespace(**stamps),
-                              kv_cache_metrics=SimpleNamespace(**item["kv_cache_metrics"]))
+    binding = SimpleNamespace(
+        first_iter=40,
+        last_iter=48,
+        timing_metrics=SimpleNamespace(**stamps),
+        kv_cache_metrics=SimpleNamespace(**item["kv_cache_metrics"]),
+    )
     converted = trt.perf_metrics_json(binding)
     served = {k: v for k, v in item["timing_metrics"].items() if v is not None}
     assert converted["timing_metrics"] == pytest.approx(served, abs=1e-6)  # timedelta keeps microseconds
@@ -264,12 +313,21 @@ def test_artifact_key_and_folder(tmp_path):
     key = artifact_key(backend, spec)
     assert key["backend"] == "tensorrt-llm" and key["device_arch"] == "sm_90"
     assert key["versions"]["tensorrt_llm"] == "1.0.0"
-    assert key["config"] == {"device": "cuda", "dtype": "float16", "cuda_graphs": True,
-                             "kv_cache_free_gpu_memory_fraction": 0.9, "batch_wait_timeout_ms": 5.0}
+    assert key["config"] == {
+        "device": "cuda",
+        "dtype": "float16",
+        "cuda_graphs": True,
+        "kv_cache_free_gpu_memory_fraction": 0.9,
+        "batch_wait_timeout_ms": 5.0,
+    }
     path = cache.path_for(backend, spec)
     assert path == cache.path_for(StandIn(), _spec(PER_LAYER_FFN)) and path.parent == tmp_path / "tensorrt-llm"
-    others = [cache.path_for(backend, _spec(PER_LAYER_FFN, batch=4)), cache.path_for(backend, _spec(UNIFORM)),
-              cache.path_for(StandIn(dtype="bf16"), spec), cache.path_for(StandIn(cuda_graphs="false"), spec)]
+    others = [
+        cache.path_for(backend, _spec(PER_LAYER_FFN, batch=4)),
+        cache.path_for(backend, _spec(UNIFORM)),
+        cache.path_for(StandIn(dtype="bf16"), spec),
+        cache.path_for(StandIn(cuda_graphs="false"), spec),
+    ]
 
     class Newer(StandIn):
         VERSIONS = {**StandIn.VERSIONS, "tensorrt_llm": "1.1.0"}
@@ -285,8 +343,9 @@ def test_artifact_key_and_folder(tmp_path):
     assert built.compiled and cache.ensure(backend, spec).compiled is False
     record = json.loads((built.path / "engine.json").read_text())
     assert (record["flow"], record["form"], record["spec"]) == ("tensorrt-llm", "nemotron-nas", spec.to_dict())
-    assert record["adjustments"] == ["layer 2: FFN 600 written as 768 (ffn_mult 4.5; the readers round FFN widths up "
-                                     "to a multiple of 256)"]
+    assert record["adjustments"] == [
+        "layer 2: FFN 600 written as 768 (ffn_mult 4.5; the readers round FFN widths up to a multiple of 256)"
+    ]
     assert record["llm_kwargs"] == trt.llm_kwargs(spec, backend.config, "nemotron-nas")
     assert (built.path / trt.REMOTE_CONFIG).read_text() == deci_config_module()
     with pytest.raises(UsageError, match="another engine"):
@@ -294,14 +353,20 @@ def test_artifact_key_and_folder(tmp_path):
 
 
 def test_options_are_checked():
-    assert StandIn(cuda_graphs="false", kv_cache_free_gpu_memory_fraction="0.5",
-                   batch_wait_timeout_ms="12").config == trt.TensorRtLlmConfig("cuda", "float16", False, 0.5, 12.0)
+    assert StandIn(
+        cuda_graphs="false", kv_cache_free_gpu_memory_fraction="0.5", batch_wait_timeout_ms="12"
+    ).config == trt.TensorRtLlmConfig("cuda", "float16", False, 0.5, 12.0)
     assert StandIn(dtype="bf16").dtype == "bfloat16"
-    for options, message in (({"device": "cpu"}, "first visible GPU"), ({"device": "cuda:1"}, "CUDA_VISIBLE_DEVICES"),
-                             ({"threads": 4}, "no thread count"), ({"dtype": "float32"}, "not 'float32'"),
-                             ({"cuda_graphs": "maybe"}, "true or false"),
-                             ({"kv_cache_free_gpu_memory_fraction": 1.5}, "fraction"),
-                             ({"batch_wait_timeout_ms": "-1"}, "ms >= 0"), ({"batch_wait_timeout_ms": "soon"}, "ms >= 0")):
+    for options, message in (
+        ({"device": "cpu"}, "first visible GPU"),
+        ({"device": "cuda:1"}, "CUDA_VISIBLE_DEVICES"),
+        ({"threads": 4}, "no thread count"),
+        ({"dtype": "float32"}, "not 'float32'"),
+        ({"cuda_graphs": "maybe"}, "true or false"),
+        ({"kv_cache_free_gpu_memory_fraction": 1.5}, "fraction"),
+        ({"batch_wait_timeout_ms": "-1"}, "ms >= 0"),
+        ({"batch_wait_timeout_ms": "soon"}, "ms >= 0"),
+    ):
         with pytest.raises(UsageError, match=message):
             StandIn(**options)
 
@@ -311,19 +376,26 @@ def test_out_of_memory_errors_are_recognised():
     import torch
 
     assert backend.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert backend.is_out_of_memory(RuntimeError("[TensorRT-LLM][ERROR] CUDA runtime error in cudaMalloc(&ptr, n): "
-                                                 "out of memory"))
+    assert backend.is_out_of_memory(
+        RuntimeError("[TensorRT-LLM][ERROR] CUDA runtime error in cudaMalloc(&ptr, n): out of memory")
+    )
     wrapped = RuntimeError("Executor worker returned error")
     wrapped.__cause__ = MemoryError()
     assert backend.is_out_of_memory(wrapped)
-    assert not backend.is_out_of_memory(ValueError("The sum of prompt length (70) should not exceed max_num_tokens (64)"))
+    assert not backend.is_out_of_memory(
+        ValueError("The sum of prompt length (70) should not exceed max_num_tokens (64)")
+    )
 
 
 def test_listed_with_capabilities_and_install_hint():
     assert "tensorrt-llm" in REGISTRY
     caps = backend_class("tensorrt-llm").capabilities()
-    assert (caps.per_layer_heads, caps.per_layer_ffn, caps.methods, caps.devices) == (False, True, ("difference",),
-                                                                                      ("cuda",))
+    assert (caps.per_layer_heads, caps.per_layer_ffn, caps.methods, caps.devices) == (
+        False,
+        True,
+        ("difference",),
+        ("cuda",),
+    )
     assert flow_capabilities("tensorrt-llm") == caps
     if importlib.util.find_spec("tensorrt_llm") is not None:
         pytest.skip("TensorRT-LLM is installed here: the listing says measuring or why the GPU is missing")
@@ -362,19 +434,57 @@ def test_llm_api_times_uniform_and_per_layer_engines(tmp_path):
 # A --report_json of a latency run, CONSTRUCTED from bench/dataclasses/reporting.py
 # ReportUtility.get_statistics_dict (latency runs stream, so streaming_metrics is present), not recorded.
 BENCH_REPORT = {
-    "engine": {"model": "amoeba-trt-tiny", "model_path": "/w/model", "engine_dir": "None", "version": "1.1.0",
-               "backend": "Pytorch", "dtype": "float16", "kv_cache_dtype": None, "quantization": None},
-    "world_info": {"tp_size": 1, "pp_size": 1, "ep_size": 1, "world_size": 1, "max_batch_size": 1,
-                   "max_num_tokens": 2048, "scheduling_policy": "GUARANTEED_NO_EVICT", "kv_cache_percentage": 0.9,
-                   "issue_rate": 5.0},
-    "request_info": {"num_requests": 5, "avg_num_concurrent_requests": 1.0, "avg_input_length": 64.0,
-                     "avg_output_length": 9.0},
+    "engine": {
+        "model": "amoeba-trt-tiny",
+        "model_path": "/w/model",
+        "engine_dir": "None",
+        "version": "1.1.0",
+        "backend": "Pytorch",
+        "dtype": "float16",
+        "kv_cache_dtype": None,
+        "quantization": None,
+    },
+    "world_info": {
+        "tp_size": 1,
+        "pp_size": 1,
+        "ep_size": 1,
+        "world_size": 1,
+        "max_batch_size": 1,
+        "max_num_tokens": 2048,
+        "scheduling_policy": "GUARANTEED_NO_EVICT",
+        "kv_cache_percentage": 0.9,
+        "issue_rate": 5.0,
+    },
+    "request_info": {
+        "num_requests": 5,
+        "avg_num_concurrent_requests": 1.0,
+        "avg_input_length": 64.0,
+        "avg_output_length": 9.0,
+    },
     "performance": {"total_latency_ms": 120.0, "avg_request_latency_ms": 24.0},
-    "streaming_metrics": {"token_output_speed_tok_s": 400.0, "avg_ttft_ms": 4.2, "avg_tpot_ms": 2.45,
-                          "tpot_percentiles": {"minimum": 2.3, "maximum": 2.7, "average": 2.45, "p50": 2.4, "p90": 2.6,
-                                               "p95": 2.65, "p99": 2.7},
-                          "ttft_percentiles": {"minimum": 4.0, "maximum": 4.6, "average": 4.2, "p50": 4.1, "p90": 4.5,
-                                               "p95": 4.55, "p99": 4.6}},
+    "streaming_metrics": {
+        "token_output_speed_tok_s": 400.0,
+        "avg_ttft_ms": 4.2,
+        "avg_tpot_ms": 2.45,
+        "tpot_percentiles": {
+            "minimum": 2.3,
+            "maximum": 2.7,
+            "average": 2.45,
+            "p50": 2.4,
+            "p90": 2.6,
+            "p95": 2.65,
+            "p99": 2.7,
+        },
+        "ttft_percentiles": {
+            "minimum": 4.0,
+            "maximum": 4.6,
+            "average": 4.2,
+            "p50": 4.1,
+            "p90": 4.5,
+            "p95": 4.55,
+            "p99": 4.6,
+        },
+    },
 }
 
 
@@ -382,29 +492,65 @@ def test_trtllm_bench_command_options_dataset_and_report():
     from amoeba_profile.core.workload import Workload
 
     workload, spec = Workload(1, 64, 9), EngineSpec(ARCH, PER_LAYER_FFN, 1, 64, 73)
-    command = trt.trtllm_bench_command("trtllm-bench", "amoeba-trt-tiny", Path("/w/model"), Path("/w/d.jsonl"),
-                                       Path("/w/o.yaml"), Path("/w/r.json"), workload, 5, 0.9)
-    assert command == ["trtllm-bench", "--model", "amoeba-trt-tiny", "--model_path", "/w/model", "latency",
-                       "--backend", "pytorch", "--dataset", "/w/d.jsonl", "--num_requests", "5", "--warmup", "2",
-                       "--max_seq_len", "73", "--kv_cache_free_gpu_mem_fraction", "0.9", "--extra_llm_api_options",
-                       "/w/o.yaml", "--report_json", "/w/r.json"]
+    command = trt.trtllm_bench_command(
+        "trtllm-bench",
+        "amoeba-trt-tiny",
+        Path("/w/model"),
+        Path("/w/d.jsonl"),
+        Path("/w/o.yaml"),
+        Path("/w/r.json"),
+        workload,
+        5,
+        0.9,
+    )
+    assert command == [
+        "trtllm-bench",
+        "--model",
+        "amoeba-trt-tiny",
+        "--model_path",
+        "/w/model",
+        "latency",
+        "--backend",
+        "pytorch",
+        "--dataset",
+        "/w/d.jsonl",
+        "--num_requests",
+        "5",
+        "--warmup",
+        "2",
+        "--max_seq_len",
+        "73",
+        "--kv_cache_free_gpu_mem_fraction",
+        "0.9",
+        "--extra_llm_api_options",
+        "/w/o.yaml",
+        "--report_json",
+        "/w/r.json",
+    ]
     options = trt.bench_llm_options(spec, trt.TensorRtLlmConfig(), "nemotron-nas")
-    assert options == {"trust_remote_code": True, "dtype": "float16", "load_format": "dummy",
-                       "enable_chunked_prefill": False,
-                       "kv_cache_config": {"enable_block_reuse": False, "max_tokens": 73,
-                                           "free_gpu_memory_fraction": 0.9},
-                       "cuda_graph_config": {"batch_sizes": [1], "max_batch_size": 1, "enable_padding": False},
-                       "disable_overlap_scheduler": False}
+    assert options == {
+        "trust_remote_code": True,
+        "dtype": "float16",
+        "load_format": "dummy",
+        "enable_chunked_prefill": False,
+        "kv_cache_config": {"enable_block_reuse": False, "max_tokens": 73, "free_gpu_memory_fraction": 0.9},
+        "cuda_graph_config": {"batch_sizes": [1], "max_batch_size": 1, "enable_padding": False},
+        "disable_overlap_scheduler": False,
+    }
     lines = [json.loads(line) for line in trt.bench_dataset(workload, 3, 1024).splitlines()]
-    assert [(r["task_id"], len(r["input_ids"]), r["output_tokens"]) for r in lines] == [(0, 64, 9), (1, 64, 9),
-                                                                                      (2, 64, 9)]
+    assert [(r["task_id"], len(r["input_ids"]), r["output_tokens"]) for r in lines] == [
+        (0, 64, 9),
+        (1, 64, 9),
+        (2, 64, 9),
+    ]
     assert all(3 <= t < 1024 for r in lines for t in r["input_ids"])
     assert trt.parse_trtllm_bench_report(json.dumps(BENCH_REPORT), workload) == (4.1, 2.4)  # the medians
     with pytest.raises(AmoebaError, match="64 input and 9 output tokens on average, not 64 and 17"):
         trt.parse_trtllm_bench_report(json.dumps(BENCH_REPORT), Workload(1, 64, 17))
     with pytest.raises(AmoebaError, match="'streaming_metrics'"):
-        trt.parse_trtllm_bench_report(json.dumps({k: v for k, v in BENCH_REPORT.items() if k != "streaming_metrics"}),
-                                      workload)
+        trt.parse_trtllm_bench_report(
+            json.dumps({k: v for k, v in BENCH_REPORT.items() if k != "streaming_metrics"}), workload
+        )
 
 
 def test_crosscheck_refuses_a_batch_trtllm_bench_latency_cannot_run(tmp_path):

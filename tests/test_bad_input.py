@@ -9,17 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TINY_CONFIG, synthetic_lut
 
 from amoeba_profile.cli import main as cli
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.device import resolve_device
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import finite_float, positive_float, positive_int, read_bounded
-from amoeba_profile.table.lut import write_table
-from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.core.workload import Workload
-
-from conftest import TINY_CONFIG, synthetic_lut
+from amoeba_profile.device import resolve_device
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.table.lut import write_table
 
 
 def run_main(monkeypatch, capsys, *args):
@@ -35,9 +34,13 @@ def run_main(monkeypatch, capsys, *args):
 @pytest.fixture(scope="module")
 def table(tmp_path_factory):
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
-    lut = synthetic_lut(arch, lambda h, p, c: 1 + 0.1 * h + 0.001 * c, lambda f, p: 1 + 0.01 * f,
-                        lambda p, c: 2 + 0.001 * c, meta={"dtype": "float32", "device_slug": "cpu-test",
-                                                            "backend": "pytorch"})
+    lut = synthetic_lut(
+        arch,
+        lambda h, p, c: 1 + 0.1 * h + 0.001 * c,
+        lambda f, p: 1 + 0.01 * f,
+        lambda p, c: 2 + 0.001 * c,
+        meta={"dtype": "float32", "device_slug": "cpu-test", "backend": "pytorch"},
+    )
     path = tmp_path_factory.mktemp("bad") / "tiny-float32.csv"
     write_table(path, lut.frame, lut.meta)
     return path
@@ -65,44 +68,86 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, table, monkeypatch, capsys):
         "budget nan": ([*select, "--budget-ms", "nan"], "--budget-ms must be a finite number, got nan"),
         "budget 0": ([*select, "--budget-ms", "0"], "--budget-ms must be a positive number, got 0.0"),
         "memory nan": ([*select, "--budget-ms", "100", "--memory-gb", "nan"], "--memory-gb must be a finite number"),
-        "batch 0": ([*select, "--budget-ms", "100", "--batch", "0"], "workload batch must be a positive integer, got 0"),
+        "batch 0": (
+            [*select, "--budget-ms", "100", "--batch", "0"],
+            "workload batch must be a positive integer, got 0",
+        ),
         "budget text": ([*select, "--budget-ms", "abc"], "Invalid value for '--budget-ms'"),
         "quality inf": ([*select, "--budget-ms", "100", "--quality", str(quality)], "score must be a finite number"),
-        "importance zeros": ([*select, "--budget-ms", "100", "--per-layer", "--importance", str(zeros)],
-                             "every importance is 0"),
-        "importance without per-layer": ([*select, "--budget-ms", "100", "--importance", str(zeros)],
-                                         "--importance weighs the layers of the per-layer optimum: add --per-layer"),
+        "importance zeros": (
+            [*select, "--budget-ms", "100", "--per-layer", "--importance", str(zeros)],
+            "every importance is 0",
+        ),
+        "importance without per-layer": (
+            [*select, "--budget-ms", "100", "--importance", str(zeros)],
+            "--importance weighs the layers of the per-layer optimum: add --per-layer",
+        ),
         "strategy /dev/zero": ([*select, "--budget-ms", "100", "--strategy", "/dev/zero"], "not a regular file"),
         "validate inf": (["validate", "--lut", lut, "--budget-ms", "inf"], "--budget-ms must be a finite number"),
-        "plot nan": (["plot", "--lut", lut, "--budget-ms", "nan", "--out", str(tmp_path / "p")],
-                     "--budget-ms must be a finite number, got nan"),
+        "plot nan": (
+            ["plot", "--lut", lut, "--budget-ms", "nan", "--out", str(tmp_path / "p")],
+            "--budget-ms must be a finite number, got nan",
+        ),
         "plot out is a file": (["plot", "--lut", lut, "--out", str(a_file)], f"--out {a_file}: a file is in the way"),
-        "build out is a file": (["build-lut", "--model", _config(tmp_path), "--out", str(a_file), "--prompt-len", "16",
-                                 "--contexts", "16"], f"--out {a_file}: a file is in the way"),
-        "device tpu": (["build-lut", "--model", _config(tmp_path), "--out", out, "--device", "tpu"],
-                       "unknown device 'tpu'"),
-        "context above max": (["build-lut", "--model", _config(tmp_path), "--out", out, "--contexts", "1000000"],
-                              "contexts [1000000] are above cfg's max_position_embeddings 512"),
-        "prompt outside contexts": (["build-lut", "--model", _config(tmp_path), "--out", out, "--prompt-len", "32",
-                                     "--contexts", "64,128"],
-                                    "--prompt-len 32: outside the decode contexts [64, 128]; a request's first decode "
-                                    "step runs at context = its prompt length"),
-        "predict prompt outside contexts": (["build-lut", "--predict", "--device", "rtx-a5000", "--model",
-                                             _config(tmp_path), "--out", out, "--prompt-len", "256", "--contexts",
-                                             "64,128"], "add one of 256 or more to --contexts"),
-        "depths under components": (["build-lut", "--model", _config(tmp_path), "--out", out, "--method", "components",
-                                     "--depths", "1,2,4"], "--depths sets the model depths the difference method fits; "
-                                                           "this build uses the components method (--method components)"),
-        "batch 0 option": (["build-lut", "--model", _config(tmp_path), "--out", out, "--batch", "0"],
-                           "Invalid value for '--batch'"),
-        "threads 0": (["build-lut", "--model", _config(tmp_path), "--out", out, "--threads", "0"],
-                      "--threads must be a positive integer, got 0"),
-        "hidden 1e7": (["build-lut", "--model", _config(tmp_path, "wide", hidden_size=10**7), "--out", out],
-                       "available; lower --contexts"),
-        "hidden 1e40": (["build-lut", "--model", _config(tmp_path, "huge", hidden_size=10**40), "--out", out],
-                        "field 'hidden_size'=10000000000000000000000000000000000000000 is above the maximum"),
-        "kv heads 0": (["build-lut", "--model", _config(tmp_path, "nokv", num_key_value_heads=0), "--out", out],
-                       "field 'num_key_value_heads' must be a positive integer, got 0"),
+        "build out is a file": (
+            ["build-lut", "--model", _config(tmp_path), "--out", str(a_file), "--prompt-len", "16", "--contexts", "16"],
+            f"--out {a_file}: a file is in the way",
+        ),
+        "device tpu": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--device", "tpu"],
+            "unknown device 'tpu'",
+        ),
+        "context above max": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--contexts", "1000000"],
+            "contexts [1000000] are above cfg's max_position_embeddings 512",
+        ),
+        "prompt outside contexts": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--prompt-len", "32", "--contexts", "64,128"],
+            "--prompt-len 32: outside the decode contexts [64, 128]; a request's first decode "
+            "step runs at context = its prompt length",
+        ),
+        "predict prompt outside contexts": (
+            [
+                "build-lut",
+                "--predict",
+                "--device",
+                "rtx-a5000",
+                "--model",
+                _config(tmp_path),
+                "--out",
+                out,
+                "--prompt-len",
+                "256",
+                "--contexts",
+                "64,128",
+            ],
+            "add one of 256 or more to --contexts",
+        ),
+        "depths under components": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--method", "components", "--depths", "1,2,4"],
+            "--depths sets the model depths the difference method fits; "
+            "this build uses the components method (--method components)",
+        ),
+        "batch 0 option": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--batch", "0"],
+            "Invalid value for '--batch'",
+        ),
+        "threads 0": (
+            ["build-lut", "--model", _config(tmp_path), "--out", out, "--threads", "0"],
+            "--threads must be a positive integer, got 0",
+        ),
+        "hidden 1e7": (
+            ["build-lut", "--model", _config(tmp_path, "wide", hidden_size=10**7), "--out", out],
+            "available; lower --contexts",
+        ),
+        "hidden 1e40": (
+            ["build-lut", "--model", _config(tmp_path, "huge", hidden_size=10**40), "--out", out],
+            "field 'hidden_size'=10000000000000000000000000000000000000000 is above the maximum",
+        ),
+        "kv heads 0": (
+            ["build-lut", "--model", _config(tmp_path, "nokv", num_key_value_heads=0), "--out", out],
+            "field 'num_key_value_heads' must be a positive integer, got 0",
+        ),
         "profile tpu": (["profile-device", "--device", "tpu", "--no-bench"], "unknown device 'tpu'"),
     }
     for name, (args, message) in cases.items():
@@ -139,7 +184,9 @@ def test_profile_device_cuda_without_cuda_is_one_line(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     code, _, err = run_main(monkeypatch, capsys, "profile-device", "--device", "cuda", "--no-bench")
-    assert code == 2 and err.startswith("error: device 'cuda' requested but torch sees 0 CUDA device(s); use --device cpu")
+    assert code == 2 and err.startswith(
+        "error: device 'cuda' requested but torch sees 0 CUDA device(s); use --device cpu"
+    )
     assert err.count("\n") == 1
 
 
@@ -154,12 +201,17 @@ def test_multi_line_messages_render_as_one_line(monkeypatch, capsys):
 
 def test_entry_point_in_a_real_process(table):
     """The console script itself: a parser error and one of ours, each one line."""
-    for args in (["select", "--lut", str(table), "--budget-ms", "abc"],
-                 ["select", "--lut", str(table), "--budget-ms", "inf"]):
-        proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
-                              timeout=120)
+    for args in (
+        ["select", "--lut", str(table), "--budget-ms", "abc"],
+        ["select", "--lut", str(table), "--budget-ms", "inf"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "amoeba_profile.cli.main"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and "build-lut" in proc.stdout
 
 

@@ -12,7 +12,8 @@ BENCHMARKS = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=lambda p: p.name)
 def test_benchmark_script_starts(script):
-    done = subprocess.run([sys.executable, script.name, "--help"], cwd=script.parent, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, script.name, "--help"], cwd=script.parent, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("usage: ")

@@ -10,17 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+from amoeba_profile.backends import get_backend
+from conftest import FAST_PROTOCOL
 
 from amoeba_profile.core.arch import resolve_arch
-from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
 from amoeba_profile.core.errors import LutError
-from amoeba_profile.table.lut import load_table
-from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.core.subnet import Subnet
-
-from conftest import FAST_PROTOCOL
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.table.lut import load_table
 
 
 def _plan(arch, **kw):
@@ -48,7 +47,9 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert lut.frame[lut.frame.component == "model"].subnet_id.eq(whole.id).all()
     assert seen[-1][0] == seen[-1][1]
     labels = {label for _, _, label in seen}
-    assert "round 1/2: attn prefill 16 tok, 8 heads (4 kv)" in labels and "round 2/2: model L3 w1/2 decode @32" in labels
+    assert (
+        "round 1/2: attn prefill 16 tok, 8 heads (4 kv)" in labels and "round 2/2: model L3 w1/2 decode @32" in labels
+    )
     assert not any("|" in label for label in labels)  # internal keys stay out of the progress bar
     assert not list(tmp_path.rglob("*.journal.jsonl"))
     # A second build of the same plan measures nothing, keeps every row and leaves the files alone.
@@ -108,8 +109,22 @@ main()
 
 def test_resume_after_kill_9(tmp_path, tiny_config_path):
     """A real build process is killed mid-way; the rerun finishes with nothing lost or duplicated."""
-    args = ["build-lut", "--model", str(tiny_config_path), "--out", str(tmp_path), "--contexts", "16,32,64,128",
-            "--prompt-len", "16", "--widths", "1,1/2", "--whole", "4x1,2x1/2", "--quick"]
+    args = [
+        "build-lut",
+        "--model",
+        str(tiny_config_path),
+        "--out",
+        str(tmp_path),
+        "--contexts",
+        "16,32,64,128",
+        "--prompt-len",
+        "16",
+        "--widths",
+        "1,1/2",
+        "--whole",
+        "4x1,2x1/2",
+        "--quick",
+    ]
     # Timeouts are generous: seconds of work on an idle machine, and one thread (conftest) on a busy one.
     killed = subprocess.run([sys.executable, "-c", _DIE_MEASURING, *args], capture_output=True, text=True, timeout=900)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -120,16 +135,18 @@ def test_resume_after_kill_9(tmp_path, tiny_config_path):
     table = journal.with_name(journal.name.removesuffix(".journal.jsonl"))
     assert not table.exists()  # nothing half-written appeared
 
-    rerun = subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
-                           timeout=900)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True, timeout=900
+    )
     assert rerun.returncode == 0, rerun.stderr
     counts = re.search(r"(\d+) entries measured now, (\d+) taken from the journal", rerun.stdout)
     resumed = {key for key, _ in done_before}
     lut = load_table(table)
     assert not journal.exists()
     arch = resolve_arch(str(tiny_config_path))
-    plan = BuildPlan(arch, (1.0, 0.5), (16,), (16, 32, 64, 128),
-                     whole=(Subnet.uniform(arch, 4, 1.0), Subnet.uniform(arch, 2, 0.5)))
+    plan = BuildPlan(
+        arch, (1.0, 0.5), (16,), (16, 32, 64, 128), whole=(Subnet.uniform(arch, 4, 1.0), Subnet.uniform(arch, 2, 0.5))
+    )
     assert len(lut.frame) == len(plan.entries())
     assert counts and int(counts[1]) + int(counts[2]) == len(plan.entries()), rerun.stdout
     assert int(counts[2]) <= len(resumed) and int(counts[1]) >= len(plan.entries()) - len(resumed)
@@ -196,17 +213,29 @@ def test_a_lock_file_removed_under_a_waiter_is_not_held_on_the_removed_file(tmp_
 
 
 def test_cli_build_prints_the_lock_it_waits_for(tmp_path, tiny_config_path):
-    from amoeba_profile.device import fingerprint
     from amoeba_profile.core.files import held
+    from amoeba_profile.device import fingerprint
     from amoeba_profile.table.lut import table_path
 
     path = table_path(tmp_path, fingerprint("cpu")["slug"], "pytorch", "tiny", "float32")
     path.parent.mkdir(parents=True)
     stderr = tmp_path / "stderr.txt"
     with held(Path(str(path) + ".lock"), "the test"), stderr.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--model",
-                                 str(tiny_config_path), "--out", str(tmp_path), "--quick"],
-                                stdout=subprocess.DEVNULL, stderr=sink)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "amoeba_profile.cli.main",
+                "build-lut",
+                "--model",
+                str(tiny_config_path),
+                "--out",
+                str(tmp_path),
+                "--quick",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "waiting" not in stderr.read_text() and proc.poll() is None:
             time.sleep(0.05)
@@ -249,7 +278,10 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
     assert "allocate" in oom.note.iloc[0]
     assert (lut.frame[lut.frame.status == "ok"].median_ms > 0).all()
     assert ((lut.frame.status == "ok") | (lut.frame.status == "oom") | _too_noisy(lut.frame)).all()
-    assert sorted(l for l in result.oom if l.startswith("mlp")) == ["mlp decode, ffn 128", "mlp prefill 16 tok, ffn 128"]
+    assert sorted(l for l in result.oom if l.startswith("mlp")) == [
+        "mlp decode, ffn 128",
+        "mlp prefill 16 tok, ffn 128",
+    ]
     assert len(result.oom) == 2 + _too_noisy(lut.frame).sum()  # labels, for people, not keys
 
 

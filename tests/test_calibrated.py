@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import pytest
-
 from amoeba_profile.backends import get_backend
+from conftest import FAST_PROTOCOL
+
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import Measurement
@@ -16,8 +17,6 @@ from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.table.fit import calibrate_rows
 from amoeba_profile.table.lut import load_table, measured_row
-
-from conftest import FAST_PROTOCOL
 
 
 def test_three_engines_whatever_the_grid(tiny_arch):
@@ -34,11 +33,21 @@ def test_three_engines_whatever_the_grid(tiny_arch):
 
 def _row(component, phase, x, median, heads=0, kv=0, ffn=0, subnet=None, std=0.01):
     tokens, context = (x, 0) if phase == "prefill" else (1, x)
-    entry = Entry(component, phase, 1, tokens, context if component != "mlp" or phase == "prefill" else 0,
-                  heads, kv, ffn, subnet=subnet)
+    entry = Entry(
+        component,
+        phase,
+        1,
+        tokens,
+        context if component != "mlp" or phase == "prefill" else 0,
+        heads,
+        kv,
+        ffn,
+        subnet=subnet,
+    )
     m = Measurement((median,), median, median * 0.99, median * 1.01, median, std, std / median, 5)
-    return measured_row(entry, m, "ok", method="whole" if component == "model" else "components", repeat=1,
-                        wall_s=1.0, rounds=3)
+    return measured_row(
+        entry, m, "ok", method="whole" if component == "model" else "components", repeat=1, wall_s=1.0, rounds=3
+    )
 
 
 def test_the_fit_recovers_scale_and_per_layer_cost(tiny_arch):
@@ -57,16 +66,18 @@ def test_the_fit_recovers_scale_and_per_layer_cost(tiny_arch):
     assert summary[0]["scale"] == pytest.approx(1.1) and summary[0]["per_layer_ms"] == pytest.approx(0.3)
     assert max(abs(r) for r in residuals.values()) < 1e-6
     layers = {(r["heads"], r["kv_heads"], r["ffn"]): r["median_ms"] for r in derived}
-    assert layers == pytest.approx({(8, 4, 128): 1.1 * 5.0 + 0.3, (4, 2, 128): 1.1 * 4.2 + 0.3,
-                                    (8, 4, 64): 1.1 * 3.8 + 0.3})
+    assert layers == pytest.approx(
+        {(8, 4, 128): 1.1 * 5.0 + 0.3, (4, 2, 128): 1.1 * 4.2 + 0.3, (8, 4, 64): 1.1 * 3.8 + 0.3}
+    )
     assert all(r["std_ms"] > 0 and math.isnan(r["mean_ms"]) for r in derived)  # the fit's se; no mean
 
 
 @pytest.mark.slow
 def test_a_calibrated_table_predicts_its_own_calibration_models(tiny_arch, tmp_path):
     backend = get_backend("pytorch", threads=1)
-    plan = BuildPlan(tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32), method="calibrated",
-                     decode_steps=4)
+    plan = BuildPlan(
+        tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32), method="calibrated", decode_steps=4
+    )
     table = load_table(run_build(plan, backend, tmp_path, FAST_PROTOCOL).path)
     # prefill 16, decode 16 and 32; a tiny model's decode difference may come out <= 0 and leave a group unfitted
     fitted = table.meta["fit"]

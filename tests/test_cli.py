@@ -26,8 +26,23 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     config = write_tiny_config(root)
     out = root / "lut"
-    proc = run("build-lut", "--backend", "pytorch", "--model", str(config), "--out", str(out), "--quick",
-               "--prompt-len", "16", "--contexts", "16,64", "--whole", "4x1", check_rc=0)
+    proc = run(
+        "build-lut",
+        "--backend",
+        "pytorch",
+        "--model",
+        str(config),
+        "--out",
+        str(out),
+        "--quick",
+        "--prompt-len",
+        "16",
+        "--contexts",
+        "16,64",
+        "--whole",
+        "4x1",
+        check_rc=0,
+    )
     assert "table:" in proc.stdout
     assert "threads: 1 (torch's default under OMP_NUM_THREADS=1)" in proc.stderr  # pinned by conftest
     return out
@@ -42,17 +57,47 @@ def test_show_json(built):
 
 
 def test_select_json_and_text(built):
-    data = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--metric", "tpot",
-                          "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    data = json.loads(
+        run(
+            "select",
+            "--lut",
+            str(built),
+            "--budget-ms",
+            "1000",
+            "--metric",
+            "tpot",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--json",
+            check_rc=0,
+        ).stdout
+    )
     assert data["subnet"]["num_layers"] == 4 and data["subnet"]["kept_layers"] == [0, 1, 2, 3]
     assert data["predicted_ms"]["source"] in ("measured", "interpolated")
     assert data["metric"] == "tpot_ms" and data["budget_ms"] == 1000 and data["top_k"]
     assert data["predicted_ms"]["value"] <= 1000
-    text = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-               check_rc=0).stdout
+    text = run(
+        "select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30", check_rc=0
+    ).stdout
     assert "pick:" in text and "top " in text and "Pareto" not in text
-    assert "Pareto" in run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len",
-                           "30", "--pareto", check_rc=0).stdout
+    assert (
+        "Pareto"
+        in run(
+            "select",
+            "--lut",
+            str(built),
+            "--budget-ms",
+            "1000",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--pareto",
+            check_rc=0,
+        ).stdout
+    )
 
 
 def test_select_defaults_to_a_request_the_table_covers(built):
@@ -62,14 +107,29 @@ def test_select_defaults_to_a_request_the_table_covers(built):
     data = json.loads(proc.stdout)
     assert data["workload"] == {"batch": 1, "prompt_len": 16, "gen_len": 50}  # decode contexts 16..64
     assert "a request of 16 prompt tokens and 50 generated" in proc.stderr
-    given = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--gen-len", "20", "--json",
-                           check_rc=0).stdout)
+    given = json.loads(
+        run("select", "--lut", str(built), "--budget-ms", "1000", "--gen-len", "20", "--json", check_rc=0).stdout
+    )
     assert given["workload"]["gen_len"] == 20 and given["workload"]["prompt_len"] == 16
 
 
 def test_select_json_lists_each_subnet_once(built):
-    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-               "--top-k", "20", "--pareto", "--json", check_rc=0)
+    proc = run(
+        "select",
+        "--lut",
+        str(built),
+        "--budget-ms",
+        "1000",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "30",
+        "--top-k",
+        "20",
+        "--pareto",
+        "--json",
+        check_rc=0,
+    )
     data = json.loads(proc.stdout)
     assert proc.stdout.count('"arch"') == 1  # the pick's full subnet; every other shape by id
     assert all(entry["subnet_id"] in data["subnets"] for entry in data["top_k"] + data["pareto"])
@@ -103,18 +163,44 @@ def test_bad_measuring_options_write_nothing(tmp_path):
     out = tmp_path / "lut"
     proc = run("build-lut", "--model", str(config), "--device", "rtx-a5000", "--out", str(out), check_rc=2)
     assert "add --predict" in proc.stderr and not out.exists()
-    proc = run("build-lut", "--model", str(config), "--backend", "mlc-llm", "--device", "cpu", "--out", str(out),
-               check_rc=2)
+    proc = run(
+        "build-lut", "--model", str(config), "--backend", "mlc-llm", "--device", "cpu", "--out", str(out), check_rc=2
+    )
     assert "runs on ['cuda']" in proc.stderr and not out.exists()
-    proc = run("build-lut", "--model", str(config), "--predict", "--device", "rtx-a5000", "--quick", "--out",
-               str(out), check_rc=2)
+    proc = run(
+        "build-lut",
+        "--model",
+        str(config),
+        "--predict",
+        "--device",
+        "rtx-a5000",
+        "--quick",
+        "--out",
+        str(out),
+        check_rc=2,
+    )
     assert "--quick" in proc.stderr and not out.exists()
 
 
 def test_default_out_is_not_the_shipped_folder(tmp_path):
-    proc = subprocess.run([*CLI, "build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm",
-                           "--model", "tinyllama-1.1b"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    proc = subprocess.run(
+        [
+            *CLI,
+            "build-lut",
+            "--predict",
+            "--device",
+            "rtx-a5000",
+            "--backend",
+            "tensorrt-llm",
+            "--model",
+            "tinyllama-1.1b",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "lut" / "rtx-a5000" / "tensorrt-llm" / "tinyllama-1.1b-float16.csv").is_file()
 
@@ -134,15 +220,17 @@ def test_reseal_command(built, tmp_path):
 
 
 def test_impossible_budget_exits_1_with_one_line(built):
-    proc = run("select", "--lut", str(built), "--budget-ms", "0.0001", "--prompt-len", "16", "--gen-len", "30",
-               check_rc=1)
+    proc = run(
+        "select", "--lut", str(built), "--budget-ms", "0.0001", "--prompt-len", "16", "--gen-len", "30", check_rc=1
+    )
     assert proc.stderr.startswith("error: no shape fits") and "fastest is" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_out_of_range_workload_exits_1(built):
-    proc = run("select", "--lut", str(built), "--budget-ms", "100", "--prompt-len", "16", "--gen-len", "500",
-               check_rc=1)
+    proc = run(
+        "select", "--lut", str(built), "--budget-ms", "100", "--prompt-len", "16", "--gen-len", "500", check_rc=1
+    )
     assert "outside the measured range" in proc.stderr
 
 
@@ -170,21 +258,35 @@ def test_corrupt_table_is_one_line(built, tmp_path):
 def test_backends_lists_every_flow():
     data = {b["name"]: b for b in json.loads(run("backends", "--json", check_rc=0).stdout)}
     assert {name: b["status"] for name, b in data.items() if name not in ("llama.cpp", "tensorrt-llm", "mlc-llm")} == {
-        "pytorch": "measuring", "pytorch-compiled": "measuring", "onnxruntime": "measuring"}
+        "pytorch": "measuring",
+        "pytorch-compiled": "measuring",
+        "onnxruntime": "measuring",
+    }
     assert data["llama.cpp"]["status"] in ("measuring", "unavailable")  # measuring where llama-bench is built
     assert data["tensorrt-llm"]["status"] in ("measuring", "unavailable")  # measuring with TensorRT-LLM and a GPU
     assert data["pytorch"]["available"] is True and data["pytorch"]["per_layer_ffn"] is True
     assert (data["tensorrt-llm"]["per_layer_heads"], data["tensorrt-llm"]["per_layer_ffn"]) == (False, True)
     assert data["mlc-llm"]["install_hint"] and not data["mlc-llm"]["available"]
     assert {name: b["maturity"] for name, b in data.items()} == {
-        "pytorch": "verified on cpu, cuda", "llama.cpp": "verified on cpu", "pytorch-compiled": "verified on cpu",
-        "onnxruntime": "verified on cpu", "tensorrt-llm": "experimental: not yet run on hardware",
-        "mlc-llm": "experimental: not yet run on hardware"}
+        "pytorch": "verified on cpu, cuda",
+        "llama.cpp": "verified on cpu",
+        "pytorch-compiled": "verified on cpu",
+        "onnxruntime": "verified on cpu",
+        "tensorrt-llm": "experimental: not yet run on hardware",
+        "mlc-llm": "experimental: not yet run on hardware",
+    }
     assert "samples constructed from that source" in data["tensorrt-llm"]["maturity_note"]
     assert data["mlc-llm"]["verified"] is False and data["pytorch"]["maturity_note"] == ""
     text = " ".join(run("backends", check_rc=0).stdout.split())  # lines wrap at the console width
-    for word in ("pytorch", "tensorrt-llm", "mlc-llm", "unavailable", "uniform only", "pip install tensorrt-llm",
-                 "tensorrt-llm: tensorrt_llm is not installed. Experimental: not yet run on hardware (written against"):
+    for word in (
+        "pytorch",
+        "tensorrt-llm",
+        "mlc-llm",
+        "unavailable",
+        "uniform only",
+        "pip install tensorrt-llm",
+        "tensorrt-llm: tensorrt_llm is not installed. Experimental: not yet run on hardware (written against",
+    ):
         assert word in text
 
 
@@ -200,23 +302,78 @@ def test_profile_device_reports_cpu_and_benchmarks(tmp_path):
 
 
 def test_predicted_table_and_roofline_warning(tmp_path):
-    run("build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm", "--model", "llama2-7b",
-        "--out", str(tmp_path), check_rc=0)
+    run(
+        "build-lut",
+        "--predict",
+        "--device",
+        "rtx-a5000",
+        "--backend",
+        "tensorrt-llm",
+        "--model",
+        "llama2-7b",
+        "--out",
+        str(tmp_path),
+        check_rc=0,
+    )
     table = tmp_path / "rtx-a5000" / "tensorrt-llm" / "llama2-7b-float16.csv"
     assert table.is_file()
     proc = run("select", "--lut", str(table), "--budget-ms", "20", "--metric", "tpot", "--json", check_rc=0)
     assert "roofline" in proc.stderr and json.loads(proc.stdout)["predicted_ms"]["source"] == "roofline"
     assert json.loads(proc.stdout)["warning"].startswith("computed (roofline)")
-    assert run("build-lut", "--predict", "--device", "rtx-9999", "--backend", "tensorrt-llm", "--model", "llama2-7b",
-               "--out", str(tmp_path)).returncode == 2
-    assert run("build-lut", "--predict", "--device", "rtx-a5000", "--backend", "tensorrt-llm", "--model", "llama2-7b",
-               "--whole", "32x1", "--out", str(tmp_path)).returncode == 2
+    assert (
+        run(
+            "build-lut",
+            "--predict",
+            "--device",
+            "rtx-9999",
+            "--backend",
+            "tensorrt-llm",
+            "--model",
+            "llama2-7b",
+            "--out",
+            str(tmp_path),
+        ).returncode
+        == 2
+    )
+    assert (
+        run(
+            "build-lut",
+            "--predict",
+            "--device",
+            "rtx-a5000",
+            "--backend",
+            "tensorrt-llm",
+            "--model",
+            "llama2-7b",
+            "--whole",
+            "32x1",
+            "--out",
+            str(tmp_path),
+        ).returncode
+        == 2
+    )
 
 
 def test_validate_writes_model_rows_back(built):
     before = json.loads(run("show", "--lut", str(built), "--json", check_rc=0).stdout)["rows"]["model/ok"]
-    data = json.loads(run("validate", "--lut", str(built), "--budget-ms", "1000", "--top-k", "3", "--quick",
-                          "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    data = json.loads(
+        run(
+            "validate",
+            "--lut",
+            str(built),
+            "--budget-ms",
+            "1000",
+            "--top-k",
+            "3",
+            "--quick",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--json",
+            check_rc=0,
+        ).stdout
+    )
     assert len(data["validated"]) == 3 and data["kendall_tau"] is not None and data["device_drift"] > 0
     for row in data["validated"]:
         assert row["measured_ms"] > 0 and row["breaks_budget"] is False and abs(row["error_pct"]) < 200
@@ -226,28 +383,84 @@ def test_validate_writes_model_rows_back(built):
 
 
 def test_plot_writes_pngs(built, tmp_path):
-    proc = run("plot", "--lut", str(built), "--out", str(tmp_path), "--budget-ms", "1", "--prompt-len", "16",
-               "--gen-len", "30", check_rc=0)
+    proc = run(
+        "plot",
+        "--lut",
+        str(built),
+        "--out",
+        str(tmp_path),
+        "--budget-ms",
+        "1",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "30",
+        check_rc=0,
+    )
     for name in ("pareto.png", "heatmap_prefill.png", "heatmap_decode.png", "validation.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stdout
 
 
 def test_select_per_layer_memory_and_export(built, tmp_path):
-    data = json.loads(run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-                          "--per-layer", "--memory-gb", "1", "--export", str(tmp_path / "pick"), "--json",
-                          check_rc=0).stdout)
+    data = json.loads(
+        run(
+            "select",
+            "--lut",
+            str(built),
+            "--budget-ms",
+            "1000",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--per-layer",
+            "--memory-gb",
+            "1",
+            "--export",
+            str(tmp_path / "pick"),
+            "--json",
+            check_rc=0,
+        ).stdout
+    )
     assert data["per_layer"]["quality"] >= data["quality"] - 1e-9 and data["memory_gb"] <= 1
-    assert [f["name"] for f in data["exported"]["files"]] == ["subnet.json", "config.json", "mlc-chat-config.json",
-                                                               "export.json"]
+    assert [f["name"] for f in data["exported"]["files"]] == [
+        "subnet.json",
+        "config.json",
+        "mlc-chat-config.json",
+        "export.json",
+    ]
     assert all((tmp_path / "pick" / f["name"]).is_file() for f in data["exported"]["files"])
     assert set(data["per_layer"]["predicted_ms"]) == {"value", "source"}
     assert set(data["predicted_ms"]) == {"value", "source", "se", "interval_90", "p_within_budget"}
-    text = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-               "--per-layer", check_rc=0).stdout
+    text = run(
+        "select",
+        "--lut",
+        str(built),
+        "--budget-ms",
+        "1000",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "30",
+        "--per-layer",
+        check_rc=0,
+    ).stdout
     per_layer = data["per_layer"]["subnet"]["layers"]
     assert f"layers {per_layer[0]['index']}" in text and f"{per_layer[0]['heads']} heads" in text
-    proc = run("select", "--lut", str(built), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-               "--memory-gb", "0.000001", check_rc=1)
+    proc = run(
+        "select",
+        "--lut",
+        str(built),
+        "--budget-ms",
+        "1000",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "30",
+        "--memory-gb",
+        "0.000001",
+        check_rc=1,
+    )
     assert "smallest needs" in proc.stderr
 
 
@@ -259,19 +472,65 @@ def test_difference_method_end_to_end(tmp_path):
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "lut"
-    proc = run("build-lut", "--model", str(config), "--out", str(out), "--quick", "--method", "difference",
-               "--depths", "1,2,4", "--widths", "1,1/2", "--prompt-len", "16", "--contexts", "16,64", check_rc=0)
+    proc = run(
+        "build-lut",
+        "--model",
+        str(config),
+        "--out",
+        str(out),
+        "--quick",
+        "--method",
+        "difference",
+        "--depths",
+        "1,2,4",
+        "--widths",
+        "1,1/2",
+        "--prompt-len",
+        "16",
+        "--contexts",
+        "16,64",
+        check_rc=0,
+    )
     assert "method: difference (requested with --method)" in proc.stderr
     data = json.loads(run("show", "--lut", str(out), "--json", check_rc=0).stdout)
     assert data["method"] == "difference" and data["rows"]["layer/ok"] == 9 and data["rows"]["base/ok"] == 3
     assert data["versions"]["torch"] and data["backend_config"]["device"] == "cpu" and data["fit"]
     methods = {row["component"]: row["method"] for row in data["table"]}
     assert methods == {"layer": "difference", "base": "difference", "model": "whole"}
-    pick = json.loads(run("select", "--lut", str(out), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-                          "--json", check_rc=0).stdout)
+    pick = json.loads(
+        run(
+            "select",
+            "--lut",
+            str(out),
+            "--budget-ms",
+            "1000",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--json",
+            check_rc=0,
+        ).stdout
+    )
     assert pick["subnet"]["num_layers"] == 4
-    checked = json.loads(run("validate", "--lut", str(out), "--budget-ms", "1000", "--top-k", "1", "--quick",
-                             "--prompt-len", "16", "--gen-len", "30", "--json", check_rc=0).stdout)
+    checked = json.loads(
+        run(
+            "validate",
+            "--lut",
+            str(out),
+            "--budget-ms",
+            "1000",
+            "--top-k",
+            "1",
+            "--quick",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--json",
+            check_rc=0,
+        ).stdout
+    )
     assert checked["validated"][0]["measured_ms"] > 0
     assert run("build-lut", "--model", str(config), "--out", str(out), "--method", "guess").returncode == 2
 
@@ -279,11 +538,22 @@ def test_difference_method_end_to_end(tmp_path):
 def test_backend_options_are_checked(tmp_path):
     proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend-option", "mode", check_rc=2)
     assert "KEY=VALUE" in proc.stderr
-    proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend-option", "mode=default",
-               check_rc=2)
+    proc = run(
+        "build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend-option", "mode=default", check_rc=2
+    )
     assert "backend 'pytorch' has no option ['mode']" in proc.stderr
-    proc = run("build-lut", "--model", "tinyllama-1.1b", "--out", str(tmp_path), "--backend", "pytorch-compiled",
-               "--backend-option", "mode=reduce-overhead", check_rc=2)
+    proc = run(
+        "build-lut",
+        "--model",
+        "tinyllama-1.1b",
+        "--out",
+        str(tmp_path),
+        "--backend",
+        "pytorch-compiled",
+        "--backend-option",
+        "mode=reduce-overhead",
+        check_rc=2,
+    )
     assert "CUDA graphs" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -296,9 +566,27 @@ def test_compiled_flow_end_to_end(tmp_path):
     config.parent.mkdir()
     config.write_text(json.dumps(TINY_CONFIG))
     out = tmp_path / "lut"
-    proc = run("build-lut", "--backend", "pytorch-compiled", "--backend-option", "mode=default", "--model", str(config),
-               "--out", str(out), "--quick", "--depths", "1,2,4", "--widths", "1", "--prompt-len", "16",
-               "--contexts", "16,32", check_rc=0)
+    proc = run(
+        "build-lut",
+        "--backend",
+        "pytorch-compiled",
+        "--backend-option",
+        "mode=default",
+        "--model",
+        str(config),
+        "--out",
+        str(out),
+        "--quick",
+        "--depths",
+        "1,2,4",
+        "--widths",
+        "1",
+        "--prompt-len",
+        "16",
+        "--contexts",
+        "16,32",
+        check_rc=0,
+    )
     assert "method: difference (the compiled flow has no lone components" in proc.stderr
     assert "/pytorch-compiled/tiny-float32.csv" in proc.stdout and "recompiled" not in proc.stderr
     data = json.loads(run("show", "--lut", str(out), "--json", check_rc=0).stdout)
@@ -307,11 +595,17 @@ def test_compiled_flow_end_to_end(tmp_path):
 
 
 def test_select_says_when_the_pick_rests_on_flagged_rows(tmp_path, tiny_arch):
-    from amoeba_profile.table.lut import write_table
     from conftest import synthetic_lut
 
-    lut = synthetic_lut(tiny_arch, lambda h, phase, c: 0.3 * h, lambda f, phase: 0.01 * f, lambda phase, c: 2.0,
-                        meta={"dtype": "float32"})
+    from amoeba_profile.table.lut import write_table
+
+    lut = synthetic_lut(
+        tiny_arch,
+        lambda h, phase, c: 0.3 * h,
+        lambda f, phase: 0.01 * f,
+        lambda phase, c: 2.0,
+        meta={"dtype": "float32"},
+    )
     noisy = (lut.frame.component == "attn") & (lut.frame.heads == 8) & (lut.frame.phase == "decode")
     lut.frame.loc[noisy, "flags"] = "high_cv;contended"
     lut.frame.loc[noisy, "host_contention"] = 0.8

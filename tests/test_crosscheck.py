@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from amoeba_profile.measure.crosscheck import Crosscheck, default_workload, store
 from amoeba_profile.core.errors import LutError
-from amoeba_profile.table.lut import load_table
-from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.measure.crosscheck import Crosscheck, default_workload, store
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import load_table
 
 CLI = [sys.executable, "-m", "amoeba_profile.cli.main"]
 
@@ -27,9 +27,28 @@ def built(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("crosscheck")
     out = root / "lut"
-    proc = subprocess.run([*CLI, "build-lut", "--model", str(write_tiny_config(root)), "--out", str(out), "--quick",
-                           "--prompt-len", "16", "--contexts", "16,64", "--widths", "1,1/2", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "build-lut",
+            "--model",
+            str(write_tiny_config(root)),
+            "--out",
+            str(out),
+            "--quick",
+            "--prompt-len",
+            "16",
+            "--contexts",
+            "16,64",
+            "--widths",
+            "1,1/2",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return next(out.rglob("*.csv"))
 
@@ -43,8 +62,24 @@ def _copy(built, tmp_path):
 def test_pytorch_crosscheck_times_generate_and_stores_the_agreement(built, tmp_path):
     table = _copy(built, tmp_path)
     before = table.read_bytes()
-    proc = subprocess.run([*CLI, "crosscheck", "--lut", str(table), "--prompt-len", "16", "--gen-len", "12",
-                           "--repetitions", "3", "--json"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "crosscheck",
+            "--lut",
+            str(table),
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "12",
+            "--repetitions",
+            "3",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["tool"]["tool"] == "generate() timing (optimum-benchmark style)" and data["backend"] == "pytorch"
@@ -62,7 +97,9 @@ def test_pytorch_crosscheck_times_generate_and_stores_the_agreement(built, tmp_p
     assert data["predicted_ms"]["tpot_ms"] == pytest.approx(predicted.tpot_ms)
     for metric in ("ttft_ms", "tpot_ms"):
         tool = data["tool_ms"][metric]
-        assert tool > 0 and data["agreement_pct"][metric] == pytest.approx(100 * (predicted.metric(metric) - tool) / tool)
+        assert tool > 0 and data["agreement_pct"][metric] == pytest.approx(
+            100 * (predicted.metric(metric) - tool) / tool
+        )
     (stored,) = lut.meta["crosschecks"]
     assert stored == data and stored["table_sha256"] == lut.meta["content_sha256"]
     show = subprocess.run([*CLI, "show", "--lut", str(table)], capture_output=True, text=True, timeout=120)
@@ -86,8 +123,19 @@ def test_a_check_of_a_table_changed_meanwhile_is_not_stored(built, tmp_path):
     table = _copy(built, tmp_path)
     lut = load_table(table)
     tool = ToolResult("t", ("t",), 1.0, 0.5, "", "")
-    check = Crosscheck(table, "0" * 64, "pytorch", lut.meta["device_slug"], Subnet.uniform(lut.arch, 4, 1.0),
-                       Workload(1, 16, 12), "median", {"ttft_ms": 1.1, "tpot_ms": 0.5, "e2e_ms": 6.6}, tool, {}, "now")
+    check = Crosscheck(
+        table,
+        "0" * 64,
+        "pytorch",
+        lut.meta["device_slug"],
+        Subnet.uniform(lut.arch, 4, 1.0),
+        Workload(1, 16, 12),
+        "median",
+        {"ttft_ms": 1.1, "tpot_ms": 0.5, "e2e_ms": 6.6},
+        tool,
+        {},
+        "now",
+    )
     with pytest.raises(LutError, match="changed while the cross-check ran"):
         store(check)
     assert "crosschecks" not in load_table(table).meta

@@ -1,18 +1,18 @@
 """The difference method and the whole-engine contract, proven on a pure-Python fake engine."""
 
 import pytest
-
-from amoeba_profile.measure.artifacts import ArtifactCache
-from amoeba_profile.backends.base import EngineSpec
 from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
+from amoeba_profile.backends.base import EngineSpec
+
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
-from amoeba_profile.table.lut import entry_key_of_row, load_table
+from amoeba_profile.core.subnet import LayerShape, Subnet
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.measure.methods import choose_method
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.core.subnet import LayerShape, Subnet
+from amoeba_profile.table.lut import entry_key_of_row, load_table
 
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=3, samples_per_round=5, min_round_s=0.0)
 
@@ -22,8 +22,9 @@ def _plan(arch, **kw):
 
 
 def _build(tmp_path, arch, backend, **kw):
-    return load_table(run_build(_plan(arch, **kw), backend, tmp_path, PROTOCOL,
-                                artifacts=ArtifactCache(tmp_path / "artifacts")).path)
+    return load_table(
+        run_build(_plan(arch, **kw), backend, tmp_path, PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts")).path
+    )
 
 
 def test_difference_recovers_the_engines_per_layer_costs(tmp_path, tiny_arch, fake_backend):
@@ -55,8 +56,9 @@ def test_additivity_and_measured_interaction(tmp_path, tiny_arch, fake_backend):
     mixed = Subnet(tiny_arch, (LayerShape(0, 4, 2, 64), LayerShape(1, 8, 4, 128), LayerShape(3, 4, 2, 64)))
     for interaction, expected_error_ms in ((0.0, 0.0), (0.2, -0.4)):
         out = tmp_path / f"i{interaction}"
-        lut = _build(out, tiny_arch, get_backend("fake-engine", interaction_ms=interaction, noise=0.002),
-                     whole=(mixed,))
+        lut = _build(
+            out, tiny_arch, get_backend("fake-engine", interaction_ms=interaction, noise=0.002), whole=(mixed,)
+        )
         predictor = Predictor(lut)
         row = lut.ok[(lut.ok.subnet_id == mixed.id) & (lut.ok.phase == "decode") & (lut.ok.context == 64)].iloc[0]
         predicted, source = predictor.phase_ms(mixed, "decode", 1, 1, 64)
@@ -101,8 +103,13 @@ def test_host_bound_rows_are_flagged(tmp_path, tiny_arch, fake_backend):
 
 def test_unsupported_shapes_are_rows_not_crashes(tmp_path, tiny_arch, fake_backend):
     mixed = Subnet(tiny_arch, (LayerShape(0, 4, 2, 64), LayerShape(3, 8, 4, 128)))
-    result = run_build(_plan(tiny_arch, whole=(mixed,)), get_backend("fake-engine", uniform_only=True), tmp_path,
-                       PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts"))
+    result = run_build(
+        _plan(tiny_arch, whole=(mixed,)),
+        get_backend("fake-engine", uniform_only=True),
+        tmp_path,
+        PROTOCOL,
+        artifacts=ArtifactCache(tmp_path / "artifacts"),
+    )
     lut = load_table(result.path)
     rows = lut.frame[lut.frame.subnet_id == mixed.id]
     assert (rows.status == "unsupported").all() and rows.note.str.contains("one width").all()
@@ -142,8 +149,13 @@ def test_compiling_inside_timed_samples_is_flagged(tmp_path, tiny_arch, fake_bac
     """A JIT flow compiles in warm-up (fine); a compile during the timed samples flags the row."""
     warm_only = _build(tmp_path / "warm", tiny_arch, get_backend("fake-engine", jit=True))
     assert not warm_only.frame["flags"].str.contains("recompiled").any()
-    result = run_build(_plan(tiny_arch), get_backend("fake-engine", jit=True, compiles_while_timed=True),
-                       tmp_path / "timed", PROTOCOL, artifacts=ArtifactCache(tmp_path / "artifacts"))
+    result = run_build(
+        _plan(tiny_arch),
+        get_backend("fake-engine", jit=True, compiles_while_timed=True),
+        tmp_path / "timed",
+        PROTOCOL,
+        artifacts=ArtifactCache(tmp_path / "artifacts"),
+    )
     models = load_table(result.path).frame.query("component == 'model'")
     assert models["flags"].str.contains("recompiled").all()
     assert sorted(result.recompiled) == sorted(models.apply(entry_key_of_row, axis=1))
@@ -161,13 +173,33 @@ def test_build_lut_warns_about_rows_compiled_while_timed(tmp_path, tiny_config_p
 
     from amoeba_profile.cli.main import app
 
-    args = ["build-lut", "--backend", "fake-engine", "--model", str(tiny_config_path), "--out", str(tmp_path),
-            "--quick", "--widths", "1", "--depths", "1,2,4", "--prompt-len", "16", "--contexts", "16",
-            "--artifacts", str(tmp_path / "artifacts"), "--backend-option", "jit=on"]
+    args = [
+        "build-lut",
+        "--backend",
+        "fake-engine",
+        "--model",
+        str(tiny_config_path),
+        "--out",
+        str(tmp_path),
+        "--quick",
+        "--widths",
+        "1",
+        "--depths",
+        "1,2,4",
+        "--prompt-len",
+        "16",
+        "--contexts",
+        "16",
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+        "--backend-option",
+        "jit=on",
+    ]
     quiet = CliRunner().invoke(app, args)
     assert quiet.exit_code == 0 and "recompiled" not in quiet.output
-    noisy = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "timed"), "--backend-option",
-                                     "compiles_while_timed=on"])
+    noisy = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "timed"), "--backend-option", "compiles_while_timed=on"]
+    )
     assert noisy.exit_code == 0, noisy.output
     assert "8 rows compiled inside their timed samples (flagged 'recompiled'" in noisy.output
 

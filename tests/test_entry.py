@@ -13,18 +13,24 @@ def test_labels_are_for_people(tiny_arch):
     fitted = Subnet(tiny_arch, (LayerShape(0, 4, 2, 128), LayerShape(3, 4, 2, 128)))
     assert Entry("model", "prefill", 1, 16, 0, subnet=fitted).label == "model L2 4h ffn 128 prefill 16 tok"
     mixed = Subnet(tiny_arch, (LayerShape(0, 4, 2, 128), LayerShape(3, 8, 4, 128)))
-    assert Entry("model", "prefill", 1, 16, 0, subnet=mixed).label == f"model L2 per-layer {mixed.id[:6]} prefill 16 tok"
+    assert (
+        Entry("model", "prefill", 1, 16, 0, subnet=mixed).label == f"model L2 per-layer {mixed.id[:6]} prefill 16 tok"
+    )
 
 
 def test_one_row_key_for_entries_rows_and_fit_residuals(tiny_arch, tmp_path):
     """Entry.key, the key of its written (and re-read) row and the fit's residual keys are one formatter's."""
+    from amoeba_profile.core.timing import Measurement
     from amoeba_profile.table.fit import fit_rows
     from amoeba_profile.table.lut import entry_key_of_row, load_table, measured_row, rows_frame, write_table
-    from amoeba_profile.core.timing import Measurement
 
     entries = [Entry("model", "decode", 1, 1, 64, subnet=Subnet.uniform(tiny_arch, depth, 1.0)) for depth in (1, 2, 3)]
-    rows = [measured_row(e, Measurement.from_samples([1.0 + depth, 1.1 + depth]), "ok", method="whole", repeat=1,
-                         wall_s=0.0) for depth, e in enumerate(entries, start=1)]
+    rows = [
+        measured_row(
+            e, Measurement.from_samples([1.0 + depth, 1.1 + depth]), "ok", method="whole", repeat=1, wall_s=0.0
+        )
+        for depth, e in enumerate(entries, start=1)
+    ]
     path = tmp_path / "t.csv"
     write_table(path, rows_frame(rows), {"arch": tiny_arch.to_dict()})
     reread = load_table(path).frame.to_dict("records")

@@ -5,19 +5,26 @@ import json
 
 import pytest
 
-from amoeba_profile.core.arch import BUILTIN_ARCHS, resolve_arch
+from amoeba_profile.core.arch import BUILTIN_ARCHS, ModelArch, resolve_arch
 from amoeba_profile.core.errors import UnsupportedShape
 from amoeba_profile.core.export import export_subnet, llama_config
 from amoeba_profile.core.subnet import LayerShape, Subnet
-from amoeba_profile.core.arch import ModelArch
 
 TINY = BUILTIN_ARCHS["tinyllama-1.1b"]
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
 
 # The fields of a Nemotron-NAS checkpoint's block_config.py AttentionConfig / FFNConfig (the
 # llama4 / mamba extensions aside); BlockConfig drops any other field with a warning.
-_ATTENTION_FIELDS = {"no_op", "replace_with_linear", "sparsify", "n_heads_in_group", "window_length", "num_sink_tokens",
-                     "use_prefill_window_in_sink_attention", "unshifted_sink"}
+_ATTENTION_FIELDS = {
+    "no_op",
+    "replace_with_linear",
+    "sparsify",
+    "n_heads_in_group",
+    "window_length",
+    "num_sink_tokens",
+    "use_prefill_window_in_sink_attention",
+    "unshifted_sink",
+}
 _FFN_FIELDS = {"no_op", "replace_with_linear", "sparsify", "ffn_mult"}
 
 
@@ -43,8 +50,16 @@ def trtllm_nemotron_nas_layers(config: dict) -> list[tuple[int, int, int, int]]:
     """
     assert config["model_type"] in ("deci", "nemotron-nas")
     assert config["architectures"] == ["DeciLMForCausalLM"]
-    for field in ("hidden_act", "intermediate_size", "num_key_value_heads", "rms_norm_eps", "rope_scaling",
-                  "rope_theta", "vocab_size", "max_position_embeddings"):
+    for field in (
+        "hidden_act",
+        "intermediate_size",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "rope_scaling",
+        "rope_theta",
+        "vocab_size",
+        "max_position_embeddings",
+    ):
         assert field in config, field
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config["head_dim"] if isinstance(config.get("head_dim"), int) else hidden // heads
@@ -73,16 +88,31 @@ def mlc_llama_shape(chat_config: dict) -> tuple[int, int, int, int, int]:
     model/llama/llama_model.py LlamaConfig.__post_init__ (context_window_size, head_dim default
     hidden // heads, heads % kv == 0) and LlamaModel (assert hidden_size % num_attention_heads == 0).
     """
-    for field in ("model_type", "quantization", "model_config", "vocab_size", "context_window_size",
-                  "sliding_window_size", "prefill_chunk_size", "attention_sink_size", "tensor_parallel_shards",
-                  "conv_template"):
+    for field in (
+        "model_type",
+        "quantization",
+        "model_config",
+        "vocab_size",
+        "context_window_size",
+        "sliding_window_size",
+        "prefill_chunk_size",
+        "attention_sink_size",
+        "tensor_parallel_shards",
+        "conv_template",
+    ):
         assert field in chat_config, field
     assert chat_config["model_type"] == "llama" and chat_config["quantization"].startswith("q0")
     template = chat_config["conv_template"]
     assert isinstance(template["roles"], dict) and 1 <= len(template["seps"]) <= 2
     model = chat_config["model_config"]
-    for field in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "rms_norm_eps",
-                  "vocab_size"):
+    for field in (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_hidden_layers",
+        "rms_norm_eps",
+        "vocab_size",
+    ):
         assert field in model, field
     heads = model["num_attention_heads"]
     kv = model.get("num_key_value_heads") or heads
@@ -100,8 +130,15 @@ def hf_layer_shapes(folder) -> tuple[int, list[tuple[int, int, int, int]]]:
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = [(l.self_attn.q_proj.out_features, l.self_attn.k_proj.out_features, l.self_attn.o_proj.in_features,
-               l.mlp.gate_proj.out_features) for l in model.model.layers]
+    shapes = [
+        (
+            l.self_attn.q_proj.out_features,
+            l.self_attn.k_proj.out_features,
+            l.self_attn.o_proj.in_features,
+            l.mlp.gate_proj.out_features,
+        )
+        for l in model.model.layers
+    ]
     return config.num_hidden_layers, shapes
 
 
@@ -148,31 +185,49 @@ def test_24_head_picks_export_as_nemotron_nas(tmp_path, width, rounded_ffn):
     with pytest.raises(Exception, match=r"hidden size \(2048\) is not a multiple of the number of attention heads"):
         hf_layer_shapes(tmp_path / "llama")  # why the plain form is not written
     report = export_subnet(subnet, tmp_path / "out", "float16")
-    assert files(report) == ["subnet.json", "config.json", "configuration_decilm.py", "amoeballm_flags.txt",
-                             "export.json"]
+    assert files(report) == [
+        "subnet.json",
+        "config.json",
+        "configuration_decilm.py",
+        "amoeballm_flags.txt",
+        "export.json",
+    ]
     assert report.files[1].form == "nemotron-nas"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert trtllm_nemotron_nas_layers(config) == [(24, 3, 64, rounded_ffn)] * 18
     assert [a for a in report.adjustments if "FFN" in a] == [
         f"layer {i}: FFN {layer.ffn} written as {rounded_ffn} (ffn_mult {config['block_configs'][0]['ffn']['ffn_mult']:g}; "
-        "the readers round FFN widths up to a multiple of 256)" for i in subnet.kept_indices]
+        "the readers round FFN widths up to a multiple of 256)"
+        for i in subnet.kept_indices
+    ]
     assert any("PyTorch flow only" in a for a in report.adjustments)
     assert any(s.startswith("mlc-chat-config.json: 24 query heads do not divide") for s in report.skipped)
 
 
 def test_per_layer_pick_exports_block_configs(tmp_path):
-    layers = (LayerShape(0, 32, 4, 5632), LayerShape(3, 32, 4, 4096), LayerShape(7, 32, 4, 3000),
-              LayerShape(21, 32, 4, 5632))
+    layers = (
+        LayerShape(0, 32, 4, 5632),
+        LayerShape(3, 32, 4, 4096),
+        LayerShape(7, 32, 4, 3000),
+        LayerShape(21, 32, 4, 5632),
+    )
     subnet = Subnet(TINY, layers)
     report = export_subnet(subnet, tmp_path, "bfloat16")
     assert files(report) == ["subnet.json", "config.json", "configuration_decilm.py", "export.json"]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert trtllm_nemotron_nas_layers(config) == [(32, 4, 64, 5632), (32, 4, 64, 4096), (32, 4, 64, 3072),
-                                                  (32, 4, 64, 5632)]
+    assert trtllm_nemotron_nas_layers(config) == [
+        (32, 4, 64, 5632),
+        (32, 4, 64, 4096),
+        (32, 4, 64, 3072),
+        (32, 4, 64, 5632),
+    ]
     assert config["amoeba_kept_layers"] == [0, 3, 7, 21]
-    assert report.adjustments == ("layer 7: FFN 3000 written as 3072 (ffn_mult 2.25; the readers round FFN widths "
-                                  "up to a multiple of 256)",)
-    assert report.skipped[0] == "plain LLaMA config.json: widths differ per layer (transformers' LlamaConfig refuses it)"
+    assert report.adjustments == (
+        "layer 7: FFN 3000 written as 3072 (ffn_mult 2.25; the readers round FFN widths up to a multiple of 256)",
+    )
+    assert (
+        report.skipped[0] == "plain LLaMA config.json: widths differ per layer (transformers' LlamaConfig refuses it)"
+    )
     assert Subnet.from_json((tmp_path / "subnet.json").read_text()) == subnet
 
 
@@ -192,7 +247,6 @@ def test_mixed_query_heads_are_refused_before_writing(tmp_path):
     with pytest.raises(UnsupportedShape, match="^layer 7 has 16 query heads and layer 0 has 32: "):
         export_subnet(subnet, tmp_path / "out", "float32")
     assert not (tmp_path / "out").exists()
-
 
 
 # DeciLM form through transformers itself: AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -217,18 +271,29 @@ def _trtllm_view(config):
     """Per layer (kv heads, FFN width, attention no_op, ffn no_op) as modeling_nemotron_nas.py reads the
     loaded config's attributes (kv heads 0 for a block without n_heads_in_group, i.e. a no-op)."""
     heads = config.num_attention_heads
-    return [(heads // b.attention.n_heads_in_group if b.attention.n_heads_in_group else 0,
-             None if b.ffn.no_op else _reader_ffn(b.ffn.ffn_mult), b.attention.no_op, b.ffn.no_op)
-            for b in config.block_configs]
+    return [
+        (
+            heads // b.attention.n_heads_in_group if b.attention.n_heads_in_group else 0,
+            None if b.ffn.no_op else _reader_ffn(b.ffn.ffn_mult),
+            b.attention.no_op,
+            b.ffn.no_op,
+        )
+        for b in config.block_configs
+    ]
 
 
-@pytest.mark.parametrize("layers, expected", [
-    # uniform, 6 query heads that do not divide hidden 256: the DeciLM form
-    (tuple(LayerShape(i, 6, 3, 768) for i in range(4)), [(3, 768, False, False)] * 4),
-    # per-layer FFN (600 is written as 768)
-    ((LayerShape(0, 8, 4, 1024), LayerShape(1, 8, 4, 512), LayerShape(3, 8, 4, 600)),
-     [(4, 1024, False, False), (4, 512, False, False), (4, 768, False, False)]),
-])
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        # uniform, 6 query heads that do not divide hidden 256: the DeciLM form
+        (tuple(LayerShape(i, 6, 3, 768) for i in range(4)), [(3, 768, False, False)] * 4),
+        # per-layer FFN (600 is written as 768)
+        (
+            (LayerShape(0, 8, 4, 1024), LayerShape(1, 8, 4, 512), LayerShape(3, 8, 4, 600)),
+            [(4, 1024, False, False), (4, 512, False, False), (4, 768, False, False)],
+        ),
+    ],
+)
 def test_deci_exports_load_through_autoconfig(tmp_path, layers, expected):
     subnet = Subnet(DECI_TINY, layers)
     report = export_subnet(subnet, tmp_path, "float16")
@@ -241,8 +306,10 @@ def test_deci_exports_load_through_autoconfig(tmp_path, layers, expected):
     assert _trtllm_view(config) == expected
     saved = tmp_path / "saved"  # save_pretrained writes the blocks back as plain dicts; they load again
     config.save_pretrained(saved)
-    assert json.loads((saved / "config.json").read_text())["block_configs"] == \
-        json.loads((tmp_path / "config.json").read_text())["block_configs"]
+    assert (
+        json.loads((saved / "config.json").read_text())["block_configs"]
+        == json.loads((tmp_path / "config.json").read_text())["block_configs"]
+    )
     assert _trtllm_view(_auto_config(saved)) == expected
 
 
@@ -260,20 +327,28 @@ def test_deci_config_loads_per_layer_kv_and_no_op_blocks(tmp_path):
     blocks[3] = {"attention": blocks[3]["attention"], "ffn": {"no_op": True, "replace_with_linear": False}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = _auto_config(tmp_path)
-    assert _trtllm_view(loaded) == [(4, 1024, False, False), (2, 768, False, False), (0, 1024, True, False),
-                                    (4, None, False, True)]
+    assert _trtllm_view(loaded) == [
+        (4, 1024, False, False),
+        (2, 768, False, False),
+        (0, 1024, True, False),
+        (4, None, False, True),
+    ]
     assert loaded.block_configs[2].attention.replace_with_linear is False
     assert loaded.block_configs[3].ffn.ffn_mult is None and loaded.block_configs[2].attention.n_heads_in_group is None
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c["block_configs"][0]["attention"].update(no_op=True, replace_with_linear=True), "exclusive"),
-    (lambda c: c["block_configs"][0]["ffn"].pop("ffn_mult"), "an active ffn needs ffn_mult"),
-    (lambda c: c["block_configs"].pop(), "3 block_configs for num_hidden_layers=4"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c["block_configs"][0]["attention"].update(no_op=True, replace_with_linear=True), "exclusive"),
+        (lambda c: c["block_configs"][0]["ffn"].pop("ffn_mult"), "an active ffn needs ffn_mult"),
+        (lambda c: c["block_configs"].pop(), "3 block_configs for num_hidden_layers=4"),
+    ],
+)
 def test_deci_config_refuses_what_block_config_refuses(tmp_path, edit, message):
-    export_subnet(Subnet(DECI_TINY, tuple(LayerShape(i, 8, 4, 512 * (1 + i % 2)) for i in range(4))), tmp_path,
-                  "float16")
+    export_subnet(
+        Subnet(DECI_TINY, tuple(LayerShape(i, 8, 4, 512 * (1 + i % 2)) for i in range(4))), tmp_path, "float16"
+    )
     config = json.loads((tmp_path / "config.json").read_text())
     edit(config)
     (tmp_path / "config.json").write_text(json.dumps(config))

@@ -15,18 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_PROTOCOL, TINY_CONFIG
 
-from amoeba_profile.measure.build import run_build
-from amoeba_profile.device import cpu_slug
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
+from amoeba_profile.device import cpu_slug
 from amoeba_profile.fleet.driver import refusal
-from amoeba_profile.fleet.worker import UnitResult
 from amoeba_profile.fleet.plan import flags_builds, load_fleet_plan, plan_builds
-from amoeba_profile.table.lut import load_table, sidecar_path
+from amoeba_profile.fleet.worker import UnitResult
+from amoeba_profile.measure.build import run_build
 from amoeba_profile.measure.prepare import prepare_build
-
-from conftest import FAST_PROTOCOL, TINY_CONFIG
+from amoeba_profile.table.lut import load_table, sidecar_path
 
 GRID = {"widths": ["1", "1/2"], "prompt_lens": [16], "contexts": [16]}
 
@@ -55,8 +54,11 @@ devices:
 """)
     builds = load_fleet_plan(plan)
     assert [(b.label, b.backend, b.arch.name) for b in builds] == [
-        ("rtx-a5000", "pytorch", "tiny64"), ("rtx-a5000", "onnxruntime", "tiny64"),
-        ("orin-nx-16gb", "pytorch", "tiny64"), ("orin-nx-16gb", "pytorch", "tinyllama-1.1b")]
+        ("rtx-a5000", "pytorch", "tiny64"),
+        ("rtx-a5000", "onnxruntime", "tiny64"),
+        ("orin-nx-16gb", "pytorch", "tiny64"),
+        ("orin-nx-16gb", "pytorch", "tinyllama-1.1b"),
+    ]
     a5000, orin = builds[0], builds[2]
     assert (a5000.device, a5000.dtype, a5000.threads, a5000.method) == ("cuda", "float16", None, None)
     assert (orin.device, orin.dtype, orin.threads, orin.method) == ("auto", None, 4, "difference")
@@ -70,22 +72,32 @@ devices:
 def test_flags_build_every_device_flow_and_model(tmp_path):
     builds = flags_builds(["a", "b"], ["pytorch"], ["tinyllama-1.1b"])
     assert [(b.label, b.backend, b.arch.name, b.plan_options) for b in builds] == [
-        ("a", "pytorch", "tinyllama-1.1b", {}), ("b", "pytorch", "tinyllama-1.1b", {})]
+        ("a", "pytorch", "tinyllama-1.1b", {}),
+        ("b", "pytorch", "tinyllama-1.1b", {}),
+    ]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"devices": [], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "at least one device"),
-    ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}}, "unknown keys ['grids']"),
-    ({"devices": {"a": {"dtyp": "f16"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "unknown keys ['dtyp']"),
-    ({"devices": ["a b"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "device label"),
-    ({"devices": ["a"], "models": ["tinyllama-1.1b"]}, "'flows' must name at least one"),
-    ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b", "tinyllama-1.1b"]}, "listed twice"),
-    ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"contexts": [0]}},
-     "grid.contexts"),
-    ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"widths": ["2"]}}, "(0, 1]"),
-    ({"devices": ["a"], "flows": ["pytorch"], "models": ["no-such-model"]}, "unknown model"),
-    ([1, 2], "a mapping"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"devices": [], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "at least one device"),
+        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}}, "unknown keys ['grids']"),
+        (
+            {"devices": {"a": {"dtyp": "f16"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
+            "unknown keys ['dtyp']",
+        ),
+        ({"devices": ["a b"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "device label"),
+        ({"devices": ["a"], "models": ["tinyllama-1.1b"]}, "'flows' must name at least one"),
+        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b", "tinyllama-1.1b"]}, "listed twice"),
+        (
+            {"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"contexts": [0]}},
+            "grid.contexts",
+        ),
+        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"widths": ["2"]}}, "(0, 1]"),
+        ({"devices": ["a"], "flows": ["pytorch"], "models": ["no-such-model"]}, "unknown model"),
+        ([1, 2], "a mapping"),
+    ],
+)
 def test_a_bad_plan_is_refused_naming_what_is_wrong(tmp_path, data, message):
     with pytest.raises(UsageError, match="plan.yaml") as caught:
         plan_builds(data, tmp_path, "plan.yaml")
@@ -106,15 +118,23 @@ def test_results_from_another_device_or_other_versions_are_refused():
     records = [{"key": e.key, "round": 1, "status": "ok"} for e in entries]
 
     def answer(**changes) -> UnitResult:
-        fields = {"records": records, "built": True, "device": device, "versions": versions, "node": "n1",
-                  "state": {}, **changes}
+        fields = {
+            "records": records,
+            "built": True,
+            "device": device,
+            "versions": versions,
+            "node": "n1",
+            "state": {},
+            **changes,
+        }
         return UnitResult(**fields)
 
     assert refusal(device, versions, entries, 1, answer()) is None
     why = refusal(device, versions, entries, 1, answer(device={**device, "cpu_count": 8}))
     assert why == "its device fingerprint differs from the table's (cpu_count: 8 instead of 16)"
-    assert "torch: '2.12.0' instead of '2.13.0'" in refusal(device, versions, entries, 1,
-                                                            answer(versions={"torch": "2.12.0"}))
+    assert "torch: '2.12.0' instead of '2.13.0'" in refusal(
+        device, versions, entries, 1, answer(versions={"torch": "2.12.0"})
+    )
     assert "not those of the entries" in refusal(device, versions, entries, 0, answer())
     assert "not those of the entries" in refusal(device, versions, entries, 1, answer(records=records[:1]))
 
@@ -135,27 +155,36 @@ def test_a_task_drops_the_thread_pin_ray_adds_but_keeps_the_nodes_own(tmp_path, 
 def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_path, tiny_arch, monkeypatch, capsys):
     """Every unit-round is a task that checks the machine again; on a busy node the same warning,
     differing only in its figures, came once per task."""
-    from amoeba_profile import fleet_worker
     from amoeba_profile.backends import get_backend
     from amoeba_profile.build import BackendRecord, group_units
-    from amoeba_profile.device import fingerprint
+    from amoeba_profile.fleet_worker import UnitJob, measure_task
     from amoeba_profile.plan import BuildPlan
     from amoeba_profile.quiet import BusyPolicy
-    from amoeba_profile.fleet_worker import UnitJob, measure_task
-
     from conftest import SimulatedLoad
+
+    from amoeba_profile import fleet_worker
+    from amoeba_profile.device import fingerprint
 
     busy = iter([1.5, 1.9, 1.7, 2.0])  # other processes' cores, a new figure for every task
     monkeypatch.setattr(fleet_worker, "as_on_the_node", lambda: None)  # keep the suite's thread pin
     monkeypatch.setattr(fleet_worker, "_node_id", lambda: "node-1")
     monkeypatch.setattr(fleet_worker, "_SAID", set())
-    monkeypatch.setattr(fleet_worker, "CpuLoad", lambda: SimulatedLoad(others=lambda t, v=next(busy): v))
+    # the default binds each load's own value when the lambda is made, not when it is called
+    monkeypatch.setattr(fleet_worker, "CpuLoad", lambda: SimulatedLoad(others=lambda t, v=next(busy): v))  # noqa: B008
     backend = get_backend("pytorch")
     plan = BuildPlan(tiny_arch, (1.0,), (16,), (16,))
     unit = next(iter(group_units(plan.entries()).values()))
     for round_index, target in ((0, "a.csv"), (1, "a.csv"), (0, "b.csv")):
-        job = UnitJob(plan, BackendRecord.of(backend), fingerprint("cpu"), FAST_PROTOCOL, tuple(unit), round_index,
-                      BusyPolicy("warn"), str(tmp_path / target))
+        job = UnitJob(
+            plan,
+            BackendRecord.of(backend),
+            fingerprint("cpu"),
+            FAST_PROTOCOL,
+            tuple(unit),
+            round_index,
+            BusyPolicy("warn"),
+            str(tmp_path / target),
+        )
         assert len(measure_task(job).records) == len(unit)
     lines = [line for line in capsys.readouterr().err.splitlines() if "busy machine" in line]
     # Once for table a (its second task is quiet about it), once for table b.
@@ -164,18 +193,31 @@ def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_pa
 
 def test_fleet_build_counts_its_nodes_in_words(tmp_path, monkeypatch, capsys):
     """The CLI's summary line, with the cluster replaced by what run_fleet returns."""
-    from amoeba_profile import cli, fleet
     from amoeba_profile.build import BuildResult
 
+    from amoeba_profile import cli, fleet
+
     [build] = flags_builds(["a"], ["pytorch"], ["tinyllama-1.1b"])
-    outcomes = [fleet.FleetOutcome(build, "written", "", BuildResult(tmp_path / f"t{n}.csv", 20, 0, 0, [], 3.0),
-                                   tuple(f"node-{i}" for i in range(n)), None) for n in (1, 2)]
+    outcomes = [
+        fleet.FleetOutcome(
+            build,
+            "written",
+            "",
+            BuildResult(tmp_path / f"t{n}.csv", 20, 0, 0, [], 3.0),
+            tuple(f"node-{i}" for i in range(n)),
+            None,
+        )
+        for n in (1, 2)
+    ]
     monkeypatch.setattr(fleet, "connect", lambda address: "a test cluster")
     monkeypatch.setattr(fleet, "disconnect", lambda: None)
     monkeypatch.setattr(fleet, "discover", lambda: [])
     monkeypatch.setattr(fleet, "run_fleet", lambda *args, **kwargs: outcomes)
-    monkeypatch.setattr(sys, "argv", ["amoeba-profile", "fleet", "build", "--devices", "a", "--models",
-                                      "tinyllama-1.1b", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["amoeba-profile", "fleet", "build", "--devices", "a", "--models", "tinyllama-1.1b", "--out", str(tmp_path)],
+    )
     with pytest.raises(SystemExit) as done:
         cli.main()
     out = capsys.readouterr().out
@@ -184,8 +226,9 @@ def test_fleet_build_counts_its_nodes_in_words(tmp_path, monkeypatch, capsys):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "amoeba_profile.cli.main", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_fleet_resources_prints_this_machines_resource_and_the_join_line():
@@ -207,8 +250,9 @@ def test_fleet_build_help_points_to_where_the_plan_format_is_described():
 
 def test_fleet_build_refuses_a_missing_or_bad_plan_before_touching_ray(tmp_path):
     proc = _cli("fleet", "build")
-    assert proc.returncode == 2 and proc.stderr.strip() == ("error: name what to build: --plan fleet.yaml, or "
-                                                            "--devices, --flows and --models")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: name what to build: --plan fleet.yaml, or --devices, --flows and --models"
+    )
     plan = tmp_path / "fleet.yaml"
     plan.write_text("devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid: {contexts: [0]}\n")
     proc = _cli("fleet", "build", "--plan", str(plan))
@@ -225,10 +269,19 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     # Nodes are marked dead soon after their raylet dies, so a lost device is seen in seconds.
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 100 << 20, "include_dashboard": False,
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                           "health_check_failure_threshold": 2}})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "object_store_memory": 100 << 20,
+            "include_dashboard": False,
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 500,
+                "health_check_failure_threshold": 2,
+            },
+        },
+    )
     ray.init(address=cluster.address)
     try:
         yield cluster
@@ -250,6 +303,7 @@ def _killer(cluster, node, label: str, rejoin: bool):
     """A progress callback that kills ``node`` (SIGKILL, as a crash) once the first unit of a
     ``label`` build is journaled and others are still to come; with ``rejoin`` another node of the
     same device joins at once. The nodes that joined are listed on the callback."""
+
     def progress(name: str, done: int, total: int, text: str) -> None:
         if name.startswith(label) and 0 < done < total and not progress.killed:
             progress.killed = True
@@ -267,8 +321,15 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
 
     _configs(tmp_path)
     first_a, b = _node(cluster, "kind-a"), _node(cluster, "kind-b")
-    builds = plan_builds({"flows": ["pytorch"], "grid": GRID, "devices": {
-        "kind-a": {"models": ["tiny64"]}, "kind-b": {"models": ["tiny128"]}}}, tmp_path, "test plan")
+    builds = plan_builds(
+        {
+            "flows": ["pytorch"],
+            "grid": GRID,
+            "devices": {"kind-a": {"models": ["tiny64"]}, "kind-b": {"models": ["tiny128"]}},
+        },
+        tmp_path,
+        "test plan",
+    )
     found = {node.node: node for node in discover()}
     assert {found[first_a.node_id].labels, found[b.node_id].labels} == {("kind-a",), ("kind-b",)}
     progress = _killer(cluster, first_a, "kind-a", rejoin=True)
@@ -293,8 +354,24 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
         mine = load_table(run_build(local.plan, local.backend, tmp_path / "local", FAST_PROTOCOL).path)
         fleet = load_table(b_outcome.result.path)
         assert set(fleet.meta) - set(mine.meta) == {"fleet"} and set(mine.meta) <= set(fleet.meta)
-        same = ("device_slug", "device", "backend", "backend_config", "versions", "dtype", "arch", "method", "grid",
-                "protocol", "clock", "source", "monitor", "tool_version", "schema_version", "rows")
+        same = (
+            "device_slug",
+            "device",
+            "backend",
+            "backend_config",
+            "versions",
+            "dtype",
+            "arch",
+            "method",
+            "grid",
+            "protocol",
+            "clock",
+            "source",
+            "monitor",
+            "tool_version",
+            "schema_version",
+            "rows",
+        )
         assert {k: fleet.meta[k] for k in same} == {k: mine.meta[k] for k in same}
         assert _row_keys(fleet) == _row_keys(mine) and list(fleet.frame.columns) == list(mine.frame.columns)
     finally:
@@ -306,8 +383,9 @@ def _one_device_build(cluster, tmp_path, label: str):
     """A node advertising ``label`` and the one tiny pytorch build planned for it."""
     _configs(tmp_path)
     node = _node(cluster, label)
-    [build] = plan_builds({"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": [label]},
-                          tmp_path, "test plan")
+    [build] = plan_builds(
+        {"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": [label]}, tmp_path, "test plan"
+    )
     return node, build
 
 
@@ -324,8 +402,16 @@ def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(clust
     node, build = _one_device_build(cluster, tmp_path, "kind-c")
     progress = _killer(cluster, node, "kind-c", rejoin=False)
     notes: list[str] = []
-    [outcome] = run_fleet([build], tmp_path / "lut", FAST_PROTOCOL, progress=progress, notice=notes.append,
-                          poll_s=0.2, device_wait_s=2, resume_hint="amoeba-profile fleet build --plan fleet.yaml")
+    [outcome] = run_fleet(
+        [build],
+        tmp_path / "lut",
+        FAST_PROTOCOL,
+        progress=progress,
+        notice=notes.append,
+        poll_s=0.2,
+        device_wait_s=2,
+        resume_hint="amoeba-profile fleet build --plan fleet.yaml",
+    )
     assert outcome.status == "lost" and outcome.result is None
     assert outcome.message.endswith("; resume with: amoeba-profile fleet build --plan fleet.yaml")
     assert "no live node advertised device:kind-c for 2 s" in outcome.message and "\n" not in outcome.message
@@ -356,8 +442,11 @@ def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refuse
     meta["device"]["cpu_count"] += 64
     sidecar_path(path).write_text(json.dumps(meta))
     before = path.read_bytes()
-    wider = plan_builds({"flows": ["pytorch"], "models": ["tiny64"], "devices": ["kind-d"],
-                         "grid": {**GRID, "contexts": [16, 32]}}, tmp_path, "test plan")
+    wider = plan_builds(
+        {"flows": ["pytorch"], "models": ["tiny64"], "devices": ["kind-d"], "grid": {**GRID, "contexts": [16, 32]}},
+        tmp_path,
+        "test plan",
+    )
     notes: list[str] = []
     try:
         [outcome] = run_fleet(wider, tmp_path / "lut", FAST_PROTOCOL, notice=notes.append, poll_s=0.2)
@@ -365,7 +454,9 @@ def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refuse
         cluster.remove_node(node)
     assert outcome.status == "failed"
     expected = f"cpu_count: {meta['device']['cpu_count'] - 64} instead of {meta['device']['cpu_count']}"
-    assert expected in outcome.message and "no node with device:kind-d measures as the table was measured" \
-        in outcome.message
+    assert (
+        expected in outcome.message
+        and "no node with device:kind-d measures as the table was measured" in outcome.message
+    )
     assert any("refused, never mixed in" in note and expected in note for note in notes)
     assert path.read_bytes() == before

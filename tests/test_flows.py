@@ -3,13 +3,12 @@
 import json
 
 import pytest
-
 from amoeba_profile.backends import REGISTRY, Availability, backend_class
 from amoeba_profile.backends.flows import MEASURING, UNAVAILABLE, _flows_data, flow_capabilities, list_flows
-from amoeba_profile.core.errors import UsageError
-from amoeba_profile.cli.report import backends_rows
-
 from fake_engine import FakeEngineBackend
+
+from amoeba_profile.cli.report import backends_rows
+from amoeba_profile.core.errors import UsageError
 
 
 class MissingLibraryBackend(FakeEngineBackend):
@@ -34,7 +33,7 @@ class NeverRun(FakeEngineBackend):
 
 def test_every_known_flow_is_listed_with_its_kind():
     flows = {f.name: f for f in list_flows()}
-    assert list(flows)[:len(REGISTRY)] == list(REGISTRY)  # every registered plugin, in registry order
+    assert list(flows)[: len(REGISTRY)] == list(REGISTRY)  # every registered plugin, in registry order
     # the project's own flows are plugins of the same entry-point group as a third party's
     assert {"pytorch", "llama.cpp", "pytorch-compiled", "onnxruntime", "tensorrt-llm", "mlc-llm"} <= set(REGISTRY)
     assert flows["pytorch"].status == MEASURING and flows["pytorch"].roofline_profile
@@ -43,7 +42,9 @@ def test_every_known_flow_is_listed_with_its_kind():
     assert trt.status in (MEASURING, UNAVAILABLE) and trt.roofline_profile
     assert trt.install_hint.startswith("pip install tensorrt-llm") and trt.capabilities.methods == ("difference",)
     mlc = flows["mlc-llm"]  # a registered adapter; measuring only where mlc_llm and a CUDA GPU are
-    assert mlc.status in (MEASURING, UNAVAILABLE) and mlc.roofline_profile and mlc.capabilities.methods == ("difference",)
+    assert (
+        mlc.status in (MEASURING, UNAVAILABLE) and mlc.roofline_profile and mlc.capabilities.methods == ("difference",)
+    )
     if mlc.status == UNAVAILABLE:
         assert "mlc_llm" in mlc.reason and "pip install" in mlc.install_hint and "mlc-llm-nightly" in mlc.install_hint
 
@@ -69,9 +70,14 @@ def test_maturity_is_the_adapters_own_declaration(monkeypatch):
     monkeypatch.setitem(REGISTRY, "never-ran", "test_flows:NeverRun")
     rows = {r["name"]: r for r in backends_rows()}
     assert (rows["ran"]["maturity"], rows["ran"]["verified"], rows["ran"]["maturity_note"]) == (
-        "verified on orin-nx-16gb", True, "")
+        "verified on orin-nx-16gb",
+        True,
+        "",
+    )
     assert (rows["never-ran"]["maturity"], rows["never-ran"]["maturity_note"]) == (
-        "experimental: not yet run on hardware", "written from the library's docs")
+        "experimental: not yet run on hardware",
+        "written from the library's docs",
+    )
     flows = {f.name: f for f in list_flows()}
     assert not flows["tensorrt-llm"].maturity.verified and not flows["mlc-llm"].maturity.verified
     assert flows["pytorch"].maturity.label == "verified on cpu, cuda"

@@ -33,8 +33,9 @@ def _module_name(path: Path) -> str:
 
 def _type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
-        (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
@@ -113,8 +114,13 @@ def test_no_flow_imports_another_or_the_table_code():
 
 
 def test_the_estimating_side_imports_no_measuring_library():
-    wrong = [f"{source} -> {target}" for source, targets in import_graph().items()
-             if _part(source, 1) in TORCH_FREE for target in targets if target in MEASURING_LIBRARIES]
+    wrong = [
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        if _part(source, 1) in TORCH_FREE
+        for target in targets
+        if target in MEASURING_LIBRARIES
+    ]
     assert not wrong, "\n".join(sorted(wrong))
 
 

@@ -5,15 +5,15 @@ import json
 import re
 
 import pytest
-
-from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
+
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
-from amoeba_profile.measure.journal import Journal
-from amoeba_profile.table.lut import entry_key_of_row, load_table
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.measure.journal import Journal
 from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.table.lut import entry_key_of_row, load_table
 
 HEADER = {"kind": "header", "identity": "abc"}
 MLP = "mlp|prefill|b1|t16|c0|h0|kv0|f64|s"
@@ -22,8 +22,17 @@ KEYS = {MLP, BASE}
 
 
 def _ok(key=MLP, round_index=0, samples=(1.0, 1.1)):
-    return {"kind": "result", "key": key, "round": round_index, "status": "ok", "repeat": 1, "steps": 1,
-            "wall_s": 0.5, "samples_ms": list(samples), "state": {"throttled": False}}
+    return {
+        "kind": "result",
+        "key": key,
+        "round": round_index,
+        "status": "ok",
+        "repeat": 1,
+        "steps": 1,
+        "wall_s": 0.5,
+        "samples_ms": list(samples),
+        "state": {"throttled": False},
+    }
 
 
 def _write(path, *lines: str | bytes, tail: bytes = b""):
@@ -52,20 +61,36 @@ CORRUPTIONS = [
     ("bad header", ["not json at all"], 1, r"not JSON"),
     ("header of something else", [json.dumps({"kind": "result"})], 1, r"not a journal header"),
     ("bad middle line", [json.dumps(_ok()), "{garbage", json.dumps(_ok(round_index=1))], 3, r"not JSON"),
-    ("negative timed sample", [json.dumps(_ok()), json.dumps(_ok(round_index=1, samples=(1.0, -3.0)))], 3,
-     r"samples_ms holds -3.0, not a finite positive number"),
+    (
+        "negative timed sample",
+        [json.dumps(_ok()), json.dumps(_ok(round_index=1, samples=(1.0, -3.0)))],
+        3,
+        r"samples_ms holds -3.0, not a finite positive number",
+    ),
     ("NaN sample", [json.dumps(_ok(samples=(float("nan"),)))], 2, r"samples_ms holds nan, not a finite"),
-    ("missing field", [json.dumps({k: v for k, v in _ok().items() if k != "samples_ms"})], 2,
-     r"\['samples_ms'\] missing"),
+    (
+        "missing field",
+        [json.dumps({k: v for k, v in _ok().items() if k != "samples_ms"})],
+        2,
+        r"\['samples_ms'\] missing",
+    ),
     ("unknown field", [json.dumps({**_ok(), "extra": 1})], 2, r"\['extra'\] unknown"),
     ("not an object", [json.dumps([1, 2])], 2, r"a JSON list, not an object"),
     ("key of a number", [json.dumps({**_ok(), "key": 7})], 2, r"key=7 is not an entry of this run"),
-    ("key of another run", [json.dumps({**_ok(), "key": "attn|prefill|b1|t16|c0|h8|kv4|f0|s"})], 2,
-     r"is not an entry of this run"),
+    (
+        "key of another run",
+        [json.dumps({**_ok(), "key": "attn|prefill|b1|t16|c0|h8|kv4|f0|s"})],
+        2,
+        r"is not an entry of this run",
+    ),
     ("round out of range", [json.dumps(_ok(round_index=9))], 2, r"round=9 is not an integer in 0..2"),
     ("bad status", [json.dumps({**_ok(), "status": "fine"})], 2, r"status='fine'"),
-    ("bad state", [json.dumps({**_ok(), "state": {"temperature_c": "hot"}})], 2,
-     r"state temperature_c='hot' is not a number"),
+    (
+        "bad state",
+        [json.dumps({**_ok(), "state": {"temperature_c": "hot"}})],
+        2,
+        r"state temperature_c='hot' is not a number",
+    ),
     ("old and new state names", [json.dumps({**_ok(), "context": {}})], 2, r"\['context'\] unknown"),
     ("not UTF-8", [json.dumps(_ok()).encode(), b'{"kind": "result", "key": "\xff\xfe"}'], 3, r"not UTF-8 text"),
 ]
@@ -86,7 +111,7 @@ def test_corruption_stops_with_file_line_and_both_choices(tmp_path, lines, numbe
     assert path.read_bytes() == before  # stopping touches nothing
 
     kept = _open(path, "drop-tail").records
-    good = [json.loads(line) for line in lines[:max(0, number - 2)]]
+    good = [json.loads(line) for line in lines[: max(0, number - 2)]]
     assert kept == good
     assert [json.loads(line) for line in path.read_text().splitlines()] == [HEADER, *good]
     _write(path, *header, *lines)
@@ -157,14 +182,26 @@ def _interrupted(tmp_path, arch, after):
             raise _Stop()
 
     with pytest.raises(_Stop):
-        run_build(_plan(arch), get_backend("fake-engine"), tmp_path, PROTOCOL, progress,
-                  artifacts=ArtifactCache(tmp_path / "artifacts"))
+        run_build(
+            _plan(arch),
+            get_backend("fake-engine"),
+            tmp_path,
+            PROTOCOL,
+            progress,
+            artifacts=ArtifactCache(tmp_path / "artifacts"),
+        )
     return next(tmp_path.rglob("*.journal.jsonl"))
 
 
 def _resume(tmp_path, arch, **kw):
-    return run_build(_plan(arch), get_backend("fake-engine"), tmp_path, PROTOCOL,
-                     artifacts=ArtifactCache(tmp_path / "artifacts"), **kw)
+    return run_build(
+        _plan(arch),
+        get_backend("fake-engine"),
+        tmp_path,
+        PROTOCOL,
+        artifacts=ArtifactCache(tmp_path / "artifacts"),
+        **kw,
+    )
 
 
 def test_build_resumes_deduplicated_and_says_what_came_from_the_journal(tmp_path, tiny_arch, fake_backend):

@@ -9,11 +9,12 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (extra 'llama-cpp') writes the model files")
 
-from amoeba_profile.backends.llama_cpp import gguf as writer  # noqa: E402
-from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT  # noqa: E402
-from amoeba_profile.core.errors import AmoebaError, UnsupportedShape  # noqa: E402
-from amoeba_profile.selection.memory import weight_params  # noqa: E402
-from amoeba_profile.core.subnet import LayerShape, Subnet  # noqa: E402
+from amoeba_profile.backends.llama_cpp import gguf as writer
+
+from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
+from amoeba_profile.core.errors import AmoebaError, UnsupportedShape
+from amoeba_profile.core.subnet import LayerShape, Subnet
+from amoeba_profile.selection.memory import weight_params
 
 PER_LAYER = ((8, 4, 128), (4, 2, 64), (8, 4, 96), (6, 3, 128))
 
@@ -101,13 +102,16 @@ def test_tied_embeddings_write_no_output_projection(tiny_arch, tmp_path):
     assert "output.weight" not in _tensors(gguf.GGUFReader(path))
 
 
-@pytest.mark.parametrize("layers, reason", [
-    (((8, 4, 0),), "ffn 0 with attention .* drop that layer's attention output"),
-    (((8, 0, 128),), "not a LLaMA layer"),
-    (((0, 0, 128),), "not a LLaMA layer"),
-    (((8, 3, 128),), "does not divide"),
-    ((), "block_count > 0"),
-])
+@pytest.mark.parametrize(
+    "layers, reason",
+    [
+        (((8, 4, 0),), "ffn 0 with attention .* drop that layer's attention output"),
+        (((8, 0, 128),), "not a LLaMA layer"),
+        (((0, 0, 128),), "not a LLaMA layer"),
+        (((8, 3, 128),), "does not divide"),
+        ((), "block_count > 0"),
+    ],
+)
 def test_shapes_llama_cpp_would_misread_are_refused(tiny_arch, tmp_path, layers, reason):
     with pytest.raises(UnsupportedShape, match=reason):
         writer.write_gguf(tmp_path / "m.gguf", tiny_arch, layers, "f16")

@@ -1,16 +1,24 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import synthetic_lut
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError
-from amoeba_profile.table.lut import (find_tables, load_one, load_table, measured_row, rows_frame, sidecar_path,
-                                table_path, write_table)
-from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.subnet import Subnet
-
-from conftest import synthetic_lut
+from amoeba_profile.core.timing import Measurement
+from amoeba_profile.table.lut import (
+    find_tables,
+    load_one,
+    load_table,
+    measured_row,
+    rows_frame,
+    sidecar_path,
+    table_path,
+    write_table,
+)
 
 
 def _write(tmp_path, lut):
@@ -24,16 +32,27 @@ def _flat(tiny_arch):
 
 
 @settings(max_examples=25, deadline=None)
-@given(samples=st.lists(st.floats(0.001, 1e4, allow_nan=False), min_size=1, max_size=12),
-       layers=st.integers(1, 4), context=st.integers(0, 4096))
+@given(
+    samples=st.lists(st.floats(0.001, 1e4, allow_nan=False), min_size=1, max_size=12),
+    layers=st.integers(1, 4),
+    context=st.integers(0, 4096),
+)
 def test_round_trip_preserves_rows(tmp_path_factory, samples, layers, context):
     from amoeba_profile.core.arch import ModelArch
 
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)
     subnet = Subnet.uniform(arch, layers, 0.5)
-    rows = [measured_row(Entry("model", "decode", 1, 1, context, subnet=subnet), Measurement.from_samples(samples),
-                         "ok", method="whole", repeat=1, wall_s=1.5),
-            measured_row(Entry("mlp", "prefill", 1, 16, 0, ffn=64), None, "oom", method="components", repeat=1, wall_s=0)]
+    rows = [
+        measured_row(
+            Entry("model", "decode", 1, 1, context, subnet=subnet),
+            Measurement.from_samples(samples),
+            "ok",
+            method="whole",
+            repeat=1,
+            wall_s=1.5,
+        ),
+        measured_row(Entry("mlp", "prefill", 1, 16, 0, ffn=64), None, "oom", method="components", repeat=1, wall_s=0),
+    ]
     path = tmp_path_factory.mktemp("rt") / "t.csv"
     write_table(path, rows_frame(rows), {"arch": arch.to_dict()})
     loaded = load_table(path)
@@ -71,14 +90,17 @@ def _rewrite_with_hash(path, text):
     sidecar_path(path).write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("column, value, message", [
-    ("status", "fine", r"row 2 \(line 3\): status='fine'"),
-    ("median_ms", "-4", r"row 2 \(line 3\): latency stats"),
-    ("median_ms", "inf", r"row 2 \(line 3\): latency stats median=inf .* are not finite"),
-    ("p90_ms", "1e308", r"row 2 \(line 3\): latency stats .* <= 1e\+07 ms"),
-    ("heads", "2.5", r"row 2 \(line 3\): heads='?2.5'? is not a non-negative integer"),
-    ("component", "gpu", r"row 2 \(line 3\): component='gpu'"),
-])
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        ("status", "fine", r"row 2 \(line 3\): status='fine'"),
+        ("median_ms", "-4", r"row 2 \(line 3\): latency stats"),
+        ("median_ms", "inf", r"row 2 \(line 3\): latency stats median=inf .* are not finite"),
+        ("p90_ms", "1e308", r"row 2 \(line 3\): latency stats .* <= 1e\+07 ms"),
+        ("heads", "2.5", r"row 2 \(line 3\): heads='?2.5'? is not a non-negative integer"),
+        ("component", "gpu", r"row 2 \(line 3\): component='gpu'"),
+    ],
+)
 def test_malformed_row_is_named(tmp_path, tiny_arch, column, value, message):
     path = _write(tmp_path, _flat(tiny_arch))
     lines = path.read_text().splitlines()
@@ -314,9 +336,20 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
 
     noisy = Entry("base", "decode", 1, 1, 16)
     drowned = Entry("base", "decode", 1, 1, 64)
-    records = [{"kind": "result", "key": e.key, "round": 0, "status": "ok", "repeat": 1, "steps": 1, "wall_s": 0.1,
-                "samples_ms": samples, "state": {}}
-               for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))]
+    records = [
+        {
+            "kind": "result",
+            "key": e.key,
+            "round": 0,
+            "status": "ok",
+            "repeat": 1,
+            "steps": 1,
+            "wall_s": 0.1,
+            "samples_ms": samples,
+            "state": {},
+        }
+        for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))
+    ]
     rows, failed = _aggregate([noisy, drowned], records, 0.1, "components")
     assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.label]
     assert rows[0]["p10_ms"] < 0 < rows[0]["median_ms"] and "not positive" in rows[1]["note"]
@@ -331,17 +364,20 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
         load_table(timed_path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"arch": "tiny"}, "field 'arch': an architecture must be a mapping"),
-    ({"arch": {"name": "tiny"}}, r"field 'arch': architecture 'tiny': unknown fields \[\], missing"),
-    ({"dtype": 4}, "field 'dtype' must be a str, got 4"),
-    ({"dtype": "float8"}, "field 'dtype'='float8' is not one of"),
-    ({"grid": [1]}, r"field 'grid' must be a dict, got \[1\]"),
-    ({"grid": {"batch": "1"}}, "field 'grid.batch' must be a positive integer, got '1'"),
-    ({"grid": {"contexts": [16, -1]}}, "field 'grid.contexts' must be a positive integer, got -1"),
-    ({"grid": {"widths": [1.0, "7/8"]}}, "field 'grid.widths' must be a finite number"),
-    ({"grid": {"widths": [1.5]}}, r"field 'grid.widths' holds 1.5, not a ratio in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arch": "tiny"}, "field 'arch': an architecture must be a mapping"),
+        ({"arch": {"name": "tiny"}}, r"field 'arch': architecture 'tiny': unknown fields \[\], missing"),
+        ({"dtype": 4}, "field 'dtype' must be a str, got 4"),
+        ({"dtype": "float8"}, "field 'dtype'='float8' is not one of"),
+        ({"grid": [1]}, r"field 'grid' must be a dict, got \[1\]"),
+        ({"grid": {"batch": "1"}}, "field 'grid.batch' must be a positive integer, got '1'"),
+        ({"grid": {"contexts": [16, -1]}}, "field 'grid.contexts' must be a positive integer, got -1"),
+        ({"grid": {"widths": [1.0, "7/8"]}}, "field 'grid.widths' must be a finite number"),
+        ({"grid": {"widths": [1.5]}}, r"field 'grid.widths' holds 1.5, not a ratio in \(0, 1\]"),
+    ],
+)
 def test_sidecar_type_errors_name_file_and_field(tmp_path, tiny_arch, change, message):
     lut = _flat(tiny_arch)
     path = _write(tmp_path, type(lut)(lut.frame, {**lut.meta, "dtype": "float32", **change}))

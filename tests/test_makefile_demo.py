@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +37,27 @@ def test_demo_selects_the_table_it_built_beside_a_predicted_one(tmp_path):
     out = tmp_path / "out" / "lut"
     env = {**os.environ, "DEMO_MODEL": str(config)}
     # README's roofline example, first: a second table under the demo's output folder.
-    subprocess.run([sys.executable, "-m", "amoeba_profile.cli.main", "build-lut", "--predict", "--device", "rtx-a5000",
-                    "--backend", "tensorrt-llm", "--model", str(config), "--out", str(out)], check=True, env=env,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "amoeba_profile.cli.main",
+            "build-lut",
+            "--predict",
+            "--device",
+            "rtx-a5000",
+            "--backend",
+            "tensorrt-llm",
+            "--model",
+            str(config),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "amoeba-profile"
@@ -49,8 +66,14 @@ def test_demo_selects_the_table_it_built_beside_a_predicted_one(tmp_path):
     stamp = tmp_path / "installed"  # newer than pyproject.toml: make skips the install
     stamp.touch()
     os.utime(stamp, (time.time() + 3600, time.time() + 3600))
-    proc = subprocess.run(["make", "-s", "demo", f"BIN={bin_dir}", f"STAMP={stamp}", f"OUT={out}"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["make", "-s", "demo", f"BIN={bin_dir}", f"STAMP={stamp}", f"OUT={out}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     built = next(p for p in out.rglob("*.csv") if "/pytorch/" in p.as_posix())
     assert len(list(out.rglob("*.csv"))) == 2

@@ -169,5 +169,10 @@ def test_a_long_request_stops_at_min_samples_once_the_round_budget_is_spent(monk
 
 def test_journal_identity_ignores_bounds_left_at_their_defaults():
     assert TimingProtocol().identity_dict().keys() == TimingProtocol().to_dict().keys() - {
-        "min_samples", "max_round_s", "max_samples_per_round", "warmup_max_s", "max_remeasures"}
+        "min_samples",
+        "max_round_s",
+        "max_samples_per_round",
+        "warmup_max_s",
+        "max_remeasures",
+    }
     assert TimingProtocol(max_round_s=9.0).identity_dict()["max_round_s"] == 9.0

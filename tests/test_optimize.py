@@ -3,19 +3,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from amoeba_profile.backends import Capabilities
+from amoeba_profile.backends.flows import flow_capabilities
+from conftest import synthetic_lut
 
 from amoeba_profile.core.arch import ModelArch, layer_params
-from amoeba_profile.backends import Capabilities
 from amoeba_profile.core.errors import InfeasibleBudget
-from amoeba_profile.backends.flows import flow_capabilities
-from amoeba_profile.table.lut import load_one
+from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers
+from amoeba_profile.core.workload import Workload
 from amoeba_profile.selection.memory import estimate
 from amoeba_profile.selection.optimize import optimize_per_layer, shared_part, solve_counts, table_options
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers
-from amoeba_profile.core.workload import Workload
-
-from conftest import synthetic_lut
+from amoeba_profile.table.lut import load_one
 
 LUT = Path(__file__).resolve().parent.parent / "lut"
 FREE = Capabilities(per_layer_heads=True, per_layer_ffn=True, methods=(), dtypes=(), devices=())
@@ -24,9 +23,12 @@ UNIFORM = Capabilities(per_layer_heads=False, per_layer_ffn=False, methods=(), d
 
 
 def _lut(arch):
-    return synthetic_lut(arch, lambda h, p, c: 0.3 * h if p == "prefill" else 0.05 * h + 0.001 * c,
-                         lambda f, p: 0.01 * f if p == "prefill" else 0.0043 * f,
-                         lambda p, c: 2.0 if p == "prefill" else 0.5)
+    return synthetic_lut(
+        arch,
+        lambda h, p, c: 0.3 * h if p == "prefill" else 0.05 * h + 0.001 * c,
+        lambda f, p: 0.01 * f if p == "prefill" else 0.0043 * f,
+        lambda p, c: 2.0 if p == "prefill" else 0.5,
+    )
 
 
 def brute(predictor, arch, depths, workload, metric, budget, weights, memory_gb=None, capabilities=FREE):
@@ -65,7 +67,9 @@ def test_per_layer_optimum_matches_brute_force(tiny_arch, seed):
         assert result.latency_ms <= budget + 1e-9
         assert predictor.predict(result.subnet, workload).tpot_ms == pytest.approx(result.latency_ms)
         assert result.source == predictor.predict(result.subnet, workload).source_of("tpot")
-        assert result.quality == pytest.approx(brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights))
+        assert result.quality == pytest.approx(
+            brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights)
+        )
 
 
 def test_memory_constraint_matches_brute_force(tiny_arch):
@@ -106,11 +110,13 @@ def test_shared_shape_rules_match_brute_force(tiny_arch, capabilities):
     low = predictor.predict(_smallest(tiny_arch), workload).tpot_ms
     high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
     for budget in np.linspace(low, high, 5):
-        result = optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, importance=weights,
-                                    capabilities=capabilities)
+        result = optimize_per_layer(
+            predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, importance=weights, capabilities=capabilities
+        )
         assert len({shared_part(capabilities, (l.heads, l.kv_heads, l.ffn)) for l in result.subnet.layers}) == 1
         assert result.quality == pytest.approx(
-            brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights, capabilities=capabilities))
+            brute(predictor, tiny_arch, [3, 4], workload, "tpot_ms", budget, weights, capabilities=capabilities)
+        )
 
 
 def test_pytorch_table_may_mix_heads_across_layers(tiny_arch):
@@ -118,8 +124,10 @@ def test_pytorch_table_may_mix_heads_across_layers(tiny_arch):
     assert predictor.lut.meta["backend"] == "pytorch" and flow_capabilities("pytorch").per_layer_heads
     low = predictor.predict(_smallest(tiny_arch), workload).tpot_ms
     high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
-    picks = [optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", b).subnet
-             for b in np.linspace(low, high, 7)]
+    picks = [
+        optimize_per_layer(predictor, tiny_arch, [3, 4], workload, "tpot_ms", b).subnet
+        for b in np.linspace(low, high, 7)
+    ]
     assert any(len(_heads(p)) > 1 for p in picks)
 
 
@@ -150,14 +158,17 @@ def test_mlc_llm_table_gets_a_uniform_shape():
     assert result.subnet.is_uniform and result.latency_ms <= 80.0
 
 
-@pytest.mark.parametrize("rows, message", [
-    ("0,1\n1,inf\n2,1\n3,1\n", "line 3: importance must be a finite number, got inf"),
-    ("0,0\n1,0\n2,0\n3,0\n", "every importance is 0"),
-    ("0,1\n1.5,1\n2,1\n3,1\n", "line 3: layer must be an integer >= 0, got 1.5"),
-    ("0,1\n1,-2\n2,1\n3,1\n", "line 3: importance must be >= 0, got -2"),
-    ("0,1\n1,1\n2,1\n9,1\n", r"line 5: layer 9 outside 0..3"),
-    ("0,1\n1,1\n2,1\n", r"missing layers \[3\]"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("0,1\n1,inf\n2,1\n3,1\n", "line 3: importance must be a finite number, got inf"),
+        ("0,0\n1,0\n2,0\n3,0\n", "every importance is 0"),
+        ("0,1\n1.5,1\n2,1\n3,1\n", "line 3: layer must be an integer >= 0, got 1.5"),
+        ("0,1\n1,-2\n2,1\n3,1\n", "line 3: importance must be >= 0, got -2"),
+        ("0,1\n1,1\n2,1\n9,1\n", r"line 5: layer 9 outside 0..3"),
+        ("0,1\n1,1\n2,1\n", r"missing layers \[3\]"),
+    ],
+)
 def test_importance_file_is_refused_unless_every_row_is_sound(tmp_path, tiny_arch, rows, message):
     from amoeba_profile.core.errors import UsageError
     from amoeba_profile.selection.optimize import load_importance
@@ -180,9 +191,9 @@ def test_importance_file_with_whole_layers_in_float_form(tmp_path, tiny_arch):
 def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     """What `select --per-layer` prints, from Python: the optimum over the design space's depths for the
     selection's workload, metric and budget, with its gain over the uniform pick."""
-    from amoeba_profile.table.lut import Lut
     from amoeba_profile.selection.optimize import optimize_selection
     from amoeba_profile.selection.picker import select, table_space
+    from amoeba_profile.table.lut import Lut
 
     lut = _lut(tiny_arch)
     lut = Lut(lut.frame, {**lut.meta, "dtype": "float32"})
@@ -191,8 +202,13 @@ def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     pick = optimize_selection(lut, selection)
     direct = optimize_per_layer(Predictor(lut), tiny_arch, [3, 4], workload, "tpot_ms", 3.0, dtype="float32")
     assert pick.result == direct and pick.quality_model == "proxy: retained parameters"
-    assert pick.gain_over_uniform == pytest.approx(direct.quality - selection.pick.quality) and pick.gain_over_uniform >= 0
-    assert pick.to_dict()["subnet"] == direct.subnet.to_dict() and pick.to_dict()["predicted_ms"]["value"] == direct.latency_ms
+    assert (
+        pick.gain_over_uniform == pytest.approx(direct.quality - selection.pick.quality) and pick.gain_over_uniform >= 0
+    )
+    assert (
+        pick.to_dict()["subnet"] == direct.subnet.to_dict()
+        and pick.to_dict()["predicted_ms"]["value"] == direct.latency_ms
+    )
     importance = tmp_path / "importance.csv"
     importance.write_text("layer,importance\n0,4\n1,1\n2,1\n3,4\n")
     weighted = optimize_selection(lut, selection, importance)
@@ -202,5 +218,13 @@ def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     assert selection.pick.subnet.num_layers == 4
     assert weighted.uniform_quality == pytest.approx(share)
     assert weighted.gain_over_uniform == pytest.approx(weighted.result.quality - share)
-    assert weighted.result == optimize_per_layer(Predictor(lut), tiny_arch, [3, 4], workload, "tpot_ms", 3.0,
-                                                 importance=np.array([4.0, 1, 1, 4]), dtype="float32")
+    assert weighted.result == optimize_per_layer(
+        Predictor(lut),
+        tiny_arch,
+        [3, 4],
+        workload,
+        "tpot_ms",
+        3.0,
+        importance=np.array([4.0, 1, 1, 4]),
+        dtype="float32",
+    )

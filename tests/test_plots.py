@@ -3,14 +3,13 @@
 import itertools
 
 import pytest
-
-from amoeba_profile.core.entry import Entry
-from amoeba_profile.table.lut import Lut, measured_row, rows_frame
-from amoeba_profile.measure import Measurement
-from amoeba_profile.cli.plots import validation_figure
-from amoeba_profile.core.subnet import Subnet
-
 from conftest import synthetic_lut
+
+from amoeba_profile.cli.plots import validation_figure
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.measure import Measurement
+from amoeba_profile.table.lut import Lut, measured_row, rows_frame
 
 
 def _table(arch, measured_ms):
@@ -19,8 +18,9 @@ def _table(arch, measured_ms):
     rows = lut.frame.to_dict("records")
     for context, value in zip(range(16, 16 + len(measured_ms)), measured_ms):
         entry = Entry("model", "decode", 1, 1, context, subnet=Subnet.uniform(arch, 1 + context % arch.num_layers, 1.0))
-        rows.append(measured_row(entry, Measurement.from_samples([value] * 3), "ok", method="whole", repeat=1,
-                                 wall_s=0.0))
+        rows.append(
+            measured_row(entry, Measurement.from_samples([value] * 3), "ok", method="whole", repeat=1, wall_s=0.0)
+        )
     return Lut(rows_frame(rows), {**lut.meta, "dtype": "float32", "device_slug": "cpu-test"})
 
 
@@ -31,18 +31,24 @@ def _overlaps(fig):
     ax = fig.axes[0]
     found = []
     for axis in (ax.xaxis, ax.yaxis):
-        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in axis.get_ticklabels(which="both")
-                 if t.get_visible() and t.get_text()]
+        boxes = [
+            (t.get_text(), t.get_window_extent(renderer))
+            for t in axis.get_ticklabels(which="both")
+            if t.get_visible() and t.get_text()
+        ]
         found += [(a, b) for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2) if box_a.overlaps(box_b)]
     return found
 
 
-@pytest.mark.parametrize("measured_ms", [
-    [2.0, 3.1, 4.8, 7.5, 11.6, 18.0],  # about a decade: matplotlib labelled 3x10^0 and 4x10^0 into each other
-    [3.0, 5.0, 9.0, 15.0, 22.0, 36.0],
-    [15.0, 31.0, 66.0, 140.0, 290.0, 600.0],
-    [0.9, 4.0, 30.0, 200.0, 1500.0, 9000.0],  # four decades
-])
+@pytest.mark.parametrize(
+    "measured_ms",
+    [
+        [2.0, 3.1, 4.8, 7.5, 11.6, 18.0],  # about a decade: matplotlib labelled 3x10^0 and 4x10^0 into each other
+        [3.0, 5.0, 9.0, 15.0, 22.0, 36.0],
+        [15.0, 31.0, 66.0, 140.0, 290.0, 600.0],
+        [0.9, 4.0, 30.0, 200.0, 1500.0, 9000.0],  # four decades
+    ],
+)
 def test_validation_tick_labels_do_not_overlap(tiny_arch, measured_ms):
     import matplotlib.pyplot as plt
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from amoeba_profile.backends import ENTRY_POINT_GROUP, REGISTRY, get_backend
 from amoeba_profile.backends.flows import list_flows
+from conftest import FAST_PROTOCOL
+
 from amoeba_profile.measure.build import run_build
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.table.lut import load_table
-
-from conftest import FAST_PROTOCOL
 
 TEMPLATE = Path(__file__).with_name("fake_engine.py")
 
@@ -38,8 +38,9 @@ def test_an_installed_plugin_is_listed_and_builds_a_table(tmp_path, monkeypatch,
     assert "pytorch" in REGISTRY  # the project's own flows come through the same group
     assert "plugin-flow" in {flow.name for flow in list_flows()}
     backend = get_backend("plugin-flow")
-    plan = BuildPlan(tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32), method="difference",
-                     decode_steps=4)
+    plan = BuildPlan(
+        tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32), method="difference", decode_steps=4
+    )
     table = load_table(run_build(plan, backend, tmp_path / "lut", FAST_PROTOCOL).path)
     assert table.meta["backend"] == "fake-engine" and len(table.ok[table.ok.component == "layer"]) > 0
     sys.modules.pop("plugin_flow", None)

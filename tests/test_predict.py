@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
+from conftest import synthetic_lut
 
 from amoeba_profile.core.errors import OutOfRange, UsageError
-from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.subnet import LayerShape, Subnet
 from amoeba_profile.core.workload import Workload
-
-from conftest import synthetic_lut
+from amoeba_profile.selection.predict import Predictor
 
 
 def attn(heads, phase, context):
@@ -101,8 +100,11 @@ def test_huge_gen_len_is_refused_before_contexts_are_allocated(tiny_arch, lut):
     workload = Workload(1, 16, 10**8)
     tracemalloc.start()
     try:
-        for call in (lambda: predictor.predict(subnet, workload), lambda: predictor.base_metric(workload, "tpot_ms"),
-                     lambda: predictor.layer_metric(8, 4, 128, workload, "tpot_ms")):
+        for call in (
+            lambda: predictor.predict(subnet, workload),
+            lambda: predictor.base_metric(workload, "tpot_ms"),
+            lambda: predictor.layer_metric(8, 4, 128, workload, "tpot_ms"),
+        ):
             with pytest.raises(OutOfRange, match="1e\\+08 is outside the measured range"):
                 call()
         peak = tracemalloc.get_traced_memory()[1]
@@ -128,9 +130,9 @@ def test_prediction_and_its_parts_and_measured_models_compose_alike(tiny_arch, l
     """predict, base + layers (the optimizer's view) and validation's measured model rows all give
     the same metrics from the same per-step values."""
     from amoeba_profile.core.entry import Entry
-    from amoeba_profile.table.lut import Lut, measured_row, rows_frame
     from amoeba_profile.core.timing import Measurement
     from amoeba_profile.measure.validate import measured_metric
+    from amoeba_profile.table.lut import Lut, measured_row, rows_frame
 
     subnet, workload = Subnet.uniform(tiny_arch, 2, 1.0), Workload(1, 16, 40)
     predictor = Predictor(lut)
@@ -139,12 +141,28 @@ def test_prediction_and_its_parts_and_measured_models_compose_alike(tiny_arch, l
         parts = predictor.base_metric(workload, metric) + 2 * predictor.layer_metric(8, 4, 128, workload, metric)
         assert parts == pytest.approx(p.metric(metric))
     # model rows holding the predictor's own per-step values at the table's contexts
-    rows = [measured_row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), Measurement.from_samples([p.ttft_ms]),
-                         "ok", method="whole", repeat=1, wall_s=0.0)]
+    rows = [
+        measured_row(
+            Entry("model", "prefill", 1, 16, 0, subnet=subnet),
+            Measurement.from_samples([p.ttft_ms]),
+            "ok",
+            method="whole",
+            repeat=1,
+            wall_s=0.0,
+        )
+    ]
     for context in (16, 64):
         step, _ = predictor.phase_ms(subnet, "decode", 1, 1, context)
-        rows.append(measured_row(Entry("model", "decode", 1, 1, context, subnet=subnet),
-                                 Measurement.from_samples([step]), "ok", method="whole", repeat=1, wall_s=0.0))
+        rows.append(
+            measured_row(
+                Entry("model", "decode", 1, 1, context, subnet=subnet),
+                Measurement.from_samples([step]),
+                "ok",
+                method="whole",
+                repeat=1,
+                wall_s=0.0,
+            )
+        )
     models = Lut(rows_frame(rows), lut.meta)
     for metric in ("ttft_ms", "tpot_ms", "e2e_ms"):  # decode is linear in context here: interpolation is exact
         assert measured_metric(models, subnet, workload, metric) == pytest.approx(p.metric(metric))
@@ -161,8 +179,9 @@ def test_a_statistic_reads_the_same_column_when_predicted_and_when_measured(tiny
 
     subnet, workload = Subnet.uniform(tiny_arch, 2, 1.0), Workload(1, 16, 40)
     prefill = Measurement.from_samples([float(s) for s in range(1, 11)])
-    row = measured_row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), prefill, "ok", method="whole", repeat=1,
-                       wall_s=0.0)
+    row = measured_row(
+        Entry("model", "prefill", 1, 16, 0, subnet=subnet), prefill, "ok", method="whole", repeat=1, wall_s=0.0
+    )
     models = Lut(rows_frame([row]), lut.meta)
     assert (stat_column("median"), stat_column("p90")) == ("median_ms", "p90_ms")
     assert measured_metric(models, subnet, workload, "ttft_ms", "p90") == pytest.approx(prefill.p90_ms)

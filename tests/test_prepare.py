@@ -2,8 +2,8 @@
 
 import pytest
 
-from amoeba_profile.device import resolve_device
 from amoeba_profile.core.errors import UsageError
+from amoeba_profile.device import resolve_device
 from amoeba_profile.measure.prepare import prepare_build
 
 
@@ -47,8 +47,11 @@ def test_auto_device_and_reasons(tiny_arch):
 
 
 def test_depths_are_refused_where_no_difference_fit_uses_them(tiny_arch):
-    with pytest.raises(UsageError, match=r"^--depths sets the model depths the difference method fits; this build "
-                                         r"uses the components method \(--method components\)"):
+    with pytest.raises(
+        UsageError,
+        match=r"^--depths sets the model depths the difference method fits; this build "
+        r"uses the components method \(--method components\)",
+    ):
         prepare_build(tiny_arch, device="cpu", method="components", depths=(1, 2, 4))
     assert prepare_build(tiny_arch, device="cpu", method="difference", depths=(1, 2, 4)).plan.fit_depths() == (1, 2, 4)
 
@@ -57,11 +60,14 @@ def test_threads_above_the_cores_are_capped_warned_and_recorded(tiny_arch, tmp_p
     from amoeba_profile.device.load import CpuLoad
 
     cores = CpuLoad().cores()
-    build = prepare_build(tiny_arch, device="cpu", threads=cores + 62, out_dir=tmp_path, prompt_lens=(16,),
-                          contexts=(16,))
+    build = prepare_build(
+        tiny_arch, device="cpu", threads=cores + 62, out_dir=tmp_path, prompt_lens=(16,), contexts=(16,)
+    )
     assert build.backend.config_dict()["threads"] == cores  # what the sidecar records is what runs
     assert build.threads_reason == f"threads: {cores} (capped from --threads {cores + 62})"
-    assert build.warnings == (f"--threads {cores + 62} is more than the {cores} cores this process may run on; "
-                              f"measuring with {cores} threads (recorded as such)",)
+    assert build.warnings == (
+        f"--threads {cores + 62} is more than the {cores} cores this process may run on; "
+        f"measuring with {cores} threads (recorded as such)",
+    )
     exact = prepare_build(tiny_arch, device="cpu", threads=cores, out_dir=tmp_path, prompt_lens=(16,), contexts=(16,))
     assert exact.warnings == () and exact.backend.config_dict()["threads"] == cores

@@ -7,21 +7,20 @@ import shutil
 import socket
 
 import pytest
-
-from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import run_build
+from conftest import SimulatedLoad
+
+from amoeba_profile.core.errors import MachineBusy
+from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.device import device_slug
 from amoeba_profile.device.load import CpuLoad, contention_share, idle_cores, others_cpu_s
 from amoeba_profile.device.lock import MeasurementLock, measuring_pids
 from amoeba_profile.device.monitor import MIN_JUDGED_S, Monitor, entry_state, host_contention
-from amoeba_profile.core.errors import MachineBusy
-from amoeba_profile.table.lut import load_table
-from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.device.quiet import BusyPolicy, wait_for_quiet
-
-from conftest import SimulatedLoad
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.build import run_build
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.table.lut import load_table
 
 PROTOCOL = TimingProtocol(warmup_min=1, warmup_max=2, rounds=2, samples_per_round=3, min_round_s=0.0)
 
@@ -32,8 +31,9 @@ def _proc(root, cpus, processes):
     (root / "proc").mkdir(parents=True, exist_ok=True)
     line = "{} {} 0 {} 9000 10 0 0 {} 0 0\n"
     total = [sum(ticks[i] for ticks in cpus.values()) for i in range(3)]
-    (root / "proc/stat").write_text(line.format("cpu ", *total) + "".join(line.format(f"cpu{n}", *ticks)
-                                                                         for n, ticks in cpus.items()))
+    (root / "proc/stat").write_text(
+        line.format("cpu ", *total) + "".join(line.format(f"cpu{n}", *ticks) for n, ticks in cpus.items())
+    )
     for gone in [d for d in (root / "proc").iterdir() if d.name.isdigit() and int(d.name) not in processes]:
         shutil.rmtree(gone)
     for pid, (ppid, utime, stime, cutime, cstime) in processes.items():
@@ -47,13 +47,19 @@ def test_others_are_machine_time_minus_our_whole_process_tree(tmp_path):
     clock = iter([10.0, 12.0])
     load = CpuLoad(tmp_path, pids=(100,), cpus=(0, 1), clock=lambda: next(clock))
     # 100 is us, 101 our child (a serving process), 200 a stranger; CPU 2 is not ours to run on.
-    _proc(tmp_path, {0: (600, 300, 0), 1: (400, 200, 0), 2: (5000, 0, 0)},
-          {100: (1, 50, 10, 0, 0), 101: (100, 5, 0, 0, 0), 200: (1, 7, 0, 0, 0)})
+    _proc(
+        tmp_path,
+        {0: (600, 300, 0), 1: (400, 200, 0), 2: (5000, 0, 0)},
+        {100: (1, 50, 10, 0, 0), 101: (100, 5, 0, 0, 0), 200: (1, 7, 0, 0, 0)},
+    )
     before = load.read()
     # Over 2 s our CPUs ran 400 + 100 + 20 (steal) ticks; we 100 + 20, our child 60 (then reaped:
     # cutime). What ran on CPU 2 cannot disturb us.
-    _proc(tmp_path, {0: (800, 350, 10), 1: (600, 250, 10), 2: (9000, 0, 0)},
-          {100: (1, 150, 30, 65, 0), 200: (1, 300, 0, 0, 0)})
+    _proc(
+        tmp_path,
+        {0: (800, 350, 10), 1: (600, 250, 10), 2: (9000, 0, 0)},
+        {100: (1, 150, 30, 65, 0), 200: (1, 300, 0, 0, 0)},
+    )
     after = load.read()
     assert before["own_s"] == pytest.approx(65 * tick) and after["own_s"] == pytest.approx(245 * tick)
     assert others_cpu_s(before, after) == pytest.approx((520 - 180) * tick)
@@ -101,7 +107,7 @@ def test_wait_for_quiet_waits_then_measures():
 
 
 def test_busy_policy_bounds_warns_and_refuses():
-    busy = lambda: SimulatedLoad(lambda t: 2.0, cores=2, step_s=0.0)  # noqa: E731 - busy for good
+    busy = lambda: SimulatedLoad(lambda t: 2.0, cores=2, step_s=0.0)  # busy for good
     notices = _Notices()
     load = busy()
     assert wait_for_quiet(load, 1, BusyPolicy("wait", max_wait_s=5), notices).share == 1.0
@@ -162,10 +168,14 @@ def test_a_table_lock_and_a_measurement_lock_leave_one_kind_of_note(tmp_path):
         lock.release()
     assert set(table_note) == {"pid", "host", "since"}
     assert set(measure_note) == {"pid", "host", "since", "command", "target"}
-    assert (measure_note["pid"], measure_note["host"]) == (table_note["pid"], table_note["host"]) \
+    assert (
+        (measure_note["pid"], measure_note["host"])
+        == (table_note["pid"], table_note["host"])
         == (os.getpid(), socket.gethostname())
-    (tmp_path / "t.csv.lock.holder").write_text(json.dumps({"pid": 999999999, "host": socket.gethostname(),
-                                                             "since": "2026-01-01T00:00:00+00:00"}))
+    )
+    (tmp_path / "t.csv.lock.holder").write_text(
+        json.dumps({"pid": 999999999, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00"})
+    )
     assert describe_holder(table) == "another process"
 
 
@@ -179,8 +189,14 @@ def test_a_second_measurement_on_the_device_waits_for_the_first(tmp_path, tiny_a
     held.acquire("/elsewhere/other-table.csv", _Notices())
     try:
         with pytest.raises(MachineBusy, match="measuring /elsewhere/other-table.csv"):
-            run_build(_plan(tiny_arch), backend, tmp_path / "b", PROTOCOL, lock_timeout_s=0,
-                      artifacts=ArtifactCache(tmp_path / "artifacts"))
+            run_build(
+                _plan(tiny_arch),
+                backend,
+                tmp_path / "b",
+                PROTOCOL,
+                lock_timeout_s=0,
+                artifacts=ArtifactCache(tmp_path / "artifacts"),
+            )
     finally:
         held.release()
     assert not list((tmp_path / "b").rglob("*.journal.jsonl"))  # it measured nothing
@@ -189,8 +205,16 @@ def test_a_second_measurement_on_the_device_waits_for_the_first(tmp_path, tiny_a
 def test_contended_rows_are_remeasured_after_a_wait_then_flagged(tmp_path, tiny_arch, fake_backend):
     notices = _Notices()
     load = SimulatedLoad(lambda t: 2.0, cores=2)  # another process keeps both cores busy throughout
-    path = run_build(_plan(tiny_arch), get_backend("fake-engine"), tmp_path, PROTOCOL, busy=BusyPolicy(max_wait_s=30),
-                     notice=notices, load=load, artifacts=ArtifactCache(tmp_path / "artifacts")).path
+    path = run_build(
+        _plan(tiny_arch),
+        get_backend("fake-engine"),
+        tmp_path,
+        PROTOCOL,
+        busy=BusyPolicy(max_wait_s=30),
+        notice=notices,
+        load=load,
+        artifacts=ArtifactCache(tmp_path / "artifacts"),
+    ).path
     lut = load_table(path)
     models = lut.frame[lut.frame.component == "model"]
     assert (models.host_contention == 1.0).all() and models["flags"].str.contains("contended").all()
@@ -205,8 +229,16 @@ def test_contended_rows_are_remeasured_after_a_wait_then_flagged(tmp_path, tiny_
 def test_quiet_build_has_no_contention(tmp_path, tiny_arch, fake_backend):
     notices = _Notices()
     load = SimulatedLoad(lambda t: 1.0, cores=2)  # one core busy elsewhere; the build needs the other
-    path = run_build(_plan(tiny_arch), get_backend("fake-engine"), tmp_path, PROTOCOL, busy=BusyPolicy(),
-                     notice=notices, load=load, artifacts=ArtifactCache(tmp_path / "artifacts")).path
+    path = run_build(
+        _plan(tiny_arch),
+        get_backend("fake-engine"),
+        tmp_path,
+        PROTOCOL,
+        busy=BusyPolicy(),
+        notice=notices,
+        load=load,
+        artifacts=ArtifactCache(tmp_path / "artifacts"),
+    ).path
     lut = load_table(path)
     assert (lut.frame[lut.frame.component == "model"].host_contention == 0.0).all()
     assert not lut.frame["flags"].str.contains("contended").any() and notices == []
@@ -214,7 +246,14 @@ def test_quiet_build_has_no_contention(tmp_path, tiny_arch, fake_backend):
 
 def test_refuse_measures_nothing_on_a_busy_machine(tmp_path, tiny_arch, fake_backend):
     with pytest.raises(MachineBusy, match="rerun when it is idle"):
-        run_build(_plan(tiny_arch), get_backend("fake-engine"), tmp_path, PROTOCOL,
-                  busy=BusyPolicy("refuse", max_wait_s=10), notice=_Notices(),
-                  load=SimulatedLoad(lambda t: 2.0, cores=2), artifacts=ArtifactCache(tmp_path / "artifacts"))
+        run_build(
+            _plan(tiny_arch),
+            get_backend("fake-engine"),
+            tmp_path,
+            PROTOCOL,
+            busy=BusyPolicy("refuse", max_wait_s=10),
+            notice=_Notices(),
+            load=SimulatedLoad(lambda t: 2.0, cores=2),
+            artifacts=ArtifactCache(tmp_path / "artifacts"),
+        )
     assert not list(tmp_path.rglob("*.journal.jsonl")) and not list(tmp_path.rglob("*.csv"))

@@ -3,13 +3,21 @@ from dataclasses import replace
 import pytest
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS
-from amoeba_profile.measure.build import BuildPlan
-from amoeba_profile.device.specs import get_spec
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError
+from amoeba_profile.device.specs import get_spec
+from amoeba_profile.measure.build import BuildPlan
 from amoeba_profile.table.lut import Lut, load_table, rows_frame
-from amoeba_profile.table.roofline import (Efficiency, calibrate, component_ms, component_ops, get_flow, roofline_rows,
-                                     whole_model_bounds, write_roofline_table)
+from amoeba_profile.table.roofline import (
+    Efficiency,
+    calibrate,
+    component_ms,
+    component_ops,
+    get_flow,
+    roofline_rows,
+    whole_model_bounds,
+    write_roofline_table,
+)
 
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
 
@@ -71,8 +79,9 @@ def test_calibration_recovers_known_efficiencies(tiny_arch):
     spec, flow = get_spec("rtx-a5000"), get_flow("pytorch")
     plan = BuildPlan(LLAMA2, (1.0, 0.75, 0.5), (128, 512), (128, 1024, 2048))
     truth = Efficiency(0.6, 0.4, 5.0)
-    lut = Lut(rows_frame(roofline_rows(LLAMA2, plan.entries(), spec, flow, "float16", truth)),
-              {"arch": LLAMA2.to_dict()})
+    lut = Lut(
+        rows_frame(roofline_rows(LLAMA2, plan.entries(), spec, flow, "float16", truth)), {"arch": LLAMA2.to_dict()}
+    )
     lut.frame["source"] = "measured"
     eff, report = calibrate(Lut(lut.frame, lut.meta), spec, flow, "float16")
     assert eff.eff_bw == pytest.approx(0.6, abs=0.02)
@@ -117,8 +126,8 @@ def test_unphysical_calibration_is_refused():
 def test_calibration_works_on_a_difference_table():
     """Fitted ``layer`` rows are calibrated as attention + MLP operations."""
     from amoeba_profile.core.entry import Entry as E
-    from amoeba_profile.table.lut import measured_row
     from amoeba_profile.core.timing import Measurement
+    from amoeba_profile.table.lut import measured_row
     from amoeba_profile.table.roofline import entry_kernels, entry_ops
 
     spec, flow, truth = get_spec("rtx-a5000"), get_flow("tensorrt-llm"), Efficiency(0.7, 0.5, 3.0)
@@ -126,14 +135,17 @@ def test_calibration_works_on_a_difference_table():
     for c in (128, 1024, 2048):
         for heads, ffn in ((32, 11008), (16, 11008), (32, 5504)):
             entry = E("layer", "decode", 1, 1, c, heads, heads, ffn)
-            ms = component_ms(entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec,
-                              "float16", truth)
-            rows.append(measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1,
-                                     wall_s=0))
+            ms = component_ms(
+                entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec, "float16", truth
+            )
+            rows.append(
+                measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1, wall_s=0)
+            )
     for p in (128, 512):
         entry = E("layer", "prefill", 1, p, 0, 32, 32, 11008)
-        ms = component_ms(entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec, "float16",
-                          truth)
+        ms = component_ms(
+            entry_ops(LLAMA2, entry, "float16", False), entry_kernels(flow, "layer"), spec, "float16", truth
+        )
         rows.append(measured_row(entry, Measurement.from_samples([ms]), "ok", method="difference", repeat=1, wall_s=0))
     eff, report = calibrate(Lut(rows_frame(rows), {"arch": LLAMA2.to_dict()}), spec, flow, "float16")
     assert eff.eff_bw == pytest.approx(0.7, abs=0.02) and report["median_abs_pct"] < 1.5
@@ -147,14 +159,28 @@ def test_device_profile_gives_peaks_and_dispatch(tmp_path):
     from amoeba_profile.core.errors import UsageError
     from amoeba_profile.table.roofline import load_device_profile
 
-    report = {"slug": "cpu-test", "device": "cpu", "cpu": {"model": "Test CPU", "memory_gb": 16.0},
-              "microbench": {"memory_bw_gbps": 20.0, "dispatch_overhead_us": 7.5,
-                             "matmul": {"float32": {"gemm_tflops": 0.5, "gemv_bw_gbps": 25.0},
-                                        "bfloat16": {"gemm_tflops": 1.5, "gemv_bw_gbps": 18.0}}}}
+    report = {
+        "slug": "cpu-test",
+        "device": "cpu",
+        "cpu": {"model": "Test CPU", "memory_gb": 16.0},
+        "microbench": {
+            "memory_bw_gbps": 20.0,
+            "dispatch_overhead_us": 7.5,
+            "matmul": {
+                "float32": {"gemm_tflops": 0.5, "gemv_bw_gbps": 25.0},
+                "bfloat16": {"gemm_tflops": 1.5, "gemv_bw_gbps": 18.0},
+            },
+        },
+    }
     path = tmp_path / "device.json"
     path.write_text(json.dumps(report))
     spec, dispatch_us = load_device_profile(path, "float32")
-    assert dispatch_us == 7.5 and (spec.slug, spec.kind, spec.name, spec.memory_gb) == ("cpu-test", "cpu", "Test CPU", 16.0)
+    assert dispatch_us == 7.5 and (spec.slug, spec.kind, spec.name, spec.memory_gb) == (
+        "cpu-test",
+        "cpu",
+        "Test CPU",
+        16.0,
+    )
     assert (spec.fp32_tflops, spec.fp16_tflops, spec.bf16_tflops, spec.mem_bw_gbps) == (0.5, 0.5, 1.5, 25.0)
     with pytest.raises(UsageError, match="no float16 micro-benchmark"):
         load_device_profile(path, "float16")
@@ -165,15 +191,16 @@ def test_device_profile_gives_peaks_and_dispatch(tmp_path):
 
 def test_calibration_warning_and_whole_models_refused(tmp_path):
     from amoeba_profile.core.errors import UsageError
-    from amoeba_profile.table.roofline import calibration_warning
     from amoeba_profile.core.subnet import Subnet
+    from amoeba_profile.table.roofline import calibration_warning
 
     spec, flow = get_spec("rtx-a5000"), get_flow("tensorrt-llm")
     same = Lut(rows_frame([]), {"device_slug": "rtx-a5000", "backend": "tensorrt-llm"})
     other = Lut(rows_frame([]), {"device_slug": "cpu-x", "backend": "pytorch"})
     assert calibration_warning(same, spec, flow) is None
-    assert calibration_warning(other, spec, flow) == ("calibrating rtx-a5000/tensorrt-llm from a table measured on "
-                                                      "cpu-x/pytorch: efficiencies may not transfer")
+    assert calibration_warning(other, spec, flow) == (
+        "calibrating rtx-a5000/tensorrt-llm from a table measured on cpu-x/pytorch: efficiencies may not transfer"
+    )
     plan = BuildPlan(LLAMA2, prompt_lens=(128,), contexts=(128,), whole=(Subnet.uniform(LLAMA2, 32, 1.0),))
     with pytest.raises(UsageError, match="whole subnets"):
         write_roofline_table(plan, spec, flow, "float16", tmp_path)

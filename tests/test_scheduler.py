@@ -29,8 +29,19 @@ class ScriptedLauncher:
                 continue
             for entry in entries:
                 spread = entry.key in self.noisy and round_index < PROTOCOL.rounds
-                sink(entry, {"key": entry.key, "round": round_index, "status": "ok", "repeat": 1, "steps": 1,
-                             "wall_s": 0.0, "samples_ms": [1.0, 3.0] if spread else [2.0, 2.0], "state": {}})
+                sink(
+                    entry,
+                    {
+                        "key": entry.key,
+                        "round": round_index,
+                        "status": "ok",
+                        "repeat": 1,
+                        "steps": 1,
+                        "wall_s": 0.0,
+                        "samples_ms": [1.0, 3.0] if spread else [2.0, 2.0],
+                        "state": {},
+                    },
+                )
         return failed
 
 
@@ -42,8 +53,9 @@ def test_rounds_interleave_units_skip_unbuilt_ones_remeasure_noisy_entries_and_r
     journal_path = tmp_path / "build.journal.jsonl"
 
     def journal() -> Journal:
-        return Journal(journal_path, {"kind": "header", "identity": "test"}, keys=(e.key for e in todo),
-                       max_round=PROTOCOL.rounds)
+        return Journal(
+            journal_path, {"kind": "header", "identity": "test"}, keys=(e.key for e in todo), max_round=PROTOCOL.rounds
+        )
 
     launcher, heard = ScriptedLauncher({noisy.key}, {broken}), []
     opened = journal()
@@ -55,7 +67,7 @@ def test_rounds_interleave_units_skip_unbuilt_ones_remeasure_noisy_entries_and_r
     assert heard[0] == (0, total, "starting") and heard[1] == (1, total, f"round 1/2: {units[broken][0].label}")
     assert heard[-1] == (total - len(units[broken]) + 1, total, f"extra round for a noisy row: {noisy.label}")
     # Killed after round 0: a rerun hands over only what the journal lacks, round by round.
-    journal_path.write_text("\n".join(journal_path.read_text().splitlines()[:1 + len(todo)]) + "\n")
+    journal_path.write_text("\n".join(journal_path.read_text().splitlines()[: 1 + len(todo)]) + "\n")
     again, heard = ScriptedLauncher({noisy.key}), []
     run_rounds(todo, journal(), PROTOCOL, again, lambda done, total, label: heard.append((done, total, label)))
     assert again.calls == [(1, every_unit), (2, [[noisy.key]])]

@@ -1,16 +1,16 @@
 import itertools
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import synthetic_lut
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amoeba_profile.core.errors import InfeasibleBudget, UsageError
-from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import retained_params
-from amoeba_profile.selection.picker import best_within, evaluate, pareto_front, select, table_space, table_workload
 from amoeba_profile.core.subnet import DesignSpace, LayerShape, Subnet
 from amoeba_profile.core.workload import Workload
-
-from conftest import synthetic_lut
+from amoeba_profile.selection.picker import best_within, evaluate, pareto_front, select, table_space, table_workload
+from amoeba_profile.selection.predict import Predictor
 
 
 def attn(heads, phase, context):
@@ -62,8 +62,10 @@ def test_never_exceeds_budget_on_per_layer_space(budget):
     lut = synthetic_lut(tiny_arch, attn, mlp, base, contexts=(16, 64), prompt_len=16)
     predictor, workload = Predictor(lut), Workload(1, 16, 20)
     options = [(8, 4, 128), (4, 2, 64)]
-    subnets = [Subnet(tiny_arch, tuple(LayerShape(i, *o) for i, o in zip((0, 3), combo)))
-               for combo in itertools.product(options, repeat=2)]
+    subnets = [
+        Subnet(tiny_arch, tuple(LayerShape(i, *o) for i, o in zip((0, 3), combo)))
+        for combo in itertools.product(options, repeat=2)
+    ]
     try:
         chosen = select(predictor, subnets, workload, "e2e_ms", budget)
     except InfeasibleBudget:
@@ -110,12 +112,20 @@ def test_selection_json_refers_to_subnets_by_id(setup):
     assert set(data["subnets"]) == {entry["subnet_id"] for entry in listed}
     full = Subnet.uniform(space.arch, 4, 1.0)
     assert data["subnets"][full.id] == {
-        "id": full.id, "label": "L4-w1.000", "num_layers": 4, "width_ratio": 1.0, "kept_layers": [0, 1, 2, 3],
-        "layer_runs": [{"layers": [0, 1, 2, 3], "heads": 8, "kv_heads": 4, "ffn": 128}]}
+        "id": full.id,
+        "label": "L4-w1.000",
+        "num_layers": 4,
+        "width_ratio": 1.0,
+        "kept_layers": [0, 1, 2, 3],
+        "layer_runs": [{"layers": [0, 1, 2, 3], "heads": 8, "kv_heads": 4, "ffn": 128}],
+    }
     assert [e["fits"] for e in data["pareto"]] == [c.latency_ms <= 100.0 for c in selection.pareto]
     # The pick's prediction is an object with value, source and uncertainty, as every listed entry's is.
-    assert set(data["predicted_ms"]) == {"value", "source", "se", "interval_90", "p_within_budget"} \
+    assert (
+        set(data["predicted_ms"])
+        == {"value", "source", "se", "interval_90", "p_within_budget"}
         == set(data["top_k"][0]["predicted_ms"])
+    )
     without = selection.to_dict(pareto=False)
     assert "pareto" not in without and set(without["subnets"]) == {e["subnet_id"] for e in data["top_k"]}
 
@@ -123,7 +133,9 @@ def test_selection_json_refers_to_subnets_by_id(setup):
 def test_metric_spellings_and_unknown_metric(setup):
     predictor, space, workload = setup
     short = select(predictor, space.subnets(), workload, "tpot", 100.0)
-    assert short.metric == "tpot_ms" and short.pick == select(predictor, space.subnets(), workload, "tpot_ms", 100.0).pick
+    assert (
+        short.metric == "tpot_ms" and short.pick == select(predictor, space.subnets(), workload, "tpot_ms", 100.0).pick
+    )
     with pytest.raises(UsageError, match="unknown metric 'latency'"):
         select(predictor, space.subnets(), workload, "latency", 100.0)
 
@@ -170,9 +182,11 @@ def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
     e2e = select(Predictor(lut), space.subnets(), Workload(1, 16, 20), "e2e_ms", 10_000.0)
     assert base_row in {r["line"] - 2 for r in e2e.flagged["pick"]}
     assert chosen.flagged["pick"][0]["row"].startswith("attn|decode|b1|t1|c64|h8")
-    assert chosen.warning == ("the pick rests on 1 disturbed rows (contended 1, high_cv 1); the runner-up rests on "
-                              "1 disturbed rows (high_cv 1); its latencies may be off - rebuild the table on an idle "
-                              "machine (build-lut --busy wait) before relying on it")
+    assert chosen.warning == (
+        "the pick rests on 1 disturbed rows (contended 1, high_cv 1); the runner-up rests on "
+        "1 disturbed rows (high_cv 1); its latencies may be off - rebuild the table on an idle "
+        "machine (build-lut --busy wait) before relying on it"
+    )
     data = chosen.to_dict()
     assert data["flagged_rows"] == chosen.flagged and data["measurement_warning"] == chosen.warning
     # Rows that are only noisy call for more samples, not an idle machine: a build without --quick
@@ -182,13 +196,17 @@ def test_pick_lists_the_flagged_rows_it_rests_on(tiny_arch):
     _flag(noisy, "high_cv", component="attn", phase="decode", heads=8, context=64)
     noisy.frame["rounds"], noisy.frame["n"] = 3, 21  # the default protocol's 3 rounds x 7 samples
     chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
-    assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - rebuild the "
-                              "table on a quieter machine before relying on it")
+    assert chosen.warning == (
+        "the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - rebuild the "
+        "table on a quieter machine before relying on it"
+    )
     noisy.frame["rounds"], noisy.frame["n"] = 2, 8  # --quick: 2 rounds x 4 samples
     chosen = select(Predictor(Lut(noisy.frame, noisy.meta)), space.subnets(), Workload(1, 16, 20), "tpot_ms", 100.0)
-    assert chosen.warning == ("the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - build the "
-                              "table again without --quick (it re-measures the rows holding fewer rounds) or on a "
-                              "quieter machine before relying on it")
+    assert chosen.warning == (
+        "the pick rests on 1 disturbed rows (high_cv 1); its latencies may be off - build the "
+        "table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+        "quieter machine before relying on it"
+    )
 
 
 def test_clean_or_informative_rows_give_no_warning(setup, tiny_arch):
@@ -212,12 +230,13 @@ def test_best_within_is_the_pick_select_makes(setup):
 
 
 def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
-    from amoeba_profile.core.strategy import Strategy
-
     from test_strategy import write_strategy
 
-    lut = synthetic_lut(tiny_arch, attn, mlp, base,
-                        meta={"grid": {"widths": [1.0, 0.5], "batch": 2, "drop_rule": "uniform"}})
+    from amoeba_profile.core.strategy import Strategy
+
+    lut = synthetic_lut(
+        tiny_arch, attn, mlp, base, meta={"grid": {"widths": [1.0, 0.5], "batch": 2, "drop_rule": "uniform"}}
+    )
     assert table_space(lut) == list(DesignSpace.amoeba(tiny_arch, (1.0, 0.5), drop_rule="uniform").subnets())
     assert {s.width_ratio for s in table_space(lut, (0.75,))} == {0.75}
     path = write_strategy(tmp_path / "s.npy")
@@ -226,16 +245,20 @@ def test_table_space_and_workload_come_from_the_table(tiny_arch, tmp_path):
     assert table_workload(lut, 16, 20) == Workload(2, 16, 20) and table_workload(lut, 16, 20, batch=1).batch == 1
 
 
-@pytest.mark.parametrize("prompts, contexts, given, expected", [
-    ([128], [128, 256, 512], (None, None), (128, 128)),  # the README's grid: 128/128 as before
-    ([16], [16, 64], (None, None), (16, 50)),  # decode steps at contexts 16..64
-    ([16, 256], [64, 512], (None, None), (128, 128)),  # 128 interpolates between prompts and contexts
-    ([32, 64], [64, 128], (None, 10), (64, 10)),  # 32 is outside the contexts: the shortest usable prompt
-    ([16], [16, 64], (16, 30), (16, 30)),  # given values are kept
-    ([16], [16, 64], (64, None), (64, 2)),  # tpot needs a step even at the last context
-])
+@pytest.mark.parametrize(
+    "prompts, contexts, given, expected",
+    [
+        ([128], [128, 256, 512], (None, None), (128, 128)),  # the README's grid: 128/128 as before
+        ([16], [16, 64], (None, None), (16, 50)),  # decode steps at contexts 16..64
+        ([16, 256], [64, 512], (None, None), (128, 128)),  # 128 interpolates between prompts and contexts
+        ([32, 64], [64, 128], (None, 10), (64, 10)),  # 32 is outside the contexts: the shortest usable prompt
+        ([16], [16, 64], (16, 30), (16, 30)),  # given values are kept
+        ([16], [16, 64], (64, None), (64, 2)),  # tpot needs a step even at the last context
+    ],
+)
 def test_a_request_defaults_to_what_the_table_covers(tiny_arch, prompts, contexts, given, expected):
-    lut = synthetic_lut(tiny_arch, attn, mlp, base, meta={"grid": {"prompt_lens": prompts, "contexts": contexts,
-                                                                   "batch": 2}})
+    lut = synthetic_lut(
+        tiny_arch, attn, mlp, base, meta={"grid": {"prompt_lens": prompts, "contexts": contexts, "batch": 2}}
+    )
     workload = table_workload(lut, *given)
     assert (workload.batch, workload.prompt_len, workload.gen_len) == (2, *expected)

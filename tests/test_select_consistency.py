@@ -6,17 +6,16 @@ import json
 import sys
 
 import pytest
+from conftest import synthetic_lut
 
 from amoeba_profile.cli import main as cli
 from amoeba_profile.core.entry import Entry
-from amoeba_profile.table.lut import Lut, load_table, measured_row, rows_frame, write_table
-from amoeba_profile.core.timing import Measurement
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.selection.picker import evaluate, select, table_space
 from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.workload import Workload
-
-from conftest import synthetic_lut
+from amoeba_profile.selection.picker import evaluate, select, table_space
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import Lut, load_table, measured_row, rows_frame, write_table
 
 WORKLOAD = Workload(1, 16, 20)  # decode steps at contexts 16..34, inside the tables' 16 and 64
 
@@ -33,12 +32,18 @@ def run_main(monkeypatch, capsys, *args):
 
 def _table(arch, meta=None):
     # attention 0.1 ms per head, MLP 1 us per channel, base 1 ms: full model tpot = 1 + 4 x (0.8 + 0.128)
-    return synthetic_lut(arch, lambda h, p, c: 0.1 * h, lambda f, p: 0.001 * f, lambda p, c: 1.0,
-                         meta={"dtype": "float32", "device_slug": "cpu-test", **(meta or {})})
+    return synthetic_lut(
+        arch,
+        lambda h, p, c: 0.1 * h,
+        lambda f, p: 0.001 * f,
+        lambda p, c: 1.0,
+        meta={"dtype": "float32", "device_slug": "cpu-test", **(meta or {})},
+    )
 
 
 def _with_models(lut, subnet, prefill_ms, decode_ms, contexts=(16, 64)):
     """``lut`` plus measured model rows of ``subnet`` (as validate writes them back)."""
+
     def row(entry, value):
         return measured_row(entry, Measurement.from_samples([value] * 3), "ok", method="whole", repeat=1, wall_s=0.0)
 
@@ -93,7 +98,10 @@ def test_select_cli_shows_the_measured_model(tiny_arch, tmp_path, monkeypatch, c
     assert json.loads(out)["subnet_id"] != full.id
     code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "6", "--json")
     data = json.loads(out)
-    assert data["subnet_id"] == full.id and {k: data["predicted_ms"][k] for k in ("value", "source")} == {"value": pytest.approx(5.0), "source": "measured"}
+    assert data["subnet_id"] == full.id and {k: data["predicted_ms"][k] for k in ("value", "source")} == {
+        "value": pytest.approx(5.0),
+        "source": "measured",
+    }
     code, out, err = run_main(monkeypatch, capsys, *args, "--budget-ms", "6")
     assert "predicted tpot_ms = 5.0 ms (median, measured" in out
 
@@ -124,8 +132,24 @@ def test_validate_measures_the_ranking_select_prints(ranked, tiny_arch, monkeypa
         raise AmoebaError("captured before measuring")
 
     monkeypatch.setattr(validate, "measure_picks", capture)
-    ranking = ("--lut", str(table), "--budget-ms", "100", "--prompt-len", "16", "--gen-len", "20", "--quality",
-               str(quality), "--memory-gb", "0.0007", "--stat", "p90", "--batch", "1")
+    ranking = (
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "100",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+        "--quality",
+        str(quality),
+        "--memory-gb",
+        "0.0007",
+        "--stat",
+        "p90",
+        "--batch",
+        "1",
+    )
     code, out, err = run_main(monkeypatch, capsys, "select", *ranking, "--top-k", "3", "--json")
     assert code == 0, err
     chosen = json.loads(out)
@@ -152,14 +176,32 @@ def test_plot_draws_the_ranking_select_prints(ranked, tmp_path, monkeypatch, cap
         return out
 
     monkeypatch.setattr(plots, "plot_pareto", capture)
-    ranking = ("--lut", str(table), "--budget-ms", "10", "--prompt-len", "16", "--gen-len", "20", "--stat", "p90",
-               "--widths", "1", "--memory-gb", "0.0007", "--quality", str(quality))
+    ranking = (
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "10",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+        "--stat",
+        "p90",
+        "--widths",
+        "1",
+        "--memory-gb",
+        "0.0007",
+        "--quality",
+        str(quality),
+    )
     code, out, err = run_main(monkeypatch, capsys, "select", *ranking, "--json")
     assert code == 0, err
     chosen = json.loads(out)
     code, out, err = run_main(monkeypatch, capsys, "plot", *ranking, "--out", str(tmp_path / "plots"))
     assert code == 0, err
-    assert drawn["pick"].subnet.id == chosen["subnet_id"] and drawn["pick"].latency_ms == chosen["predicted_ms"]["value"]
+    assert (
+        drawn["pick"].subnet.id == chosen["subnet_id"] and drawn["pick"].latency_ms == chosen["predicted_ms"]["value"]
+    )
     assert {c.subnet.layers[0].heads for c in drawn["candidates"]} == {8}  # --widths 1 only
     assert all(c.memory.total_gb <= 0.0007 for c in drawn["candidates"])
     lut = load_table(table)
@@ -167,8 +209,9 @@ def test_plot_draws_the_ranking_select_prints(ranked, tmp_path, monkeypatch, cap
         assert cand.latency_ms == pytest.approx(Predictor(lut).predict(cand.subnet, WORKLOAD, "p90").tpot_ms)
         assert cand.latency_ms == pytest.approx(2 * Predictor(lut).predict(cand.subnet, WORKLOAD).tpot_ms)
     assert drawn["quality_name"] == chosen["quality_source"]
-    code, _, err = run_main(monkeypatch, capsys, "plot", "--lut", str(table), "--memory-gb", "nan", "--out",
-                            str(tmp_path / "plots"))
+    code, _, err = run_main(
+        monkeypatch, capsys, "plot", "--lut", str(table), "--memory-gb", "nan", "--out", str(tmp_path / "plots")
+    )
     assert code == 2 and "--memory-gb must be a finite number" in err
 
 
@@ -180,8 +223,18 @@ def mixed(tiny_arch, tmp_path):
     table = tmp_path / "tiny-float32.csv"
     lut = _table(tiny_arch, {"backend": "pytorch"})
     write_table(table, lut.frame, lut.meta)
-    return table, ("select", "--lut", str(table), "--budget-ms", "4.5", "--prompt-len", "16", "--gen-len", "20",
-                   "--per-layer")
+    return table, (
+        "select",
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "4.5",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+        "--per-layer",
+    )
 
 
 def test_per_layer_options_keep_to_widths(mixed, monkeypatch, capsys):
@@ -218,8 +271,7 @@ def test_gain_over_uniform_compares_one_quality_score(mixed, tiny_arch, tmp_path
     assert f"({per['gain_over_uniform']:+.4f} over the uniform pick, both scored by proxy: retained parameters)" in out
 
 
-def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch, tmp_path, monkeypatch,
-                                                                capsys):
+def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch, tmp_path, monkeypatch, capsys):
     _, args = mixed
     args = (*args, "--widths", "1,1/2")  # options: 8 or 4 query heads, FFN 128 or 64
     folder = tmp_path / "pick"
@@ -229,8 +281,9 @@ def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch,
     per = Subnet.from_dict(data["per_layer"]["subnet"])
     assert sorted(l.heads for l in per.layers) == [4, 8, 8, 8]
     assert data["subnet_id"] and data["top_k"] and "exported" not in data
-    assert data["export_error"].startswith(f"export of the per-layer optimum {per.label} failed: layer 3 has 4 query "
-                                           "heads and layer 0 has 8")
+    assert data["export_error"].startswith(
+        f"export of the per-layer optimum {per.label} failed: layer 3 has 4 query heads and layer 0 has 8"
+    )
     assert err.strip() == f"error: {data['export_error']}" and not folder.exists()
     code, out, err = run_main(monkeypatch, capsys, *args, "--export", str(folder))
     assert code == 1 and "pick: L3-w1.000" in out and f"per-layer optimum: {per.label}, 4 layers" in out
@@ -238,8 +291,13 @@ def test_per_layer_export_writes_and_names_the_printed_optimum(mixed, tiny_arch,
     assert err.strip().splitlines()[-1] == f"error: {data['export_error']}"
     # where FFN channels cost most (1.28 of a full layer's 1.36 ms), 6 ms keeps 8 heads and halves
     # one FFN: that optimum is exported (DeciLM block_configs), and the output says which shape
-    lut = synthetic_lut(tiny_arch, lambda h, p, c: 0.01 * h, lambda f, p: 0.01 * f, lambda p, c: 1.0,
-                        meta={"dtype": "float32", "device_slug": "cpu-test", "backend": "pytorch"})
+    lut = synthetic_lut(
+        tiny_arch,
+        lambda h, p, c: 0.01 * h,
+        lambda f, p: 0.01 * f,
+        lambda p, c: 1.0,
+        meta={"dtype": "float32", "device_slug": "cpu-test", "backend": "pytorch"},
+    )
     table = tmp_path / "ffn-heavy" / "tiny-float32.csv"
     table.parent.mkdir()
     write_table(table, lut.frame, lut.meta)
@@ -260,10 +318,11 @@ def test_validate_drift_compares_components_with_components(tmp_path, tiny_arch,
     """A pick the table holds model rows of is predicted from them; validate's device drift must
     still set today's components against the stored components, not against that measured model
     (whose gap to composition is the interaction, not drift)."""
-    from amoeba_profile.measure.artifacts import ArtifactCache
     from amoeba_profile.backends import get_backend
-    from amoeba_profile.measure.build import run_build
+
     from amoeba_profile.core.timing import TimingProtocol
+    from amoeba_profile.measure.artifacts import ArtifactCache
+    from amoeba_profile.measure.build import run_build
     from amoeba_profile.measure.plan import BuildPlan
     from amoeba_profile.measure.validate import measure_picks
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from amoeba_profile.core import strategy as strategy_module
 from amoeba_profile.core.arch import BUILTIN_ARCHS, ModelArch
 from amoeba_profile.core.errors import UsageError
-from amoeba_profile.core import strategy as strategy_module
 from amoeba_profile.core.strategy import Strategy, load_pickled
 
 ARCH = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256)  # 8 heads of 8, 4 kv heads (groups of 2), ffn 128
@@ -30,10 +30,16 @@ def write_strategy(path, prefix="model.", ratios=(0.8, 0.65)):
                 width[name] = {r: heads_mask(range(4 - (i + 1)), n=4) for i, r in enumerate(ratios)}
         for proj in ("gate_proj", "up_proj", "down_proj"):
             name = f"{prefix}layers.{layer}.mlp.{proj}"
-            width[name] = None if proj == "down_proj" else {
-                np.float64(r): np.arange(128) < 100 - 10 * layer - 20 * i for i, r in enumerate(ratios)}
-    data = {"strategy": {1: np.array([1, 1, 0, 1]), 2: np.array([1, 0, 0, 1])}, "width_mask": width,
-            "bias": {"model.layers.0.self_attn.o_proj": np.zeros(64)}}
+            width[name] = (
+                None
+                if proj == "down_proj"
+                else {np.float64(r): np.arange(128) < 100 - 10 * layer - 20 * i for i, r in enumerate(ratios)}
+            )
+    data = {
+        "strategy": {1: np.array([1, 1, 0, 1]), 2: np.array([1, 0, 0, 1])},
+        "width_mask": width,
+        "bias": {"model.layers.0.self_attn.o_proj": np.zeros(64)},
+    }
     np.save(path, data, allow_pickle=True)
     return path
 
@@ -108,6 +114,7 @@ def test_unreadable_file(tmp_path):
 
 # --- Memory bombs: tiny files that would make an unbounded loader allocate gigabytes. ----------
 
+
 class Crafted:
     """Pickles as ``fn(*args)`` followed by BUILD with ``state``: how a hostile file is written."""
 
@@ -178,8 +185,14 @@ def load_in_child(path, address_space_gb=4):
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) / 1024)\n"
         "print(message)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rss, message = proc.stdout.strip().split("\n", 1)
     return float(rss), message
@@ -208,8 +221,11 @@ def test_cycles_depth_and_opcode_count_are_bounded(tmp_path, monkeypatch):
     deep = [0]
     for _ in range(strategy_module.MAX_DEPTH + 5):
         deep = [deep]
-    cases = {"cycle.pkl": (cycle, "reference cycle"), "deep.pkl": (deep, "nests more than"),
-             "long.pkl": (list(range(5000)), "more than 1000 pickle opcodes")}
+    cases = {
+        "cycle.pkl": (cycle, "reference cycle"),
+        "deep.pkl": (deep, "nests more than"),
+        "long.pkl": (list(range(5000)), "more than 1000 pickle opcodes"),
+    }
     monkeypatch.setattr(strategy_module, "MAX_OPCODES", 1000)
     for name, (value, reason) in cases.items():
         (tmp_path / name).write_bytes(pickle.dumps({"strategy": value}, protocol=3))
@@ -219,9 +235,11 @@ def test_cycles_depth_and_opcode_count_are_bounded(tmp_path, monkeypatch):
 
 def test_array_state_must_match_its_data(tmp_path):
     recipe, args, _ = np.array([True]).__reduce__()
-    states = {"short": (1, (1000,), np.dtype("b1"), False, b"x"),
-              "object-dtype-bytes": (1, (1,), np.dtype(object), False, b"x"),
-              "not-a-shape": (1, (-1,), np.dtype("b1"), False, b"")}
+    states = {
+        "short": (1, (1000,), np.dtype("b1"), False, b"x"),
+        "object-dtype-bytes": (1, (1,), np.dtype(object), False, b"x"),
+        "not-a-shape": (1, (-1,), np.dtype("b1"), False, b""),
+    }
     for name, state in states.items():
         (tmp_path / name).write_bytes(pickle.dumps(Crafted(recipe, args, state), protocol=3))
         with pytest.raises(UsageError, match="refused|needs|not a tuple of sizes"):
@@ -241,11 +259,12 @@ def test_array_state_must_match_its_data(tmp_path):
 
 
 def test_structure_errors_name_the_file(tmp_path):
-    for name, data, reason in (("notdict", {"strategy": [1, 2]}, "'strategy' dict"),
-                               ("key", {"strategy": {"x": np.ones(4)}}, "strategy key 'x'"),
-                               ("ragged", {"strategy": {1: [[1, 1], [1]]}}, r"strategy\[1\] is not a 0/1 array"),
-                               ("masks", {"strategy": {}, "width_mask": {"model.layers.0.mlp.up_proj": [1]}},
-                                "must map numeric ratios")):
+    for name, data, reason in (
+        ("notdict", {"strategy": [1, 2]}, "'strategy' dict"),
+        ("key", {"strategy": {"x": np.ones(4)}}, "strategy key 'x'"),
+        ("ragged", {"strategy": {1: [[1, 1], [1]]}}, r"strategy\[1\] is not a 0/1 array"),
+        ("masks", {"strategy": {}, "width_mask": {"model.layers.0.mlp.up_proj": [1]}}, "must map numeric ratios"),
+    ):
         np.save(tmp_path / f"{name}.npy", np.array(data, dtype=object), allow_pickle=True)
         with pytest.raises(UsageError, match=reason):
             Strategy.load(tmp_path / f"{name}.npy", ARCH)

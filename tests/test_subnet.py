@@ -1,10 +1,18 @@
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.core.errors import UnsupportedShape, UsageError
-from amoeba_profile.core.subnet import (DesignSpace, LayerShape, Subnet, default_depths, kept_layers, parse_ratio,
-                                   width_shape)
+from amoeba_profile.core.subnet import (
+    DesignSpace,
+    LayerShape,
+    Subnet,
+    default_depths,
+    kept_layers,
+    parse_ratio,
+    width_shape,
+)
 
 LLAMA2 = BUILTIN_ARCHS["llama2-7b"]
 TINY = BUILTIN_ARCHS["tinyllama-1.1b"]
@@ -65,9 +73,9 @@ def test_id_is_stable_and_shape_sensitive():
 
 
 @given(
-    st.lists(
-        st.tuples(st.integers(1, 4), st.integers(1, 5632)), min_size=1, max_size=22
-    ).map(lambda shapes: tuple(LayerShape(i, kv * 8, kv, ffn) for i, (kv, ffn) in enumerate(shapes)))
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 5632)), min_size=1, max_size=22).map(
+        lambda shapes: tuple(LayerShape(i, kv * 8, kv, ffn) for i, (kv, ffn) in enumerate(shapes))
+    )
 )
 def test_json_round_trip(layers):
     subnet = Subnet(TINY, layers)
@@ -92,8 +100,10 @@ def test_parse_ratio():
 
 
 def test_layer_runs_group_consecutive_layers_of_one_shape(tiny_arch):
-    mixed = Subnet(tiny_arch, (LayerShape(0, 8, 4, 128), LayerShape(1, 8, 4, 128), LayerShape(2, 4, 2, 64),
-                               LayerShape(3, 8, 4, 128)))
+    mixed = Subnet(
+        tiny_arch,
+        (LayerShape(0, 8, 4, 128), LayerShape(1, 8, 4, 128), LayerShape(2, 4, 2, 64), LayerShape(3, 8, 4, 128)),
+    )
     assert mixed.layer_runs() == [([0, 1], 8, 4, 128), ([2], 4, 2, 64), ([3], 8, 4, 128)]
     assert Subnet.uniform(tiny_arch, 3, 0.5).layer_runs() == [([0, 1, 3], 4, 2, 64)]
     compact = mixed.to_compact_dict()

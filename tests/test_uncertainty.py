@@ -45,7 +45,12 @@ def _table(arch, std: float, rounds: int, fit=None, by_width: bool = False) -> L
     add(Entry("base", "prefill", 1, 16, 0), 2.0)
     for c in (16, 64):
         add(Entry("base", "decode", 1, 1, c), 2.0)
-    meta = {"arch": arch.to_dict(), "backend": "pytorch", "source": "measured", "grid": {"widths": [1.0, 0.5], "batch": 1}}
+    meta = {
+        "arch": arch.to_dict(),
+        "backend": "pytorch",
+        "source": "measured",
+        "grid": {"widths": [1.0, 0.5], "batch": 1},
+    }
     if fit:
         meta["fit"] = fit
     return Lut(rows_frame(rows), meta)
@@ -55,7 +60,7 @@ def test_errors_compose_from_rows_rounds_and_layer_counts(tiny_arch):
     table = _table(tiny_arch, std=0.2, rounds=4)  # every row: se = 0.2 / sqrt(4) = 0.1 ms
     prediction = Predictor(table).predict(Subnet.uniform(tiny_arch, 3, 1.0), Workload(1, 16, 2))
     # base 0.1 in quadrature with 3 layers of one (attn + mlp) shape: 3 * sqrt(0.1^2 + 0.1^2)
-    expected = math.sqrt(0.1 ** 2 + (3 * math.sqrt(0.02)) ** 2)
+    expected = math.sqrt(0.1**2 + (3 * math.sqrt(0.02)) ** 2)
     assert prediction.se_of("ttft") == pytest.approx(expected)
     assert prediction.ttft_ms == pytest.approx(8.0)
     low, high = prediction.interval("ttft", 0.9)

@@ -6,13 +6,12 @@ import json
 import sys
 
 import pytest
+from conftest import TINY_CONFIG, synthetic_lut
 
 from amoeba_profile.cli import main as cli
 from amoeba_profile.core.arch import resolve_arch
 from amoeba_profile.core.errors import ArchError
 from amoeba_profile.table.lut import load_table
-
-from conftest import TINY_CONFIG, synthetic_lut
 
 
 def run_main(monkeypatch, capsys, *args):
@@ -51,23 +50,70 @@ def test_a_file_that_is_no_pickle_names_the_file_and_the_problem(tmp_path, monke
     write_table(table, lut.frame, lut.meta)
     strategy = tmp_path / "strategy.npy"
     strategy.write_bytes(b"x\x9c not a pickle")  # a zlib stream: what a compressed save looks like
-    code, _, err = run_main(monkeypatch, capsys, "select", "--lut", str(table), "--budget-ms", "100", "--prompt-len",
-                            "16", "--gen-len", "20", "--strategy", str(strategy))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "select",
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "100",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+        "--strategy",
+        str(strategy),
+    )
     line = _one_line(err)
-    assert code == 2 and f"{strategy}: not a NumPy .npy or pickle file (byte 0x78 at offset 0 is no pickle opcode)" \
-        in line and "KeyError" not in line
+    assert (
+        code == 2
+        and f"{strategy}: not a NumPy .npy or pickle file (byte 0x78 at offset 0 is no pickle opcode)" in line
+        and "KeyError" not in line
+    )
     strategy.write_bytes(b"\x80\x04\x95\x10")  # a pickle cut short inside its frame header
-    code, _, err = run_main(monkeypatch, capsys, "select", "--lut", str(table), "--budget-ms", "100", "--prompt-len",
-                            "16", "--gen-len", "20", "--strategy", str(strategy))
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "select",
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "100",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "20",
+        "--strategy",
+        str(strategy),
+    )
     assert code == 2 and "the file ends before its data does (truncated or empty)" in _one_line(err)
 
 
 def test_whole_depth_outside_the_model_is_a_usage_error(tmp_path, monkeypatch, capsys, tiny_config_path):
-    code, _, err = run_main(monkeypatch, capsys, "build-lut", "--model", str(tiny_config_path), "--out",
-                            str(tmp_path / "lut"), "--whole", "9x1")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "build-lut",
+        "--model",
+        str(tiny_config_path),
+        "--out",
+        str(tmp_path / "lut"),
+        "--whole",
+        "9x1",
+    )
     assert code == 2 and "--whole 9x1: tiny has 4 layers; keep 1..4" in _one_line(err)
-    code, _, err = run_main(monkeypatch, capsys, "build-lut", "--model", str(tiny_config_path), "--out",
-                            str(tmp_path / "lut"), "--whole", "0x1")
+    code, _, err = run_main(
+        monkeypatch,
+        capsys,
+        "build-lut",
+        "--model",
+        str(tiny_config_path),
+        "--out",
+        str(tmp_path / "lut"),
+        "--whole",
+        "0x1",
+    )
     assert code == 2 and "--whole 0x1" in _one_line(err)
     assert not (tmp_path / "lut").exists()
 
@@ -94,8 +140,10 @@ def test_two_configs_in_folders_of_one_name_collide_in_one_line_and_name_fixes_i
     table = next(out.rglob("m-float32.csv"))
     code, _, err = run_main(monkeypatch, capsys, "build-lut", "--model", str(second), *grid)
     line = _one_line(err.splitlines()[-1] + "\n")
-    assert code == 1 and line == (f"error: {table}: holds another model also named 'm' (ffn_size=128 there, 96 here); "
-                                  "name this one with --name (e.g. --name m-2) or choose another --out")
+    assert code == 1 and line == (
+        f"error: {table}: holds another model also named 'm' (ffn_size=128 there, 96 here); "
+        "name this one with --name (e.g. --name m-2) or choose another --out"
+    )
     code, built, err = run_main(monkeypatch, capsys, "build-lut", "--model", str(second), "--name", "m-2", *grid)
     assert code == 0, err
     other = table.with_name("m-2-float32.csv")

@@ -25,9 +25,26 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("validate")
     config = write_tiny_config(root)
     out = root / "lut"
-    proc = subprocess.run([*CLI, "build-lut", "--model", str(config), "--out", str(out), "--quick", "--prompt-len",
-                           "16", "--contexts", "16,64", "--widths", "1,1/2"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "build-lut",
+            "--model",
+            str(config),
+            "--out",
+            str(out),
+            "--quick",
+            "--prompt-len",
+            "16",
+            "--contexts",
+            "16,64",
+            "--widths",
+            "1,1/2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -39,8 +56,20 @@ def _copy(built, tmp_path):
 
 
 def _validate(table, *extra):
-    return [*CLI, "validate", "--lut", str(table), "--budget-ms", "1000", "--prompt-len", "16", "--gen-len", "30",
-            "--quick", *extra]
+    return [
+        *CLI,
+        "validate",
+        "--lut",
+        str(table),
+        "--budget-ms",
+        "1000",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "30",
+        "--quick",
+        *extra,
+    ]
 
 
 def _ours(tmpdir):
@@ -71,8 +100,11 @@ def test_validate_resumes_after_kill_9_without_temp_folders(built, tmp_path):
     counts = PROVENANCE.search(rerun.stderr)
     assert counts and int(counts[1]) > 0, rerun.stderr
     assert not journal.exists() and _ours(scratch) == []
-    rows = {r["subnet_id"] + r["phase"] + str(r["context"]): r for r in load_table(table).frame.to_dict("records")
-            if r["component"] == "model"}
+    rows = {
+        r["subnet_id"] + r["phase"] + str(r["context"]): r
+        for r in load_table(table).frame.to_dict("records")
+        if r["component"] == "model"
+    }
     for record in models:  # the killed run's samples are in the rows, and each round counted once
         component, phase, _, _, context, *_, subnet = record["key"].split("|")
         row = rows[subnet[1:] + phase + context[1:]]

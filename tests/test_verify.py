@@ -20,16 +20,51 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     config = write_tiny_config(root)
     out = root / "lut"
-    proc = subprocess.run([*CLI, "build-lut", "--model", str(config), "--out", str(out), "--quick", "--prompt-len",
-                           "16", "--contexts", "16,64", "--widths", "1,1/2"], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            *CLI,
+            "build-lut",
+            "--model",
+            str(config),
+            "--out",
+            str(out),
+            "--quick",
+            "--prompt-len",
+            "16",
+            "--contexts",
+            "16,64",
+            "--widths",
+            "1,1/2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return next(out.rglob("*.csv"))
 
 
 def _select(table, *extra):
-    return subprocess.run([*CLI, "select", "--lut", str(table), "--budget-ms", "1000", "--prompt-len", "16",
-                           "--gen-len", "30", "--quick", "--json", *extra], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            *CLI,
+            "select",
+            "--lut",
+            str(table),
+            "--budget-ms",
+            "1000",
+            "--prompt-len",
+            "16",
+            "--gen-len",
+            "30",
+            "--quick",
+            "--json",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_verify_measures_the_best_candidates_and_leaves_the_table_alone(built, tmp_path):

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from amoeba_profile.table.lut import Lut
-from amoeba_profile.selection.optimize import table_options
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.selection.picker import Candidate, describe, pareto_front
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
-from amoeba_profile.table.lut import write_file_atomically
+from amoeba_profile.selection.optimize import table_options
+from amoeba_profile.selection.picker import Candidate, describe, pareto_front
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import Lut, write_file_atomically
 
 
 def _pyplot():
@@ -46,21 +45,40 @@ def _title(lut: Lut) -> str:
     return f"{meta['arch']['name']} {meta['dtype']} on {meta['device_slug']} / {meta['backend']}{tag}"
 
 
-def plot_pareto(lut: Lut, candidates: list[Candidate], metric: str, out: Path, budget_ms: float | None = None,
-                pick: Candidate | None = None, quality_name: str = "") -> Path:
+def plot_pareto(
+    lut: Lut,
+    candidates: list[Candidate],
+    metric: str,
+    out: Path,
+    budget_ms: float | None = None,
+    pick: Candidate | None = None,
+    quality_name: str = "",
+) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([c.latency_ms for c in candidates], [c.quality for c in candidates], s=18, color="0.65", label="shapes")
     front = pareto_front(candidates)
-    ax.plot([c.latency_ms for c in front], [c.quality for c in front], "-o", ms=4, color="tab:blue", label="Pareto front")
+    ax.plot(
+        [c.latency_ms for c in front], [c.quality for c in front], "-o", ms=4, color="tab:blue", label="Pareto front"
+    )
     if budget_ms is not None:
         ax.axvline(budget_ms, color="tab:red", ls="--", label=f"budget {budget_ms:g} ms")
     if pick is not None:
-        ax.scatter([pick.latency_ms], [pick.quality], s=120, marker="*", color="tab:red", zorder=5,
-                   label=f"pick: {describe(pick.subnet)}")
+        ax.scatter(
+            [pick.latency_ms],
+            [pick.quality],
+            s=120,
+            marker="*",
+            color="tab:red",
+            zorder=5,
+            label=f"pick: {describe(pick.subnet)}",
+        )
     ax.set_xlabel(f"predicted {metric} (ms)")
-    ax.set_ylabel("quality (proxy: retained parameters)" if not quality_name or quality_name.startswith("proxy")
-                  else "quality (measured score)")
+    ax.set_ylabel(
+        "quality (proxy: retained parameters)"
+        if not quality_name or quality_name.startswith("proxy")
+        else "quality (measured score)"
+    )
     ax.set_title(_title(lut), fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
@@ -78,8 +96,10 @@ def plot_heatmaps(lut: Lut, workload: Workload, out_dir: Path, stat: str = "medi
     heads = sorted({(h, kv) for h, kv, _ in options})
     ffns = sorted({f for _, _, f in options})
     paths = []
-    for phase, metric, w in (("prefill", "ttft_ms", Workload(workload.batch, workload.prompt_len, 1)),
-                             ("decode", "tpot_ms", Workload(workload.batch, workload.prompt_len, 2))):
+    for phase, metric, w in (
+        ("prefill", "ttft_ms", Workload(workload.batch, workload.prompt_len, 1)),
+        ("decode", "tpot_ms", Workload(workload.batch, workload.prompt_len, 2)),
+    ):
         grid = np.array([[predictor.layer_metric(h, kv, f, w, metric, stat) for f in ffns] for h, kv in heads])
         fig, ax = plt.subplots(figsize=(6.5, 4))
         image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
@@ -140,8 +160,13 @@ def validation_figure(lut: Lut):
             measured.append(row.median_ms)
         if measured:
             errors = np.abs(np.array(predicted) / np.array(measured) - 1) * 100
-            ax.scatter(measured, predicted, s=16, color=color,
-                       label=f"{phase}: median |err| {np.median(errors):.1f} %, max {errors.max():.1f} %")
+            ax.scatter(
+                measured,
+                predicted,
+                s=16,
+                color=color,
+                label=f"{phase}: median |err| {np.median(errors):.1f} %, max {errors.max():.1f} %",
+            )
             shown += measured + predicted
     low, high = min(shown) / 1.15, max(shown) * 1.15  # the diagonal spans the points, with a margin
     ax.plot([low, high], [low, high], color="0.4", lw=1)
@@ -150,7 +175,10 @@ def validation_figure(lut: Lut):
     _log_ticks(ax, low, high)
     ax.set_xlabel("measured whole model (ms)")
     ax.set_ylabel("predicted from the table (ms)")
-    ax.set_title(f"stored-table prediction vs whole models measured (any later run includes device drift)\n{_title(lut)}", fontsize=8)
+    ax.set_title(
+        f"stored-table prediction vs whole models measured (any later run includes device drift)\n{_title(lut)}",
+        fontsize=8,
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()

@@ -11,10 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from amoeba_profile.backends.flows import MEASURING, list_flows
-from amoeba_profile.table.lut import Lut
-from amoeba_profile.selection.picker import Candidate, Selection, describe, width_text
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.selection.picker import Candidate, Selection, describe, width_text
+from amoeba_profile.table.lut import Lut
 
 
 def protocol_text(protocol: dict[str, Any]) -> str:
@@ -60,9 +60,12 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
         "content_sha256": meta.get("content_sha256"),
         "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
         # each cross-check in brief (the sidecar keeps the tool's raw output and definitions)
-        "crosschecks": [f"{c['tool']['tool']} at {c['at']}: " + ", ".join(
-            f"{m.removesuffix('_ms')} {c['agreement_pct'][m]:+.1f} %" for m in ("ttft_ms", "tpot_ms"))
-            for c in meta.get("crosschecks", []) if isinstance(c, dict) and "agreement_pct" in c],
+        "crosschecks": [
+            f"{c['tool']['tool']} at {c['at']}: "
+            + ", ".join(f"{m.removesuffix('_ms')} {c['agreement_pct'][m]:+.1f} %" for m in ("ttft_ms", "tpot_ms"))
+            for c in meta.get("crosschecks", [])
+            if isinstance(c, dict) and "agreement_pct" in c
+        ],
     }
 
 
@@ -92,18 +95,43 @@ def _model_subnet(row) -> tuple[str, tuple[str, str, str]]:
 
 def lut_table(lut: Lut, title: str = "latency table") -> Table:
     table = Table(title=title)
-    for column in ("component", "phase", "tokens", "context", "heads", "kv", "ffn", "layers", "subnet", "median ms",
-                   "p90 ms", "cv", "n", "status"):
-        table.add_column(column, justify="right" if column not in ("component", "phase", "subnet", "status") else "left")
+    for column in (
+        "component",
+        "phase",
+        "tokens",
+        "context",
+        "heads",
+        "kv",
+        "ffn",
+        "layers",
+        "subnet",
+        "median ms",
+        "p90 ms",
+        "cv",
+        "n",
+        "status",
+    ):
+        table.add_column(
+            column, justify="right" if column not in ("component", "phase", "subnet", "status") else "left"
+        )
     for row in lut.frame.itertuples():
         widths = (str(row.heads or ""), str(row.kv_heads or ""), str(row.ffn or ""))
         subnet = ""
         if row.component == "model":
             subnet, widths = _model_subnet(row)
         table.add_row(
-            row.component, row.phase, str(row.tokens), str(row.context), *widths, str(row.num_layers or ""), subnet,
-            f"{row.median_ms:.3f}" if row.status == "ok" else "-", f"{row.p90_ms:.3f}" if row.status == "ok" else "-",
-            f"{row.cv:.3f}" if row.status == "ok" else "-", str(row.n), row.status + (f" {row.flags}" if row.flags else ""),
+            row.component,
+            row.phase,
+            str(row.tokens),
+            str(row.context),
+            *widths,
+            str(row.num_layers or ""),
+            subnet,
+            f"{row.median_ms:.3f}" if row.status == "ok" else "-",
+            f"{row.p90_ms:.3f}" if row.status == "ok" else "-",
+            f"{row.cv:.3f}" if row.status == "ok" else "-",
+            str(row.n),
+            row.status + (f" {row.flags}" if row.flags else ""),
         )
     return table
 
@@ -123,15 +151,32 @@ def selection_table(selection: Selection) -> Table:
     sure = f", q{selection.confidence:g} fits" if selection.confidence is not None else ""
     title = f"top {len(selection.top_k)} within {selection.budget_ms:g} ms {selection.metric} ({selection.stat}{sure})"
     table = Table(title=title)
-    for column in ("", "layers", "width", "kept layers", "quality", selection.metric, "90 % interval", "P(fits)",
-                   "source"):
+    for column in (
+        "",
+        "layers",
+        "width",
+        "kept layers",
+        "quality",
+        selection.metric,
+        "90 % interval",
+        "P(fits)",
+        "source",
+    ):
         table.add_column(column)
     for cand in [*selection.tied, *selection.top_k]:
         mark = "pick" if cand is selection.pick else ("tied" if cand in selection.tied else "")
         kept = cand.subnet.kept_indices
-        table.add_row(mark, str(cand.subnet.num_layers), width_text(cand.subnet.width_ratio),
-                      _ranges(kept), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}", _interval_text(cand),
-                      _p_text(cand.p_fit), cand.source)
+        table.add_row(
+            mark,
+            str(cand.subnet.num_layers),
+            width_text(cand.subnet.width_ratio),
+            _ranges(kept),
+            f"{cand.quality:.3f}",
+            f"{cand.latency_ms:.1f}",
+            _interval_text(cand),
+            _p_text(cand.p_fit),
+            cand.source,
+        )
     return table
 
 
@@ -146,9 +191,13 @@ def flagged_table(selection: Selection, limit: int = 8) -> Table | None:
     for who, rows in selection.flagged.items():
         for row in rows[:limit]:
             contention = row["host_contention"]
-            table.add_row(who.replace("_", "-"), f"{row['row']} ({row['line']})", ", ".join(row["flags"]),
-                          "-" if row["cv"] is None else f"{row['cv']:.3f}",
-                          "-" if contention is None else f"{contention:.0%}")
+            table.add_row(
+                who.replace("_", "-"),
+                f"{row['row']} ({row['line']})",
+                ", ".join(row["flags"]),
+                "-" if row["cv"] is None else f"{row['cv']:.3f}",
+                "-" if contention is None else f"{contention:.0%}",
+            )
         if len(rows) > limit:
             table.add_row(who.replace("_", "-"), f"... {len(rows) - limit} more (--json lists all)", "", "", "")
     return table
@@ -159,15 +208,21 @@ def pareto_table(selection: Selection) -> Table:
     for column in ("shape", selection.metric, "quality", "fits"):
         table.add_column(column)
     for cand in selection.pareto:
-        table.add_row(describe(cand.subnet), f"{cand.latency_ms:.1f}", f"{cand.quality:.3f}",
-                      "yes" if cand.latency_ms <= selection.budget_ms else "no")
+        table.add_row(
+            describe(cand.subnet),
+            f"{cand.latency_ms:.1f}",
+            f"{cand.quality:.3f}",
+            "yes" if cand.latency_ms <= selection.budget_ms else "no",
+        )
     return table
 
 
 def layer_runs_text(subnet) -> list[str]:
     """One line per run of consecutive layers of one shape: ``layers 0-5: 32 heads (4 kv), ffn 5632``."""
-    return [f"layers {_ranges(indices)}: {heads} heads ({kv} kv), ffn {ffn}"
-            for indices, heads, kv, ffn in subnet.layer_runs()]
+    return [
+        f"layers {_ranges(indices)}: {heads} heads ({kv} kv), ffn {ffn}"
+        for indices, heads, kv, ffn in subnet.layer_runs()
+    ]
 
 
 def _ranges(indices: list[int]) -> str:
@@ -182,12 +237,22 @@ def _ranges(indices: list[int]) -> str:
 def backends_rows() -> list[dict[str, Any]]:
     """Every flow the project knows (measuring or unavailable here), one flat dict each."""
     return [
-        {"name": f.name, "status": f.status, "available": f.status == MEASURING, "reason": f.reason,
-         "install_hint": f.install_hint, "roofline_profile": f.roofline_profile, "maturity": f.maturity.label,
-         "verified": f.maturity.verified, "maturity_note": f.maturity.note,
-         "per_layer_heads": f.capabilities.per_layer_heads, "per_layer_ffn": f.capabilities.per_layer_ffn,
-         "methods": list(f.capabilities.methods), "dtypes": list(f.capabilities.dtypes),
-         "devices": list(f.capabilities.devices)}
+        {
+            "name": f.name,
+            "status": f.status,
+            "available": f.status == MEASURING,
+            "reason": f.reason,
+            "install_hint": f.install_hint,
+            "roofline_profile": f.roofline_profile,
+            "maturity": f.maturity.label,
+            "verified": f.maturity.verified,
+            "maturity_note": f.maturity.note,
+            "per_layer_heads": f.capabilities.per_layer_heads,
+            "per_layer_ffn": f.capabilities.per_layer_ffn,
+            "methods": list(f.capabilities.methods),
+            "dtypes": list(f.capabilities.dtypes),
+            "devices": list(f.capabilities.devices),
+        }
         for f in list_flows()
     ]
 
@@ -210,8 +275,15 @@ def backends_table() -> Group:
     rows = backends_rows()
     lines = []
     for row in rows:
-        table.add_row(row["name"], row["status"], row["maturity"], _widths_text(row), ",".join(row["methods"]) or "-",
-                      ",".join(row["devices"]), "yes" if row["roofline_profile"] else "no")
+        table.add_row(
+            row["name"],
+            row["status"],
+            row["maturity"],
+            _widths_text(row),
+            ",".join(row["methods"]) or "-",
+            ",".join(row["devices"]),
+            "yes" if row["roofline_profile"] else "no",
+        )
         hint = f" Install: {row['install_hint']}." if row["install_hint"] and not row["available"] else ""
         note = f" {row['maturity'].capitalize()} ({row['maturity_note']})." if row["maturity_note"] else ""
         lines.append(Text(f"{row['name']}: {row['reason']}.{note}{hint}"))
@@ -221,13 +293,18 @@ def backends_table() -> Group:
 def crosscheck_table(check) -> Table:
     """A cross-check (``amoeba_profile.measure.crosscheck.Crosscheck``): predicted vs the flow's tool, per metric."""
     w = check.workload
-    table = Table(title=Text(f"{check.subnet.label} of {check.backend} on {check.device_slug}: table vs "
-                             f"{check.tool.tool} (batch {w.batch}, prompt {w.prompt_len}, {w.gen_len} new tokens)"))
+    table = Table(
+        title=Text(
+            f"{check.subnet.label} of {check.backend} on {check.device_slug}: table vs "
+            f"{check.tool.tool} (batch {w.batch}, prompt {w.prompt_len}, {w.gen_len} new tokens)"
+        )
+    )
     for column in ("metric", "table (ms)", "tool (ms)", "agreement"):
         table.add_column(column, justify="right" if column != "metric" else "left")
     for metric, measured in check.measured_ms.items():
-        table.add_row(metric, f"{check.predicted_ms[metric]:.3f}", f"{measured:.3f}",
-                      f"{check.agreement_pct[metric]:+.1f} %")
+        table.add_row(
+            metric, f"{check.predicted_ms[metric]:.3f}", f"{measured:.3f}", f"{check.agreement_pct[metric]:+.1f} %"
+        )
     return table
 
 
@@ -240,27 +317,41 @@ def device_report(report: dict[str, Any]) -> Table:
     table.add_column("what")
     table.add_column("value")
     cpu = report["cpu"]
-    table.add_row("cpu", f"{cpu['model']}: {cpu['cores']} cores / {cpu['threads']} threads, {cpu['memory_gb']} GB, "
-                         f"LLC {cpu['llc_bytes'] >> 20} MiB")
+    table.add_row(
+        "cpu",
+        f"{cpu['model']}: {cpu['cores']} cores / {cpu['threads']} threads, {cpu['memory_gb']} GB, "
+        f"LLC {cpu['llc_bytes'] >> 20} MiB",
+    )
     table.add_row("cpu isa", " ".join(cpu["isa"]) or "-")
     for gpu in report["gpus"]:
-        table.add_row(f"gpu {gpu['index']}", f"{gpu['name']} ({gpu['slug']}), {gpu['memory_total_mb']} MB, sm {gpu['compute_capability']}, "
-                                             f"driver {gpu['driver_version']}, CUDA {gpu['cuda_driver_version']}")
-        table.add_row("  state", f"SM {gpu['sm_clock_mhz']}/{gpu['max_sm_clock_mhz']} MHz, mem {gpu['mem_clock_mhz']} MHz, "
-                                 f"{gpu['temperature_c']} C, {gpu['power_w']}/{gpu['power_limit_w']} W, "
-                                 f"reasons: {', '.join(gpu['clock_event_reasons']) or 'none'}")
+        table.add_row(
+            f"gpu {gpu['index']}",
+            f"{gpu['name']} ({gpu['slug']}), {gpu['memory_total_mb']} MB, sm {gpu['compute_capability']}, "
+            f"driver {gpu['driver_version']}, CUDA {gpu['cuda_driver_version']}",
+        )
+        table.add_row(
+            "  state",
+            f"SM {gpu['sm_clock_mhz']}/{gpu['max_sm_clock_mhz']} MHz, mem {gpu['mem_clock_mhz']} MHz, "
+            f"{gpu['temperature_c']} C, {gpu['power_w']}/{gpu['power_limit_w']} W, "
+            f"reasons: {', '.join(gpu['clock_event_reasons']) or 'none'}",
+        )
     if report["jetson"]:
         j = report["jetson"]
         table.add_row("jetson", f"{j['model']} ({j['slug']}), L4T {j['l4t']}, JetPack {j['jetpack']}")
-        table.add_row("  state", f"power mode {j['power_mode']}, jetson_clocks {'on' if j['jetson_clocks'] else 'off'}, "
-                                 f"GPU {j['gpu_freq_mhz']} MHz, {j['power_w']} W")
+        table.add_row(
+            "  state",
+            f"power mode {j['power_mode']}, jetson_clocks {'on' if j['jetson_clocks'] else 'off'}, "
+            f"GPU {j['gpu_freq_mhz']} MHz, {j['power_w']} W",
+        )
     bench = report.get("microbench")
     if bench:
-        frac = lambda f: f" ({f:.0%} of peak)" if f is not None else ""  # noqa: E731
+        frac = lambda f: f" ({f:.0%} of peak)" if f is not None else ""
         table.add_row("memory bandwidth", f"{bench['memory_bw_gbps']} GB/s{frac(bench['memory_bw_fraction'])}")
         table.add_row("dispatch overhead", f"{bench['dispatch_overhead_us']} us per op")
         for dtype, m in bench["matmul"].items():
-            table.add_row(f"{dtype} GEMV", f"{m['gemv_bw_gbps']} GB/s of weights{frac(m['gemv_bw_fraction'])}, {m['gemv_ms']} ms")
+            table.add_row(
+                f"{dtype} GEMV", f"{m['gemv_bw_gbps']} GB/s of weights{frac(m['gemv_bw_fraction'])}, {m['gemv_ms']} ms"
+            )
             table.add_row(f"{dtype} GEMM", f"{m['gemm_tflops']} TFLOP/s{frac(m['gemm_fraction'])}, {m['gemm_ms']} ms")
     for note in report["notes"]:
         table.add_row("note", note)
@@ -269,13 +360,26 @@ def device_report(report: dict[str, Any]) -> Table:
 
 def validation_table(results, metric: str) -> Table:
     table = Table(title=f"validation: predicted vs measured {metric} (ms)")
-    for column in ("shape", "stored table", "fresh components", "measured", "error (stored)", "error (composition)",
-                   "budget"):
+    for column in (
+        "shape",
+        "stored table",
+        "fresh components",
+        "measured",
+        "error (stored)",
+        "error (composition)",
+        "budget",
+    ):
         table.add_column(column)
     for v in results:
-        table.add_row(describe(v.subnet), f"{v.predicted_ms:.1f}", f"{v.fresh_predicted_ms:.1f}", f"{v.measured_ms:.1f}",
-                      f"{v.error_pct:+.1f} %", f"{v.composition_error_pct:+.1f} %",
-                      Text("BROKEN", style="bold red") if v.breaks_budget else "ok")
+        table.add_row(
+            describe(v.subnet),
+            f"{v.predicted_ms:.1f}",
+            f"{v.fresh_predicted_ms:.1f}",
+            f"{v.measured_ms:.1f}",
+            f"{v.error_pct:+.1f} %",
+            f"{v.composition_error_pct:+.1f} %",
+            Text("BROKEN", style="bold red") if v.breaks_budget else "ok",
+        )
     return table
 
 
@@ -287,7 +391,14 @@ def verified_table(verification, metric: str) -> Table:
     for result in verification.results:
         cand = result.candidate
         mark = "pick" if verification.pick is result else ""
-        table.add_row(mark, Text(cand.subnet.label), f"{cand.quality:.3f}", f"{cand.latency_ms:.1f}",
-                      _interval_text(cand), f"{result.measured_ms:.1f}", f"{result.error_pct:+.1f}",
-                      "yes" if result.fits else "no")
+        table.add_row(
+            mark,
+            Text(cand.subnet.label),
+            f"{cand.quality:.3f}",
+            f"{cand.latency_ms:.1f}",
+            _interval_text(cand),
+            f"{result.measured_ms:.1f}",
+            f"{result.error_pct:+.1f}",
+            "yes" if result.fits else "no",
+        )
     return table

@@ -19,8 +19,16 @@ from amoeba_profile.core.inputs import MIB, positive_float, positive_int, read_b
 # Sizes are tensor dimensions: torch indexes them with 32-bit-safe arithmetic only below 2^31, and
 # far smaller values already fail the build's memory pre-flight.
 MAX_SIZE = (1 << 31) - 1
-_SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_size", "vocab_size",
-                "max_position")
+_SIZE_FIELDS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "ffn_size",
+    "vocab_size",
+    "max_position",
+)
 _CONFIG_BYTES = 16 * MIB
 
 
@@ -74,7 +82,9 @@ class ModelArch:
                 f"num_attention_heads={self.num_heads}"
             )
         if self.head_dim % 2:
-            raise ArchError(f"{self.name}: field 'head_dim'={self.head_dim} must be even (RoPE rotates pairs of channels)")
+            raise ArchError(
+                f"{self.name}: field 'head_dim'={self.head_dim} must be even (RoPE rotates pairs of channels)"
+            )
         if not isinstance(self.tie_embeddings, bool):
             raise ArchError(f"{self.name}: field 'tie_embeddings' must be true or false, got {self.tie_embeddings!r}")
         positive_float(self.rms_norm_eps, f"{self.name}: field 'rms_norm_eps'", error=ArchError)
@@ -125,14 +135,45 @@ BUILTIN_TOKEN_IDS: dict[str, tuple[int, int]] = {"llama3-8b": (128000, 128001)}
 # config.json fields the latency model uses (sizes) or checks (the block type), and fields that do
 # not change what a forward computes (ids, metadata, training-only settings); with the values at
 # which the others are inert, everything else is a field the latency model does not represent.
-_MODELLED_FIELDS = frozenset({
-    "model_type", "hidden_act", "attention_bias", "mlp_bias", "hidden_size", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "num_hidden_layers", "intermediate_size", "vocab_size", "tie_word_embeddings",
-    "rms_norm_eps", "rope_theta", "max_position_embeddings"})
-_NO_COST_FIELDS = frozenset({
-    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "transformers_version",
-    "initializer_range", "use_cache", "attention_dropout", "_name_or_path", "output_attentions",
-    "output_hidden_states", "return_dict", "tokenizer_class", "auto_map"})
+_MODELLED_FIELDS = frozenset(
+    {
+        "model_type",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "num_hidden_layers",
+        "intermediate_size",
+        "vocab_size",
+        "tie_word_embeddings",
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+    }
+)
+_NO_COST_FIELDS = frozenset(
+    {
+        "architectures",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "initializer_range",
+        "use_cache",
+        "attention_dropout",
+        "_name_or_path",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "tokenizer_class",
+        "auto_map",
+    }
+)
 _INERT_VALUES: dict[str, Any] = {"pretraining_tp": 1, "use_sliding_window": False}
 _UNREPRESENTED_WHY = {
     "rope_scaling": "timed with plain RoPE",
@@ -147,8 +188,13 @@ def unrepresented_fields(config: dict[str, Any]) -> list[str]:
     A field absent, null, false or at its inert value (``pretraining_tp: 1``) is left out."""
     out = []
     for field, value in config.items():
-        if (field in _MODELLED_FIELDS or field in _NO_COST_FIELDS or value is None or value is False
-                or _INERT_VALUES.get(field, object()) == value):
+        if (
+            field in _MODELLED_FIELDS
+            or field in _NO_COST_FIELDS
+            or value is None
+            or value is False
+            or _INERT_VALUES.get(field, object()) == value
+        ):
             continue
         shown = value if isinstance(value, (int, float, str)) else None
         if isinstance(value, dict) and isinstance(value.get("rope_type", value.get("type")), str):
@@ -163,12 +209,25 @@ def hf_config(arch: ModelArch) -> dict[str, Any]:
     built-in model's special-token ids, else LLaMA-2's."""
     bos, eos = BUILTIN_TOKEN_IDS.get(arch.name, LLAMA2_TOKEN_IDS)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": arch.hidden_size, "intermediate_size": arch.ffn_size, "num_attention_heads": arch.num_heads,
-        "num_key_value_heads": arch.num_kv_heads, "head_dim": arch.head_dim, "num_hidden_layers": arch.num_layers,
-        "vocab_size": arch.vocab_size, "rms_norm_eps": arch.rms_norm_eps, "rope_theta": arch.rope_theta,
-        "rope_scaling": None, "max_position_embeddings": arch.max_position, "tie_word_embeddings": arch.tie_embeddings,
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": bos, "eos_token_id": eos,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_size,
+        "num_attention_heads": arch.num_heads,
+        "num_key_value_heads": arch.num_kv_heads,
+        "head_dim": arch.head_dim,
+        "num_hidden_layers": arch.num_layers,
+        "vocab_size": arch.vocab_size,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope_theta": arch.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": arch.max_position,
+        "tie_word_embeddings": arch.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
     }
 
 
@@ -216,7 +275,9 @@ def from_hf_config(config: dict[str, Any], name: str, source: str) -> ModelArch:
     heads = _int(config, "num_attention_heads", source)
     kv_heads = _int(config, "num_key_value_heads", source, default=heads)
     if config.get("head_dim") is None and hidden % heads:
-        raise ArchError(f"{source}: field 'head_dim' is required when hidden_size={hidden} is not a multiple of heads={heads}")
+        raise ArchError(
+            f"{source}: field 'head_dim' is required when hidden_size={hidden} is not a multiple of heads={heads}"
+        )
     head_dim = _int(config, "head_dim", source, default=hidden // heads)
     if head_dim % 2:
         derived = "" if config.get("head_dim") is not None else f" (hidden_size {hidden} / num_attention_heads {heads})"
@@ -268,8 +329,9 @@ def load_model(name_or_path: str) -> tuple[ModelArch, dict[str, Any] | None]:
     elif not path.exists() and not path.is_symlink():
         if _looks_like_path(name_or_path):
             raise ArchError(f"{name_or_path}: the file does not exist ({known})")
-        raise ArchError(f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a "
-                        "LLaMA-like config.json")
+        raise ArchError(
+            f"unknown model {name_or_path!r}: use one of {sorted(BUILTIN_ARCHS)} or a path to a LLaMA-like config.json"
+        )
     raw = read_bounded(path, _CONFIG_BYTES, "model config", error=ArchError)
     try:
         config = json.loads(raw)
@@ -289,8 +351,10 @@ def renamed(arch: ModelArch, name: str) -> ModelArch:
     otherwise share one table path. The name becomes the table's file name, so it is one word of
     letters, digits, '.', '_' and '-'."""
     if not isinstance(name, str) or not _TABLE_NAME.fullmatch(name):
-        raise ArchError(f"--name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
-                        "digit (it names the table's file)")
+        raise ArchError(
+            f"--name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit (it names the table's file)"
+        )
     return replace(arch, name=name)
 
 

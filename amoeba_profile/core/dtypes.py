@@ -15,8 +15,14 @@ from __future__ import annotations
 from amoeba_profile.core.errors import UsageError
 
 BYTES_PER_ELEMENT: dict[str, float] = {
-    "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1,
-    "f32": 4, "f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int8": 1,
+    "f32": 4,
+    "f16": 2,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
 }
 ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _GGUF = ("f32", "f16", "q8_0", "q4_0")

@@ -21,8 +21,17 @@ COMPONENTS = ("attn", "mlp", "base", "model", "layer")
 PHASES = ("prefill", "decode")
 
 
-def entry_key(component: str, phase: str, batch: int, tokens: int, context: int, heads: int, kv_heads: int,
-              ffn: int, subnet_id: str) -> str:
+def entry_key(
+    component: str,
+    phase: str,
+    batch: int,
+    tokens: int,
+    context: int,
+    heads: int,
+    kv_heads: int,
+    ffn: int,
+    subnet_id: str,
+) -> str:
     """The one definition of a row's identity, used to deduplicate and resume."""
     return f"{component}|{phase}|b{batch}|t{tokens}|c{context}|h{heads}|kv{kv_heads}|f{ffn}|s{subnet_id}"
 
@@ -64,8 +73,17 @@ class Entry:
     @property
     def key(self) -> str:
         """Stable identity used to deduplicate and resume."""
-        return entry_key(self.component, self.phase, self.batch, self.tokens, self.context, self.heads,
-                         self.kv_heads, self.ffn, self.subnet_id)
+        return entry_key(
+            self.component,
+            self.phase,
+            self.batch,
+            self.tokens,
+            self.context,
+            self.heads,
+            self.kv_heads,
+            self.ffn,
+            self.subnet_id,
+        )
 
     @property
     def label(self) -> str:
@@ -75,8 +93,11 @@ class Entry:
         if self.component == "mlp" and self.phase == "decode":
             where = "decode"  # one token whatever the context
         batch = f" b{self.batch}" if self.batch != 1 else ""
-        what = {"attn": f", {self.heads} heads ({self.kv_heads} kv)", "mlp": f", ffn {self.ffn}",
-                "layer": f", {self.heads} heads ({self.kv_heads} kv), ffn {self.ffn}"}.get(self.component, "")
+        what = {
+            "attn": f", {self.heads} heads ({self.kv_heads} kv)",
+            "mlp": f", ffn {self.ffn}",
+            "layer": f", {self.heads} heads ({self.kv_heads} kv), ffn {self.ffn}",
+        }.get(self.component, "")
         if self.component == "model":
             return f"model {self._subnet_text()} {where}{batch}"
         return f"{self.component} {where}{batch}{what}"

@@ -58,8 +58,8 @@ from typing import Any
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS, LLAMA2_TOKEN_IDS, ModelArch, from_hf_config, hf_config
 from amoeba_profile.core.errors import ArchError, LutError, UnsupportedShape
-from amoeba_profile.core.inputs import output_dir
 from amoeba_profile.core.files import write_file_atomically
+from amoeba_profile.core.inputs import output_dir
 from amoeba_profile.core.subnet import Subnet
 
 # The readers round FFN widths up to this multiple (``_find_multiple(..., 256)``).
@@ -94,8 +94,12 @@ class ConfigChange:
     why: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"field": self.field, **({"source": self.source} if self.in_source else {}),
-                "exported": self.exported, "why": self.why}
+        return {
+            "field": self.field,
+            **({"source": self.source} if self.in_source else {}),
+            "exported": self.exported,
+            "why": self.why,
+        }
 
 
 @dataclass(frozen=True)
@@ -115,11 +119,16 @@ class ExportReport:
     not_expressed: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "subnet_id": self.subnet_id,
-                "files": [{"name": f.name, "form": f.form, "readers": f.readers} for f in self.files],
-                "config_source": self.config_source, "config_changes": [c.to_dict() for c in self.config_changes],
-                "not_expressed": list(self.not_expressed),
-                "adjustments": list(self.adjustments), "skipped": list(self.skipped)}
+        return {
+            "folder": str(self.folder),
+            "subnet_id": self.subnet_id,
+            "files": [{"name": f.name, "form": f.form, "readers": f.readers} for f in self.files],
+            "config_source": self.config_source,
+            "config_changes": [c.to_dict() for c in self.config_changes],
+            "not_expressed": list(self.not_expressed),
+            "adjustments": list(self.adjustments),
+            "skipped": list(self.skipped),
+        }
 
 
 def source_config(arch: ModelArch, recorded: dict[str, Any] | None) -> tuple[dict[str, Any], str, list[str]]:
@@ -134,17 +143,24 @@ def source_config(arch: ModelArch, recorded: dict[str, Any] | None) -> tuple[dic
         except ArchError as exc:
             raise LutError(f"{exc}; the sidecar's source_config cannot be exported") from None
         if described != arch:
-            raise LutError(f"the table's source_config describes another model than its arch ({arch.name}): "
-                           "rebuild the table from the model's config.json")
+            raise LutError(
+                f"the table's source_config describes another model than its arch ({arch.name}): "
+                "rebuild the table from the model's config.json"
+            )
         return dict(recorded), "the config.json the table was built from (its sidecar's source_config)", []
     base = hf_config(arch)
     if BUILTIN_ARCHS.get(arch.name) == arch:
         return base, f"the built-in model {arch.name}", []
-    return base, "the table's architecture (the table records no source config.json)", [
-        "the table records no source config.json (built before amoeba-profile recorded it, or by a fleet): fields "
-        f"beyond the sizes are LLaMA-2 defaults (bos_token_id {base['bos_token_id']}, eos_token_id "
-        f"{base['eos_token_id']}, no rope_scaling, no sliding window); compare config.json with your model's, or "
-        "rebuild the table with build-lut --model CONFIG"]
+    return (
+        base,
+        "the table's architecture (the table records no source config.json)",
+        [
+            "the table records no source config.json (built before amoeba-profile recorded it, or by a fleet): fields "
+            f"beyond the sizes are LLaMA-2 defaults (bos_token_id {base['bos_token_id']}, eos_token_id "
+            f"{base['eos_token_id']}, no rope_scaling, no sliding window); compare config.json with your model's, or "
+            "rebuild the table with build-lut --model CONFIG"
+        ],
+    )
 
 
 def _dtype_field(base: dict[str, Any]) -> str:
@@ -153,8 +169,11 @@ def _dtype_field(base: dict[str, Any]) -> str:
 
 
 def _amoeba_fields(subnet: Subnet) -> dict[str, Any]:
-    return {"amoeba_kept_layers": subnet.kept_indices, "amoeba_base_model": subnet.arch.name,
-            "amoeba_subnet_id": subnet.id}
+    return {
+        "amoeba_kept_layers": subnet.kept_indices,
+        "amoeba_base_model": subnet.arch.name,
+        "amoeba_subnet_id": subnet.id,
+    }
 
 
 _WHY = {
@@ -163,7 +182,7 @@ _WHY = {
     "num_key_value_heads": "key/value heads pruned",
     "intermediate_size": "FFN channels pruned",
     "head_dim": "written explicitly: readers derive hidden_size / num_attention_heads otherwise, which is wrong once "
-                "heads are pruned",
+    "heads are pruned",
     "torch_dtype": "the dtype the latency table was measured in",
     "dtype": "the dtype the latency table was measured in",
     "amoeba_kept_layers": "added: the base layers the pick keeps",
@@ -180,8 +199,13 @@ _DECI_WHY = {
     "num_attention_heads": "query heads pruned (one count for every layer)",
 }
 _DECI_DEFAULT = "added with LLaMA's default: the DeciLM / Nemotron-NAS readers read the field"
-_DECI_DEFAULTS = {"hidden_act": "silu", "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
-                  "pretraining_tp": 1}  # LLaMA's defaults, for fields the DeciLM readers read
+_DECI_DEFAULTS = {
+    "hidden_act": "silu",
+    "rope_scaling": None,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+}  # LLaMA's defaults, for fields the DeciLM readers read
 
 
 def config_changes(base: dict[str, Any], config: dict[str, Any], why: dict[str, str]) -> list[ConfigChange]:
@@ -190,8 +214,15 @@ def config_changes(base: dict[str, Any], config: dict[str, Any], why: dict[str, 
     for field, value in config.items():
         source = base.get(field, _ABSENT)
         if source is _ABSENT or source != value:
-            changes.append(ConfigChange(field, source is not _ABSENT, None if source is _ABSENT else source, value,
-                                        why.get(field, "set by the export")))
+            changes.append(
+                ConfigChange(
+                    field,
+                    source is not _ABSENT,
+                    None if source is _ABSENT else source,
+                    value,
+                    why.get(field, "set by the export"),
+                )
+            )
     return changes
 
 
@@ -203,7 +234,8 @@ def query_heads(subnet: Subnet) -> int:
             raise UnsupportedShape(
                 f"layer {layer.index} has {layer.heads} query heads and layer {first.index} has {first.heads}: "
                 "LLaMA and DeciLM/Nemotron-NAS configs keep one query-head count per model; choose a shape with "
-                "one head count (a uniform pick, or --per-layer on a table of a flow that takes one, e.g. tensorrt-llm)")
+                "one head count (a uniform pick, or --per-layer on a table of a flow that takes one, e.g. tensorrt-llm)"
+            )
     return first.heads
 
 
@@ -217,9 +249,14 @@ def llama_config(subnet: Subnet, dtype: str, source: dict[str, Any] | None = Non
     arch, layer = subnet.arch, subnet.layers[0]
     base = source_config(arch, source)[0]
     return {
-        **base, "intermediate_size": layer.ffn, "num_attention_heads": layer.heads,
-        "num_key_value_heads": layer.kv_heads, "head_dim": arch.head_dim, "num_hidden_layers": subnet.num_layers,
-        _dtype_field(base): dtype, **_amoeba_fields(subnet),
+        **base,
+        "intermediate_size": layer.ffn,
+        "num_attention_heads": layer.heads,
+        "num_key_value_heads": layer.kv_heads,
+        "head_dim": arch.head_dim,
+        "num_hidden_layers": subnet.num_layers,
+        _dtype_field(base): dtype,
+        **_amoeba_fields(subnet),
     }
 
 
@@ -242,22 +279,37 @@ def deci_config(subnet: Subnet, dtype: str, source: dict[str, Any] | None = None
     for layer in subnet.layers:
         mult, built = ffn_mult(layer.ffn, arch.hidden_size)
         if built != layer.ffn:
-            adjustments.append(f"layer {layer.index}: FFN {layer.ffn} written as {built} (ffn_mult {mult:g}; the "
-                               f"readers round FFN widths up to a multiple of {DECI_FFN_MULTIPLE})")
-        blocks.append({
-            "attention": {"n_heads_in_group": layer.heads // layer.kv_heads, "no_op": False,
-                          "replace_with_linear": False},
-            "ffn": {"ffn_mult": mult, "no_op": False, "replace_with_linear": False},
-        })
+            adjustments.append(
+                f"layer {layer.index}: FFN {layer.ffn} written as {built} (ffn_mult {mult:g}; the "
+                f"readers round FFN widths up to a multiple of {DECI_FFN_MULTIPLE})"
+            )
+        blocks.append(
+            {
+                "attention": {
+                    "n_heads_in_group": layer.heads // layer.kv_heads,
+                    "no_op": False,
+                    "replace_with_linear": False,
+                },
+                "ffn": {"ffn_mult": mult, "no_op": False, "replace_with_linear": False},
+            }
+        )
     config = {
-        **{field: value for field, value in _DECI_DEFAULTS.items() if field not in base}, **base,
-        "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas",
-        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig",
-                     "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM"},
-        "num_attention_heads": heads, "head_dim": arch.head_dim,
-        "intermediate_size": None, "num_key_value_heads": None,
-        "num_hidden_layers": subnet.num_layers, "block_configs": blocks,
-        _dtype_field(base): dtype, **_amoeba_fields(subnet),
+        **{field: value for field, value in _DECI_DEFAULTS.items() if field not in base},
+        **base,
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": "nemotron-nas",
+        "auto_map": {
+            "AutoConfig": "configuration_decilm.DeciLMConfig",
+            "AutoModelForCausalLM": "modeling_decilm.DeciLMForCausalLM",
+        },
+        "num_attention_heads": heads,
+        "head_dim": arch.head_dim,
+        "intermediate_size": None,
+        "num_key_value_heads": None,
+        "num_hidden_layers": subnet.num_layers,
+        "block_configs": blocks,
+        _dtype_field(base): dtype,
+        **_amoeba_fields(subnet),
     }
     return config, adjustments
 
@@ -286,30 +338,64 @@ def mlc_chat_config(subnet: Subnet, dtype: str, source: dict[str, Any] | None = 
     pad = base.get("pad_token_id")
     prefill_chunk = min(arch.max_position, 8192)  # LlamaConfig.__post_init__'s default
     model_config = {
-        "hidden_size": arch.hidden_size, "intermediate_size": layer.ffn, "num_attention_heads": layer.heads,
-        "num_hidden_layers": subnet.num_layers, "rms_norm_eps": arch.rms_norm_eps, "vocab_size": arch.vocab_size,
-        "tie_word_embeddings": arch.tie_embeddings, "position_embedding_base": arch.rope_theta,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": layer.ffn,
+        "num_attention_heads": layer.heads,
+        "num_hidden_layers": subnet.num_layers,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "vocab_size": arch.vocab_size,
+        "tie_word_embeddings": arch.tie_embeddings,
+        "position_embedding_base": arch.rope_theta,
         "rope_scaling": base.get("rope_scaling"),
-        "context_window_size": arch.max_position, "prefill_chunk_size": prefill_chunk,
-        "num_key_value_heads": layer.kv_heads, "head_dim": arch.head_dim, "tensor_parallel_shards": 1,
-        "pipeline_parallel_stages": 1, "max_batch_size": 1, "disaggregation": False,
+        "context_window_size": arch.max_position,
+        "prefill_chunk_size": prefill_chunk,
+        "num_key_value_heads": layer.kv_heads,
+        "head_dim": arch.head_dim,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "max_batch_size": 1,
+        "disaggregation": False,
     }
     return {
-        "version": MLC_CHAT_CONFIG_VERSION, "model_type": "llama", "quantization": MLC_QUANTIZATION[dtype],
-        "model_config": model_config, "vocab_size": arch.vocab_size, "context_window_size": arch.max_position,
-        "sliding_window_size": -1, "prefill_chunk_size": prefill_chunk, "attention_sink_size": -1,
-        "tensor_parallel_shards": 1, "pipeline_parallel_stages": 1, "active_vocab_size": arch.vocab_size,
-        "temperature": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-        "top_p": 1.0, "tokenizer_files": [], "tokenizer_info": {},
+        "version": MLC_CHAT_CONFIG_VERSION,
+        "model_type": "llama",
+        "quantization": MLC_QUANTIZATION[dtype],
+        "model_config": model_config,
+        "vocab_size": arch.vocab_size,
+        "context_window_size": arch.max_position,
+        "sliding_window_size": -1,
+        "prefill_chunk_size": prefill_chunk,
+        "attention_sink_size": -1,
+        "tensor_parallel_shards": 1,
+        "pipeline_parallel_stages": 1,
+        "active_vocab_size": arch.vocab_size,
+        "temperature": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "top_p": 1.0,
+        "tokenizer_files": [],
+        "tokenizer_info": {},
         "conv_template": {
-            "name": "completion", "system_template": "{system_message}", "system_message": "",
-            "system_prefix_token_ids": _token_ids(bos), "add_role_after_system_message": True,
+            "name": "completion",
+            "system_template": "{system_message}",
+            "system_message": "",
+            "system_prefix_token_ids": _token_ids(bos),
+            "add_role_after_system_message": True,
             "roles": {"user": "", "assistant": ""},
             "role_templates": {"user": "{user_message}", "assistant": "{assistant_message}", "tool": "{tool_message}"},
-            "messages": [], "seps": [""], "role_content_sep": "", "role_empty_sep": "", "stop_str": [],
-            "stop_token_ids": _token_ids(eos), "function_string": "", "use_function_calling": False,
+            "messages": [],
+            "seps": [""],
+            "role_content_sep": "",
+            "role_empty_sep": "",
+            "stop_str": [],
+            "stop_token_ids": _token_ids(eos),
+            "function_string": "",
+            "use_function_calling": False,
         },
-        "pad_token_id": pad if pad is not None else 0, "bos_token_id": bos, "eos_token_id": eos,
+        "pad_token_id": pad if pad is not None else 0,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
     }
 
 
@@ -319,15 +405,17 @@ def amoeballm_flags(subnet: Subnet) -> str | None:
     return f"--eval_num_layer {subnet.num_layers} --eval_num_width {subnet.width_ratio:g}"
 
 
-LLAMA_READERS = ("transformers AutoConfig / AutoModelForCausalLM; TensorRT-LLM, vLLM and MLC-LLM convert_weight "
-                 "(LLaMA)")
-DECI_READERS = ("TensorRT-LLM (PyTorch flow: _torch/models/modeling_nemotron_nas.py; converter: "
-                "models/nemotron_nas); transformers AutoConfig with trust_remote_code (configuration_decilm.py "
-                "beside it; AutoModelForCausalLM needs a Nemotron-NAS checkpoint's modeling_decilm.py)")
+LLAMA_READERS = "transformers AutoConfig / AutoModelForCausalLM; TensorRT-LLM, vLLM and MLC-LLM convert_weight (LLaMA)"
+DECI_READERS = (
+    "TensorRT-LLM (PyTorch flow: _torch/models/modeling_nemotron_nas.py; converter: "
+    "models/nemotron_nas); transformers AutoConfig with trust_remote_code (configuration_decilm.py "
+    "beside it; AutoModelForCausalLM needs a Nemotron-NAS checkpoint's modeling_decilm.py)"
+)
 
 
-def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str,
-                  source: dict[str, Any] | None = None) -> ExportReport:
+def export_subnet(
+    subnet: Subnet, out_dir: Path | str, dtype: str, source: dict[str, Any] | None = None
+) -> ExportReport:
     """Write the pick's files into ``out_dir`` (see the module docstring) and return what was
     written; UnsupportedShape, before anything is written, when no deployment form fits.
 
@@ -347,8 +435,10 @@ def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str,
         changes = config_changes(base, config, _WHY)
         files.append(ExportedFile("config.json", str(config["model_type"]), LLAMA_READERS))
         if window is not None:
-            skipped.append(f"mlc-chat-config.json: the source's sliding_window={window} (MLC-LLM's llama model has no "
-                           "sliding window; generate one with mlc_llm gen_config for a model type that has)")
+            skipped.append(
+                f"mlc-chat-config.json: the source's sliding_window={window} (MLC-LLM's llama model has no "
+                "sliding window; generate one with mlc_llm gen_config for a model type that has)"
+            )
         else:
             contents["mlc-chat-config.json"] = json.dumps(mlc_chat_config(subnet, dtype, source), indent=2)
             files.append(ExportedFile("mlc-chat-config.json", "mlc-llm", "MLC-LLM (mlc_llm compile / serve)"))
@@ -358,30 +448,55 @@ def export_subnet(subnet: Subnet, out_dir: Path | str, dtype: str,
         changes = config_changes(base, config, {**_WHY, **_DECI_WHY, **{f: _DECI_DEFAULT for f in _DECI_DEFAULTS}})
         files.append(ExportedFile("config.json", "nemotron-nas", DECI_READERS))
         contents[DECI_CONFIG_MODULE] = deci_config_module().rstrip("\n")
-        files.append(ExportedFile(DECI_CONFIG_MODULE, "nemotron-nas", "transformers AutoConfig with trust_remote_code "
-                                  "(the DeciLMConfig class config.json's auto_map names)"))
-        why = ("widths differ per layer" if not subnet.is_uniform else
-               f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}")
+        files.append(
+            ExportedFile(
+                DECI_CONFIG_MODULE,
+                "nemotron-nas",
+                "transformers AutoConfig with trust_remote_code (the DeciLMConfig class config.json's auto_map names)",
+            )
+        )
+        why = (
+            "widths differ per layer"
+            if not subnet.is_uniform
+            else f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}"
+        )
         skipped.append(f"plain LLaMA config.json: {why} (transformers' LlamaConfig refuses it)")
-        skipped.append(f"mlc-chat-config.json: {why} (MLC-LLM's LlamaConfig has one shape and its LlamaModel "
-                       "asserts hidden_size % num_attention_heads == 0)")
+        skipped.append(
+            f"mlc-chat-config.json: {why} (MLC-LLM's LlamaConfig has one shape and its LlamaModel "
+            "asserts hidden_size % num_attention_heads == 0)"
+        )
         if subnet.arch.hidden_size % heads:
-            adjustments.append(f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}: TensorRT-LLM "
-                               "loads this config in its PyTorch flow only (head_dim read); its TensorRT-engine "
-                               "converter derives hidden_size / num_attention_heads")
+            adjustments.append(
+                f"{heads} query heads do not divide hidden_size {subnet.arch.hidden_size}: TensorRT-LLM "
+                "loads this config in its PyTorch flow only (head_dim read); its TensorRT-engine "
+                "converter derives hidden_size / num_attention_heads"
+            )
         if window is not None:
-            not_expressed.append(f"sliding_window={window}: the DeciLM / Nemotron-NAS form sets attention windows per "
-                                 "block (block_configs[].attention.window_length), not model-wide; the field is kept as "
-                                 "the source has it, and readers of this form may attend to the whole context")
+            not_expressed.append(
+                f"sliding_window={window}: the DeciLM / Nemotron-NAS form sets attention windows per "
+                "block (block_configs[].attention.window_length), not model-wide; the field is kept as "
+                "the source has it, and readers of this form may attend to the whole context"
+            )
     contents["config.json"] = json.dumps(config, indent=2)
     flags = amoeballm_flags(subnet)
     if flags:
         contents["amoeballm_flags.txt"] = flags
-        files.append(ExportedFile("amoeballm_flags.txt", "amoeballm", "AmoebaLLM evaluation (--eval_num_layer, "
-                                                                       "--eval_num_width)"))
+        files.append(
+            ExportedFile(
+                "amoeballm_flags.txt", "amoeballm", "AmoebaLLM evaluation (--eval_num_layer, --eval_num_width)"
+            )
+        )
     out = Path(out_dir)
-    report = ExportReport(out, (*files, ExportedFile("export.json", "report", "people")), tuple(adjustments),
-                          tuple(skipped), subnet.id, origin, tuple(changes), tuple(not_expressed))
+    report = ExportReport(
+        out,
+        (*files, ExportedFile("export.json", "report", "people")),
+        tuple(adjustments),
+        tuple(skipped),
+        subnet.id,
+        origin,
+        tuple(changes),
+        tuple(not_expressed),
+    )
     contents["export.json"] = json.dumps(report.to_dict(), indent=2)
     output_dir(out, "--export")
     for name, text in contents.items():  # renamed into place: a symlink planted at a name is replaced, not followed

@@ -160,7 +160,6 @@ def _release(lock_path: Path, fd: int) -> None:
         os.close(fd)
 
 
-
 class NotedLock:
     """A file lock whose holder leaves a note beside it (``<lock>.holder``): its pid, host and start
     time, and whatever the caller adds. The lock is an ``flock`` on the lock file, and the holder
@@ -196,8 +195,10 @@ class NotedLock:
                 return False
         try:
             since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_file_atomically(self.holder_path, json.dumps(
-                {"pid": os.getpid(), "host": socket.gethostname(), "since": since, **(note or {})}).encode())
+            write_file_atomically(
+                self.holder_path,
+                json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since, **(note or {})}).encode(),
+            )
         except BaseException:
             self._let_go()
             raise
@@ -223,8 +224,10 @@ def held(lock_path: Path, what: str, timeout_s: float = -1, notice: Notice | Non
             notice(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); waiting {wait}")
 
     if not lock.acquire(timeout_s, waiting):
-        raise LutError(f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); another build or "
-                       "validation is using it - wait for it to finish")
+        raise LutError(
+            f"{what} is locked by {describe_holder(lock_path)} ({lock_path}); another build or "
+            "validation is using it - wait for it to finish"
+        )
     try:
         yield
     finally:

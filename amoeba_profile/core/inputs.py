@@ -28,8 +28,9 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def integer(value: object, what: str, *, minimum: int, maximum: int | None = None,
-            error: type[AmoebaError] = UsageError) -> int:
+def integer(
+    value: object, what: str, *, minimum: int, maximum: int | None = None, error: type[AmoebaError] = UsageError
+) -> int:
     """``value`` as an int in [minimum, maximum]; bools, floats and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -39,14 +40,19 @@ def integer(value: object, what: str, *, minimum: int, maximum: int | None = Non
     return int(value)
 
 
-def positive_int(value: object, what: str, *, maximum: int | None = None,
-                 error: type[AmoebaError] = UsageError) -> int:
+def positive_int(value: object, what: str, *, maximum: int | None = None, error: type[AmoebaError] = UsageError) -> int:
     """``value`` as an int >= 1 (and <= ``maximum``): sizes, counts, lengths."""
     return integer(value, what, minimum=1, maximum=maximum, error=error)
 
 
-def finite_float(value: object, what: str, *, minimum: float | None = None, maximum: float | None = None,
-                 error: type[AmoebaError] = UsageError) -> float:
+def finite_float(
+    value: object,
+    what: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    error: type[AmoebaError] = UsageError,
+) -> float:
     """``value`` as a finite float in [minimum, maximum]; bools and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise error(f"{what} must be a finite number, got {_shown(value)}")
@@ -57,8 +63,9 @@ def finite_float(value: object, what: str, *, minimum: float | None = None, maxi
     return float(value)
 
 
-def positive_float(value: object, what: str, *, maximum: float | None = None,
-                   error: type[AmoebaError] = UsageError) -> float:
+def positive_float(
+    value: object, what: str, *, maximum: float | None = None, error: type[AmoebaError] = UsageError
+) -> float:
     """``value`` as a finite float > 0 (and <= ``maximum``): budgets, epsilons, frequencies."""
     number = finite_float(value, what, maximum=maximum, error=error)
     if number <= 0:
@@ -91,8 +98,9 @@ def open_regular(path: Path | str, what: str, error: type[AmoebaError] = UsageEr
         raise
 
 
-def read_bounded(path: Path | str, limit_bytes: int, what: str, error: type[AmoebaError] = UsageError, *,
-                 head: bool = False) -> bytes:
+def read_bounded(
+    path: Path | str, limit_bytes: int, what: str, error: type[AmoebaError] = UsageError, *, head: bool = False
+) -> bytes:
     """The bytes of a regular file of at most ``limit_bytes`` (``open_regular``); anything else is
     refused unread.
 

@@ -16,11 +16,10 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from amoeba_profile.core.arch import layer_params
+from amoeba_profile.core.arch import ModelArch, layer_params
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import MIB, finite_float, integer, read_bounded
 from amoeba_profile.core.subnet import Subnet, parse_ratio
-from amoeba_profile.core.arch import ModelArch
 
 PROXY_NAME = "proxy: retained decoder parameters (fraction of base)"
 _SUFFIX = re.compile(r"_l(\d+)w([0-9./]+)")
@@ -74,8 +73,10 @@ class TableQuality:
     def score(self, subnet: Subnet) -> float:
         value = self._lookup(subnet)
         if value is None:
-            raise UsageError(f"{self.path}: no score for {subnet.label} (layers={subnet.num_layers}, "
-                             f"width={subnet.width_ratio}, id={subnet.id})")
+            raise UsageError(
+                f"{self.path}: no score for {subnet.label} (layers={subnet.num_layers}, "
+                f"width={subnet.width_ratio}, id={subnet.id})"
+            )
         return value
 
     def check_model(self, arch: ModelArch) -> str | None:
@@ -88,23 +89,32 @@ class TableQuality:
         deeper = sorted((line, layers) for (layers, _), line in self.lines.items() if layers > arch.num_layers)
         if deeper:
             line, layers = deeper[0]
-            raise UsageError(f"{self.path}: line {line}: {layers} layers, but {arch.name} has {arch.num_layers}: "
-                             f"these are scores of another model; pass {arch.name}'s quality CSV")
+            raise UsageError(
+                f"{self.path}: line {line}: {layers} layers, but {arch.name} has {arch.num_layers}: "
+                f"these are scores of another model; pass {arch.name}'s quality CSV"
+            )
         mine = _squash(arch.name)
-        foreign = sorted((line, name) for name, line in self.model_names.items()
-                         if _squash(name) and mine not in _squash(name) and _squash(name) not in mine)
+        foreign = sorted(
+            (line, name)
+            for name, line in self.model_names.items()
+            if _squash(name) and mine not in _squash(name) and _squash(name) not in mine
+        )
         if not foreign:
             return None
         line, name = foreign[0]
-        return (f"{self.path}: line {line} scores a shape of {name!r}, this table is {arch.name!r}; its scores are "
-                "matched by depth and width only - check it is this model's quality CSV")
+        return (
+            f"{self.path}: line {line} scores a shape of {name!r}, this table is {arch.name!r}; its scores are "
+            "matched by depth and width only - check it is this model's quality CSV"
+        )
 
     def check_covers(self, subnets: Iterable[Subnet]) -> None:
         missing = [s.label for s in subnets if self._lookup(s) is None]
         if missing:
             shown = ", ".join(missing[:6]) + (" ..." if len(missing) > 6 else "")
-            raise UsageError(f"{self.path}: quality table lacks {len(missing)} shapes of the design space ({shown}); "
-                             "add rows or narrow --widths")
+            raise UsageError(
+                f"{self.path}: quality table lacks {len(missing)} shapes of the design space ({shown}); "
+                "add rows or narrow --widths"
+            )
 
 
 def read_small_csv(path: Path | str, what: str) -> pd.DataFrame:
@@ -152,7 +162,7 @@ def load_quality(path: Path | str) -> TableQuality:
             quality.lines[key] = line
             match = _SUFFIX.search(str(row["name"])) if "name" in frame.columns else None
             if match:
-                quality.model_names.setdefault(str(row["name"])[:match.start()], line)
+                quality.model_names.setdefault(str(row["name"])[: match.start()], line)
     return quality
 
 

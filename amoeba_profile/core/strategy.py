@@ -59,8 +59,13 @@ class _Refused(Exception):
 
 def _plain_dtype(dtype: np.dtype) -> np.dtype:
     """Booleans, integers, floats, complex and objects, at most 16 bytes, no fields or sub-arrays."""
-    if (not isinstance(dtype, np.dtype) or dtype.kind not in _PLAIN_KINDS or dtype.itemsize > 16
-            or dtype.fields is not None or dtype.subdtype is not None):
+    if (
+        not isinstance(dtype, np.dtype)
+        or dtype.kind not in _PLAIN_KINDS
+        or dtype.itemsize > 16
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
         raise _Refused(f"dtype {dtype!r} is not a plain number or object type")
     return dtype
 
@@ -102,8 +107,7 @@ def _array_state(state: Any) -> None:
     if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
         raise _Refused("array state is not NumPy's (1, shape, dtype, fortran, data)")
     _, shape, dtype, _, data = state
-    if not (isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                             for n in shape)):
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
         raise _Refused(f"array shape {shape!r} is not a tuple of sizes")
     count = math.prod(shape)
     if count > MAX_ELEMENTS:
@@ -118,9 +122,15 @@ def _array_state(state: Any) -> None:
 
 def _dtype_state(state: Any) -> None:
     """A dtype's pickled state may set the byte order only: no fields, sub-arrays, sizes or metadata."""
-    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] == 3 and state[1] in "<>|="
-            and state[2:5] == (None, None, None) and state[5:7] == (-1, -1)
-            and (len(state) == 8 or state[8] is None)):
+    if not (
+        isinstance(state, tuple)
+        and len(state) in (8, 9)
+        and state[0] == 3
+        and state[1] in "<>|="
+        and state[2:5] == (None, None, None)
+        and state[5:7] == (-1, -1)
+        and (len(state) == 8 or state[8] is None)
+    ):
         raise _Refused(f"dtype state {state!r} describes more than a plain type")
 
 
@@ -131,8 +141,10 @@ class _BoundedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the only unpickler
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _SAFE_GLOBALS:
-            raise _Refused(f"refused to load {module}.{name} - strategy files may hold only dicts, lists, numbers, "
-                           "strings and arrays")
+            raise _Refused(
+                f"refused to load {module}.{name} - strategy files may hold only dicts, lists, numbers, "
+                "strings and arrays"
+            )
         return _SAFE_GLOBALS[module, name]
 
     def load_build(self) -> None:
@@ -159,14 +171,21 @@ def _counted(op):
     return run
 
 
-_BoundedUnpickler.dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}  # noqa: SLF001
+# The pure-Python unpickler's opcode table is the only place each opcode can be counted (and bounded).
+_BoundedUnpickler.dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}
 _BoundedUnpickler.dispatch[pickle.BUILD[0]] = _counted(_BoundedUnpickler.load_build)
 
 _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct, ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.multiarray", "scalar"): _scalar, ("numpy._core.multiarray", "scalar"): _scalar,
-    ("numpy", "ndarray"): _array_type, ("numpy", "dtype"): _dtype, ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "complex"): complex,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "scalar"): _scalar,
+    ("numpy._core.multiarray", "scalar"): _scalar,
+    ("numpy", "ndarray"): _array_type,
+    ("numpy", "dtype"): _dtype,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
 }
 
 
@@ -203,8 +222,9 @@ def _check_tree(value: Any) -> None:
             on_path.discard(key)
             sizes[key] = 1 + sum(sizes[id(c)] if _children(c) is not None else _leaf_size(c) for c in children)
             if sizes[key] > MAX_ELEMENTS:
-                raise _Refused(f"the structure expands to more than {MAX_ELEMENTS} elements (shared references "
-                               "counted each time)")
+                raise _Refused(
+                    f"the structure expands to more than {MAX_ELEMENTS} elements (shared references counted each time)"
+                )
             continue
         if key in sizes:
             continue
@@ -231,15 +251,18 @@ def load_pickled(path: Path | str) -> Any:
     try:
         if raw.startswith(b"\x93NUMPY"):
             version = np.lib.format.read_magic(stream)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(stream)
             if dtype.hasobject:
                 value = _unpickle(stream)
                 return value.item() if isinstance(value, np.ndarray) and value.shape == () else value
             needed = math.prod(shape) * dtype.itemsize
             if needed != len(raw) - stream.tell():
-                raise _Refused(f"its header promises {needed} bytes of array data, the file holds "
-                               f"{len(raw) - stream.tell()}")
+                raise _Refused(
+                    f"its header promises {needed} bytes of array data, the file holds {len(raw) - stream.tell()}"
+                )
             return np.lib.format.read_array(io.BytesIO(raw), allow_pickle=False)
         return _unpickle(stream)
     except _Refused as exc:
@@ -250,13 +273,17 @@ def load_pickled(path: Path | str) -> Any:
         # The unpickler looks each opcode byte up in its dispatch table: an int key is a byte that
         # is no opcode, i.e. the file is not a pickle at all (text, a zip or gzip archive, ...).
         if exc.args and isinstance(exc.args[0], int):
-            raise UsageError(f"{path}: not a NumPy .npy or pickle file (byte 0x{exc.args[0]:02x} at offset "
-                             f"{max(stream.tell() - 1, 0)} is no pickle opcode); a strategy file is AmoebaLLM's "
-                             "np.save'd dict") from None
+            raise UsageError(
+                f"{path}: not a NumPy .npy or pickle file (byte 0x{exc.args[0]:02x} at offset "
+                f"{max(stream.tell() - 1, 0)} is no pickle opcode); a strategy file is AmoebaLLM's "
+                "np.save'd dict"
+            ) from None
         raise UsageError(f"{path}: not a readable strategy file (missing key {exc})") from None
     except (EOFError, struct.error):  # a length or number field cut short
-        raise UsageError(f"{path}: the file ends before its data does (truncated or empty); a strategy file is "
-                         "AmoebaLLM's np.save'd dict") from None
+        raise UsageError(
+            f"{path}: the file ends before its data does (truncated or empty); a strategy file is "
+            "AmoebaLLM's np.save'd dict"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
         message = " ".join(str(exc).split())[:200]
         raise UsageError(f"{path}: not a readable strategy file ({type(exc).__name__}: {message})") from None
@@ -300,12 +327,18 @@ class Strategy:
         kept = {}
         for removed, mask in data["strategy"].items():
             if not isinstance(removed, numbers.Integral) or not 0 <= removed < arch.num_layers:
-                raise UsageError(f"{source}: strategy key {removed!r} is not a removed-layer count 0..{arch.num_layers - 1}")
+                raise UsageError(
+                    f"{source}: strategy key {removed!r} is not a removed-layer count 0..{arch.num_layers - 1}"
+                )
             mask = _mask(mask, f"strategy[{removed}]", source).astype(int).ravel()
             if mask.size != arch.num_layers:
-                raise UsageError(f"{source}: strategy[{removed}] covers {mask.size} layers, {arch.name} has {arch.num_layers}")
+                raise UsageError(
+                    f"{source}: strategy[{removed}] covers {mask.size} layers, {arch.name} has {arch.num_layers}"
+                )
             if mask.sum() != arch.num_layers - int(removed):
-                raise UsageError(f"{source}: strategy[{removed}] keeps {mask.sum()} layers, expected {arch.num_layers - int(removed)}")
+                raise UsageError(
+                    f"{source}: strategy[{removed}] keeps {mask.sum()} layers, expected {arch.num_layers - int(removed)}"
+                )
             kept[int(removed)] = mask
         kept.setdefault(0, np.ones(arch.num_layers, dtype=int))
         widths: dict[int, dict[str, dict[float, np.ndarray]]] = {}
@@ -322,7 +355,8 @@ class Strategy:
             if not isinstance(masks, dict) or not all(isinstance(r, numbers.Real) for r in masks):
                 raise UsageError(f"{source}: width_mask[{module!r}] must map numeric ratios to masks")
             widths.setdefault(int(match.group(1)), {})[proj] = {
-                float(r): _mask(m, f"width_mask[{module!r}][{r}]", source).astype(bool) for r, m in masks.items()}
+                float(r): _mask(m, f"width_mask[{module!r}][{r}]", source).astype(bool) for r, m in masks.items()
+            }
         return cls(arch, kept, widths, source)
 
     @property
@@ -342,18 +376,24 @@ class Strategy:
         where = f"layers.{index}"
         q = _match_ratio(masks["q_proj"], ratio, f"{where}.q_proj", self.source) if "q_proj" in masks else None
         k = _match_ratio(masks["k_proj"], ratio, f"{where}.k_proj", self.source) if "k_proj" in masks else None
-        gate = _match_ratio(masks["gate_proj"], ratio, f"{where}.gate_proj", self.source) if "gate_proj" in masks else None
+        gate = (
+            _match_ratio(masks["gate_proj"], ratio, f"{where}.gate_proj", self.source) if "gate_proj" in masks else None
+        )
         heads = int(q.sum()) // arch.head_dim if q is not None else arch.num_heads
         kv = int(k.sum()) // arch.head_dim if k is not None else heads // arch.group_size
         ffn = int(gate.sum()) if gate is not None else arch.ffn_size
         if q is not None and q.sum() % arch.head_dim:
-            raise UnsupportedShape(f"{self.source}: {where}.q_proj keeps {int(q.sum())} channels, not whole heads of {arch.head_dim}")
+            raise UnsupportedShape(
+                f"{self.source}: {where}.q_proj keeps {int(q.sum())} channels, not whole heads of {arch.head_dim}"
+            )
         return LayerShape(index, heads, kv, ffn)
 
     def subnet(self, num_layers: int, ratio: float) -> Subnet:
         removed = self.arch.num_layers - num_layers
         if removed not in self.kept_by_removed:
-            raise UsageError(f"{self.source}: no layer strategy for {num_layers} layers; available depths {self.depths}")
+            raise UsageError(
+                f"{self.source}: no layer strategy for {num_layers} layers; available depths {self.depths}"
+            )
         kept = np.flatnonzero(self.kept_by_removed[removed])
         return Subnet(self.arch, tuple(self.layer_shape(int(i), ratio) for i in kept), ratio)
 

@@ -79,16 +79,23 @@ def width_shape(arch: ModelArch, width_ratio: float, ffn_multiple: int = 1) -> t
     return kv * arch.group_size, kv, min(ffn, arch.ffn_size)
 
 
-def grid_shapes(arch: ModelArch, widths: Sequence[float], ffn_multiple: int = 1,
-                extra_attn: Sequence[tuple[int, int]] = (), extra_ffn: Sequence[int] = (),
-                ) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int, int]]]:
+def grid_shapes(
+    arch: ModelArch,
+    widths: Sequence[float],
+    ffn_multiple: int = 1,
+    extra_attn: Sequence[tuple[int, int]] = (),
+    extra_ffn: Sequence[int] = (),
+) -> tuple[list[tuple[int, int]], list[int], list[tuple[int, int, int]]]:
     """What a grid of width ratios measures: (heads, kv_heads) attention shapes, FFN sizes, and the
     layer shapes on two axes through the full width (each width's heads at full FFN, each width's
     FFN at full heads). Builds plan with it and ``reseal`` checks rows against it."""
     attn = sorted({width_shape(arch, w, ffn_multiple)[:2] for w in widths} | {tuple(x) for x in extra_attn})
     ffn = sorted({width_shape(arch, w, ffn_multiple)[2] for w in widths} | set(extra_ffn))
-    layers = sorted({(arch.num_heads, arch.num_kv_heads, arch.ffn_size)}
-                    | {(h, kv, arch.ffn_size) for h, kv in attn} | {(arch.num_heads, arch.num_kv_heads, f) for f in ffn})
+    layers = sorted(
+        {(arch.num_heads, arch.num_kv_heads, arch.ffn_size)}
+        | {(h, kv, arch.ffn_size) for h, kv in attn}
+        | {(arch.num_heads, arch.num_kv_heads, f) for f in ffn}
+    )
     return attn, ffn, layers
 
 
@@ -111,7 +118,9 @@ class Subnet:
                 )
             previous = layer.index
             if not 1 <= layer.kv_heads <= self.arch.num_kv_heads:
-                raise UnsupportedShape(f"layer {layer.index}: kv_heads={layer.kv_heads} outside 1..{self.arch.num_kv_heads}")
+                raise UnsupportedShape(
+                    f"layer {layer.index}: kv_heads={layer.kv_heads} outside 1..{self.arch.num_kv_heads}"
+                )
             if layer.heads != layer.kv_heads * self.arch.group_size:
                 raise UnsupportedShape(
                     f"layer {layer.index}: heads={layer.heads} must be kv_heads x {self.arch.group_size} "
@@ -169,9 +178,7 @@ class Subnet:
             "num_layers": self.num_layers,
             "width_ratio": self.width_ratio,
             "kept_layers": self.kept_indices,
-            "layers": [
-                {"index": l.index, "heads": l.heads, "kv_heads": l.kv_heads, "ffn": l.ffn} for l in self.layers
-            ],
+            "layers": [{"index": l.index, "heads": l.heads, "kv_heads": l.kv_heads, "ffn": l.ffn} for l in self.layers],
         }
 
     def layer_runs(self) -> list[tuple[list[int], int, int, int]]:
@@ -189,10 +196,15 @@ class Subnet:
         """``to_dict`` without the architecture and with layers as runs: for listing many subnets
         of one model (``from_dict`` needs the full form)."""
         return {
-            "id": self.id, "label": self.label, "num_layers": self.num_layers, "width_ratio": self.width_ratio,
+            "id": self.id,
+            "label": self.label,
+            "num_layers": self.num_layers,
+            "width_ratio": self.width_ratio,
             "kept_layers": self.kept_indices,
-            "layer_runs": [{"layers": indices, "heads": heads, "kv_heads": kv, "ffn": ffn}
-                           for indices, heads, kv, ffn in self.layer_runs()],
+            "layer_runs": [
+                {"layers": indices, "heads": heads, "kv_heads": kv, "ffn": ffn}
+                for indices, heads, kv, ffn in self.layer_runs()
+            ],
         }
 
     def to_json(self) -> str:
@@ -252,7 +264,9 @@ def parse_whole(arch: ModelArch, text: str | None) -> tuple[Subnet, ...]:
         if not depth.isdigit() or not width:
             raise UsageError(f"--whole items look like 18x3/4 (layers x width), got {item!r}")
         if not 1 <= int(depth) <= arch.num_layers:
-            raise UsageError(f"--whole {item.strip()}: {arch.name} has {arch.num_layers} layers; keep 1..{arch.num_layers}")
+            raise UsageError(
+                f"--whole {item.strip()}: {arch.name} has {arch.num_layers} layers; keep 1..{arch.num_layers}"
+            )
         subnets.append(Subnet.uniform(arch, int(depth), parse_ratio(width)))
     return tuple(subnets)
 

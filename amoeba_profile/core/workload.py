@@ -41,6 +41,8 @@ def tpot_prompt_tokens(context: int, steps: int) -> int:
     """Prompt tokens of a tpot request on a flow that caches a prefix itself: the cached prefix
     plus its last token, which the flow always recomputes before decoding."""
     return cached_prefix(context, steps) + 1
+
+
 METRIC_ALIASES = {"ttft": "ttft_ms", "tpot": "tpot_ms", "e2e": "e2e_ms"}
 
 

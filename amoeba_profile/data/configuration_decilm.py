@@ -60,8 +60,9 @@ class DeciLMConfig(PretrainedConfig):
     model_type = "nemotron-nas"
 
     def __init__(self, block_configs=None, **kwargs):
-        self.block_configs = [block if isinstance(block, BlockConfig) else BlockConfig(**block)
-                              for block in block_configs or []]
+        self.block_configs = [
+            block if isinstance(block, BlockConfig) else BlockConfig(**block) for block in block_configs or []
+        ]
         super().__init__(**kwargs)
         layers = getattr(self, "num_hidden_layers", None)
         if self.block_configs and layers is not None and len(self.block_configs) != layers:

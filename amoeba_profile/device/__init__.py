@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from amoeba_profile.core.errors import UsageError
-from amoeba_profile.device.cpu import cpu_info, cpu_model
+from amoeba_profile.device.cpu import cpu_info, cpu_model, meminfo_available_bytes
 from amoeba_profile.device.cpu import last_level_cache_bytes as _cpu_llc
-from amoeba_profile.device.cpu import meminfo_available_bytes
 from amoeba_profile.device.jetson import JetsonReader
 from amoeba_profile.device.nvml import GpuReader, NvmlReader, NvmlUnavailable, describe_state
 from amoeba_profile.device.specs import DeviceSpec, get_spec, load_specs, match_gpu_name, match_jetson
@@ -84,12 +83,16 @@ def check_device_name(requested: str) -> str:
     ``resolve_device``'s question: a fleet driver checks names for devices on other machines."""
     name = requested.strip().lower()
     if name in load_specs():
-        raise UsageError(f"device {requested!r} is a spec-sheet entry, not a device torch can measure on: add "
-                         "--predict to compute its table from the spec sheet (roofline), or measure with "
-                         "--device auto, cpu or cuda[:N]")
+        raise UsageError(
+            f"device {requested!r} is a spec-sheet entry, not a device torch can measure on: add "
+            "--predict to compute its table from the spec sheet (roofline), or measure with "
+            "--device auto, cpu or cuda[:N]"
+        )
     if name != "auto" and not _TORCH_DEVICE.fullmatch(name):
-        raise UsageError(f"unknown device {requested!r}: use auto, cpu or cuda[:N] (with --predict: a spec-sheet "
-                         f"slug, one of {sorted(load_specs())})")
+        raise UsageError(
+            f"unknown device {requested!r}: use auto, cpu or cuda[:N] (with --predict: a spec-sheet "
+            f"slug, one of {sorted(load_specs())})"
+        )
     return name
 
 
@@ -106,11 +109,16 @@ def resolve_device(requested: str = "auto") -> tuple[str, str]:
 
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        return ("cuda", f"auto: torch sees {visible} CUDA device(s)") if visible else \
-            ("cpu", "auto: torch sees no CUDA device")
+        return (
+            ("cuda", f"auto: torch sees {visible} CUDA device(s)")
+            if visible
+            else ("cpu", "auto: torch sees no CUDA device")
+        )
     if _cuda_index(name) >= visible:
-        raise UsageError(f"device {requested!r} requested but torch sees {visible} CUDA device(s); use --device cpu"
-                         " (a CPU-only torch sees none: see README, Install)")
+        raise UsageError(
+            f"device {requested!r} requested but torch sees {visible} CUDA device(s); use --device cpu"
+            " (a CPU-only torch sees none: see README, Install)"
+        )
     return name, "requested"
 
 
@@ -129,15 +137,28 @@ def fingerprint(device: str = "cpu", root: Path = Path("/")) -> dict[str, Any]:
         import torch
 
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_mem_mb=props.total_memory // (1 << 20),
-                    compute_capability=f"{props.major}.{props.minor}")
+        info.update(
+            gpu=props.name,
+            gpu_mem_mb=props.total_memory // (1 << 20),
+            compute_capability=f"{props.major}.{props.minor}",
+        )
     return info
 
 
-def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: JetsonReader | None = None,
-           nvml_factory=NvmlReader) -> dict[str, Any]:
+def detect(
+    root: Path = Path("/"),
+    gpu_reader: GpuReader | None = None,
+    jetson: JetsonReader | None = None,
+    nvml_factory=NvmlReader,
+) -> dict[str, Any]:
     """Everything profile-device reports about this machine, without running anything heavy."""
-    report: dict[str, Any] = {"cpu": cpu_info(root), "cpu_slug": cpu_slug(root), "gpus": [], "jetson": None, "notes": []}
+    report: dict[str, Any] = {
+        "cpu": cpu_info(root),
+        "cpu_slug": cpu_slug(root),
+        "gpus": [],
+        "jetson": None,
+        "notes": [],
+    }
     jetson = jetson or JetsonReader(root)
     if jetson.is_jetson():
         static = jetson.static()
@@ -153,11 +174,28 @@ def detect(root: Path = Path("/"), gpu_reader: GpuReader | None = None, jetson: 
             return report
     for index in range(gpu_reader.count()):
         static = gpu_reader.static(index)
-        report["gpus"].append({"index": index, **static, "slug": gpu_slug(static["name"]),
-                               **describe_state(gpu_reader.state(index))})
+        report["gpus"].append(
+            {"index": index, **static, "slug": gpu_slug(static["name"]), **describe_state(gpu_reader.state(index))}
+        )
     return report
 
 
-__all__ = ["DeviceSpec", "JetsonReader", "NvmlReader", "NvmlUnavailable", "available_memory_bytes", "check_device_name",
-           "cpu_slug", "detect", "device_slug", "fingerprint", "get_spec", "gpu_slug", "jetson_slug",
-           "last_level_cache_bytes", "load_specs", "resolve_device", "slugify"]
+__all__ = [
+    "DeviceSpec",
+    "JetsonReader",
+    "NvmlReader",
+    "NvmlUnavailable",
+    "available_memory_bytes",
+    "check_device_name",
+    "cpu_slug",
+    "detect",
+    "device_slug",
+    "fingerprint",
+    "get_spec",
+    "gpu_slug",
+    "jetson_slug",
+    "last_level_cache_bytes",
+    "load_specs",
+    "resolve_device",
+    "slugify",
+]

@@ -29,9 +29,17 @@ def _fraction(value: float | None, peak: float | None) -> float | None:
     return None if value is None or not peak else round(value / peak, 3)
 
 
-def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = None, spec: DeviceSpec | None = None,
-                        hidden: int = 4096, ffn: int = 11008, prompt_len: int = 512, copy_mb: int = 1024,
-                        protocol: TimingProtocol = _PROTOCOL, progress: Progress | None = None) -> dict[str, Any]:
+def run_microbenchmarks(
+    device: str = "cpu",
+    dtypes: tuple[str, ...] | None = None,
+    spec: DeviceSpec | None = None,
+    hidden: int = 4096,
+    ffn: int = 11008,
+    prompt_len: int = 512,
+    copy_mb: int = 1024,
+    protocol: TimingProtocol = _PROTOCOL,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Figures in GB/s, TFLOP/s and microseconds; ``*_fraction`` = measured / spec-sheet peak.
     ``progress`` hears of each benchmark as it starts (they take tens of seconds in all)."""
     import torch
@@ -39,14 +47,20 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
     clock = Clock(device)
     dtypes = dtypes or (("float16", "bfloat16", "float32") if device.startswith("cuda") else ("float32", "bfloat16"))
     steps = [f"memory bandwidth ({copy_mb} MB copy)", "dispatch overhead"] + [
-        f"{name} GEMV and GEMM ({hidden} x {ffn}, {prompt_len} tokens)" for name in dtypes]
+        f"{name} GEMV and GEMM ({hidden} x {ffn}, {prompt_len} tokens)" for name in dtypes
+    ]
 
     def step(done: int) -> None:
         if progress:
             progress(done, len(steps), steps[done] if done < len(steps) else "done")
+
     peak_bw = spec.mem_bw_gbps if spec else None
-    out: dict[str, Any] = {"device": device, "spec": spec.slug if spec else None, "clock": clock.name,
-                           "shapes": {"hidden": hidden, "ffn": ffn, "prompt_len": prompt_len, "copy_mb": copy_mb}}
+    out: dict[str, Any] = {
+        "device": device,
+        "spec": spec.slug if spec else None,
+        "clock": clock.name,
+        "shapes": {"hidden": hidden, "ffn": ffn, "prompt_len": prompt_len, "copy_mb": copy_mb},
+    }
 
     step(0)
     bw = _copy_bandwidth_gbps(device, copy_mb, clock, protocol)
@@ -68,9 +82,13 @@ def run_microbenchmarks(device: str = "cpu", dtypes: tuple[str, ...] | None = No
         gemm_tflops = 2 * prompt_len * hidden * ffn / (gemm_ms * 1e-3) / 1e12
         peak = spec.peak_tflops(name) if spec else None
         out["matmul"][name] = {
-            "gemv_ms": round(gemv_ms, 4), "gemv_bw_gbps": round(gemv_bw, 2), "gemv_bw_fraction": _fraction(gemv_bw, peak_bw),
+            "gemv_ms": round(gemv_ms, 4),
+            "gemv_bw_gbps": round(gemv_bw, 2),
+            "gemv_bw_fraction": _fraction(gemv_bw, peak_bw),
             "gemv_tflops": round(2 * hidden * ffn / (gemv_ms * 1e-3) / 1e12, 4),
-            "gemm_ms": round(gemm_ms, 3), "gemm_tflops": round(gemm_tflops, 3), "gemm_fraction": _fraction(gemm_tflops, peak),
+            "gemm_ms": round(gemm_ms, 3),
+            "gemm_tflops": round(gemm_tflops, 3),
+            "gemm_fraction": _fraction(gemm_tflops, peak),
         }
     step(len(steps))
     return out
@@ -86,8 +104,9 @@ def _copy_bandwidth_gbps(device: str, copy_mb: int, clock: Clock, protocol: Timi
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
-def _matmul_ms(dtype, device: str, hidden: int, ffn: int, prompt_len: int, clock: Clock,
-               protocol: TimingProtocol) -> tuple[float, float]:
+def _matmul_ms(
+    dtype, device: str, hidden: int, ffn: int, prompt_len: int, clock: Clock, protocol: TimingProtocol
+) -> tuple[float, float]:
     """(GEMV ms for one token, GEMM ms for ``prompt_len`` tokens) through an ffn x hidden weight."""
     import torch
 

@@ -46,8 +46,14 @@ class ClockedPiece:
     (a decode step whose cache is cropped back afterwards); otherwise each sample is one step.
     """
 
-    def __init__(self, clock: Clock, step: Callable[[], Any], reset: Callable[[], None] | None = None,
-                 back_to_back: bool = True, max_steps: int = 1 << 30):
+    def __init__(
+        self,
+        clock: Clock,
+        step: Callable[[], Any],
+        reset: Callable[[], None] | None = None,
+        back_to_back: bool = True,
+        max_steps: int = 1 << 30,
+    ):
         self.clock = clock
         self._step = step
         self._reset = reset

@@ -9,8 +9,26 @@ from pathlib import Path
 from typing import Any
 
 # ISA extensions that change which inference kernels run (oneDNN / llama.cpp / ONNX Runtime paths).
-INFERENCE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
-                   "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimdhp", "asimddp", "sve", "sve2", "i8mm", "bf16")
+INFERENCE_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "asimdhp",
+    "asimddp",
+    "sve",
+    "sve2",
+    "i8mm",
+    "bf16",
+)
 ARM_ALIASES = {"asimd": "neon"}
 
 

@@ -15,8 +15,15 @@ Runner = Callable[[list[str]], str]
 
 # L4T release -> JetPack (NVIDIA's JetPack archive release notes).
 L4T_TO_JETPACK = {
-    "35.1": "5.0.2", "35.2": "5.1", "35.3": "5.1.1", "35.4": "5.1.2", "35.5": "5.1.3", "35.6": "5.1.4",
-    "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1/6.2",
+    "35.1": "5.0.2",
+    "35.2": "5.1",
+    "35.3": "5.1.1",
+    "35.4": "5.1.2",
+    "35.5": "5.1.3",
+    "35.6": "5.1.4",
+    "36.2": "6.0 DP",
+    "36.3": "6.0",
+    "36.4": "6.1/6.2",
 }
 
 
@@ -40,7 +47,9 @@ class JetsonReader:
         self.run = run
 
     def is_jetson(self) -> bool:
-        return (self.root / "etc/nv_tegra_release").exists() or "tegra" in (_read(self.root / "proc/device-tree/compatible") or "")
+        return (self.root / "etc/nv_tegra_release").exists() or "tegra" in (
+            _read(self.root / "proc/device-tree/compatible") or ""
+        )
 
     def _gpu_devfreq(self) -> Path | None:
         for entry in sorted((self.root / "sys/class/devfreq").glob("*")):

@@ -55,8 +55,14 @@ class CpuLoad:
     ("ours") and for ``cpus`` (default: this process's affinity). ``clock`` (monotonic seconds) and
     ``sleep`` are how it waits for a window to pass; tests replace them with a simulated clock."""
 
-    def __init__(self, root: Path = Path("/"), pids: Iterable[int] | None = None, cpus: Iterable[int] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        root: Path = Path("/"),
+        pids: Iterable[int] | None = None,
+        cpus: Iterable[int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.root = root
         self.pids = tuple(pids) if pids is not None else (os.getpid(),)
         self.cpus = set(cpus) if cpus is not None else _affinity()
@@ -163,8 +169,10 @@ class Contention:
         return contention_share(self.others_cores, self.cores, self.needed)
 
     def describe(self) -> str:
-        return (f"other processes kept {self.others_cores:.1f} of {self.cores} cores busy over {self.window_s:.1f} s "
-                f"and the measurement needs {self.needed}")
+        return (
+            f"other processes kept {self.others_cores:.1f} of {self.cores} cores busy over {self.window_s:.1f} s "
+            f"and the measurement needs {self.needed}"
+        )
 
 
 def contention_share(others_cores: float, cores: int, needed: int) -> float:

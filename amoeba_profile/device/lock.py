@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from amoeba_profile.core.errors import MachineBusy, UsageError
-from amoeba_profile.core.files import Notice, NotedLock, holder_note
+from amoeba_profile.core.files import NotedLock, Notice, holder_note
 
 
 def lock_dir() -> Path:
@@ -56,8 +56,10 @@ class MeasurementLock:
         info = self.holder()
         if info is None:
             return "another measurement (holder unknown)"
-        return (f"pid {info['pid']} ({info.get('command', '?')}) measuring {info.get('target', '?')} "
-                f"since {info.get('since', '?')}")
+        return (
+            f"pid {info['pid']} ({info.get('command', '?')}) measuring {info.get('target', '?')} "
+            f"since {info.get('since', '?')}"
+        )
 
     def acquire(self, target: str, notice: Notice, timeout_s: float = -1) -> None:
         """Take the lock; if another measurement holds it, say whom we wait for, then wait
@@ -66,14 +68,19 @@ class MeasurementLock:
         bound = "" if timeout_s < 0 else f" (up to {timeout_s:g} s)"
 
         def waiting() -> None:
-            notice(f"waiting for the {self.path.stem.removeprefix('measure-')} measurement lock{bound}: held by "
-                   f"{self.describe_holder()}")
+            notice(
+                f"waiting for the {self.path.stem.removeprefix('measure-')} measurement lock{bound}: held by "
+                f"{self.describe_holder()}"
+            )
 
         command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:160]
         if not self._lock.acquire(timeout_s, waiting, {"command": command, "target": target}):
             who = self.describe_holder()
-            raise MachineBusy(f"{who} holds {self.path}; wait for it to finish" if timeout_s == 0
-                              else f"{who} still holds {self.path} after {timeout_s:g} s")
+            raise MachineBusy(
+                f"{who} holds {self.path}; wait for it to finish"
+                if timeout_s == 0
+                else f"{who} still holds {self.path} after {timeout_s:g} s"
+            )
 
     def release(self) -> None:
         self._lock.release()

@@ -41,8 +41,21 @@ class NvmlMonitor(Monitor):
 
     def sample(self) -> dict[str, Any]:
         state = describe_state(self.reader.state(self.index))
-        return {**super().sample(), **{k: state[k] for k in (
-            "sm_clock_mhz", "mem_clock_mhz", "temperature_c", "power_w", "energy_mj", "clock_event_reasons", "throttled")}}
+        return {
+            **super().sample(),
+            **{
+                k: state[k]
+                for k in (
+                    "sm_clock_mhz",
+                    "mem_clock_mhz",
+                    "temperature_c",
+                    "power_w",
+                    "energy_mj",
+                    "clock_event_reasons",
+                    "throttled",
+                )
+            },
+        }
 
 
 class JetsonMonitor(Monitor):
@@ -53,8 +66,14 @@ class JetsonMonitor(Monitor):
 
     def sample(self) -> dict[str, Any]:
         state = self.reader.state()
-        return {**super().sample(), "sm_clock_mhz": state["gpu_freq_mhz"], "temperature_c": state["temperature_c"],
-                "power_w": state["power_w"], "power_mode": state["power_mode"], "jetson_clocks": state["jetson_clocks"]}
+        return {
+            **super().sample(),
+            "sm_clock_mhz": state["gpu_freq_mhz"],
+            "temperature_c": state["temperature_c"],
+            "power_w": state["power_w"],
+            "power_mode": state["power_mode"],
+            "jetson_clocks": state["jetson_clocks"],
+        }
 
 
 class RaplMonitor(Monitor):
@@ -118,8 +137,12 @@ def entry_state(before: dict[str, Any], after: dict[str, Any], steps: int) -> di
         others = others_cpu_s(before["cpu"], after["cpu"])
         if others is not None:
             # Raw CPU-seconds and window, pooled over a row's rounds before the share is judged.
-            state.update(others_cpu_s=others, window_s=after["cpu"]["t"] - before["cpu"]["t"],
-                           cores=after["cpu"]["cores"], cores_needed=after["cpu"]["needed"])
+            state.update(
+                others_cpu_s=others,
+                window_s=after["cpu"]["t"] - before["cpu"]["t"],
+                cores=after["cpu"]["cores"],
+                cores_needed=after["cpu"]["needed"],
+            )
     return state
 
 

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-from amoeba_profile.device.load import Contention, CpuLoad, sample_contention
-from amoeba_profile.device.lock import MeasurementLock
 from amoeba_profile.core.errors import MachineBusy, UsageError
 from amoeba_profile.core.files import Notice
+from amoeba_profile.device.load import Contention, CpuLoad, sample_contention
+from amoeba_profile.device.lock import MeasurementLock
 
 BUSY_MODES = ("wait", "warn", "refuse")
 # A row is flagged ``contended`` when other processes took more than this share of the cores it
@@ -50,8 +50,9 @@ class BusyPolicy:
             raise UsageError("the busy policy needs max_wait_s >= 0, 0 <= threshold <= 1 and window_s > 0")
 
 
-def wait_for_quiet(load: CpuLoad, needed: int, policy: BusyPolicy, notice: Notice, *,
-                   may_refuse: bool = True) -> Contention:
+def wait_for_quiet(
+    load: CpuLoad, needed: int, policy: BusyPolicy, notice: Notice, *, may_refuse: bool = True
+) -> Contention:
     """Sample the load; while others take too much, keep sampling (that is the wait) up to
     ``max_wait_s`` unless the mode is ``warn``. Still busy: ``refuse`` raises ``MachineBusy``
     (when ``may_refuse``), otherwise one warning line and the caller measures anyway."""
@@ -59,8 +60,10 @@ def wait_for_quiet(load: CpuLoad, needed: int, policy: BusyPolicy, notice: Notic
     if contention.share <= policy.threshold:
         return contention
     if policy.mode != "warn" and policy.max_wait_s > 0:
-        notice(f"waiting up to {policy.max_wait_s:g} s for a quiet CPU: {contention.describe()} "
-               "(--busy warn measures at once)")
+        notice(
+            f"waiting up to {policy.max_wait_s:g} s for a quiet CPU: {contention.describe()} "
+            "(--busy warn measures at once)"
+        )
         deadline = load.clock() + policy.max_wait_s
         while contention.share > policy.threshold and load.clock() < deadline:
             contention = sample_contention(load, needed, policy.window_s)
@@ -68,16 +71,28 @@ def wait_for_quiet(load: CpuLoad, needed: int, policy: BusyPolicy, notice: Notic
             notice(f"CPU quiet now ({contention.others_cores:.1f} cores busy elsewhere); measuring")
             return contention
     if policy.mode == "refuse" and may_refuse:
-        raise MachineBusy(f"the machine stayed busy: {contention.describe()}; rerun when it is idle, "
-                          "or with --busy warn to measure anyway")
-    notice(f"warning: measuring on a busy machine: {contention.describe()}; rows measured under contention "
-           "are flagged 'contended' - rebuild on an idle machine for trustworthy numbers")
+        raise MachineBusy(
+            f"the machine stayed busy: {contention.describe()}; rerun when it is idle, "
+            "or with --busy warn to measure anyway"
+        )
+    notice(
+        f"warning: measuring on a busy machine: {contention.describe()}; rows measured under contention "
+        "are flagged 'contended' - rebuild on an idle machine for trustworthy numbers"
+    )
     return contention
 
 
 @contextmanager
-def quiet_machine(device: str, slug: str, needed: int, target: str, policy: BusyPolicy | None, notice: Notice,
-                  lock_timeout_s: float = -1, load: CpuLoad | None = None) -> Iterator[None]:
+def quiet_machine(
+    device: str,
+    slug: str,
+    needed: int,
+    target: str,
+    policy: BusyPolicy | None,
+    notice: Notice,
+    lock_timeout_s: float = -1,
+    load: CpuLoad | None = None,
+) -> Iterator[None]:
     """Hold the device's measurement lock for the block; with a policy, check the load first.
 
     The lock is taken before the load check, so a build waiting for another of ours does not

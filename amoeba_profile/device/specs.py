@@ -60,8 +60,12 @@ def validate_specs(data: dict[str, Any]) -> dict[str, DeviceSpec]:
         if entry["bf16_tflops"] > entry["int8_tops"] or entry["fp32_tflops"] > entry["fp16_tflops"] * 1.01:
             raise UsageError(f"spec sheet: {slug} peaks are inconsistent (expect fp32 <= fp16 <= int8)")
         out[slug] = DeviceSpec(
-            slug=slug, name=entry["name"], kind=entry["kind"], source=entry["source"],
-            match=tuple(entry.get("match", ())), jetson_compatible=tuple(entry.get("jetson_compatible", ())),
+            slug=slug,
+            name=entry["name"],
+            kind=entry["kind"],
+            source=entry["source"],
+            match=tuple(entry.get("match", ())),
+            jetson_compatible=tuple(entry.get("jetson_compatible", ())),
             shared_memory=bool(entry.get("shared_memory", False)),
             **{f: float(entry[f]) for f in _NUMERIC},
         )
@@ -86,8 +90,10 @@ def shared_memory_note(slug: str) -> str | None:
     budget must leave room for the OS and the runtime. None for other or unknown devices."""
     spec = load_specs().get(slug)
     if spec is not None and spec.shared_memory:
-        return (f"{spec.name}: its {spec.memory_gb:g} GB are shared by CPU and GPU; leave room for the OS and "
-                "the runtime when choosing --memory-gb")
+        return (
+            f"{spec.name}: its {spec.memory_gb:g} GB are shared by CPU and GPU; leave room for the OS and "
+            "the runtime when choosing --memory-gb"
+        )
     return None
 
 

@@ -28,5 +28,6 @@ def default_threads(device: str, cap: int, cap_name: str, load: CpuLoad | None =
         return cap, f"{cap_name} under OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
     free, sample = idle_cores(load or CpuLoad(pids=(os.getpid(), *measuring_pids())))
     threads = min(free, cap)
-    return threads, (f"{free} of {sample.cores} cores idle (other processes used {sample.others_cores:.1f}), "
-                     f"{cap_name} {cap}")
+    return threads, (
+        f"{free} of {sample.cores} cores idle (other processes used {sample.others_cores:.1f}), {cap_name} {cap}"
+    )

@@ -34,20 +34,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from amoeba_profile.measure.build import (BuildResult, finish_table, journal_rows, leave_unchanged, open_journal,
-                                          start_table, stored_config_at, to_stderr)
-from amoeba_profile.measure.scheduler import Sink, run_rounds
-from amoeba_profile.device import device_slug, resolve_device
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, UsageError
+from amoeba_profile.core.files import Notice, table_lock
+from amoeba_profile.core.inputs import output_dir
+from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.device import device_slug, resolve_device
+from amoeba_profile.device.quiet import BusyPolicy
 from amoeba_profile.fleet.plan import FleetBuild
 from amoeba_profile.fleet.worker import Described, UnitJob, UnitResult, describe_task, detect_task, measure_task
-from amoeba_profile.core.inputs import output_dir
+from amoeba_profile.measure.build import (
+    BuildResult,
+    finish_table,
+    journal_rows,
+    leave_unchanged,
+    open_journal,
+    start_table,
+    stored_config_at,
+    to_stderr,
+)
 from amoeba_profile.measure.journal import Journal, check_corrupt_choice
-from amoeba_profile.core.files import Notice, table_lock
+from amoeba_profile.measure.scheduler import Sink, run_rounds
 from amoeba_profile.table.lut import table_path
-from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.device.quiet import BusyPolicy
 
 FleetProgress = Callable[[str, int, int, str], None]  # (build name, done, total, what was measured last)
 RESOURCE_PREFIX = "device:"
@@ -89,10 +97,12 @@ def connect(address: str | None) -> str:
         try:
             ray.init(address=address)
         except ConnectionError as exc:
-            raise AmoebaError(f"cannot join the Ray cluster at {address} ({' '.join(str(exc).split())}); is "
-                              "`ray start --head` running there, and if the head uses token authentication "
-                              "(Ray's default from 2.61, or a ~/.ray/auth_token), set RAY_AUTH_MODE=token and "
-                              "RAY_AUTH_TOKEN (`ray get-auth-token` on the head) here too") from None
+            raise AmoebaError(
+                f"cannot join the Ray cluster at {address} ({' '.join(str(exc).split())}); is "
+                "`ray start --head` running there, and if the head uses token authentication "
+                "(Ray's default from 2.61, or a ~/.ray/auth_token), set RAY_AUTH_MODE=token and "
+                "RAY_AUTH_TOKEN (`ray get-auth-token` on the head) here too"
+            ) from None
         return f"the Ray cluster at {address}"
     try:
         ray.init(address="auto")
@@ -135,8 +145,12 @@ def discover(timeout_s: float = 120.0) -> list[FleetNode]:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = [n for n in ray.nodes() if n["Alive"] and _labels(n["Resources"])]
-    refs = {_remote(detect_task).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote(): n for n in nodes}
+    refs = {
+        _remote(detect_task)
+        .options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+        .remote(): n
+        for n in nodes
+    }
     ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
     found = []
     for ref, node in refs.items():
@@ -149,8 +163,9 @@ def discover(timeout_s: float = 120.0) -> list[FleetNode]:
 
 
 def _labels(resources: dict[str, float]) -> tuple[str, ...]:
-    return tuple(sorted(k.removeprefix(RESOURCE_PREFIX) for k, v in resources.items()
-                        if k.startswith(RESOURCE_PREFIX) and v > 0))
+    return tuple(
+        sorted(k.removeprefix(RESOURCE_PREFIX) for k, v in resources.items() if k.startswith(RESOURCE_PREFIX) and v > 0)
+    )
 
 
 def _cause(exc: BaseException) -> str:
@@ -160,12 +175,19 @@ def _cause(exc: BaseException) -> str:
     return " ".join(text.split())[:400]
 
 
-def refusal(expected_device: dict[str, Any], expected_versions: dict[str, Any], entries: list[Entry],
-            round_index: int, result: UnitResult) -> str | None:
+def refusal(
+    expected_device: dict[str, Any],
+    expected_versions: dict[str, Any],
+    entries: list[Entry],
+    round_index: int,
+    result: UnitResult,
+) -> str | None:
     """Why a worker's results may not enter the table (None: they may): measured on another device
     (fingerprint) or with other library versions than the table's, or not the entries asked for."""
-    for what, got, want in (("device fingerprint", result.device, expected_device),
-                            ("library versions", result.versions, expected_versions)):
+    for what, got, want in (
+        ("device fingerprint", result.device, expected_device),
+        ("library versions", result.versions, expected_versions),
+    ):
         if got != want:
             differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
             detail = ", ".join(f"{k}: {got.get(k)!r} instead of {want.get(k)!r}" for k in differ)
@@ -221,10 +243,20 @@ class FleetOutcome:
     journal: Path | None
 
 
-def run_fleet(builds: list[FleetBuild], out_dir: Path, protocol: TimingProtocol = TimingProtocol(), *,
-              busy: BusyPolicy | None = None, progress: FleetProgress | None = None, notice: Notice | None = None,
-              device_wait_s: float = 600.0, max_retries: int = 3, on_corrupt_journal: str = "stop",
-              resume_hint: str = "the same run_fleet call", poll_s: float = 1.0) -> list[FleetOutcome]:
+def run_fleet(
+    builds: list[FleetBuild],
+    out_dir: Path,
+    protocol: TimingProtocol = TimingProtocol(),
+    *,
+    busy: BusyPolicy | None = None,
+    progress: FleetProgress | None = None,
+    notice: Notice | None = None,
+    device_wait_s: float = 600.0,
+    max_retries: int = 3,
+    on_corrupt_journal: str = "stop",
+    resume_hint: str = "the same run_fleet call",
+    poll_s: float = 1.0,
+) -> list[FleetOutcome]:
     """Build every table of ``builds`` on the connected Ray cluster (``connect``) into ``out_dir``,
     as ``run_build`` would on each device; returns one outcome per build, in order.
 
@@ -236,8 +268,18 @@ def run_fleet(builds: list[FleetBuild], out_dir: Path, protocol: TimingProtocol 
         raise UsageError("run_fleet needs a Ray connection: call fleet.connect(address) first")
     check_corrupt_choice(on_corrupt_journal)
     output_dir(out_dir, "--out")
-    driver = _Driver(Path(out_dir), protocol, busy, progress, notice or to_stderr, device_wait_s, max_retries,
-                     on_corrupt_journal, resume_hint, poll_s)
+    driver = _Driver(
+        Path(out_dir),
+        protocol,
+        busy,
+        progress,
+        notice or to_stderr,
+        device_wait_s,
+        max_retries,
+        on_corrupt_journal,
+        resume_hint,
+        poll_s,
+    )
     return driver.run([_Table(build) for build in builds])
 
 
@@ -248,9 +290,19 @@ class _Driver:
     build at its next poll, its tasks cancelled and its lock released. The caller's ``progress``
     and ``notice`` run on the calling thread (``_on_caller``), as in a local build."""
 
-    def __init__(self, out_dir: Path, protocol: TimingProtocol, busy: BusyPolicy | None,
-                 progress: FleetProgress | None, notice: Notice, device_wait_s: float, max_retries: int,
-                 on_corrupt: str, resume_hint: str, poll_s: float):
+    def __init__(
+        self,
+        out_dir: Path,
+        protocol: TimingProtocol,
+        busy: BusyPolicy | None,
+        progress: FleetProgress | None,
+        notice: Notice,
+        device_wait_s: float,
+        max_retries: int,
+        on_corrupt: str,
+        resume_hint: str,
+        poll_s: float,
+    ):
         self.ray = _ray()
         self.out_dir, self.protocol, self.busy, self.progress, self.notice = out_dir, protocol, busy, progress, notice
         self.device_wait_s, self.max_retries, self.on_corrupt = device_wait_s, max_retries, on_corrupt
@@ -268,8 +320,10 @@ class _Driver:
         for table in missing:
             table.missing_since = now
         if missing:
-            self.say(f"no live node advertises {listed(sorted({t.resource for t in missing}))}; waiting up to "
-                     f"{self.device_wait_s:g} s for one to join")
+            self.say(
+                f"no live node advertises {listed(sorted({t.resource for t in missing}))}; waiting up to "
+                f"{self.device_wait_s:g} s for one to join"
+            )
 
     def run(self, tables: list[_Table]) -> list[FleetOutcome]:
         self.announce_missing(tables)
@@ -291,9 +345,17 @@ class _Driver:
             except BaseException:
                 self.stopping.set()
                 raise
-        return [FleetOutcome(t.build, t.status, t.message, t.result, tuple(sorted(t.nodes)),
-                             t.journal.path if t.journal is not None and t.journal.path.exists() else None)
-                for t in tables]
+        return [
+            FleetOutcome(
+                t.build,
+                t.status,
+                t.message,
+                t.result,
+                tuple(sorted(t.nodes)),
+                t.journal.path if t.journal is not None and t.journal.path.exists() else None,
+            )
+            for t in tables
+        ]
 
     def _on_caller(self, function: Callable[..., None], *args: Any) -> None:
         """Call ``function(*args)`` on the thread that runs ``run``, in order, without waiting for
@@ -328,8 +390,11 @@ class _Driver:
         with self.claiming:
             other = self.paths.setdefault(path, table)
         if other is not table:
-            raise _Stop("failed", f"writes {path}, as {other.build.name} does: both labels' nodes have the same "
-                        "device; give one of them other flows or models")
+            raise _Stop(
+                "failed",
+                f"writes {path}, as {other.build.name} does: both labels' nodes have the same "
+                "device; give one of them other flows or models",
+            )
         output_dir(path.parent, "--out")
         table.stack.enter_context(table_lock(path, 0, self.say))
         start = start_table(path, plan, record, self.protocol, described.device, described.method_reason)
@@ -346,9 +411,15 @@ class _Driver:
         start.meta["monitor"], start.meta["state_at_start"] = described.monitor, described.state
         launcher = RayLauncher(self, table, described, fingerprint, str(path))
         progress = self.progress
-        run_rounds(start.todo, table.journal, self.protocol, launcher,
-                   (lambda *done_total_label: self._on_caller(progress, table.build.name, *done_total_label))
-                   if progress else None)
+        run_rounds(
+            start.todo,
+            table.journal,
+            self.protocol,
+            launcher,
+            (lambda *done_total_label: self._on_caller(progress, table.build.name, *done_total_label))
+            if progress
+            else None,
+        )
         rows, oom = journal_rows(start.todo, table.journal, self.protocol, plan.method)
         start.meta["state_at_end"] = launcher.last_state if launcher.last_state is not None else described.state
         provenance = {"resource": table.resource, "nodes": sorted(table.nodes)}
@@ -362,8 +433,12 @@ class _Driver:
     def options(self, table: _Table) -> dict[str, Any]:
         # num_cpus=0: the device resource is what a measurement holds; a node started with
         # --num-cpus=0 (a head that measures nothing) still runs nothing of ours.
-        return {"resources": {table.resource: 1}, "num_cpus": 0, "max_retries": self.max_retries,
-                "retry_exceptions": False}
+        return {
+            "resources": {table.resource: 1},
+            "num_cpus": 0,
+            "max_retries": self.max_retries,
+            "retry_exceptions": False,
+        }
 
     def _describe(self, table: _Table, threads: int | None) -> Described:
         ref = _remote(describe_task).options(**self.options(table)).remote(table.build, threads)
@@ -403,16 +478,19 @@ class _Driver:
             table.missing_since = None
         elif table.missing_since is None:
             table.missing_since = now
-            self.say(f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
-                        f"{self.device_wait_s:g} s for one to join")
+            self.say(
+                f"{table.build.name}: no live node advertises {table.resource}; waiting up to "
+                f"{self.device_wait_s:g} s for one to join"
+            )
         elif now - table.missing_since >= self.device_wait_s:
             raise _Stop("lost", f"no live node advertised {table.resource} for {self.device_wait_s:g} s")
 
     def _stopped(self, table: _Table, status: str, why: str) -> None:
         """A build ended without writing its table: say in one line what is kept and how to resume."""
         journal = table.journal
-        kept = (f"{len(journal.records)} results kept in {journal.path}" if journal is not None
-                else "nothing measured yet")
+        kept = (
+            f"{len(journal.records)} results kept in {journal.path}" if journal is not None else "nothing measured yet"
+        )
         table.status = status
         table.message = f"{table.build.name}: {why}; {kept}; resume with: {self.resume_hint}"
 
@@ -424,8 +502,7 @@ class RayLauncher:
     Results from a node that measures unlike the table (``refusal``) are never journaled: the unit
     goes to another node of the device, and with none left the build fails."""
 
-    def __init__(self, driver: _Driver, table: _Table, described: Described, fingerprint: dict[str, Any],
-                 target: str):
+    def __init__(self, driver: _Driver, table: _Table, described: Described, fingerprint: dict[str, Any], target: str):
         self.driver, self.table, self.described = driver, table, described
         self.fingerprint, self.target = fingerprint, target
         self.refused: dict[str, str] = {}  # node id -> why its results were refused
@@ -445,8 +522,10 @@ class RayLauncher:
                     problem = refusal(self.fingerprint, self.described.record.versions, entries, round_index, result)
                     if problem is not None:
                         if result.node not in self.refused:
-                            driver.say(f"{self.table.build.name}: results from node {result.node[:12]} refused, "
-                                          f"never mixed in: {problem}")
+                            driver.say(
+                                f"{self.table.build.name}: results from node {result.node[:12]} refused, "
+                                f"never mixed in: {problem}"
+                            )
                         self.refused[result.node] = problem
                         pending[self._submit(entries, round_index)] = entries
                         continue
@@ -464,24 +543,37 @@ class RayLauncher:
 
     def _submit(self, entries: list[Entry], round_index: int) -> Any:
         described, driver = self.described, self.driver
-        job = UnitJob(described.plan, described.record, self.fingerprint, driver.protocol, tuple(entries),
-                      round_index, driver.busy, self.target)
+        job = UnitJob(
+            described.plan,
+            described.record,
+            self.fingerprint,
+            driver.protocol,
+            tuple(entries),
+            round_index,
+            driver.busy,
+            self.target,
+        )
         options = driver.options(self.table)
         if self.refused:
             eligible = self._eligible()
             if not eligible:
                 reasons = "; ".join(f"node {node[:12]}: {why}" for node, why in self.refused.items())
-                raise _Stop("failed", f"no node with {self.table.resource} measures as the table was measured "
-                            f"({reasons})")
+                raise _Stop(
+                    "failed", f"no node with {self.table.resource} measures as the table was measured ({reasons})"
+                )
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(eligible[self.turn % len(eligible)],
-                                                                            soft=False)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                eligible[self.turn % len(eligible)], soft=False
+            )
             self.turn += 1
         return _remote(measure_task).options(**options).remote(job)
 
     def _eligible(self) -> list[str]:
         """Live nodes that advertise the table's device and whose results were never refused."""
         resource = self.table.resource
-        return sorted(n["NodeID"] for n in self.driver.ray.nodes() if n["Alive"] and n["Resources"].get(resource, 0) > 0
-                      and n["NodeID"] not in self.refused)
+        return sorted(
+            n["NodeID"]
+            for n in self.driver.ray.nodes()
+            if n["Alive"] and n["Resources"].get(resource, 0) > 0 and n["NodeID"] not in self.refused
+        )

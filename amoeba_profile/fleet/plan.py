@@ -72,12 +72,14 @@ def _plan_loader(yaml):
     """A SafeLoader that refuses aliases (``*name``, merge keys ``<<: *name``): a few hundred bytes
     of nested aliases expand to gigabytes, which the file's size limit does not bound. A plan is
     short enough to write out; an anchor alone (``&name``) is harmless and stays allowed."""
+
     class PlanLoader(yaml.SafeLoader):
         def compose_node(self, parent, index):
             if self.check_event(yaml.AliasEvent):
                 mark = self.peek_event().start_mark
-                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a fleet plan; "
-                                                  "write the value out", mark)
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a fleet plan; write the value out", mark
+                )
             return super().compose_node(parent, index)
 
     return PlanLoader
@@ -123,7 +125,10 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
         if not isinstance(overrides, dict):
             raise UsageError(f"{where}: its options must be a mapping, got {overrides!r}")
         _no_unknown(overrides, _DEVICE_KEYS, where)
-        grid = {**_mapping(data.get("grid"), f"{source}: 'grid'"), **_mapping(overrides.get("grid"), f"{where}: 'grid'")}
+        grid = {
+            **_mapping(data.get("grid"), f"{source}: 'grid'"),
+            **_mapping(overrides.get("grid"), f"{where}: 'grid'"),
+        }
         _no_unknown(grid, _GRID_KEYS, f"{where}: 'grid'")
         backend_options = _mapping(overrides.get("backend_options"), f"{where}: 'backend_options'")
         threads = overrides.get("threads")
@@ -135,11 +140,20 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
                 if model not in archs:
                     archs[model] = _within(where, resolve_arch, _model_path(model, base))
                 arch = archs[model]
-                builds.append(FleetBuild(
-                    label=label, backend=flow, model=model, arch=arch, device=str(overrides.get("device", "auto")),
-                    dtype=overrides.get("dtype"), method=method,
-                    threads=positive_int(threads, f"{where}: 'threads'") if threads is not None else None,
-                    backend_options=dict(backend_options), plan_options=_within(where, _plan_options, arch, grid, where)))
+                builds.append(
+                    FleetBuild(
+                        label=label,
+                        backend=flow,
+                        model=model,
+                        arch=arch,
+                        device=str(overrides.get("device", "auto")),
+                        dtype=overrides.get("dtype"),
+                        method=method,
+                        threads=positive_int(threads, f"{where}: 'threads'") if threads is not None else None,
+                        backend_options=dict(backend_options),
+                        plan_options=_within(where, _plan_options, arch, grid, where),
+                    )
+                )
     seen: set[tuple[str, str, str]] = set()
     for build in builds:
         key = (build.label, build.backend, build.arch.name)
@@ -181,8 +195,9 @@ def _within(where: str, function: Callable[..., T], *args: Any) -> T:
 def _check_label(label: Any, where: str) -> None:
     # The label becomes the resource name device:<label> that `ray start --resources` takes as JSON.
     if not isinstance(label, str) or not label or not all(c.isalnum() or c in "-_." for c in label):
-        raise UsageError(f"{where}: a device label is letters, digits, '-', '_' and '.' (a device slug such as "
-                         "rtx-a5000)")
+        raise UsageError(
+            f"{where}: a device label is letters, digits, '-', '_' and '.' (a device slug such as rtx-a5000)"
+        )
 
 
 def _no_unknown(data: dict[str, Any], known: set[str], where: str) -> None:

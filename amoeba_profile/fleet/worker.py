@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import get_backend
-from amoeba_profile.measure.build import BackendRecord, UnitMeasurer, check_device, to_stderr
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.device import device_slug, fingerprint, resolve_device
 from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.device.monitor import monitor_for
-from amoeba_profile.core.entry import Entry
+from amoeba_profile.device.quiet import BusyPolicy, quiet_machine
 from amoeba_profile.fleet.plan import FleetBuild
-from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.build import BackendRecord, UnitMeasurer, check_device, to_stderr
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.measure.prepare import prepare_build
-from amoeba_profile.device.quiet import BusyPolicy, quiet_machine
 
 
 def _node_id() -> str:
@@ -77,14 +77,27 @@ def describe_task(build: FleetBuild, threads: int | None) -> Described:
     """``prepare_build`` and the device checks of ``preflight``, on the device: what a local build
     checks before writing a byte."""
     as_on_the_node()
-    prepared = prepare_build(build.arch, backend=build.backend, device=build.device, method=build.method,
-                             dtype=build.dtype, threads=threads, backend_options=build.backend_options,
-                             **build.plan_options)
+    prepared = prepare_build(
+        build.arch,
+        backend=build.backend,
+        device=build.device,
+        method=build.method,
+        dtype=build.dtype,
+        threads=threads,
+        backend_options=build.backend_options,
+        **build.plan_options,
+    )
     backend = prepared.backend
     check_device(prepared.plan, backend)
     monitor = monitor_for(backend.device, load=CpuLoad(), needed=backend.host_cores())
-    return Described(prepared.plan, BackendRecord.of(backend), fingerprint(backend.device), prepared.method_reason,
-                     monitor.source, monitor.sample())
+    return Described(
+        prepared.plan,
+        BackendRecord.of(backend),
+        fingerprint(backend.device),
+        prepared.method_reason,
+        monitor.source,
+        monitor.sample(),
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ def once_per_table(target: str) -> Callable[[str], None]:
     fleet measures a table one unit-round per task, and every task checks again, so the same lines
     (differing only in their figures) came once per task. The first of each kind stands for the
     rest; the rows measured under contention are flagged in the table either way."""
+
     def notice(message: str) -> None:
         kind = (target, re.sub(r"\d+(?:\.\d+)?", "#", message))
         if kind not in _SAID:
@@ -147,8 +161,9 @@ def measure_task(job: UnitJob) -> UnitResult:
         return UnitResult([], True, device, versions, node, None)
     records: list[dict[str, Any]] = []
     load = CpuLoad()
-    with quiet_machine(backend.device, device["slug"], backend.host_cores(), job.target, job.busy,
-                       once_per_table(job.target), -1, load):
+    with quiet_machine(
+        backend.device, device["slug"], backend.host_cores(), job.target, job.busy, once_per_table(job.target), -1, load
+    ):
         measurer = UnitMeasurer(job.plan, backend, job.protocol, ArtifactCache(), load)
         built = measurer.measure_unit(list(job.entries), job.round_index, lambda entry, result: records.append(result))
         state = measurer.monitor.sample()

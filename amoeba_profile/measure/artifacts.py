@@ -25,14 +25,21 @@ from amoeba_profile.backends.base import Backend, EngineSpec
 
 
 def default_root() -> Path:
-    base = os.environ.get("AMOEBA_ARTIFACTS") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
-        "amoeba-profile" / "artifacts"
+    base = (
+        os.environ.get("AMOEBA_ARTIFACTS")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "amoeba-profile" / "artifacts"
+    )
     return Path(base)
 
 
 def artifact_key(backend: Backend, spec: EngineSpec) -> dict[str, Any]:
-    return {"backend": backend.name, "config": backend.config_dict(), "spec": spec.to_dict(),
-            "versions": backend.versions(), "device_arch": backend.device_arch()}
+    return {
+        "backend": backend.name,
+        "config": backend.config_dict(),
+        "spec": spec.to_dict(),
+        "versions": backend.versions(),
+        "device_arch": backend.device_arch(),
+    }
 
 
 @dataclass(frozen=True)

@@ -30,28 +30,33 @@ from typing import Any, Callable
 import numpy as np
 
 from amoeba_profile import __version__
-from amoeba_profile.measure.artifacts import ArtifactCache
 from amoeba_profile.backends import Backend, get_backend
 from amoeba_profile.backends.base import EngineSpec
+from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.errors import AmoebaError, ArtifactError, LutError, UnsupportedShape
+from amoeba_profile.core.files import Notice, held, table_lock
+from amoeba_profile.core.inputs import output_dir, read_bounded
+from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
 from amoeba_profile.device import available_memory_bytes, fingerprint
 from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.device.monitor import Monitor, entry_state, host_contention, monitor_for
-from amoeba_profile.core.entry import Entry
-from amoeba_profile.core.errors import AmoebaError, LutError, UnsupportedShape
-from amoeba_profile.table.fit import calibrate_rows, fit_rows
-from amoeba_profile.core.inputs import output_dir
-from amoeba_profile.measure.journal import Journal
-from amoeba_profile.core.files import Notice, held, table_lock
-from amoeba_profile.table.lut import Lut, entry_key_of_row, load_table, measured_row, rows_frame, table_path, write_table
-from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
-from amoeba_profile.selection.memory import check_fits
+from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
+from amoeba_profile.measure.artifacts import ArtifactCache
+from amoeba_profile.measure.journal import HEADER_BYTES, Journal, cannot_write
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.measure.scheduler import Progress, Sink, run_rounds
-from amoeba_profile.device.quiet import CONTENDED_SHARE, BusyPolicy, quiet_machine, wait_for_quiet
-from amoeba_profile.core.errors import ArtifactError
-from amoeba_profile.core.inputs import read_bounded
-from amoeba_profile.measure.journal import HEADER_BYTES, cannot_write
-from amoeba_profile.table.lut import (short_of)
+from amoeba_profile.selection.memory import check_fits
+from amoeba_profile.table.fit import calibrate_rows, fit_rows
+from amoeba_profile.table.lut import (
+    Lut,
+    entry_key_of_row,
+    load_table,
+    measured_row,
+    rows_frame,
+    short_of,
+    table_path,
+    write_table,
+)
 
 HOST_BOUND_BUSY = 0.5  # accelerator busy less than half of a sample: the host is the bottleneck
 _IDENTITY_KEYS = ("device_slug", "backend", "versions", "backend_config", "dtype", "arch", "method")
@@ -73,17 +78,28 @@ class BackendRecord:
 
     @classmethod
     def of(cls, backend: Backend) -> BackendRecord:
-        return cls(backend.name, backend.config_dict(), backend.versions(), backend.environment(), backend.dtype,
-                   backend.clock_name)
+        return cls(
+            backend.name,
+            backend.config_dict(),
+            backend.versions(),
+            backend.environment(),
+            backend.dtype,
+            backend.clock_name,
+        )
 
 
 def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any]) -> dict:
     """The options a journal's results belong to, and their hash: a journal of other options is refused,
     and the refusal names which differ."""
     options = {
-        "arch": plan.arch.to_dict(), "grid": plan.grid(), "whole": sorted(s.id for s in plan.whole),
-        "backend": record.name, "config": record.config, "versions": record.versions,
-        "device": device["slug"], "protocol": protocol.identity_dict(),
+        "arch": plan.arch.to_dict(),
+        "grid": plan.grid(),
+        "whole": sorted(s.id for s in plan.whole),
+        "backend": record.name,
+        "config": record.config,
+        "versions": record.versions,
+        "device": device["slug"],
+        "protocol": protocol.identity_dict(),
     }
     identity = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16]
     return {"kind": "header", "identity": identity, "options": options}
@@ -131,8 +147,13 @@ def check_device(plan: BuildPlan, backend: Backend) -> None:
     component chain that cannot fit the memory the device has available (``memory.check_fits``).
     A fleet worker runs it on the device; the output folder is the driver's to check."""
     _check_method(plan, backend)
-    check_fits(plan, backend.dtype, available_memory_bytes(backend.device), backend.device,
-               lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f))
+    check_fits(
+        plan,
+        backend.dtype,
+        available_memory_bytes(backend.device),
+        backend.device,
+        lambda component, h, kv, f: backend.chain_length(plan.arch, component, h, kv, f),
+    )
 
 
 def run_build(
@@ -170,8 +191,9 @@ def run_build(
     with table_lock(path, lock_timeout_s, notice):
         if adopt_threads:
             backend = adopt_stored_threads(path, backend, notice)
-        with quiet_machine(backend.device, device["slug"], backend.host_cores(), str(path), busy, notice,
-                           lock_timeout_s, load):
+        with quiet_machine(
+            backend.device, device["slug"], backend.host_cores(), str(path), busy, notice, lock_timeout_s, load
+        ):
             runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
             return runner.build(path, device, method_reason, on_corrupt_journal)
 
@@ -185,10 +207,20 @@ class Measured:
     from_journal: int
 
 
-def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol: TimingProtocol = TimingProtocol(),
-                 progress: Progress | None = None, *, artifacts: ArtifactCache | None = None,
-                 method_reason: str = "", on_corrupt_journal: str = "stop", busy: BusyPolicy | None = None,
-                 notice: Notice | None = None, load: CpuLoad | None = None) -> Measured:
+def measure_plan(
+    plan: BuildPlan,
+    backend: Backend,
+    journal_path: Path,
+    protocol: TimingProtocol = TimingProtocol(),
+    progress: Progress | None = None,
+    *,
+    artifacts: ArtifactCache | None = None,
+    method_reason: str = "",
+    on_corrupt_journal: str = "stop",
+    busy: BusyPolicy | None = None,
+    notice: Notice | None = None,
+    load: CpuLoad | None = None,
+) -> Measured:
     """Measure every entry of ``plan`` through a journal at ``journal_path`` and return the rows as
     a table in memory, fitted like a build's; nothing else is written and the journal is kept.
 
@@ -200,9 +232,10 @@ def measure_plan(plan: BuildPlan, backend: Backend, journal_path: Path, protocol
     device = fingerprint(backend.device)
     notice = notice if notice is not None else to_stderr
     load = load if load is not None else CpuLoad()
-    with held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice), \
-            quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice,
-                          -1, load):
+    with (
+        held(Path(str(journal_path) + ".lock"), f"journal {journal_path}", -1, notice),
+        quiet_machine(backend.device, device["slug"], backend.host_cores(), str(journal_path), busy, notice, -1, load),
+    ):
         runner = _Runner(plan, backend, protocol, artifacts or ArtifactCache(), progress, busy, notice, load)
         record = BackendRecord.of(backend)
         meta = _meta(plan, record, protocol, device, method_reason)
@@ -227,18 +260,30 @@ def _provenance(todo: list[Entry], journal: Journal) -> tuple[int, int]:
 
 def _check_method(plan: BuildPlan, backend: Backend) -> None:
     if plan.method not in backend.capabilities().methods:
-        raise AmoebaError(f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, "
-                          f"not the {plan.method!r} method")
+        raise AmoebaError(
+            f"backend {backend.name!r} supports {list(backend.capabilities().methods)}, not the {plan.method!r} method"
+        )
 
 
-def _meta(plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any],
-          method_reason: str) -> dict[str, Any]:
+def _meta(
+    plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any], method_reason: str
+) -> dict[str, Any]:
     return {
-        "tool_version": __version__, "device_slug": device["slug"], "device": device, "backend": record.name,
-        "backend_config": record.config, "versions": record.versions,
-        "backend_env": record.environment, "dtype": record.dtype, "arch": plan.arch.to_dict(),
-        "method": plan.method, "method_reason": method_reason, "grid": plan.grid(),
-        "protocol": protocol.to_dict(), "clock": record.clock_name, "source": "measured",
+        "tool_version": __version__,
+        "device_slug": device["slug"],
+        "device": device,
+        "backend": record.name,
+        "backend_config": record.config,
+        "versions": record.versions,
+        "backend_env": record.environment,
+        "dtype": record.dtype,
+        "arch": plan.arch.to_dict(),
+        "method": plan.method,
+        "method_reason": method_reason,
+        "grid": plan.grid(),
+        "protocol": protocol.to_dict(),
+        "clock": record.clock_name,
+        "source": "measured",
         **({"source_config": plan.source_config} if plan.source_config is not None else {}),
     }
 
@@ -258,10 +303,14 @@ def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], d
         if old == new:
             continue
         if key == "arch" and isinstance(old, dict) and old.get("name") == new["name"]:
-            raise LutError(f"{path}: holds another model also named {new['name']!r} ({identity_difference(old, new)}); "
-                           f"name this one with --name (e.g. --name {new['name']}-2) or choose another --out")
-        raise LutError(f"{path}: existing table has {key} {identity_difference(old, new)}; tables with different "
-                       "identities are not merged - choose another --out")
+            raise LutError(
+                f"{path}: holds another model also named {new['name']!r} ({identity_difference(old, new)}); "
+                f"name this one with --name (e.g. --name {new['name']}-2) or choose another --out"
+            )
+        raise LutError(
+            f"{path}: existing table has {key} {identity_difference(old, new)}; tables with different "
+            "identities are not merged - choose another --out"
+        )
     return lut.frame.to_dict("records"), lut.meta
 
 
@@ -297,8 +346,15 @@ def stored_config_at(path: Path) -> dict[str, Any] | None:
     return load_table(path).meta.get("backend_config") if path.is_file() else None
 
 
-def backend_for_build(name: str, out_dir: Path, plan: BuildPlan, device: str, dtype: str | None,
-                      threads: int | None, options: dict[str, Any] | None = None) -> tuple[Backend, str]:
+def backend_for_build(
+    name: str,
+    out_dir: Path,
+    plan: BuildPlan,
+    device: str,
+    dtype: str | None,
+    threads: int | None,
+    options: dict[str, Any] | None = None,
+) -> tuple[Backend, str]:
     """The backend a build into ``out_dir`` measures with (``options``: further config fields), and
     a line saying its thread count and why ("" for a backend without one). Without ``threads``, a
     table or journal being resumed or extended keeps the count it was measured with
@@ -332,21 +388,35 @@ def adopt_stored_threads(path: Path, backend: Backend, notice: Notice) -> Backen
     the load gave that build; a different default must not make this one refuse the table."""
     adopted = _with_stored_threads(backend, stored_config_at(path))
     if adopted is not backend:
-        notice(f"threads: {adopted.config_dict()['threads']} instead of {backend.config_dict()['threads']}, as "
-               f"{path} was measured by the build this one waited for")
+        notice(
+            f"threads: {adopted.config_dict()['threads']} instead of {backend.config_dict()['threads']}, as "
+            f"{path} was measured by the build this one waited for"
+        )
     return adopted
 
 
-def open_journal(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
-                 device: dict[str, Any], on_corrupt: str) -> Journal:
+def open_journal(
+    path: Path,
+    plan: BuildPlan,
+    record: BackendRecord,
+    protocol: TimingProtocol,
+    device: dict[str, Any],
+    on_corrupt: str,
+) -> Journal:
     """The journal of one build at ``path``: its results are checked against the plan's entries and
     rounds, and a journal of other options is refused."""
-    return Journal(path, _journal_header(plan, record, protocol, device), on_corrupt,
-                   keys=(e.key for e in plan.entries()), max_round=protocol.rounds)
+    return Journal(
+        path,
+        _journal_header(plan, record, protocol, device),
+        on_corrupt,
+        keys=(e.key for e in plan.entries()),
+        max_round=protocol.rounds,
+    )
 
 
-def journal_rows(todo: list[Entry], journal: Journal, protocol: TimingProtocol,
-                 plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
+def journal_rows(
+    todo: list[Entry], journal: Journal, protocol: TimingProtocol, plan_method: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """The rows of ``todo`` from the journal's results, and the labels of the entries that failed
     (out of memory, or too noisy for a positive median; an unsupported shape is not a failure)."""
     return _aggregate(todo, journal.records, protocol.cv_threshold, plan_method)
@@ -377,8 +447,14 @@ class TableStart:
         return self.path.with_name(self.path.name + ".journal.jsonl")
 
 
-def start_table(path: Path, plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol,
-                device: dict[str, Any], method_reason: str) -> TableStart:
+def start_table(
+    path: Path,
+    plan: BuildPlan,
+    record: BackendRecord,
+    protocol: TimingProtocol,
+    device: dict[str, Any],
+    method_reason: str,
+) -> TableStart:
     """Read the table at ``path`` (refused when its identity is not this build's) and work out what
     the build adds to it. A row of this build's entries measured with fewer rounds or samples than
     ``protocol`` asks (a ``--quick`` build's, under a default one) is not counted as done: its
@@ -418,8 +494,9 @@ def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: 
     return BuildResult(start.path, 0, 0, len(start.kept), [], time.perf_counter() - started, written=False)
 
 
-def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], journal: Journal,
-                 started: float) -> BuildResult:
+def finish_table(
+    start: TableStart, rows: list[dict[str, Any]], oom: list[str], journal: Journal, started: float
+) -> BuildResult:
     """Refit (difference), write the table atomically with ``start.meta`` (the caller has added the
     monitor and device state), then remove the journal."""
     meta = start.meta
@@ -429,19 +506,30 @@ def finish_table(start: TableStart, rows: list[dict[str, Any]], oom: list[str], 
         all_rows, meta["fit"] = _refit(all_rows, start.fit_ids, meta["method"])
         meta["fit_subnet_ids"] = sorted(start.fit_ids)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    stamps = {"created_at": start.old_meta.get("created_at", created), "updated_at": created} \
-        if start.old_meta else {"created_at": created}
+    stamps = (
+        {"created_at": start.old_meta.get("created_at", created), "updated_at": created}
+        if start.old_meta
+        else {"created_at": created}
+    )
     try:
         write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
     except OSError as exc:  # the old table, if any, is whole: write_table commits by one rename
         raise cannot_write(exc, start.path, f"the measurements are kept in the journal {journal.path}") from None
     journal.path.unlink(missing_ok=True)
     labels = {e.key: e.label for e in start.todo}
-    unsupported = [labels[key] for key in (entry_key_of_row(r) for r in rows if r["status"] == "unsupported")
-                   if key in labels]
-    return BuildResult(start.path, *_provenance(start.todo, journal), len(start.kept), oom,
-                       time.perf_counter() - started, recompiled=recompiled, remeasured=len(start.remeasured),
-                       unsupported=unsupported)
+    unsupported = [
+        labels[key] for key in (entry_key_of_row(r) for r in rows if r["status"] == "unsupported") if key in labels
+    ]
+    return BuildResult(
+        start.path,
+        *_provenance(start.todo, journal),
+        len(start.kept),
+        oom,
+        time.perf_counter() - started,
+        recompiled=recompiled,
+        remeasured=len(start.remeasured),
+        unsupported=unsupported,
+    )
 
 
 def device_out_of_memory(backend: Backend, exc: BaseException) -> bool:
@@ -461,8 +549,9 @@ class UnitMeasurer:
     entry with the device state around it, and hands each result to a sink. The one place results
     are made, for a local build (the sink is its journal) and a fleet worker (a list it returns)."""
 
-    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
-                 load: CpuLoad):
+    def __init__(
+        self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache, load: CpuLoad
+    ):
         self.plan, self.backend, self.protocol, self.artifacts = plan, backend, protocol, artifacts
         self.monitor: Monitor = monitor_for(backend.device, load=load, needed=backend.host_cores())
 
@@ -504,8 +593,9 @@ class UnitMeasurer:
             raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept") from exc
         except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
             if not device_out_of_memory(backend, exc):
-                raise AmoebaError(f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to "
-                                  "resume") from exc
+                raise AmoebaError(
+                    f"building {entries[0].label} failed: {exc}; measured entries are kept, rerun to resume"
+                ) from exc
             self._fail(entries, round_index, sink, "oom", exc)
             return False
         build_s = time.perf_counter() - t0
@@ -521,21 +611,35 @@ class UnitMeasurer:
                     recompiles = opened.jit_compiles() - jit_before if jit_before is not None else None
                     after = self.monitor.sample()
                     busy = opened.device_busy(piece) if entry.runs_whole and round_index == 0 else None
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:  # any failure: classified as out of memory or re-raised below
                     if not device_out_of_memory(backend, exc):
-                        raise AmoebaError(f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to "
-                                          "resume") from exc
+                        raise AmoebaError(
+                            f"measuring {entry.label} failed: {exc}; measured entries are kept, rerun to resume"
+                        ) from exc
                     self._fail([entry], round_index, sink, "oom", exc)
                     continue
                 repeat = getattr(opened, "repeat", 1)
                 state = entry_state(before, after, (warm_runs + len(samples) * steps) * repeat)
-                state.update({k: v for k, v in (("device_busy", busy), ("compile_s", compile_s),
-                                                ("recompiles", recompiles)) if v is not None})
-                sink(entry, {
-                    "key": entry.key, "round": round_index, "status": "ok", "repeat": repeat, "steps": steps,
-                    "wall_s": time.perf_counter() - t1 + build_s, "samples_ms": [s / repeat for s in samples],
-                    "state": state,
-                })
+                state.update(
+                    {
+                        k: v
+                        for k, v in (("device_busy", busy), ("compile_s", compile_s), ("recompiles", recompiles))
+                        if v is not None
+                    }
+                )
+                sink(
+                    entry,
+                    {
+                        "key": entry.key,
+                        "round": round_index,
+                        "status": "ok",
+                        "repeat": repeat,
+                        "steps": steps,
+                        "wall_s": time.perf_counter() - t1 + build_s,
+                        "samples_ms": [s / repeat for s in samples],
+                        "state": state,
+                    },
+                )
                 build_s = 0.0
         finally:
             opened.close()
@@ -565,8 +669,17 @@ class InlineLauncher:
 class _Runner:
     """A local build: the build loop (``scheduler.run_rounds``) with every unit measured here."""
 
-    def __init__(self, plan: BuildPlan, backend: Backend, protocol: TimingProtocol, artifacts: ArtifactCache,
-                 progress: Progress | None, busy: BusyPolicy | None, notice: Notice, load: CpuLoad):
+    def __init__(
+        self,
+        plan: BuildPlan,
+        backend: Backend,
+        protocol: TimingProtocol,
+        artifacts: ArtifactCache,
+        progress: Progress | None,
+        busy: BusyPolicy | None,
+        notice: Notice,
+        load: CpuLoad,
+    ):
         self.plan, self.backend, self.protocol, self.progress = plan, backend, protocol, progress
         measurer = UnitMeasurer(plan, backend, protocol, artifacts, load)
         self.monitor = measurer.monitor
@@ -619,19 +732,25 @@ def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProt
         for key in _GRID_LISTS:
             grid[key] = sorted(set(grid.get(key, [])) | set(plan.grid()[key]))
         grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
-    meta = {**old_meta, "grid": grid,
-            "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}]}
+    meta = {
+        **old_meta,
+        "grid": grid,
+        "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}],
+    }
     if plan.source_config is not None:  # the config this build read (same sizes: the identity check passed)
         meta["source_config"] = plan.source_config
     meta.pop("content_sha256", None)
     return meta
 
 
-def _refit(rows: list[dict[str, Any]], fit_ids: set[str],
-           method: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _refit(
+    rows: list[dict[str, Any]], fit_ids: set[str], method: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Replace the derived rows with a fit over every fit model in the table (the difference fit,
     or the calibration of the component rows); residuals onto model rows."""
-    rows = [r for r in rows if not (r["method"] in ("difference", "calibrated") and r["component"] in ("base", "layer"))]
+    rows = [
+        r for r in rows if not (r["method"] in ("difference", "calibrated") and r["component"] in ("base", "layer"))
+    ]
     models = [r for r in rows if r["component"] == "model"]
     if method == "calibrated":
         derived, residuals, summary = calibrate_rows(rows, fit_ids)
@@ -642,8 +761,9 @@ def _refit(rows: list[dict[str, Any]], fit_ids: set[str],
     return rows + derived, summary
 
 
-def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold: float,
-               plan_method: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _aggregate(
+    entries: list[Entry], records: list[dict[str, Any]], cv_threshold: float, plan_method: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_key[record["key"]].append(record)
@@ -656,33 +776,61 @@ def _aggregate(entries: list[Entry], records: list[dict[str, Any]], cv_threshold
             status = failures[0]["status"] if failures else "oom"
             if status != "unsupported":  # a shape the flow cannot run is skipped by design, not a failure
                 failed.append(entry.label)
-            rows.append(measured_row(entry, None, status, method=method, repeat=1, wall_s=0.0,
-                                     note=failures[0].get("note", "") if failures else "no result"))
+            rows.append(
+                measured_row(
+                    entry,
+                    None,
+                    status,
+                    method=method,
+                    repeat=1,
+                    wall_s=0.0,
+                    note=failures[0].get("note", "") if failures else "no result",
+                )
+            )
             continue
         measurement = Measurement.from_samples([s for r in results for s in r["samples_ms"]])
         states = [r.get("state", {}) for r in results]
         state = _summarize_state(states)
-        flags = [f for f, on in (("high_cv", measurement.cv > cv_threshold),
-                                 ("throttled", any(s.get("throttled") for s in states)),
-                                 ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
-                                 ("recompiled", any(s.get("recompiles", 0) > 0 for s in states)),
-                                 ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE)) if on]
+        flags = [
+            f
+            for f, on in (
+                ("high_cv", measurement.cv > cv_threshold),
+                ("throttled", any(s.get("throttled") for s in states)),
+                ("host_bound", state.get("device_busy", 1.0) < HOST_BOUND_BUSY),
+                ("recompiled", any(s.get("recompiles", 0) > 0 for s in states)),
+                ("contended", state.get("host_contention", 0.0) > CONTENDED_SHARE),
+            )
+            if on
+        ]
         # A decode difference noisier than its step can have a median at or below zero; an ok row
         # like that would make the loader refuse the whole table, so it is kept (samples included) as an error.
         usable = measurement.median_ms > 0
         if not usable:
             failed.append(entry.label)
-        rows.append(measured_row(entry, measurement, "ok" if usable else "error", method=method,
-                                 repeat=results[0]["repeat"], wall_s=sum(r["wall_s"] for r in results),
-                                 rounds=len(results), flags=";".join(flags), state=state,
-                                 note="" if usable else f"median {measurement.median_ms:.3g} ms is not positive: "
-                                 "the samples are noisier than the step they time"))
+        rows.append(
+            measured_row(
+                entry,
+                measurement,
+                "ok" if usable else "error",
+                method=method,
+                repeat=results[0]["repeat"],
+                wall_s=sum(r["wall_s"] for r in results),
+                rounds=len(results),
+                flags=";".join(flags),
+                state=state,
+                note=""
+                if usable
+                else f"median {measurement.median_ms:.3g} ms is not positive: "
+                "the samples are noisier than the step they time",
+            )
+        )
     return rows, failed
 
 
 def _summarize_state(states: list[dict[str, Any]]) -> dict[str, float]:
     """Per-row device state over all rounds: median energy per step, hottest, slowest clock, mean
     power, device-busy fraction, engine compile time and the pooled host contention."""
+
     def values(key: str) -> list[float]:
         return [s[key] for s in states if s.get(key) is not None]
 

@@ -31,16 +31,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.measure.artifacts import default_root
 from amoeba_profile.backends import ToolResult
 from amoeba_profile.core.errors import LutError, UsageError
 from amoeba_profile.core.files import Notice, table_lock
-from amoeba_profile.table.lut import Lut, load_table, write_table
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.device.quiet import BusyPolicy, quiet_machine
 from amoeba_profile.core.subnet import Subnet
-from amoeba_profile.measure.validate import table_backend
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.device.quiet import BusyPolicy, quiet_machine
+from amoeba_profile.measure.artifacts import default_root
+from amoeba_profile.measure.validate import table_backend
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import Lut, load_table, write_table
 
 MAX_RAW_CHARS = 200_000  # a tool's raw output kept in the sidecar; longer output is cut with a note
 DEFAULT_GEN_LEN = 128
@@ -72,15 +72,30 @@ class Crosscheck:
         return {m: 100 * (self.predicted_ms[m] - v) / v for m, v in self.measured_ms.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        raw = self.tool.raw if len(self.tool.raw) <= MAX_RAW_CHARS else (
-            self.tool.raw[:MAX_RAW_CHARS] + f"\n[cut: {len(self.tool.raw)} characters in all]")
-        return {"at": self.at, "table_sha256": self.table_sha256, "backend": self.backend,
-                "device_slug": self.device_slug, "subnet": self.subnet.label, "subnet_id": self.subnet.id,
-                "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len,
-                             "gen_len": self.workload.gen_len},
-                "stat": self.stat, "predicted_ms": self.predicted_ms, "tool_ms": self.measured_ms,
-                "agreement_pct": self.agreement_pct, "versions": self.versions,
-                "tool": {**self.tool.to_dict(), "raw": raw}}
+        raw = (
+            self.tool.raw
+            if len(self.tool.raw) <= MAX_RAW_CHARS
+            else (self.tool.raw[:MAX_RAW_CHARS] + f"\n[cut: {len(self.tool.raw)} characters in all]")
+        )
+        return {
+            "at": self.at,
+            "table_sha256": self.table_sha256,
+            "backend": self.backend,
+            "device_slug": self.device_slug,
+            "subnet": self.subnet.label,
+            "subnet_id": self.subnet.id,
+            "workload": {
+                "batch": self.workload.batch,
+                "prompt_len": self.workload.prompt_len,
+                "gen_len": self.workload.gen_len,
+            },
+            "stat": self.stat,
+            "predicted_ms": self.predicted_ms,
+            "tool_ms": self.measured_ms,
+            "agreement_pct": self.agreement_pct,
+            "versions": self.versions,
+            "tool": {**self.tool.to_dict(), "raw": raw},
+        }
 
 
 def default_workload(lut: Lut) -> Workload:
@@ -90,17 +105,25 @@ def default_workload(lut: Lut) -> Workload:
     grid = lut.meta.get("grid", {})
     prompts, contexts = sorted(grid.get("prompt_lens") or []), sorted(grid.get("contexts") or [])
     if not prompts or not contexts:
-        raise LutError(f"{lut.path}: the sidecar's grid names no prompt lengths or contexts; pass --prompt-len and "
-                       "--gen-len")
+        raise LutError(
+            f"{lut.path}: the sidecar's grid names no prompt lengths or contexts; pass --prompt-len and --gen-len"
+        )
     usable = [p for p in prompts if p >= contexts[0]] or prompts
     prompt = max(usable)
     gen = max(2, min(DEFAULT_GEN_LEN, contexts[-1] - prompt + 2))
     return Workload(int(grid.get("batch", 1)), prompt, gen)
 
 
-def run_crosscheck(path: Path | str, prompt_len: int | None = None, gen_len: int | None = None,
-                   repetitions: int = 5, stat: str = "median", busy: BusyPolicy | None = None,
-                   notice: Notice | None = None, work_root: Path | None = None) -> Crosscheck:
+def run_crosscheck(
+    path: Path | str,
+    prompt_len: int | None = None,
+    gen_len: int | None = None,
+    repetitions: int = 5,
+    stat: str = "median",
+    busy: BusyPolicy | None = None,
+    notice: Notice | None = None,
+    work_root: Path | None = None,
+) -> Crosscheck:
     """Predict the full model of the table at ``path`` and time it with the flow's own tool.
 
     The workload defaults to ``default_workload``; ``work_root`` holds the tool's model files while it
@@ -110,8 +133,9 @@ def run_crosscheck(path: Path | str, prompt_len: int | None = None, gen_len: int
     if repetitions < 1:
         raise UsageError(f"--repetitions must be >= 1, got {repetitions}")
     base = default_workload(lut) if prompt_len is None or gen_len is None else None
-    workload = Workload(lut.meta.get("grid", {}).get("batch", 1), prompt_len or base.prompt_len,
-                        gen_len or base.gen_len)
+    workload = Workload(
+        lut.meta.get("grid", {}).get("batch", 1), prompt_len or base.prompt_len, gen_len or base.gen_len
+    )
     if workload.gen_len < 2:
         raise UsageError("a cross-check compares tpot too: --gen-len must be >= 2")
     arch = lut.arch
@@ -120,17 +144,32 @@ def run_crosscheck(path: Path | str, prompt_len: int | None = None, gen_len: int
     backend = table_backend(path, lut.meta)
     root = Path(work_root) if work_root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
-    with quiet_machine(backend.device, lut.meta["device_slug"], backend.host_cores(), f"crosscheck {path}", busy,
-                       notice or (lambda message: None)):
+    with quiet_machine(
+        backend.device,
+        lut.meta["device_slug"],
+        backend.host_cores(),
+        f"crosscheck {path}",
+        busy,
+        notice or (lambda message: None),
+    ):
         with tempfile.TemporaryDirectory(prefix="crosscheck-", dir=root) as work_dir:
             tool = backend.crosscheck_tool(arch, workload, Path(work_dir), repetitions)
     for name, value in (("ttft_ms", tool.ttft_ms), ("tpot_ms", tool.tpot_ms)):
         if not (math.isfinite(value) and value > 0):
             raise LutError(f"{tool.tool} reported {name} = {value!r}; no agreement can be computed")
-    return Crosscheck(path, lut.meta.get("content_sha256", ""), backend.name, lut.meta["device_slug"], subnet,
-                      workload, stat, {"ttft_ms": prediction.ttft_ms, "tpot_ms": prediction.tpot_ms,
-                                       "e2e_ms": prediction.e2e_ms}, tool, backend.versions(),
-                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    return Crosscheck(
+        path,
+        lut.meta.get("content_sha256", ""),
+        backend.name,
+        lut.meta["device_slug"],
+        subnet,
+        workload,
+        stat,
+        {"ttft_ms": prediction.ttft_ms, "tpot_ms": prediction.tpot_ms, "e2e_ms": prediction.e2e_ms},
+        tool,
+        backend.versions(),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def store(check: Crosscheck, notice: Notice | None = None) -> None:

@@ -45,8 +45,21 @@ _OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wa
 _FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
 _HEADER_FIELDS = frozenset({"kind", "identity"})
 # Device state around one (entry, round), as written by the build (device/monitor.py entry_state).
-_STATE_NUMBERS = frozenset({"energy_mj_per_step", "temperature_c", "clock_mhz", "power_w", "device_busy",
-                            "compile_s", "recompiles", "others_cpu_s", "window_s", "cores", "cores_needed"})
+_STATE_NUMBERS = frozenset(
+    {
+        "energy_mj_per_step",
+        "temperature_c",
+        "clock_mhz",
+        "power_w",
+        "device_busy",
+        "compile_s",
+        "recompiles",
+        "others_cpu_s",
+        "window_s",
+        "cores",
+        "cores_needed",
+    }
+)
 _STATE_FIELDS = _STATE_NUMBERS | {"throttled", "clock_event_reasons"}
 
 
@@ -101,8 +114,11 @@ def _result_problem(record: Any, keys: frozenset[str] | None, max_round: int | N
     fields = _OK_FIELDS if status == "ok" else _FAILED_FIELDS
     if set(record) != fields:
         return f"fields {sorted(set(record) - fields)} unknown, {sorted(fields - set(record))} missing"
-    if not isinstance(record["key"], str) or record["key"].count("|") < 2 \
-            or (keys is not None and record["key"] not in keys):
+    if (
+        not isinstance(record["key"], str)
+        or record["key"].count("|") < 2
+        or (keys is not None and record["key"] not in keys)
+    ):
         return f"key={record['key']!r} is not an entry of this run"
     if not _is_int(record["round"], 0) or (max_round is not None and record["round"] > max_round):
         return f"round={record['round']!r} is not an integer in 0..{max_round}"
@@ -130,8 +146,14 @@ class Journal:
     re-measure round included) bound what a record may say; ``loaded`` counts the records that
     were already there when it was opened."""
 
-    def __init__(self, path: Path, header: dict[str, Any], on_corrupt: str = "stop",
-                 keys: Iterable[str] | None = None, max_round: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        on_corrupt: str = "stop",
+        keys: Iterable[str] | None = None,
+        max_round: int | None = None,
+    ):
         check_corrupt_choice(on_corrupt)
         self.path = path
         self.records: list[dict[str, Any]] = []
@@ -164,8 +186,11 @@ class Journal:
             else:
                 if number > 1 and isinstance(record, dict) and "context" in record and "state" not in record:
                     record["state"] = record.pop("context")  # earlier versions named the device state "context"
-                problem = self._header_problem(record) if number == 1 else \
-                    _result_problem(record, self._keys, self._max_round)
+                problem = (
+                    self._header_problem(record)
+                    if number == 1
+                    else _result_problem(record, self._keys, self._max_round)
+                )
             if problem is not None:
                 return self._corrupt(number, problem, records, on_corrupt)
             if number == 1:
@@ -187,13 +212,19 @@ class Journal:
 
     @staticmethod
     def _header_problem(record: Any) -> str | None:
-        if not isinstance(record, dict) or record.get("kind") != "header" or set(record) - {"options"} != _HEADER_FIELDS \
-                or not isinstance(record["identity"], str) or not isinstance(record.get("options", {}), dict):
+        if (
+            not isinstance(record, dict)
+            or record.get("kind") != "header"
+            or set(record) - {"options"} != _HEADER_FIELDS
+            or not isinstance(record["identity"], str)
+            or not isinstance(record.get("options", {}), dict)
+        ):
             return f"not a journal header (expected {sorted(_HEADER_FIELDS)}, got {str(record)[:80]})"
         return None
 
-    def _corrupt(self, number: int | None, problem: str, good: list[dict[str, Any]],
-                 on_corrupt: str) -> list[dict[str, Any]]:
+    def _corrupt(
+        self, number: int | None, problem: str, good: list[dict[str, Any]], on_corrupt: str
+    ) -> list[dict[str, Any]]:
         """The records to keep after a bad line (``number`` None: the file as a whole), by the
         caller's choice; ``stop`` raises."""
         if on_corrupt == "restart":
@@ -201,11 +232,15 @@ class Journal:
         if on_corrupt == "drop-tail":
             return good
         if number is None:
-            raise LutError(f"{self.path}: {problem}; the journal cannot be read - rerun with "
-                           "--on-corrupt-journal restart to replace it, or delete it")
-        raise LutError(f"{self.path}: line {number}: {problem}; the journal is corrupt - rerun with "
-                       f"--on-corrupt-journal drop-tail to keep the {len(good)} results before line {number} "
-                       "and measure the rest again, or --on-corrupt-journal restart to discard it")
+            raise LutError(
+                f"{self.path}: {problem}; the journal cannot be read - rerun with "
+                "--on-corrupt-journal restart to replace it, or delete it"
+            )
+        raise LutError(
+            f"{self.path}: line {number}: {problem}; the journal is corrupt - rerun with "
+            f"--on-corrupt-journal drop-tail to keep the {len(good)} results before line {number} "
+            "and measure the rest again, or --on-corrupt-journal restart to discard it"
+        )
 
     def _rewrite(self, records: list[dict[str, Any]]) -> None:
         try:
@@ -233,4 +268,4 @@ class Journal:
 
     def measured_now(self) -> set[str]:
         """Entry keys with a record appended since the journal was opened."""
-        return {r["key"] for r in self.records[self.loaded:]}
+        return {r["key"] for r in self.records[self.loaded :]}

@@ -27,8 +27,9 @@ def device_kind(device: str) -> str:
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
-def choose_method(backend_name: str, supported: tuple[str, ...], device: str,
-                  requested: str | None = None) -> tuple[str, str]:
+def choose_method(
+    backend_name: str, supported: tuple[str, ...], device: str, requested: str | None = None
+) -> tuple[str, str]:
     """(method, why): ``requested`` when given and supported, else the validated default."""
     if requested is not None:
         if requested not in METHODS:

@@ -76,8 +76,9 @@ class BuildPlan:
                 positive_int(value, what)
             over = [v for v in values if v > self.arch.max_position]
             if over:
-                raise UsageError(f"{what} {over} are above {self.arch.name}'s max_position_embeddings "
-                                 f"{self.arch.max_position}")
+                raise UsageError(
+                    f"{what} {over} are above {self.arch.name}'s max_position_embeddings {self.arch.max_position}"
+                )
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}: use one of {list(METHODS)}")
         if self.method == "difference" and self.measure_grid and len(set(self.fit_depths())) < MIN_DEPTHS:
@@ -100,12 +101,16 @@ class BuildPlan:
         low, high = min(self.contexts), max(self.contexts)
         outside = sorted(p for p in set(self.prompt_lens) if not low <= p <= high)
         if outside:
-            fix = " and ".join(([f"a context of {outside[0]} or less"] if outside[0] < low else [])
-                               + ([f"one of {outside[-1]} or more"] if outside[-1] > high else []))
+            fix = " and ".join(
+                ([f"a context of {outside[0]} or less"] if outside[0] < low else [])
+                + ([f"one of {outside[-1]} or more"] if outside[-1] > high else [])
+            )
             fix = f"add {fix} to --contexts"
-            raise UsageError(f"--prompt-len {','.join(map(str, outside))}: outside the decode contexts [{low}, "
-                             f"{high}]; a request's first decode step runs at context = its prompt length, so no "
-                             f"request with that prompt could be predicted from this table; {fix}")
+            raise UsageError(
+                f"--prompt-len {','.join(map(str, outside))}: outside the decode contexts [{low}, "
+                f"{high}]; a request's first decode step runs at context = its prompt length, so no "
+                f"request with that prompt could be predicted from this table; {fix}"
+            )
 
     def fit_depths(self) -> tuple[int, ...]:
         return tuple(sorted(set(self.depths))) if self.depths else spread_depths(self.arch)
@@ -156,19 +161,24 @@ class BuildPlan:
             kept = kept_layers(a, depth, self.drop_rule)
             return Subnet(a, tuple(LayerShape(i, *shape) for i, shape in zip(kept, shapes)))
 
-        alternating = [(narrow_h, narrow_kv, a.ffn_size) if i % 2 == 0 else (a.num_heads, a.num_kv_heads, narrow_f)
-                       for i in range(half)]
+        alternating = [
+            (narrow_h, narrow_kv, a.ffn_size) if i % 2 == 0 else (a.num_heads, a.num_kv_heads, narrow_f)
+            for i in range(half)
+        ]
         narrowest = min(self.widths)
-        subnets = [Subnet.uniform(a, a.num_layers, 1.0, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
-                   Subnet.uniform(a, half, narrowest, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
-                   model(half, alternating)]
+        subnets = [
+            Subnet.uniform(a, a.num_layers, 1.0, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
+            Subnet.uniform(a, half, narrowest, drop_rule=self.drop_rule, ffn_multiple=self.ffn_multiple),
+            model(half, alternating),
+        ]
         unique = {s.id: s for s in subnets}
         return list(unique.values())
 
     def _serving(self, component: str, subnet: Subnet | None) -> list[Entry]:
         b = self.batch
-        return ([Entry(component, "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens]
-                + [Entry(component, "decode", b, 1, c, subnet=subnet) for c in self.contexts])
+        return [Entry(component, "prefill", b, p, 0, subnet=subnet) for p in self.prompt_lens] + [
+            Entry(component, "decode", b, 1, c, subnet=subnet) for c in self.contexts
+        ]
 
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
@@ -209,9 +219,16 @@ class BuildPlan:
 
     def grid(self) -> dict[str, Any]:
         return {
-            "widths": list(self.widths), "prompt_lens": list(self.prompt_lens), "contexts": list(self.contexts),
-            "batch": self.batch, "drop_rule": self.drop_rule, "ffn_multiple": self.ffn_multiple,
-            "method": self.method, "depths": list(self.fit_depths()) if self.method == "difference" else [],
-            "decode_steps": self.decode_steps, "measure_grid": self.measure_grid,
-            "extra_attn": [list(x) for x in self.extra_attn], "extra_ffn": list(self.extra_ffn),
+            "widths": list(self.widths),
+            "prompt_lens": list(self.prompt_lens),
+            "contexts": list(self.contexts),
+            "batch": self.batch,
+            "drop_rule": self.drop_rule,
+            "ffn_multiple": self.ffn_multiple,
+            "method": self.method,
+            "depths": list(self.fit_depths()) if self.method == "difference" else [],
+            "decode_steps": self.decode_steps,
+            "measure_grid": self.measure_grid,
+            "extra_attn": [list(x) for x in self.extra_attn],
+            "extra_ffn": list(self.extra_ffn),
         }

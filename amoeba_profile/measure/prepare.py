@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.backends import REGISTRY, Backend, backend_class, get_backend
-from amoeba_profile.device import resolve_device
+from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
+from amoeba_profile.device import resolve_device
+from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.measure.methods import choose_method, device_kind
 from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.device.load import CpuLoad
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,18 @@ class PreparedBuild:
     warnings: tuple[str, ...] = ()  # one line each: an option changed to what the build really uses
 
 
-def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "auto", method: str | None = None,
-                  dtype: str | None = None, threads: int | None = None, backend_options: dict[str, Any] | None = None,
-                  out_dir: Path | None = None, **plan_options: Any) -> PreparedBuild:
+def prepare_build(
+    arch: ModelArch,
+    *,
+    backend: str = "pytorch",
+    device: str = "auto",
+    method: str | None = None,
+    dtype: str | None = None,
+    threads: int | None = None,
+    backend_options: dict[str, Any] | None = None,
+    out_dir: Path | None = None,
+    **plan_options: Any,
+) -> PreparedBuild:
     """Resolve and check a measured build; ``backend_options`` are further fields of the backend's
     config (e.g. pytorch-compiled's ``mode``); ``plan_options`` are ``BuildPlan`` fields (grid, depths,
     whole subnets, decode steps). With ``out_dir``, a build that resumes or extends a table there
@@ -53,8 +62,10 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
         cores = CpuLoad().cores()
         if threads > cores:
             # Threads beyond the cores share them, and every OpenMP barrier waits for the one descheduled.
-            warnings.append(f"--threads {threads} is more than the {cores} cores this process may run on; measuring "
-                            f"with {cores} threads (recorded as such)")
+            warnings.append(
+                f"--threads {threads} is more than the {cores} cores this process may run on; measuring "
+                f"with {cores} threads (recorded as such)"
+            )
             capped = f"threads: {cores} (capped from --threads {threads})"
             threads = cores
     resolved, device_reason = resolve_device(device)
@@ -64,19 +75,31 @@ def prepare_build(arch: ModelArch, *, backend: str = "pytorch", device: str = "a
     chosen, method_reason = choose_method(backend, capabilities.methods, resolved, method)
     if plan_options.get("depths") and chosen != "difference":
         how = f"--method {chosen}" if method else f"the default for {backend} on {device_kind(resolved)}"
-        raise UsageError(f"--depths sets the model depths the difference method fits; this build uses the {chosen} "
-                         f"method ({how}): drop --depths, or add --method difference")
+        raise UsageError(
+            f"--depths sets the model depths the difference method fits; this build uses the {chosen} "
+            f"method ({how}): drop --depths, or add --method difference"
+        )
     plan = BuildPlan(arch, method=chosen, **plan_options)
     plan.check_usable()
     if out_dir is None:
-        instance, threads_reason = get_backend(backend, device=resolved, dtype=dtype, threads=threads,
-                                               **(backend_options or {})), ""
+        instance, threads_reason = (
+            get_backend(backend, device=resolved, dtype=dtype, threads=threads, **(backend_options or {})),
+            "",
+        )
     else:
         from amoeba_profile.measure.build import backend_for_build
 
-        instance, threads_reason = backend_for_build(backend, out_dir, plan, resolved, dtype, threads,
-                                                     backend_options or {})
+        instance, threads_reason = backend_for_build(
+            backend, out_dir, plan, resolved, dtype, threads, backend_options or {}
+        )
     if capped and threads_reason:
         threads_reason = capped
-    return PreparedBuild(plan, instance, device_reason, method_reason, threads_reason,
-                         adopt_threads=threads is None and "threads" in instance.config_dict(), warnings=tuple(warnings))
+    return PreparedBuild(
+        plan,
+        instance,
+        device_reason,
+        method_reason,
+        threads_reason,
+        adopt_threads=threads is None and "threads" in instance.config_dict(),
+        warnings=tuple(warnings),
+    )

@@ -50,17 +50,22 @@ def group_units(entries: list[Entry]) -> dict[tuple, list[Entry]]:
     return units
 
 
-def round_groups(units: dict[tuple, list[Entry]], done: set[tuple[str, int]], failed: set[tuple],
-                 round_index: int) -> list[list[Entry]]:
+def round_groups(
+    units: dict[tuple, list[Entry]], done: set[tuple[str, int]], failed: set[tuple], round_index: int
+) -> list[list[Entry]]:
     """Per unit, the entries still to measure in round ``round_index``; units that could not be
     built in an earlier round are skipped."""
-    groups = [[e for e in entries if (e.key, round_index) not in done]
-              for unit_key, entries in units.items() if unit_key not in failed]
+    groups = [
+        [e for e in entries if (e.key, round_index) not in done]
+        for unit_key, entries in units.items()
+        if unit_key not in failed
+    ]
     return [group for group in groups if group]
 
 
-def noisy_groups(units: dict[tuple, list[Entry]], journal: Journal, failed: set[tuple],
-                 protocol: TimingProtocol) -> list[list[Entry]]:
+def noisy_groups(
+    units: dict[tuple, list[Entry]], journal: Journal, failed: set[tuple], protocol: TimingProtocol
+) -> list[list[Entry]]:
     """Per unit, the entries that get the extra round (index ``protocol.rounds``): CV over the
     normal rounds above the threshold, or measured under contention; those already re-measured are
     left out."""
@@ -78,13 +83,17 @@ def noisy_groups(units: dict[tuple, list[Entry]], journal: Journal, failed: set[
         return noisy or (host_contention(states.get(key, [])) or 0.0) > CONTENDED_SHARE
 
     done = journal.done()
-    groups = [[e for e in entries if disturbed(e.key) and (e.key, extra) not in done]
-              for unit_key, entries in units.items() if unit_key not in failed]
+    groups = [
+        [e for e in entries if disturbed(e.key) and (e.key, extra) not in done]
+        for unit_key, entries in units.items()
+        if unit_key not in failed
+    ]
     return [group for group in groups if group]
 
 
-def run_rounds(todo: list[Entry], journal: Journal, protocol: TimingProtocol, launcher: Launcher,
-               progress: Progress | None = None) -> None:
+def run_rounds(
+    todo: list[Entry], journal: Journal, protocol: TimingProtocol, launcher: Launcher, progress: Progress | None = None
+) -> None:
     """Measure every (entry, round) of ``todo`` that ``journal`` lacks, through ``launcher``: the
     regular rounds, then the extra round for disturbed entries (see the module docstring). Each
     result is appended to the journal as it arrives, then ``progress`` hears of it."""
@@ -97,8 +106,11 @@ def run_rounds(todo: list[Entry], journal: Journal, protocol: TimingProtocol, la
         progress(done, total, "resuming" if done else "starting")
 
     def journaled(round_index: int) -> Sink:
-        which = f"round {round_index + 1}/{protocol.rounds}" if round_index < protocol.rounds \
+        which = (
+            f"round {round_index + 1}/{protocol.rounds}"
+            if round_index < protocol.rounds
             else "extra round for a noisy row"
+        )
 
         def sink(entry: Entry, result: dict[str, Any]) -> None:
             nonlocal done

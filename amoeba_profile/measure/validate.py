@@ -24,20 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.backends import Backend, get_backend
-from amoeba_profile.measure.build import Progress, add_rows, measure_plan
-from amoeba_profile.measure.plan import BuildPlan
-from amoeba_profile.device import device_slug
+from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import AmoebaError, LutError
 from amoeba_profile.core.files import Notice
-from amoeba_profile.table.lut import Lut, load_table
-from amoeba_profile.core.timing import TimingProtocol
-from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.device.quiet import BusyPolicy
-from amoeba_profile.selection.picker import Selection
 from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.core.workload import Workload
+from amoeba_profile.device import device_slug
+from amoeba_profile.device.quiet import BusyPolicy
+from amoeba_profile.measure.build import Progress, add_rows, measure_plan
+from amoeba_profile.measure.plan import BuildPlan
+from amoeba_profile.selection.picker import Selection
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import Lut, load_table
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,17 @@ class Validation:
         return self.measured_ms > self.budget_ms
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.subnet.label, "subnet_id": self.subnet.id, "predicted_ms": self.predicted_ms,
-                "fresh_predicted_ms": self.fresh_predicted_ms, "measured_ms": self.measured_ms,
-                "error_pct": self.error_pct, "composition_error_pct": self.composition_error_pct,
-                "source": self.source, "breaks_budget": self.breaks_budget}
+        return {
+            "label": self.subnet.label,
+            "subnet_id": self.subnet.id,
+            "predicted_ms": self.predicted_ms,
+            "fresh_predicted_ms": self.fresh_predicted_ms,
+            "measured_ms": self.measured_ms,
+            "error_pct": self.error_pct,
+            "composition_error_pct": self.composition_error_pct,
+            "source": self.source,
+            "breaks_budget": self.breaks_budget,
+        }
 
 
 def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
@@ -82,15 +89,19 @@ def table_backend(table_path: Path, meta: dict[str, Any]) -> Backend:
     belong to the table."""
     if meta.get("source") == "roofline":
         raise LutError(f"{table_path}: a roofline table has no backend to measure with; use a measured table")
-    config = dict(meta.get("backend_config") or {"device": meta.get("backend_env", {}).get("device", "cpu"),
-                                                 "dtype": meta["dtype"]})
+    config = dict(
+        meta.get("backend_config")
+        or {"device": meta.get("backend_env", {}).get("device", "cpu"), "dtype": meta["dtype"]}
+    )
     here = device_slug(config.get("device", "cpu"))
     if here != meta["device_slug"]:
         raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; measure there")
     backend = get_backend(meta["backend"], **config)
     if meta.get("versions") and meta["versions"] != backend.versions():
-        raise LutError(f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
-                       "new rows would mix library versions - rebuild the table here first")
+        raise LutError(
+            f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
+            "new rows would mix library versions - rebuild the table here first"
+        )
     return backend
 
 
@@ -115,9 +126,15 @@ class ValidationRun:
     from_journal: int
 
 
-def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtocol = TimingProtocol(),
-                  progress: Progress | None = None, on_corrupt_journal: str = "stop",
-                  notice: Notice | None = None, busy: BusyPolicy | None = None) -> ValidationRun:
+def measure_picks(
+    table_path: Path,
+    selection: Selection,
+    protocol: TimingProtocol = TimingProtocol(),
+    progress: Progress | None = None,
+    on_corrupt_journal: str = "stop",
+    notice: Notice | None = None,
+    busy: BusyPolicy | None = None,
+) -> ValidationRun:
     """Measure the picks whole, interleaved in the same rounds with the components they are made
     of, through the validation journal; the table is not written (``write_back`` does that). It
     measures like a build: under the device's measurement lock, with the ``busy`` policy."""
@@ -129,15 +146,30 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     picks = tuple(c.subnet for c in selection.top_k)
     layers = [layer for subnet in picks for layer in subnet.layers]
     grid = meta["grid"]
-    plan = BuildPlan(ModelArch.from_dict(meta["arch"]), widths=(), prompt_lens=(workload.prompt_len,),
-                     contexts=tuple(sorted(set(grid["contexts"]))), batch=workload.batch, whole=picks,
-                     method=meta.get("method", "components"), depths=tuple(grid.get("depths") or ()),
-                     decode_steps=grid.get("decode_steps", 8),
-                     extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
-                     extra_ffn=tuple(sorted({l.ffn for l in layers})))
-    measured = measure_plan(plan, backend, journal_path(table_path), protocol, progress,
-                            method_reason="validation: the table's own method", on_corrupt_journal=on_corrupt_journal,
-                            busy=busy, notice=notice)
+    plan = BuildPlan(
+        ModelArch.from_dict(meta["arch"]),
+        widths=(),
+        prompt_lens=(workload.prompt_len,),
+        contexts=tuple(sorted(set(grid["contexts"]))),
+        batch=workload.batch,
+        whole=picks,
+        method=meta.get("method", "components"),
+        depths=tuple(grid.get("depths") or ()),
+        decode_steps=grid.get("decode_steps", 8),
+        extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
+        extra_ffn=tuple(sorted({l.ffn for l in layers})),
+    )
+    measured = measure_plan(
+        plan,
+        backend,
+        journal_path(table_path),
+        protocol,
+        progress,
+        method_reason="validation: the table's own method",
+        on_corrupt_journal=on_corrupt_journal,
+        busy=busy,
+        notice=notice,
+    )
     fresh = measured.lut
     # Composed from the fresh components even though the fresh model rows are there: that gap is
     # the composition error this run reports.
@@ -151,11 +183,18 @@ def measure_picks(table_path: Path, selection: Selection, protocol: TimingProtoc
     # Components now against the same components stored: a pick the table already holds model rows
     # of is predicted from them, so the stored side is composed explicitly.
     stored = Predictor(lut, whole_models=False)
-    drift = float(np.mean([v.fresh_predicted_ms / stored.predict(v.subnet, workload, selection.stat).metric(
-        selection.metric) for v in out]))
+    drift = float(
+        np.mean(
+            [
+                v.fresh_predicted_ms / stored.predict(v.subnet, workload, selection.stat).metric(selection.metric)
+                for v in out
+            ]
+        )
+    )
     note = {"validation": {"picks": [s.id for s in picks], "protocol": protocol.to_dict()}}
-    return ValidationRun(tuple(out), table_path, drift, models, note, journal_path(table_path), measured.measured,
-                         measured.from_journal)
+    return ValidationRun(
+        tuple(out), table_path, drift, models, note, journal_path(table_path), measured.measured, measured.from_journal
+    )
 
 
 def write_back(run: ValidationRun, notice: Notice | None = None) -> int:
@@ -168,8 +207,10 @@ def write_back(run: ValidationRun, notice: Notice | None = None) -> int:
         added = add_rows(run.table, list(run.models), run.note, notice)
     except (AmoebaError, OSError) as exc:
         reason = str(exc) if isinstance(exc, AmoebaError) else f"{type(exc).__name__}: {exc}"
-        raise LutError(f"could not write the validation rows into {run.table} ({reason}); the measurements are "
-                       f"kept in {run.journal} - rerun the same command to write them") from exc
+        raise LutError(
+            f"could not write the validation rows into {run.table} ({reason}); the measurements are "
+            f"kept in {run.journal} - rerun the same command to write them"
+        ) from exc
     run.journal.unlink(missing_ok=True)
     return added
 

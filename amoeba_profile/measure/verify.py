@@ -47,10 +47,16 @@ class Verified:
 
     def to_dict(self) -> dict[str, Any]:
         se = self.candidate.se_ms
-        return {"subnet_id": self.candidate.subnet.id, "label": self.candidate.subnet.label,
-                "quality": self.candidate.quality, "predicted_ms": self.candidate.latency_ms,
-                "predicted_se_ms": se if math.isfinite(se) else None, "measured_ms": self.measured_ms,
-                "error_pct": self.error_pct, "fits": self.fits}
+        return {
+            "subnet_id": self.candidate.subnet.id,
+            "label": self.candidate.subnet.label,
+            "quality": self.candidate.quality,
+            "predicted_ms": self.candidate.latency_ms,
+            "predicted_se_ms": se if math.isfinite(se) else None,
+            "measured_ms": self.measured_ms,
+            "error_pct": self.error_pct,
+            "fits": self.fits,
+        }
 
 
 @dataclass(frozen=True)
@@ -67,9 +73,12 @@ class Verification:
     from_journal: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"candidates": [r.to_dict() for r in self.results],
-                "pick": self.pick.candidate.subnet.id if self.pick else None,
-                "measured_entries": self.measured, "from_journal": self.from_journal}
+        return {
+            "candidates": [r.to_dict() for r in self.results],
+            "pick": self.pick.candidate.subnet.id if self.pick else None,
+            "measured_entries": self.measured,
+            "from_journal": self.from_journal,
+        }
 
 
 def verify_journal_path(table_path: Path) -> Path:
@@ -85,10 +94,16 @@ def candidates_to_verify(selection: Selection, k: int) -> list[Candidate]:
     return rank(pool.values())[:k]
 
 
-def verify_candidates(table_path: Path, selection: Selection, k: int,
-                      protocol: TimingProtocol = TimingProtocol(), progress: Progress | None = None,
-                      on_corrupt_journal: str = "stop", notice: Notice | None = None,
-                      busy: BusyPolicy | None = None) -> Verification:
+def verify_candidates(
+    table_path: Path,
+    selection: Selection,
+    k: int,
+    protocol: TimingProtocol = TimingProtocol(),
+    progress: Progress | None = None,
+    on_corrupt_journal: str = "stop",
+    notice: Notice | None = None,
+    busy: BusyPolicy | None = None,
+) -> Verification:
     """Measure the ``k`` candidates whole, interleaved, through the verify journal; the table is not
     written. Under the device's measurement lock and the ``busy`` policy, as a build."""
     table_path = Path(table_path)
@@ -96,15 +111,35 @@ def verify_candidates(table_path: Path, selection: Selection, k: int,
     backend = table_backend(table_path, meta)
     chosen = candidates_to_verify(selection, k)
     workload, grid = selection.workload, meta["grid"]
-    plan = BuildPlan(ModelArch.from_dict(meta["arch"]), widths=(), prompt_lens=(workload.prompt_len,),
-                     contexts=tuple(sorted(set(grid["contexts"]))), batch=workload.batch,
-                     whole=tuple(c.subnet for c in chosen), method=meta.get("method", "components"),
-                     decode_steps=grid.get("decode_steps", 8), measure_grid=False)
+    plan = BuildPlan(
+        ModelArch.from_dict(meta["arch"]),
+        widths=(),
+        prompt_lens=(workload.prompt_len,),
+        contexts=tuple(sorted(set(grid["contexts"]))),
+        batch=workload.batch,
+        whole=tuple(c.subnet for c in chosen),
+        method=meta.get("method", "components"),
+        decode_steps=grid.get("decode_steps", 8),
+        measure_grid=False,
+    )
     journal = verify_journal_path(table_path)
-    measured = measure_plan(plan, backend, journal, protocol, progress, method_reason="select --verify",
-                            on_corrupt_journal=on_corrupt_journal, busy=busy, notice=notice)
-    results = tuple(Verified(c, measured_metric(measured.lut, c.subnet, workload, selection.metric, selection.stat),
-                             selection.budget_ms) for c in chosen)
+    measured = measure_plan(
+        plan,
+        backend,
+        journal,
+        protocol,
+        progress,
+        method_reason="select --verify",
+        on_corrupt_journal=on_corrupt_journal,
+        busy=busy,
+        notice=notice,
+    )
+    results = tuple(
+        Verified(
+            c, measured_metric(measured.lut, c.subnet, workload, selection.metric, selection.stat), selection.budget_ms
+        )
+        for c in chosen
+    )
     fitting = [r for r in results if r.fits]
     best = fitting[0] if fitting else None  # results are in rank order: the first that fits is the best
     models = tuple(measured.lut.frame[measured.lut.frame.component == "model"].to_dict("records"))
@@ -121,7 +156,9 @@ def finish(verification: Verification, write_back: bool, notice: Notice | None =
         try:
             added = add_rows(verification.table, list(verification.models), note, notice)
         except (AmoebaError, OSError) as exc:
-            raise LutError(f"could not write the verified rows into {verification.table} ({exc}); the measurements "
-                           f"are kept in {verification.journal} - rerun the same command to write them") from exc
+            raise LutError(
+                f"could not write the verified rows into {verification.table} ({exc}); the measurements "
+                f"are kept in {verification.journal} - rerun the same command to write them"
+            ) from exc
     verification.journal.unlink(missing_ok=True)
     return added

@@ -59,37 +59,44 @@ def _kv_bytes(arch: ModelArch, kv_heads: int, workload: Workload, dtype: str) ->
 
 def layer_bytes(arch: ModelArch, heads: int, kv_heads: int, ffn: int, workload: Workload, dtype: str) -> int:
     """One layer's weights plus its KV cache for the whole workload."""
-    return round(layer_params(arch, heads, kv_heads, ffn) * bytes_per_element(dtype)) + _kv_bytes(arch, kv_heads,
-                                                                                                  workload, dtype)
+    return round(layer_params(arch, heads, kv_heads, ffn) * bytes_per_element(dtype)) + _kv_bytes(
+        arch, kv_heads, workload, dtype
+    )
 
 
 def _activation_bytes(arch, batch: int, prompt_len: int, ffn_max: int, dtype: str) -> int:
     """One layer's prefill peak (hidden, residual, norm output, gate, up) plus fp32 logits."""
-    return round(batch * prompt_len * (3 * arch.hidden_size + 2 * ffn_max) * activation_bytes_per_element(dtype)) \
+    return (
+        round(batch * prompt_len * (3 * arch.hidden_size + 2 * ffn_max) * activation_bytes_per_element(dtype))
         + batch * arch.vocab_size * 4
+    )
 
 
 def fixed_bytes(arch, workload: Workload, dtype: str, ffn_max: int) -> tuple[int, int]:
     """(embedding/lm_head/final-norm weights, activation headroom) in bytes."""
     return round(non_layer_params(arch) * bytes_per_element(dtype)), _activation_bytes(
-        arch, workload.batch, workload.prompt_len, ffn_max, dtype)
+        arch, workload.batch, workload.prompt_len, ffn_max, dtype
+    )
 
 
-def engine_estimate(arch, layers: Sequence[tuple[int, int, int]], batch: int, kv_tokens: int, prompt_len: int,
-                    dtype: str) -> MemoryEstimate:
+def engine_estimate(
+    arch, layers: Sequence[tuple[int, int, int]], batch: int, kv_tokens: int, prompt_len: int, dtype: str
+) -> MemoryEstimate:
     """A model with these (heads, kv_heads, ffn) layers holding ``kv_tokens`` positions of KV cache
     after a ``prompt_len`` prefill; zero layers is the embeddings and lm_head alone."""
     weights = non_layer_params(arch) + sum(layer_params(arch, h, kv, f) for h, kv, f in layers)
-    kv_cache = round(2 * sum(kv for _, kv, _ in layers) * arch.head_dim * batch * kv_tokens
-                     * kv_cache_bytes_per_element(dtype))
+    kv_cache = round(
+        2 * sum(kv for _, kv, _ in layers) * arch.head_dim * batch * kv_tokens * kv_cache_bytes_per_element(dtype)
+    )
     act = _activation_bytes(arch, batch, prompt_len, max((f for _, _, f in layers), default=0), dtype)
     return MemoryEstimate(round(weights * bytes_per_element(dtype)), kv_cache, act)
 
 
 def estimate(subnet: Subnet, workload: Workload, dtype: str) -> MemoryEstimate:
     layers = [(l.heads, l.kv_heads, l.ffn) for l in subnet.layers]
-    return engine_estimate(subnet.arch, layers, workload.batch, workload.prompt_len + workload.gen_len,
-                           workload.prompt_len, dtype)
+    return engine_estimate(
+        subnet.arch, layers, workload.batch, workload.prompt_len + workload.gen_len, workload.prompt_len, dtype
+    )
 
 
 # How many copies of a component one timed step chains (the backend's ``chain_length``).
@@ -106,8 +113,12 @@ def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) ->
     """What measuring ``entry`` holds at once: its engine (KV for the engine's longest sequence), or
     its chain of component copies, each attention copy with its own KV cache; activations include
     one attention step's transient copies (``_step_bytes``)."""
-    arch, s, kv_s, act_s = (plan.arch, bytes_per_element(dtype), kv_cache_bytes_per_element(dtype),
-                            activation_bytes_per_element(dtype))
+    arch, s, kv_s, act_s = (
+        plan.arch,
+        bytes_per_element(dtype),
+        kv_cache_bytes_per_element(dtype),
+        activation_bytes_per_element(dtype),
+    )
     if entry.runs_whole:
         layers = [(l.heads, l.kv_heads, l.ffn) for l in entry.subnet.layers] if entry.subnet else []
         kv_tokens = plan.engine_limits()[2]
@@ -117,15 +128,19 @@ def entry_estimate(plan: BuildPlan, entry: Entry, dtype: str, copies: Copies) ->
     n = copies(entry.component, entry.heads, entry.kv_heads, entry.ffn)
     if entry.component == "mlp":
         weights = 3 * arch.hidden_size * entry.ffn + arch.hidden_size
-        return MemoryEstimate(round(n * weights * s), 0,
-                              round(entry.batch * entry.tokens * (arch.hidden_size + 2 * entry.ffn) * act_s))
+        return MemoryEstimate(
+            round(n * weights * s), 0, round(entry.batch * entry.tokens * (arch.hidden_size + 2 * entry.ffn) * act_s)
+        )
     weights = arch.hidden_size * arch.head_dim * 2 * (entry.heads + entry.kv_heads) + 2 * arch.hidden_size
     # Back-to-back decode steps grow the cache by up to context // 32 tokens before it is cropped.
     kv_tokens = entry.tokens + entry.context + entry.context // 32
     kv_cache = round(2 * n * entry.kv_heads * arch.head_dim * entry.batch * kv_tokens * kv_s)
     act = round(entry.batch * entry.tokens * 3 * arch.hidden_size * act_s)
-    return MemoryEstimate(round(n * weights * s), kv_cache,
-                          act + _step_bytes(arch, entry.heads, entry.kv_heads, entry.batch, kv_tokens, dtype))
+    return MemoryEstimate(
+        round(n * weights * s),
+        kv_cache,
+        act + _step_bytes(arch, entry.heads, entry.kv_heads, entry.batch, kv_tokens, dtype),
+    )
 
 
 def _label(entry: Entry, copies: Copies) -> str:
@@ -143,8 +158,9 @@ def plan_peak(plan: BuildPlan, dtype: str, copies: Copies | None = None) -> tupl
     return entry_estimate(plan, peak, dtype, copies), _label(peak, copies)
 
 
-def check_fits(plan: BuildPlan, dtype: str, available_bytes: int | None, where: str,
-               copies: Copies | None = None) -> MemoryEstimate:
+def check_fits(
+    plan: BuildPlan, dtype: str, available_bytes: int | None, where: str, copies: Copies | None = None
+) -> MemoryEstimate:
     """Refuse (UsageError) a plan whose largest engine or chain cannot fit ``available_bytes``."""
     bytes_per_element(dtype)  # an unknown dtype is a UsageError naming the known ones
     need, label = plan_peak(plan, dtype, copies)

@@ -26,18 +26,18 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from amoeba_profile.core.arch import ModelArch, layer_params
 from amoeba_profile.backends import Capabilities
-from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
 from amoeba_profile.backends.flows import flow_capabilities
+from amoeba_profile.core.arch import ModelArch, layer_params
+from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
 from amoeba_profile.core.inputs import finite_float, positive_float
-from amoeba_profile.table.lut import Lut
-from amoeba_profile.selection.memory import fixed_bytes, layer_bytes
-from amoeba_profile.selection.predict import Predictor
 from amoeba_profile.core.quality import csv_integer, read_small_csv
-from amoeba_profile.selection.picker import Selection, check_budget
 from amoeba_profile.core.subnet import LayerShape, Subnet, default_depths, kept_layers, width_shape
 from amoeba_profile.core.workload import Workload, metric_name
+from amoeba_profile.selection.memory import fixed_bytes, layer_bytes
+from amoeba_profile.selection.picker import Selection, check_budget
+from amoeba_profile.selection.predict import Predictor
+from amoeba_profile.table.lut import Lut
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,9 @@ def load_importance(path: Path | str, arch: ModelArch) -> np.ndarray:
             raise UsageError(f"{where} layer {layer} outside 0..{arch.num_layers - 1}")
         if not np.isnan(weights[layer]):
             raise UsageError(f"{where} layer {layer} appears twice")
-        weights[layer] = finite_float(pd.to_numeric(row["importance"], errors="coerce"),
-                                      f"{where} importance", minimum=0)
+        weights[layer] = finite_float(
+            pd.to_numeric(row["importance"], errors="coerce"), f"{where} importance", minimum=0
+        )
     if np.isnan(weights).any():
         raise UsageError(f"{path}: missing layers {np.flatnonzero(np.isnan(weights)).tolist()}")
     if not weights.sum() > 0:
@@ -120,8 +121,13 @@ def shape_rule(capabilities: Capabilities) -> str:
     return "one shape for all layers"
 
 
-def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float], weights: np.ndarray,
-                 shared: Sequence[tuple] | None = None) -> np.ndarray | None:
+def solve_counts(
+    frac: np.ndarray,
+    costs: list[np.ndarray],
+    limits: list[float],
+    weights: np.ndarray,
+    shared: Sequence[tuple] | None = None,
+) -> np.ndarray | None:
     """Exact: how many layers take each option, when every layer has the same per-option costs.
 
     ``frac`` is each option's quality share, ``weights`` the kept layers' importance. Swapping two
@@ -176,10 +182,15 @@ def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float],
             lower.append(-np.inf)
             upper.append(0.0)
     objective = np.concatenate([np.zeros(k), -gaps, np.zeros(g)])
-    result = milp(objective, constraints=LinearConstraint(np.array(rows), lower, upper),
-                  integrality=np.concatenate([np.ones(k), np.zeros(k), np.ones(g)]),
-                  bounds=Bounds(np.concatenate([np.zeros(k), np.full(k, -np.inf), np.zeros(g)]),
-                                np.concatenate([np.full(k, L), np.full(k, np.inf), np.ones(g)])))
+    result = milp(
+        objective,
+        constraints=LinearConstraint(np.array(rows), lower, upper),
+        integrality=np.concatenate([np.ones(k), np.zeros(k), np.ones(g)]),
+        bounds=Bounds(
+            np.concatenate([np.zeros(k), np.full(k, -np.inf), np.zeros(g)]),
+            np.concatenate([np.full(k, L), np.full(k, np.inf), np.ones(g)]),
+        ),
+    )
     if result.status != 0 or result.x is None:
         return None
     counts = np.zeros(k, dtype=int)
@@ -187,7 +198,9 @@ def solve_counts(frac: np.ndarray, costs: list[np.ndarray], limits: list[float],
     return counts
 
 
-def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | None, shared: Sequence[tuple]) -> list[int]:
+def _undominated(
+    frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | None, shared: Sequence[tuple]
+) -> list[int]:
     """Options no other option with the same shared part beats on quality, latency and memory at
     once (ties keep the first). Across shared parts nothing is pruned: under a shared-shape rule an
     option of another part is not a substitute."""
@@ -195,20 +208,35 @@ def _undominated(frac: np.ndarray, latency: np.ndarray, memory: np.ndarray | Non
     for i in range(len(frac)):
         dominated = any(
             shared[j] == shared[i]
-            and frac[j] >= frac[i] and latency[j] <= latency[i] and (memory is None or memory[j] <= memory[i])
-            and (frac[j] > frac[i] or latency[j] < latency[i] or (memory is not None and memory[j] < memory[i]) or j < i)
-            for j in range(len(frac)) if j != i
+            and frac[j] >= frac[i]
+            and latency[j] <= latency[i]
+            and (memory is None or memory[j] <= memory[i])
+            and (
+                frac[j] > frac[i] or latency[j] < latency[i] or (memory is not None and memory[j] < memory[i]) or j < i
+            )
+            for j in range(len(frac))
+            if j != i
         )
         if not dominated:
             keep.append(i)
     return keep
 
 
-def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[int], workload: Workload, metric: str,
-                       budget_ms: float, stat: str = "median", options: Sequence[tuple[int, int, int]] | None = None,
-                       importance: np.ndarray | None = None, drop_rule: str = "keep-ends",
-                       memory_gb: float | None = None, dtype: str | None = None,
-                       capabilities: Capabilities | None = None) -> PerLayerResult:
+def optimize_per_layer(
+    predictor: Predictor,
+    arch: ModelArch,
+    depths: Sequence[int],
+    workload: Workload,
+    metric: str,
+    budget_ms: float,
+    stat: str = "median",
+    options: Sequence[tuple[int, int, int]] | None = None,
+    importance: np.ndarray | None = None,
+    drop_rule: str = "keep-ends",
+    memory_gb: float | None = None,
+    dtype: str | None = None,
+    capabilities: Capabilities | None = None,
+) -> PerLayerResult:
     """The best per-layer shape within budget that the flow can run: ``capabilities`` defaults to
     the declaration of the flow named in the table's sidecar."""
     metric = metric_name(metric)
@@ -260,8 +288,10 @@ def optimize_per_layer(predictor: Predictor, arch: ModelArch, depths: Sequence[i
         if best is None or (quality, -latency) > (best[0], -best[1]):
             best = (quality, latency, Subnet(arch, layers))
     if best is None:
-        raise InfeasibleBudget(f"no per-layer shape ({shape_rule(capabilities)}) fits {budget_ms:g} ms {metric} "
-                               f"({stat}) at depths {min(depths)}..{max(depths)}")
+        raise InfeasibleBudget(
+            f"no per-layer shape ({shape_rule(capabilities)}) fits {budget_ms:g} ms {metric} "
+            f"({stat}) at depths {min(depths)}..{max(depths)}"
+        )
     quality, latency, subnet = best
     source = predictor.predict(subnet, workload, stat).source_of(metric)
     return PerLayerResult(subnet, quality, latency, "scipy.milp (HiGHS)", shape_rule(capabilities), source)
@@ -286,16 +316,25 @@ class PerLayerPick:
     def to_dict(self) -> dict[str, Any]:
         result = self.result
         return {
-            "subnet": result.subnet.to_dict(), "num_layers": result.subnet.num_layers, "quality": result.quality,
+            "subnet": result.subnet.to_dict(),
+            "num_layers": result.subnet.num_layers,
+            "quality": result.quality,
             "quality_model": self.quality_model,
-            "predicted_ms": {"value": result.latency_ms, "source": result.source}, "solver": result.solver,
-            "shape_rule": result.shape_rule, "uniform_quality": self.uniform_quality,
+            "predicted_ms": {"value": result.latency_ms, "source": result.source},
+            "solver": result.solver,
+            "shape_rule": result.shape_rule,
+            "uniform_quality": self.uniform_quality,
             "gain_over_uniform": self.gain_over_uniform,
         }
 
 
-def optimize_selection(lut: Lut, selection: Selection, importance: Path | str | None = None,
-                       memory_gb: float | None = None, widths: Sequence[float] | None = None) -> PerLayerPick:
+def optimize_selection(
+    lut: Lut,
+    selection: Selection,
+    importance: Path | str | None = None,
+    memory_gb: float | None = None,
+    widths: Sequence[float] | None = None,
+) -> PerLayerPick:
     """``optimize_per_layer`` over the design space's depths for the request, metric and budget of a
     uniform selection from ``lut``, with the table's drop rule and dtype; ``importance`` is a CSV
     of per-layer weights (``load_importance``), by default equal weights; ``widths`` (select's
@@ -306,9 +345,19 @@ def optimize_selection(lut: Lut, selection: Selection, importance: Path | str | 
     grid = lut.meta.get("grid", {})
     predictor = Predictor(lut)
     options = width_options(arch, widths, grid.get("ffn_multiple", 1)) if widths else None
-    result = optimize_per_layer(predictor, arch, default_depths(arch), selection.workload, selection.metric,
-                                selection.budget_ms, selection.stat, options=options, importance=weights,
-                                drop_rule=grid.get("drop_rule", "keep-ends"), memory_gb=memory_gb,
-                                dtype=lut.meta["dtype"])
+    result = optimize_per_layer(
+        predictor,
+        arch,
+        default_depths(arch),
+        selection.workload,
+        selection.metric,
+        selection.budget_ms,
+        selection.stat,
+        options=options,
+        importance=weights,
+        drop_rule=grid.get("drop_rule", "keep-ends"),
+        memory_gb=memory_gb,
+        dtype=lut.meta["dtype"],
+    )
     model = "per-layer importance from file" if weights is not None else "proxy: retained parameters"
     return PerLayerPick(result, model, additive_quality(arch, selection.pick.subnet, weights))

@@ -25,16 +25,15 @@ from typing import Any, Iterable, Sequence
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
-from amoeba_profile.table.lut import Lut, entry_key_of_row
 from amoeba_profile.core.inputs import positive_float
-from amoeba_profile.selection.memory import MemoryEstimate, estimate
-from amoeba_profile.selection.predict import Prediction, Predictor
 from amoeba_profile.core.quality import ProxyQuality
 from amoeba_profile.core.strategy import Strategy
 from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DesignSpace, Subnet
-from amoeba_profile.core.workload import Workload, metric_name
-from amoeba_profile.table.lut import short_of
 from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.core.workload import Workload, metric_name
+from amoeba_profile.selection.memory import MemoryEstimate, estimate
+from amoeba_profile.selection.predict import Prediction, Predictor
+from amoeba_profile.table.lut import Lut, entry_key_of_row, short_of
 
 
 def width_text(ratio: float | None) -> str:
@@ -67,9 +66,15 @@ def flagged_rows(lut: Lut, prediction: Prediction, metric: str = "e2e_ms") -> li
     out = []
     for label, row in rows[rows["flags"] != ""].iterrows():
         contention = row.get("host_contention")
-        out.append({"row": entry_key_of_row(row), "line": int(label) + 2, "flags": row["flags"].split(";"),
-                    "cv": None if row["cv"] != row["cv"] else round(float(row["cv"]), 4),
-                    "host_contention": None if contention is None or contention != contention else float(contention)})
+        out.append(
+            {
+                "row": entry_key_of_row(row),
+                "line": int(label) + 2,
+                "flags": row["flags"].split(";"),
+                "cv": None if row["cv"] != row["cv"] else round(float(row["cv"]), 4),
+                "host_contention": None if contention is None or contention != contention else float(contention),
+            }
+        )
     return out
 
 
@@ -94,8 +99,10 @@ def flag_warning(flagged: dict[str, list[dict[str, Any]]], coarse: bool = False)
     # table measured in full already had its noisy rows re-measured once; a hot device wants
     # cooling and locked clocks.
     if seen <= {"high_cv"} and coarse:
-        advice = ("build the table again without --quick (it re-measures the rows holding fewer rounds) or on a "
-                  "quieter machine")
+        advice = (
+            "build the table again without --quick (it re-measures the rows holding fewer rounds) or on a "
+            "quieter machine"
+        )
     elif seen <= {"high_cv"}:
         advice = "rebuild the table on a quieter machine"
     else:
@@ -131,10 +138,13 @@ class Candidate:
             "subnet_id": self.subnet.id,
             "label": self.subnet.label,
             "quality": self.quality,
-            "predicted_ms": {"value": self.latency_ms, "source": self.source,
-                             "se": self.se_ms if finite else None,
-                             "interval_90": [low, high] if finite else None,
-                             "p_within_budget": self.p_fit if math.isfinite(self.p_fit) else None},
+            "predicted_ms": {
+                "value": self.latency_ms,
+                "source": self.source,
+                "se": self.se_ms if finite else None,
+                "interval_90": [low, high] if finite else None,
+                "p_within_budget": self.p_fit if math.isfinite(self.p_fit) else None,
+            },
         }
         if self.memory is not None:
             out["memory_gb"] = round(self.memory.total_gb, 3)
@@ -175,13 +185,20 @@ class Selection:
             "stat": self.stat,
             "budget_ms": self.budget_ms,
             "memory_budget_gb": self.memory_gb,
-            "workload": {"batch": self.workload.batch, "prompt_len": self.workload.prompt_len, "gen_len": self.workload.gen_len},
+            "workload": {
+                "batch": self.workload.batch,
+                "prompt_len": self.workload.prompt_len,
+                "gen_len": self.workload.gen_len,
+            },
             "confidence": self.confidence,
             "model_error_known": self.pick.prediction.model_error_known,
             "tied": [c.to_dict() for c in self.tied],
             "top_k": [c.to_dict() for c in self.top_k],
-            **({"pareto": [{**c.to_dict(), "fits": c.latency_ms <= self.budget_ms} for c in self.pareto]}
-               if pareto else {}),
+            **(
+                {"pareto": [{**c.to_dict(), "fits": c.latency_ms <= self.budget_ms} for c in self.pareto]}
+                if pareto
+                else {}
+            ),
             "subnets": {c.subnet.id: c.subnet.to_compact_dict() for c in listed},
             "considered": self.considered,
             "skipped": self.skipped,
@@ -199,8 +216,12 @@ def table_space(lut: Lut, widths: Sequence[float] | None = None, strategy: Path 
     if strategy is not None:
         return Strategy.load(strategy, arch).subnets(ratios=widths)
     grid = lut.meta.get("grid", {})
-    space = DesignSpace.amoeba(arch, tuple(widths or grid.get("widths", AMOEBA_WIDTHS)),
-                               drop_rule=grid.get("drop_rule", "keep-ends"), ffn_multiple=grid.get("ffn_multiple", 1))
+    space = DesignSpace.amoeba(
+        arch,
+        tuple(widths or grid.get("widths", AMOEBA_WIDTHS)),
+        drop_rule=grid.get("drop_rule", "keep-ends"),
+        ffn_multiple=grid.get("ffn_multiple", 1),
+    )
     return list(space.subnets())
 
 
@@ -208,8 +229,9 @@ DEFAULT_PROMPT_LEN = 128
 DEFAULT_GEN_LEN = 128
 
 
-def table_workload(lut: Lut, prompt_len: int | None = None, gen_len: int | None = None,
-                   batch: int | None = None) -> Workload:
+def table_workload(
+    lut: Lut, prompt_len: int | None = None, gen_len: int | None = None, batch: int | None = None
+) -> Workload:
     """A request for this table; what is not given defaults to what the table covers.
 
     ``batch``: the batch the table was measured at. ``prompt_len``: 128 where the table's prompt
@@ -245,8 +267,15 @@ def best_within(candidates: Iterable[Candidate], budget_ms: float) -> Candidate 
     return fitting[0] if fitting else None
 
 
-def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, stat: str = "median",
-             quality=None, dtype: str | None = None) -> tuple[list[Candidate], list[str]]:
+def evaluate(
+    predictor: Predictor,
+    subnets: Iterable[Subnet],
+    workload: Workload,
+    metric: str,
+    stat: str = "median",
+    quality=None,
+    dtype: str | None = None,
+) -> tuple[list[Candidate], list[str]]:
     """Predict every subnet; shapes the table cannot cover are listed, not guessed."""
     metric = metric_name(metric)
     quality = quality or ProxyQuality()
@@ -258,8 +287,17 @@ def evaluate(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload
             skipped.append(f"{subnet.label}: {exc}")
             continue
         memory = estimate(subnet, workload, dtype) if dtype else None
-        candidates.append(Candidate(subnet, quality.score(subnet), prediction.metric(metric), prediction,
-                                    prediction.source_of(metric), memory, metric))
+        candidates.append(
+            Candidate(
+                subnet,
+                quality.score(subnet),
+                prediction.metric(metric),
+                prediction,
+                prediction.source_of(metric),
+                memory,
+                metric,
+            )
+        )
     return candidates, skipped
 
 
@@ -293,9 +331,19 @@ def check_confidence(confidence: float | None) -> float | None:
     return confidence
 
 
-def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, metric: str, budget_ms: float,
-           stat: str = "median", top_k: int = 5, quality=None, memory_gb: float | None = None,
-           dtype: str | None = None, confidence: float | None = None) -> Selection:
+def select(
+    predictor: Predictor,
+    subnets: Iterable[Subnet],
+    workload: Workload,
+    metric: str,
+    budget_ms: float,
+    stat: str = "median",
+    top_k: int = 5,
+    quality=None,
+    memory_gb: float | None = None,
+    dtype: str | None = None,
+    confidence: float | None = None,
+) -> Selection:
     """``metric`` is ttft, tpot or e2e (with or without ``_ms``); ``memory_gb`` (with ``dtype``)
     also bounds weights + KV cache + activation headroom; with ``confidence`` q a shape fits when
     the q-quantile of its predicted metric is within the budget."""
@@ -321,8 +369,10 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
         fitting = [c for c in candidates if c.memory.total_gb <= memory_gb]
         if not fitting:
             smallest = min(candidates, key=lambda c: c.memory.total_bytes)
-            raise InfeasibleBudget(f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory.total_gb:.2f} GB: "
-                                   f"{describe(smallest.subnet)}")
+            raise InfeasibleBudget(
+                f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory.total_gb:.2f} GB: "
+                f"{describe(smallest.subnet)}"
+            )
     fitting = [replace(c, p_fit=c.prediction.p_within(metric, budget_ms)) for c in fitting]
     feasible = [c for c in fitting if fit_bound(c, confidence) <= budget_ms]
     if not feasible:
@@ -336,10 +386,25 @@ def select(predictor: Predictor, subnets: Iterable[Subnet], workload: Workload, 
     ranked = rank(feasible)
     pick = ranked[0]
     ahead = rank(fitting)
-    tied = [c for c in ahead[:ahead.index(pick)] if c.p_fit >= TIE_FLOOR]
-    flagged = {who: flagged_rows(predictor.lut, cand.prediction, metric)
-               for who, cand in zip(("pick", "runner_up"), ranked)}
-    return Selection(pick, ranked[:top_k], pareto_front(fitting), metric, stat, budget_ms, workload,
-                     quality.name, len(candidates), skipped, memory_gb, flagged,
-                     flag_warning(flagged, bool(short_of(predictor.lut.frame, TimingProtocol()).any())), confidence,
-                     tied, quality_warning)
+    tied = [c for c in ahead[: ahead.index(pick)] if c.p_fit >= TIE_FLOOR]
+    flagged = {
+        who: flagged_rows(predictor.lut, cand.prediction, metric) for who, cand in zip(("pick", "runner_up"), ranked)
+    }
+    return Selection(
+        pick,
+        ranked[:top_k],
+        pareto_front(fitting),
+        metric,
+        stat,
+        budget_ms,
+        workload,
+        quality.name,
+        len(candidates),
+        skipped,
+        memory_gb,
+        flagged,
+        flag_warning(flagged, bool(short_of(predictor.lut.frame, TimingProtocol()).any())),
+        confidence,
+        tied,
+        quality_warning,
+    )

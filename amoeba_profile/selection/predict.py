@@ -38,9 +38,9 @@ import pandas as pd
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import OutOfRange, UsageError
-from amoeba_profile.table.lut import Lut
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload, compose, metric_name
+from amoeba_profile.table.lut import Lut
 
 SOURCES = ("measured", "interpolated", "roofline")
 STATS = {"median": "median_ms", "p90": "p90_ms"}
@@ -109,10 +109,16 @@ class Prediction:
         return {"ttft_ms": self.ttft_source, "tpot_ms": self.tpot_source, "e2e_ms": self.source}[metric_name(name)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ttft_ms": self.ttft_ms, "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "source": self.source,
-                "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")}, "stat": self.stat,
-                "se_ms": {m: _finite_or_none(self.se_of(m)) for m in ("ttft_ms", "tpot_ms", "e2e_ms")},
-                "model_error_known": self.model_error_known}
+        return {
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "e2e_ms": self.e2e_ms,
+            "source": self.source,
+            "sources": {m: self.source_of(m) for m in ("ttft_ms", "tpot_ms", "e2e_ms")},
+            "stat": self.stat,
+            "se_ms": {m: _finite_or_none(self.se_of(m)) for m in ("ttft_ms", "tpot_ms", "e2e_ms")},
+            "model_error_known": self.model_error_known,
+        }
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -124,22 +130,43 @@ def normal_quantile(q: float) -> float:
     prediction side stays free of scipy's import time."""
     if not 0 < q < 1:
         raise UsageError(f"a probability must lie strictly between 0 and 1, got {q}")
-    a = (-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02, 1.383577518672690e+02,
-         -3.066479806614716e+01, 2.506628277459239e+00)
-    b = (-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02, 6.680131188771972e+01,
-         -1.328068155288572e+01)
-    c = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00, -2.549732539343734e+00,
-         4.374664141464968e+00, 2.938163982698783e+00)
-    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00)
+    a = (
+        -3.969683028665376e01,
+        2.209460984245205e02,
+        -2.759285104469687e02,
+        1.383577518672690e02,
+        -3.066479806614716e01,
+        2.506628277459239e00,
+    )
+    b = (
+        -5.447609879822406e01,
+        1.615858368580409e02,
+        -1.556989798598866e02,
+        6.680131188771972e01,
+        -1.328068155288572e01,
+    )
+    c = (
+        -7.784894002430293e-03,
+        -3.223964580411365e-01,
+        -2.400758277161838e00,
+        -2.549732539343734e00,
+        4.374664141464968e00,
+        2.938163982698783e00,
+    )
+    d = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00, 3.754408661907416e00)
     if q < 0.02425 or q > 1 - 0.02425:
         t = math.sqrt(-2 * math.log(q if q < 0.5 else 1 - q))
-        x = (((((c[0] * t + c[1]) * t + c[2]) * t + c[3]) * t + c[4]) * t + c[5]) / \
-            ((((d[0] * t + d[1]) * t + d[2]) * t + d[3]) * t + 1)
+        x = (((((c[0] * t + c[1]) * t + c[2]) * t + c[3]) * t + c[4]) * t + c[5]) / (
+            (((d[0] * t + d[1]) * t + d[2]) * t + d[3]) * t + 1
+        )
         return x if q < 0.5 else -x
     r = q - 0.5
     t = r * r
-    return (((((a[0] * t + a[1]) * t + a[2]) * t + a[3]) * t + a[4]) * t + a[5]) * r / \
-        (((((b[0] * t + b[1]) * t + b[2]) * t + b[3]) * t + b[4]) * t + 1)
+    return (
+        (((((a[0] * t + a[1]) * t + a[2]) * t + a[3]) * t + a[4]) * t + a[5])
+        * r
+        / (((((b[0] * t + b[1]) * t + b[2]) * t + b[3]) * t + b[4]) * t + 1)
+    )
 
 
 def _row_se(ok: pd.DataFrame) -> pd.Series:
@@ -208,9 +235,18 @@ class Predictor:
             raise OutOfRange(f"the table has no ok {component} {phase} rows at batch {batch}")
         return rows
 
-    def _curve(self, component: str, phase: str, batch: int, shape_col: str | None, shape_val: float,
-               x_col: str, x: np.ndarray, stat_col: str,
-               rows: pd.DataFrame | None = None) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _curve(
+        self,
+        component: str,
+        phase: str,
+        batch: int,
+        shape_col: str | None,
+        shape_val: float,
+        x_col: str,
+        x: np.ndarray,
+        stat_col: str,
+        rows: pd.DataFrame | None = None,
+    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
         """Interpolate first across the width axis at every measured x, then along x; returns the
         values, their source, the labels of the rows they were read from and their standard errors
         (interpolated as the values are)."""
@@ -226,21 +262,29 @@ class Predictor:
             return values, "measured" if exact else "interpolated", frozenset(used.index), se
         pivot = rows.pivot_table(index=shape_col, columns=x_col, values=stat_col, aggfunc="first").dropna()
         shapes = pivot.index.to_numpy(float)
-        at_x = np.array([_interp(shapes, pivot[col].to_numpy(float), shape_val, f"{what} {shape_col}")[0][0]
-                         for col in pivot.columns])
+        at_x = np.array(
+            [
+                _interp(shapes, pivot[col].to_numpy(float), shape_val, f"{what} {shape_col}")[0][0]
+                for col in pivot.columns
+            ]
+        )
         shape_exact = shape_val in shapes
         xs = pivot.columns.to_numpy(float)
         values, x_exact = _interp(xs, at_x, x, f"{what} {x_col} ({shape_col}={shape_val:g})")
-        se_pivot = rows.pivot_table(index=shape_col, columns=x_col, values="se_ms", aggfunc="first",
-                                    dropna=False).reindex(index=pivot.index, columns=pivot.columns)
+        se_pivot = rows.pivot_table(
+            index=shape_col, columns=x_col, values="se_ms", aggfunc="first", dropna=False
+        ).reindex(index=pivot.index, columns=pivot.columns)
         se_at_x = np.array([np.interp(shape_val, shapes, se_pivot[col].to_numpy(float)) for col in pivot.columns])
         se = np.interp(np.atleast_1d(np.asarray(x, dtype=float)), xs, se_at_x)
-        used = rows[rows[shape_col].isin(_bracket(shapes, np.atleast_1d(float(shape_val))))
-                    & rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
+        used = rows[
+            rows[shape_col].isin(_bracket(shapes, np.atleast_1d(float(shape_val))))
+            & rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))
+        ]
         return values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index), se
 
-    def _layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
-               stat_col: str) -> tuple[np.ndarray, str, frozenset]:
+    def _layer(
+        self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray, stat_col: str
+    ) -> tuple[np.ndarray, str, frozenset]:
         """One decoder-layer shape: prefill ms at prompt lengths ``x``, or decode ms at contexts ``x``."""
         key = (heads, kv_heads, ffn, phase, batch, x.tobytes(), stat_col)
         if key in self._cache:
@@ -252,11 +296,18 @@ class Predictor:
             # Interpolating in heads is only meaningful at the same GQA group size.
             same_group = attn_rows[attn_rows["heads"] == attn_rows["kv_heads"] * (heads // kv_heads)]
             x_col = "tokens" if phase == "prefill" else "context"
-            parts = [("attn", "heads", heads, x, same_group),
-                     # The MLP sees one token per decode step whatever the context: one row at context 0.
-                     ("mlp", "ffn", ffn, x if phase == "prefill" else np.array([0]), None)]
-            self._cache[key] = self._sum([self._curve(component, phase, batch, col, value, x_col, at, stat_col, rows)
-                                          for component, col, value, at, rows in parts], [1, 1])
+            parts = [
+                ("attn", "heads", heads, x, same_group),
+                # The MLP sees one token per decode step whatever the context: one row at context 0.
+                ("mlp", "ffn", ffn, x if phase == "prefill" else np.array([0]), None),
+            ]
+            self._cache[key] = self._sum(
+                [
+                    self._curve(component, phase, batch, col, value, x_col, at, stat_col, rows)
+                    for component, col, value, at, rows in parts
+                ],
+                [1, 1],
+            )
         return self._cache[key]
 
     def _sum(self, curves: list[tuple], signs: list[int]) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
@@ -265,8 +316,9 @@ class Predictor:
         se = np.sqrt(sum(c[3] ** 2 for c in curves))
         return value, worst_source(*(c[1] for c in curves)), frozenset().union(*(c[2] for c in curves)), se
 
-    def _fitted_layer(self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray,
-                      stat_col: str) -> tuple[np.ndarray, str, frozenset]:
+    def _fitted_layer(
+        self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray, stat_col: str
+    ) -> tuple[np.ndarray, str, frozenset]:
         """A ``difference`` table's layer: its own row, or composed additively from the two axes."""
         rows = self._rows_for("layer", phase, batch)
         x_col = "tokens" if phase == "prefill" else "context"
@@ -278,14 +330,19 @@ class Predictor:
         heads_axis = rows[(rows.ffn == full_f) & (rows.heads == rows.kv_heads * group)]
         ffn_axis = rows[(rows.heads == full_h) & (rows.kv_heads == full_kv)]
         full = ffn_axis[ffn_axis.ffn == full_f]
-        value, _, used, se = self._sum([
-            self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis),
-            self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis),
-            self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full)], [1, 1, -1])
+        value, _, used, se = self._sum(
+            [
+                self._curve("layer", phase, batch, "heads", heads, x_col, x, stat_col, heads_axis),
+                self._curve("layer", phase, batch, "ffn", ffn, x_col, x, stat_col, ffn_axis),
+                self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, full),
+            ],
+            [1, 1, -1],
+        )
         return value, "interpolated", used, se
 
-    def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
-               stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _phase(
+        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
+    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
         """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``, with
         the standard error of each value."""
         x_col = "tokens" if phase == "prefill" else "context"
@@ -294,7 +351,7 @@ class Predictor:
             self._cache[key] = self._curve("base", phase, batch, None, 0, x_col, x, stat_col)
         total, source, used, base_se = self._cache[key]
         total = total.copy()
-        variance = base_se ** 2
+        variance = base_se**2
         sources = [source]
         for (heads, kv_heads, ffn), count in Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers).items():
             values, s, rows, se = self._layer(heads, kv_heads, ffn, phase, batch, x, stat_col)
@@ -306,8 +363,9 @@ class Predictor:
         se = np.sqrt(variance + (relative * total) ** 2)
         return total, ("roofline" if self.roofline else worst_source(*sources)), used, se
 
-    def _whole(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
-               stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray] | None:
+    def _whole(
+        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
+    ) -> tuple[np.ndarray, str, frozenset, np.ndarray] | None:
         """The subnet's own measured model rows for this phase, when they cover ``x`` (prefill at
         exactly the prompt length; decode within the measured contexts), with their standard
         errors; None when they do not."""
@@ -322,8 +380,9 @@ class Predictor:
         values, _, used, se = self._curve("model", phase, batch, None, 0, x_col, x, stat_col, rows)
         return values, "measured", used, se
 
-    def _answer(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray,
-                stat_col: str) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _answer(
+        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
+    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
         """What ``predict`` reads for one phase: the shape's measured model rows, else the composition."""
         return self._whole(subnet, phase, batch, x, stat_col) or self._phase(subnet, phase, batch, x, stat_col)
 
@@ -341,23 +400,36 @@ class Predictor:
         """Every metric of ``subnet`` for ``workload``: from its measured model rows where the table
         has them (source ``measured``), else composed from the table's parts."""
         stat_col = stat_column(stat)
-        prefill, source, used, prefill_se = self._answer(subnet, "prefill", workload.batch,
-                                                         np.array([workload.prompt_len]), stat_col)
+        prefill, source, used, prefill_se = self._answer(
+            subnet, "prefill", workload.batch, np.array([workload.prompt_len]), stat_col
+        )
         contexts = self._contexts(workload, lambda ends: self._answer(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
             decode, decode_source, decode_used, decode_se = contexts, source, set(), contexts
         else:
-            decode, decode_source, decode_used, decode_se = self._answer(subnet, "decode", workload.batch, contexts,
-                                                                         stat_col)
+            decode, decode_source, decode_used, decode_se = self._answer(
+                subnet, "decode", workload.batch, contexts, stat_col
+            )
         m = compose(prefill[0], decode)
         # The decode steps of one request read the same rows: their errors add up, not in quadrature.
         tpot_se = float(np.mean(decode_se)) if len(decode_se) else math.nan
-        se = {"ttft_ms": float(prefill_se[0]), "tpot_ms": tpot_se,
-              "e2e_ms": float(prefill_se[0] + np.sum(decode_se))}
+        se = {"ttft_ms": float(prefill_se[0]), "tpot_ms": tpot_se, "e2e_ms": float(prefill_se[0] + np.sum(decode_se))}
         if self.roofline:
             se = {k: math.nan for k in se}
-        return Prediction(subnet, workload, stat, m.ttft_ms, m.tpot_ms, m.e2e_ms, worst_source(source, decode_source),
-                          source, decode_source, tuple(sorted(used | decode_used)), se, bool(self.model_error))
+        return Prediction(
+            subnet,
+            workload,
+            stat,
+            m.ttft_ms,
+            m.tpot_ms,
+            m.e2e_ms,
+            worst_source(source, decode_source),
+            source,
+            decode_source,
+            tuple(sorted(used | decode_used)),
+            se,
+            bool(self.model_error),
+        )
 
     def measured_metric(self, subnet: Subnet, workload: Workload, metric: str, stat: str = "median") -> float:
         """``metric`` of ``subnet`` from its measured model rows alone, read as ``predict`` reads them
@@ -375,13 +447,16 @@ class Predictor:
         if decode is None:
             rows = self._models.get((subnet.id, "decode", batch))
             measured = sorted(rows.context.astype(int).tolist()) if rows is not None else []
-            raise OutOfRange(f"{subnet.label}: measured decode contexts {measured} do not cover the decode steps "
-                             f"{span[0]}..{span[1]}")
+            raise OutOfRange(
+                f"{subnet.label}: measured decode contexts {measured} do not cover the decode steps "
+                f"{span[0]}..{span[1]}"
+            )
         steps = self._whole(subnet, "decode", batch, workload.decode_contexts(), stat_col)[0]
         return compose(prefill[0][0], steps).metric(metric)
 
-    def phase_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
-                 stat: str = "median") -> tuple[float, str]:
+    def phase_ms(
+        self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int, stat: str = "median"
+    ) -> tuple[float, str]:
         """Composed time of one forward: a prefill of ``tokens`` or one decode step at ``context``
         (always from the parts, even for a shape with model rows: it is what those rows check)."""
         x = np.array([tokens if phase == "prefill" else context])
@@ -391,14 +466,22 @@ class Predictor:
     def base_metric(self, workload: Workload, metric: str, stat: str = "median") -> float:
         """The part of ``metric`` that does not depend on the layers (embeddings, lm_head, overhead)."""
         col = stat_column(stat)
-        contexts = self._contexts(workload, lambda ends: self._curve("base", "decode", workload.batch, None, 0,
-                                                                      "context", ends, col))
-        prefill = self._curve("base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col)[0]
-        decode = self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0] if len(contexts) else contexts
+        contexts = self._contexts(
+            workload, lambda ends: self._curve("base", "decode", workload.batch, None, 0, "context", ends, col)
+        )
+        prefill = self._curve(
+            "base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col
+        )[0]
+        decode = (
+            self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0]
+            if len(contexts)
+            else contexts
+        )
         return compose(prefill[0], decode).metric(metric)
 
-    def layer_metric(self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str,
-                     stat: str = "median") -> float:
+    def layer_metric(
+        self, heads: int, kv_heads: int, ffn: int, workload: Workload, metric: str, stat: str = "median"
+    ) -> float:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
         col, b = stat_column(stat), workload.batch
         contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
@@ -406,8 +489,9 @@ class Predictor:
         decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
         return compose(prefill[0], decode).metric(metric)
 
-    def phase_se_ms(self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int,
-                    stat: str = "median") -> float:
+    def phase_se_ms(
+        self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int, stat: str = "median"
+    ) -> float:
         """The standard error of ``phase_ms``'s value."""
         x = np.array([tokens if phase == "prefill" else context])
         return float(self._phase(subnet, phase, batch, x, stat_column(stat))[3][0])

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from amoeba_profile.core.entry import Entry
-from amoeba_profile.table.lut import entry_key_of_row, measured_row
-from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.subnet import Subnet
+from amoeba_profile.core.timing import Measurement
+from amoeba_profile.table.lut import entry_key_of_row, measured_row
 
 _GROUP = ("phase", "batch", "tokens", "context")
 
@@ -43,17 +43,20 @@ def _solve(X: np.ndarray, rows: list[dict[str, Any]]) -> tuple[dict[str, np.ndar
     errors (ms) and its residuals (%)."""
     y = np.array([r["median_ms"] for r in rows], dtype=float)
     Xw = X / y[:, None]
-    coefs = {stat: np.linalg.lstsq(Xw, np.array([r[stat] for r in rows], dtype=float) / y, rcond=None)[0]
-             for stat in ("median_ms", "p10_ms", "p90_ms")}
+    coefs = {
+        stat: np.linalg.lstsq(Xw, np.array([r[stat] for r in rows], dtype=float) / y, rcond=None)[0]
+        for stat in ("median_ms", "p10_ms", "p90_ms")
+    }
     resid = (y - X @ coefs["median_ms"]) / y
     dof = len(y) - X.shape[1]
-    sigma2 = float(np.sum(resid ** 2) / dof) if dof > 0 else math.nan
+    sigma2 = float(np.sum(resid**2) / dof) if dof > 0 else math.nan
     stderr = np.sqrt(np.diag(sigma2 * np.linalg.inv(Xw.T @ Xw)))
     return coefs, stderr, resid * 100
 
 
-def fit_rows(model_rows: list[dict[str, Any]],
-             fit_ids: set[str]) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+def fit_rows(
+    model_rows: list[dict[str, Any]], fit_ids: set[str]
+) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
     """(derived base and layer rows, residual % per model row's entry key, one summary per fitted group)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in model_rows:
@@ -76,39 +79,77 @@ def fit_rows(model_rows: list[dict[str, Any]],
         for row, r in zip(rows, resid):
             residuals[entry_key_of_row(row)] = float(r)
         depths = sorted({sum(c.values()) for c in counts})
-        rms = float(np.sqrt(np.mean(resid ** 2)))
+        rms = float(np.sqrt(np.mean(resid**2)))
         note = f"fit of {len(rows)} models (depths {','.join(map(str, depths))}); rms residual {rms:.2f} %"
-        summary.append({"phase": phase, "batch": batch, "tokens": tokens, "context": context, "models": len(rows),
-                        "shapes": len(shapes), "rms_residual_pct": round(rms, 3),
-                        "max_abs_residual_pct": round(float(np.abs(resid).max()), 3)})
+        summary.append(
+            {
+                "phase": phase,
+                "batch": batch,
+                "tokens": tokens,
+                "context": context,
+                "models": len(rows),
+                "shapes": len(shapes),
+                "rms_residual_pct": round(rms, 3),
+                "max_abs_residual_pct": round(float(np.abs(resid).max()), 3),
+            }
+        )
         if unconstrained_base is not None:
             summary[-1]["unconstrained_base_ms"] = round(unconstrained_base[0], 4)
         entries = [Entry("base", phase, batch, tokens, context)]
         entries += [Entry("layer", phase, batch, tokens, context, h, kv, f) for h, kv, f in shapes]
-        flags = ";".join(sorted({flag for r in rows if isinstance(r.get("flags"), str)
-                                 for flag in r["flags"].split(";") if flag}))
+        flags = ";".join(
+            sorted({flag for r in rows if isinstance(r.get("flags"), str) for flag in r["flags"].split(";") if flag})
+        )
         for i, entry in enumerate(entries):
             if i == 0 and unconstrained_base is not None:
                 derived.append(_zero_base_row(entry, *unconstrained_base, len(rows), note, flags))
                 continue
-            derived.append(_derived_row(entry, coefs["median_ms"][i], coefs["p10_ms"][i], coefs["p90_ms"][i],
-                                        float(stderr[i]), len(rows), note, flags))
+            derived.append(
+                _derived_row(
+                    entry,
+                    coefs["median_ms"][i],
+                    coefs["p10_ms"][i],
+                    coefs["p90_ms"][i],
+                    float(stderr[i]),
+                    len(rows),
+                    note,
+                    flags,
+                )
+            )
     return derived, residuals, summary
 
 
-def _zero_base_row(entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str,
-                   flags: str) -> dict[str, Any]:
+def _zero_base_row(
+    entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str, flags: str
+) -> dict[str, Any]:
     measurement = Measurement((), 0.0, 0.0, 0.0, 0.0, math.nan, math.nan, n)
-    return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, flags=flags,
-                        note=f"base held at 0 ms: the unconstrained fit gave {unconstrained_ms:.4g} ± {stderr_ms:.2g} ms, "
-                             f"below zero, so the non-layer cost is within the noise; layers refit without it; {note}")
+    return measured_row(
+        entry,
+        measurement,
+        "ok",
+        method="difference",
+        repeat=1,
+        wall_s=0.0,
+        flags=flags,
+        note=f"base held at 0 ms: the unconstrained fit gave {unconstrained_ms:.4g} ± {stderr_ms:.2g} ms, "
+        f"below zero, so the non-layer cost is within the noise; layers refit without it; {note}",
+    )
 
 
-def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str,
-                 flags: str) -> dict[str, Any]:
+def _derived_row(
+    entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str, flags: str
+) -> dict[str, Any]:
     if not median > 0:
-        return measured_row(entry, None, "error", method="difference", repeat=1, wall_s=0.0, flags=flags,
-                            note=f"fit gave {median:.4g} ms <= 0: the cost is below the noise; fit deeper models")
+        return measured_row(
+            entry,
+            None,
+            "error",
+            method="difference",
+            repeat=1,
+            wall_s=0.0,
+            flags=flags,
+            note=f"fit gave {median:.4g} ms <= 0: the cost is below the noise; fit deeper models",
+        )
     # p10/p90 are fitted separately; noise can cross them over the median, which a row may not show.
     p10, p90 = min(p10, median), max(p90, median)
     p10 = p10 if p10 > 0 else median
@@ -119,9 +160,20 @@ def _derived_row(entry: Entry, median: float, p10: float, p90: float, stderr: fl
 
 def _component_ms(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """The ok attn, mlp and base rows by (component, phase, batch, tokens, context, heads, kv_heads, ffn)."""
-    return {(r["component"], r["phase"], int(r["batch"]), int(r["tokens"]), int(r["context"]),
-             int(r["heads"]), int(r["kv_heads"]), int(r["ffn"])): r
-            for r in rows if r["status"] == "ok" and r["component"] in ("attn", "mlp", "base")}
+    return {
+        (
+            r["component"],
+            r["phase"],
+            int(r["batch"]),
+            int(r["tokens"]),
+            int(r["context"]),
+            int(r["heads"]),
+            int(r["kv_heads"]),
+            int(r["ffn"]),
+        ): r
+        for r in rows
+        if r["status"] == "ok" and r["component"] in ("attn", "mlp", "base")
+    }
 
 
 def _se(row: dict[str, Any]) -> float:
@@ -132,8 +184,10 @@ def _se(row: dict[str, Any]) -> float:
     return std / math.sqrt(rounds) if math.isfinite(std) else 0.0
 
 
-def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
-                   ) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+def calibrate_rows(
+    rows: list[dict[str, Any]],
+    calibration_ids: set[str],
+) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
     """The calibrated method's fit: per (phase, batch, prompt length or context), the whole
     calibration models' serving-loop latencies y against their composed component cost C and
     layer count n: y - base = a * C + d * n, least squares weighted by 1/y (relative residuals).
@@ -148,11 +202,18 @@ def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
             groups[(row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]))].append(row)
     derived, residuals, summary = [], {}, []
     for (phase, batch, tokens, context), models in sorted(groups.items()):
-        mlp_context = 0 if phase == "decode" else context
+        mlp_context = 0 if phase == "decode" else context  # the MLP sees one token whatever the context
+        group = {"attn": context, "base": context, "mlp": mlp_context}
 
-        def comp(component: str, heads: int = 0, kv: int = 0, ffn: int = 0) -> dict[str, Any] | None:
-            x = mlp_context if component == "mlp" else context
-            return comps.get((component, phase, batch, tokens, x, heads, kv, ffn))
+        def comp(
+            component: str,
+            heads: int = 0,
+            kv: int = 0,
+            ffn: int = 0,
+            at: tuple = (phase, batch, tokens),
+            x: dict[str, int] = group,
+        ) -> dict[str, Any] | None:
+            return comps.get((component, *at, x[component], heads, kv, ffn))
 
         base = comp("base")
         usable = []
@@ -178,29 +239,42 @@ def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
             coef = np.array([1.0, float(np.sum(Xw[:, 1] * (yw - Xw[:, 0])) / np.sum(Xw[:, 1] ** 2))])
         bread = np.linalg.pinv(Xw.T @ Xw)
         model_se = np.array([_se(r) for r, _, _ in usable]) * weight
-        cov = bread @ (Xw.T * model_se ** 2) @ Xw @ bread  # from the models' own spread
+        cov = bread @ (Xw.T * model_se**2) @ Xw @ bread  # from the models' own spread
         resid = (y - X @ coef) * weight
         dof = len(y) - 2
         if dof > 0:
-            from_residuals = bread * float(np.sum(resid ** 2) / dof)
+            from_residuals = bread * float(np.sum(resid**2) / dof)
             cov = from_residuals if np.trace(from_residuals) > np.trace(cov) else cov
         scale, per_layer = float(coef[0]), float(coef[1])
         for (row, _, _), r in zip(usable, resid):
             residuals[entry_key_of_row(row)] = float(100 * r)
         rms = float(np.sqrt(np.mean((100 * resid) ** 2)))
-        summary.append({"phase": phase, "batch": batch, "tokens": tokens, "context": context, "models": len(usable),
-                        "scale": round(scale, 5), "per_layer_ms": round(per_layer, 5),
-                        "scale_se": round(float(math.sqrt(cov[0, 0])), 5),
-                        "per_layer_se_ms": round(float(math.sqrt(cov[1, 1])), 5),
-                        "rms_residual_pct": round(rms, 3),
-                        "max_abs_residual_pct": round(float(np.abs(100 * resid).max()), 3)})
-        note = (f"calibrated: {scale:.4f} x (attn + mlp) + {per_layer:.4g} ms per layer, from {len(usable)} whole "
-                f"models (rms residual {rms:.2f} %)" + ("; the fitted scale was not positive, so it is held at 1"
-                                                         if held else ""))
+        summary.append(
+            {
+                "phase": phase,
+                "batch": batch,
+                "tokens": tokens,
+                "context": context,
+                "models": len(usable),
+                "scale": round(scale, 5),
+                "per_layer_ms": round(per_layer, 5),
+                "scale_se": round(float(math.sqrt(cov[0, 0])), 5),
+                "per_layer_se_ms": round(float(math.sqrt(cov[1, 1])), 5),
+                "rms_residual_pct": round(rms, 3),
+                "max_abs_residual_pct": round(float(np.abs(100 * resid).max()), 3),
+            }
+        )
+        note = (
+            f"calibrated: {scale:.4f} x (attn + mlp) + {per_layer:.4g} ms per layer, from {len(usable)} whole "
+            f"models (rms residual {rms:.2f} %)"
+            + ("; the fitted scale was not positive, so it is held at 1" if held else "")
+        )
         if held:
             summary[-1]["scale_held"] = True
         flags = ";".join(sorted({f for r, _, _ in usable for f in str(r.get("flags") or "").split(";") if f}))
-        heads_axis = sorted({(k[5], k[6]) for k in comps if k[0] == "attn" and k[1:5] == (phase, batch, tokens, context)})
+        heads_axis = sorted(
+            {(k[5], k[6]) for k in comps if k[0] == "attn" and k[1:5] == (phase, batch, tokens, context)}
+        )
         ffn_axis = sorted({k[7] for k in comps if k[0] == "mlp" and k[1:5] == (phase, batch, tokens, mlp_context)})
         arch_full = max(heads_axis, default=None), max(ffn_axis, default=None)
         if arch_full[0] is None or arch_full[1] is None:
@@ -210,17 +284,31 @@ def calibrate_rows(rows: list[dict[str, Any]], calibration_ids: set[str],
             attn, mlp = comp("attn", heads, kv), comp("mlp", ffn=ffn)
             composed = {stat: attn[stat] + mlp[stat] for stat in ("median_ms", "p10_ms", "p90_ms")}
             grad = np.array([composed["median_ms"], 1.0])
-            se = math.sqrt(float(grad @ cov @ grad) + scale ** 2 * (_se(attn) ** 2 + _se(mlp) ** 2))
+            se = math.sqrt(float(grad @ cov @ grad) + scale**2 * (_se(attn) ** 2 + _se(mlp) ** 2))
             entry = Entry("layer", phase, batch, tokens, context, heads, kv, ffn)
             median = scale * composed["median_ms"] + per_layer
             if not median > 0:
-                derived.append(measured_row(entry, None, "error", method="calibrated", repeat=1, wall_s=0.0,
-                                            flags=flags, note=f"calibration gave {median:.4g} ms <= 0; {note}"))
+                derived.append(
+                    measured_row(
+                        entry,
+                        None,
+                        "error",
+                        method="calibrated",
+                        repeat=1,
+                        wall_s=0.0,
+                        flags=flags,
+                        note=f"calibration gave {median:.4g} ms <= 0; {note}",
+                    )
+                )
                 continue
             p10 = min(scale * composed["p10_ms"] + per_layer, median)
             p90 = max(scale * composed["p90_ms"] + per_layer, median)
-            measurement = Measurement((), median, p10 if p10 > 0 else median, p90, math.nan, se, se / median,
-                                      len(usable))
-            derived.append(measured_row(entry, measurement, "ok", method="calibrated", repeat=1, wall_s=0.0,
-                                        note=note, flags=flags))
+            measurement = Measurement(
+                (), median, p10 if p10 > 0 else median, p90, math.nan, se, se / median, len(usable)
+            )
+            derived.append(
+                measured_row(
+                    entry, measurement, "ok", method="calibrated", repeat=1, wall_s=0.0, note=note, flags=flags
+                )
+            )
     return derived, residuals, summary

@@ -24,16 +24,26 @@ from typing import Any
 import pandas as pd
 
 from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
 from amoeba_profile.core.entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
 from amoeba_profile.core.errors import ArchError, LutError
-from amoeba_profile.core.inputs import MIB, finite_float, positive_int, read_bounded
-from amoeba_profile.core.timing import Measurement
-from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
 from amoeba_profile.core.files import fsync_dir, table_lock, write_file_atomically
-from amoeba_profile.core.timing import TimingProtocol
+from amoeba_profile.core.inputs import MIB, finite_float, positive_int, read_bounded
+from amoeba_profile.core.timing import Measurement, TimingProtocol
 
 SCHEMA_VERSION = 2
-KEY_COLUMNS = ["component", "phase", "batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "subnet_id"]
+KEY_COLUMNS = [
+    "component",
+    "phase",
+    "batch",
+    "tokens",
+    "context",
+    "heads",
+    "kv_heads",
+    "ffn",
+    "num_layers",
+    "subnet_id",
+]
 STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
 STATE_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]  # device state over the row's rounds
 # residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
@@ -41,9 +51,19 @@ STATE_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]  # device
 # host_contention: share of the CPU cores the measurement needed that other processes took.
 DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s", "host_contention"]
 OPTIONAL_COLUMNS = STATE_COLUMNS + DIAGNOSTIC_COLUMNS
-COLUMNS = KEY_COLUMNS + ["method", "source", "status", "repeat", "rounds"] + STAT_COLUMNS + OPTIONAL_COLUMNS + [
-    "flags", "wall_s", "samples_ms", "subnet_json", "note",
-]
+COLUMNS = (
+    KEY_COLUMNS
+    + ["method", "source", "status", "repeat", "rounds"]
+    + STAT_COLUMNS
+    + OPTIONAL_COLUMNS
+    + [
+        "flags",
+        "wall_s",
+        "samples_ms",
+        "subnet_json",
+        "note",
+    ]
+)
 INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
 STATUSES = ("ok", "oom", "unsupported", "error")
 SOURCES = ("measured", "roofline")
@@ -65,29 +85,69 @@ def sidecar_path(csv_path: Path) -> Path:
 
 
 def entry_key_of_row(row: dict[str, Any]) -> str:
-    return entry_key(row["component"], row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]),
-                     int(row["heads"]), int(row["kv_heads"]), int(row["ffn"]), row["subnet_id"] or "")
+    return entry_key(
+        row["component"],
+        row["phase"],
+        int(row["batch"]),
+        int(row["tokens"]),
+        int(row["context"]),
+        int(row["heads"]),
+        int(row["kv_heads"]),
+        int(row["ffn"]),
+        row["subnet_id"] or "",
+    )
 
 
-def measured_row(entry: Entry, measurement: Measurement | None, status: str, *, method: str, repeat: int,
-                 wall_s: float, rounds: int = 0, flags: str = "", note: str = "",
-                 state: dict[str, float] | None = None) -> dict[str, Any]:
+def measured_row(
+    entry: Entry,
+    measurement: Measurement | None,
+    status: str,
+    *,
+    method: str,
+    repeat: int,
+    wall_s: float,
+    rounds: int = 0,
+    flags: str = "",
+    note: str = "",
+    state: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """One tidy row; stats are NaN unless status is ``ok``; ``state`` fills the device-state and
     diagnostic columns."""
     row: dict[str, Any] = {c: (state or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
-    row.update({
-        "component": entry.component, "phase": entry.phase, "batch": entry.batch, "tokens": entry.tokens,
-        "context": entry.context, "heads": entry.heads, "kv_heads": entry.kv_heads, "ffn": entry.ffn,
-        "num_layers": entry.num_layers, "subnet_id": entry.subnet_id, "method": method, "source": "measured",
-        "status": status, "repeat": repeat, "rounds": rounds, "flags": flags, "wall_s": round(wall_s, 3), "note": note,
-        "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
-    })
+    row.update(
+        {
+            "component": entry.component,
+            "phase": entry.phase,
+            "batch": entry.batch,
+            "tokens": entry.tokens,
+            "context": entry.context,
+            "heads": entry.heads,
+            "kv_heads": entry.kv_heads,
+            "ffn": entry.ffn,
+            "num_layers": entry.num_layers,
+            "subnet_id": entry.subnet_id,
+            "method": method,
+            "source": "measured",
+            "status": status,
+            "repeat": repeat,
+            "rounds": rounds,
+            "flags": flags,
+            "wall_s": round(wall_s, 3),
+            "note": note,
+            "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
+        }
+    )
     if measurement is None:
         row.update({c: math.nan for c in STAT_COLUMNS}, n=0, samples_ms="[]")
     else:
         row.update(
-            n=measurement.n, median_ms=measurement.median_ms, p10_ms=measurement.p10_ms, p90_ms=measurement.p90_ms,
-            mean_ms=measurement.mean_ms, std_ms=measurement.std_ms, cv=measurement.cv,
+            n=measurement.n,
+            median_ms=measurement.median_ms,
+            p10_ms=measurement.p10_ms,
+            p90_ms=measurement.p90_ms,
+            mean_ms=measurement.mean_ms,
+            std_ms=measurement.std_ms,
+            cv=measurement.cv,
             samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
         )
     return row
@@ -158,8 +218,12 @@ def _finish_interrupted_write(path: Path) -> None:
     other writer's temp file is touched."""
     pending = pending_sidecar_path(path)
     meta = _read_sidecar(pending) if pending.is_file() else None
-    if meta is not None and path.is_file() and meta.get("content_sha256") == hashlib.sha256(
-            read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)).hexdigest():
+    if (
+        meta is not None
+        and path.is_file()
+        and meta.get("content_sha256")
+        == hashlib.sha256(read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)).hexdigest()
+    ):
         os.replace(pending, sidecar_path(path))
     else:
         pending.unlink(missing_ok=True)
@@ -177,8 +241,9 @@ def _refuse_read_only(path: Path) -> None:
     except FileNotFoundError:
         return
     if not mode & 0o222:
-        raise LutError(f"{path}: the table is read-only (mode {stat.filemode(mode)}); make it writable "
-                       "(chmod u+w) to change it")
+        raise LutError(
+            f"{path}: the table is read-only (mode {stat.filemode(mode)}); make it writable (chmod u+w) to change it"
+        )
 
 
 def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
@@ -215,8 +280,13 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
-    for column, allowed in (("component", COMPONENTS), ("phase", PHASES), ("status", STATUSES),
-                            ("source", SOURCES), ("method", ROW_METHODS)):
+    for column, allowed in (
+        ("component", COMPONENTS),
+        ("phase", PHASES),
+        ("status", STATUSES),
+        ("source", SOURCES),
+        ("method", ROW_METHODS),
+    ):
         bad = ~frame[column].isin(allowed)
         if bad.any():
             i = int(bad.idxmax())
@@ -232,20 +302,29 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
     ok = frame["status"] == "ok"
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
-    signed = pd.Series([samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])],
-                       index=frame.index)[ok]
+    signed = pd.Series(
+        [samples_may_be_negative(c, p) for c, p in zip(frame["component"], frame["phase"])], index=frame.index
+    )[ok]
     # A difference fit's base may be held at exactly 0 ms (``fit``: the least-squares optimum under base >= 0).
-    zero_base = ((frame.loc[ok, "component"] == "base") & (frame.loc[ok, "method"] == "difference")
-                 & stats.eq(0).all(axis=1))
-    bad = ~((stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) | zero_base) & stats.le(MAX_LATENCY_MS).all(axis=1)
-            & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
-            & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6)))
+    zero_base = (
+        (frame.loc[ok, "component"] == "base") & (frame.loc[ok, "method"] == "difference") & stats.eq(0).all(axis=1)
+    )
+    bad = ~(
+        (stats["median_ms"].gt(0) & (stats["p10_ms"].gt(0) | signed) | zero_base)
+        & stats.le(MAX_LATENCY_MS).all(axis=1)
+        & (stats["p10_ms"] <= stats["median_ms"] * (1 + 1e-6))
+        & (stats["median_ms"] <= stats["p90_ms"] * (1 + 1e-6))
+    )
     if bad.any():
         i = int(bad[bad].index[0])
-        raise _bad(path, i, f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
-                            f"p90={frame.at[i, 'p90_ms']} are not finite, <= {MAX_LATENCY_MS:g} ms and "
-                            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows; "
-                            "a difference fit's base may be 0)")
+        raise _bad(
+            path,
+            i,
+            f"latency stats median={frame.at[i, 'median_ms']} p10={frame.at[i, 'p10_ms']} "
+            f"p90={frame.at[i, 'p90_ms']} are not finite, <= {MAX_LATENCY_MS:g} ms and "
+            "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows; "
+            "a difference fit's base may be 0)",
+        )
     for column in ("subnet_id", "flags", "note", "subnet_json"):
         frame[column] = frame[column].fillna("").astype(str)
     keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
@@ -274,8 +353,20 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
     return meta
 
 
-_META_TYPES = {"device_slug": str, "backend": str, "dtype": str, "source": str, "method": str, "grid": dict,
-               "backend_config": dict, "versions": dict, "device": dict, "fit_subnet_ids": list, "source_config": dict, "crosschecks": list}
+_META_TYPES = {
+    "device_slug": str,
+    "backend": str,
+    "dtype": str,
+    "source": str,
+    "method": str,
+    "grid": dict,
+    "backend_config": dict,
+    "versions": dict,
+    "device": dict,
+    "fit_subnet_ids": list,
+    "source_config": dict,
+    "crosschecks": list,
+}
 _GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
 
 
@@ -327,9 +418,11 @@ def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any],
             time.sleep(0.02 * (attempt + 1))
     if not sidecar_path(path).is_file() and not pending_sidecar_path(path).is_file():
         raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance is refused")
-    raise LutError(f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore "
-                   f"it, or, if you changed it on purpose (e.g. re-saved it with pandas), check and re-seal it: "
-                   f"amoeba-profile reseal --lut {path}")
+    raise LutError(
+        f"{path}: content does not match the sidecar's SHA-256 (edited or truncated); rebuild or restore "
+        f"it, or, if you changed it on purpose (e.g. re-saved it with pandas), check and re-seal it: "
+        f"amoeba-profile reseal --lut {path}"
+    )
 
 
 def load_table(path: Path | str) -> Lut:
@@ -346,9 +439,12 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
     if version not in (1, SCHEMA_VERSION):
         raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype={"subnet_id": str, "flags": str, "note": str,
-                                                      "subnet_json": str, "samples_ms": str},
-                            keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(
+            io.BytesIO(data),
+            dtype={"subnet_id": str, "flags": str, "note": str, "subnet_json": str, "samples_ms": str},
+            keep_default_na=False,
+            na_values=[""],
+        )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
     check_meta(meta_path, meta)
@@ -361,11 +457,12 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
 # Which components a table of each method holds beside its ``model`` rows (``whole``), all with the
 # table's method: components measures blocks alone, difference fits layers, a roofline computes any.
 # table method -> the components its non-model rows may be, and the method each such row records
-_METHOD_COMPONENTS = {"components": {"attn": "components", "mlp": "components", "base": "components"},
-                      "calibrated": {"attn": "components", "mlp": "components", "base": "components",
-                                     "layer": "calibrated"},
-                      "difference": {"layer": "difference", "base": "difference"},
-                      "computed": {"attn": "computed", "mlp": "computed", "base": "computed", "layer": "computed"}}
+_METHOD_COMPONENTS = {
+    "components": {"attn": "components", "mlp": "components", "base": "components"},
+    "calibrated": {"attn": "components", "mlp": "components", "base": "components", "layer": "calibrated"},
+    "difference": {"layer": "difference", "base": "difference"},
+    "computed": {"attn": "computed", "mlp": "computed", "base": "computed", "layer": "computed"},
+}
 
 
 def _samples_problem(row: dict[str, Any], measured: bool) -> str | None:
@@ -374,14 +471,14 @@ def _samples_problem(row: dict[str, Any], measured: bool) -> str | None:
         samples = json.loads(row["samples_ms"])
     except (TypeError, ValueError, RecursionError):
         return f"samples_ms={str(row['samples_ms'])[:40]!r} is not a JSON list of numbers"
-    if not isinstance(samples, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                 and math.isfinite(x) for x in samples):
+    if not isinstance(samples, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in samples
+    ):
         return f"samples_ms={str(row['samples_ms'])[:40]!r} is not a JSON list of finite numbers"
     if row["status"] != "ok":
         return None
     if not measured:  # a fitted or computed row has no samples; n counts the models it was fitted from
-        return "n=0: a fitted row counts at least one model" if row["method"] == "difference" and row["n"] < 1 \
-            else None
+        return "n=0: a fitted row counts at least one model" if row["method"] == "difference" and row["n"] < 1 else None
     if not samples or row["n"] != len(samples):
         return f"n={row['n']} but samples_ms holds {len(samples)} samples; a measured row has n >= 1 samples"
     if not samples_may_be_negative(row["component"], row["phase"]) and min(samples) <= 0:
@@ -397,8 +494,8 @@ def _samples_problem(row: dict[str, Any], measured: bool) -> str | None:
 def _shape_problem(row: dict[str, Any], arch: ModelArch) -> str | None:
     """What makes a row's (heads, kv_heads, ffn) a shape outside ``arch``'s design space, or None.
     The rule is the one every subnet obeys (``Subnet``): whole GQA groups, widths within the model."""
-    from amoeba_profile.core.subnet import LayerShape, Subnet
     from amoeba_profile.core.errors import UnsupportedShape
+    from amoeba_profile.core.subnet import LayerShape, Subnet
 
     component = row["component"]
     uses = {"attn": ("heads", "kv_heads"), "mlp": ("ffn",), "layer": ("heads", "kv_heads", "ffn")}.get(component, ())
@@ -423,8 +520,11 @@ def _model_problem(row: dict[str, Any], arch: ModelArch) -> str | None:
     from amoeba_profile.core.subnet import Subnet
 
     if not row["subnet_json"]:
-        return None if row["subnet_id"] == "" and row["num_layers"] == 0 else \
-            "a model row without subnet_json must be the 0-layer model (no subnet_id, num_layers 0)"
+        return (
+            None
+            if row["subnet_id"] == "" and row["num_layers"] == 0
+            else "a model row without subnet_json must be the 0-layer model (no subnet_id, num_layers 0)"
+        )
     try:
         subnet = Subnet.from_json(row["subnet_json"])
     except (AmoebaError, RecursionError) as exc:
@@ -432,8 +532,10 @@ def _model_problem(row: dict[str, Any], arch: ModelArch) -> str | None:
     if subnet.arch != arch:
         return f"subnet_json is a subnet of {subnet.arch.name}, not of the table's {arch.name}"
     if (subnet.id, subnet.num_layers) != (row["subnet_id"], row["num_layers"]):
-        return (f"subnet_json is subnet {subnet.id} of {subnet.num_layers} layers, the row says {row['subnet_id']} "
-                f"of {row['num_layers']}")
+        return (
+            f"subnet_json is subnet {subnet.id} of {subnet.num_layers} layers, the row says {row['subnet_id']} "
+            f"of {row['num_layers']}"
+        )
     return None
 
 
@@ -448,9 +550,13 @@ def _grid_shapes(lut: Lut) -> dict[str, set[tuple[int, ...]]]:
     if not all(grid.get(key) for key in ("widths", "prompt_lens", "contexts")):
         return {}
     try:
-        attn, ffn, layers = grid_shapes(lut.arch, tuple(grid["widths"]), grid.get("ffn_multiple", 1),
-                                        tuple(tuple(x) for x in grid.get("extra_attn", ())),
-                                        tuple(grid.get("extra_ffn", ())))
+        attn, ffn, layers = grid_shapes(
+            lut.arch,
+            tuple(grid["widths"]),
+            grid.get("ffn_multiple", 1),
+            tuple(tuple(x) for x in grid.get("extra_attn", ())),
+            tuple(grid.get("extra_ffn", ())),
+        )
     except (UsageError, TypeError, ValueError) as exc:
         raise LutError(f"{lut._sidecar}: field 'grid' is not a grid a build makes ({exc})") from None
     return {"attn": set(attn), "mlp": {(f,) for f in ffn}, "layer": set(layers)}
@@ -466,8 +572,10 @@ def check_rows(lut: Lut) -> None:
     arch = lut.arch
     method = meta.get("method")
     grid = meta.get("grid", {})
-    off_grid = {"prefill": ("tokens", set(grid.get("prompt_lens") or ())),
-                "decode": ("context", set(grid.get("contexts") or ()))}
+    off_grid = {
+        "prefill": ("tokens", set(grid.get("prompt_lens") or ())),
+        "decode": ("context", set(grid.get("contexts") or ())),
+    }
     shapes = _grid_shapes(lut)
     for index, row in enumerate(lut.frame.to_dict("records")):
         component = row["component"]
@@ -475,24 +583,35 @@ def check_rows(lut: Lut) -> None:
             problem = None if row["method"] == "whole" else f"method={row['method']!r} on a model row, not 'whole'"
             problem = problem or _model_problem(row, arch)
         elif method in _METHOD_COMPONENTS and _METHOD_COMPONENTS[method].get(component) != row["method"]:
-            problem = (f"a {component} row of method {row['method']!r}; a table of method {method!r} holds model "
-                       f"rows and {', '.join(sorted(_METHOD_COMPONENTS[method]))} rows of its method")
+            problem = (
+                f"a {component} row of method {row['method']!r}; a table of method {method!r} holds model "
+                f"rows and {', '.join(sorted(_METHOD_COMPONENTS[method]))} rows of its method"
+            )
         else:
             problem = _shape_problem(row, arch)
-            shape = tuple(row[c] for c in {"attn": ("heads", "kv_heads"), "mlp": ("ffn",),
-                                           "layer": ("heads", "kv_heads", "ffn")}.get(component, ()))
+            shape = tuple(
+                row[c]
+                for c in {"attn": ("heads", "kv_heads"), "mlp": ("ffn",), "layer": ("heads", "kv_heads", "ffn")}.get(
+                    component, ()
+                )
+            )
             if problem is None and shapes and shape and shape not in shapes[component]:
                 problem = f"{component} shape {shape} is not one of the table's grid {sorted(shapes[component])}"
             column, values = off_grid[row["phase"]]
-            if problem is None and values and not (component == "mlp" and row["phase"] == "decode") \
-                    and row[column] not in values:
+            if (
+                problem is None
+                and values
+                and not (component == "mlp" and row["phase"] == "decode")
+                and row[column] not in values
+            ):
                 problem = f"{column}={row[column]} is not in the table's grid {sorted(values)}"
         if problem is None and row["status"] == "ok":
             negative = [c for c in ("mean_ms", "std_ms", "cv") if row[c] < 0]
             if negative and not samples_may_be_negative(component, row["phase"]):
                 problem = f"{negative[0]}={row[negative[0]]} is negative"
-        problem = problem or _samples_problem(row, row["source"] == "measured"
-                                              and row["method"] not in ("difference", "calibrated"))
+        problem = problem or _samples_problem(
+            row, row["source"] == "measured" and row["method"] not in ("difference", "calibrated")
+        )
         if problem is not None:
             raise _bad(path, index, problem)
 
@@ -515,15 +634,23 @@ def reseal(path: Path | str) -> dict[str, Any]:
         meta_path = sidecar_path(path)
         meta = _read_sidecar(meta_path)
         if meta is None:
-            raise LutError(f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance cannot "
-                           "be re-sealed")
+            raise LutError(
+                f"{path}: sidecar {sidecar_path(path).name} is missing; a table without provenance cannot be re-sealed"
+            )
         data = read_bounded(path, MAX_TABLE_BYTES, "latency table", error=LutError)
         lut = _parse(path, data, meta, meta_path)
         check_rows(lut)
-        record = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "old_sha256": meta.get("content_sha256"), "new_sha256": hashlib.sha256(data).hexdigest()}
-        meta = {**meta, "content_sha256": record["new_sha256"], "rows": len(lut.frame),
-                "resealed": [*meta.get("resealed", []), record]}
+        record = {
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "old_sha256": meta.get("content_sha256"),
+            "new_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        meta = {
+            **meta,
+            "content_sha256": record["new_sha256"],
+            "rows": len(lut.frame),
+            "resealed": [*meta.get("resealed", []), record],
+        }
         write_file_atomically(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return record
 
@@ -534,8 +661,7 @@ def find_tables(path: Path | str) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        return sorted(p for p in path.rglob("*.csv")
-                      if sidecar_path(p).is_file() or pending_sidecar_path(p).is_file())
+        return sorted(p for p in path.rglob("*.csv") if sidecar_path(p).is_file() or pending_sidecar_path(p).is_file())
     raise LutError(f"{path}: no such file or folder")
 
 

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.device.specs import DTYPE_PEAK, DeviceSpec
 from amoeba_profile.core.dtypes import bytes_per_element
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError, UsageError
-from amoeba_profile.table.lut import Lut, measured_row
 from amoeba_profile.core.timing import Measurement
+from amoeba_profile.device.specs import DTYPE_PEAK, DeviceSpec
+from amoeba_profile.table.lut import Lut, measured_row
 
 
 @dataclass(frozen=True)
@@ -136,16 +136,25 @@ def component_ms(ops: list[Op], kernels: int, spec: DeviceSpec, dtype: str, eff:
     return float(combine_ms(seconds * 1e3, kernels * eff.launch_us * 1e-3, host_overlaps(spec)))
 
 
-def roofline_rows(arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow: Flow, dtype: str,
-                  eff: Efficiency) -> list[dict[str, Any]]:
+def roofline_rows(
+    arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow: Flow, dtype: str, eff: Efficiency
+) -> list[dict[str, Any]]:
     rows = []
     for entry in entries:
         if entry.component == "model":
             continue
-        ms = component_ms(entry_ops(arch, entry, dtype, flow.kv_cache_copy), entry_kernels(flow, entry.component),
-                          spec, dtype, eff)
-        row = measured_row(entry, Measurement.from_samples([ms]), "ok", method="computed", repeat=1, wall_s=0.0,
-                           note=f"roofline {spec.slug} {flow.name}")
+        ms = component_ms(
+            entry_ops(arch, entry, dtype, flow.kv_cache_copy), entry_kernels(flow, entry.component), spec, dtype, eff
+        )
+        row = measured_row(
+            entry,
+            Measurement.from_samples([ms]),
+            "ok",
+            method="computed",
+            repeat=1,
+            wall_s=0.0,
+            note=f"roofline {spec.slug} {flow.name}",
+        )
         row.update(source="roofline", n=0, samples_ms="[]")
         rows.append(row)
     return rows
@@ -180,7 +189,7 @@ def _features(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str):
         kernels.append(entry_kernels(flow, row.component))
         measured.append(row.median_ms * 1e-3)
     width = max(len(x) for x in compute)
-    pad = lambda rows_: np.array([r + [0.0] * (width - len(r)) for r in rows_])  # noqa: E731
+    pad = lambda rows_: np.array([r + [0.0] * (width - len(r)) for r in rows_])
     return pad(compute), pad(memory), np.array(kernels, float), np.array(measured), rows.index.to_numpy()
 
 
@@ -200,7 +209,8 @@ def _check_physical(lut: Lut, spec: DeviceSpec, features) -> None:
             f"{lut.path}: {int(too_fast.sum())} rows beat {spec.slug}'s peak bandwidth and compute (e.g. "
             f"{row.component} {row.phase} ctx {row.context}: {measured[i] * 1e3:.3g} ms measured, bound at 100 % "
             f"efficiency {bound[i] * 1e3:.3g} ms); calibration would need efficiencies above 1 - check the table's "
-            "device and the spec sheet; calibration refused")
+            "device and the spec sheet; calibration refused"
+        )
 
 
 def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Efficiency, dict[str, Any]]:
@@ -248,8 +258,13 @@ def evaluate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str, eff: Efficiency
     roof = np.maximum(compute / eff.eff_compute, memory / eff.eff_bw).sum(axis=1)
     predicted = combine_ms(roof, kernels * eff.launch_us * 1e-6, host_overlaps(spec))
     rel = np.abs(predicted - measured) / measured * 100
-    return {"table": str(lut.path), "rows": int(len(rel)), "median_abs_pct": round(float(np.median(rel)), 2),
-            "max_abs_pct": round(float(rel.max()), 2), "efficiency": asdict(eff)}
+    return {
+        "table": str(lut.path),
+        "rows": int(len(rel)),
+        "median_abs_pct": round(float(np.median(rel)), 2),
+        "max_abs_pct": round(float(rel.max()), 2),
+        "efficiency": asdict(eff),
+    }
 
 
 def default_efficiency(flow: Flow) -> Efficiency:
@@ -260,13 +275,25 @@ def spec_from_profile(report: dict[str, Any], dtype: str) -> DeviceSpec:
     """A device without a spec-sheet entry (a CPU): peaks = what profile-device measured."""
     bench = report.get("microbench")
     if not bench or dtype not in bench["matmul"]:
-        raise UsageError(f"device profile has no {dtype} micro-benchmark; run 'amoeba-profile profile-device --out DIR'")
+        raise UsageError(
+            f"device profile has no {dtype} micro-benchmark; run 'amoeba-profile profile-device --out DIR'"
+        )
     bw = max(bench["memory_bw_gbps"], *(m["gemv_bw_gbps"] for m in bench["matmul"].values()))
-    peaks = {field: bench["matmul"].get(name, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
-             for name, field in DTYPE_PEAK.items() if field.endswith("_tflops")}
-    return DeviceSpec(slug=report["slug"], name=report["cpu"]["model"] if report["device"] == "cpu" else report["slug"],
-                      kind="cpu" if report["device"] == "cpu" else "gpu", memory_gb=report["cpu"]["memory_gb"] or 1.0,
-                      mem_bw_gbps=bw, int8_tops=max(peaks.values()) * 2, source="measured by profile-device", **peaks)
+    peaks = {
+        field: bench["matmul"].get(name, {}).get("gemm_tflops") or bench["matmul"][dtype]["gemm_tflops"]
+        for name, field in DTYPE_PEAK.items()
+        if field.endswith("_tflops")
+    }
+    return DeviceSpec(
+        slug=report["slug"],
+        name=report["cpu"]["model"] if report["device"] == "cpu" else report["slug"],
+        kind="cpu" if report["device"] == "cpu" else "gpu",
+        memory_gb=report["cpu"]["memory_gb"] or 1.0,
+        mem_bw_gbps=bw,
+        int8_tops=max(peaks.values()) * 2,
+        source="measured by profile-device",
+        **peaks,
+    )
 
 
 def load_device_profile(path: Path | str, dtype: str) -> tuple[DeviceSpec, float | None]:
@@ -288,24 +315,46 @@ def calibration_warning(reference: Lut, spec: DeviceSpec, flow: Flow) -> str | N
     measured_on = (reference.meta.get("device_slug"), reference.meta.get("backend"))
     if measured_on == (spec.slug, flow.name):
         return None
-    return (f"calibrating {spec.slug}/{flow.name} from a table measured on {measured_on[0]}/{measured_on[1]}: "
-            "efficiencies may not transfer")
+    return (
+        f"calibrating {spec.slug}/{flow.name} from a table measured on {measured_on[0]}/{measured_on[1]}: "
+        "efficiencies may not transfer"
+    )
 
 
-def whole_model_bounds(arch: ModelArch, layers: list[tuple[int, int, int]], spec: DeviceSpec, dtype: str,
-                       phase: str, tokens: int, context: int, batch: int = 1) -> dict[str, float]:
+def whole_model_bounds(
+    arch: ModelArch,
+    layers: list[tuple[int, int, int]],
+    spec: DeviceSpec,
+    dtype: str,
+    phase: str,
+    tokens: int,
+    context: int,
+    batch: int = 1,
+) -> dict[str, float]:
     """Pure bounds for one forward of a whole model: all bytes at peak bandwidth, all FLOPs at peak compute."""
     entries = [Entry("base", phase, batch, tokens, context)]
     for heads, kv, ffn in layers:
-        entries += [Entry("attn", phase, batch, tokens, context, heads, kv), Entry("mlp", phase, batch, tokens, 0, ffn=ffn)]
+        entries += [
+            Entry("attn", phase, batch, tokens, context, heads, kv),
+            Entry("mlp", phase, batch, tokens, 0, ffn=ffn),
+        ]
     ops = [op for e in entries for op in component_ops(arch, e, dtype, kv_cache_copy=False)]
     flops_peak, bw_peak = _peaks(spec, dtype)
-    return {"bandwidth_bound_ms": sum(o.bytes for o in ops) / bw_peak * 1e3,
-            "compute_bound_ms": sum(o.flops for o in ops) / flops_peak * 1e3}
+    return {
+        "bandwidth_bound_ms": sum(o.bytes for o in ops) / bw_peak * 1e3,
+        "compute_bound_ms": sum(o.flops for o in ops) / flops_peak * 1e3,
+    }
 
 
-def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir, calibrate_from: Lut | None = None,
-                         dispatch_us: float | None = None):
+def write_roofline_table(
+    plan,
+    spec: DeviceSpec,
+    flow: Flow,
+    dtype: str,
+    out_dir,
+    calibrate_from: Lut | None = None,
+    dispatch_us: float | None = None,
+):
     """Compute every component row of ``plan`` and write it as a table tagged ``roofline``.
 
     Returns (path, meta). With ``calibrate_from`` the flow's efficiencies are fitted to that
@@ -320,8 +369,9 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     from amoeba_profile.table.lut import rows_frame, table_path, write_table
 
     if plan.whole:
-        raise UsageError("a roofline table computes components, not whole models: whole subnets (--whole) need a "
-                         "measured build")
+        raise UsageError(
+            "a roofline table computes components, not whole models: whole subnets (--whole) need a measured build"
+        )
     plan.check_usable()
     out_dir = output_dir(out_dir, "--out")
     calibration = None
@@ -333,9 +383,19 @@ def write_roofline_table(plan, spec: DeviceSpec, flow: Flow, dtype: str, out_dir
     rows = roofline_rows(plan.arch, plan.entries(), spec, flow, dtype, eff)
     path = table_path(out_dir, spec.slug, flow.name, plan.arch.name, dtype)
     meta = {
-        "tool_version": __version__, "source": "roofline", "device_slug": spec.slug, "device": spec.to_dict(),
-        "backend": flow.name, "flow": asdict(flow), "efficiency": asdict(eff), "calibration": calibration,
-        "method": "computed", "host_overlaps_device": host_overlaps(spec), "dtype": dtype, "arch": plan.arch.to_dict(), "grid": plan.grid(),
+        "tool_version": __version__,
+        "source": "roofline",
+        "device_slug": spec.slug,
+        "device": spec.to_dict(),
+        "backend": flow.name,
+        "flow": asdict(flow),
+        "efficiency": asdict(eff),
+        "calibration": calibration,
+        "method": "computed",
+        "host_overlaps_device": host_overlaps(spec),
+        "dtype": dtype,
+        "arch": plan.arch.to_dict(),
+        "grid": plan.grid(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "computed from the spec sheet and per-op FLOPs/bytes, not measured",
         **({"source_config": plan.source_config} if plan.source_config is not None else {}),

@@ -13,6 +13,7 @@ import functools
 import inspect
 
 from amoeba_profile.backends.base import EngineSpec
+
 from amoeba_profile.core.arch import ModelArch
 
 POOL_SIZE = 1 << 20  # elements of the random pool every weight tiles (ort_weights stores it once)
@@ -90,8 +91,9 @@ def build_model(spec: EngineSpec, device: str, dtype, attn_impl: str):
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
         for position, (heads, kv, ffn) in enumerate(spec.layers):
-            model.model.layers[position] = LlamaDecoderLayer(llama_config(arch, n, heads, kv, ffn, attn_impl),
-                                                             layer_idx=position)
+            model.model.layers[position] = LlamaDecoderLayer(
+                llama_config(arch, n, heads, kv, ffn, attn_impl), layer_idx=position
+            )
     model = materialize(model, device, dtype).eval()
     if arch.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

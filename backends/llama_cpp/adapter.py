@@ -52,27 +52,35 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
-
-import numpy as np
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from amoeba_profile.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    Engine,
+    EngineSpec,
+    ToolResult,
+    read_engine_record,
+    save_raw,
+)
+from amoeba_profile.backends.llama_cpp.gguf import WEIGHT_TYPES, check_layers, write_gguf
+
+from amoeba_profile.core.arch import ModelArch
+from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
+from amoeba_profile.core.workload import Workload, tpot_prompt_tokens
 from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.threads import default_threads as device_default_threads
-from amoeba_profile.core.workload import tpot_prompt_tokens
-from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
-from amoeba_profile.backends.llama_cpp.gguf import WEIGHT_TYPES, check_layers, write_gguf
-from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.core.workload import Workload
-from amoeba_profile.backends.base import ToolResult, save_raw
-from amoeba_profile.backends.base import read_engine_record
 
 ENV_VAR = "AMOEBA_LLAMA_CPP"
 BINARY = "llama-bench"
 BATCHED_BINARY = "llama-batched-bench"  # built beside llama-bench by scripts/build-llama-cpp.sh
-INSTALL_HINT = (f"pip install 'amoeba-profile[llama-cpp]', run scripts/build-llama-cpp.sh and export the "
-                f"{ENV_VAR}=<path to llama-bench> it prints")
+INSTALL_HINT = (
+    f"pip install 'amoeba-profile[llama-cpp]', run scripts/build-llama-cpp.sh and export the "
+    f"{ENV_VAR}=<path to llama-bench> it prints"
+)
 DTYPE_ALIASES = {"f16": "f16", "float16": "f16", "fp16": "f16", "q8_0": "q8_0", "q4_0": "q4_0"}
 _OOM_MARKERS = ("failed to allocate", "out of memory", "bad_alloc", "unable to allocate")
 FLASH_ATTN = ("on", "off")  # llama-bench also takes auto: llama.cpp's choice per device, not a pinned setting
@@ -113,8 +121,13 @@ def parse_version(text: str) -> dict[str, str]:
     if head is None:
         raise BackendUnavailable(f"unrecognised 'llama-bench --version' output {text.strip()[:120]!r}; {INSTALL_HINT}")
     built = re.search(r"built with (.+?) for (.+)", text)
-    return {"version": head.group(1), "build_number": head.group(2), "commit": head.group(3),
-            "compiler": built.group(1).strip() if built else "", "target": built.group(2).strip() if built else ""}
+    return {
+        "version": head.group(1),
+        "build_number": head.group(2),
+        "commit": head.group(3),
+        "compiler": built.group(1).strip() if built else "",
+        "target": built.group(2).strip() if built else "",
+    }
 
 
 def detect_build(binary: Path) -> dict[str, str]:
@@ -144,13 +157,21 @@ def probe_build(binary: Path) -> dict[str, str]:
         done = subprocess.run(probe_command(binary, model), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = " | ".join(done.stderr.strip().splitlines()[-2:])
-        raise BackendUnavailable(f"{binary}: neither --version nor a one-token run identifies its build (exit "
-                                 f"{done.returncode}: {tail}); {INSTALL_HINT}")
+        raise BackendUnavailable(
+            f"{binary}: neither --version nor a one-token run identifies its build (exit "
+            f"{done.returncode}: {tail}); {INSTALL_HINT}"
+        )
     tests = parse_bench_json(done.stdout)
     if not tests:
         raise BackendUnavailable(f"{binary}: a one-token run printed no test; {INSTALL_HINT}")
-    return {"version": "", "build_number": str(tests[0].build_number), "commit": tests[0].build_commit,
-            "compiler": "", "target": "", "detected_by": "build_commit and build_number of a one-token llama-bench run"}
+    return {
+        "version": "",
+        "build_number": str(tests[0].build_number),
+        "commit": tests[0].build_commit,
+        "compiler": "",
+        "target": "",
+        "detected_by": "build_commit and build_number of a one-token llama-bench run",
+    }
 
 
 @dataclass(frozen=True)
@@ -201,16 +222,28 @@ def parse_bench_json(text: str) -> list[BenchTest]:
     tests = []
     for item in report:
         try:
-            tests.append(BenchTest(
-                n_prompt=int(item["n_prompt"]), n_gen=int(item["n_gen"]), n_depth=int(item["n_depth"]),
-                n_threads=int(item["n_threads"]), n_batch=int(item["n_batch"]), n_ubatch=int(item["n_ubatch"]),
-                samples_ns=tuple(int(x) for x in item["samples_ns"]), avg_ns=int(item["avg_ns"]),
-                build_commit=str(item["build_commit"]), build_number=int(item["build_number"]),
-                flash_attn=_flash_attn_name(item["flash_attn"]), type_k=str(item["type_k"]), type_v=str(item["type_v"]),
-                cpu_info=str(item.get("cpu_info", "")), backends=str(item.get("backends", "")),
-                model_type=str(item.get("model_type", "")), model_size=int(item["model_size"]),
-                model_n_params=int(item["model_n_params"]),
-            ))
+            tests.append(
+                BenchTest(
+                    n_prompt=int(item["n_prompt"]),
+                    n_gen=int(item["n_gen"]),
+                    n_depth=int(item["n_depth"]),
+                    n_threads=int(item["n_threads"]),
+                    n_batch=int(item["n_batch"]),
+                    n_ubatch=int(item["n_ubatch"]),
+                    samples_ns=tuple(int(x) for x in item["samples_ns"]),
+                    avg_ns=int(item["avg_ns"]),
+                    build_commit=str(item["build_commit"]),
+                    build_number=int(item["build_number"]),
+                    flash_attn=_flash_attn_name(item["flash_attn"]),
+                    type_k=str(item["type_k"]),
+                    type_v=str(item["type_v"]),
+                    cpu_info=str(item.get("cpu_info", "")),
+                    backends=str(item.get("backends", "")),
+                    model_type=str(item.get("model_type", "")),
+                    model_size=int(item["model_size"]),
+                    model_n_params=int(item["model_n_params"]),
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise AmoebaError(f"llama-bench JSON test lacks or mangles field {exc}") from None
     return tests
@@ -248,8 +281,10 @@ def check_settings(flash_attn: str, type_k: str, type_v: str) -> tuple[str, str,
     """The pinned llama.cpp settings, normalized; UsageError for one llama-bench would not run."""
     flash_attn, type_k, type_v = (str(v).strip().lower() for v in (flash_attn, type_k, type_v))
     if flash_attn not in FLASH_ATTN:
-        raise UsageError(f"llama.cpp flash_attn must be one of {list(FLASH_ATTN)}, not {flash_attn!r} (auto leaves the "
-                         "choice to llama.cpp per device, and the table could not say which kernel it timed)")
+        raise UsageError(
+            f"llama.cpp flash_attn must be one of {list(FLASH_ATTN)}, not {flash_attn!r} (auto leaves the "
+            "choice to llama.cpp per device, and the table could not say which kernel it timed)"
+        )
     for label, value in (("type_k", type_k), ("type_v", type_v)):
         if value not in KV_CACHE_TYPES:
             raise UsageError(f"llama.cpp {label} must be one of {list(KV_CACHE_TYPES)}, not {value!r}")
@@ -300,8 +335,16 @@ def parse_batched_bench(text: str) -> list[BatchedRun]:
             continue
         try:
             item = json.loads(line)
-            runs.append(BatchedRun(int(item["pp"]), int(item["tg"]), int(item["pl"]), float(item["t_pp"]),
-                                   float(item["t_tg"]), _flash_attn_name(item["flash_attn"])))
+            runs.append(
+                BatchedRun(
+                    int(item["pp"]),
+                    int(item["tg"]),
+                    int(item["pl"]),
+                    float(item["t_pp"]),
+                    float(item["t_tg"]),
+                    _flash_attn_name(item["flash_attn"]),
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise AmoebaError(f"llama-batched-bench JSONL line lacks or mangles field {exc}: {line[:120]!r}") from None
     if not runs:
@@ -313,10 +356,12 @@ LLAMA_BENCH_DEFINITIONS = (
     "llama-bench on the full model in one GGUF file: ttft_ms = median of its pp test (-p P -n 0: the prompt "
     "decoded into an empty cache, no token sampled); tpot_ms = median of its tg test (-p 0 -n N-1 -d P: N-1 "
     "single-token decodes after a P-token cache, the generation's own decode window) / (N - 1). The table composes "
-    "the same quantities from a difference fit over partial-depth models and centred decode windows")
+    "the same quantities from a difference fit over partial-depth models and centred decode windows"
+)
 BATCHED_BENCH_DEFINITIONS = (
     "llama-batched-bench on the full model: -npl B sequences of P prompt tokens prefilled in one batch (t_pp, "
-    "ttft_ms = t_pp), then N-1 tokens each decoded together (tpot_ms = t_tg / (N - 1)); one run, no sampling")
+    "ttft_ms = t_pp), then N-1 tokens each decoded together (tpot_ms = t_tg / (N - 1)); one run, no sampling"
+)
 
 
 class LlamaCppEngine(Engine):
@@ -340,18 +385,32 @@ def tpot_depth(context: int, steps: int) -> int:
 
 def _one_sequence(batch: int) -> None:
     if batch != 1:
-        raise UnsupportedShape(f"llama-bench serves one sequence, not a batch of {batch} (that needs llama-batched-bench)")
+        raise UnsupportedShape(
+            f"llama-bench serves one sequence, not a batch of {batch} (that needs llama-batched-bench)"
+        )
 
 
 class LlamaCppBackend(Backend):
     name = "llama.cpp"
     verified_on = ("cpu",)  # tests/data holds llama-bench reports recorded from a real build
 
-    def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
-                 binary: str | None = None, n_batch: int = 2048, n_ubatch: int = 512, repetitions: int = 10,
-                 flash_attn: str = "on", type_k: str = "f16", type_v: str = "f16"):
+    def __init__(
+        self,
+        device: str = "cpu",
+        dtype: str | None = None,
+        threads: int | None = None,
+        binary: str | None = None,
+        n_batch: int = 2048,
+        n_ubatch: int = 512,
+        repetitions: int = 10,
+        flash_attn: str = "on",
+        type_k: str = "f16",
+        type_v: str = "f16",
+    ):
         if device != "cpu":
-            raise UsageError(f"the llama.cpp backend runs a CPU build of llama-bench; device {device!r} is not supported")
+            raise UsageError(
+                f"the llama.cpp backend runs a CPU build of llama-bench; device {device!r} is not supported"
+            )
         weight_type = DTYPE_ALIASES.get((dtype or "f16").lower())
         if weight_type is None:
             raise UsageError(f"unknown llama.cpp weight type {dtype!r}: use one of {list(WEIGHT_TYPES)}")
@@ -362,8 +421,9 @@ class LlamaCppBackend(Backend):
         found = find_llama_bench(binary)
         if found is None:
             raise BackendUnavailable(f"no llama-bench at {binary or '$' + ENV_VAR + ' or PATH'}; {INSTALL_HINT}")
-        self.config = LlamaCppConfig(device, weight_type, threads or default_threads(), str(found), n_batch, n_ubatch,
-                                     repetitions, *settings)
+        self.config = LlamaCppConfig(
+            device, weight_type, threads or default_threads(), str(found), n_batch, n_ubatch, repetitions, *settings
+        )
         self.device, self.dtype = device, weight_type
         self.build = detect_build(found)
 
@@ -378,8 +438,9 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(per_layer_heads=True, per_layer_ffn=True, methods=("difference",), dtypes=WEIGHT_TYPES,
-                            devices=("cpu",))
+        return Capabilities(
+            per_layer_heads=True, per_layer_ffn=True, methods=("difference",), dtypes=WEIGHT_TYPES, devices=("cpu",)
+        )
 
     @property
     def clock_name(self) -> str:
@@ -389,8 +450,11 @@ class LlamaCppBackend(Backend):
         return self.config.threads
 
     def versions(self) -> dict[str, str]:
-        return {"llama.cpp": self.build["commit"], "llama.cpp_build": self.build["build_number"],
-                "gguf": importlib.metadata.version("gguf")}
+        return {
+            "llama.cpp": self.build["commit"],
+            "llama.cpp_build": self.build["build_number"],
+            "gguf": importlib.metadata.version("gguf"),
+        }
 
     def device_arch(self) -> str:
         return platform.machine()
@@ -399,12 +463,22 @@ class LlamaCppBackend(Backend):
         cfg = self.config
         return {
             **self.versions(),
-            "llama.cpp_version": self.build["version"], "compiler": self.build["compiler"],
-            "target": self.build["target"], "build_detected_by": self.build["detected_by"], "binary": cfg.binary,
-            "device": "cpu", "dtype": cfg.dtype, "threads": cfg.threads, "n_batch": cfg.n_batch,
-            "n_ubatch": cfg.n_ubatch, "repetitions": cfg.repetitions, "flash_attn": cfg.flash_attn,
-            "type_k": cfg.type_k, "type_v": cfg.type_v,
-            "cpu_isa": cpu_info()["isa"], "python": platform.python_version(),
+            "llama.cpp_version": self.build["version"],
+            "compiler": self.build["compiler"],
+            "target": self.build["target"],
+            "build_detected_by": self.build["detected_by"],
+            "binary": cfg.binary,
+            "device": "cpu",
+            "dtype": cfg.dtype,
+            "threads": cfg.threads,
+            "n_batch": cfg.n_batch,
+            "n_ubatch": cfg.n_ubatch,
+            "repetitions": cfg.repetitions,
+            "flash_attn": cfg.flash_attn,
+            "type_k": cfg.type_k,
+            "type_v": cfg.type_v,
+            "cpu_isa": cpu_info()["isa"],
+            "python": platform.python_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
             "serving_loop": "llama-bench: pp test for ttft, tg test at a KV depth for tpot, one sequence",
         }
@@ -426,25 +500,57 @@ class LlamaCppBackend(Backend):
     def command(self, model: Path, prompt: int, gen: int, depth: int) -> list[str]:
         """The llama-bench command line of one test (CPU only: ``-ngl 0``)."""
         cfg = self.config
-        return [cfg.binary, "-m", str(model), "-p", str(prompt), "-n", str(gen), "-d", str(depth),
-                "-r", str(cfg.repetitions + 1), "-t", str(cfg.threads), "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch),
-                "-fa", cfg.flash_attn, "-ctk", cfg.type_k, "-ctv", cfg.type_v, "-ngl", "0", "-o", "json"]
+        return [
+            cfg.binary,
+            "-m",
+            str(model),
+            "-p",
+            str(prompt),
+            "-n",
+            str(gen),
+            "-d",
+            str(depth),
+            "-r",
+            str(cfg.repetitions + 1),
+            "-t",
+            str(cfg.threads),
+            "-b",
+            str(cfg.n_batch),
+            "-ub",
+            str(cfg.n_ubatch),
+            "-fa",
+            cfg.flash_attn,
+            "-ctk",
+            cfg.type_k,
+            "-ctv",
+            cfg.type_v,
+            "-ngl",
+            "0",
+            "-o",
+            "json",
+        ]
 
     def run_test(self, model: Path, prompt: int, gen: int, depth: int) -> BenchTest:
         """Run one llama-bench test to completion (blocking) and return its report."""
         done = subprocess.run(self.command(model, prompt, gen, depth), capture_output=True, text=True, check=False)
         if done.returncode != 0:
             tail = " | ".join(done.stderr.strip().splitlines()[-3:])
-            raise AmoebaError(f"llama-bench exited {done.returncode} on {model.name} (p={prompt}, n={gen}, d={depth}): "
-                              f"{tail}")
-        save_raw("llama.cpp", "llama-bench", {"command": self.command(model, prompt, gen, depth), "stdout": done.stdout})
+            raise AmoebaError(
+                f"llama-bench exited {done.returncode} on {model.name} (p={prompt}, n={gen}, d={depth}): {tail}"
+            )
+        save_raw(
+            "llama.cpp", "llama-bench", {"command": self.command(model, prompt, gen, depth), "stdout": done.stdout}
+        )
         tests = parse_bench_json(done.stdout)
         if len(tests) != 1 or (tests[0].n_prompt, tests[0].n_gen, tests[0].n_depth) != (prompt, gen, depth):
-            raise AmoebaError(f"llama-bench reported {[(t.n_prompt, t.n_gen, t.n_depth) for t in tests]}, "
-                              f"expected one test (p={prompt}, n={gen}, d={depth})")
+            raise AmoebaError(
+                f"llama-bench reported {[(t.n_prompt, t.n_gen, t.n_depth) for t in tests]}, "
+                f"expected one test (p={prompt}, n={gen}, d={depth})"
+            )
         if tests[0].build_commit != self.build["commit"]:
-            raise AmoebaError(f"llama-bench build changed during the build ({self.build['commit']} -> "
-                              f"{tests[0].build_commit}); rerun")
+            raise AmoebaError(
+                f"llama-bench build changed during the build ({self.build['commit']} -> {tests[0].build_commit}); rerun"
+            )
         self.check_reported_settings(tests[0])
         return tests[0]
 
@@ -453,9 +559,11 @@ class LlamaCppBackend(Backend):
         cfg = self.config
         ran, asked = (test.flash_attn, test.type_k, test.type_v), (cfg.flash_attn, cfg.type_k, cfg.type_v)
         if ran != asked:
-            raise AmoebaError(f"llama-bench ran with flash_attn={ran[0]}, type_k={ran[1]}, type_v={ran[2]} where "
-                              f"-fa {asked[0]} -ctk {asked[1]} -ctv {asked[2]} were asked; this llama-bench does not "
-                              "honour them - rebuild it with scripts/build-llama-cpp.sh")
+            raise AmoebaError(
+                f"llama-bench ran with flash_attn={ran[0]}, type_k={ran[1]}, type_v={ran[2]} where "
+                f"-fa {asked[0]} -ctk {asked[1]} -ctv {asked[2]} were asked; this llama-bench does not "
+                "honour them - rebuild it with scripts/build-llama-cpp.sh"
+            )
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, MemoryError) or any(marker in str(exc) for marker in _OOM_MARKERS)
@@ -465,10 +573,35 @@ class LlamaCppBackend(Backend):
         backend's threads, batch sizes, flash attention and KV cache types, JSONL out."""
         cfg = self.config
         context = workload.batch * (workload.prompt_len + workload.gen_len)
-        return [str(Path(cfg.binary).with_name(BATCHED_BINARY)), "-m", str(model), "-c", str(context),
-                "-b", str(cfg.n_batch), "-ub", str(cfg.n_ubatch), "-npp", str(workload.prompt_len),
-                "-ntg", str(workload.gen_len - 1), "-npl", str(workload.batch), "-t", str(cfg.threads),
-                "-fa", cfg.flash_attn, "-ctk", cfg.type_k, "-ctv", cfg.type_v, "-ngl", "0", "--output-format", "jsonl"]
+        return [
+            str(Path(cfg.binary).with_name(BATCHED_BINARY)),
+            "-m",
+            str(model),
+            "-c",
+            str(context),
+            "-b",
+            str(cfg.n_batch),
+            "-ub",
+            str(cfg.n_ubatch),
+            "-npp",
+            str(workload.prompt_len),
+            "-ntg",
+            str(workload.gen_len - 1),
+            "-npl",
+            str(workload.batch),
+            "-t",
+            str(cfg.threads),
+            "-fa",
+            cfg.flash_attn,
+            "-ctk",
+            cfg.type_k,
+            "-ctv",
+            cfg.type_v,
+            "-ngl",
+            "0",
+            "--output-format",
+            "jsonl",
+        ]
 
     def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
         """The full model through llama-bench (batch 1: a pp and a tg test, each of the backend's
@@ -480,21 +613,42 @@ class LlamaCppBackend(Backend):
             command = self.batched_bench_command(model, workload)
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                raise AmoebaError(f"{BATCHED_BINARY} exited {done.returncode}: "
-                                  f"{' | '.join(done.stderr.strip().splitlines()[-3:])}")
-            (run,) = [r for r in parse_batched_bench(done.stdout) if (r.pp, r.tg, r.pl) ==
-                      (workload.prompt_len, steps, workload.batch)] or [None]
+                raise AmoebaError(
+                    f"{BATCHED_BINARY} exited {done.returncode}: {' | '.join(done.stderr.strip().splitlines()[-3:])}"
+                )
+            (run,) = [
+                r
+                for r in parse_batched_bench(done.stdout)
+                if (r.pp, r.tg, r.pl) == (workload.prompt_len, steps, workload.batch)
+            ] or [None]
             if run is None or run.flash_attn != self.config.flash_attn:
-                raise AmoebaError(f"{BATCHED_BINARY} did not report pp={workload.prompt_len}, tg={steps}, "
-                                  f"pl={workload.batch} with flash_attn={self.config.flash_attn}")
-            return ToolResult(BATCHED_BINARY, tuple(command), run.t_pp_s * 1e3, run.t_tg_s * 1e3 / steps,
-                              BATCHED_BENCH_DEFINITIONS, done.stdout)
+                raise AmoebaError(
+                    f"{BATCHED_BINARY} did not report pp={workload.prompt_len}, tg={steps}, "
+                    f"pl={workload.batch} with flash_attn={self.config.flash_attn}"
+                )
+            return ToolResult(
+                BATCHED_BINARY,
+                tuple(command),
+                run.t_pp_s * 1e3,
+                run.t_tg_s * 1e3 / steps,
+                BATCHED_BENCH_DEFINITIONS,
+                done.stdout,
+            )
         prefill = self.run_test(model, workload.prompt_len, 0, 0)
         decode = self.run_test(model, 0, steps, workload.prompt_len)
-        commands = (" ".join(self.command(model, workload.prompt_len, 0, 0)),
-                    " ".join(self.command(model, 0, steps, workload.prompt_len)))
+        commands = (
+            " ".join(self.command(model, workload.prompt_len, 0, 0)),
+            " ".join(self.command(model, 0, steps, workload.prompt_len)),
+        )
         # The first repetition of each run pays one-time set-up (module docstring), as in the workpieces.
-        raw = json.dumps({"pp_samples_ns": prefill.samples_ns, "tg_samples_ns": decode.samples_ns,
-                          "first_repetition_dropped": True})
-        return ToolResult("llama-bench", commands, float(np.median(prefill.samples_ms(1)[1:])),
-                          float(np.median(decode.samples_ms(steps)[1:])), LLAMA_BENCH_DEFINITIONS, raw)
+        raw = json.dumps(
+            {"pp_samples_ns": prefill.samples_ns, "tg_samples_ns": decode.samples_ns, "first_repetition_dropped": True}
+        )
+        return ToolResult(
+            "llama-bench",
+            commands,
+            float(np.median(prefill.samples_ms(1)[1:])),
+            float(np.median(decode.samples_ms(steps)[1:])),
+            LLAMA_BENCH_DEFINITIONS,
+            raw,
+        )

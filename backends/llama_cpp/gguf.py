@@ -53,8 +53,11 @@ def _gguf():
 
 def ggml_type(weight_type: str):
     gguf = _gguf()
-    types = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-             "q4_0": gguf.GGMLQuantizationType.Q4_0}
+    types = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }
     if weight_type not in types:
         raise UsageError(f"unknown llama.cpp weight type {weight_type!r}: use one of {list(WEIGHT_TYPES)}")
     return types[weight_type]
@@ -62,8 +65,11 @@ def ggml_type(weight_type: str):
 
 def file_type(weight_type: str) -> int:
     gguf = _gguf()
-    return {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-            "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[weight_type]
+    return {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[weight_type]
 
 
 def gguf_architecture(layers: Layers) -> str:
@@ -95,18 +101,23 @@ def check_layers(arch: ModelArch, layers: Layers, weight_type: str) -> None:
         raise UnsupportedShape("llama.cpp loads no model without decoder layers (it asserts block_count > 0)")
     for index, (heads, kv, ffn) in enumerate(layers):
         if ffn < 1 and heads > 0:
-            raise UnsupportedShape(f"layer {index}: ffn 0 with attention would make llama.cpp's deci graph skip the "
-                                   "residual and drop that layer's attention output")
+            raise UnsupportedShape(
+                f"layer {index}: ffn 0 with attention would make llama.cpp's deci graph skip the "
+                "residual and drop that layer's attention output"
+            )
         if heads < 1 or kv < 1 or ffn < 1:
-            raise UnsupportedShape(f"layer {index}: heads={heads}, kv_heads={kv}, ffn={ffn}; deci reads a zero as an "
-                                   "attention-free, linear-attention or FFN-free layer, not a LLaMA layer")
+            raise UnsupportedShape(
+                f"layer {index}: heads={heads}, kv_heads={kv}, ffn={ffn}; deci reads a zero as an "
+                "attention-free, linear-attention or FFN-free layer, not a LLaMA layer"
+            )
         if heads % kv:
             raise UnsupportedShape(f"layer {index}: kv_heads={kv} does not divide heads={heads}")
     block = _gguf().GGML_QUANT_SIZES[ggml_type(weight_type)][0]
     for spec in tensor_specs(arch, layers, weight_type):
         if spec.weight_type == weight_type and spec.shape[-1] % block:
-            raise UnsupportedShape(f"{spec.name}: rows of {spec.shape[-1]} values are not whole {weight_type} blocks "
-                                   f"of {block}; use f16")
+            raise UnsupportedShape(
+                f"{spec.name}: rows of {spec.shape[-1]} values are not whole {weight_type} blocks of {block}; use f16"
+            )
 
 
 def tensor_specs(arch: ModelArch, layers: Layers, weight_type: str) -> list[TensorSpec]:
@@ -197,8 +208,10 @@ def write_gguf(path: Path, arch: ModelArch, layers: Layers, weight_type: str, se
     needed = file_bytes(arch, layers, weight_type)
     free = shutil.disk_usage(path.parent).free
     if free < needed:
-        raise AmoebaError(f"{path.parent}: {free / 2**30:.2f} GiB free, the {weight_type} GGUF of "
-                          f"{len(layers)} layers needs {needed / 2**30:.2f} GiB; free space or move --artifacts")
+        raise AmoebaError(
+            f"{path.parent}: {free / 2**30:.2f} GiB free, the {weight_type} GGUF of "
+            f"{len(layers)} layers needs {needed / 2**30:.2f} GiB; free space or move --artifacts"
+        )
     specs = tensor_specs(arch, layers, weight_type)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)

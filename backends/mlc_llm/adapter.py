@@ -56,23 +56,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from amoeba_profile.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    Engine,
+    EngineSpec,
+    ToolResult,
+    read_engine_record,
+    save_raw,
+)
+from amoeba_profile.backends.common.tokenizer import TOKENIZER, hf_tokenizer_files, tokenizer_json
+from amoeba_profile.backends.mlc_llm.weights import (
+    DTYPES,
+    NDARRAY_CACHE_INDEX,
+    TENSOR_CACHE_INDEX,
+    llama_params,
+    write_tensor_cache,
+)
 
-from amoeba_profile.core.workload import tpot_prompt_tokens
+from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.dtypes import canonical_dtype
 from amoeba_profile.core.errors import AmoebaError, BackendUnavailable, UnsupportedShape, UsageError
 from amoeba_profile.core.export import MLC_QUANTIZATION, loads_as_llama, mlc_chat_config
 from amoeba_profile.core.subnet import LayerShape, Subnet
-from amoeba_profile.backends.common.tokenizer import TOKENIZER, hf_tokenizer_files, tokenizer_json
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
-from amoeba_profile.backends.mlc_llm.weights import DTYPES, NDARRAY_CACHE_INDEX, TENSOR_CACHE_INDEX, llama_params, write_tensor_cache
-from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.core.workload import Workload
-from amoeba_profile.backends.base import ToolResult, save_raw
-from amoeba_profile.backends.base import read_engine_record
+from amoeba_profile.core.workload import Workload, tpot_prompt_tokens
 
-INSTALL_HINT = ("pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
-                "wheels of your CUDA, per MLC-LLM's install page; on a Jetson run inside a dustynv/mlc image); "
-                "mlc_llm compile also needs the CUDA toolkit's nvcc on PATH")
+INSTALL_HINT = (
+    "pip install --pre -U -f https://mlc.ai/wheels mlc-llm-nightly-cu128 mlc-ai-nightly-cu128 (the "
+    "wheels of your CUDA, per MLC-LLM's install page; on a Jetson run inside a dustynv/mlc image); "
+    "mlc_llm compile also needs the CUDA toolkit's nvcc on PATH"
+)
 CHAT_CONFIG = "mlc-chat-config.json"
 LIBRARY = "lib.so"
 ENGINE_RECORD = "engine.json"
@@ -117,8 +131,10 @@ class RequestTiming:
         """Raise unless the engine served exactly this request (a shorter output means it stopped
         early, e.g. at max_single_sequence_length, so the sample is not the requested quantity)."""
         if (self.prompt_tokens, self.completion_tokens) != (prompt_tokens, completion_tokens):
-            raise AmoebaError(f"MLC-LLM served {self.prompt_tokens} prompt and {self.completion_tokens} output tokens; "
-                              f"the request asked for {prompt_tokens} and {completion_tokens}")
+            raise AmoebaError(
+                f"MLC-LLM served {self.prompt_tokens} prompt and {self.completion_tokens} output tokens; "
+                f"the request asked for {prompt_tokens} and {completion_tokens}"
+            )
 
 
 def parse_usage(usage: Mapping[str, Any]) -> RequestTiming:
@@ -126,18 +142,24 @@ def parse_usage(usage: Mapping[str, Any]) -> RequestTiming:
     MLC's ``RequestMetrics``; ``MLCEngine.completions.create`` returns it as ``response.usage``)."""
     extra = usage.get("extra") if isinstance(usage, Mapping) else None
     if not isinstance(extra, Mapping):
-        raise AmoebaError("MLC-LLM returned no usage.extra metrics for the request (an MLC-LLM older than its "
-                          "per-request metrics?)")
+        raise AmoebaError(
+            "MLC-LLM returned no usage.extra metrics for the request (an MLC-LLM older than its per-request metrics?)"
+        )
     try:
         timing = RequestTiming(
-            prompt_tokens=int(extra["prompt_tokens"]), completion_tokens=int(extra["completion_tokens"]),
-            prefill_tokens=int(extra["prefill_tokens"]), decode_tokens=int(extra["decode_tokens"]),
-            ttft_ms=float(extra["ttft_s"]) * 1e3, e2e_ms=float(extra["end_to_end_latency_s"]) * 1e3)
+            prompt_tokens=int(extra["prompt_tokens"]),
+            completion_tokens=int(extra["completion_tokens"]),
+            prefill_tokens=int(extra["prefill_tokens"]),
+            decode_tokens=int(extra["decode_tokens"]),
+            ttft_ms=float(extra["ttft_s"]) * 1e3,
+            e2e_ms=float(extra["end_to_end_latency_s"]) * 1e3,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise AmoebaError(f"MLC-LLM usage.extra lacks or mangles field {exc}") from None
     if not 0 <= timing.ttft_ms <= timing.e2e_ms:
-        raise AmoebaError(f"MLC-LLM reported ttft {timing.ttft_ms:.3f} ms and end-to-end {timing.e2e_ms:.3f} ms for "
-                          "one request")
+        raise AmoebaError(
+            f"MLC-LLM reported ttft {timing.ttft_ms:.3f} ms and end-to-end {timing.e2e_ms:.3f} ms for one request"
+        )
     return timing
 
 
@@ -155,21 +177,29 @@ def tpot_prompt_len(context: int, steps: int) -> int:
 def check_mlc_shape(spec: EngineSpec) -> None:
     """Raise UnsupportedShape, with the reason, for a spec MLC-LLM's LLaMA model cannot express."""
     if spec.max_batch != 1:
-        raise UnsupportedShape(f"a batch of {spec.max_batch}: this adapter times one request at a time (MLC batches "
-                               "concurrent requests of separate sequences)")
+        raise UnsupportedShape(
+            f"a batch of {spec.max_batch}: this adapter times one request at a time (MLC batches "
+            "concurrent requests of separate sequences)"
+        )
     if not spec.layers:
-        raise UnsupportedShape("a model without decoder layers: MLC-LLM's LlamaConfig refuses num_hidden_layers below "
-                               "pipeline_parallel_stages (1); the difference fit takes the base from the layered models")
+        raise UnsupportedShape(
+            "a model without decoder layers: MLC-LLM's LlamaConfig refuses num_hidden_layers below "
+            "pipeline_parallel_stages (1); the difference fit takes the base from the layered models"
+        )
     shapes = sorted(set(spec.layers))
     if len(shapes) > 1:
-        raise UnsupportedShape(f"layers differ in shape ({len(shapes)} distinct (heads, kv_heads, ffn): "
-                               f"{', '.join(map(str, shapes[:3]))}): MLC-LLM's LlamaConfig has one num_attention_heads, "
-                               "num_key_value_heads and intermediate_size for every layer, and its paged KV cache one "
-                               "head count")
+        raise UnsupportedShape(
+            f"layers differ in shape ({len(shapes)} distinct (heads, kv_heads, ffn): "
+            f"{', '.join(map(str, shapes[:3]))}): MLC-LLM's LlamaConfig has one num_attention_heads, "
+            "num_key_value_heads and intermediate_size for every layer, and its paged KV cache one "
+            "head count"
+        )
     heads = shapes[0][0]
     if not loads_as_llama(_subnet(spec)):
-        raise UnsupportedShape(f"{heads} query heads do not divide hidden_size {spec.arch.hidden_size}: MLC-LLM's "
-                               "LlamaModel asserts hidden_size % num_attention_heads == 0")
+        raise UnsupportedShape(
+            f"{heads} query heads do not divide hidden_size {spec.arch.hidden_size}: MLC-LLM's "
+            "LlamaModel asserts hidden_size % num_attention_heads == 0"
+        )
 
 
 def _subnet(spec: EngineSpec) -> Subnet:
@@ -183,8 +213,11 @@ def chat_config(spec: EngineSpec, dtype: str) -> dict[str, Any]:
     config = mlc_chat_config(_subnet(spec), dtype)
     config["model_config"]["max_batch_size"] = spec.max_batch
     config["tokenizer_files"] = [TOKENIZER]
-    config["tokenizer_info"] = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False,
-                                "strip_space_in_decode": False}
+    config["tokenizer_info"] = {
+        "token_postproc_method": "byte_fallback",
+        "prepend_space_in_encode": False,
+        "strip_space_in_decode": False,
+    }
     return config
 
 
@@ -199,8 +232,23 @@ def compile_command(python: str, config: Path, device: str, quantization: str, o
     """``mlc_llm compile`` of one engine. ``--device cuda:N`` names a device, so MLC builds the target
     with TVM's ``Target.from_device``, which reads that GPU's compute capability (sm_86 on an RTX
     A5000, sm_87 on an Orin) and nvcc compiles for it (``support/auto_target.py``)."""
-    return [python, "-m", "mlc_llm", "compile", str(config), "--model-type", "llama", "--quantization", quantization,
-            "--device", device, "--opt", opt, "--output", str(output)]
+    return [
+        python,
+        "-m",
+        "mlc_llm",
+        "compile",
+        str(config),
+        "--model-type",
+        "llama",
+        "--quantization",
+        quantization,
+        "--device",
+        device,
+        "--opt",
+        opt,
+        "--output",
+        str(output),
+    ]
 
 
 def compile_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -212,9 +260,13 @@ def compile_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def engine_config_fields(spec: EngineSpec) -> dict[str, Any]:
     """``EngineConfig`` fields for ``spec`` (with ``mode="local"``; the prefill chunk is inferred as
     min(compiled chunk, KV capacity, max_single_sequence_length), so no prompt is split)."""
-    return {"max_num_sequence": spec.max_batch, "max_single_sequence_length": spec.max_seq_len,
-            "max_total_sequence_length": 2 * spec.max_batch * spec.max_seq_len, "prefix_cache_mode": "radix",
-            "verbose": False}
+    return {
+        "max_num_sequence": spec.max_batch,
+        "max_single_sequence_length": spec.max_seq_len,
+        "max_total_sequence_length": 2 * spec.max_batch * spec.max_seq_len,
+        "prefix_cache_mode": "radix",
+        "verbose": False,
+    }
 
 
 def cuda_arch(compute_version: str) -> str:
@@ -239,22 +291,60 @@ MLC_BENCH_DEFINITIONS = (
     "request at a time, llmperf prompts of P words of the synthetic tokenizer (one token each, plus the "
     "conversation template's BOS), N output tokens with ignore_eos, greedy, prefix cache off; ttft_ms and "
     "tpot_ms = the medians (p50) of its client-side time_to_first_token_s and time_per_output_token_s "
-    "((e2e - ttft) / (N - 1)), which include the HTTP server's streaming that the table's engine metrics do not")
+    "((e2e - ttft) / (N - 1)), which include the HTTP server's streaming that the table's engine metrics do not"
+)
 MLC_BENCH_MIN_PROMPT = 40  # its llmperf dataset replaces input lengths below 40 with 550
 
 
-def mlc_bench_command(python: str, folder: Path, prompts: Path, workload: Workload, requests: int, port: int,
-                      output: Path) -> list[str]:
+def mlc_bench_command(
+    python: str, folder: Path, prompts: Path, workload: Workload, requests: int, port: int, output: Path
+) -> list[str]:
     """``python -m mlc_llm.bench`` of ``requests`` requests of the workload's lengths against the MLC
     server it launches for ``folder`` (``--mlc-model-lib``), one at a time (``python/mlc_llm/bench/__main__.py``)."""
-    engine = (f"max_num_sequence=1;max_total_seq_length={workload.prompt_len + workload.gen_len + 8};"
-              "prefix_cache_mode=disable")
-    return [python, "-m", "mlc_llm.bench", "--dataset", "llmperf", "--dataset-path", str(prompts),
-            "--tokenizer", str(folder), "--mlc-model-lib", str(folder / LIBRARY), "--mlc-engine-config", engine,
-            "--num-gpus", "1", "--num-requests", str(requests), "--num-warmup-requests", "2",
-            "--num-concurrent-requests", "1", "--input-len", str(workload.prompt_len), "--input-len-std", "0",
-            "--output-len", str(workload.gen_len), "--output-len-std", "0", "--temperature", "0",
-            "--host", "127.0.0.1", "--port", str(port), "--disable-tqdm", "--output", str(output)]
+    engine = (
+        f"max_num_sequence=1;max_total_seq_length={workload.prompt_len + workload.gen_len + 8};"
+        "prefix_cache_mode=disable"
+    )
+    return [
+        python,
+        "-m",
+        "mlc_llm.bench",
+        "--dataset",
+        "llmperf",
+        "--dataset-path",
+        str(prompts),
+        "--tokenizer",
+        str(folder),
+        "--mlc-model-lib",
+        str(folder / LIBRARY),
+        "--mlc-engine-config",
+        engine,
+        "--num-gpus",
+        "1",
+        "--num-requests",
+        str(requests),
+        "--num-warmup-requests",
+        "2",
+        "--num-concurrent-requests",
+        "1",
+        "--input-len",
+        str(workload.prompt_len),
+        "--input-len-std",
+        "0",
+        "--output-len",
+        str(workload.gen_len),
+        "--output-len-std",
+        "0",
+        "--temperature",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-tqdm",
+        "--output",
+        str(output),
+    ]
 
 
 def parse_mlc_bench_csv(text: str, workload: Workload) -> tuple[float, float]:
@@ -273,7 +363,9 @@ def parse_mlc_bench_csv(text: str, workload: Workload) -> tuple[float, float]:
     if completed != total:
         raise AmoebaError(f"mlc_llm.bench completed {completed} of {total} requests")
     if output_tokens != workload.gen_len:
-        raise AmoebaError(f"mlc_llm.bench requests returned {output_tokens:g} tokens on average, not {workload.gen_len}")
+        raise AmoebaError(
+            f"mlc_llm.bench requests returned {output_tokens:g} tokens on average, not {workload.gen_len}"
+        )
     return ttft_ms, tpot_ms
 
 
@@ -297,8 +389,10 @@ class _TtftPiece:
             timing = self.engine.request(self.engine.random_prompt(self.prompt_len), 1)
             if timing.prefill_tokens == self.prompt_len:
                 return timing.e2e_ms
-        raise AmoebaError(f"MLC-LLM's prefix cache matched {_PROMPT_DRAWS} fresh random {self.prompt_len}-token prompts "
-                          f"(last prefilled {timing.prefill_tokens} tokens): ttft would not include the whole prefill")
+        raise AmoebaError(
+            f"MLC-LLM's prefix cache matched {_PROMPT_DRAWS} fresh random {self.prompt_len}-token prompts "
+            f"(last prefilled {timing.prefill_tokens} tokens): ttft would not include the whole prefill"
+        )
 
 
 class _TpotPiece:
@@ -314,8 +408,10 @@ class _TpotPiece:
     def _cached(self, tokens: int) -> RequestTiming:
         timing = self.engine.request(self.prompt, tokens)
         if timing.prefill_tokens != 1:
-            raise AmoebaError(f"MLC-LLM prefilled {timing.prefill_tokens} of a cached {len(self.prompt)}-token prompt "
-                              "(its prefix cache missed): the tpot sample would include a prefill")
+            raise AmoebaError(
+                f"MLC-LLM prefilled {timing.prefill_tokens} of a cached {len(self.prompt)}-token prompt "
+                "(its prefix cache missed): the tpot sample would include a prefill"
+            )
         return timing
 
     def sample_ms(self, steps: int) -> float:
@@ -333,16 +429,22 @@ class MlcLlmEngine(Engine):
 
         self.spec = spec
         self.rng = np.random.default_rng()  # unseeded: a repeated prompt would hit the prefix cache
-        self.engine = MLCEngine(str(artifact), device=backend.mlc_device, model_lib=str(artifact / LIBRARY),
-                                mode="local", engine_config=EngineConfig(**engine_config_fields(spec)))
+        self.engine = MLCEngine(
+            str(artifact),
+            device=backend.mlc_device,
+            model_lib=str(artifact / LIBRARY),
+            mode="local",
+            engine_config=EngineConfig(**engine_config_fields(spec)),
+        )
 
     def random_prompt(self, tokens: int) -> list[int]:
         return self.rng.integers(0, self.spec.arch.vocab_size, tokens).tolist()
 
     def request(self, prompt: list[int], tokens: int) -> RequestTiming:
         """One greedy completion of exactly ``tokens`` tokens; MLC's metrics of it."""
-        response = self.engine.completions.create(prompt=prompt, max_tokens=tokens, temperature=0.0,
-                                                  extra_body={"debug_config": {"ignore_eos": True}})
+        response = self.engine.completions.create(
+            prompt=prompt, max_tokens=tokens, temperature=0.0, extra_body={"debug_config": {"ignore_eos": True}}
+        )
         usage = response.usage.model_dump()
         save_raw("mlc-llm", "usage", usage)
         timing = parse_usage(usage)
@@ -363,9 +465,11 @@ class MlcLlmEngine(Engine):
 
 class MlcLlmBackend(Backend):
     name = "mlc-llm"
-    experimental_reason = ("written against MLC-LLM's source; its parsing tests use samples constructed from that "
-                           "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
-                           "to replace them")
+    experimental_reason = (
+        "written against MLC-LLM's source; its parsing tests use samples constructed from that "
+        "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
+        "to replace them"
+    )
 
     def __init__(self, device: str = "cuda", dtype: str | None = None, threads: int | None = None, opt: str = "O2"):
         if threads is not None:
@@ -400,18 +504,22 @@ class MlcLlmBackend(Backend):
             return Availability(False, f"mlc_llm does not import: {' '.join(str(exc).split())[:200]}", INSTALL_HINT)
         if not tvm.cuda(0).exist:
             return Availability(False, "TVM sees no CUDA device (the mlc-llm adapter measures on CUDA)", INSTALL_HINT)
-        return Availability(True, f"mlc_llm {mlc_llm.__version__}, tvm {tvm.__version__}; CUDA, uniform shapes, "
-                                  "q0f16/q0bf16/q0f32")
+        return Availability(
+            True, f"mlc_llm {mlc_llm.__version__}, tvm {tvm.__version__}; CUDA, uniform shapes, q0f16/q0bf16/q0f32"
+        )
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(per_layer_heads=False, per_layer_ffn=False, methods=("difference",), dtypes=DTYPES,
-                            devices=("cuda",))
+        return Capabilities(
+            per_layer_heads=False, per_layer_ffn=False, methods=("difference",), dtypes=DTYPES, devices=("cuda",)
+        )
 
     @property
     def clock_name(self) -> str:
-        return ("MLC-LLM engine metrics: usage.extra end_to_end_latency_s (std::chrono::high_resolution_clock in the "
-                "engine thread, AddRequest to finish)")
+        return (
+            "MLC-LLM engine metrics: usage.extra end_to_end_latency_s (std::chrono::high_resolution_clock in the "
+            "engine thread, AddRequest to finish)"
+        )
 
     def versions(self) -> dict[str, str]:
         return dict(self._versions)
@@ -421,21 +529,35 @@ class MlcLlmBackend(Backend):
 
     def environment(self) -> dict[str, Any]:
         cfg = self.config
-        return {**self.versions(), "device": self.mlc_device, "gpu": self.gpu_name, "target": "cuda", "arch": self.arch,
-                "dtype": cfg.dtype, "quantization": MLC_QUANTIZATION[cfg.dtype], "opt": cfg.opt,
-                "tensor_cache_index": self.index_name, "python": platform.python_version(),
-                "serving_loop": "MLCEngine.completions.create over token ids, greedy, ignore_eos, one sequence, "
-                                "mode local with radix prefix cache; times from usage.extra"}
+        return {
+            **self.versions(),
+            "device": self.mlc_device,
+            "gpu": self.gpu_name,
+            "target": "cuda",
+            "arch": self.arch,
+            "dtype": cfg.dtype,
+            "quantization": MLC_QUANTIZATION[cfg.dtype],
+            "opt": cfg.opt,
+            "tensor_cache_index": self.index_name,
+            "python": platform.python_version(),
+            "serving_loop": "MLCEngine.completions.create over token ids, greedy, ignore_eos, one sequence, "
+            "mode local with radix prefix cache; times from usage.extra",
+        }
 
     def check_spec(self, spec: EngineSpec) -> None:
         check_mlc_shape(spec)
 
     def compile(self, spec: EngineSpec, dest: Path) -> None:
         write_model_folder(dest, spec, self.dtype, self.index_name)
-        command = compile_command(sys.executable, dest / CHAT_CONFIG, self.mlc_device, MLC_QUANTIZATION[self.dtype],
-                                  self.config.opt, dest / LIBRARY)
-        done = subprocess.run(command, capture_output=True, text=True, env=compile_environment(os.environ),
-                              check=False)
+        command = compile_command(
+            sys.executable,
+            dest / CHAT_CONFIG,
+            self.mlc_device,
+            MLC_QUANTIZATION[self.dtype],
+            self.config.opt,
+            dest / LIBRARY,
+        )
+        done = subprocess.run(command, capture_output=True, text=True, env=compile_environment(os.environ), check=False)
         if done.returncode != 0:
             tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
             raise AmoebaError(f"mlc_llm compile exited {done.returncode}: {tail}")
@@ -453,11 +575,14 @@ class MlcLlmBackend(Backend):
     def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
         """The full model compiled as a build compiles it, benchmarked by ``python -m mlc_llm.bench``."""
         if workload.batch != 1:
-            raise UnsupportedShape("this cross-check runs mlc_llm.bench one request at a time; cross-check a batch-1 "
-                                   "table")
+            raise UnsupportedShape(
+                "this cross-check runs mlc_llm.bench one request at a time; cross-check a batch-1 table"
+            )
         if workload.prompt_len < MLC_BENCH_MIN_PROMPT:
-            raise UsageError(f"mlc_llm.bench's llmperf prompts are at least {MLC_BENCH_MIN_PROMPT} tokens (shorter "
-                             "ones become 550); pass --prompt-len 40 or more")
+            raise UsageError(
+                f"mlc_llm.bench's llmperf prompts are at least {MLC_BENCH_MIN_PROMPT} tokens (shorter "
+                "ones become 550); pass --prompt-len 40 or more"
+            )
         layers = ((arch.num_heads, arch.num_kv_heads, arch.ffn_size),) * arch.num_layers
         spec = EngineSpec(arch, layers, 1, workload.prompt_len + 1, workload.prompt_len + workload.gen_len + 1)
         check_mlc_shape(spec)
@@ -468,8 +593,9 @@ class MlcLlmBackend(Backend):
             (folder / name).write_text(text)
         rng = np.random.default_rng(0)
         prompts = work_dir / "prompts.txt"  # lines of vocabulary words: llmperf cuts and joins them to P tokens
-        prompts.write_text("".join(" ".join(f"t{i}" for i in rng.integers(3, arch.vocab_size, 64)) + "\n"
-                                   for _ in range(64)))
+        prompts.write_text(
+            "".join(" ".join(f"t{i}" for i in rng.integers(3, arch.vocab_size, 64)) + "\n" for _ in range(64))
+        )
         output = work_dir / "mlc-bench.csv"
         command = mlc_bench_command(sys.executable, folder, prompts, workload, repetitions, _free_port(), output)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -478,5 +604,6 @@ class MlcLlmBackend(Backend):
             raise AmoebaError(f"mlc_llm.bench exited {done.returncode}: {tail}")
         text = output.read_text()
         ttft_ms, tpot_ms = parse_mlc_bench_csv(text, workload)
-        return ToolResult("mlc_llm.bench", tuple(command), ttft_ms, tpot_ms, MLC_BENCH_DEFINITIONS,
-                          text + "\n" + done.stdout[-20000:])
+        return ToolResult(
+            "mlc_llm.bench", tuple(command), ttft_ms, tpot_ms, MLC_BENCH_DEFINITIONS, text + "\n" + done.stdout[-20000:]
+        )

@@ -88,8 +88,9 @@ def _encode(values: np.ndarray, dtype: str) -> bytes:
     return values.astype(dtype).tobytes()
 
 
-def write_tensor_cache(folder: Path, params: list[Param], dtype: str, index_name: str = TENSOR_CACHE_INDEX,
-                       seed: int = 0) -> dict:
+def write_tensor_cache(
+    folder: Path, params: list[Param], dtype: str, index_name: str = TENSOR_CACHE_INDEX, seed: int = 0
+) -> dict:
     """Write ``params`` in ``dtype`` as one shard plus the index ``index_name`` into ``folder``;
     return the index. Values: ones for norm weights, else uniform in [-0.02, 0.02)."""
     if dtype not in DTYPES:
@@ -112,14 +113,30 @@ def write_tensor_cache(folder: Path, params: list[Param], dtype: str, index_name
             shard.write(data)
             md5.update(data)
             left -= len(data)
-    records = [{"name": p.name, "shape": list(p.shape), "dtype": dtype, "format": "raw",
-                "nbytes": p.numel * itemsize, "byteOffset": 0 if p.ones else ones_bytes} for p in params]
+    records = [
+        {
+            "name": p.name,
+            "shape": list(p.shape),
+            "dtype": dtype,
+            "format": "raw",
+            "nbytes": p.numel * itemsize,
+            "byteOffset": 0 if p.ones else ones_bytes,
+        }
+        for p in params
+    ]
     total_bytes = sum(r["nbytes"] for r in records)
     index = {
         # What MLC-LLM's convert_weight stores (interface/convert_weight.py _metadata_callback).
         "metadata": {"ParamSize": len(params), "ParamBytes": float(total_bytes), "BitsPerParam": 8.0 * itemsize},
-        "records": [{"dataPath": SHARD_FILE, "format": "raw-shard", "nbytes": shard_bytes, "records": records,
-                     "md5sum": md5.hexdigest()}],
+        "records": [
+            {
+                "dataPath": SHARD_FILE,
+                "format": "raw-shard",
+                "nbytes": shard_bytes,
+                "records": records,
+                "md5sum": md5.hexdigest(),
+            }
+        ],
     }
     (folder / index_name).write_text(json.dumps(index, indent=1) + "\n")
     return index

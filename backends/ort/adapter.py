@@ -37,28 +37,38 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec, read_engine_record
+from amoeba_profile.backends.common.torch_llama import POOL_SIZE, build_model, cache_keyword
+from amoeba_profile.backends.ort.weights import pack, unpack
 
-from amoeba_profile.core.workload import cached_prefix
+from amoeba_profile.core.dtypes import canonical_dtype
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.timing import Workpiece
+from amoeba_profile.core.workload import cached_prefix
 from amoeba_profile.device.clock import Clock, ClockedPiece
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
-from amoeba_profile.backends.ort.weights import pack, unpack
-from amoeba_profile.core.dtypes import canonical_dtype
-from amoeba_profile.backends.common.torch_llama import POOL_SIZE, build_model, cache_keyword
 from amoeba_profile.device.cpu import cpu_info
 from amoeba_profile.device.threads import default_threads
-from amoeba_profile.backends.base import read_engine_record
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "engine.json"
 DEFAULT_PROVIDER = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 PROVIDER_DEVICE = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
-GRAPH_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                    "all": "ORT_ENABLE_ALL"}
+GRAPH_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 # Allocation failures: ONNX Runtime's arena (CPU and CUDA), CUDA, cuBLAS; torch's while exporting.
-_OOM_MESSAGES = ("Failed to allocate memory", "bad_alloc", "bad allocation", "out of memory",
-                 "CUBLAS_STATUS_ALLOC_FAILED", "is smaller than requested bytes", "can't allocate memory")
+_OOM_MESSAGES = (
+    "Failed to allocate memory",
+    "bad_alloc",
+    "bad allocation",
+    "out of memory",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "is smaller than requested bytes",
+    "can't allocate memory",
+)
 INSTALL_HINT = 'pip install -e ".[onnxruntime]" (onnxruntime-gpu instead of onnxruntime for CUDA/TensorRT)'
 
 
@@ -127,8 +137,9 @@ def _quiet_export() -> Iterator[None]:
         with warnings.catch_warnings():
             # Every past shares the batch and past axes on purpose; the exporter warns about each one.
             warnings.filterwarnings("ignore", message="# The axis name")
-            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
             yield
     finally:
         logger.removeFilter(notes)
@@ -153,9 +164,17 @@ def export_onnx(spec: EngineSpec, dtype: str, path: Path) -> dict[str, str]:
     # ``*pasts`` is one tuple argument to torch.export, absent when the model has no layers
     dynamic = ({0: batch, 1: seq},) + ((tuple({0: batch, 2: past} for _ in pasts),) if pasts else ())
     with torch.no_grad(), _quiet_export():
-        torch.onnx.export(kv_graph(model, len(spec.layers)), (ids, *pasts), str(path), dynamo=True,
-                          dynamic_shapes=dynamic, input_names=inputs, output_names=outputs, verbose=False,
-                          external_data=True)
+        torch.onnx.export(
+            kv_graph(model, len(spec.layers)),
+            (ids, *pasts),
+            str(path),
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            input_names=inputs,
+            output_names=outputs,
+            verbose=False,
+            external_data=True,
+        )
     # the longest weight holds the whole pool (or, in a tiny model, more of it than any other weight)
     longest = max(model.parameters(), key=lambda p: p.numel())
     return pack(path, longest.detach().reshape(-1)[:POOL_SIZE].numpy().copy())
@@ -194,10 +213,13 @@ def session_providers(config: OrtConfig, spec: EngineSpec) -> list:
         dims = [(batch, tokens)] + _kv_shape(spec, batch, past)
         return ",".join(f"{name}:{'x'.join(map(str, d))}" for name, d in zip(inputs, dims))
 
-    trt = {"device_id": device_id, "trt_fp16_enable": config.dtype == "float16",
-           "trt_profile_min_shapes": shapes(1, 1, 0),
-           "trt_profile_opt_shapes": shapes(spec.max_batch, 1, spec.max_input_len),
-           "trt_profile_max_shapes": shapes(spec.max_batch, spec.max_input_len, spec.max_seq_len)}
+    trt = {
+        "device_id": device_id,
+        "trt_fp16_enable": config.dtype == "float16",
+        "trt_profile_min_shapes": shapes(1, 1, 0),
+        "trt_profile_opt_shapes": shapes(spec.max_batch, 1, spec.max_input_len),
+        "trt_profile_max_shapes": shapes(spec.max_batch, spec.max_input_len, spec.max_seq_len),
+    }
     return [("TensorrtExecutionProvider", trt), cuda]
 
 
@@ -222,6 +244,7 @@ class _TpotPiece:
 
     def sample_ms(self, steps: int) -> float:
         """Milliseconds per decode step over ``steps`` runs of the n-step window."""
+
         def run() -> None:
             for _ in range(steps):
                 self.engine.generate(self.ids, self.pasts, self.steps)
@@ -242,8 +265,9 @@ class OrtEngine(Engine):
         # The session reads the weights from these buffers for as long as it lives.
         self.weights = [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]
         options.add_external_initializers(names, self.weights)
-        self.session = ort.InferenceSession(str(artifact / MODEL_FILE), options,
-                                            providers=session_providers(backend.config, spec))
+        self.session = ort.InferenceSession(
+            str(artifact / MODEL_FILE), options, providers=session_providers(backend.config, spec)
+        )
 
     def _value(self, array: np.ndarray):
         return _ort().OrtValue.ortvalue_from_numpy(array, self.device_type, self.device_id)
@@ -253,8 +277,10 @@ class OrtEngine(Engine):
 
     def random_pasts(self, batch: int, tokens: int) -> list:
         """Per-layer key and value OrtValues holding ``tokens`` random positions (a prefix cache)."""
-        return [self._value(self.rng.standard_normal(shape).astype(self.np_dtype))
-                for shape in _kv_shape(self.spec, batch, tokens)]
+        return [
+            self._value(self.rng.standard_normal(shape).astype(self.np_dtype))
+            for shape in _kv_shape(self.spec, batch, tokens)
+        ]
 
     def generate(self, ids, pasts: list, new_tokens: int) -> list:
         """The greedy loop: ``new_tokens`` session runs, each feeding back the last one's token and
@@ -288,8 +314,14 @@ class OrtBackend(Backend):
     name = "onnxruntime"
     verified_on = ("cpu",)  # the CI builds a table on the CPU provider; the CUDA/TensorRT providers have not run
 
-    def __init__(self, device: str = "cpu", provider: str | None = None, dtype: str | None = None,
-                 threads: int | None = None, graph_opt: str = "all"):
+    def __init__(
+        self,
+        device: str = "cpu",
+        provider: str | None = None,
+        dtype: str | None = None,
+        threads: int | None = None,
+        graph_opt: str = "all",
+    ):
         ort = _ort()
         kind = "cuda" if device.startswith("cuda") else "cpu"
         provider = provider or DEFAULT_PROVIDER[kind]
@@ -298,8 +330,10 @@ class OrtBackend(Backend):
         if PROVIDER_DEVICE[provider] != kind:
             raise UsageError(f"provider {provider!r} does not run on device {device!r}")
         if provider not in ort.get_available_providers():
-            raise UsageError(f"onnxruntime provider {provider!r} is not in this build "
-                             f"(available: {', '.join(ort.get_available_providers())}); {INSTALL_HINT}")
+            raise UsageError(
+                f"onnxruntime provider {provider!r} is not in this build "
+                f"(available: {', '.join(ort.get_available_providers())}); {INSTALL_HINT}"
+            )
         name = canonical_dtype(dtype or ("float16" if kind == "cuda" else "float32"))
         if name not in ("float32", "float16"):
             raise UsageError(f"dtype {dtype!r}: the onnxruntime backend exports float32 or float16")
@@ -317,12 +351,19 @@ class OrtBackend(Backend):
         if missing:
             return Availability(False, f"{', '.join(missing)} not installed", INSTALL_HINT)
         ort = _ort()
-        return Availability(True, f"onnxruntime {ort.__version__}; providers {', '.join(ort.get_available_providers())}")
+        return Availability(
+            True, f"onnxruntime {ort.__version__}; providers {', '.join(ort.get_available_providers())}"
+        )
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(per_layer_heads=True, per_layer_ffn=True, methods=("difference",),
-                            dtypes=("float32", "float16"), devices=("cpu", "cuda"))
+        return Capabilities(
+            per_layer_heads=True,
+            per_layer_ffn=True,
+            methods=("difference",),
+            dtypes=("float32", "float16"),
+            devices=("cpu", "cuda"),
+        )
 
     @property
     def clock_name(self) -> str:
@@ -337,8 +378,13 @@ class OrtBackend(Backend):
         import onnx
         import onnxscript
 
-        return {"onnxruntime": _ort().__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
-                "torch": _torch().__version__, "transformers": importlib.metadata.version("transformers")}
+        return {
+            "onnxruntime": _ort().__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": onnxscript.__version__,
+            "torch": _torch().__version__,
+            "transformers": importlib.metadata.version("transformers"),
+        }
 
     def device_arch(self) -> str:
         if self.device.startswith("cuda"):
@@ -347,10 +393,14 @@ class OrtBackend(Backend):
         return platform.machine()
 
     def environment(self) -> dict[str, Any]:
-        return {**self.versions(), **self.config_dict(), "python": platform.python_version(),
-                "available_providers": _ort().get_available_providers(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
-                "serving_loop": "own greedy loop over InferenceSession.run_with_iobinding, argmax in the graph"}
+        return {
+            **self.versions(),
+            **self.config_dict(),
+            "python": platform.python_version(),
+            "available_providers": _ort().get_available_providers(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", ""),
+            "serving_loop": "own greedy loop over InferenceSession.run_with_iobinding, argmax in the graph",
+        }
 
     def session_options(self):
         ort = _ort()
@@ -363,9 +413,19 @@ class OrtBackend(Backend):
         layout = export_onnx(spec, self.dtype, dest / MODEL_FILE)
         inputs, outputs = io_names(spec)
         kinds = {kind: list(layout.values()).count(kind) for kind in sorted(set(layout.values()))}
-        (dest / ENGINE_FILE).write_text(json.dumps({"flow": "onnxruntime", "exporter": "torch.onnx dynamo",
-                                                    "spec": spec.to_dict(), "inputs": inputs, "outputs": outputs,
-                                                    "weights": kinds}, sort_keys=True))
+        (dest / ENGINE_FILE).write_text(
+            json.dumps(
+                {
+                    "flow": "onnxruntime",
+                    "exporter": "torch.onnx dynamo",
+                    "spec": spec.to_dict(),
+                    "inputs": inputs,
+                    "outputs": outputs,
+                    "weights": kinds,
+                },
+                sort_keys=True,
+            )
+        )
 
     def load(self, spec: EngineSpec, artifact: Path) -> Engine:
         stored = read_engine_record(artifact, ENGINE_FILE)["spec"]

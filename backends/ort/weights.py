@@ -56,7 +56,7 @@ def pack(model_path: Path, pool: np.ndarray) -> dict[str, str]:
             data_files[info["location"]] = np.memmap(model_path.parent / info["location"], np.uint8, mode="r")
         offset = int(info.get("offset", 0))
         dtype, dims = np.dtype(tensor_dtype_to_np_dtype(init.data_type)), tuple(init.dims)
-        tensor = data_files[info["location"]][offset: offset + int(info["length"])].view(dtype).reshape(dims)
+        tensor = data_files[info["location"]][offset : offset + int(info["length"])].view(dtype).reshape(dims)
         kinds = () if dtype != pool.dtype else (TILED, TRANSPOSED) if len(dims) == 2 else (TILED,)
         layout[init.name] = next((k for k in kinds if np.array_equal(tensor, _tiling(pool, dims, k))), STORED)
         if layout[init.name] == STORED:
@@ -72,11 +72,14 @@ def pack(model_path: Path, pool: np.ndarray) -> dict[str, str]:
 
 def unpack(model_path: Path) -> tuple[list[str], list[np.ndarray]]:
     """(names, arrays) of every external initializer, byte for byte as exported."""
-    layout = json.loads(read_bounded(model_path.parent / LAYOUT_FILE, LAYOUT_BYTES, "onnx weight layout",
-                                     error=ArtifactError))
+    layout = json.loads(
+        read_bounded(model_path.parent / LAYOUT_FILE, LAYOUT_BYTES, "onnx weight layout", error=ArtifactError)
+    )
     names, arrays = [], []
-    with open_regular(model_path.parent / STORED_FILE, "stored onnx weights", ArtifactError) as handle, \
-            np.load(handle) as stored:
+    with (
+        open_regular(model_path.parent / STORED_FILE, "stored onnx weights", ArtifactError) as handle,
+        np.load(handle) as stored,
+    ):
         pool = stored[POOL_KEY]
         for init in _external(model_path):
             kind = layout[init.name]

@@ -45,15 +45,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from amoeba_profile.backends.base import Backend, BuiltUnit, Capabilities, EngineSpec, ToolResult, read_engine_record
+from amoeba_profile.backends.pytorch.eager import PyTorchBackend, PyTorchEngine, _torch
+
 from amoeba_profile.core.arch import ModelArch, layer_params, non_layer_params
 from amoeba_profile.core.dtypes import bytes_per_element, kv_cache_bytes_per_element
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape, UsageError
-from amoeba_profile.backends.base import Backend, BuiltUnit, Capabilities, EngineSpec
-from amoeba_profile.backends.pytorch.eager import PyTorchBackend, PyTorchEngine, _torch
 from amoeba_profile.core.workload import Workload
-from amoeba_profile.backends.base import ToolResult
-from amoeba_profile.backends.base import read_engine_record
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -86,8 +85,9 @@ def resolve_mode(device: str, mode: str | None) -> str:
     if mode not in COMPILE_MODES:
         raise UsageError(f"unknown compile mode {mode!r}: use one of {list(COMPILE_MODES)}")
     if not on_cuda and mode in _CUDA_GRAPH_MODES:
-        raise UsageError(f"compile mode {mode!r} uses CUDA graphs, which a CPU does not have; use "
-                         f"{_CUDA_GRAPH_MODES[mode]!r}")
+        raise UsageError(
+            f"compile mode {mode!r} uses CUDA graphs, which a CPU does not have; use {_CUDA_GRAPH_MODES[mode]!r}"
+        )
     return mode
 
 
@@ -213,9 +213,14 @@ class CompiledEngine(PyTorchEngine):
         if cache is not None:
             return super().generate(ids, cache, new_tokens)
         torch = _torch()
-        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                   do_sample=False, cache_implementation="static",
-                                   max_cache_len=self.spec.max_seq_len)
+        return self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            cache_implementation="static",
+            max_cache_len=self.spec.max_seq_len,
+        )
 
     def filled_cache(self, batch: int, tokens: int):
         """The engine's StaticCache of ``max_seq_len`` slots, refilled with ``tokens`` random keys/values
@@ -232,8 +237,9 @@ class CompiledEngine(PyTorchEngine):
         else:
             cache.reset()
         for index, (_, kv, _) in enumerate(self.spec.layers):
-            keys = torch.randn(batch, kv, tokens, self.spec.arch.head_dim, device=self.device,
-                               dtype=self.backend.torch_dtype)
+            keys = torch.randn(
+                batch, kv, tokens, self.spec.arch.head_dim, device=self.device, dtype=self.backend.torch_dtype
+            )
             cache.update(keys, torch.randn_like(keys), index)
         return cache
 
@@ -256,8 +262,10 @@ class CompiledEngine(PyTorchEngine):
         seconds = self.clock.time_ms(lambda: self.generate(ids, cache, 3)) / 1e3
         spent = JitCount.now() - before
         if spent.fell_back:
-            raise UnsupportedShape(f"torch.compile fell back to eager for {spent.fell_back} frame(s) of this "
-                                   "engine (see TORCH_LOGS=recompiles); its rows would not be the compiled flow")
+            raise UnsupportedShape(
+                f"torch.compile fell back to eager for {spent.fell_back} frame(s) of this "
+                "engine (see TORCH_LOGS=recompiles); its rows would not be the compiled flow"
+            )
         return seconds
 
     def jit_compiles(self) -> int | None:
@@ -276,12 +284,21 @@ class PyTorchCompiledBackend(PyTorchBackend):
     def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
         """The compiled flow has no benchmark tool of its own: eager generate() timing would check
         another flow."""
-        raise UnsupportedShape("pytorch-compiled has no benchmark tool of its own to cross-check with (eager "
-                               "generate() timing would check another flow); cross-check the eager pytorch table")
+        raise UnsupportedShape(
+            "pytorch-compiled has no benchmark tool of its own to cross-check with (eager "
+            "generate() timing would check another flow); cross-check the eager pytorch table"
+        )
+
     name = "pytorch-compiled"
 
-    def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None,
-                 attn_impl: str = "sdpa", mode: str | None = None):
+    def __init__(
+        self,
+        device: str = "cpu",
+        dtype: str | None = None,
+        threads: int | None = None,
+        attn_impl: str = "sdpa",
+        mode: str | None = None,
+    ):
         mode = resolve_mode(device, mode)
         super().__init__(device, dtype, threads, attn_impl)
         eager = self.config
@@ -307,14 +324,20 @@ class PyTorchCompiledBackend(PyTorchBackend):
     def environment(self) -> dict[str, Any]:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        return {**super().environment(), "compile_mode": self.config.mode, "inductor_cache_dir": cache_dir(),
-                "serving_loop": "transformers generate(), greedy, fixed output length, StaticCache of max_seq_len "
-                                "slots, decode step compiled by torch.compile (prefill eager)"}
+        return {
+            **super().environment(),
+            "compile_mode": self.config.mode,
+            "inductor_cache_dir": cache_dir(),
+            "serving_loop": "transformers generate(), greedy, fixed output length, StaticCache of max_seq_len "
+            "slots, decode step compiled by torch.compile (prefill eager)",
+        }
 
     def check_spec(self, spec: EngineSpec) -> None:
         if not spec.layers:
-            raise UnsupportedShape("a model without decoder layers has no KV cache, so generate() never compiles it; "
-                                   "the difference fit takes the base from the layered models")
+            raise UnsupportedShape(
+                "a model without decoder layers has no KV cache, so generate() never compiles it; "
+                "the difference fit takes the base from the layered models"
+            )
 
     def _engine(self, spec: EngineSpec) -> tuple[CompiledEngine, float]:
         """The pooled engine for ``spec``, or a new one compiled now (with its compile seconds)."""
@@ -331,8 +354,13 @@ class PyTorchCompiledBackend(PyTorchBackend):
     def compile(self, spec: EngineSpec, dest: Path) -> None:
         t0 = time.perf_counter()
         _, seconds = self._engine(spec)
-        record = {"flow": "compiled", "mode": self.config.mode, "spec": spec.to_dict(),
-                  "decode_compile_s": round(seconds, 3), "engine_s": round(time.perf_counter() - t0, 3)}
+        record = {
+            "flow": "compiled",
+            "mode": self.config.mode,
+            "spec": spec.to_dict(),
+            "decode_compile_s": round(seconds, 3),
+            "engine_s": round(time.perf_counter() - t0, 3),
+        }
         (dest / "engine.json").write_text(json.dumps(record, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> CompiledEngine:

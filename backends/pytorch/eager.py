@@ -24,23 +24,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.core.workload import cached_prefix
+from amoeba_profile.backends.base import (
+    Availability,
+    Backend,
+    BuiltUnit,
+    Capabilities,
+    Engine,
+    EngineSpec,
+    ToolResult,
+    read_engine_record,
+)
+from amoeba_profile.backends.common.torch_llama import _torch, build_model, cache_keyword, llama_config, materialize
+
 from amoeba_profile.core.arch import ModelArch, attn_params, mlp_params
-from amoeba_profile.device import last_level_cache_bytes, resolve_device
-from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.core.dtypes import bytes_per_element, canonical_dtype
 from amoeba_profile.core.entry import Entry
-from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core.errors import AmoebaError, UsageError
 from amoeba_profile.core.inputs import positive_int
 from amoeba_profile.core.timing import Workpiece
+from amoeba_profile.core.workload import Workload, cached_prefix
+from amoeba_profile.device import last_level_cache_bytes, resolve_device
 from amoeba_profile.device.clock import Clock, ClockedPiece
-from amoeba_profile.backends.base import Availability, Backend, BuiltUnit, Capabilities, Engine, EngineSpec
-from amoeba_profile.backends.common.torch_llama import _torch, build_model, cache_keyword, llama_config, materialize
+from amoeba_profile.device.load import CpuLoad
 from amoeba_profile.device.threads import default_threads as device_default_threads
-from amoeba_profile.core.errors import AmoebaError
-from amoeba_profile.core.workload import Workload
-from amoeba_profile.backends.base import ToolResult
-from amoeba_profile.backends.base import read_engine_record
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -73,7 +79,8 @@ GENERATE_DEFINITIONS = (
     "min_new_tokens = max_new_tokens (the output length is fixed without touching eos), greedy, a fresh "
     "random prompt prefilled every request, time.perf_counter around each call (device synchronized "
     "before and after); ttft_ms = median of 1-token generates, tpot_ms = (median e2e(N) - ttft_ms) / (N - 1). "
-    "Apart from this flow's workpieces: no cached prompt KV, no centred decode windows, no difference fit")
+    "Apart from this flow's workpieces: no cached prompt KV, no centred decode windows, no difference fit"
+)
 
 
 def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Workload, repetitions: int) -> ToolResult:
@@ -83,8 +90,9 @@ def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Worklo
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = llama_config(arch, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.ffn_size,
-                       backend.config.attn_impl)
+    cfg = llama_config(
+        arch, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.ffn_size, backend.config.attn_impl
+    )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = materialize(model, backend.device, backend.torch_dtype).eval()
@@ -99,8 +107,14 @@ def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Worklo
         if cuda:
             torch.cuda.synchronize(backend.device)
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            min_new_tokens=new_tokens,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         if cuda:
             torch.cuda.synchronize(backend.device)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -112,12 +126,27 @@ def generate_timing(backend: "PyTorchBackend", arch: ModelArch, workload: Worklo
     first = [timed(1) for _ in range(repetitions)]
     whole = [timed(workload.gen_len) for _ in range(repetitions)]
     ttft_ms, e2e_ms = statistics.median(first), statistics.median(whole)
-    calls = (f"model.generate(ids[{workload.batch}x{workload.prompt_len}], min_new_tokens=n, max_new_tokens=n, "
-             f"do_sample=False) for n in (1, {workload.gen_len}), {repetitions} each after one warm-up",)
-    raw = json.dumps({"ttft_samples_ms": first, "e2e_samples_ms": whole, "device": backend.device,
-                      "dtype": backend.dtype, "threads": torch.get_num_threads()})
-    return ToolResult("generate() timing (optimum-benchmark style)", calls, ttft_ms,
-                      (e2e_ms - ttft_ms) / (workload.gen_len - 1), GENERATE_DEFINITIONS, raw)
+    calls = (
+        f"model.generate(ids[{workload.batch}x{workload.prompt_len}], min_new_tokens=n, max_new_tokens=n, "
+        f"do_sample=False) for n in (1, {workload.gen_len}), {repetitions} each after one warm-up",
+    )
+    raw = json.dumps(
+        {
+            "ttft_samples_ms": first,
+            "e2e_samples_ms": whole,
+            "device": backend.device,
+            "dtype": backend.dtype,
+            "threads": torch.get_num_threads(),
+        }
+    )
+    return ToolResult(
+        "generate() timing (optimum-benchmark style)",
+        calls,
+        ttft_ms,
+        (e2e_ms - ttft_ms) / (workload.gen_len - 1),
+        GENERATE_DEFINITIONS,
+        raw,
+    )
 
 
 class _TpotPiece:
@@ -158,8 +187,9 @@ class PyTorchEngine(Engine):
     def generate(self, ids, cache, new_tokens: int):
         torch = _torch()
         kwargs = {self.cache_keyword: cache} if cache is not None else {}
-        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                   do_sample=False, **kwargs)
+        return self.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, **kwargs
+        )
 
     def crop_cache(self, cache, tokens: int) -> None:
         """Cut the cache back to its first ``tokens`` after a request (untimed). A negative count to
@@ -175,8 +205,9 @@ class PyTorchEngine(Engine):
 
         cache = DynamicCache(config=self.cfg)
         for index, (_, kv, _) in enumerate(self.spec.layers):
-            keys = torch.randn(batch, kv, tokens, self.spec.arch.head_dim, device=self.device,
-                               dtype=self.backend.torch_dtype)
+            keys = torch.randn(
+                batch, kv, tokens, self.spec.arch.head_dim, device=self.device, dtype=self.backend.torch_dtype
+            )
             cache.update(keys, torch.randn_like(keys), index)
         return cache
 
@@ -216,7 +247,11 @@ class _AttnLayer:
 
     def __call__(self, x, position_ids, position_embeddings, cache):
         return self.layer(
-            x, attention_mask=None, position_ids=position_ids, use_cache=True, position_embeddings=position_embeddings,
+            x,
+            attention_mask=None,
+            position_ids=position_ids,
+            use_cache=True,
+            position_embeddings=position_embeddings,
             **{self.cache_keyword: cache},
         )
 
@@ -249,8 +284,9 @@ class _ComponentUnit(BuiltUnit):
         self.rotary = LlamaRotaryEmbedding(self.cfg).to(backend.device)
 
     def _hidden(self, entry: Entry):
-        return self._torch.randn(entry.batch, entry.tokens, self.arch.hidden_size, device=self.backend.device,
-                                 dtype=self.backend.torch_dtype)
+        return self._torch.randn(
+            entry.batch, entry.tokens, self.arch.hidden_size, device=self.backend.device, dtype=self.backend.torch_dtype
+        )
 
     def workpiece(self, entry: Entry) -> Workpiece:
         torch, clock = self._torch, self.backend.clock
@@ -274,6 +310,7 @@ class _ComponentUnit(BuiltUnit):
                 block(x, positions, pe, state["cache"])
 
         if entry.phase == "prefill":  # every prefill starts from an empty cache
+
             def reset() -> None:
                 state["cache"] = self._cache_cls(config=self.cfg)
 
@@ -304,7 +341,9 @@ class PyTorchBackend(Backend):
     name = "pytorch"
     verified_on = ("cpu", "cuda")  # tables shipped for two CPUs and a lent H200 (lut/README.md)
 
-    def __init__(self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"):
+    def __init__(
+        self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"
+    ):
         torch = _torch()
         _torch_default_threads()  # read before this backend sets its own count
         device, _ = resolve_device(device)  # a device torch cannot use fails here, not mid-build

@@ -106,24 +106,38 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from amoeba_profile.backends.base import (
+    Availability,
+    Backend,
+    Capabilities,
+    Engine,
+    EngineSpec,
+    ToolResult,
+    read_engine_record,
+    save_raw,
+)
+from amoeba_profile.backends.common.tokenizer import hf_tokenizer_files
 
+from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.dtypes import canonical_dtype
 from amoeba_profile.core.errors import AmoebaError, UnsupportedShape, UsageError
-from amoeba_profile.core.export import EOS_TOKEN_ID, deci_config, llama_config, loads_as_llama
+from amoeba_profile.core.export import (
+    DECI_CONFIG_MODULE,
+    EOS_TOKEN_ID,
+    deci_config,
+    deci_config_module,
+    llama_config,
+    loads_as_llama,
+)
 from amoeba_profile.core.inputs import positive_float
 from amoeba_profile.core.subnet import LayerShape, Subnet
-from amoeba_profile.backends.base import Availability, Backend, Capabilities, Engine, EngineSpec
-from amoeba_profile.core.workload import tpot_prompt_tokens
-from amoeba_profile.core.export import DECI_CONFIG_MODULE, deci_config_module
-from amoeba_profile.core.arch import ModelArch
-from amoeba_profile.core.workload import Workload
-from amoeba_profile.backends.base import ToolResult, save_raw
-from amoeba_profile.backends.common.tokenizer import hf_tokenizer_files
-from amoeba_profile.backends.base import read_engine_record
+from amoeba_profile.core.workload import Workload, tpot_prompt_tokens
 
 DTYPES = ("float16", "bfloat16")
-INSTALL_HINT = ("pip install tensorrt-llm (Linux, NVIDIA GPU; it pins its own torch and transformers, so use a "
-                "fresh environment or NVIDIA's TensorRT-LLM container and install amoeba-profile into it)")
+INSTALL_HINT = (
+    "pip install tensorrt-llm (Linux, NVIDIA GPU; it pins its own torch and transformers, so use a "
+    "fresh environment or NVIDIA's TensorRT-LLM container and install amoeba-profile into it)"
+)
 REMOTE_CONFIG = DECI_CONFIG_MODULE  # the module export.deci_config's auto_map names
 # Markers of a failed device allocation in torch's, the CUDA runtime's and TensorRT-LLM's messages.
 _OOM_MARKERS = ("out of memory", "cudaerrormemoryallocation", "cuda_error_out_of_memory", "failed to allocate")
@@ -168,8 +182,10 @@ def model_folder(spec: EngineSpec, dtype: str) -> ModelFolder:
     """The model folder for ``spec`` through ``export``'s config writers; UnsupportedShape (with the
     reason) for a shape neither form holds."""
     if not spec.layers:
-        raise UnsupportedShape("a model without decoder layers is not a checkpoint TensorRT-LLM serves; the difference "
-                               "fit takes the base from the layered models")
+        raise UnsupportedShape(
+            "a model without decoder layers is not a checkpoint TensorRT-LLM serves; the difference "
+            "fit takes the base from the layered models"
+        )
     # Layer indices do not change latency (EngineSpec leaves them out): number the layers 0..n-1.
     subnet = Subnet(spec.arch, tuple(LayerShape(i, *layer) for i, layer in enumerate(spec.layers)))
     try:
@@ -198,8 +214,11 @@ def llm_kwargs(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[s
         "max_seq_len": spec.max_seq_len,
         "max_num_tokens": spec.max_batch * spec.max_input_len,
         "enable_chunked_prefill": False,
-        "kv_cache_config": {"enable_block_reuse": False, "max_tokens": spec.max_batch * spec.max_seq_len,
-                            "free_gpu_memory_fraction": config.kv_cache_free_gpu_memory_fraction},
+        "kv_cache_config": {
+            "enable_block_reuse": False,
+            "max_tokens": spec.max_batch * spec.max_seq_len,
+            "free_gpu_memory_fraction": config.kv_cache_free_gpu_memory_fraction,
+        },
         "cuda_graph_config": graphs if config.cuda_graphs else None,
         "disable_overlap_scheduler": False,
         "return_perf_metrics": True,
@@ -209,8 +228,13 @@ def llm_kwargs(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[s
 
 def sampling_kwargs(new_tokens: int) -> dict[str, Any]:
     """``SamplingParams`` of one timed request: greedy, exactly ``new_tokens`` tokens, timed by the library."""
-    return {"max_tokens": new_tokens, "end_id": EOS_TOKEN_ID, "ignore_eos": True, "detokenize": False,
-            "return_perf_metrics": True}
+    return {
+        "max_tokens": new_tokens,
+        "end_id": EOS_TOKEN_ID,
+        "ignore_eos": True,
+        "detokenize": False,
+        "return_perf_metrics": True,
+    }
 
 
 def perf_metrics_json(metrics: Any) -> dict[str, Any]:
@@ -221,11 +245,21 @@ def perf_metrics_json(metrics: Any) -> dict[str, Any]:
         raise AmoebaError("TensorRT-LLM returned a request without perf metrics (return_perf_metrics was not honoured)")
     timing, kv = metrics.timing_metrics, metrics.kv_cache_metrics
     return {
-        "first_iter": metrics.first_iter, "last_iter": metrics.last_iter,
-        "timing_metrics": {name: getattr(timing, name).total_seconds()
-                           for name in ("arrival_time", "first_scheduled_time", "first_token_time", "last_token_time")},
-        "kv_cache_metrics": {name: getattr(kv, name) for name in ("num_total_allocated_blocks", "num_new_allocated_blocks",
-                                                                   "num_reused_blocks", "num_missed_blocks")},
+        "first_iter": metrics.first_iter,
+        "last_iter": metrics.last_iter,
+        "timing_metrics": {
+            name: getattr(timing, name).total_seconds()
+            for name in ("arrival_time", "first_scheduled_time", "first_token_time", "last_token_time")
+        },
+        "kv_cache_metrics": {
+            name: getattr(kv, name)
+            for name in (
+                "num_total_allocated_blocks",
+                "num_new_allocated_blocks",
+                "num_reused_blocks",
+                "num_missed_blocks",
+            )
+        },
     }
 
 
@@ -250,22 +284,31 @@ def request_timing(perf_metrics: dict[str, Any], output_tokens: int) -> RequestT
         first_iter = perf_metrics["first_iter"]
         if isinstance(first_iter, bool) or not isinstance(first_iter, int) or first_iter < 0:
             raise ValueError("'first_iter'")
-        timing = RequestTiming(float(stamps["arrival_time"]), float(stamps["first_scheduled_time"]),
-                               float(stamps["first_token_time"]), float(stamps["last_token_time"]), int(output_tokens),
-                               first_iter)
+        timing = RequestTiming(
+            float(stamps["arrival_time"]),
+            float(stamps["first_scheduled_time"]),
+            float(stamps["first_token_time"]),
+            float(stamps["last_token_time"]),
+            int(output_tokens),
+            first_iter,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise AmoebaError(f"TensorRT-LLM perf metrics lack or mangle field {exc}") from None
     order = (timing.arrival_s, timing.first_scheduled_s, timing.first_token_s, timing.last_token_s)
     if not all(math.isfinite(t) for t in order) or list(order) != sorted(order) or timing.arrival_s <= 0:
-        raise AmoebaError(f"TensorRT-LLM perf metrics out of order (arrival, scheduled, first token, last token): {order}")
+        raise AmoebaError(
+            f"TensorRT-LLM perf metrics out of order (arrival, scheduled, first token, last token): {order}"
+        )
     return timing
 
 
 def _check_lengths(timings: list[RequestTiming], new_tokens: int) -> None:
     wrong = sorted({t.output_tokens for t in timings} - {new_tokens})
     if not timings or wrong:
-        raise AmoebaError(f"TensorRT-LLM returned {wrong or 'no'} output tokens where {new_tokens} were asked for "
-                          "(ignore_eos and max_tokens should fix the length)")
+        raise AmoebaError(
+            f"TensorRT-LLM returned {wrong or 'no'} output tokens where {new_tokens} were asked for "
+            "(ignore_eos and max_tokens should fix the length)"
+        )
 
 
 def check_one_prefill(timings: list[RequestTiming]) -> None:
@@ -274,9 +317,11 @@ def check_one_prefill(timings: list[RequestTiming]) -> None:
     its steps at a smaller batch."""
     iterations = sorted({t.first_iter for t in timings})
     if len(iterations) > 1:
-        raise AmoebaError(f"TensorRT-LLM prefilled the batch of {len(timings)} over iterations {iterations}, not in one: "
-                          "the executor fetched its requests apart; raise --backend-option batch_wait_timeout_ms "
-                          "so the request queue gathers the whole batch")
+        raise AmoebaError(
+            f"TensorRT-LLM prefilled the batch of {len(timings)} over iterations {iterations}, not in one: "
+            "the executor fetched its requests apart; raise --backend-option batch_wait_timeout_ms "
+            "so the request queue gathers the whole batch"
+        )
 
 
 def batch_ttft_ms(timings: list[RequestTiming]) -> float:
@@ -298,10 +343,18 @@ TRTLLM_BENCH_DEFINITIONS = (
     "trtllm-bench latency on the full model (its own LLM, max_batch_size 1, one request at a time, streaming), "
     "the same model folder and LLM options as the table's engines plus a synthetic tokenizer; requests of P "
     "token ids and N output tokens (ignore_eos); ttft_ms and tpot_ms = the p50 of its per-request TTFT and TPOT "
-    "((e2e - ttft) / (N - 1)), which include its async client's handling that RequestPerfMetrics leaves out")
+    "((e2e - ttft) / (N - 1)), which include its async client's handling that RequestPerfMetrics leaves out"
+)
 # What trtllm-bench does not set itself and the table's engines were built with (llm_kwargs).
-_BENCH_OPTIONS = ("trust_remote_code", "dtype", "load_format", "enable_chunked_prefill", "kv_cache_config",
-                  "cuda_graph_config", "disable_overlap_scheduler")
+_BENCH_OPTIONS = (
+    "trust_remote_code",
+    "dtype",
+    "load_format",
+    "enable_chunked_prefill",
+    "kv_cache_config",
+    "cuda_graph_config",
+    "disable_overlap_scheduler",
+)
 
 
 def bench_llm_options(spec: EngineSpec, config: TensorRtLlmConfig, form: str) -> dict[str, Any]:
@@ -311,22 +364,59 @@ def bench_llm_options(spec: EngineSpec, config: TensorRtLlmConfig, form: str) ->
     return {name: kwargs[name] for name in _BENCH_OPTIONS}
 
 
-def trtllm_bench_command(executable: str, model_name: str, folder: Path, dataset: Path, options: Path, report: Path,
-                         workload: Workload, requests: int, kv_fraction: float) -> list[str]:
+def trtllm_bench_command(
+    executable: str,
+    model_name: str,
+    folder: Path,
+    dataset: Path,
+    options: Path,
+    report: Path,
+    workload: Workload,
+    requests: int,
+    kv_fraction: float,
+) -> list[str]:
     """``trtllm-bench latency`` on a local model folder (``bench/benchmark/low_latency.py`` options)."""
-    return [executable, "--model", model_name, "--model_path", str(folder), "latency", "--backend", "pytorch",
-            "--dataset", str(dataset), "--num_requests", str(requests), "--warmup", "2",
-            "--max_seq_len", str(workload.prompt_len + workload.gen_len),
-            "--kv_cache_free_gpu_mem_fraction", str(kv_fraction), "--extra_llm_api_options", str(options),
-            "--report_json", str(report)]
+    return [
+        executable,
+        "--model",
+        model_name,
+        "--model_path",
+        str(folder),
+        "latency",
+        "--backend",
+        "pytorch",
+        "--dataset",
+        str(dataset),
+        "--num_requests",
+        str(requests),
+        "--warmup",
+        "2",
+        "--max_seq_len",
+        str(workload.prompt_len + workload.gen_len),
+        "--kv_cache_free_gpu_mem_fraction",
+        str(kv_fraction),
+        "--extra_llm_api_options",
+        str(options),
+        "--report_json",
+        str(report),
+    ]
 
 
 def bench_dataset(workload: Workload, requests: int, vocab_size: int) -> str:
     """trtllm-bench's dataset: one JSON line per request with its token ids and output length
     (``bench/utils/data.py`` ``create_dataset_from_stream`` reads ``input_ids`` and ``output_tokens``)."""
     rng = np.random.default_rng(0)
-    return "".join(json.dumps({"task_id": i, "input_ids": rng.integers(3, vocab_size, workload.prompt_len).tolist(),
-                               "output_tokens": workload.gen_len}) + "\n" for i in range(requests))
+    return "".join(
+        json.dumps(
+            {
+                "task_id": i,
+                "input_ids": rng.integers(3, vocab_size, workload.prompt_len).tolist(),
+                "output_tokens": workload.gen_len,
+            }
+        )
+        + "\n"
+        for i in range(requests)
+    )
 
 
 def parse_trtllm_bench_report(text: str, workload: Workload) -> tuple[float, float]:
@@ -340,8 +430,10 @@ def parse_trtllm_bench_report(text: str, workload: Workload) -> tuple[float, flo
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise AmoebaError(f"trtllm-bench report lacks or mangles field {exc}") from None
     if lengths != (workload.prompt_len, workload.gen_len):
-        raise AmoebaError(f"trtllm-bench ran requests of {lengths[0]:g} input and {lengths[1]:g} output tokens on "
-                          f"average, not {workload.prompt_len} and {workload.gen_len}")
+        raise AmoebaError(
+            f"trtllm-bench ran requests of {lengths[0]:g} input and {lengths[1]:g} output tokens on "
+            f"average, not {workload.prompt_len} and {workload.gen_len}"
+        )
     return ttft_ms, tpot_ms
 
 
@@ -351,8 +443,14 @@ class _RequestPiece:
 
     max_steps = 1
 
-    def __init__(self, engine: "TensorRtLlmEngine", batch: int, prompt_len: int, new_tokens: int,
-                 metric: Callable[[list[RequestTiming]], float]):
+    def __init__(
+        self,
+        engine: "TensorRtLlmEngine",
+        batch: int,
+        prompt_len: int,
+        new_tokens: int,
+        metric: Callable[[list[RequestTiming]], float],
+    ):
         from tensorrt_llm import SamplingParams
 
         rng = np.random.default_rng(0)  # token values do not change latency
@@ -363,8 +461,9 @@ class _RequestPiece:
     def sample_ms(self, steps: int) -> float:
         del steps  # always 1 (max_steps)
         outputs = self.engine.llm.generate(self.prompts, self.params, use_tqdm=False)
-        served = [(perf_metrics_json(out.outputs[0].request_perf_metrics), len(out.outputs[0].token_ids))
-                  for out in outputs]
+        served = [
+            (perf_metrics_json(out.outputs[0].request_perf_metrics), len(out.outputs[0].token_ids)) for out in outputs
+        ]
         save_raw("tensorrt-llm", "perf-metrics", [{"perf_metrics": m, "output_tokens": n} for m, n in served])
         return self.metric([request_timing(metrics, tokens) for metrics, tokens in served])
 
@@ -373,8 +472,11 @@ def _library_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     from tensorrt_llm.llmapi import CudaGraphConfig, KvCacheConfig
 
     graphs = kwargs["cuda_graph_config"]
-    return {**kwargs, "kv_cache_config": KvCacheConfig(**kwargs["kv_cache_config"]),
-            "cuda_graph_config": CudaGraphConfig(**graphs) if graphs is not None else None}
+    return {
+        **kwargs,
+        "kv_cache_config": KvCacheConfig(**kwargs["kv_cache_config"]),
+        "cuda_graph_config": CudaGraphConfig(**graphs) if graphs is not None else None,
+    }
 
 
 class TensorRtLlmEngine(Engine):
@@ -393,8 +495,9 @@ class TensorRtLlmEngine(Engine):
         return _RequestPiece(self, batch, prompt_len, 1, batch_ttft_ms)
 
     def tpot(self, batch: int, context: int, steps: int) -> _RequestPiece:
-        return _RequestPiece(self, batch, tpot_prompt_tokens(context, steps), 1 + steps,
-                             lambda timings: batch_tpot_ms(timings, steps))
+        return _RequestPiece(
+            self, batch, tpot_prompt_tokens(context, steps), 1 + steps, lambda timings: batch_tpot_ms(timings, steps)
+        )
 
     def close(self) -> None:
         """Kept alive for the next load of the same spec; the backend's ``release`` shuts it down."""
@@ -441,25 +544,40 @@ def _torch():
 
 class TensorRtLlmBackend(Backend):
     name = "tensorrt-llm"
-    experimental_reason = ("written against TensorRT-LLM's source; its parsing tests use samples constructed from that "
-                           "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
-                           "to replace them")
+    experimental_reason = (
+        "written against TensorRT-LLM's source; its parsing tests use samples constructed from that "
+        "source, and scripts/a5000.sh and jetson-orin-nx.sh save the raw outputs of its first run "
+        "to replace them"
+    )
 
-    def __init__(self, device: str = "cuda", dtype: str | None = None, threads: int | None = None,
-                 cuda_graphs: bool | str = True, kv_cache_free_gpu_memory_fraction: float | str = 0.9,
-                 batch_wait_timeout_ms: float | str = 5.0):
+    def __init__(
+        self,
+        device: str = "cuda",
+        dtype: str | None = None,
+        threads: int | None = None,
+        cuda_graphs: bool | str = True,
+        kv_cache_free_gpu_memory_fraction: float | str = 0.9,
+        batch_wait_timeout_ms: float | str = 5.0,
+    ):
         if device not in ("cuda", "cuda:0"):
-            raise UsageError(f"the tensorrt-llm backend runs on the first visible GPU ('cuda'), not {device!r}; choose "
-                             "the GPU with CUDA_VISIBLE_DEVICES")
+            raise UsageError(
+                f"the tensorrt-llm backend runs on the first visible GPU ('cuda'), not {device!r}; choose "
+                "the GPU with CUDA_VISIBLE_DEVICES"
+            )
         if threads is not None:
-            raise UsageError("the tensorrt-llm backend has no thread count to set (the GPU computes; --threads is for "
-                             "CPU flows)")
+            raise UsageError(
+                "the tensorrt-llm backend has no thread count to set (the GPU computes; --threads is for CPU flows)"
+            )
         name = canonical_dtype(dtype or "float16")
         if name not in DTYPES:
             raise UsageError(f"tensorrt-llm runs {list(DTYPES)} weights here, not {dtype!r}")
-        self.config = TensorRtLlmConfig(device, name, _flag(cuda_graphs, "cuda_graphs"),
-                                        _fraction(kv_cache_free_gpu_memory_fraction, "kv_cache_free_gpu_memory_fraction"),
-                                        _wait_ms(batch_wait_timeout_ms))
+        self.config = TensorRtLlmConfig(
+            device,
+            name,
+            _flag(cuda_graphs, "cuda_graphs"),
+            _fraction(kv_cache_free_gpu_memory_fraction, "kv_cache_free_gpu_memory_fraction"),
+            _wait_ms(batch_wait_timeout_ms),
+        )
         self.device, self.dtype = device, name
         self._held: TensorRtLlmEngine | None = None
 
@@ -473,13 +591,17 @@ class TensorRtLlmBackend(Backend):
             import tensorrt_llm
         except Exception as exc:  # noqa: BLE001 - a broken install is reported, not raised, while listing flows
             return Availability(False, f"tensorrt_llm is installed but does not import: {exc}", INSTALL_HINT)
-        return Availability(True, f"tensorrt_llm {tensorrt_llm.__version__}, LLM API (PyTorch backend) on CUDA; one "
-                                  "head count per model, FFN per layer (DeciLM block_configs)")
+        return Availability(
+            True,
+            f"tensorrt_llm {tensorrt_llm.__version__}, LLM API (PyTorch backend) on CUDA; one "
+            "head count per model, FFN per layer (DeciLM block_configs)",
+        )
 
     @classmethod
     def capabilities(cls) -> Capabilities:
-        return Capabilities(per_layer_heads=False, per_layer_ffn=True, methods=("difference",), dtypes=DTYPES,
-                            devices=("cuda",))
+        return Capabilities(
+            per_layer_heads=False, per_layer_ffn=True, methods=("difference",), dtypes=DTYPES, devices=("cuda",)
+        )
 
     @property
     def clock_name(self) -> str:
@@ -488,8 +610,11 @@ class TensorRtLlmBackend(Backend):
     def versions(self) -> dict[str, str]:
         import tensorrt_llm
 
-        return {"tensorrt_llm": tensorrt_llm.__version__, "torch": _torch().__version__,
-                "transformers": importlib.metadata.version("transformers")}
+        return {
+            "tensorrt_llm": tensorrt_llm.__version__,
+            "torch": _torch().__version__,
+            "transformers": importlib.metadata.version("transformers"),
+        }
 
     def device_arch(self) -> str:
         major, minor = _torch().cuda.get_device_capability(self.device)
@@ -498,20 +623,35 @@ class TensorRtLlmBackend(Backend):
     def environment(self) -> dict[str, Any]:
         torch, cfg = _torch(), self.config
         return {
-            **self.versions(), "device": self.device, "dtype": cfg.dtype, "device_arch": self.device_arch(),
-            "gpu": torch.cuda.get_device_name(self.device), "cuda": torch.version.cuda,
+            **self.versions(),
+            "device": self.device,
+            "dtype": cfg.dtype,
+            "device_arch": self.device_arch(),
+            "gpu": torch.cuda.get_device_name(self.device),
+            "cuda": torch.version.cuda,
             "llm_api": "tensorrt_llm.LLM (PyTorch backend), load_format=dummy, skip_tokenizer_init",
-            "max_batch_size": "per engine: the spec's max_batch", "max_seq_len": "per engine: the spec's max_seq_len",
-            "max_num_tokens": "per engine: max_batch x max_input_len", "chunked_prefill": False,
-            "kv_cache": {"enable_block_reuse": False, "max_tokens": "per engine: max_batch x max_seq_len",
-                         "free_gpu_memory_fraction": cfg.kv_cache_free_gpu_memory_fraction},
-            "cuda_graphs": ({"batch_sizes": "per engine: [max_batch] (the table's batch)", "enable_padding": False}
-                            if cfg.cuda_graphs else False),
-            "batch_wait_timeout_ms": {"value": cfg.batch_wait_timeout_ms, "applies": "engines for a batch above 1",
-                                      "check": "every request of a sample first scheduled in one iteration"},
+            "max_batch_size": "per engine: the spec's max_batch",
+            "max_seq_len": "per engine: the spec's max_seq_len",
+            "max_num_tokens": "per engine: max_batch x max_input_len",
+            "chunked_prefill": False,
+            "kv_cache": {
+                "enable_block_reuse": False,
+                "max_tokens": "per engine: max_batch x max_seq_len",
+                "free_gpu_memory_fraction": cfg.kv_cache_free_gpu_memory_fraction,
+            },
+            "cuda_graphs": (
+                {"batch_sizes": "per engine: [max_batch] (the table's batch)", "enable_padding": False}
+                if cfg.cuda_graphs
+                else False
+            ),
+            "batch_wait_timeout_ms": {
+                "value": cfg.batch_wait_timeout_ms,
+                "applies": "engines for a batch above 1",
+                "check": "every request of a sample first scheduled in one iteration",
+            },
             "overlap_scheduler": True,
             "serving_loop": "LLM.generate over batch token-id prompts, greedy, ignore_eos, fixed output length; times "
-                            "from RequestPerfMetrics (ttft: arrival to first token; tpot: first to last token / steps)",
+            "from RequestPerfMetrics (ttft: arrival to first token; tpot: first to last token / steps)",
         }
 
     def check_spec(self, spec: EngineSpec) -> None:
@@ -521,8 +661,13 @@ class TensorRtLlmBackend(Backend):
         folder = model_folder(spec, self.dtype)
         for name, text in folder.files().items():
             (dest / name).write_text(text)
-        record = {"flow": self.name, "spec": spec.to_dict(), "form": folder.form,
-                  "adjustments": list(folder.adjustments), "llm_kwargs": llm_kwargs(spec, self.config, folder.form)}
+        record = {
+            "flow": self.name,
+            "spec": spec.to_dict(),
+            "form": folder.form,
+            "adjustments": list(folder.adjustments),
+            "llm_kwargs": llm_kwargs(spec, self.config, folder.form),
+        }
         (dest / "engine.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
     def load(self, spec: EngineSpec, artifact: Path) -> TensorRtLlmEngine:
@@ -539,8 +684,9 @@ class TensorRtLlmBackend(Backend):
     def crosscheck_tool(self, arch: ModelArch, workload: Workload, work_dir: Path, repetitions: int) -> ToolResult:
         """The full model's folder, as a build writes it, benchmarked by ``trtllm-bench latency``."""
         if workload.batch != 1:
-            raise UnsupportedShape("trtllm-bench latency runs one request at a time (max_batch_size 1); cross-check "
-                                   "a batch-1 table")
+            raise UnsupportedShape(
+                "trtllm-bench latency runs one request at a time (max_batch_size 1); cross-check a batch-1 table"
+            )
         layers = ((arch.num_heads, arch.num_kv_heads, arch.ffn_size),) * arch.num_layers
         spec = EngineSpec(arch, layers, 1, workload.prompt_len, workload.prompt_len + workload.gen_len)
         folder = model_folder(spec, self.dtype)
@@ -553,8 +699,17 @@ class TensorRtLlmBackend(Backend):
         # JSON is YAML: trtllm-bench reads the file with yaml.safe_load.
         options.write_text(json.dumps(bench_llm_options(spec, self.config, folder.form), indent=2))
         executable = shutil.which("trtllm-bench", path=str(Path(sys.executable).parent)) or "trtllm-bench"
-        command = trtllm_bench_command(executable, f"amoeba-{arch.name}", model_dir, dataset, options, report,
-                                       workload, repetitions, self.config.kv_cache_free_gpu_memory_fraction)
+        command = trtllm_bench_command(
+            executable,
+            f"amoeba-{arch.name}",
+            model_dir,
+            dataset,
+            options,
+            report,
+            workload,
+            repetitions,
+            self.config.kv_cache_free_gpu_memory_fraction,
+        )
         self.release_engine()  # one GPU: no engine of ours beside the tool's
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0 or not report.is_file():
