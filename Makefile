@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/lut
 BUDGET ?= 180
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint typecheck bench clean
 
 # torch is pinned first: on the package index this project's machines use, 2.13.0 resolves to a CPU wheel;
 # on a stock Linux index a plain torch (pinned or not) is the multi-GB CUDA build (README, Install).
@@ -31,11 +31,25 @@ demo: setup
 	$(BIN)/amoeba-profile show --lut "$$table" && \
 	$(BIN)/amoeba-profile select --lut "$$table" --metric tpot --budget-ms $(BUDGET)
 
-test: setup
+test: setup lint typecheck
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + format) over the code, tests and benchmarks; the import rules are a test (tests/test_import_rules.py).
+lint: setup
+	$(BIN)/ruff check amoeba_profile backends tests benchmarks
+	$(BIN)/ruff format --check amoeba_profile backends tests benchmarks
+
+# mypy sees the flows where Python imports them: backends/ is installed as amoeba_profile.backends
+# (package-dir), which a checker reading folders cannot follow, so it reads a tree of links that
+# places backends/ inside the package.
+typecheck: setup
+	rm -rf .typecheck && mkdir -p .typecheck/amoeba_profile
+	for entry in amoeba_profile/*; do ln -s "$$PWD/$$entry" .typecheck/amoeba_profile/; done
+	ln -s "$$PWD/backends" .typecheck/amoeba_profile/backends
+	cd .typecheck && ../$(BIN)/mypy --config-file ../pyproject.toml -p amoeba_profile
 
 bench: setup
 	$(BIN)/python benchmarks/composition_error.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out .typecheck

@@ -143,8 +143,8 @@ def build_lut(
     whole: Optional[str] = typer.Option(None, help="Also measure whole subnets, e.g. '22x1,16x3/4' (validation rows)."),
     method: Optional[str] = typer.Option(
         None,
-        help="components or difference (default: the method validated for "
-        "this backend and device, see docs/design.md).",
+        help="components, calibrated or difference (default: the method the flow validated for "
+        "this kind of device, its backends/<flow>/methods.json; `amoeba-profile backends` lists the flows).",
     ),
     depths: Optional[str] = typer.Option(
         None, help="difference: model depths to fit (default: 3 spread over the design space)."
