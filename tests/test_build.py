@@ -69,7 +69,7 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
 def test_a_build_asking_more_rounds_remeasures_the_rows_a_coarser_build_left(tmp_path, tiny_arch):
     """A --quick table is not a full one: a build whose protocol asks more rounds or samples than a
     row holds measures that entry again, and its row is replaced; one asking less keeps the table."""
-    from amoeba_profile.report import build_protocols
+    from amoeba_profile.cli.report import build_protocols
 
     backend = get_backend("pytorch")
     plan = BuildPlan(tiny_arch, (1.0,), (16,), (16,))
@@ -193,7 +193,7 @@ def test_a_lock_file_removed_under_a_waiter_is_not_held_on_the_removed_file(tmp_
     file nobody else opens; it must take the file at the path instead, or two processes hold it."""
     import fcntl
 
-    from amoeba_profile import lockfile
+    from amoeba_profile.core import files as lockfile
 
     lock = tmp_path / "t.csv.lock"
     with lockfile.held(lock, "the table"):

@@ -156,14 +156,15 @@ def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_pa
     """Every unit-round is a task that checks the machine again; on a busy node the same warning,
     differing only in its figures, came once per task."""
     from amoeba_profile.backends import get_backend
-    from amoeba_profile.build import BackendRecord, group_units
-    from amoeba_profile.fleet_worker import UnitJob, measure_task
-    from amoeba_profile.plan import BuildPlan
-    from amoeba_profile.quiet import BusyPolicy
     from conftest import SimulatedLoad
 
-    from amoeba_profile import fleet_worker
     from amoeba_profile.device import fingerprint
+    from amoeba_profile.device.quiet import BusyPolicy
+    from amoeba_profile.fleet import worker as fleet_worker
+    from amoeba_profile.fleet.worker import UnitJob, measure_task
+    from amoeba_profile.measure.build import BackendRecord
+    from amoeba_profile.measure.plan import BuildPlan
+    from amoeba_profile.measure.scheduler import group_units
 
     busy = iter([1.5, 1.9, 1.7, 2.0])  # other processes' cores, a new figure for every task
     monkeypatch.setattr(fleet_worker, "as_on_the_node", lambda: None)  # keep the suite's thread pin
@@ -193,9 +194,9 @@ def test_a_node_says_each_kind_of_notice_once_per_table_not_once_per_task(tmp_pa
 
 def test_fleet_build_counts_its_nodes_in_words(tmp_path, monkeypatch, capsys):
     """The CLI's summary line, with the cluster replaced by what run_fleet returns."""
-    from amoeba_profile.build import BuildResult
-
-    from amoeba_profile import cli, fleet
+    from amoeba_profile.cli import main as cli
+    from amoeba_profile.fleet import driver as fleet
+    from amoeba_profile.measure.build import BuildResult
 
     [build] = flags_builds(["a"], ["pytorch"], ["tinyllama-1.1b"])
     outcomes = [

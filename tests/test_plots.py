@@ -8,7 +8,7 @@ from conftest import synthetic_lut
 from amoeba_profile.cli.plots import validation_figure
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.subnet import Subnet
-from amoeba_profile.measure import Measurement
+from amoeba_profile.core.timing import Measurement
 from amoeba_profile.table.lut import Lut, measured_row, rows_frame
 
 

@@ -24,14 +24,14 @@ def test_normal_quantile():
         normal_quantile(1.0)
 
 
-def _table(arch, std: float, rounds: int, fit=None, by_width: bool = False) -> Lut:
+def _table(arch, std: float, n: int, fit=None, by_width: bool = False) -> Lut:
     """Every row 1 ms (with ``by_width``: attn heads / 8 ms, mlp ffn / 128 ms), base 2 ms, with
-    ``std`` spread over ``rounds`` rounds."""
+    ``std`` spread over ``n`` samples."""
     rows = []
 
     def add(entry: Entry, value: float) -> None:
-        m = Measurement((value,), value, value, value, value, std, std / value, 5)
-        rows.append(measured_row(entry, m, "ok", method="components", repeat=1, wall_s=0.0, rounds=rounds))
+        m = Measurement((value,), value, value, value, value, std, std / value, n)
+        rows.append(measured_row(entry, m, "ok", method="components", repeat=1, wall_s=0.0, rounds=2))
 
     for heads in range(arch.group_size, arch.num_heads + 1, arch.group_size):
         value = heads / arch.num_heads if by_width else 1.0
@@ -57,7 +57,7 @@ def _table(arch, std: float, rounds: int, fit=None, by_width: bool = False) -> L
 
 
 def test_errors_compose_from_rows_rounds_and_layer_counts(tiny_arch):
-    table = _table(tiny_arch, std=0.2, rounds=4)  # every row: se = 0.2 / sqrt(4) = 0.1 ms
+    table = _table(tiny_arch, std=0.2, n=4)  # every row: se = 0.2 / sqrt(4) = 0.1 ms
     prediction = Predictor(table).predict(Subnet.uniform(tiny_arch, 3, 1.0), Workload(1, 16, 2))
     # base 0.1 in quadrature with 3 layers of one (attn + mlp) shape: 3 * sqrt(0.1^2 + 0.1^2)
     expected = math.sqrt(0.1**2 + (3 * math.sqrt(0.02)) ** 2)
@@ -80,7 +80,7 @@ def test_a_fit_residual_widens_the_interval(tiny_arch):
 @pytest.fixture
 def near_budget(tiny_arch):
     """A table whose rows are noisy enough that shapes near a budget overlap."""
-    table = _table(tiny_arch, std=0.15, rounds=1, by_width=True)
+    table = _table(tiny_arch, std=0.15, n=1, by_width=True)
     space = list(DesignSpace.amoeba(tiny_arch, (1.0, 0.5)).subnets())
     return table, space
 

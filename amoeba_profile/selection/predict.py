@@ -17,10 +17,9 @@ ttft depends only on prefill rows, tpot only on decode rows, e2e on both; and th
 table rows it rests on (those that bracket every interpolation), so a caller can say when they are
 flagged.
 
-Every value carries a standard error, composed the same way as the value (``uncertainty``):
-each row's own (a measured row's spread over its rounds, std / sqrt(rounds), since samples within
-a round share the machine's state and drift moves whole rounds; a fitted row's coefficient
-standard error), summed over the layers of one shape as fully correlated (they are one row) and
+Every value carries a standard error, composed the same way as the value: each row's own (a
+measured row's std / sqrt(n) over the samples of all its rounds, drift between rounds included in
+the std; a fitted row's coefficient standard error), summed over the layers of one shape as fully correlated (they are one row) and
 over distinct rows as independent; plus the table's model error, the rms residual of its fit
 against whole models (``meta["fit"]``), as a relative term. A components table has no fit, so its
 interval covers the measurement only and says so (``model_error_known``).
@@ -171,11 +170,12 @@ def normal_quantile(q: float) -> float:
 
 def _row_se(ok: pd.DataFrame) -> pd.Series:
     """Each row's standard error (ms): a fitted row's is its std_ms already (the coefficient's); a
-    measured row's is its spread over its rounds, std_ms / sqrt(rounds). NaN (a computed row) stays
-    NaN, so a roofline prediction has no interval."""
+    measured row's is the std of its samples, pooled over every round (drift between rounds is in
+    it), over the square root of their number. NaN (a computed row) stays NaN, so a roofline
+    prediction has no interval."""
     fitted = ok["method"].isin(("difference", "calibrated"))
-    rounds = pd.to_numeric(ok.get("rounds", pd.Series(1, index=ok.index)), errors="coerce").fillna(1).clip(lower=1)
-    se = ok["std_ms"].where(fitted, ok["std_ms"] / np.sqrt(rounds))
+    n = pd.to_numeric(ok["n"], errors="coerce").fillna(1).clip(lower=1)
+    se = ok["std_ms"].where(fitted, ok["std_ms"] / np.sqrt(n))
     return se.where(ok["source"] != "roofline", np.nan)
 
 

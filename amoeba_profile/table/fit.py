@@ -177,11 +177,11 @@ def _component_ms(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
 
 
 def _se(row: dict[str, Any]) -> float:
-    """Standard error of a measured row's median: its spread over the rounds it was measured in
-    (samples within a round share the machine's state, so rounds, not samples, are independent)."""
+    """Standard error of a measured row's central value: the std of its samples, pooled over every
+    round (so drift between rounds is in it), over the square root of their number."""
     std = float(row.get("std_ms", math.nan))
-    rounds = max(1, int(row.get("rounds") or 1))
-    return std / math.sqrt(rounds) if math.isfinite(std) else 0.0
+    n = max(1, int(row.get("n") or 1))
+    return std / math.sqrt(n) if math.isfinite(std) else 0.0
 
 
 def calibrate_rows(
