@@ -211,7 +211,7 @@ def test_an_export_prints_nothing_nobody_can_act_on(tiny_arch, tmp_path, capfd):
     import logging
     import warnings
 
-    from amoeba_profile.backends.ort import _EXPORTER_LOGGER, export_onnx
+    from amoeba_profile.backends.ort.adapter import _EXPORTER_LOGGER, export_onnx
 
     class Seen(logging.Handler):  # beside the exporter's own handlers, on its logger
         def __init__(self):

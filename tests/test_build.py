@@ -124,6 +124,8 @@ def test_resume_after_kill_9(tmp_path, tiny_config_path):
         "--whole",
         "4x1,2x1/2",
         "--quick",
+        "--method",
+        "components",  # the plan below is rebuilt to count its entries
     ]
     # Timeouts are generous: seconds of work on an idle machine, and one thread (conftest) on a busy one.
     killed = subprocess.run([sys.executable, "-c", _DIE_MEASURING, *args], capture_output=True, text=True, timeout=900)

@@ -297,7 +297,8 @@ def _node(cluster, label: str):
 
 def _entry_keys(build) -> set[str]:
     """The keys of an uninterrupted build of ``build`` on this machine: its plan's entries."""
-    return {e.key for e in prepare_build(build.arch, backend=build.backend, **build.plan_options).plan.entries()}
+    prepared = prepare_build(build.arch, backend=build.backend, method=build.method, **build.plan_options)
+    return {e.key for e in prepared.plan.entries()}
 
 
 def _killer(cluster, node, label: str, rejoin: bool):
@@ -326,6 +327,7 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
         {
             "flows": ["pytorch"],
             "grid": GRID,
+            "method": "components",  # the rows below are checked for a components table
             "devices": {"kind-a": {"models": ["tiny64"]}, "kind-b": {"models": ["tiny128"]}},
         },
         tmp_path,
@@ -351,7 +353,9 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
         assert progress.killed and set(a_outcome.nodes) == {first_a.node_id, progress.joined[0].node_id}
         assert b_outcome.nodes == (b.node_id,)
         # The same build run locally writes the same table apart from the fleet's provenance.
-        local = prepare_build(b_outcome.build.arch, backend="pytorch", **b_outcome.build.plan_options)
+        local = prepare_build(
+            b_outcome.build.arch, backend="pytorch", method=b_outcome.build.method, **b_outcome.build.plan_options
+        )
         mine = load_table(run_build(local.plan, local.backend, tmp_path / "local", FAST_PROTOCOL).path)
         fleet = load_table(b_outcome.result.path)
         assert set(fleet.meta) - set(mine.meta) == {"fleet"} and set(mine.meta) <= set(fleet.meta)
@@ -385,15 +389,18 @@ def _one_device_build(cluster, tmp_path, label: str):
     _configs(tmp_path)
     node = _node(cluster, label)
     [build] = plan_builds(
-        {"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "devices": [label]}, tmp_path, "test plan"
+        {"flows": ["pytorch"], "models": ["tiny64"], "grid": GRID, "method": "components", "devices": [label]},
+        tmp_path,
+        "test plan",
     )
     return node, build
 
 
 def _row_keys(lut) -> list[str]:
+    """The measured rows' entry keys (a calibrated table's derived layer rows are no plan entry)."""
     from amoeba_profile.table.lut import entry_key_of_row
 
-    return [entry_key_of_row(row) for row in lut.frame.to_dict("records")]
+    return [entry_key_of_row(row) for row in lut.frame.to_dict("records") if row["method"] != "calibrated"]
 
 
 @pytest.mark.slow
@@ -421,7 +428,9 @@ def test_a_device_that_never_comes_back_leaves_a_journal_build_lut_resumes(clust
     assert kept and f"{len(kept)} results kept in {outcome.journal}" in outcome.message
     assert not outcome.journal.with_name(outcome.journal.name.removesuffix(".journal.jsonl")).exists()
     # build-lut on that device resumes the fleet's journal: the same format, the same identity
-    local = prepare_build(build.arch, backend="pytorch", out_dir=tmp_path / "lut", **build.plan_options)
+    local = prepare_build(
+        build.arch, backend="pytorch", out_dir=tmp_path / "lut", method=build.method, **build.plan_options
+    )
     result = run_build(local.plan, local.backend, tmp_path / "lut", FAST_PROTOCOL)
     assert result.measured + result.from_journal == len(local.plan.entries()) and not outcome.journal.exists()
     lut = load_table(result.path)
@@ -437,7 +446,9 @@ def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refuse
 
     node, build = _one_device_build(cluster, tmp_path, "kind-d")
     # A table measured on a machine of the same slug with other cores; the fleet would extend it.
-    local = prepare_build(build.arch, backend="pytorch", out_dir=tmp_path / "lut", **build.plan_options)
+    local = prepare_build(
+        build.arch, backend="pytorch", out_dir=tmp_path / "lut", method=build.method, **build.plan_options
+    )
     path = run_build(local.plan, local.backend, tmp_path / "lut", FAST_PROTOCOL).path
     meta = json.loads(sidecar_path(path).read_text())
     meta["device"]["cpu_count"] += 64

@@ -38,7 +38,7 @@ def test_auto_device_and_reasons(tiny_arch):
     build = prepare_build(tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32))
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert build.backend.device == expected and build.device_reason.startswith("auto: torch sees")
-    assert build.plan.method in ("components", "difference") and build.method_reason
+    assert build.plan.method in ("components", "calibrated", "difference") and build.method_reason
     assert build.plan.contexts == (16, 32) and build.plan.widths == (1.0, 0.5)
     assert resolve_device("cpu") == ("cpu", "requested")
     if not torch.cuda.is_available():

@@ -281,7 +281,7 @@ def build_lut(
     if build.threads_reason:
         err.print(build.threads_reason, markup=False, highlight=False)
     for line in build.warnings:
-        err.print("[yellow]warning:[/] " + escape(line), highlight=False, soft_wrap=True)
+        err.print(_styled("warning:", "yellow", line), highlight=False, soft_wrap=True)
     err.print(f"method: {plan.method} ({build.method_reason})", markup=False, highlight=False)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -536,6 +536,10 @@ def select_cmd(
     """Choose the highest-quality shape whose predicted latency (and memory) fits the budget."""
     from amoeba_profile.device.specs import shared_memory_note
 
+    if importance is not None and not per_layer:
+        raise UsageError(
+            "--importance weighs the layers of the per-layer optimum: add --per-layer, or drop --importance"
+        )
     ranking = Ranking(metric, stat, prompt_len, gen_len, batch, widths, quality, memory_gb, strategy, confidence)
     table = load_one(lut)
     selection = ranking.select(table, budget_ms, top_k)
@@ -948,7 +952,7 @@ def show(
         out.print(Text(f"{key}: ", style="bold"), end="")
         out.print(plain(summary[key]), markup=False, highlight=False)
         if key == "method" and summary["protocols"]:
-            out.print("[bold]protocol:[/] ", end="")
+            out.print(Text("protocol: ", style="bold"), end="")
             out.print(", then ".join(summary["protocols"]), markup=False, highlight=False)
     out.print(lut_table(table))
 
