@@ -108,3 +108,16 @@ def test_selection_json_carries_interval_probability_and_ties(near_budget):
     assert 0.9 <= predicted["p_within_budget"] <= 1.0 and predicted["se"] > 0
     assert result["confidence"] == 0.9 and result["tied"]
     assert all(t["subnet_id"] in result["subnets"] for t in result["tied"])
+
+
+def test_verify_always_measures_the_pick_and_the_tied_shapes_most_likely_to_fit(near_budget):
+    from amoeba_profile.measure.verify import candidates_to_verify
+
+    table, space = near_budget
+    selection = select(Predictor(table), space, Workload(1, 16, 2), "ttft", 8.1, confidence=0.95)
+    assert selection.tied
+    chosen = candidates_to_verify(selection, 2)
+    assert len(chosen) == 2 and selection.pick in chosen
+    best_tied = max(selection.tied, key=lambda c: c.p_fit)
+    assert best_tied in chosen and chosen[0] is best_tied  # rank order: the tied shape ranks above the pick
+    assert candidates_to_verify(selection, 1) == [selection.pick]

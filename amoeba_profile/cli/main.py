@@ -521,7 +521,7 @@ def select_cmd(
     verify: Optional[int] = typer.Option(
         None,
         min=1,
-        help="Measure the K best candidates (tied shapes first) whole "
+        help="Measure the pick and K - 1 more candidates (tied shapes first) whole "
         "through the flow's serving loop on this device and answer with the best "
         "that measurably fits; resumable; the table is not written.",
     ),

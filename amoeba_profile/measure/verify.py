@@ -1,8 +1,8 @@
 """Measure the final answer: the best candidates of a selection, whole, through the flow's own loop.
 
 A table predicts; near a budget the shapes are closer together than the table's error, so the
-answer a user can rely on is measured. ``verify_candidates`` takes the selection's K best-ranked
-shapes that may fit (the tied shapes above the pick, the pick, then the runners-up), measures each
+answer a user can rely on is measured. ``verify_candidates`` takes the pick and the K - 1 other
+shapes most worth measuring (the tied shapes above it most likely to fit, then the runners-up), measures each
 whole through the serving loop of the table's backend in interleaved rounds, and returns the
 highest-quality one whose measured metric fits the budget. Nothing is written into the table unless
 asked (``write_verified``): the measurements go through a journal beside the table
@@ -86,12 +86,15 @@ def verify_journal_path(table_path: Path) -> Path:
 
 
 def candidates_to_verify(selection: Selection, k: int) -> list[Candidate]:
-    """The ``k`` best-ranked shapes that may fit: tied shapes above the pick first, then the pick and
-    the runners-up."""
+    """The pick and the ``k`` - 1 other shapes most worth measuring, best-ranked first: the tied
+    shapes (above the pick, may fit) most likely to fit, then the runners-up. The pick is always
+    among them, so a run that finds no tied shape fitting still answers."""
     if k < 1:
         raise UsageError(f"--verify {k}: measure at least one candidate")
-    pool = {c.subnet.id: c for c in [*selection.tied, *selection.top_k]}
-    return rank(pool.values())[:k]
+    tied = sorted(selection.tied, key=lambda c: -c.p_fit)
+    others = [c for c in [*tied, *selection.top_k] if c.subnet.id != selection.pick.subnet.id]
+    unique = {c.subnet.id: c for c in others}
+    return rank([selection.pick, *list(unique.values())[: k - 1]])
 
 
 def verify_candidates(
