@@ -15,8 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Higher layers may import lower ones, never the reverse.
 LAYERS = ("cli", "fleet", "measure", "selection", "backends", "table", "device", "core")
-FLOWS = ("pytorch", "llama_cpp", "ort", "mlc_llm", "tensorrt_llm")
 BACKEND_SHARED = ("base", "common", "flows")  # what a flow may import from the backends package
+# every flow folder, found rather than listed: a new flow is checked the day it is added
+FLOWS = tuple(
+    sorted(p.parent.name for p in (ROOT / "backends").glob("*/__init__.py") if p.parent.name not in BACKEND_SHARED)
+)
 TORCH_FREE = ("selection", "table", "core")  # the estimating side imports no measuring library
 MEASURING_LIBRARIES = ("torch", "transformers", "onnxruntime", "tensorrt_llm", "mlc_llm", "ray", "tvm")
 
@@ -98,6 +101,10 @@ def test_layers_import_only_downwards():
             if low in LAYERS and high in LAYERS and LAYERS.index(high) < LAYERS.index(low):
                 wrong.append(f"{source} -> {target}")
     assert not wrong, "imports against the layers " + " > ".join(LAYERS) + ":\n" + "\n".join(sorted(wrong))
+
+
+def test_the_flow_folders_are_found():
+    assert {"pytorch", "llama_cpp", "ort", "mlc_llm", "tensorrt_llm"} <= set(FLOWS)
 
 
 def test_no_flow_imports_another_or_the_table_code():
