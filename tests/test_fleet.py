@@ -455,7 +455,13 @@ def test_results_from_a_node_whose_fingerprint_differs_from_the_table_are_refuse
     sidecar_path(path).write_text(json.dumps(meta))
     before = path.read_bytes()
     wider = plan_builds(
-        {"flows": ["pytorch"], "models": ["tiny64"], "devices": ["kind-d"], "grid": {**GRID, "contexts": [16, 32]}},
+        {
+            "flows": ["pytorch"],
+            "models": ["tiny64"],
+            "devices": ["kind-d"],
+            "grid": {**GRID, "contexts": [16, 32]},
+            "method": "components",  # as the table it extends
+        },
         tmp_path,
         "test plan",
     )
