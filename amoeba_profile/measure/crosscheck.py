@@ -8,10 +8,10 @@ two agree, per metric, as ``100 * (predicted - tool) / tool``:
 
 | flow | tool | ``Backend.crosscheck_tool`` in |
 |---|---|---|
-| pytorch | optimum-benchmark-style ``generate()`` timing: ``min_new_tokens = max_new_tokens``, ``time.perf_counter`` around each call, ttft from a 1-token generate, tpot = (e2e(N) - ttft) / (N - 1) | ``backends/pytorch.py`` |
-| llama.cpp | ``llama-bench`` (pp test for ttft, tg test of N - 1 tokens at depth P for tpot); ``llama-batched-bench`` at batch > 1 | ``backends/llama_cpp.py`` |
-| tensorrt-llm | ``trtllm-bench latency`` (its report's TTFT and TPOT medians) | ``backends/tensorrt_llm.py`` |
-| mlc-llm | ``python -m mlc_llm.bench`` (its CSV's TTFT and TPOT medians) | ``backends/mlc_llm.py`` |
+| pytorch | optimum-benchmark-style ``generate()`` timing: ``min_new_tokens = max_new_tokens``, ``time.perf_counter`` around each call, ttft from a 1-token generate, tpot = (e2e(N) - ttft) / (N - 1) | ``backends/pytorch/eager.py`` |
+| llama.cpp | ``llama-bench`` (pp test for ttft, tg test of N - 1 tokens at depth P for tpot); ``llama-batched-bench`` at batch > 1 | ``backends/llama_cpp/adapter.py`` |
+| tensorrt-llm | ``trtllm-bench latency`` (its report's TTFT and TPOT medians) | ``backends/tensorrt_llm/adapter.py`` |
+| mlc-llm | ``python -m mlc_llm.bench`` (its CSV's TTFT and TPOT medians) | ``backends/mlc_llm/adapter.py`` |
 
 The tool's definitions differ in details (each ``ToolResult.definitions`` names them: llama-bench
 samples no token, the serving tools time their own request handling), so agreement within a few
