@@ -280,11 +280,11 @@ def test_out_of_memory_is_recorded_not_fatal(tmp_path, tiny_arch):
     assert "allocate" in oom.note.iloc[0]
     assert (lut.frame[lut.frame.status == "ok"].median_ms > 0).all()
     assert ((lut.frame.status == "ok") | (lut.frame.status == "oom") | _too_noisy(lut.frame)).all()
-    assert sorted(l for l in result.oom if l.startswith("mlp")) == [
+    assert sorted(l for l in result.failed if l.startswith("mlp")) == [
         "mlp decode, ffn 128",
         "mlp prefill 16 tok, ffn 128",
     ]
-    assert len(result.oom) == 2 + _too_noisy(lut.frame).sum()  # labels, for people, not keys
+    assert len(result.failed) == 2 + _too_noisy(lut.frame).sum()  # labels, for people, not keys
 
 
 def test_unexpected_error_keeps_journal(tmp_path, tiny_arch):
@@ -320,3 +320,19 @@ def test_a_rerun_keeps_the_threads_of_the_table_it_extends(tmp_path, tiny_arch):
     assert line == "threads: 2 (as the table or journal being resumed or extended was measured)"
     given, line = backend_for_build("pytorch", tmp_path, _plan(tiny_arch), "cpu", None, 1)
     assert given.config_dict()["threads"] == 1 and line == "threads: 1 (given)"
+
+
+def test_an_entry_without_a_result_is_an_error_measured_again():
+    """An entry the journal holds nothing for is stored as an error (not as out of memory), and
+    the next build measures it again, as it does an out-of-memory row."""
+    from types import SimpleNamespace
+
+    from amoeba_profile.core.entry import Entry
+    from amoeba_profile.measure.build import _retried, journal_rows
+
+    entry = Entry("mlp", "prefill", 1, 16, 0, ffn=64)
+    rows, failed = journal_rows([entry], SimpleNamespace(records=[]), FAST_PROTOCOL, "components")
+    assert [(r["status"], r["note"], r["n"]) for r in rows] == [("error", "no result", 0)]
+    assert failed == [entry.label]
+    assert _retried(rows[0])
+    assert not _retried({**rows[0], "status": "error", "n": 7})  # a measured error keeps its samples

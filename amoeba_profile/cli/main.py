@@ -325,13 +325,13 @@ def build_lut(
                 f"{', '.join(result.recompiled[:3])}",
             )
         )
-    if result.oom:
+    if result.failed:
         err.print(
             _styled(
                 "warning:",
                 "yellow",
-                f"{len(result.oom)} entries failed (out of memory or too noisy) and are "
-                f"stored with that status: {', '.join(result.oom[:3])}",
+                f"{len(result.failed)} entries failed (out of memory, too noisy or no result) and are "
+                f"stored with that status: {', '.join(result.failed[:3])}",
             )
         )
     if result.unsupported:

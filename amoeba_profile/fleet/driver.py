@@ -420,14 +420,14 @@ class _Driver:
             if progress
             else None,
         )
-        rows, oom = journal_rows(start.todo, table.journal, self.protocol, plan.method)
+        rows, failed = journal_rows(start.todo, table.journal, self.protocol, plan.method)
         start.meta["state_at_end"] = launcher.last_state if launcher.last_state is not None else described.state
         provenance = {"resource": table.resource, "nodes": sorted(table.nodes)}
         if start.old_meta is None:
             start.meta["fleet"] = provenance
         else:
             start.meta["later_builds"][-1]["fleet"] = provenance
-        table.result = finish_table(start, rows, oom, table.journal, table.started)
+        table.result = finish_table(start, rows, failed, table.journal, table.started)
         table.status = "written"
 
     def options(self, table: _Table) -> dict[str, Any]:

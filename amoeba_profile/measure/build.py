@@ -124,7 +124,7 @@ class BuildResult:
     measured: int
     from_journal: int
     reused: int
-    oom: list[str]  # labels of the entries that failed: stored as oom, or as error (too noisy)
+    failed: list[str]  # labels of the entries that failed: stored as oom, or as error (too noisy, no result)
     wall_s: float
     written: bool = True
     recompiled: list[str] = field(default_factory=list)  # rows whose timed samples included JIT compiling
@@ -461,11 +461,12 @@ def start_table(
     entry is measured again under ``protocol`` and its new row replaces the old."""
     meta = _meta(plan, record, protocol, device, method_reason)
     kept, old_meta = _existing(path, meta)
-    # An entry stored as out of memory is tried again: the memory left to a build changes from run
-    # to run, and a failure wrongly taken for one must not stay in the table for good.
+    # An entry stored as out of memory, or as an error without a single sample (no result), is tried
+    # again: the memory left to a build changes from run to run, and a failure wrongly taken for
+    # one must not stay in the table for good.
     entries = plan.entries()
     planned = {e.key for e in entries}
-    kept = [row for row in kept if not (row["status"] == "oom" and entry_key_of_row(row) in planned)]
+    kept = [row for row in kept if not (_retried(row) and entry_key_of_row(row) in planned)]
     fit_ids = plan.fit_ids()
     remeasured: frozenset[str] = frozenset()
     if kept:
@@ -494,8 +495,13 @@ def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: 
     return BuildResult(start.path, 0, 0, len(start.kept), [], time.perf_counter() - started, written=False)
 
 
+def _retried(row: dict[str, Any]) -> bool:
+    """A failure a later build measures again: out of memory, or an error without a sample."""
+    return row["status"] == "oom" or (row["status"] == "error" and row["n"] == 0)
+
+
 def finish_table(
-    start: TableStart, rows: list[dict[str, Any]], oom: list[str], journal: Journal, started: float
+    start: TableStart, rows: list[dict[str, Any]], failed: list[str], journal: Journal, started: float
 ) -> BuildResult:
     """Refit (difference), write the table atomically with ``start.meta`` (the caller has added the
     monitor and device state), then remove the journal."""
@@ -524,7 +530,7 @@ def finish_table(
         start.path,
         *_provenance(start.todo, journal),
         len(start.kept),
-        oom,
+        failed,
         time.perf_counter() - started,
         recompiled=recompiled,
         remeasured=len(start.remeasured),
@@ -704,9 +710,9 @@ class _Runner:
         opened = journal()
         start.meta["monitor"] = self.monitor.source
         start.meta["state_at_start"] = self.monitor.sample()
-        rows, oom = self.measure(start.todo, opened)
+        rows, failed = self.measure(start.todo, opened)
         start.meta["state_at_end"] = self.monitor.sample()
-        return finish_table(start, rows, oom, opened, started)
+        return finish_table(start, rows, failed, opened, started)
 
 
 _GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
@@ -773,7 +779,7 @@ def _aggregate(
         method = _row_method(entry, plan_method)
         failures = [r for r in results if r["status"] != "ok"]
         if failures or not results:
-            status = failures[0]["status"] if failures else "oom"
+            status = failures[0]["status"] if failures else "error"
             if status != "unsupported":  # a shape the flow cannot run is skipped by design, not a failure
                 failed.append(entry.label)
             rows.append(

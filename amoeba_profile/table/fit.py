@@ -122,7 +122,7 @@ def fit_rows(
 def _zero_base_row(
     entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str, flags: str
 ) -> dict[str, Any]:
-    measurement = Measurement((), 0.0, 0.0, 0.0, 0.0, math.nan, math.nan, n)
+    measurement = Measurement((), 0.0, 0.0, 0.0, math.nan, math.nan, math.nan, n)
     return measured_row(
         entry,
         measurement,
@@ -154,7 +154,7 @@ def _derived_row(
     p10, p90 = min(p10, median), max(p90, median)
     p10 = p10 if p10 > 0 else median
     cv = stderr / median if math.isfinite(stderr) else math.nan
-    measurement = Measurement((), float(median), float(p10), float(p90), float(median), stderr, cv, n)
+    measurement = Measurement((), float(median), float(p10), float(p90), math.nan, stderr, cv, n)
     return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note, flags=flags)
 
 
