@@ -74,9 +74,9 @@ CORRUPTIONS = [
         2,
         r"\['samples_ms'\] missing",
     ),
-    ("unknown field", [json.dumps({**_ok(), "extra": 1})], 2, r"\['extra'\] unknown"),
+    ("unknown field", [json.dumps({**_ok(), "extra": 1})], 2, r"unknown field `extra`"),
     ("not an object", [json.dumps([1, 2])], 2, r"a JSON list, not an object"),
-    ("key of a number", [json.dumps({**_ok(), "key": 7})], 2, r"key=7 is not an entry of this run"),
+    ("key of a number", [json.dumps({**_ok(), "key": 7})], 2, r"field 'key'=7: Expected `str`"),
     (
         "key of another run",
         [json.dumps({**_ok(), "key": "attn|prefill|b1|t16|c0|h8|kv4|f0|s"})],
@@ -84,14 +84,14 @@ CORRUPTIONS = [
         r"is not an entry of this run",
     ),
     ("round out of range", [json.dumps(_ok(round_index=9))], 2, r"round=9 is not an integer in 0..2"),
-    ("bad status", [json.dumps({**_ok(), "status": "fine"})], 2, r"status='fine'"),
+    ("bad status", [json.dumps({**_ok(), "status": "fine"})], 2, r"field 'status'='fine'"),
     (
         "bad state",
         [json.dumps({**_ok(), "state": {"temperature_c": "hot"}})],
         2,
-        r"state temperature_c='hot' is not a number",
+        r"field 'state.temperature_c'='hot': Expected `float",
     ),
-    ("old and new state names", [json.dumps({**_ok(), "context": {}})], 2, r"\['context'\] unknown"),
+    ("old and new state names", [json.dumps({**_ok(), "context": {}})], 2, r"unknown field `context`"),
     ("not UTF-8", [json.dumps(_ok()).encode(), b'{"kind": "result", "key": "\xff\xfe"}'], 3, r"not UTF-8 text"),
 ]
 

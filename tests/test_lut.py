@@ -367,15 +367,15 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"arch": "tiny"}, "field 'arch': an architecture must be a mapping"),
+        ({"arch": "tiny"}, r"field 'arch'='tiny': Expected `object \| null`, got `str`"),
         ({"arch": {"name": "tiny"}}, r"field 'arch': architecture 'tiny': unknown fields \[\], missing"),
-        ({"dtype": 4}, "field 'dtype' must be a str, got 4"),
+        ({"dtype": 4}, "field 'dtype'=4: Expected `str | null`, got `int`"),
         ({"dtype": "float8"}, "field 'dtype'='float8' is not one of"),
-        ({"grid": [1]}, r"field 'grid' must be a dict, got \[1\]"),
-        ({"grid": {"batch": "1"}}, "field 'grid.batch' must be a positive integer, got '1'"),
-        ({"grid": {"contexts": [16, -1]}}, "field 'grid.contexts' must be a positive integer, got -1"),
-        ({"grid": {"widths": [1.0, "7/8"]}}, "field 'grid.widths' must be a finite number"),
-        ({"grid": {"widths": [1.5]}}, r"field 'grid.widths' holds 1.5, not a ratio in \(0, 1\]"),
+        ({"grid": [1]}, r"field 'grid'=\[1\]: Expected `object \| null`, got `array`"),
+        ({"grid": {"batch": "1"}}, "field 'grid.batch'='1': Expected `int`, got `str`"),
+        ({"grid": {"contexts": [16, -1]}}, r"field 'grid.contexts\[1\]'=-1: Expected `int` >= 1"),
+        ({"grid": {"widths": [1.0, "7/8"]}}, r"field 'grid.widths\[1\]'='7/8': Expected `float`, got `str`"),
+        ({"grid": {"widths": [1.5]}}, r"field 'grid.widths\[0\]'=1.5: Expected `float` <= 1.0"),
     ],
 )
 def test_sidecar_type_errors_name_file_and_field(tmp_path, tiny_arch, change, message):

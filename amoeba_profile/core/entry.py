@@ -17,9 +17,6 @@ from fractions import Fraction
 
 from amoeba_profile.core.subnet import Subnet
 
-COMPONENTS = ("attn", "mlp", "base", "model", "layer")
-PHASES = ("prefill", "decode")
-
 
 def entry_key(
     component: str,

@@ -32,6 +32,7 @@ from amoeba_profile.core.entry import kind_of_key, samples_may_be_negative
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
 from amoeba_profile.core.files import write_file_atomically
 from amoeba_profile.core.inputs import MIB, read_bounded
+from amoeba_profile.core.schema import JournalHeader, JournalResult, parse
 from amoeba_profile.table.lut import MAX_TABLE_BYTES
 
 CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
@@ -40,27 +41,6 @@ CORRUPT_CHOICES = ("stop", "drop-tail", "restart")
 MAX_JOURNAL_BYTES = MAX_TABLE_BYTES
 HEADER_BYTES = 1 * MIB  # the first line, read alone to learn the options a journal was started with
 _NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a write failed for want of space or a size limit
-_STATUSES = ("ok", "oom", "unsupported")
-_OK_FIELDS = frozenset({"kind", "key", "round", "status", "repeat", "steps", "wall_s", "samples_ms", "state"})
-_FAILED_FIELDS = frozenset({"kind", "key", "round", "status", "note"})
-_HEADER_FIELDS = frozenset({"kind", "identity"})
-# Device state around one (entry, round), as written by the build (device/monitor.py entry_state).
-_STATE_NUMBERS = frozenset(
-    {
-        "energy_mj_per_step",
-        "temperature_c",
-        "clock_mhz",
-        "power_w",
-        "device_busy",
-        "compile_s",
-        "recompiles",
-        "others_cpu_s",
-        "window_s",
-        "cores",
-        "cores_needed",
-    }
-)
-_STATE_FIELDS = _STATE_NUMBERS | {"throttled", "clock_event_reasons"}
 
 
 def cannot_write(exc: OSError, path: Path, kept: str) -> LutError:
@@ -77,66 +57,25 @@ def check_corrupt_choice(choice: str) -> None:
         raise UsageError(f"--on-corrupt-journal takes one of {list(CORRUPT_CHOICES)}, got {choice!r}")
 
 
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value: Any, finite: bool = True) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and (math.isfinite(value) or not finite)
-
-
-def _state_problem(state: Any) -> str | None:
-    if not isinstance(state, dict):
-        return "state is not an object"
-    unknown = sorted(set(state) - _STATE_FIELDS)
-    if unknown:
-        return f"state has unknown fields {unknown}"
-    for name in _STATE_NUMBERS & set(state):
-        if not _is_number(state[name], finite=False):  # a monitor may report NaN; the row keeps it
-            return f"state {name}={state[name]!r} is not a number"
-    if "throttled" in state and not isinstance(state["throttled"], bool):
-        return f"state throttled={state['throttled']!r} is not true or false"
-    reasons = state.get("clock_event_reasons", [])
-    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
-        return "state clock_event_reasons is not a list of strings"
-    return None
-
-
 def _result_problem(record: Any, keys: frozenset[str] | None, max_round: int | None) -> str | None:
-    """What is wrong with one result record, or None when it can become samples of a row."""
+    """What is wrong with one result record, or None when it can become samples of a row: its
+    fields and types (``schema.JournalResult``), then what this run allows - a key of its entries,
+    a round it measures, samples of the sign the entry's kind may have."""
     if not isinstance(record, dict):
         return f"a JSON {type(record).__name__}, not an object"
-    if record.get("kind") != "result":
-        return f"kind={record.get('kind')!r}, expected 'result'"
-    status = record.get("status")
-    if status not in _STATUSES:
-        return f"status={status!r} is not one of {list(_STATUSES)}"
-    fields = _OK_FIELDS if status == "ok" else _FAILED_FIELDS
-    if set(record) != fields:
-        return f"fields {sorted(set(record) - fields)} unknown, {sorted(fields - set(record))} missing"
-    if (
-        not isinstance(record["key"], str)
-        or record["key"].count("|") < 2
-        or (keys is not None and record["key"] not in keys)
-    ):
-        return f"key={record['key']!r} is not an entry of this run"
-    if not _is_int(record["round"], 0) or (max_round is not None and record["round"] > max_round):
-        return f"round={record['round']!r} is not an integer in 0..{max_round}"
-    if status != "ok":
-        return None if isinstance(record["note"], str) else f"note={record['note']!r} is not a string"
-    for name in ("repeat", "steps"):
-        if not _is_int(record[name], 1):
-            return f"{name}={record[name]!r} is not a positive integer"
-    if not _is_number(record["wall_s"]) or record["wall_s"] < 0:
-        return f"wall_s={record['wall_s']!r} is not a finite non-negative number"
-    samples = record["samples_ms"]
-    if not isinstance(samples, list) or not samples:
-        return "samples_ms is not a non-empty list"
-    signed = samples_may_be_negative(*kind_of_key(record["key"]))
-    bad = [s for s in samples if not (_is_number(s) and (signed or s > 0))]
+    try:
+        result = parse(JournalResult, record, "result", LutError)
+    except LutError as exc:
+        return str(exc).removeprefix("result: ")
+    if result.key.count("|") < 2 or (keys is not None and result.key not in keys):
+        return f"key={result.key!r} is not an entry of this run"
+    if max_round is not None and result.round > max_round:
+        return f"round={result.round!r} is not an integer in 0..{max_round}"
+    signed = samples_may_be_negative(*kind_of_key(result.key))
+    bad = [s for s in result.samples_ms or () if not (math.isfinite(s) and (signed or s > 0))]
     if bad:
         return f"samples_ms holds {bad[0]!r}, not a finite {'' if signed else 'positive '}number of milliseconds"
-    return _state_problem(record["state"])
+    return None
 
 
 class Journal:
@@ -212,14 +151,10 @@ class Journal:
 
     @staticmethod
     def _header_problem(record: Any) -> str | None:
-        if (
-            not isinstance(record, dict)
-            or record.get("kind") != "header"
-            or set(record) - {"options"} != _HEADER_FIELDS
-            or not isinstance(record["identity"], str)
-            or not isinstance(record.get("options", {}), dict)
-        ):
-            return f"not a journal header (expected {sorted(_HEADER_FIELDS)}, got {str(record)[:80]})"
+        try:
+            parse(JournalHeader, record, "header", LutError)
+        except LutError as exc:
+            return f"not a journal header ({str(exc).removeprefix('header: ')}; got {str(record)[:80]})"
         return None
 
     def _corrupt(

@@ -21,53 +21,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pandas as pd
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.dtypes import BYTES_PER_ELEMENT
-from amoeba_profile.core.entry import COMPONENTS, PHASES, Entry, entry_key, samples_may_be_negative
-from amoeba_profile.core.errors import ArchError, LutError
+from amoeba_profile.core.entry import Entry, entry_key, samples_may_be_negative
+from amoeba_profile.core.errors import AmoebaError, LutError
 from amoeba_profile.core.files import fsync_dir, table_lock, write_file_atomically
-from amoeba_profile.core.inputs import MIB, finite_float, positive_int, read_bounded
+from amoeba_profile.core.inputs import MIB, read_bounded
+from amoeba_profile.core.schema import (
+    COLUMNS,
+    KEY_COLUMNS,
+    OPTIONAL_COLUMNS,
+    STAT_COLUMNS,
+    TEXT_COLUMNS,
+    Row,
+    meta_fields,
+    parse,
+    table_meta,
+)
 from amoeba_profile.core.timing import Measurement, TimingProtocol
 
 SCHEMA_VERSION = 2
-KEY_COLUMNS = [
-    "component",
-    "phase",
-    "batch",
-    "tokens",
-    "context",
-    "heads",
-    "kv_heads",
-    "ffn",
-    "num_layers",
-    "subnet_id",
-]
-STAT_COLUMNS = ["n", "median_ms", "p10_ms", "p90_ms", "mean_ms", "std_ms", "cv"]
-STATE_COLUMNS = ["energy_mj", "temperature_c", "clock_mhz", "power_w"]  # device state over the row's rounds
-# residual_pct: a model row's residual in the difference fit; device_busy: fraction of a sample the
-# accelerator was busy (host-bound below ~0.5); compile_s: engine compile time of a model row;
-# host_contention: share of the CPU cores the measurement needed that other processes took.
-DIAGNOSTIC_COLUMNS = ["residual_pct", "device_busy", "compile_s", "host_contention"]
-OPTIONAL_COLUMNS = STATE_COLUMNS + DIAGNOSTIC_COLUMNS
-COLUMNS = (
-    KEY_COLUMNS
-    + ["method", "source", "status", "repeat", "rounds"]
-    + STAT_COLUMNS
-    + OPTIONAL_COLUMNS
-    + [
-        "flags",
-        "wall_s",
-        "samples_ms",
-        "subnet_json",
-        "note",
-    ]
-)
-INT_COLUMNS = ["batch", "tokens", "context", "heads", "kv_heads", "ffn", "num_layers", "repeat", "rounds", "n"]
-STATUSES = ("ok", "oom", "unsupported", "error")
-SOURCES = ("measured", "roofline")
-ROW_METHODS = ("components", "calibrated", "difference", "whole", "computed")  # how a row was obtained
 # A latency above ~3 hours per forward is a corrupt or hand-edited cell, not a measurement.
 MAX_LATENCY_MS = 1e7
 MAX_TABLE_BYTES = 256 * MIB
@@ -274,32 +250,21 @@ def _bad(path: Path, index: int, message: str) -> LutError:
 
 
 def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Every row as a ``schema.Row`` (types, enumerations, bounds), then what spans fields and rows:
+    the stats' order and range, and unique entry keys."""
     for column in OPTIONAL_COLUMNS:  # optional: device-state and diagnostic columns may be absent
         if column not in frame.columns:
             frame[column] = math.nan
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
         raise LutError(f"{path}: missing columns {missing}; not a table written by amoeba-profile")
-    for column, allowed in (
-        ("component", COMPONENTS),
-        ("phase", PHASES),
-        ("status", STATUSES),
-        ("source", SOURCES),
-        ("method", ROW_METHODS),
-    ):
-        bad = ~frame[column].isin(allowed)
-        if bad.any():
-            i = int(bad.idxmax())
-            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not one of {list(allowed)}")
-    for column in INT_COLUMNS:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() | (values < 0) | (values != values.round())
-        if bad.any():
-            i = int(bad.idxmax())
-            raise _bad(path, i, f"{column}='{frame.at[i, column]}' is not a non-negative integer")
-        frame[column] = values.astype("int64")
-    for column in STAT_COLUMNS[1:] + OPTIONAL_COLUMNS + ["wall_s"]:
-        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    for column in TEXT_COLUMNS:
+        frame[column] = frame[column].fillna("").astype(str)
+    rows = [
+        parse(Row, record, f"{path}: row {i + 1} (line {i + 2})", LutError)
+        for i, record in enumerate(frame[COLUMNS].to_dict("records"))
+    ]
+    frame = pd.DataFrame([msgspec.structs.asdict(row) for row in rows], columns=COLUMNS)
     ok = frame["status"] == "ok"
     stats = frame.loc[ok, ["median_ms", "p10_ms", "p90_ms"]]
     signed = pd.Series(
@@ -325,8 +290,6 @@ def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
             "p10 <= median <= p90 with a positive median (and p10, except on serving-loop decode rows; "
             "a difference fit's base may be 0)",
         )
-    for column in ("subnet_id", "flags", "note", "subnet_json"):
-        frame[column] = frame[column].fillna("").astype(str)
     keys = frame.apply(lambda r: entry_key_of_row(r), axis=1)
     dup = keys.duplicated()
     if dup.any():
@@ -353,54 +316,19 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
     return meta
 
 
-_META_TYPES = {
-    "device_slug": str,
-    "backend": str,
-    "dtype": str,
-    "source": str,
-    "method": str,
-    "grid": dict,
-    "backend_config": dict,
-    "versions": dict,
-    "device": dict,
-    "fit_subnet_ids": list,
-    "source_config": dict,
-    "crosschecks": list,
-}
-_GRID_INT_LISTS = ("prompt_lens", "contexts", "depths", "extra_ffn")
-
-
-def check_meta(meta_path: Path, meta: dict[str, Any]) -> None:
-    """Refuse a sidecar whose fields have the wrong type, naming the file and the field, so that no
-    reader fails later with a bare TypeError. Fields are optional; present ones must be right."""
-    for key, kind in _META_TYPES.items():
-        if key in meta and not isinstance(meta[key], kind):
-            raise LutError(f"{meta_path}: field '{key}' must be a {kind.__name__}, got {meta[key]!r}")
-    if "dtype" in meta and meta["dtype"] not in BYTES_PER_ELEMENT:
-        raise LutError(f"{meta_path}: field 'dtype'={meta['dtype']!r} is not one of {sorted(BYTES_PER_ELEMENT)}")
-    if "arch" in meta:
+def check_meta(meta_path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's fields, typed and checked (``schema.TableMeta``), naming the file and the field,
+    so that no reader fails later with a bare TypeError; then what one type cannot say: a known
+    dtype and an architecture that parses. Fields are optional; present ones must be right."""
+    meta = table_meta(fields, str(meta_path), LutError)
+    if meta.dtype is not None and meta.dtype not in BYTES_PER_ELEMENT:
+        raise LutError(f"{meta_path}: field 'dtype'={meta.dtype!r} is not one of {sorted(BYTES_PER_ELEMENT)}")
+    if meta.arch is not None:
         try:
-            ModelArch.from_dict(meta["arch"])
-        except ArchError as exc:
+            ModelArch.from_dict(meta.arch)
+        except AmoebaError as exc:
             raise LutError(f"{meta_path}: field 'arch': {exc}") from None
-    grid = meta.get("grid", {})
-    for key in ("batch", "ffn_multiple", "decode_steps"):
-        if key in grid:
-            positive_int(grid[key], f"{meta_path}: field 'grid.{key}'", error=LutError)
-    for key in _GRID_INT_LISTS:
-        values = grid.get(key, [])
-        if not isinstance(values, list):
-            raise LutError(f"{meta_path}: field 'grid.{key}' must be a list, got {values!r}")
-        for value in values:
-            positive_int(value, f"{meta_path}: field 'grid.{key}'", error=LutError)
-    widths = grid.get("widths", [])
-    if not isinstance(widths, list):
-        raise LutError(f"{meta_path}: field 'grid.widths' must be a list, got {widths!r}")
-    for width in widths:
-        if finite_float(width, f"{meta_path}: field 'grid.widths'", error=LutError) <= 0 or width > 1:
-            raise LutError(f"{meta_path}: field 'grid.widths' holds {width!r}, not a ratio in (0, 1]")
-    if not isinstance(grid.get("drop_rule", ""), str):
-        raise LutError(f"{meta_path}: field 'grid.drop_rule' must be a string, got {grid['drop_rule']!r}")
+    return meta_fields(meta)
 
 
 def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any], Path]:
@@ -447,7 +375,7 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
         )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
-    check_meta(meta_path, meta)
+    meta = check_meta(meta_path, meta)
     if version == 1:
         frame["method"] = frame["method"].replace(_V1_METHODS)
         meta = {**meta, "method": meta.get("method", "components")}
