@@ -145,9 +145,9 @@ def report(lut, subnets, label: str) -> dict:
         summary["layer_ms"] = layers[
             ["phase", "tokens", "context", "heads", "kv_heads", "ffn", "median_ms", "std_ms"]
         ].to_dict("records")
-    if lut.meta.get("fit"):
-        worst = max(f["max_abs_residual_pct"] for f in lut.meta["fit"])
-        rms = max(f["rms_residual_pct"] for f in lut.meta["fit"])
+    if lut.meta.fit:
+        worst = max(f["max_abs_residual_pct"] for f in lut.meta.fit)
+        rms = max(f["rms_residual_pct"] for f in lut.meta.fit)
         summary["fit_max_abs_residual_pct"], summary["fit_worst_rms_pct"] = worst, rms
         print(f"{label:<12}fit residuals: worst rms {rms:.2f} %, max |residual| {worst:.2f} %")
     print(

@@ -33,7 +33,7 @@ _SETUP = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {root!r})
     from amoeba_profile.core.arch import ModelArch
-    from amoeba_profile.table.lut import load_table, write_table
+        from amoeba_profile.table.lut import load_table, write_table
     from tests.conftest import synthetic_lut
     arch = ModelArch("tiny", 64, 4, 8, 4, 8, 128, 256, max_position=512)
     def table(value):
@@ -52,7 +52,7 @@ _STEP_WRITER = _SETUP + textwrap.dedent("""
         return wrapped
     os.replace, os.fsync, os.open = hook(os.replace), hook(os.fsync), hook(os.open)
     new = table(5.0)
-    write_table(path, new.frame, {{**new.meta, "generation": "new"}})
+    write_table(path, new.frame, {{**meta_fields(new.meta), "generation": "new"}})
     print(counter[0])
 """)
 
@@ -61,7 +61,7 @@ _LOOP_WRITER = _SETUP + textwrap.dedent("""
     i = 0
     while True:
         t = tables[i % 2]
-        write_table(path, t.frame, {{**t.meta, "generation": str(i % 2)}})
+        write_table(path, t.frame, {{**meta_fields(t.meta), "generation": str(i % 2)}})
         i += 1
 """)
 
@@ -73,7 +73,7 @@ _READER = _SETUP + textwrap.dedent("""
         try:
             lut = load_table(path)
             value = float(lut.frame["median_ms"].min())
-            assert lut.meta["generation"] in {{"3.0": ("0", "old"), "5.0": ("1",)}}[str(value)], "mixed table"
+            assert lut.meta.unknown_fields["generation"] in {{"3.0": ("0", "old"), "5.0": ("1",)}}[str(value)], "mixed table"
             reads += 1
         except (LutError, AssertionError) as exc:
             errors.append(str(exc))
@@ -91,7 +91,9 @@ def _write_old(path: Path) -> None:
             sys.executable,
             "-c",
             _program(
-                _SETUP + "\nt = table(3.0)\nwrite_table(path, t.frame, {{**t.meta, 'generation': 'old'}})\n", path
+                _SETUP
+                + "\nt = table(3.0)\nwrite_table(path, t.frame, {{**meta_fields(t.meta), 'generation': 'old'}})\n",
+                path,
             ),
         ],
         check=True,
@@ -103,7 +105,11 @@ def _check(path: Path, allowed: set[str | None]) -> str:
     if not path.exists():
         return "absent"
     out = subprocess.run(
-        [sys.executable, "-c", _program(_SETUP + "\nprint(load_table(path).meta.get('generation'))\n", path)],
+        [
+            sys.executable,
+            "-c",
+            _program(_SETUP + "\nprint(load_table(path).meta.unknown_fields.get('generation'))\n", path),
+        ],
         capture_output=True,
         text=True,
     )

@@ -53,7 +53,7 @@ def pick_for_budget(
 ) -> tuple[Candidate, Candidate, float, list[Candidate]]:
     """(full model, pick, budget ms, every candidate): the budget is ``budget_frac`` of this table's
     own full-model tpot."""
-    arch = ModelArch.from_dict(lut.meta["arch"])
+    arch = ModelArch.from_dict(lut.meta.arch)
     candidates, skipped = evaluate(
         Predictor(lut), table_space(lut, widths), table_workload(lut, prompt_len, gen_len), "tpot"
     )
@@ -177,7 +177,7 @@ def main() -> None:
             "compile": compile_cost(lut),
             "full_tpot_ms": full.latency_ms,
             "budget_ms": budgets[flow],
-            "threads": lut.meta.get("backend_config", {}).get("threads"),
+            "threads": (lut.meta.backend_config or {}).get("threads"),
         }
         if picks[flow] is not None:
             entry["pick"] = {

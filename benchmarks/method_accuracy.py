@@ -130,7 +130,7 @@ def main() -> None:
         "table": str(lut.path),
         "wall_s": wall,
         "workload": vars(workload),
-        "threads": lut.meta.get("backend_config", {}).get("threads"),
+        "threads": (lut.meta.backend_config or {}).get("threads"),
         "designs": {d: evaluate(lut, d, subnets, workload) for d in ("components", "calibrated")},
     }
     if args.json:

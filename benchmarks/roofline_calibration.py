@@ -36,9 +36,9 @@ CPU_TABLES = Path("lut/cpu-intel-xeon/pytorch")
 
 def calibration_figures(fit_path: Path, test_path: Path, profile_path: Path) -> None:
     fit, test = load_table(fit_path), load_table(test_path)
-    dtype = fit.meta["dtype"]
+    dtype = fit.meta.dtype
     spec = spec_from_profile(json.loads(profile_path.read_text()), dtype)
-    flow = get_flow(fit.meta["backend"])
+    flow = get_flow(fit.meta.backend)
     print(f"device peaks (profile-device): {spec.mem_bw_gbps:.1f} GB/s, {spec.peak_tflops(dtype):.3f} TFLOP/s {dtype}")
     for label, eff in (("documented defaults", default_efficiency(flow)), ("calibrated", None)):
         if eff is None:

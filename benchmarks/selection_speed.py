@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--metric", default="tpot_ms")
     args = parser.parse_args()
     lut = load_table(args.lut)
-    arch = ModelArch.from_dict(lut.meta["arch"])
+    arch = ModelArch.from_dict(lut.meta.arch)
     space = list(DesignSpace.amoeba(arch).subnets())
     workload = Workload(1, 128, 128)
     full = Predictor(lut).predict(space[-4], workload).metric(args.metric)

@@ -64,7 +64,7 @@ def main() -> None:
     space = table_space(tables[0])
     summary: dict = {
         "model": args.model,
-        "method": tables[0].meta["method"],
+        "method": tables[0].meta.method,
         "build_wall_s": walls,
         "shapes": len(space),
     }

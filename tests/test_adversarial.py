@@ -17,6 +17,7 @@ import pytest
 from amoeba_profile.backends import get_backend
 
 from amoeba_profile.core.errors import AmoebaError, LutError
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.measure.artifacts import ArtifactCache
@@ -212,7 +213,7 @@ def test_a_build_that_waited_for_the_lock_adopts_the_threads_of_the_table_it_fin
     )
     assert second.path == first.path and not second.written
     assert heard == [f"threads: 1 instead of 2, as {first.path} was measured by the build this one waited for"]
-    assert load_table(first.path).meta["backend_config"]["threads"] == 1
+    assert load_table(first.path).meta.backend_config["threads"] == 1
     with pytest.raises(LutError, match="existing table has backend_config"):  # a count the user gave stays refused
         run_build(
             _plan(tiny_arch), waiting, tmp_path, PROTOCOL, artifacts=ArtifactCache(artifacts), notice=heard.append
@@ -240,7 +241,7 @@ def _sealed_table(tmp_path, arch):
         wall_s=0.1,
     )
     meta = {
-        **lut.meta,
+        **meta_fields(lut.meta),
         "dtype": "float32",
         "device_slug": "cpu-test",
         "method": "components",
@@ -316,7 +317,7 @@ def test_reseal_takes_the_sidecar_of_a_write_cut_between_its_renames(tmp_path, t
 
     path = _sealed_table(tmp_path, tiny_arch)
     newer = load_table(path)
-    newer_meta = {**newer.meta, "later_builds": [{"grid": {"contexts": [64]}}]}
+    newer_meta = {**meta_fields(newer.meta), "later_builds": [{"grid": {"contexts": [64]}}]}
     newer_meta.pop("content_sha256")
     staged = tmp_path / "staged" / path.name
     staged.parent.mkdir()

@@ -83,7 +83,7 @@ def test_dry_run_archive_holds_tables_raw_outputs_crosschecks_and_environment(de
     meta = json.loads((root / "archive.json").read_text())
     assert meta["slug"] == "cpu-test" and meta["dry_run"] is True
     table = root / "tables" / "pytorch" / "tiny-float32.csv"
-    assert load_table(table).meta["crosschecks"][0]["agreement_pct"] == {"ttft_ms": 3.0, "tpot_ms": -2.0}
+    assert load_table(table).meta.crosschecks[0]["agreement_pct"] == {"ttft_ms": 3.0, "tpot_ms": -2.0}
     show = subprocess.run([*CLI, "show", "--lut", str(table), "--json"], capture_output=True, text=True, timeout=120)
     assert show.returncode == 0 and json.loads(show.stdout)["versions"] == {"torch": "2.13.0"}
 

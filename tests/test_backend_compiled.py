@@ -151,7 +151,7 @@ def test_compiled_build_reuses_engines_and_never_compiles_while_timed(tmp_path, 
     result = run_build(plan, backend, tmp_path, protocol, artifacts=artifacts)
     assert result.path.parent.name == "pytorch-compiled" and result.recompiled == []
     lut = load_table(result.path)
-    assert lut.meta["backend_config"]["mode"] == "default" and "StaticCache" in lut.meta["backend_env"]["serving_loop"]
+    assert lut.meta.backend_config["mode"] == "default" and "StaticCache" in lut.meta.backend_env["serving_loop"]
     models = lut.frame[lut.frame.component == "model"]
     layered, bare = models[models.num_layers > 0], models[models.num_layers == 0]
     assert (layered.status == "ok").all() and (bare.status == "unsupported").all()

@@ -419,8 +419,8 @@ def test_build_lut_end_to_end_with_llama_bench(tiny_config_path, tmp_path):
     assert len(ok) == 2 * 3 * 3 and (ok.median_ms > 0).all()  # (prefill, decode) x 3 shapes x 3 depths
     layers = frame[(frame.component == "layer") & (frame.status == "ok")]
     assert set(layers.method) == {"difference"} and len(layers) >= 2
-    assert lut.meta["versions"]["llama.cpp"] == "0c1e57098" and lut.meta["backend_config"]["dtype"] == "f16"
-    assert lut.meta["backend_config"]["threads"] == 1
+    assert lut.meta.versions["llama.cpp"] == "0c1e57098" and lut.meta.backend_config["dtype"] == "f16"
+    assert lut.meta.backend_config["threads"] == 1
 
 
 # --- cross-check tools (amoeba_profile.measure.crosscheck) ----------------------------------------------

@@ -355,7 +355,7 @@ def test_cuda_build_measures_through_the_engine(tmp_path, tiny_arch):
     models = lut.frame[lut.frame.component == "model"]
     assert (models[models.num_layers > 0].status == "ok").all()
     assert (models[models.num_layers == 0].status == "unsupported").all()
-    assert lut.meta["clock"].startswith("MLC-LLM engine metrics")
+    assert lut.meta.clock.startswith("MLC-LLM engine metrics")
 
 
 def test_a_request_keeps_the_engines_usage_raw_when_asked(tmp_path, monkeypatch):

@@ -369,9 +369,9 @@ def test_build_lut_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "method: difference (whole-engine flow" in proc.stderr
     lut = load_one(out)
-    assert lut.meta["backend"] == "onnxruntime" and lut.meta["method"] == "difference"
-    assert lut.meta["backend_config"]["provider"] == "CPUExecutionProvider" and lut.meta["clock"] == "perf_counter"
-    assert lut.meta["versions"]["onnxruntime"] and lut.meta["fit"]
+    assert lut.meta.backend == "onnxruntime" and lut.meta.method == "difference"
+    assert lut.meta.backend_config["provider"] == "CPUExecutionProvider" and lut.meta.clock == "perf_counter"
+    assert lut.meta.versions["onnxruntime"] and lut.meta.fit
     models = lut.frame[lut.frame.component == "model"]
     assert set(models.num_layers) == {0, 1, 2, 4} and (models.status == "ok").all()
     assert (models.compile_s > 0).any()  # four engines exported

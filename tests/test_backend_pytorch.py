@@ -114,7 +114,7 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
                 artifacts=ArtifactCache(tmp_path / "artifacts"),
             ).path
         )
-        assert (lut.frame.status == "ok").all() and lut.meta["clock"] == "cuda-events"
+        assert (lut.frame.status == "ok").all() and lut.meta.clock == "cuda-events"
         models = lut.frame[lut.frame.component == "model"]
         assert models.device_busy.between(0, 1).all()  # measured by the profiler on the GPU
 
@@ -128,7 +128,7 @@ def test_cuda_measures_with_events(tmp_path, tiny_arch):
     models = lut.frame[lut.frame.component == "model"]
     layered = models[models.num_layers > 0]
     assert (layered.status == "ok").all() and (layered.compile_s > 0).all() and result.recompiled == []
-    assert lut.meta["clock"] == "cuda-events" and (lut.ok[lut.ok.component == "layer"].median_ms > 0).all()
+    assert lut.meta.clock == "cuda-events" and (lut.ok[lut.ok.component == "layer"].median_ms > 0).all()
 
 
 def test_default_threads_are_the_idle_cores(monkeypatch):

@@ -43,7 +43,7 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     assert ((lut.frame.status == "ok") | _too_noisy(lut.frame)).all()
     assert set(lut.frame.component) == {"attn", "mlp", "base", "model"}
     assert (lut.frame.n >= FAST_PROTOCOL.rounds * FAST_PROTOCOL.samples_per_round).all()
-    assert lut.meta["device_slug"] and lut.meta["backend_env"]["torch"] and lut.meta["protocol"]["rounds"] == 2
+    assert lut.meta.device_slug and lut.meta.backend_env["torch"] and lut.meta.protocol["rounds"] == 2
     assert lut.frame[lut.frame.component == "model"].subnet_id.eq(whole.id).all()
     assert seen[-1][0] == seen[-1][1]
     labels = {label for _, _, label in seen}
@@ -61,9 +61,9 @@ def test_build_writes_complete_table(tmp_path, tiny_arch):
     wider = BuildPlan(tiny_arch, (1.0, 0.5), (16,), (16, 32, 64), whole=(whole,))
     third = run_build(wider, backend, tmp_path, FAST_PROTOCOL)
     assert third.reused == len(plan.entries()) and third.measured == len(wider.entries()) - len(plan.entries())
-    assert third.written and len(load_table(third.path).meta["later_builds"]) == 1
+    assert third.written and len(load_table(third.path).meta.later_builds) == 1
     assert run_build(wider, backend, tmp_path, FAST_PROTOCOL).written is False
-    assert len(load_table(third.path).meta["later_builds"]) == 1
+    assert len(load_table(third.path).meta.later_builds) == 1
 
 
 def test_a_build_asking_more_rounds_remeasures_the_rows_a_coarser_build_left(tmp_path, tiny_arch):

@@ -80,8 +80,8 @@ def test_a_calibrated_table_predicts_its_own_calibration_models(tiny_arch, tmp_p
     )
     table = load_table(run_build(plan, backend, tmp_path, FAST_PROTOCOL).path)
     # prefill 16, decode 16 and 32; a tiny model's decode difference may come out <= 0 and leave a group unfitted
-    fitted = table.meta["fit"]
-    assert table.meta["method"] == "calibrated" and "prefill" in {g["phase"] for g in fitted} and len(fitted) >= 2
+    fitted = table.meta.fit
+    assert table.meta.method == "calibrated" and "prefill" in {g["phase"] for g in fitted} and len(fitted) >= 2
     layers = table.frame[table.frame.component == "layer"]
     assert set(layers.method) == {"calibrated"} and len(layers) == 3 * len(fitted)  # 3 shapes on the two axes
     assert all(g["scale"] > 0 for g in fitted)

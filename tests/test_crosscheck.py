@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from amoeba_profile.core.errors import LutError
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.measure.crosscheck import Crosscheck, default_workload, store
@@ -100,8 +101,8 @@ def test_pytorch_crosscheck_times_generate_and_stores_the_agreement(built, tmp_p
         assert tool > 0 and data["agreement_pct"][metric] == pytest.approx(
             100 * (predicted.metric(metric) - tool) / tool
         )
-    (stored,) = lut.meta["crosschecks"]
-    assert stored == data and stored["table_sha256"] == lut.meta["content_sha256"]
+    (stored,) = lut.meta.crosschecks
+    assert stored == data and stored["table_sha256"] == lut.meta.content_sha256
     show = subprocess.run([*CLI, "show", "--lut", str(table)], capture_output=True, text=True, timeout=120)
     line = next(l for l in show.stdout.splitlines() if l.startswith("crosschecks:"))
     assert f"ttft {data['agreement_pct']['ttft_ms']:+.1f} %" in line
@@ -112,7 +113,7 @@ def test_default_workload_stays_inside_the_table(built):
     workload = default_workload(lut)  # prompts [16], contexts [16, 64]: decode steps at 16..64
     assert (workload.batch, workload.prompt_len, workload.gen_len) == (1, 16, 50)
     Predictor(lut).predict(Subnet.uniform(lut.arch, 4, 1.0), workload)  # no OutOfRange
-    without = type(lut)(lut.frame, {**lut.meta, "grid": {}}, lut.path)
+    without = type(lut)(lut.frame, {**meta_fields(lut.meta), "grid": {}}, lut.path)
     with pytest.raises(LutError, match="pass --prompt-len and --gen-len"):
         default_workload(without)
 
@@ -127,7 +128,7 @@ def test_a_check_of_a_table_changed_meanwhile_is_not_stored(built, tmp_path):
         table,
         "0" * 64,
         "pytorch",
-        lut.meta["device_slug"],
+        lut.meta.device_slug,
         Subnet.uniform(lut.arch, 4, 1.0),
         Workload(1, 16, 12),
         "median",
@@ -138,7 +139,7 @@ def test_a_check_of_a_table_changed_meanwhile_is_not_stored(built, tmp_path):
     )
     with pytest.raises(LutError, match="changed while the cross-check ran"):
         store(check)
-    assert "crosschecks" not in load_table(table).meta
+    assert load_table(table).meta.crosschecks is None
     assert check.agreement_pct == pytest.approx({"ttft_ms": 10.0, "tpot_ms": 0.0})
 
 

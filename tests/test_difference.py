@@ -46,10 +46,10 @@ def test_difference_recovers_the_engines_per_layer_costs(tmp_path, tiny_arch, fa
     models = lut.frame[lut.frame.component == "model"]
     assert (models.method == "whole").all() and models.residual_pct.notna().all()
     assert models.residual_pct.abs().max() < 5
-    assert lut.meta["method"] == "difference" and lut.meta["clock"] == "fake-engine-timer"
-    assert lut.meta["versions"] == {"fakelib": "1.0"} and lut.meta["backend_config"]["noise"] == 0.01
+    assert lut.meta.method == "difference" and lut.meta.clock == "fake-engine-timer"
+    assert lut.meta.versions == {"fakelib": "1.0"} and lut.meta.backend_config["noise"] == 0.01
     # 3 shapes x 3 depths, plus the 0-layer model that pins the base
-    assert len(lut.meta["fit"]) == 4 and all(f["models"] == 10 for f in lut.meta["fit"])
+    assert len(lut.meta.fit) == 4 and all(f["models"] == 10 for f in lut.meta.fit)
     assert set(models[models.num_layers == 0].subnet_id) == {""}
 
 
@@ -227,7 +227,7 @@ def test_a_base_below_zero_is_held_at_zero_and_the_layers_refit(tmp_path, tiny_a
     base = lut.ok[lut.ok.component == "base"]
     assert len(base) == 4 and (base[["median_ms", "p10_ms", "p90_ms"]] == 0).all().all()
     assert base.note.str.startswith("base held at 0 ms: the unconstrained fit gave -").all()
-    assert all(f["unconstrained_base_ms"] < 0 for f in lut.meta["fit"])
+    assert all(f["unconstrained_base_ms"] < 0 for f in lut.meta.fit)
     # The refit layers absorb the superlinear term, so whole models are still predicted within it.
     full = Subnet.uniform(tiny_arch, 4, 1.0)
     layers = tuple((l.heads, l.kv_heads, l.ffn) for l in full.layers)

@@ -279,7 +279,7 @@ def test_build_warns_records_the_source_and_select_exports_it(tmp_path, monkeypa
         "beyond it) (kept in the table's sidecar: select --export carries them)"
     )
     table = load_one(out)
-    assert table.meta["source_config"] == MISTRAL
+    assert table.meta.source_config == MISTRAL
     code, stdout, err = run_main(
         monkeypatch,
         capsys,

@@ -19,6 +19,7 @@ from conftest import FAST_PROTOCOL, TINY_CONFIG
 
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.device import cpu_slug
 from amoeba_profile.fleet.driver import refusal
 from amoeba_profile.fleet.plan import flags_builds, load_fleet_plan, plan_builds
@@ -345,8 +346,8 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
             assert {"attn|prefill", "mlp|decode", "base|decode"} <= keys
             assert set(_row_keys(lut)) == _entry_keys(outcome.build)
             assert lut.frame["rounds"].isin([FAST_PROTOCOL.rounds, FAST_PROTOCOL.rounds + 1]).all()
-            assert lut.meta["fleet"] == {"resource": f"device:{outcome.build.label}", "nodes": list(outcome.nodes)}
-            assert lut.meta["arch"]["hidden_size"] == outcome.build.arch.hidden_size
+            assert lut.meta.fleet == {"resource": f"device:{outcome.build.label}", "nodes": list(outcome.nodes)}
+            assert lut.meta.arch["hidden_size"] == outcome.build.arch.hidden_size
             assert outcome.journal is None and not list(tmp_path.rglob("*.journal.jsonl"))
         [a_outcome, b_outcome] = outcomes
         # kind-a's first unit was measured on the node that was killed; the rest on the one that rejoined
@@ -358,7 +359,8 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
         )
         mine = load_table(run_build(local.plan, local.backend, tmp_path / "local", FAST_PROTOCOL).path)
         fleet = load_table(b_outcome.result.path)
-        assert set(fleet.meta) - set(mine.meta) == {"fleet"} and set(mine.meta) <= set(fleet.meta)
+        fleet_fields, mine_fields = set(meta_fields(fleet.meta)), set(meta_fields(mine.meta))
+        assert fleet_fields - mine_fields == {"fleet"} and mine_fields <= fleet_fields
         same = (
             "device_slug",
             "device",
@@ -377,7 +379,7 @@ def test_two_devices_build_their_tables_and_a_killed_node_loses_no_row(cluster, 
             "schema_version",
             "rows",
         )
-        assert {k: fleet.meta[k] for k in same} == {k: mine.meta[k] for k in same}
+        assert {k: meta_fields(fleet.meta).get(k) for k in same} == {k: meta_fields(mine.meta).get(k) for k in same}
         assert _row_keys(fleet) == _row_keys(mine) and list(fleet.frame.columns) == list(mine.frame.columns)
     finally:
         for node in [b, *progress.joined]:

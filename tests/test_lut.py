@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.table.lut import (
@@ -60,7 +61,7 @@ def test_round_trip_preserves_rows(tmp_path_factory, samples, layers, context):
     assert row["median_ms"] == pytest.approx(Measurement.from_samples(samples).median_ms, rel=1e-5)
     assert json.loads(row["samples_ms"]) == pytest.approx(samples, rel=1e-4, abs=1e-5)
     assert Subnet.from_json(row["subnet_json"]) == subnet and row["subnet_id"] == subnet.id
-    assert len(loaded.ok) == 1 and loaded.meta["rows"] == 2
+    assert len(loaded.ok) == 1 and loaded.meta.rows == 2
 
 
 def test_layout_and_discovery(tmp_path, tiny_arch):
@@ -164,16 +165,18 @@ def test_a_crash_at_every_step_of_the_write_leaves_one_whole_table(tmp_path, tin
             write_table(path, old.frame, old.meta)
         monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(step))
         with pytest.raises(_Crash):
-            write_table(path, new.frame, {**new.meta, "generation": "new"})
+            write_table(path, new.frame, {**meta_fields(new.meta), "generation": "new"})
         monkeypatch.undo()
         if path.exists():
             seen = load_table(path)
-            assert seen.meta.get("generation") == ("new" if step >= 2 else None)  # the CSV rename commits
+            assert seen.meta.unknown_fields.get("generation") == (
+                "new" if step >= 2 else None
+            )  # the CSV rename commits
             assert len(seen.frame) == len(old.frame)
         else:
             assert first and step < 2  # a first build that died before its commit left no table
-        write_table(path, new.frame, {**new.meta, "generation": "new"})
-        assert load_table(path).meta["generation"] == "new"
+        write_table(path, new.frame, {**meta_fields(new.meta), "generation": "new"})
+        assert load_table(path).meta.unknown_fields["generation"] == "new"
         assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
 
 
@@ -184,15 +187,15 @@ def test_a_write_after_a_crash_at_the_last_rename_keeps_the_table_loadable(tmp_p
     path = _write(tmp_path, old)
     monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(2))
     with pytest.raises(_Crash):
-        write_table(path, new.frame, {**new.meta, "generation": "a"})
+        write_table(path, new.frame, {**meta_fields(new.meta), "generation": "a"})
     monkeypatch.setattr("amoeba_profile.table.lut.os.replace", _crashing_replace(2))
     with pytest.raises(_Crash):
-        write_table(path, old.frame, {**old.meta, "generation": "b"})
+        write_table(path, old.frame, {**meta_fields(old.meta), "generation": "b"})
     monkeypatch.undo()
-    assert load_table(path).meta["generation"] == "a"
+    assert load_table(path).meta.unknown_fields["generation"] == "a"
     (path.parent / f".{path.name}.orphan.tmp").write_text("left by a SIGKILL")
-    write_table(path, old.frame, {**old.meta, "generation": "b"})
-    assert load_table(path).meta["generation"] == "b"
+    write_table(path, old.frame, {**meta_fields(old.meta), "generation": "b"})
+    assert load_table(path).meta.unknown_fields["generation"] == "b"
     assert not list(path.parent.glob("*.pending")) and not list(path.parent.glob(".*.tmp"))
 
 
@@ -234,7 +237,7 @@ def test_readers_never_see_a_mix_while_the_table_is_rewritten(tmp_path, tiny_arc
     thread = threading.Thread(target=reader)
     thread.start()
     for i in range(40):
-        write_table(path, tables[i % 2].frame, {**tables[i % 2].meta, "i": i})
+        write_table(path, tables[i % 2].frame, {**meta_fields(tables[i % 2].meta), "i": i})
     stop.set()
     thread.join()
     assert errors == [] and reads[0] > 0
@@ -285,7 +288,7 @@ def test_a_table_re_saved_by_pandas_is_refused_then_resealed(tmp_path, tiny_arch
     assert meta["content_sha256"] == record["new_sha256"] and meta["resealed"] == [record]
     after = load_table(path)
     assert after.frame["median_ms"].tolist() == pytest.approx(before.frame["median_ms"].tolist())
-    assert after.meta["arch"] == before.meta["arch"] and not list(tmp_path.rglob("*.tmp"))
+    assert after.meta.arch == before.meta.arch and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_reseal_refuses_a_csv_that_breaks_the_schema(tmp_path, tiny_arch):
@@ -322,10 +325,10 @@ def test_a_read_only_table_is_not_replaced(tmp_path, tiny_arch):
     path.chmod(0o444)
     with pytest.raises(LutError, match=r"read-only \(mode -r--r--r--\).*chmod u\+w"):
         write_table(path, _flat(tiny_arch).frame, {"changed": True})
-    assert path.read_bytes() == before and "changed" not in load_table(path).meta
+    assert path.read_bytes() == before and "changed" not in meta_fields(load_table(path).meta)
     path.chmod(0o644)
     write_table(path, _flat(tiny_arch).frame, {"changed": True})
-    assert load_table(path).meta["changed"] is True
+    assert load_table(path).meta.unknown_fields["changed"] is True
 
 
 def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_path, tiny_arch):
@@ -379,8 +382,9 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
     ],
 )
 def test_sidecar_type_errors_name_file_and_field(tmp_path, tiny_arch, change, message):
-    lut = _flat(tiny_arch)
-    path = _write(tmp_path, type(lut)(lut.frame, {**lut.meta, "dtype": "float32", **change}))
+    path = _write(tmp_path, _flat(tiny_arch))
+    sidecar = json.loads(sidecar_path(path).read_text())
+    sidecar_path(path).write_text(json.dumps({**sidecar, "dtype": "float32", **change}))
     with pytest.raises(LutError, match=message) as info:
         load_table(path)
     assert str(info.value).startswith(f"{sidecar_path(path)}: ")

@@ -9,6 +9,7 @@ from conftest import synthetic_lut
 
 from amoeba_profile.core.arch import ModelArch, layer_params
 from amoeba_profile.core.errors import InfeasibleBudget
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import LayerShape, Subnet, kept_layers
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.selection.memory import estimate
@@ -121,7 +122,7 @@ def test_shared_shape_rules_match_brute_force(tiny_arch, capabilities):
 
 def test_pytorch_table_may_mix_heads_across_layers(tiny_arch):
     predictor, workload = Predictor(_lut(tiny_arch)), Workload(1, 16, 20)
-    assert predictor.lut.meta["backend"] == "pytorch" and flow_capabilities("pytorch").per_layer_heads
+    assert predictor.lut.meta.backend == "pytorch" and flow_capabilities("pytorch").per_layer_heads
     low = predictor.predict(_smallest(tiny_arch), workload).tpot_ms
     high = predictor.predict(Subnet.uniform(tiny_arch, 4, 1.0), workload).tpot_ms
     picks = [
@@ -133,12 +134,12 @@ def test_pytorch_table_may_mix_heads_across_layers(tiny_arch):
 
 def _shipped(flow_dir):
     table = load_one(LUT / flow_dir)
-    return table, Predictor(table), ModelArch.from_dict(table.meta["arch"])
+    return table, Predictor(table), ModelArch.from_dict(table.meta.arch)
 
 
 def test_tensorrt_llm_table_gets_one_query_head_count():
     table, predictor, arch = _shipped("rtx-a5000/tensorrt-llm")
-    assert table.meta["backend"] == "tensorrt-llm"
+    assert table.meta.backend == "tensorrt-llm"
     workload, depths = Workload(1, 128, 128), [30, 31, 32]
     free = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 20.0, capabilities=FREE)
     assert len(_heads(free.subnet)) > 1  # the table alone would mix head counts
@@ -150,7 +151,7 @@ def test_tensorrt_llm_table_gets_one_query_head_count():
 
 def test_mlc_llm_table_gets_a_uniform_shape():
     table, predictor, arch = _shipped("orin-nx-16gb/mlc-llm")
-    assert table.meta["backend"] == "mlc-llm"
+    assert table.meta.backend == "mlc-llm"
     workload, depths = Workload(1, 128, 128), [20, 21, 22, 23]
     free = optimize_per_layer(predictor, arch, depths, workload, "tpot_ms", 80.0, capabilities=FREE)
     assert len({(l.heads, l.ffn) for l in free.subnet.layers}) > 1
@@ -196,7 +197,7 @@ def test_optimize_selection_answers_the_selections_request(tiny_arch, tmp_path):
     from amoeba_profile.table.lut import Lut
 
     lut = _lut(tiny_arch)
-    lut = Lut(lut.frame, {**lut.meta, "dtype": "float32"})
+    lut = Lut(lut.frame, {**meta_fields(lut.meta), "dtype": "float32"})
     workload = Workload(1, 16, 20)
     selection = select(Predictor(lut), table_space(lut), workload, "tpot", 3.0)
     pick = optimize_selection(lut, selection)

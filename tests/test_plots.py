@@ -7,6 +7,7 @@ from conftest import synthetic_lut
 
 from amoeba_profile.cli.plots import validation_figure
 from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.table.lut import Lut, measured_row, rows_frame
@@ -21,7 +22,7 @@ def _table(arch, measured_ms):
         rows.append(
             measured_row(entry, Measurement.from_samples([value] * 3), "ok", method="whole", repeat=1, wall_s=0.0)
         )
-    return Lut(rows_frame(rows), {**lut.meta, "dtype": "float32", "device_slug": "cpu-test"})
+    return Lut(rows_frame(rows), {**meta_fields(lut.meta), "dtype": "float32", "device_slug": "cpu-test"})
 
 
 def _overlaps(fig):

@@ -42,7 +42,7 @@ def test_an_installed_plugin_is_listed_and_builds_a_table(tmp_path, monkeypatch,
         tiny_arch, widths=(1.0, 0.5), prompt_lens=(16,), contexts=(16, 32), method="difference", decode_steps=4
     )
     table = load_table(run_build(plan, backend, tmp_path / "lut", FAST_PROTOCOL).path)
-    assert table.meta["backend"] == "fake-engine" and len(table.ok[table.ok.component == "layer"]) > 0
+    assert table.meta.backend == "fake-engine" and len(table.ok[table.ok.component == "layer"]) > 0
     sys.modules.pop("plugin_flow", None)
 
 

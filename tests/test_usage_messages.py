@@ -150,5 +150,5 @@ def test_two_configs_in_folders_of_one_name_collide_in_one_line_and_name_fixes_i
     assert f"table: {other}" in built
     assert load_table(other).arch.ffn_size == 96 and load_table(table).arch.ffn_size == 128
     # each measured table keeps the config it was built from, for select --export
-    assert load_table(other).meta["source_config"] == {**small, "intermediate_size": 96}
-    assert load_table(table).meta["source_config"] == small
+    assert load_table(other).meta.source_config == {**small, "intermediate_size": 96}
+    assert load_table(table).meta.source_config == small

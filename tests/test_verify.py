@@ -94,7 +94,7 @@ def test_write_back_adds_the_measured_models(built, tmp_path):
     pick = json.loads(proc.stdout)["verified"]["pick"]
     lut = load_table(table)
     assert set(lut.frame[lut.frame.component == "model"].subnet_id) == {pick}
-    assert "verify" in lut.meta["later_builds"][-1]
+    assert "verify" in lut.meta.later_builds[-1]
 
 
 def test_write_back_without_verify_is_a_usage_error(built):

@@ -473,7 +473,7 @@ class Ranking:
             top_k,
             self.quality_source(),
             self.memory_gb,
-            table.meta["dtype"],
+            table.dtype,
             self.confidence,
         )
 
@@ -557,7 +557,7 @@ def select_cmd(
             f"a request of {chosen.prompt_len} prompt tokens and {chosen.gen_len} generated, as far as the table "
             f"covers (not {DEFAULT_PROMPT_LEN} and {DEFAULT_GEN_LEN}); --prompt-len and --gen-len choose"
         )
-    note = shared_memory_note(table.meta.get("device_slug", "")) if memory_gb is not None else None
+    note = shared_memory_note(table.meta.device_slug or "") if memory_gb is not None else None
     result = selection.to_dict(pareto=pareto)
     pick_subnet = selection.pick.subnet
     if per_layer:
@@ -575,7 +575,7 @@ def select_cmd(
         from amoeba_profile.core.export import export_subnet
 
         try:
-            report = export_subnet(pick_subnet, export, table.meta["dtype"], table.meta.get("source_config"))
+            report = export_subnet(pick_subnet, export, table.dtype, table.meta.source_config)
             result["exported"] = {
                 **report.to_dict(),
                 "shape": "per_layer" if per_layer else "pick",
@@ -902,7 +902,7 @@ def plot_cmd(
         metric_name(metric),
         stat,
         quality=source,
-        dtype=table.meta["dtype"] if memory_gb is not None else None,
+        dtype=table.dtype if memory_gb is not None else None,
     )
     if memory_gb is not None:  # as select: shapes over the memory budget are not candidates
         candidates = [c for c in candidates if c.memory.total_gb <= memory_gb]

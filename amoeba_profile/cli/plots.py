@@ -40,9 +40,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _title(lut: Lut) -> str:
-    meta = lut.meta
     tag = " [ROOFLINE ESTIMATE]" if lut.is_roofline else ""
-    return f"{meta['arch']['name']} {meta['dtype']} on {meta['device_slug']} / {meta['backend']}{tag}"
+    return f"{lut.arch.name} {lut.dtype} on {lut.meta.device_slug} / {lut.meta.backend}{tag}"
 
 
 def plot_pareto(

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from amoeba_profile.backends.flows import MEASURING, list_flows
+from amoeba_profile.core.schema import TableMeta, meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.selection.picker import Candidate, Selection, describe, width_text
@@ -26,10 +27,10 @@ def protocol_text(protocol: dict[str, Any]) -> str:
     return text + (" (--quick)" if same else "")
 
 
-def build_protocols(meta: dict[str, Any]) -> list[str]:
+def build_protocols(meta: TableMeta) -> list[str]:
     """The protocols a table's builds measured with, first build first, each listed once (empty for
     a computed table). A later build adds rows, or re-measures rows its protocol asks more of."""
-    builds = [meta.get("protocol")] + [b.get("protocol") for b in meta.get("later_builds", []) if isinstance(b, dict)]
+    builds = [meta.protocol] + [b.get("protocol") for b in meta.later_builds or []]
     texts = [protocol_text(p) for p in builds if isinstance(p, dict)]
     return list(dict.fromkeys(texts))
 
@@ -39,32 +40,32 @@ def lut_summary(lut: Lut) -> dict[str, Any]:
     counts = frame.groupby(["component", "status"]).size()
     return {
         "path": str(lut.path),
-        "device_slug": meta.get("device_slug"),
-        "device": meta.get("device"),
-        "backend": meta.get("backend"),
-        "backend_env": meta.get("backend_env"),
-        "dtype": meta.get("dtype"),
-        "model": meta.get("arch", {}).get("name"),
-        "source": meta.get("source"),
-        "method": meta.get("method"),
-        "method_reason": meta.get("method_reason"),
-        "versions": meta.get("versions"),
-        "backend_config": meta.get("backend_config"),
-        "fit": meta.get("fit"),
-        "grid": meta.get("grid"),
-        "protocol": meta.get("protocol"),
+        "device_slug": meta.device_slug,
+        "device": meta.device,
+        "backend": meta.backend,
+        "backend_env": meta.backend_env,
+        "dtype": meta.dtype,
+        "model": (meta.arch or {}).get("name"),
+        "source": meta.source,
+        "method": meta.method,
+        "method_reason": meta.method_reason,
+        "versions": meta.versions,
+        "backend_config": meta.backend_config,
+        "fit": meta.fit,
+        "grid": meta_fields(meta).get("grid"),
+        "protocol": meta.protocol,
         "protocols": build_protocols(meta),
-        "clock": meta.get("clock"),
-        "created_at": meta.get("created_at"),
-        "tool_version": meta.get("tool_version"),
-        "content_sha256": meta.get("content_sha256"),
+        "clock": meta.clock,
+        "created_at": meta.created_at,
+        "tool_version": meta.tool_version,
+        "content_sha256": meta.content_sha256,
         "rows": {f"{c}/{s}": int(n) for (c, s), n in counts.items()},
         # each cross-check in brief (the sidecar keeps the tool's raw output and definitions)
         "crosschecks": [
             f"{c['tool']['tool']} at {c['at']}: "
             + ", ".join(f"{m.removesuffix('_ms')} {c['agreement_pct'][m]:+.1f} %" for m in ("ttft_ms", "tpot_ms"))
-            for c in meta.get("crosschecks", [])
-            if isinstance(c, dict) and "agreement_pct" in c
+            for c in meta.crosschecks or []
+            if "agreement_pct" in c
         ],
     }
 

@@ -419,7 +419,7 @@ def export_subnet(
     """Write the pick's files into ``out_dir`` (see the module docstring) and return what was
     written; UnsupportedShape, before anything is written, when no deployment form fits.
 
-    ``source`` is the config.json the pick's table was built from (``Lut.meta["source_config"]``):
+    ``source`` is the config.json the pick's table was built from (``Lut.meta.source_config``):
     every field the pick does not change is carried from it."""
     heads = query_heads(subnet)
     as_llama = loads_as_llama(subnet)

@@ -189,11 +189,17 @@ def table_meta(fields: dict[str, Any], where: str, error: Callable[[str], Amoeba
     return meta
 
 
+def grid_fields(grid: Grid) -> dict[str, Any]:
+    """The grid's JSON object (as a sidecar and a journal's options hold it), carried fields included."""
+    out = to_builtins(grid)
+    return {**out.pop("unknown_fields"), **out}
+
+
 def meta_fields(meta: TableMeta) -> dict[str, Any]:
     """The sidecar's JSON object: the declared fields that are set, and the carried unknown ones."""
     out = to_builtins(meta)
-    if "grid" in out:
-        out["grid"] = {**out["grid"].pop("unknown_fields", {}), **out["grid"]}
+    if meta.grid is not None:
+        out["grid"] = grid_fields(meta.grid)
     return {**out.pop("unknown_fields", {}), **out}
 
 
@@ -298,6 +304,15 @@ _PLAIN = {
 
 def to_builtins(value: msgspec.Struct) -> dict[str, Any]:
     """A struct as the JSON-ready dict its file holds (defaults of ``omit_defaults`` structs left out)."""
-    out = msgspec.to_builtins(value)
+    out = msgspec.to_builtins(value, enc_hook=_plain_value)
     assert isinstance(out, dict)
     return out
+
+
+def _plain_value(value: Any) -> Any:
+    """A subclass of str, int or float (torch's ``TorchVersion``, numpy's float64) as its base
+    type, as ``json.dumps`` writes it; anything else is no JSON value."""
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    raise TypeError(f"{type(value).__name__} is no JSON value")

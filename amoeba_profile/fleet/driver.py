@@ -407,8 +407,8 @@ class _Driver:
             return
         table.journal, table.status = journal(), "measuring"
         # An extended table keeps the device it was measured on: rows from any other are refused.
-        fingerprint = start.old_meta.get("device", described.device) if start.old_meta else described.device
-        start.meta["monitor"], start.meta["state_at_start"] = described.monitor, described.state
+        fingerprint = (start.old_meta.device if start.old_meta else None) or described.device
+        start.meta.monitor, start.meta.state_at_start = described.monitor, described.state
         launcher = RayLauncher(self, table, described, fingerprint, str(path))
         progress = self.progress
         run_rounds(
@@ -421,12 +421,12 @@ class _Driver:
             else None,
         )
         rows, failed = journal_rows(start.todo, table.journal, self.protocol, plan.method)
-        start.meta["state_at_end"] = launcher.last_state if launcher.last_state is not None else described.state
+        start.meta.state_at_end = launcher.last_state if launcher.last_state is not None else described.state
         provenance = {"resource": table.resource, "nodes": sorted(table.nodes)}
         if start.old_meta is None:
-            start.meta["fleet"] = provenance
-        else:
-            start.meta["later_builds"][-1]["fleet"] = provenance
+            start.meta.fleet = provenance
+        elif start.meta.later_builds:  # an extending build lists itself last (``build._extend_meta``)
+            start.meta.later_builds[-1]["fleet"] = provenance
         table.result = finish_table(start, rows, failed, table.journal, table.started)
         table.status = "written"
 

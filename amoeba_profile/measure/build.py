@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import msgspec
 import numpy as np
 
 from amoeba_profile import __version__
@@ -36,6 +37,7 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, ArtifactError, LutError, UnsupportedShape
 from amoeba_profile.core.files import Notice, held, table_lock
 from amoeba_profile.core.inputs import output_dir, read_bounded
+from amoeba_profile.core.schema import Grid, TableMeta, grid_fields
 from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
 from amoeba_profile.device import available_memory_bytes, fingerprint
 from amoeba_profile.device.load import CpuLoad
@@ -93,7 +95,7 @@ def _journal_header(plan: BuildPlan, record: BackendRecord, protocol: TimingProt
     and the refusal names which differ."""
     options = {
         "arch": plan.arch.to_dict(),
-        "grid": plan.grid(),
+        "grid": grid_fields(plan.grid()),
         "whole": sorted(s.id for s in plan.whole),
         "backend": record.name,
         "config": record.config,
@@ -241,13 +243,13 @@ def measure_plan(
         meta = _meta(plan, record, protocol, device, method_reason)
         journal = open_journal(journal_path, plan, record, protocol, device, on_corrupt_journal)
         todo = plan.entries()
-        meta["monitor"], meta["state_at_start"] = runner.monitor.source, runner.monitor.sample()
+        meta.monitor, meta.state_at_start = runner.monitor.source, runner.monitor.sample()
         rows, _ = runner.measure(todo, journal)
         fit_ids = plan.fit_ids()
         if fit_ids:
-            rows, meta["fit"] = _refit(rows, fit_ids, plan.method)
-            meta["fit_subnet_ids"] = sorted(fit_ids)
-        meta["state_at_end"] = runner.monitor.sample()
+            rows, meta.fit = _refit(rows, fit_ids, plan.method)
+            meta.fit_subnet_ids = sorted(fit_ids)
+        meta.state_at_end = runner.monitor.sample()
     return Measured(Lut(rows_frame(rows), meta), *_provenance(todo, journal))
 
 
@@ -267,25 +269,25 @@ def _check_method(plan: BuildPlan, backend: Backend) -> None:
 
 def _meta(
     plan: BuildPlan, record: BackendRecord, protocol: TimingProtocol, device: dict[str, Any], method_reason: str
-) -> dict[str, Any]:
-    return {
-        "tool_version": __version__,
-        "device_slug": device["slug"],
-        "device": device,
-        "backend": record.name,
-        "backend_config": record.config,
-        "versions": record.versions,
-        "backend_env": record.environment,
-        "dtype": record.dtype,
-        "arch": plan.arch.to_dict(),
-        "method": plan.method,
-        "method_reason": method_reason,
-        "grid": plan.grid(),
-        "protocol": protocol.to_dict(),
-        "clock": record.clock_name,
-        "source": "measured",
-        **({"source_config": plan.source_config} if plan.source_config is not None else {}),
-    }
+) -> TableMeta:
+    return TableMeta(
+        tool_version=__version__,
+        device_slug=device["slug"],
+        device=device,
+        backend=record.name,
+        backend_config=record.config,
+        versions=record.versions,
+        backend_env=record.environment,
+        dtype=record.dtype,
+        arch=plan.arch.to_dict(),
+        method=plan.method,
+        method_reason=method_reason,
+        grid=plan.grid(),
+        protocol=protocol.to_dict(),
+        clock=record.clock_name,
+        source="measured",
+        source_config=plan.source_config,
+    )
 
 
 def to_stderr(message: str) -> None:
@@ -293,13 +295,13 @@ def to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _existing(path: Path, meta: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def _existing(path: Path, meta: TableMeta) -> tuple[list[dict[str, Any]], TableMeta | None]:
     """Rows and sidecar of the table already at ``path``, checked to have this build's identity."""
     if not path.exists():
         return [], None
     lut = load_table(path)
     for key in _IDENTITY_KEYS:
-        old, new = lut.meta.get(key), meta[key]
+        old, new = getattr(lut.meta, key), getattr(meta, key)
         if old == new:
             continue
         if key == "arch" and isinstance(old, dict) and old.get("name") == new["name"]:
@@ -343,7 +345,7 @@ def stored_config_at(path: Path) -> dict[str, Any] | None:
         options = header.get("options") if isinstance(header, dict) else None
         if isinstance(options, dict) and isinstance(options.get("config"), dict):
             return options["config"]
-    return load_table(path).meta.get("backend_config") if path.is_file() else None
+    return load_table(path).meta.backend_config if path.is_file() else None
 
 
 def backend_for_build(
@@ -434,9 +436,9 @@ class TableStart:
     row, fit model or grid value and re-measure nothing, so the table is left alone."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: TableMeta
     kept: list[dict[str, Any]]
-    old_meta: dict[str, Any] | None
+    old_meta: TableMeta | None
     todo: list[Entry]
     fit_ids: set[str]
     nothing_new: bool
@@ -478,8 +480,8 @@ def start_table(
     todo = [e for e in entries if e.key not in have]
     nothing_new = False
     if old_meta is not None:
-        old_fits = set(old_meta.get("fit_subnet_ids", []))
-        nothing_new = not todo and fit_ids <= old_fits and not _widens_grid(old_meta["grid"], plan)
+        old_fits = set(old_meta.fit_subnet_ids or [])
+        nothing_new = not todo and fit_ids <= old_fits and not _widens_grid(old_meta.grid or Grid(), plan)
         if not nothing_new:
             meta = _extend_meta(old_meta, plan, protocol)
             fit_ids |= old_fits
@@ -509,16 +511,15 @@ def finish_table(
     recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
     all_rows = start.kept + rows
     if start.fit_ids:
-        all_rows, meta["fit"] = _refit(all_rows, start.fit_ids, meta["method"])
-        meta["fit_subnet_ids"] = sorted(start.fit_ids)
+        all_rows, meta.fit = _refit(all_rows, start.fit_ids, meta.method or "")
+        meta.fit_subnet_ids = sorted(start.fit_ids)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    stamps = (
-        {"created_at": start.old_meta.get("created_at", created), "updated_at": created}
-        if start.old_meta
-        else {"created_at": created}
-    )
+    if start.old_meta is not None:
+        meta.created_at, meta.updated_at = start.old_meta.created_at or created, created
+    else:
+        meta.created_at = created
     try:
-        write_table(start.path, rows_frame(all_rows), {**meta, **stamps})
+        write_table(start.path, rows_frame(all_rows), meta)
     except OSError as exc:  # the old table, if any, is whole: write_table commits by one rename
         raise cannot_write(exc, start.path, f"the measurements are kept in the journal {journal.path}") from None
     journal.path.unlink(missing_ok=True)
@@ -708,45 +709,45 @@ class _Runner:
         if start.nothing_new:
             return leave_unchanged(start, journal, started)
         opened = journal()
-        start.meta["monitor"] = self.monitor.source
-        start.meta["state_at_start"] = self.monitor.sample()
+        start.meta.monitor, start.meta.state_at_start = self.monitor.source, self.monitor.sample()
         rows, failed = self.measure(start.todo, opened)
-        start.meta["state_at_end"] = self.monitor.sample()
+        start.meta.state_at_end = self.monitor.sample()
         return finish_table(start, rows, failed, opened, started)
 
 
 _GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
 
 
-def _widens_grid(old_grid: dict[str, Any], plan: BuildPlan) -> bool:
+def _widens_grid(old_grid: Grid, plan: BuildPlan) -> bool:
     """Whether ``plan``'s grid lists a value the table's grid lacks (values compared as JSON)."""
     if not plan.measure_grid:
         return False
     new = plan.grid()
 
-    def values(grid: dict[str, Any], key: str) -> set[str]:
-        return {json.dumps(v) for v in json.loads(json.dumps(grid.get(key, [])))}
+    def values(grid: Grid, key: str) -> set[str]:
+        return {json.dumps(v) for v in getattr(grid, key)}
 
     return any(values(new, key) - values(old_grid, key) for key in (*_GRID_LISTS, "extra_attn"))
 
 
-def _extend_meta(old_meta: dict[str, Any], plan: BuildPlan, protocol: TimingProtocol) -> dict[str, Any]:
+def _extend_meta(old_meta: TableMeta, plan: BuildPlan, protocol: TimingProtocol) -> TableMeta:
     """The table's grid and protocol describe its first build; a later build adds rows, widens the
     grid to cover them, and lists itself."""
-    grid = dict(old_meta["grid"])
+    new = plan.grid()
+    grid = msgspec.structs.replace(old_meta.grid or Grid())
     if plan.measure_grid:
         for key in _GRID_LISTS:
-            grid[key] = sorted(set(grid.get(key, [])) | set(plan.grid()[key]))
-        grid["extra_attn"] = sorted({tuple(x) for x in grid.get("extra_attn", []) + plan.grid()["extra_attn"]})
-    meta = {
-        **old_meta,
-        "grid": grid,
-        "later_builds": [*old_meta.get("later_builds", []), {"grid": plan.grid(), "protocol": protocol.to_dict()}],
-    }
-    if plan.source_config is not None:  # the config this build read (same sizes: the identity check passed)
-        meta["source_config"] = plan.source_config
-    meta.pop("content_sha256", None)
-    return meta
+            setattr(grid, key, sorted(set(getattr(grid, key)) | set(getattr(new, key))))
+        grid.extra_attn = [list(x) for x in sorted({tuple(x) for x in grid.extra_attn + new.extra_attn})]
+    later = {"grid": grid_fields(new), "protocol": protocol.to_dict()}
+    return msgspec.structs.replace(
+        old_meta,
+        grid=grid,
+        later_builds=[*(old_meta.later_builds or []), later],
+        # the config this build read (same sizes: the identity check passed)
+        source_config=plan.source_config if plan.source_config is not None else old_meta.source_config,
+        content_sha256=None,
+    )
 
 
 def _refit(
@@ -869,8 +870,7 @@ def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any], notic
         have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
         new = [row for row in rows if entry_key_of_row(row) not in have]
         if new:
-            meta = {k: v for k, v in lut.meta.items() if k != "content_sha256"}
-            meta["later_builds"] = [*meta.get("later_builds", []), note]
-            meta["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_table(path, rows_frame(lut.frame.to_dict("records") + new), meta)
+            lut.meta.later_builds = [*(lut.meta.later_builds or []), note]
+            lut.meta.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            write_table(path, rows_frame(lut.frame.to_dict("records") + new), lut.meta)
     return len(new)

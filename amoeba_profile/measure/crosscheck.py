@@ -102,8 +102,8 @@ def default_workload(lut: Lut) -> Workload:
     """A request the table covers without extrapolating: its batch, its longest prompt length that is
     no shorter than its shortest decode context, and as many new tokens (at most 128) as its decode
     contexts reach from there."""
-    grid = lut.meta.get("grid", {})
-    prompts, contexts = sorted(grid.get("prompt_lens") or []), sorted(grid.get("contexts") or [])
+    grid = lut.grid
+    prompts, contexts = sorted(grid.prompt_lens), sorted(grid.contexts)
     if not prompts or not contexts:
         raise LutError(
             f"{lut.path}: the sidecar's grid names no prompt lengths or contexts; pass --prompt-len and --gen-len"
@@ -111,7 +111,7 @@ def default_workload(lut: Lut) -> Workload:
     usable = [p for p in prompts if p >= contexts[0]] or prompts
     prompt = max(usable)
     gen = max(2, min(DEFAULT_GEN_LEN, contexts[-1] - prompt + 2))
-    return Workload(int(grid.get("batch", 1)), prompt, gen)
+    return Workload(grid.batch, prompt, gen)
 
 
 def run_crosscheck(
@@ -133,20 +133,18 @@ def run_crosscheck(
     if repetitions < 1:
         raise UsageError(f"--repetitions must be >= 1, got {repetitions}")
     base = default_workload(lut) if prompt_len is None or gen_len is None else None
-    workload = Workload(
-        lut.meta.get("grid", {}).get("batch", 1), prompt_len or base.prompt_len, gen_len or base.gen_len
-    )
+    workload = Workload(lut.grid.batch, prompt_len or base.prompt_len, gen_len or base.gen_len)
     if workload.gen_len < 2:
         raise UsageError("a cross-check compares tpot too: --gen-len must be >= 2")
     arch = lut.arch
     subnet = Subnet.uniform(arch, arch.num_layers, 1.0)
     prediction = Predictor(lut).predict(subnet, workload, stat)  # OutOfRange before any tool runs
-    backend = table_backend(path, lut.meta)
+    backend = table_backend(path, lut)
     root = Path(work_root) if work_root is not None else default_root()
     root.mkdir(parents=True, exist_ok=True)
     with quiet_machine(
         backend.device,
-        lut.meta["device_slug"],
+        lut.device_slug,
         backend.host_cores(),
         f"crosscheck {path}",
         busy,
@@ -159,9 +157,9 @@ def run_crosscheck(
             raise LutError(f"{tool.tool} reported {name} = {value!r}; no agreement can be computed")
     return Crosscheck(
         path,
-        lut.meta.get("content_sha256", ""),
+        lut.meta.content_sha256 or "",
         backend.name,
-        lut.meta["device_slug"],
+        lut.device_slug,
         subnet,
         workload,
         stat,
@@ -177,8 +175,7 @@ def store(check: Crosscheck, notice: Notice | None = None) -> None:
     rewritten since the check ran (another SHA-256) is refused: the check belongs to other rows."""
     with table_lock(check.table, notice=notice):
         lut = load_table(check.table)
-        if lut.meta.get("content_sha256") != check.table_sha256:
+        if lut.meta.content_sha256 != check.table_sha256:
             raise LutError(f"{check.table}: the table changed while the cross-check ran; run it again")
-        meta = {k: v for k, v in lut.meta.items() if k != "content_sha256"}
-        meta["crosschecks"] = [*meta.get("crosschecks", []), check.to_dict()]
-        write_table(check.table, lut.frame, meta)  # the rows as loaded: the CSV comes out byte for byte
+        lut.meta.crosschecks = [*(lut.meta.crosschecks or []), check.to_dict()]
+        write_table(check.table, lut.frame, lut.meta)  # the rows as loaded: the CSV comes out byte for byte

@@ -26,6 +26,7 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UsageError
 from amoeba_profile.core.inputs import positive_int
+from amoeba_profile.core.schema import Grid
 from amoeba_profile.core.subnet import AMOEBA_WIDTHS, DEFAULT_DROP_RULE, LayerShape, Subnet, grid_shapes, kept_layers
 
 METHODS = ("components", "calibrated", "difference")
@@ -217,18 +218,18 @@ class BuildPlan:
         longest_context = max(self.contexts) + self.decode_steps
         return self.batch, max(longest_prompt, longest_context), max(longest_prompt, longest_context) + 2
 
-    def grid(self) -> dict[str, Any]:
-        return {
-            "widths": list(self.widths),
-            "prompt_lens": list(self.prompt_lens),
-            "contexts": list(self.contexts),
-            "batch": self.batch,
-            "drop_rule": self.drop_rule,
-            "ffn_multiple": self.ffn_multiple,
-            "method": self.method,
-            "depths": list(self.fit_depths()) if self.method == "difference" else [],
-            "decode_steps": self.decode_steps,
-            "measure_grid": self.measure_grid,
-            "extra_attn": [list(x) for x in self.extra_attn],
-            "extra_ffn": list(self.extra_ffn),
-        }
+    def grid(self) -> Grid:
+        return Grid(
+            widths=list(self.widths),
+            prompt_lens=list(self.prompt_lens),
+            contexts=list(self.contexts),
+            batch=self.batch,
+            drop_rule=self.drop_rule,
+            ffn_multiple=self.ffn_multiple,
+            method=self.method,
+            depths=list(self.fit_depths()) if self.method == "difference" else [],
+            decode_steps=self.decode_steps,
+            measure_grid=self.measure_grid,
+            extra_attn=[list(x) for x in self.extra_attn],
+            extra_ffn=list(self.extra_ffn),
+        )

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from amoeba_profile.backends import Backend, get_backend
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import AmoebaError, LutError
 from amoeba_profile.core.files import Notice
 from amoeba_profile.core.subnet import Subnet
@@ -83,23 +82,21 @@ def measured_metric(lut: Lut, subnet: Subnet, workload: Workload, metric: str, s
     return Predictor(lut).measured_metric(subnet, workload, metric, stat)
 
 
-def table_backend(table_path: Path, meta: dict[str, Any]) -> Backend:
+def table_backend(table_path: Path, lut: Lut) -> Backend:
     """The backend a table was measured with, rebuilt from its sidecar (same device, dtype, threads),
     refused when this machine or its library versions are not the table's: rows measured here must
     belong to the table."""
-    if meta.get("source") == "roofline":
+    meta = lut.meta
+    if meta.source == "roofline":
         raise LutError(f"{table_path}: a roofline table has no backend to measure with; use a measured table")
-    config = dict(
-        meta.get("backend_config")
-        or {"device": meta.get("backend_env", {}).get("device", "cpu"), "dtype": meta["dtype"]}
-    )
+    config = dict(meta.backend_config or {"device": (meta.backend_env or {}).get("device", "cpu"), "dtype": lut.dtype})
     here = device_slug(config.get("device", "cpu"))
-    if here != meta["device_slug"]:
-        raise LutError(f"{table_path}: measured on {meta['device_slug']}, this machine is {here}; measure there")
-    backend = get_backend(meta["backend"], **config)
-    if meta.get("versions") and meta["versions"] != backend.versions():
+    if here != lut.device_slug:
+        raise LutError(f"{table_path}: measured on {lut.device_slug}, this machine is {here}; measure there")
+    backend = get_backend(lut.backend, **config)
+    if meta.versions and meta.versions != backend.versions():
         raise LutError(
-            f"{table_path}: built with {meta['versions']}, this machine has {backend.versions()}; "
+            f"{table_path}: built with {meta.versions}, this machine has {backend.versions()}; "
             "new rows would mix library versions - rebuild the table here first"
         )
     return backend
@@ -140,22 +137,21 @@ def measure_picks(
     measures like a build: under the device's measurement lock, with the ``busy`` policy."""
     table_path = Path(table_path)
     lut = load_table(table_path)
-    meta = lut.meta
-    backend = table_backend(table_path, meta)
+    backend = table_backend(table_path, lut)
     workload = selection.workload
     picks = tuple(c.subnet for c in selection.top_k)
     layers = [layer for subnet in picks for layer in subnet.layers]
-    grid = meta["grid"]
+    grid = lut.grid
     plan = BuildPlan(
-        ModelArch.from_dict(meta["arch"]),
+        lut.arch,
         widths=(),
         prompt_lens=(workload.prompt_len,),
-        contexts=tuple(sorted(set(grid["contexts"]))),
+        contexts=tuple(sorted(set(grid.contexts))),
         batch=workload.batch,
         whole=picks,
-        method=meta.get("method", "components"),
-        depths=tuple(grid.get("depths") or ()),
-        decode_steps=grid.get("decode_steps", 8),
+        method=lut.meta.method or "components",
+        depths=tuple(grid.depths),
+        decode_steps=grid.decode_steps or 8,
         extra_attn=tuple(sorted({(l.heads, l.kv_heads) for l in layers})),
         extra_ffn=tuple(sorted({l.ffn for l in layers})),
     )

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
 from amoeba_profile.core.files import Notice
 from amoeba_profile.core.timing import TimingProtocol
@@ -110,19 +109,19 @@ def verify_candidates(
     """Measure the ``k`` candidates whole, interleaved, through the verify journal; the table is not
     written. Under the device's measurement lock and the ``busy`` policy, as a build."""
     table_path = Path(table_path)
-    meta = load_table(table_path).meta
-    backend = table_backend(table_path, meta)
+    lut = load_table(table_path)
+    backend = table_backend(table_path, lut)
     chosen = candidates_to_verify(selection, k)
-    workload, grid = selection.workload, meta["grid"]
+    workload, grid = selection.workload, lut.grid
     plan = BuildPlan(
-        ModelArch.from_dict(meta["arch"]),
+        lut.arch,
         widths=(),
         prompt_lens=(workload.prompt_len,),
-        contexts=tuple(sorted(set(grid["contexts"]))),
+        contexts=tuple(sorted(set(grid.contexts))),
         batch=workload.batch,
         whole=tuple(c.subnet for c in chosen),
-        method=meta.get("method", "components"),
-        decode_steps=grid.get("decode_steps", 8),
+        method=lut.meta.method or "components",
+        decode_steps=grid.decode_steps or 8,
         measure_grid=False,
     )
     journal = verify_journal_path(table_path)

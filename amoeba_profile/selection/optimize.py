@@ -244,7 +244,7 @@ def optimize_per_layer(
     if memory_gb is not None:
         memory_gb = positive_float(memory_gb, "--memory-gb")
     if capabilities is None:
-        flow = predictor.lut.meta.get("backend")
+        flow = predictor.lut.meta.backend
         if flow is None:
             raise UsageError("the table's sidecar names no backend, so the flow's shape rules are unknown")
         capabilities = flow_capabilities(flow)
@@ -340,11 +340,10 @@ def optimize_selection(
     of per-layer weights (``load_importance``), by default equal weights; ``widths`` (select's
     --widths) limits the per-layer options to those ratios (``width_options``), by default every
     measured option of the table."""
-    arch = ModelArch.from_dict(lut.meta["arch"])
+    arch = lut.arch
     weights = load_importance(importance, arch) if importance is not None else None
-    grid = lut.meta.get("grid", {})
     predictor = Predictor(lut)
-    options = width_options(arch, widths, grid.get("ffn_multiple", 1)) if widths else None
+    options = width_options(arch, widths, lut.grid.ffn_multiple) if widths else None
     result = optimize_per_layer(
         predictor,
         arch,
@@ -355,9 +354,9 @@ def optimize_selection(
         selection.stat,
         options=options,
         importance=weights,
-        drop_rule=grid.get("drop_rule", "keep-ends"),
+        drop_rule=lut.grid.drop_rule,
         memory_gb=memory_gb,
-        dtype=lut.meta["dtype"],
+        dtype=lut.dtype,
     )
     model = "per-layer importance from file" if weights is not None else "proxy: retained parameters"
     return PerLayerPick(result, model, additive_quality(arch, selection.pick.subnet, weights))

@@ -23,7 +23,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import InfeasibleBudget, OutOfRange, UsageError
 from amoeba_profile.core.inputs import positive_float
 from amoeba_profile.core.quality import ProxyQuality
@@ -212,15 +211,12 @@ def table_space(lut: Lut, widths: Sequence[float] | None = None, strategy: Path 
     """The shapes to choose from for a table: an AmoebaLLM strategy file's exact shapes (at ``widths``,
     default every ratio it holds), or the uniform AmoebaLLM grid at ``widths`` (default the table's
     own), with the table's drop rule and FFN rounding."""
-    arch = ModelArch.from_dict(lut.meta["arch"])
+    arch = lut.arch
     if strategy is not None:
         return Strategy.load(strategy, arch).subnets(ratios=widths)
-    grid = lut.meta.get("grid", {})
+    grid = lut.grid
     space = DesignSpace.amoeba(
-        arch,
-        tuple(widths or grid.get("widths", AMOEBA_WIDTHS)),
-        drop_rule=grid.get("drop_rule", "keep-ends"),
-        ffn_multiple=grid.get("ffn_multiple", 1),
+        arch, tuple(widths or grid.widths or AMOEBA_WIDTHS), drop_rule=grid.drop_rule, ffn_multiple=grid.ffn_multiple
     )
     return list(space.subnets())
 
@@ -238,8 +234,7 @@ def table_workload(
     lengths and decode contexts cover it, else its shortest prompt length its contexts cover.
     ``gen_len``: 128, or fewer when the decode steps would run past the longest context (at least 2,
     so tpot has a step). A given value is kept, and refused later if the table cannot cover it."""
-    grid = lut.meta.get("grid", {})
-    prompts, contexts = sorted(grid.get("prompt_lens") or ()), sorted(grid.get("contexts") or ())
+    prompts, contexts = sorted(lut.grid.prompt_lens), sorted(lut.grid.contexts)
     if prompt_len is None:
         prompt_len = DEFAULT_PROMPT_LEN
         if prompts and contexts:
@@ -251,7 +246,7 @@ def table_workload(
         gen_len = DEFAULT_GEN_LEN
         if contexts and prompt_len + gen_len - 2 > contexts[-1]:
             gen_len = max(2, contexts[-1] - prompt_len + 2)
-    return Workload(batch if batch is not None else grid.get("batch", 1), prompt_len, gen_len)
+    return Workload(batch if batch is not None else lut.grid.batch, prompt_len, gen_len)
 
 
 def rank(candidates: Iterable[Candidate]) -> list[Candidate]:

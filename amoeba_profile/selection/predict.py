@@ -21,7 +21,7 @@ Every value carries a standard error, composed the same way as the value: each r
 measured row's std / sqrt(n) over the samples of all its rounds, drift between rounds included in
 the std; a fitted row's coefficient standard error), summed over the layers of one shape as fully correlated (they are one row) and
 over distinct rows as independent; plus the table's model error, the rms residual of its fit
-against whole models (``meta["fit"]``), as a relative term. A components table has no fit, so its
+against whole models (the sidecar's ``fit``), as a relative term. A components table has no fit, so its
 interval covers the measurement only and says so (``model_error_known``).
 """
 
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.errors import OutOfRange, UsageError
+from amoeba_profile.core.schema import TableMeta
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload, compose, metric_name
 from amoeba_profile.table.lut import Lut
@@ -179,11 +179,11 @@ def _row_se(ok: pd.DataFrame) -> pd.Series:
     return se.where(ok["source"] != "roofline", np.nan)
 
 
-def _model_error(meta: dict[str, Any]) -> dict[str, float]:
+def _model_error(meta: TableMeta) -> dict[str, float]:
     """Relative model error per phase: the median rms residual (%) of the table's fit against whole
     models (difference or calibrated), as a fraction; empty when the table has no fit."""
     by_phase: dict[str, list[float]] = {}
-    for group in meta.get("fit") or []:
+    for group in meta.fit or []:
         by_phase.setdefault(group["phase"], []).append(float(group["rms_residual_pct"]) / 100)
     return {phase: float(np.median(values)) for phase, values in by_phase.items()}
 
@@ -221,7 +221,7 @@ class Predictor:
         ok = lut.ok.copy()
         ok["se_ms"] = _row_se(ok)
         self.fitted_layers = bool((ok.component == "layer").any())
-        self.arch = ModelArch.from_dict(lut.meta["arch"]) if self.fitted_layers else None
+        self.arch = lut.arch if self.fitted_layers else None
         self._rows = {key: group for key, group in ok.groupby(["component", "phase", "batch"])}
         # Measured (not computed) whole-model rows by shape: they answer ``predict`` for that shape.
         models = ok[(ok.component == "model") & (ok.source == "measured")] if whole_models else ok.iloc[:0]

@@ -36,7 +36,9 @@ from amoeba_profile.core.schema import (
     OPTIONAL_COLUMNS,
     STAT_COLUMNS,
     TEXT_COLUMNS,
+    Grid,
     Row,
+    TableMeta,
     meta_fields,
     parse,
     table_meta,
@@ -148,15 +150,23 @@ def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 @dataclass
 class Lut:
-    """A loaded, validated table: rows (DataFrame) + sidecar meta."""
+    """A loaded, validated table: rows (DataFrame) + sidecar (``TableMeta``; given as the sidecar's
+    fields, a dict, it is checked and typed as loading does)."""
 
     frame: pd.DataFrame
-    meta: dict[str, Any]
+    meta: TableMeta
     path: Path | None = None
     ok: pd.DataFrame = field(init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):
+            self.meta = check_meta(self._sidecar, self.meta)
         self.ok = self.frame[self.frame["status"] == "ok"]
+
+    @property
+    def grid(self) -> Grid:
+        """What the table's builds measured; an empty grid for a sidecar without one."""
+        return self.meta.grid if self.meta.grid is not None else Grid()
 
     @property
     def is_roofline(self) -> bool:
@@ -165,15 +175,27 @@ class Lut:
     @property
     def arch(self) -> ModelArch:
         """The architecture the table was built for (checked when the table was loaded)."""
-        if "arch" not in self.meta:
+        if self.meta.arch is None:
             raise LutError(f"{self._sidecar}: no 'arch'; not a table written by amoeba-profile")
-        return ModelArch.from_dict(self.meta["arch"])
+        return ModelArch.from_dict(self.meta.arch)
 
     @property
     def dtype(self) -> str:
-        if "dtype" not in self.meta:
-            raise LutError(f"{self._sidecar}: no 'dtype'; not a table written by amoeba-profile")
-        return self.meta["dtype"]
+        return self._required("dtype", self.meta.dtype)
+
+    @property
+    def device_slug(self) -> str:
+        return self._required("device_slug", self.meta.device_slug)
+
+    @property
+    def backend(self) -> str:
+        """The flow the table was measured (or computed) for."""
+        return self._required("backend", self.meta.backend)
+
+    def _required(self, name: str, value: str | None) -> str:
+        if value is None:
+            raise LutError(f"{self._sidecar}: no '{name}'; not a table written by amoeba-profile")
+        return value
 
     @property
     def _sidecar(self) -> str:
@@ -222,7 +244,7 @@ def _refuse_read_only(path: Path) -> None:
         )
 
 
-def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
+def write_table(path: Path, frame: pd.DataFrame, meta: TableMeta | dict[str, Any]) -> None:
     """Write CSV and sidecar with one commit point: the rename of the CSV.
 
     The new sidecar is first put beside the old one as ``.meta.json.pending``; then the CSV is
@@ -236,17 +258,18 @@ def write_table(path: Path, frame: pd.DataFrame, meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted_write(path)
     data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
-    meta = dict(meta, schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
+    fields = meta_fields(meta) if isinstance(meta, TableMeta) else meta_fields(check_meta(sidecar_path(path), meta))
+    fields.update(schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
     pending = pending_sidecar_path(path)
-    write_file_atomically(pending, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    write_file_atomically(pending, _sidecar_bytes(fields))
     write_file_atomically(path, data)
     os.replace(pending, sidecar_path(path))
     fsync_dir(path.parent)
 
 
-def _bad(path: Path, index: int, message: str) -> LutError:
+def _bad(path: Path | None, index: int, message: str) -> LutError:
     # CSV line = header line + 1-based row number.
-    return LutError(f"{path}: row {index + 1} (line {index + 2}): {message}")
+    return LutError(f"{path or 'table'}: row {index + 1} (line {index + 2}): {message}")
 
 
 def _validate(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
@@ -316,7 +339,11 @@ def _read_sidecar(meta_path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def check_meta(meta_path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+def _sidecar_bytes(fields: dict[str, Any]) -> bytes:
+    return (json.dumps(fields, indent=2, sort_keys=True) + "\n").encode()
+
+
+def check_meta(meta_path: Path | str, fields: dict[str, Any]) -> TableMeta:
     """The sidecar's fields, typed and checked (``schema.TableMeta``), naming the file and the field,
     so that no reader fails later with a bare TypeError; then what one type cannot say: a known
     dtype and an architecture that parses. Fields are optional; present ones must be right."""
@@ -328,7 +355,7 @@ def check_meta(meta_path: Path, fields: dict[str, Any]) -> dict[str, Any]:
             ModelArch.from_dict(meta.arch)
         except AmoebaError as exc:
             raise LutError(f"{meta_path}: field 'arch': {exc}") from None
-    return meta_fields(meta)
+    return meta
 
 
 def _read_consistent(path: Path, tries: int = 5) -> tuple[bytes, dict[str, Any], Path]:
@@ -361,9 +388,9 @@ def load_table(path: Path | str) -> Lut:
     return _parse(path, data, meta, meta_path)
 
 
-def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lut:
-    """The validated table in ``data`` (the CSV's bytes) under the sidecar ``meta``."""
-    version = meta.get("schema_version")
+def _parse(path: Path, data: bytes, fields: dict[str, Any], meta_path: Path) -> Lut:
+    """The validated table in ``data`` (the CSV's bytes) under the sidecar's ``fields``."""
+    version = fields.get("schema_version")
     if version not in (1, SCHEMA_VERSION):
         raise LutError(f"{meta_path}: schema_version {version!r}, this tool reads 1 and {SCHEMA_VERSION}")
     try:
@@ -375,10 +402,10 @@ def _parse(path: Path, data: bytes, meta: dict[str, Any], meta_path: Path) -> Lu
         )
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
         raise LutError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
-    meta = check_meta(meta_path, meta)
+    meta = check_meta(meta_path, fields)
     if version == 1:
         frame["method"] = frame["method"].replace(_V1_METHODS)
-        meta = {**meta, "method": meta.get("method", "components")}
+        meta.method = meta.method or "components"
     return Lut(_validate(path, frame)[COLUMNS], meta, path)
 
 
@@ -474,16 +501,16 @@ def _grid_shapes(lut: Lut) -> dict[str, set[tuple[int, ...]]]:
     from amoeba_profile.core.errors import UsageError
     from amoeba_profile.core.subnet import grid_shapes
 
-    grid = lut.meta.get("grid", {})
-    if not all(grid.get(key) for key in ("widths", "prompt_lens", "contexts")):
+    grid = lut.grid
+    if not (grid.widths and grid.prompt_lens and grid.contexts):
         return {}
     try:
         attn, ffn, layers = grid_shapes(
             lut.arch,
-            tuple(grid["widths"]),
-            grid.get("ffn_multiple", 1),
-            tuple(tuple(x) for x in grid.get("extra_attn", ())),
-            tuple(grid.get("extra_ffn", ())),
+            tuple(grid.widths),
+            grid.ffn_multiple,
+            tuple((heads, kv_heads) for heads, kv_heads in grid.extra_attn),
+            tuple(grid.extra_ffn),
         )
     except (UsageError, TypeError, ValueError) as exc:
         raise LutError(f"{lut._sidecar}: field 'grid' is not a grid a build makes ({exc})") from None
@@ -496,14 +523,8 @@ def check_rows(lut: Lut) -> None:
     or context off its own grid, stats that are not those of the row's samples, a model row whose
     subnet does not parse. ``reseal`` runs it before sealing a CSV changed by hand; a table written
     by a build is sealed as written, so loading needs only ``_validate``."""
-    meta, path = lut.meta, lut.path
-    arch = lut.arch
-    method = meta.get("method")
-    grid = meta.get("grid", {})
-    off_grid = {
-        "prefill": ("tokens", set(grid.get("prompt_lens") or ())),
-        "decode": ("context", set(grid.get("contexts") or ())),
-    }
+    path, arch, method, grid = lut.path, lut.arch, lut.meta.method, lut.grid
+    off_grid = {"prefill": ("tokens", set(grid.prompt_lens)), "decode": ("context", set(grid.contexts))}
     shapes = _grid_shapes(lut)
     for index, row in enumerate(lut.frame.to_dict("records")):
         component = row["component"]
@@ -570,16 +591,12 @@ def reseal(path: Path | str) -> dict[str, Any]:
         check_rows(lut)
         record = {
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "old_sha256": meta.get("content_sha256"),
+            "old_sha256": lut.meta.content_sha256,
             "new_sha256": hashlib.sha256(data).hexdigest(),
         }
-        meta = {
-            **meta,
-            "content_sha256": record["new_sha256"],
-            "rows": len(lut.frame),
-            "resealed": [*meta.get("resealed", []), record],
-        }
-        write_file_atomically(sidecar_path(path), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        lut.meta.content_sha256, lut.meta.rows = record["new_sha256"], len(lut.frame)
+        lut.meta.resealed = [*(lut.meta.resealed or []), record]
+        write_file_atomically(sidecar_path(path), _sidecar_bytes(meta_fields(lut.meta)))
     return record
 
 

@@ -28,6 +28,7 @@ from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.dtypes import bytes_per_element
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError, UsageError
+from amoeba_profile.core.schema import grid_fields
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.device.specs import DTYPE_PEAK, DeviceSpec
 from amoeba_profile.table.lut import Lut, measured_row
@@ -175,7 +176,7 @@ def entry_kernels(flow: Flow, component: str) -> int:
 
 def _features(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str):
     """Per measured row: compute-time and memory-time at efficiency 1 (s), kernels, measured (s), row index."""
-    arch = ModelArch.from_dict(lut.meta["arch"])
+    arch = lut.arch
     flops_peak, bw_peak = _peaks(spec, dtype)
     rows = lut.ok[lut.ok.component.isin(["attn", "mlp", "base", "layer"])]
     if rows.empty:
@@ -312,7 +313,7 @@ def load_device_profile(path: Path | str, dtype: str) -> tuple[DeviceSpec, float
 
 def calibration_warning(reference: Lut, spec: DeviceSpec, flow: Flow) -> str | None:
     """Why a calibration may not transfer: the measured table is of another device or flow."""
-    measured_on = (reference.meta.get("device_slug"), reference.meta.get("backend"))
+    measured_on = (reference.meta.device_slug, reference.meta.backend)
     if measured_on == (spec.slug, flow.name):
         return None
     return (
@@ -395,7 +396,7 @@ def write_roofline_table(
         "host_overlaps_device": host_overlaps(spec),
         "dtype": dtype,
         "arch": plan.arch.to_dict(),
-        "grid": plan.grid(),
+        "grid": grid_fields(plan.grid()),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": "computed from the spec sheet and per-op FLOPs/bytes, not measured",
         **({"source_config": plan.source_config} if plan.source_config is not None else {}),
