@@ -126,6 +126,10 @@ class Grid(msgspec.Struct, kw_only=True):
     unknown_fields: dict[str, Any] = {}
 
 
+# The grid's lists of values a later build widens (``extra_attn``, of pairs, is merged apart).
+GRID_LISTS = [name for name, kind in Grid.__annotations__.items() if kind in ("list[WidthRatio]", "list[PositiveInt]")]
+
+
 class TableMeta(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The sidecar's fields and their types. Every field is optional (tables of earlier versions
     lack some); a present one must have its type. Fields this version does not know are kept in

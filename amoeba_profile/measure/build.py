@@ -37,7 +37,7 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, ArtifactError, LutError, UnsupportedShape
 from amoeba_profile.core.files import Notice, held, table_lock
 from amoeba_profile.core.inputs import output_dir, read_bounded
-from amoeba_profile.core.schema import Grid, TableMeta, grid_fields
+from amoeba_profile.core.schema import GRID_LISTS, Grid, TableMeta, grid_fields
 from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
 from amoeba_profile.device import available_memory_bytes, fingerprint
 from amoeba_profile.device.load import CpuLoad
@@ -715,9 +715,6 @@ class _Runner:
         return finish_table(start, rows, failed, opened, started)
 
 
-_GRID_LISTS = ("widths", "prompt_lens", "contexts", "extra_ffn", "depths")
-
-
 def _widens_grid(old_grid: Grid, plan: BuildPlan) -> bool:
     """Whether ``plan``'s grid lists a value the table's grid lacks (values compared as JSON)."""
     if not plan.measure_grid:
@@ -727,7 +724,7 @@ def _widens_grid(old_grid: Grid, plan: BuildPlan) -> bool:
     def values(grid: Grid, key: str) -> set[str]:
         return {json.dumps(v) for v in getattr(grid, key)}
 
-    return any(values(new, key) - values(old_grid, key) for key in (*_GRID_LISTS, "extra_attn"))
+    return any(values(new, key) - values(old_grid, key) for key in (*GRID_LISTS, "extra_attn"))
 
 
 def _extend_meta(old_meta: TableMeta, plan: BuildPlan, protocol: TimingProtocol) -> TableMeta:
@@ -736,7 +733,7 @@ def _extend_meta(old_meta: TableMeta, plan: BuildPlan, protocol: TimingProtocol)
     new = plan.grid()
     grid = msgspec.structs.replace(old_meta.grid or Grid())
     if plan.measure_grid:
-        for key in _GRID_LISTS:
+        for key in GRID_LISTS:
             setattr(grid, key, sorted(set(getattr(grid, key)) | set(getattr(new, key))))
         grid.extra_attn = [list(x) for x in sorted({tuple(x) for x in grid.extra_attn + new.extra_attn})]
     later = {"grid": grid_fields(new), "protocol": protocol.to_dict()}
