@@ -229,12 +229,24 @@ class Backend(ABC):
         validated for this flow there and the evidence, from ``methods.json`` beside the adapter's
         module (``defaults[<flow name>]``); empty when the flow declares none, and a build then
         uses the fallback (``measure.methods``). A plugin ships its evidence the same way."""
-        module = sys.modules[cls.__module__]
-        path = Path(module.__file__ or "").with_name("methods.json")
+        return dict(cls._declared("methods.json", "defaults") or {})
+
+    @classmethod
+    def _declared(cls, file: str, section: str) -> dict[str, Any] | None:
+        """This flow's entry in ``section`` of the JSON ``file`` beside the adapter's module."""
+        path = Path(sys.modules[cls.__module__].__file__ or "").with_name(file)
         if not path.is_file():
-            return {}
-        defaults = json.loads(read_bounded(path, MIB, "methods.json")).get("defaults", {})
-        return dict(defaults.get(cls.name, {}))
+            return None
+        declared = json.loads(read_bounded(path, MIB, file)).get(section, {}).get(cls.name)
+        return dict(declared) if declared is not None else None
+
+    @classmethod
+    def roofline_profile(cls) -> dict[str, Any] | None:
+        """The flow's roofline profile for ``build-lut --predict`` (kernels per component, launch
+        cost, efficiencies, whether the KV cache is copied), from ``roofline.json`` beside the
+        adapter's module (``profiles[<flow name>]``); None when the flow declares none. Like
+        ``methods.json``, a plugin ships its own."""
+        return cls._declared("roofline.json", "profiles")
 
     @classmethod
     @abstractmethod

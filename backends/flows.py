@@ -4,16 +4,14 @@ A flow is a registered adapter (``backends.REGISTRY``): ``measuring`` where its 
 installed here, else ``unavailable`` (its ``availability()`` gives the reason and the install
 hint); ``amoeba-profile backends`` lists them all. What shapes a flow can run (``Capabilities``)
 is defined once, by the adapter's ``capabilities()``: the per-layer optimizer constrains its
-answer with it and the listing shows it, so the two cannot disagree. A flow with a roofline
-profile in ``data/flows.json`` can also have its tables computed (``build-lut --predict``).
+answer with it and the listing shows it, so the two cannot disagree. A flow whose adapter declares
+a roofline profile (``roofline.json`` in its folder) can also have its tables computed
+(``build-lut --predict``).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from amoeba_profile.backends import REGISTRY, Capabilities, Maturity, backend_class, list_backends
@@ -38,9 +36,10 @@ class FlowInfo:
     maturity: Maturity
 
 
-@lru_cache(maxsize=1)
-def _flows_data() -> dict[str, Any]:
-    return json.loads(resources.files("amoeba_profile").joinpath("data/flows.json").read_text())
+def roofline_profiles() -> dict[str, dict[str, Any]]:
+    """Every registered flow's roofline profile, by flow name (flows that declare none are absent)."""
+    profiles = {name: backend_class(name).roofline_profile() for name in REGISTRY}
+    return {name: profile for name, profile in profiles.items() if profile is not None}
 
 
 def flow_capabilities(name: str) -> Capabilities:
@@ -52,7 +51,7 @@ def flow_capabilities(name: str) -> Capabilities:
 
 def list_flows() -> list[FlowInfo]:
     """Every known flow with its kind, why it can or cannot measure here, and an install hint."""
-    profiles = set(_flows_data()["flows"])
+    profiles = roofline_profiles()
     return [
         FlowInfo(
             name,

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from amoeba_profile.backends.flows import roofline_profiles
+
 from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.workload import Workload
@@ -38,7 +40,7 @@ def calibration_figures(fit_path: Path, test_path: Path, profile_path: Path) -> 
     fit, test = load_table(fit_path), load_table(test_path)
     dtype = fit.meta.dtype
     spec = spec_from_profile(json.loads(profile_path.read_text()), dtype)
-    flow = get_flow(fit.meta.backend)
+    flow = get_flow(fit.meta.backend, roofline_profiles())
     print(f"device peaks (profile-device): {spec.mem_bw_gbps:.1f} GB/s, {spec.peak_tflops(dtype):.3f} TFLOP/s {dtype}")
     for label, eff in (("documented defaults", default_efficiency(flow)), ("calibrated", None)):
         if eff is None:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 from amoeba_profile.backends import REGISTRY, Availability, backend_class
-from amoeba_profile.backends.flows import MEASURING, UNAVAILABLE, _flows_data, flow_capabilities, list_flows
+from amoeba_profile.backends.flows import MEASURING, UNAVAILABLE, flow_capabilities, list_flows, roofline_profiles
 from fake_engine import FakeEngineBackend
 
 from amoeba_profile.cli.report import backends_rows
@@ -50,8 +50,8 @@ def test_every_known_flow_is_listed_with_its_kind():
 
 
 def test_capabilities_have_one_definition_per_flow():
-    assert set(_flows_data()) == {"_about", "flows"}  # an adapter's class is the only definition of its flow
-    assert set(_flows_data()["flows"]) <= set(REGISTRY)  # every roofline profile belongs to a registered flow
+    # a roofline profile is the flow's own declaration, from its folder, keyed by its registered name
+    assert set(roofline_profiles()) == {"pytorch", "tensorrt-llm", "mlc-llm"}
     assert flow_capabilities("pytorch") == backend_class("pytorch").capabilities()
     assert flow_capabilities("tensorrt-llm") == backend_class("tensorrt-llm").capabilities()
     trt, mlc = flow_capabilities("tensorrt-llm"), flow_capabilities("mlc-llm")

@@ -1,6 +1,7 @@
 from dataclasses import replace
 
 import pytest
+from amoeba_profile.backends.flows import roofline_profiles
 
 from amoeba_profile.core.arch import BUILTIN_ARCHS
 from amoeba_profile.core.entry import Entry
@@ -76,7 +77,7 @@ def test_whole_model_bounds():
 
 
 def test_calibration_recovers_known_efficiencies(tiny_arch):
-    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch")
+    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch", roofline_profiles())
     plan = BuildPlan(LLAMA2, (1.0, 0.75, 0.5), (128, 512), (128, 1024, 2048))
     truth = Efficiency(0.6, 0.4, 5.0)
     lut = Lut(
@@ -91,7 +92,9 @@ def test_calibration_recovers_known_efficiencies(tiny_arch):
 
 def test_roofline_table_says_so_in_every_row(tmp_path):
     plan = BuildPlan(LLAMA2, prompt_lens=(128,), contexts=(128, 512))
-    path, meta = write_roofline_table(plan, get_spec("orin-nx-16gb"), get_flow("mlc-llm"), "float16", tmp_path)
+    path, meta = write_roofline_table(
+        plan, get_spec("orin-nx-16gb"), get_flow("mlc-llm", roofline_profiles()), "float16", tmp_path
+    )
     lut = load_table(path)
     assert path.parts[-3:] == ("orin-nx-16gb", "mlc-llm", "llama2-7b-float16.csv")
     assert (lut.frame.source == "roofline").all() and (lut.frame.method == "computed").all()
@@ -100,7 +103,9 @@ def test_roofline_table_says_so_in_every_row(tmp_path):
 
 def _synthetic(spec, eff, flow_name="pytorch"):
     plan = BuildPlan(LLAMA2, (1.0, 0.75, 0.5), (128, 512), (128, 1024, 2048))
-    frame = rows_frame(roofline_rows(LLAMA2, plan.entries(), spec, get_flow(flow_name), "float16", eff))
+    frame = rows_frame(
+        roofline_rows(LLAMA2, plan.entries(), spec, get_flow(flow_name, roofline_profiles()), "float16", eff)
+    )
     frame["source"] = "measured"
     return Lut(frame, {"arch": LLAMA2.to_dict()})
 
@@ -108,7 +113,7 @@ def _synthetic(spec, eff, flow_name="pytorch"):
 def test_host_bound_table_calibrates_to_dispatch_not_to_impossible_bandwidth():
     """Launch-bound rows (as eager decode on an H100) are explained by per-op dispatch, with
     efficiencies that stay physical."""
-    spec, flow = get_spec("h100-sxm"), get_flow("pytorch")
+    spec, flow = get_spec("h100-sxm"), get_flow("pytorch", roofline_profiles())
     eff, report = calibrate(_synthetic(spec, Efficiency(0.8, 0.6, 20.0)), spec, flow, "float16")
     assert eff.eff_bw <= 1 and eff.eff_compute <= 1
     assert eff.launch_us == pytest.approx(20.0, rel=0.06) and report["median_abs_pct"] < 2
@@ -117,7 +122,7 @@ def test_host_bound_table_calibrates_to_dispatch_not_to_impossible_bandwidth():
 
 def test_unphysical_calibration_is_refused():
     """A table faster than the device's peaks would need efficiencies above 1: refused, not fitted."""
-    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch")
+    spec, flow = get_spec("rtx-a5000"), get_flow("pytorch", roofline_profiles())
     too_fast = _synthetic(spec, Efficiency(2.5, 2.5, 0.0))
     with pytest.raises(LutError, match="calibration refused"):
         calibrate(too_fast, spec, flow, "float16")
@@ -130,7 +135,7 @@ def test_calibration_works_on_a_difference_table():
     from amoeba_profile.table.lut import measured_row
     from amoeba_profile.table.roofline import entry_kernels, entry_ops
 
-    spec, flow, truth = get_spec("rtx-a5000"), get_flow("tensorrt-llm"), Efficiency(0.7, 0.5, 3.0)
+    spec, flow, truth = get_spec("rtx-a5000"), get_flow("tensorrt-llm", roofline_profiles()), Efficiency(0.7, 0.5, 3.0)
     rows = []
     for c in (128, 1024, 2048):
         for heads, ffn in ((32, 11008), (16, 11008), (32, 5504)):
@@ -194,7 +199,7 @@ def test_calibration_warning_and_whole_models_refused(tmp_path):
     from amoeba_profile.core.subnet import Subnet
     from amoeba_profile.table.roofline import calibration_warning
 
-    spec, flow = get_spec("rtx-a5000"), get_flow("tensorrt-llm")
+    spec, flow = get_spec("rtx-a5000"), get_flow("tensorrt-llm", roofline_profiles())
     same = Lut(rows_frame([]), {"device_slug": "rtx-a5000", "backend": "tensorrt-llm"})
     other = Lut(rows_frame([]), {"device_slug": "cpu-x", "backend": "pytorch"})
     assert calibration_warning(same, spec, flow) is None

@@ -376,6 +376,7 @@ def _backend_options(items: list[str] | None) -> dict[str, str]:
 def _predict_table(
     plan, device: str, flow_name: str, dtype: str, out_dir: Path, calibrate: Path | None, device_profile: Path | None
 ) -> None:
+    from amoeba_profile.backends.flows import roofline_profiles
     from amoeba_profile.device.specs import get_spec
     from amoeba_profile.table.roofline import calibration_warning, get_flow, load_device_profile, write_roofline_table
 
@@ -384,7 +385,7 @@ def _predict_table(
         spec, dispatch_us = load_device_profile(device_profile, dtype)
     else:
         spec = get_spec(device)
-    flow = get_flow(flow_name)
+    flow = get_flow(flow_name, roofline_profiles())
     reference = load_one(calibrate) if calibrate is not None else None
     warning = calibration_warning(reference, spec, flow) if reference is not None else None
     if warning:

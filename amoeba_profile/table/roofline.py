@@ -8,7 +8,8 @@ flow's documented value). A GPU runs asynchronously from its host, so a componen
 of the two (eager decode on a big GPU is host-bound: dispatch, not bandwidth, sets the latency);
 on a CPU the host is the device and the two add.
 
-Efficiencies default to the flow's documented values (data/flows.json) and are fitted from
+Efficiencies default to the flow's documented values (its adapter's ``roofline_profile``, from
+``roofline.json`` in the flow's folder) and are fitted from
 measured tables where they exist, constrained to what is physical (at most 1); a table measured
 faster than the device's peaks allow is refused. Every row is tagged ``source=roofline``.
 """
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +44,12 @@ class Flow:
     rationale: str = ""
 
 
-@lru_cache(maxsize=1)
-def load_flows() -> dict[str, Flow]:
-    data = json.loads(resources.files("amoeba_profile").joinpath("data/flows.json").read_text())
-    return {name: Flow(name=name, **entry) for name, entry in data["flows"].items()}
-
-
-def get_flow(name: str) -> Flow:
-    flows = load_flows()
-    if name not in flows:
-        raise UsageError(f"no roofline profile for flow {name!r}: use one of {sorted(flows)}")
-    return flows[name]
+def get_flow(name: str, profiles: dict[str, dict[str, Any]]) -> Flow:
+    """``name``'s roofline profile among ``profiles`` (``backends.flows.roofline_profiles``: each
+    flow declares its own; this layer does not import the flows)."""
+    if name not in profiles:
+        raise UsageError(f"no roofline profile for flow {name!r}: use one of {sorted(profiles)}")
+    return Flow(name=name, **profiles[name])
 
 
 @dataclass(frozen=True)
