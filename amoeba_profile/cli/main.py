@@ -190,7 +190,8 @@ def build_lut(
         False,
         "--predict",
         help="Compute a roofline table for a spec-sheet --device "
-        "(e.g. rtx-a5000) and a flow --backend (pytorch, tensorrt-llm, mlc-llm); nothing runs.",
+        "(e.g. rtx-a5000) and a flow --backend with a roofline profile (`amoeba-profile backends`, "
+        "column roofline); nothing runs.",
     ),
     calibrate: Optional[Path] = typer.Option(
         None, help="With --predict: fit the flow's efficiencies to this measured table."
