@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/amoeba-profile show --lut "$$table" && \
 	$(BIN)/amoeba-profile select --lut "$$table" --metric tpot --budget-ms $(BUDGET)
 
-test: setup lint
+test: setup lint typecheck
 	$(BIN)/python -m pytest -q
 
 # ruff (lint + format) over the code, tests and benchmarks; the import rules are a test (tests/test_import_rules.py).
@@ -39,7 +39,6 @@ lint: setup
 	$(BIN)/ruff check amoeba_profile backends tests benchmarks
 	$(BIN)/ruff format --check amoeba_profile backends tests benchmarks
 
-# Not yet part of `make test`: mypy reports 86 errors today (README, "Lint, types and import rules").
 # mypy sees the flows where Python imports them: backends/ is installed as amoeba_profile.backends
 # (package-dir), which a checker reading folders cannot follow, so it reads a tree of links that
 # places backends/ inside the package.

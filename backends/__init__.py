@@ -33,13 +33,13 @@ from amoeba_profile.core.errors import BackendUnavailable, UsageError
 ENTRY_POINT_GROUP = "amoeba_profile.backends"
 
 
-class _Registry(UserDict):  # type: ignore[type-arg]
+class _Registry(UserDict):
     """flow name -> ``"module:Class"``, read from the entry-point group on first access."""
 
     def __init__(self) -> None:
         self._loaded: dict[str, str] | None = None
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> dict[str, str]:
         if self._loaded is None:
             self._loaded = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -7,7 +7,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, Protocol, TypedDict
 
 import typer
 from rich.console import Console
@@ -34,7 +34,7 @@ from amoeba_profile.cli.report import (
 )
 from amoeba_profile.core.arch import load_model, renamed, unrepresented_fields
 from amoeba_profile.core.errors import AmoebaError, UsageError
-from amoeba_profile.core.subnet import parse_ratio, parse_whole
+from amoeba_profile.core.subnet import Subnet, parse_ratio, parse_whole
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.core.workload import metric_name
 from amoeba_profile.measure.journal import check_corrupt_choice
@@ -72,10 +72,18 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _ParserError(Protocol):
+    """What the option parser's UsageError offers (click's, or the copy of click typer carries)."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+
 # The option parser's own errors (a bad --budget-ms, a missing option, an unknown command): typer
 # raises them from its copy of click, whose public member is ``typer.BadParameter``; their common
 # base, the parser's UsageError, carries exit code 2 and ``format_message()``.
-_PARSER_ERROR = typer.BadParameter.__mro__[1]
+_PARSER_ERROR: type[_ParserError] = typer.BadParameter.__mro__[1]
 _INTERRUPTED = 130  # 128 + SIGINT: the exit code typer returns for a Ctrl-C that no command handled
 
 
@@ -90,6 +98,19 @@ def _main(
     _state["debug"] = debug
     if ctx.invoked_subcommand is None:
         out.print(ctx.get_help())
+
+
+class _PlanGrid(TypedDict):
+    """The ``BuildPlan`` fields build-lut reads from its options for a measured and a computed table alike."""
+
+    widths: tuple[float, ...]
+    prompt_lens: tuple[int, ...]
+    contexts: tuple[int, ...]
+    batch: int
+    whole: tuple[Subnet, ...]
+    extra_attn: tuple[tuple[int, int], ...]
+    extra_ffn: tuple[int, ...]
+    source_config: dict[str, Any] | None
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -218,7 +239,7 @@ def build_lut(
         arch = renamed(arch, name)
     width_values = tuple(parse_ratio(w) for w in widths.split(","))
     extra_attn, extra_ffn = Strategy.load(strategy, arch).grid_extent() if strategy is not None else ((), ())
-    grid = dict(
+    grid = _PlanGrid(
         widths=width_values,
         prompt_lens=_ints(prompt_len, "prompt-len"),
         contexts=_ints(contexts, "contexts"),
@@ -482,7 +503,7 @@ class Ranking:
 
 @app.command("select")
 def select_cmd(
-    lut: LutOption = ...,
+    lut: LutOption,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     metric: MetricOption = "tpot",
     stat: StatOption = "median",
@@ -609,7 +630,7 @@ def select_cmd(
             "bold",
             f"{pick.subnet.label}  {describe(pick.subnet)}  predicted {selection.metric} = "
             f"{pick.latency_ms:.1f} ms ({selection.stat}, {pick.source}{spread}) <= {budget_ms:g} ms"
-            + (f", {pick.memory.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""),
+            + (f", {pick.memory_needed.total_gb:.2f} GB <= {memory_gb:g} GB" if memory_gb is not None else ""),
         )
     )
     if selection.tied:
@@ -723,7 +744,7 @@ def _verify(table, selection, k: int, quick: bool):
         task = bar.add_task("verify", total=None, entry="")
         try:
             return verify_candidates(
-                table.path,
+                table.file,
                 selection,
                 k,
                 protocol,
@@ -756,7 +777,7 @@ def _fail_export(message: str | None, exc: AmoebaError | None) -> None:
 
 @app.command("validate")
 def validate_cmd(
-    lut: LutOption = ...,
+    lut: LutOption,
     budget_ms: float = typer.Option(..., help="Latency budget in milliseconds."),
     top_k: int = typer.Option(3, min=1, help="How many of the top picks to build and measure whole."),
     metric: MetricOption = "tpot",
@@ -798,7 +819,7 @@ def validate_cmd(
         task = bar.add_task("validate", total=None, entry="")
         try:
             run = measure_picks(
-                table.path,
+                table.file,
                 selection,
                 protocol,
                 lambda d, t, label: bar.update(task, completed=d, total=t, entry=label),
@@ -865,7 +886,7 @@ def validate_cmd(
 
 @app.command("plot")
 def plot_cmd(
-    lut: LutOption = ...,
+    lut: LutOption,
     out_dir: Path = typer.Option(Path("out/plots"), "--out", help="Folder for the PNG files."),
     budget_ms: Optional[float] = typer.Option(None, help="Draw the budget line and the pick."),
     metric: MetricOption = "tpot",
@@ -907,7 +928,7 @@ def plot_cmd(
         dtype=table.dtype if memory_gb is not None else None,
     )
     if memory_gb is not None:  # as select: shapes over the memory budget are not candidates
-        candidates = [c for c in candidates if c.memory.total_gb <= memory_gb]
+        candidates = [c for c in candidates if c.memory_needed.total_gb <= memory_gb]
     pick = None
     if budget_ms is not None:
         try:
@@ -979,7 +1000,7 @@ def crosscheck_cmd(
     from amoeba_profile.measure.crosscheck import run_crosscheck, store
 
     table = load_one(lut)
-    check = run_crosscheck(table.path, prompt_len, gen_len, repetitions, stat, BusyPolicy(busy, busy_wait_s), _notice)
+    check = run_crosscheck(table.file, prompt_len, gen_len, repetitions, stat, BusyPolicy(busy, busy_wait_s), _notice)
     store(check, _notice)
     if as_json:
         print_json(out, check.to_dict())
@@ -1180,6 +1201,8 @@ def fleet_build(
     failed = [o for o in outcomes if o.status not in ("written", "unchanged")]
     for outcome in outcomes:
         result = outcome.result
+        if result is None:  # lost or failed: reported below
+            continue
         if outcome.status == "written":
             again = f", {result.remeasured} re-measured with more rounds or samples" if result.remeasured else ""
             out.print(

@@ -227,12 +227,14 @@ def layer_runs_text(subnet) -> list[str]:
 
 
 def _ranges(indices: list[int]) -> str:
-    parts, start = [], indices[0]
-    for prev, cur in zip(indices, indices[1:] + [None]):
-        if cur != prev + 1 if cur is not None else True:
-            parts.append(f"{start}-{prev}" if prev != start else str(start))
-            start = cur
-    return ",".join(parts)
+    """Runs of consecutive indices: [0, 1, 2, 5, 7, 8] -> ``0-2,5,7-8``."""
+    runs = [[indices[0], indices[0]]]
+    for index in indices[1:]:
+        if index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in runs)
 
 
 def backends_rows() -> list[dict[str, Any]]:

@@ -318,7 +318,7 @@ def deci_config_module() -> str:
     """The source of ``DeciLMConfig`` (``amoeba_profile/data/configuration_decilm.py``): without it
     beside a DeciLM-form ``config.json``, ``AutoConfig.from_pretrained(folder, trust_remote_code=True)``
     fails for want of the module ``auto_map`` names."""
-    return resources.files("amoeba_profile").joinpath("data", DECI_CONFIG_MODULE).read_text()
+    return (resources.files("amoeba_profile") / "data" / DECI_CONFIG_MODULE).read_text()
 
 
 def _token_ids(value: Any) -> list[Any]:

@@ -23,8 +23,9 @@ KIB, MIB = 1 << 10, 1 << 20
 
 def _shown(value: object) -> str:
     """``repr`` of a value as the user wrote it: NumPy scalars as plain numbers (4.5, not np.float64(4.5))."""
-    if isinstance(value, numbers.Number) and callable(getattr(value, "item", None)):
-        value = value.item()
+    item = getattr(value, "item", None)
+    if isinstance(value, numbers.Number) and callable(item):
+        value = item()
     return repr(value)
 
 
@@ -32,12 +33,13 @@ def integer(
     value: object, what: str, *, minimum: int, maximum: int | None = None, error: type[AmoebaError] = UsageError
 ) -> int:
     """``value`` as an int in [minimum, maximum]; bools, floats and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    number = int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    if number is None or number < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise error(f"{what} must be {kind}, got {_shown(value)}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise error(f"{what}={value} is above the maximum {maximum}")
-    return int(value)
+    return number
 
 
 def positive_int(value: object, what: str, *, maximum: int | None = None, error: type[AmoebaError] = UsageError) -> int:
@@ -56,11 +58,12 @@ def finite_float(
     """``value`` as a finite float in [minimum, maximum]; bools and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise error(f"{what} must be a finite number, got {_shown(value)}")
-    if minimum is not None and value < minimum:
+    number = float(value)
+    if minimum is not None and number < minimum:
         raise error(f"{what} must be >= {minimum:g}, got {_shown(value)}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise error(f"{what}={_shown(value)} is above the maximum {maximum:g}")
-    return float(value)
+    return number
 
 
 def positive_float(

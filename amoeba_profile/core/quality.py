@@ -141,24 +141,25 @@ def load_quality(path: Path | str) -> TableQuality:
     if "score" not in frame.columns:
         raise UsageError(f"{path}: missing column 'score'")
     quality = TableQuality(path)
-    seen: dict[object, int] = {}
+    seen: dict[str | tuple[int, float], int] = {}
     for i, row in frame.iterrows():
         line = i + 2
         score = pd.to_numeric(row["score"], errors="coerce")
         if pd.isna(score):
             raise UsageError(f"{path}: line {line}: score {row['score']!r} is not a number")
         finite_float(score, f"{path}: line {line}: score")
+        key: str | tuple[int, float]
         if "subnet_id" in frame.columns and isinstance(row.get("subnet_id"), str) and row["subnet_id"]:
-            key: object = row["subnet_id"]
-            target = quality.by_id
+            key = row["subnet_id"]
         else:
             key = _shape_key(row, frame.columns, path, line)
-            target = quality.by_shape
         if key in seen:
             raise UsageError(f"{path}: line {line} repeats the shape of line {seen[key]} ({key})")
         seen[key] = line
-        target[key] = float(score)
-        if target is quality.by_shape:
+        if isinstance(key, str):
+            quality.by_id[key] = float(score)
+        else:
+            quality.by_shape[key] = float(score)
             quality.lines[key] = line
             match = _SUFFIX.search(str(row["name"])) if "name" in frame.columns else None
             if match:

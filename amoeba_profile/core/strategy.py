@@ -135,6 +135,8 @@ def _dtype_state(state: Any) -> None:
 
 
 class _BoundedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the only unpickler whose opcodes can be wrapped
+    stack: list[Any]  # the pure-Python unpickler's value stack, set by load(); typeshed does not declare it
+
     def __init__(self, stream: io.BytesIO):
         super().__init__(stream)
         self.opcodes = 0
@@ -326,7 +328,7 @@ class Strategy:
             raise UsageError(f"{source}: expected a dict with a 'strategy' dict (AmoebaLLM's np.save format)")
         kept = {}
         for removed, mask in data["strategy"].items():
-            if not isinstance(removed, numbers.Integral) or not 0 <= removed < arch.num_layers:
+            if not isinstance(removed, numbers.Integral) or not 0 <= int(removed) < arch.num_layers:
                 raise UsageError(
                     f"{source}: strategy key {removed!r} is not a removed-layer count 0..{arch.num_layers - 1}"
                 )

@@ -89,7 +89,9 @@ def grid_shapes(
     """What a grid of width ratios measures: (heads, kv_heads) attention shapes, FFN sizes, and the
     layer shapes on two axes through the full width (each width's heads at full FFN, each width's
     FFN at full heads). Builds plan with it and ``reseal`` checks rows against it."""
-    attn = sorted({width_shape(arch, w, ffn_multiple)[:2] for w in widths} | {tuple(x) for x in extra_attn})
+    attn = sorted(
+        {width_shape(arch, w, ffn_multiple)[:2] for w in widths} | {(heads, kv_heads) for heads, kv_heads in extra_attn}
+    )
     ffn = sorted({width_shape(arch, w, ffn_multiple)[2] for w in widths} | set(extra_ffn))
     layers = sorted(
         {(arch.num_heads, arch.num_kv_heads, arch.ffn_size)}

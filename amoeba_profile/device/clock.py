@@ -21,7 +21,7 @@ class Clock:
     def name(self) -> str:
         return "cuda-events" if self.device.startswith("cuda") else "perf_counter"
 
-    def time_ms(self, fn: Callable[[], None]) -> float:
+    def time_ms(self, fn: Callable[[], object]) -> float:
         if not self.device.startswith("cuda"):
             t0 = time.perf_counter()
             fn()

@@ -120,9 +120,9 @@ def entry_state(before: dict[str, Any], after: dict[str, Any], steps: int) -> di
         # Two-point INA3221 integration (Jetson): mean power x elapsed time.
         elapsed = after["t"] - before["t"]
         state["energy_mj_per_step"] = (before["power_w"] + after["power_w"]) / 2 * elapsed * 1000 / steps
-    temps = [s.get("temperature_c") for s in (before, after) if s.get("temperature_c") is not None]
-    clocks = [s.get("sm_clock_mhz") for s in (before, after) if s.get("sm_clock_mhz") is not None]
-    powers = [s.get("power_w") for s in (before, after) if s.get("power_w") is not None]
+    temps = [x for s in (before, after) if (x := s.get("temperature_c")) is not None]
+    clocks = [x for s in (before, after) if (x := s.get("sm_clock_mhz")) is not None]
+    powers = [x for s in (before, after) if (x := s.get("power_w")) is not None]
     if temps:
         state["temperature_c"] = max(temps)
     if clocks:

@@ -23,10 +23,13 @@ def profile(
     if spec is None:
         report["notes"].append(f"no spec-sheet entry for {slug}: fractions of peak are not reported")
     if bench:
-        shapes = {"hidden": 2048, "ffn": 5632, "prompt_len": 128, "copy_mb": 256} if quick else {}
-        report["microbench"] = run_microbenchmarks(
-            device, spec=get_spec(slug) if spec else None, progress=progress, **shapes
-        )
+        spec_sheet = get_spec(slug) if spec else None
+        if quick:
+            report["microbench"] = run_microbenchmarks(
+                device, spec=spec_sheet, progress=progress, hidden=2048, ffn=5632, prompt_len=128, copy_mb=256
+            )
+        else:
+            report["microbench"] = run_microbenchmarks(device, spec=spec_sheet, progress=progress)
     return report
 
 

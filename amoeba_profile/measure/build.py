@@ -368,7 +368,7 @@ def backend_for_build(
         return backend, ""
     stored = stored_backend_config(out_dir, plan, backend) if threads is None else None
     adopted = _with_stored_threads(backend, stored)
-    if adopted is not backend:
+    if stored is not None and adopted is not backend:
         return adopted, f"threads: {stored['threads']} (as the table or journal being resumed or extended was measured)"
     why = backend.environment().get("threads_reason")
     return backend, f"threads: {config['threads']}" + (f" ({why})" if why else "")

@@ -132,8 +132,11 @@ def run_crosscheck(
     lut = load_table(path)
     if repetitions < 1:
         raise UsageError(f"--repetitions must be >= 1, got {repetitions}")
-    base = default_workload(lut) if prompt_len is None or gen_len is None else None
-    workload = Workload(lut.grid.batch, prompt_len or base.prompt_len, gen_len or base.gen_len)
+    if prompt_len is None or gen_len is None:
+        base = default_workload(lut)
+        prompt_len = base.prompt_len if prompt_len is None else prompt_len
+        gen_len = base.gen_len if gen_len is None else gen_len
+    workload = Workload(lut.grid.batch, prompt_len, gen_len)
     if workload.gen_len < 2:
         raise UsageError("a cross-check compares tpot too: --gen-len must be >= 2")
     arch = lut.arch

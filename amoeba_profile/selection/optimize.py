@@ -150,11 +150,14 @@ def solve_counts(
     w = np.sort(np.asarray(weights, float))[::-1]
     W = np.concatenate([[0.0], np.cumsum(w)])
     gaps = f - np.append(f[1:], 0.0)
-    values = sorted(set(shared)) if shared is not None else []
+    shared = [] if shared is None else list(shared)
+    values = sorted(set(shared))
     g = len(values) if len(values) > 1 else 0  # one value for every option constrains nothing
     # variables: n_1..n_k (integers), t_1..t_k (t_o <= W(S_o)), y_1..y_g (binary: the shared value chosen)
     cumulative = np.tril(np.ones((k, k)))
-    rows, lower, upper = [], [], []
+    rows: list[np.ndarray] = []
+    lower: list[float] = []
+    upper: list[float] = []
     rows.append(np.concatenate([np.ones(k), np.zeros(k + g)]))
     lower.append(L)
     upper.append(L)
@@ -257,24 +260,25 @@ def optimize_per_layer(
     except OutOfRange as exc:
         raise OutOfRange(f"per-layer options outside the table: {exc}") from None
     base_ms = predictor.base_metric(workload, metric, stat)
-    option_bytes = None
+    option_bytes, memory_limit = None, 0.0
     if memory_gb is not None:
         if dtype is None:
             raise UsageError("a memory budget needs the table's dtype")
         option_bytes = np.array([layer_bytes(arch, h, kv, f, workload, dtype) for h, kv, f in options], float)
+        weights_fixed, activations = fixed_bytes(arch, workload, dtype, arch.ffn_size)  # conservative headroom
+        memory_limit = memory_gb * 1e9 - weights_fixed - activations
     best: tuple[float, float, Subnet] | None = None  # (quality, latency, subnet)
     shared = [shared_part(capabilities, o) for o in options]
-    keep = _undominated(frac, layer_ms, option_bytes if memory_gb is not None else None, shared)
+    keep = _undominated(frac, layer_ms, option_bytes, shared)
     options, frac, layer_ms, shared = [options[i] for i in keep], frac[keep], layer_ms[keep], [shared[i] for i in keep]
-    if memory_gb is not None:
+    if option_bytes is not None:
         option_bytes = option_bytes[keep]
     for depth in depths:
         kept = sorted(kept_layers(arch, depth, drop_rule), key=lambda i: -weights[i])  # heaviest first
         costs, limits = [layer_ms], [budget_ms - base_ms]
-        if memory_gb is not None:
-            weights_fixed, activations = fixed_bytes(arch, workload, dtype, arch.ffn_size)  # conservative headroom
+        if option_bytes is not None:
             costs.append(option_bytes)
-            limits.append(memory_gb * 1e9 - weights_fixed - activations)
+            limits.append(memory_limit)
         if any(limit < 0 for limit in limits):
             continue
         counts = solve_counts(frac, costs, limits, weights[kept], shared)

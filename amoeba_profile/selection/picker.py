@@ -129,6 +129,13 @@ class Candidate:
     def interval(self, level: float = INTERVAL_LEVEL) -> tuple[float, float]:
         return self.prediction.interval(self.metric, level)
 
+    @property
+    def memory_needed(self) -> MemoryEstimate:
+        """``memory`` where a memory budget is checked: ``evaluate`` estimates it given the table's dtype."""
+        if self.memory is None:
+            raise UsageError("a memory budget needs the table's dtype")
+        return self.memory
+
     def to_dict(self) -> dict[str, Any]:
         """One ranked shape; the subnet by id (``Selection.to_dict`` maps ids to shapes once)."""
         low, high = self.interval()
@@ -361,11 +368,11 @@ def select(
         raise OutOfRange(f"the table covers no shape of the design space for this workload ({first})")
     fitting = candidates
     if memory_gb is not None:
-        fitting = [c for c in candidates if c.memory.total_gb <= memory_gb]
+        fitting = [c for c in candidates if c.memory_needed.total_gb <= memory_gb]
         if not fitting:
-            smallest = min(candidates, key=lambda c: c.memory.total_bytes)
+            smallest = min(candidates, key=lambda c: c.memory_needed.total_bytes)
             raise InfeasibleBudget(
-                f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory.total_gb:.2f} GB: "
+                f"no shape fits {memory_gb:g} GB; smallest needs {smallest.memory_needed.total_gb:.2f} GB: "
                 f"{describe(smallest.subnet)}"
             )
     fitting = [replace(c, p_fit=c.prediction.p_within(metric, budget_ms)) for c in fitting]

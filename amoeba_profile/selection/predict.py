@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -188,6 +188,16 @@ def _model_error(meta: TableMeta) -> dict[str, float]:
     return {phase: float(np.median(values)) for phase, values in by_phase.items()}
 
 
+class Curve(NamedTuple):
+    """Values read or composed from the table at some points, with their source, the labels of the
+    rows they were read from and their standard errors (ms)."""
+
+    values: np.ndarray
+    source: str
+    used: frozenset[Any]
+    se: np.ndarray
+
+
 def _bracket(xs: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The grid points linear interpolation at ``x`` (inside the grid) reads: those from the last
     one at or below min(x) to the first one at or above max(x)."""
@@ -195,7 +205,7 @@ def _bracket(xs: np.ndarray, x: np.ndarray) -> np.ndarray:
     return xs[(xs >= low) & (xs <= high)]
 
 
-def _interp(xs: np.ndarray, ys: np.ndarray, x: np.ndarray, what: str) -> tuple[np.ndarray, bool]:
+def _interp(xs: np.ndarray, ys: np.ndarray, x: np.ndarray | float, what: str) -> tuple[np.ndarray, bool]:
     """Linear interpolation that refuses to leave [xs.min(), xs.max()]; returns (values, all exact)."""
     x = np.atleast_1d(np.asarray(x, dtype=float))
     if len(xs) == 0:
@@ -226,7 +236,7 @@ class Predictor:
         # Measured (not computed) whole-model rows by shape: they answer ``predict`` for that shape.
         models = ok[(ok.component == "model") & (ok.source == "measured")] if whole_models else ok.iloc[:0]
         self._models = {key: group for key, group in models.groupby(["subnet_id", "phase", "batch"])}
-        self._cache: dict[tuple, tuple[np.ndarray, str]] = {}
+        self._cache: dict[tuple, Curve] = {}
         self.model_error = _model_error(lut.meta)
 
     def _rows_for(self, component: str, phase: str, batch: int) -> pd.DataFrame:
@@ -246,7 +256,7 @@ class Predictor:
         x: np.ndarray,
         stat_col: str,
         rows: pd.DataFrame | None = None,
-    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    ) -> Curve:
         """Interpolate first across the width axis at every measured x, then along x; returns the
         values, their source, the labels of the rows they were read from and their standard errors
         (interpolated as the values are)."""
@@ -259,7 +269,7 @@ class Predictor:
             se_grid = rows.groupby(x_col)["se_ms"].first().sort_index()
             se = np.interp(np.atleast_1d(np.asarray(x, dtype=float)), xs, se_grid.to_numpy(float))
             used = rows[rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))]
-            return values, "measured" if exact else "interpolated", frozenset(used.index), se
+            return Curve(values, "measured" if exact else "interpolated", frozenset(used.index), se)
         # one grouping for the value and its error (pivot_table twice took most of a select's time)
         grid = rows.groupby([shape_col, x_col], sort=True)[[stat_col, "se_ms"]].first()
         pivot = grid[stat_col].unstack(x_col).dropna(axis=1, how="all").dropna()
@@ -280,11 +290,11 @@ class Predictor:
             rows[shape_col].isin(_bracket(shapes, np.atleast_1d(float(shape_val))))
             & rows[x_col].isin(_bracket(xs, np.atleast_1d(x)))
         ]
-        return values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index), se
+        return Curve(values, "measured" if shape_exact and x_exact else "interpolated", frozenset(used.index), se)
 
     def _layer(
         self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray, stat_col: str
-    ) -> tuple[np.ndarray, str, frozenset]:
+    ) -> Curve:
         """One decoder-layer shape: prefill ms at prompt lengths ``x``, or decode ms at contexts ``x``."""
         key = (heads, kv_heads, ffn, phase, batch, x.tobytes(), stat_col)
         if key in self._cache:
@@ -310,21 +320,22 @@ class Predictor:
             )
         return self._cache[key]
 
-    def _sum(self, curves: list[tuple], signs: list[int]) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _sum(self, curves: list[Curve], signs: list[int]) -> Curve:
         """Signed sum of curves; their errors add as independent rows."""
-        value = sum(sign * c[0] for sign, c in zip(signs, curves))
-        se = np.sqrt(sum(c[3] ** 2 for c in curves))
-        return value, worst_source(*(c[1] for c in curves)), frozenset().union(*(c[2] for c in curves)), se
+        value = sum((sign * c.values for sign, c in zip(signs, curves)), np.zeros(()))
+        se = np.sqrt(sum(c.se**2 for c in curves))
+        return Curve(value, worst_source(*(c.source for c in curves)), frozenset().union(*(c.used for c in curves)), se)
 
     def _fitted_layer(
         self, heads: int, kv_heads: int, ffn: int, phase: str, batch: int, x: np.ndarray, stat_col: str
-    ) -> tuple[np.ndarray, str, frozenset]:
+    ) -> Curve:
         """A ``difference`` table's layer: its own row, or composed additively from the two axes."""
         rows = self._rows_for("layer", phase, batch)
         x_col = "tokens" if phase == "prefill" else "context"
         same = rows[(rows.heads == heads) & (rows.kv_heads == kv_heads) & (rows.ffn == ffn)]
         if not same.empty:
             return self._curve("layer", phase, batch, None, 0, x_col, x, stat_col, same)
+        assert self.arch is not None  # set whenever the table has fitted layer rows
         full_h, full_kv, full_f = self.arch.num_heads, self.arch.num_kv_heads, self.arch.ffn_size
         group = heads // kv_heads
         heads_axis = rows[(rows.ffn == full_f) & (rows.heads == rows.kv_heads * group)]
@@ -338,11 +349,9 @@ class Predictor:
             ],
             [1, 1, -1],
         )
-        return value, "interpolated", used, se
+        return Curve(value, "interpolated", used, se)
 
-    def _phase(
-        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
-    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _phase(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> Curve:
         """base + sum of layers, for prefill at prompt lengths ``x`` or decode at contexts ``x``, with
         the standard error of each value."""
         x_col = "tokens" if phase == "prefill" else "context"
@@ -361,11 +370,9 @@ class Predictor:
             used = used | rows
         relative = self.model_error.get(phase, 0.0)
         se = np.sqrt(variance + (relative * total) ** 2)
-        return total, ("roofline" if self.roofline else worst_source(*sources)), used, se
+        return Curve(total, ("roofline" if self.roofline else worst_source(*sources)), used, se)
 
-    def _whole(
-        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
-    ) -> tuple[np.ndarray, str, frozenset, np.ndarray] | None:
+    def _whole(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> Curve | None:
         """The subnet's own measured model rows for this phase, when they cover ``x`` (prefill at
         exactly the prompt length; decode within the measured contexts), with their standard
         errors; None when they do not."""
@@ -378,11 +385,9 @@ class Predictor:
         if not covered:
             return None
         values, _, used, se = self._curve("model", phase, batch, None, 0, x_col, x, stat_col, rows)
-        return values, "measured", used, se
+        return Curve(values, "measured", used, se)
 
-    def _answer(
-        self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str
-    ) -> tuple[np.ndarray, str, frozenset, np.ndarray]:
+    def _answer(self, subnet: Subnet, phase: str, batch: int, x: np.ndarray, stat_col: str) -> Curve:
         """What ``predict`` reads for one phase: the shape's measured model rows, else the composition."""
         return self._whole(subnet, phase, batch, x, stat_col) or self._phase(subnet, phase, batch, x, stat_col)
 
@@ -405,11 +410,10 @@ class Predictor:
         )
         contexts = self._contexts(workload, lambda ends: self._answer(subnet, "decode", workload.batch, ends, stat_col))
         if len(contexts) == 0:  # no decode step: tpot is undefined (NaN), e2e is the prefill
-            decode, decode_source, decode_used, decode_se = contexts, source, set(), contexts
+            decode_curve = Curve(contexts, source, frozenset(), contexts)
         else:
-            decode, decode_source, decode_used, decode_se = self._answer(
-                subnet, "decode", workload.batch, contexts, stat_col
-            )
+            decode_curve = self._answer(subnet, "decode", workload.batch, contexts, stat_col)
+        decode, decode_source, decode_used, decode_se = decode_curve
         m = compose(prefill[0], decode)
         # The decode steps of one request read the same rows: their errors add up, not in quadrature.
         tpot_se = float(np.mean(decode_se)) if len(decode_se) else math.nan
@@ -439,7 +443,7 @@ class Predictor:
         if prefill is None:
             raise OutOfRange(f"{subnet.label}: no measured prefill at {workload.prompt_len} tokens")
         if metric == "ttft_ms":
-            return float(prefill[0][0])
+            return float(prefill.values[0])
         span = workload.decode_span()
         if span is None:
             raise OutOfRange(f"{subnet.label}: the workload has no decode step")
@@ -451,8 +455,9 @@ class Predictor:
                 f"{subnet.label}: measured decode contexts {measured} do not cover the decode steps "
                 f"{span[0]}..{span[1]}"
             )
-        steps = self._whole(subnet, "decode", batch, workload.decode_contexts(), stat_col)[0]
-        return compose(prefill[0][0], steps).metric(metric)
+        steps = self._whole(subnet, "decode", batch, workload.decode_contexts(), stat_col)
+        assert steps is not None  # the rows cover both ends of the span, so every context between them
+        return compose(prefill.values[0], steps.values).metric(metric)
 
     def phase_ms(
         self, subnet: Subnet, phase: str, batch: int, tokens: int, context: int, stat: str = "median"
@@ -471,9 +476,9 @@ class Predictor:
         )
         prefill = self._curve(
             "base", "prefill", workload.batch, None, 0, "tokens", np.array([workload.prompt_len]), col
-        )[0]
+        ).values
         decode = (
-            self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col)[0]
+            self._curve("base", "decode", workload.batch, None, 0, "context", contexts, col).values
             if len(contexts)
             else contexts
         )
@@ -485,8 +490,8 @@ class Predictor:
         """One decoder layer's contribution to ``metric``; a subnet's metric is base + the sum of these."""
         col, b = stat_column(stat), workload.batch
         contexts = self._contexts(workload, lambda ends: self._layer(heads, kv_heads, ffn, "decode", b, ends, col))
-        prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col)[0]
-        decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col)[0] if len(contexts) else contexts
+        prefill = self._layer(heads, kv_heads, ffn, "prefill", b, np.array([workload.prompt_len]), col).values
+        decode = self._layer(heads, kv_heads, ffn, "decode", b, contexts, col).values if len(contexts) else contexts
         return compose(prefill[0], decode).metric(metric)
 
     def phase_se_ms(
@@ -494,4 +499,4 @@ class Predictor:
     ) -> float:
         """The standard error of ``phase_ms``'s value."""
         x = np.array([tokens if phase == "prefill" else context])
-        return float(self._phase(subnet, phase, batch, x, stat_column(stat))[3][0])
+        return float(self._phase(subnet, phase, batch, x, stat_column(stat)).se[0])

@@ -282,6 +282,7 @@ def calibrate_rows(
         shapes = {(h, kv, arch_full[1]) for h, kv in heads_axis} | {(*arch_full[0], f) for f in ffn_axis}
         for heads, kv, ffn in sorted(shapes):
             attn, mlp = comp("attn", heads, kv), comp("mlp", ffn=ffn)
+            assert attn is not None and mlp is not None  # both axes were read from the measured components
             composed = {stat: attn[stat] + mlp[stat] for stat in ("median_ms", "p10_ms", "p90_ms")}
             grad = np.array([composed["median_ms"], 1.0])
             se = math.sqrt(float(grad @ cov @ grad) + scale**2 * (_se(attn) ** 2 + _se(mlp) ** 2))

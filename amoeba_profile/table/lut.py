@@ -173,6 +173,13 @@ class Lut:
         return bool((self.frame["source"] == "roofline").any())
 
     @property
+    def file(self) -> Path:
+        """The CSV the table was loaded from; a table built in memory has none."""
+        if self.path is None:
+            raise LutError("the table was built in memory, not loaded from a file")
+        return self.path
+
+    @property
     def arch(self) -> ModelArch:
         """The architecture the table was built for (checked when the table was loaded)."""
         if self.meta.arch is None:

@@ -220,7 +220,7 @@ def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Effic
     compute, memory, kernels, measured, _ = features
     overlap = host_overlaps(spec)
     launches = np.concatenate([[0.0], np.geomspace(1e-7, 1e-3, 200)])  # seconds per op
-    best = None
+    best: tuple[float, float, float, float] | None = None  # (error, eb, ec, launch)
     for eb in np.linspace(0.05, 1.0, 96):
         for ec in np.geomspace(0.01, 1.0, 100):
             roof = np.maximum(compute / ec, memory / eb).sum(axis=1)
@@ -234,6 +234,7 @@ def calibrate(lut: Lut, spec: DeviceSpec, flow: Flow, dtype: str) -> tuple[Effic
             err = float(np.sum(((combine_ms(roof, kernels * launch, overlap) - measured) / measured) ** 2))
             if best is None or err < best[0]:
                 best = (err, eb, ec, launch)
+    assert best is not None  # the grids above are not empty
     _, eb, ec, launch = best
     if overlap and launch > 0:  # the dispatch grid is geometric: refine it around the best point
         roof = np.maximum(compute / ec, memory / eb).sum(axis=1)

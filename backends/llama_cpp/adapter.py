@@ -616,11 +616,12 @@ class LlamaCppBackend(Backend):
                 raise AmoebaError(
                     f"{BATCHED_BINARY} exited {done.returncode}: {' | '.join(done.stderr.strip().splitlines()[-3:])}"
                 )
-            (run,) = [
+            runs: list[BatchedRun | None] = [
                 r
                 for r in parse_batched_bench(done.stdout)
                 if (r.pp, r.tg, r.pl) == (workload.prompt_len, steps, workload.batch)
-            ] or [None]
+            ]
+            (run,) = runs or [None]
             if run is None or run.flash_attn != self.config.flash_attn:
                 raise AmoebaError(
                     f"{BATCHED_BINARY} did not report pp={workload.prompt_len}, tg={steps}, "

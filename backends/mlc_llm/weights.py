@@ -124,7 +124,7 @@ def write_tensor_cache(
         }
         for p in params
     ]
-    total_bytes = sum(r["nbytes"] for r in records)
+    total_bytes = sum(p.numel * itemsize for p in params)
     index = {
         # What MLC-LLM's convert_weight stores (interface/convert_weight.py _metadata_callback).
         "metadata": {"ParamSize": len(params), "ParamBytes": float(total_bytes), "BitsPerParam": 8.0 * itemsize},

@@ -97,7 +97,7 @@ def _kv_shape(spec: EngineSpec, batch: int, tokens: int) -> list[tuple[int, int,
 def kv_graph(model, num_layers: int):
     """The module whose forward is the exported graph: tokens and per-layer pasts in; last-position
     logits, the greedy token and per-layer presents out."""
-    torch = _torch()
+    import torch
     from transformers import DynamicCache
 
     class KvGraph(torch.nn.Module):

@@ -61,7 +61,7 @@ def pack(model_path: Path, pool: np.ndarray) -> dict[str, str]:
         layout[init.name] = next((k for k in kinds if np.array_equal(tensor, _tiling(pool, dims, k))), STORED)
         if layout[init.name] == STORED:
             stored[init.name] = np.array(tensor)
-    np.savez(model_path.parent / STORED_FILE, **stored)
+    np.savez(model_path.parent / STORED_FILE, allow_pickle=False, **stored)  # np.load reads it without pickles
     (model_path.parent / LAYOUT_FILE).write_text(json.dumps(layout, indent=1, sort_keys=True))
     names = list(data_files)
     data_files.clear()  # close the maps before the files go

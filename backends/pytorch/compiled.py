@@ -43,7 +43,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from amoeba_profile.backends.base import Backend, BuiltUnit, Capabilities, EngineSpec, ToolResult, read_engine_record
 from amoeba_profile.backends.pytorch.eager import PyTorchBackend, PyTorchEngine, _torch
@@ -53,6 +53,9 @@ from amoeba_profile.core.dtypes import bytes_per_element, kv_cache_bytes_per_ele
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import UnsupportedShape, UsageError
 from amoeba_profile.core.workload import Workload
+
+if TYPE_CHECKING:
+    from transformers import StaticCache
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -98,7 +101,8 @@ def compile_config(device: str, mode: str):
 
     config = CompileConfig(mode=mode)
     if not device.startswith("cuda"):
-        config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+        # transformers compiles only on accelerators unless told; it declares this flag as a bare `= None`
+        config._compile_all_devices = True  # type: ignore[assignment]  # transformers: flag typed None
     return config
 
 
@@ -207,7 +211,8 @@ class CompiledEngine(PyTorchEngine):
     def __init__(self, backend: "PyTorchCompiledBackend", spec: EngineSpec):
         super().__init__(backend, spec)
         self.model.generation_config.compile_config = backend.compile_config
-        self._cache, self._cache_batch = None, 0
+        self._cache: StaticCache | None = None
+        self._cache_batch = 0
 
     def generate(self, ids, cache, new_tokens: int):
         if cache is not None:

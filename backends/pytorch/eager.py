@@ -339,7 +339,7 @@ class _ComponentUnit(BuiltUnit):
 
 class PyTorchBackend(Backend):
     name = "pytorch"
-    verified_on = ("cpu", "cuda")  # tables shipped for two CPUs and a lent H200 (lut/README.md)
+    verified_on: tuple[str, ...] = ("cpu", "cuda")  # tables shipped for two CPUs and a lent H200 (lut/README.md)
 
     def __init__(
         self, device: str = "cpu", dtype: str | None = None, threads: int | None = None, attn_impl: str = "sdpa"
@@ -443,7 +443,7 @@ class PyTorchBackend(Backend):
         """
         params = attn_params(arch, heads, kv_heads) if component == "attn" else mlp_params(arch, ffn)
         block_bytes = params * bytes_per_element(self.dtype)
-        return max(1, min(self.max_chain, -(-self.chain_bytes // block_bytes)))
+        return max(1, min(self.max_chain, int(-(-self.chain_bytes // block_bytes))))
 
     def host_cores(self) -> int:
         return 1 if self.device.startswith("cuda") else self.config.threads
