@@ -82,10 +82,10 @@ def test_flags_build_every_device_flow_and_model(tmp_path):
     "data, message",
     [
         ({"devices": [], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "at least one device"),
-        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}}, "unknown keys ['grids']"),
+        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}}, "unknown field `grids`"),
         (
             {"devices": {"a": {"dtyp": "f16"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
-            "unknown keys ['dtyp']",
+            "device 'a': Object contains unknown field `dtyp`",
         ),
         ({"devices": ["a b"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "device label"),
         ({"devices": ["a"], "models": ["tinyllama-1.1b"]}, "'flows' must name at least one"),
@@ -96,7 +96,24 @@ def test_flags_build_every_device_flow_and_model(tmp_path):
         ),
         ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"widths": ["2"]}}, "(0, 1]"),
         ({"devices": ["a"], "flows": ["pytorch"], "models": ["no-such-model"]}, "unknown model"),
-        ([1, 2], "a mapping"),
+        ([1, 2], "Expected `object`, got `array`"),
+        # types and bounds (PlanFile, PlanDevice, PlanGrid) name the key and the value
+        (
+            {"devices": {"a": {"threads": "two"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
+            "device 'a': field 'threads'='two': Expected `int | null`, got `str`",
+        ),
+        (
+            {"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"batch": [1, 2]}},
+            "plan.yaml: field 'grid.batch'=[1, 2]: Expected `int`, got `array`",
+        ),
+        (
+            {"devices": {"a": {"grid": {"contexts": [16, 1.5]}}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
+            "device 'a': field 'grid.contexts[1]'=1.5: Expected `int`, got `float`",
+        ),
+        (
+            {"devices": {4090: {}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
+            "a key of 'devices': Expected `str`",
+        ),
     ],
 )
 def test_a_bad_plan_is_refused_naming_what_is_wrong(tmp_path, data, message):
@@ -259,7 +276,7 @@ def test_fleet_build_refuses_a_missing_or_bad_plan_before_touching_ray(tmp_path)
     plan.write_text("devices: [a]\nflows: [pytorch]\nmodels: [tinyllama-1.1b]\ngrid: {contexts: [0]}\n")
     proc = _cli("fleet", "build", "--plan", str(plan))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert f"{plan}: device 'a': 'grid.contexts' must be a positive integer, got 0" in proc.stderr
+    assert f"{plan}: field 'grid.contexts[0]'=0: Expected `int` >= 1" in proc.stderr
 
 
 # ---- real builds on a local Ray cluster ------------------------------------------------------------

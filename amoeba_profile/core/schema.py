@@ -263,7 +263,7 @@ class JournalResult(msgspec.Struct, kw_only=True, tag_field="kind", tag="result"
 
 
 S = TypeVar("S", bound=msgspec.Struct)
-_PATH = re.compile(r" - at `\$((?:\.\w+|\[\d+\])*)`$")
+_PATH = re.compile(r" - at (`key` in )?`\$((?:\.\w+|\[\d+\])*)`$")
 
 
 def parse(kind: type[S], value: Any, where: str, error: Callable[[str], AmoebaError]) -> S:
@@ -278,13 +278,16 @@ def parse(kind: type[S], value: Any, where: str, error: Callable[[str], AmoebaEr
 
 def describe(exc: msgspec.ValidationError, value: Any, kind: type[msgspec.Struct]) -> str:
     """One line for a validation error: the field's path and value, then the rule it breaks (a
-    table column's in words: ``heads=2.5 is not a non-negative integer``)."""
+    table column's in words: ``heads=2.5 is not a non-negative integer``); for a mapping's key
+    (msgspec names no key), the mapping's path."""
     message = str(exc)
     match = _PATH.search(message)
-    if match is None or not match.group(1):
+    if match is None or not match.group(2):
         return message
-    path = match.group(1).lstrip(".")
+    path = match.group(2).lstrip(".")
     reason = message[: match.start()]
+    if match.group(1):
+        return f"a key of '{path}': {reason}"
     found: Any = value
     for part in re.findall(r"\w+|\[\d+\]", path):
         try:

@@ -21,27 +21,76 @@ is checked, and its builds listed, before any cluster is touched.
 A device entry may override ``flows``, ``models``, ``method`` and ``grid`` (merged key by key), and
 set ``device`` (the torch device on its nodes, default auto), ``dtype``, ``threads`` and
 ``backend_options``. ``devices`` may also be a plain list of labels.
+
+The shape is declared once, as ``PlanFile``, ``PlanDevice`` and ``PlanGrid``, and ``schema.parse``
+names the key and value that break it; what no type says (a label's characters, a flow's
+capabilities, build-lut's width and whole-subnet parsers, a build listed twice) is checked here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from amoeba_profile.core import schema
 from amoeba_profile.core.arch import BUILTIN_ARCHS, ModelArch, resolve_arch
 from amoeba_profile.core.errors import UsageError
-from amoeba_profile.core.inputs import positive_int, read_bounded
+from amoeba_profile.core.inputs import read_bounded
+from amoeba_profile.core.schema import PositiveInt
 from amoeba_profile.core.subnet import parse_ratio, parse_whole
 from amoeba_profile.device import check_device_name
 
 T = TypeVar("T")
 MAX_PLAN_BYTES = 1 << 20
-_TOP_KEYS = {"flows", "models", "method", "grid", "devices"}
-_DEVICE_KEYS = {"flows", "models", "method", "grid", "device", "dtype", "threads", "backend_options"}
-_GRID_INT_LISTS = ("prompt_lens", "contexts", "depths")
-_GRID_INTS = ("batch", "decode_steps")
-_GRID_KEYS = {"widths", "whole", *_GRID_INT_LISTS, *_GRID_INTS}
+
+# One value may stand for a list (`flows: pytorch`, `contexts: 128`); a list holds at least one.
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+Names = Name | Annotated[list[Name], msgspec.Meta(min_length=1)]
+PositiveInts = PositiveInt | Annotated[list[PositiveInt], msgspec.Meta(min_length=1)]
+Ratios = str | float | Annotated[list[str | float], msgspec.Meta(min_length=1)]  # "7/8" or 0.875
+_LISTED = ("widths", "whole", "prompt_lens", "contexts", "depths")
+
+
+class PlanGrid(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """build-lut's grid options; a key left out is UNSET (null is refused), so that a device's grid
+    overrides the plan's key by key."""
+
+    widths: Ratios | UnsetType = UNSET
+    whole: str | list[str] | UnsetType = UNSET  # "22x1" items, as --whole
+    prompt_lens: PositiveInts | UnsetType = UNSET
+    contexts: PositiveInts | UnsetType = UNSET
+    depths: PositiveInts | UnsetType = UNSET
+    batch: PositiveInt | UnsetType = UNSET
+    decode_steps: PositiveInt | UnsetType = UNSET
+
+
+class PlanDevice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A device's entry: ``flows``, ``models`` and ``method`` left out (UNSET) are the plan's; a null
+    method, dtype or threads is the measuring node's default."""
+
+    flows: Names | UnsetType = UNSET
+    models: Names | UnsetType = UNSET
+    method: str | None | UnsetType = UNSET
+    grid: PlanGrid | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    threads: PositiveInt | None = None
+    backend_options: dict[str, Any] | None = None
+
+
+class PlanFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A plan: its devices and what each builds unless its entry says otherwise. An entry is parsed
+    apart, as a ``PlanDevice``, so that an error names its device (msgspec's path names no key)."""
+
+    devices: dict[str, Any] | list[str] = []
+    flows: Names | None = None
+    models: Names | None = None
+    method: str | None = None
+    grid: PlanGrid | None = None
 
 
 @dataclass(frozen=True)
@@ -108,35 +157,22 @@ def flags_builds(devices: list[str], flows: list[str], models: list[str]) -> lis
 
 def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
     """Every (device, flow, model) build of a parsed plan, checked; ``source`` names it in errors."""
-    if not isinstance(data, dict):
-        raise UsageError(f"{source}: a fleet plan is a mapping with 'devices', 'flows' and 'models'")
-    _no_unknown(data, _TOP_KEYS, source)
-    devices = data.get("devices")
-    if isinstance(devices, list):
-        devices = {label: {} for label in devices}
-    if not isinstance(devices, dict) or not devices:
+    plan = schema.parse(PlanFile, data, source, UsageError)
+    devices = plan.devices if isinstance(plan.devices, dict) else dict.fromkeys(plan.devices)
+    if not devices:
         raise UsageError(f"{source}: 'devices' must list at least one device label")
     builds: list[FleetBuild] = []
     archs: dict[str, ModelArch] = {}
-    for label, overrides in devices.items():
+    for label, entry in devices.items():
         where = f"{source}: device {label!r}"
         _check_label(label, where)
-        overrides = overrides or {}
-        if not isinstance(overrides, dict):
-            raise UsageError(f"{where}: its options must be a mapping, got {overrides!r}")
-        _no_unknown(overrides, _DEVICE_KEYS, where)
-        grid = {
-            **_mapping(data.get("grid"), f"{source}: 'grid'"),
-            **_mapping(overrides.get("grid"), f"{where}: 'grid'"),
-        }
-        _no_unknown(grid, _GRID_KEYS, f"{where}: 'grid'")
-        backend_options = _mapping(overrides.get("backend_options"), f"{where}: 'backend_options'")
-        threads = overrides.get("threads")
-        method = overrides.get("method", data.get("method"))
-        device = _within(where, check_device_name, str(overrides.get("device", "auto")))
-        for flow in _names(overrides.get("flows", data.get("flows")), "flows", where):
-            _check_flow(flow, method, device, overrides.get("dtype"), where)
-            for model in _names(overrides.get("models", data.get("models")), "models", where):
+        own = schema.parse(PlanDevice, entry or {}, where, UsageError)  # null or empty: the plan's
+        method = _own(own.method, plan.method)
+        grid = {**schema.to_builtins(plan.grid or PlanGrid()), **schema.to_builtins(own.grid or PlanGrid())}
+        device = _within(where, check_device_name, own.device)
+        for flow in _names(_own(own.flows, plan.flows), "flows", where):
+            _check_flow(flow, method, device, own.dtype, where)
+            for model in _names(_own(own.models, plan.models), "models", where):
                 if model not in archs:
                     archs[model] = _within(where, resolve_arch, _model_path(model, base))
                 arch = archs[model]
@@ -146,12 +182,12 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
                         backend=flow,
                         model=model,
                         arch=arch,
-                        device=str(overrides.get("device", "auto")),
-                        dtype=overrides.get("dtype"),
+                        device=own.device,
+                        dtype=own.dtype,
                         method=method,
-                        threads=positive_int(threads, f"{where}: 'threads'") if threads is not None else None,
-                        backend_options=dict(backend_options),
-                        plan_options=_within(where, _plan_options, arch, grid, where),
+                        threads=own.threads,
+                        backend_options=dict(own.backend_options or {}),
+                        plan_options=_within(where, _plan_options, arch, grid),
                     )
                 )
     seen: set[tuple[str, str, str]] = set()
@@ -163,7 +199,7 @@ def plan_builds(data: Any, base: Path, source: str) -> list[FleetBuild]:
     return builds
 
 
-def _check_flow(flow: str, method: Any, device: str, dtype: Any, where: str) -> None:
+def _check_flow(flow: str, method: str | None, device: str, dtype: str | None, where: str) -> None:
     """Refuse, before any cluster is joined, a flow with no measuring adapter, or a method, device
     kind or dtype it does not support (its ``capabilities``); whether a node has its libraries is
     the node's to say."""
@@ -179,7 +215,7 @@ def _check_flow(flow: str, method: Any, device: str, dtype: Any, where: str) -> 
         raise UsageError(f"{where}: method {method!r} is not one of {flow}'s {list(capabilities.methods)}")
     if device != "auto" and device_kind(device) not in capabilities.devices:
         raise UsageError(f"{where}: {flow} runs on {list(capabilities.devices)}, not {device!r}")
-    if dtype is not None and (not isinstance(dtype, str) or canonical_dtype(dtype) not in capabilities.dtypes):
+    if dtype is not None and canonical_dtype(dtype) not in capabilities.dtypes:
         raise UsageError(f"{where}: dtype {dtype!r} is not one of {flow}'s {list(capabilities.dtypes)}")
 
 
@@ -192,34 +228,29 @@ def _within(where: str, function: Callable[..., T], *args: Any) -> T:
         raise type(exc)(message if message.startswith(where) else f"{where}: {message}") from None
 
 
-def _check_label(label: Any, where: str) -> None:
+def _check_label(label: str, where: str) -> None:
     # The label becomes the resource name device:<label> that `ray start --resources` takes as JSON.
-    if not isinstance(label, str) or not label or not all(c.isalnum() or c in "-_." for c in label):
+    if not label or not all(c.isalnum() or c in "-_." for c in label):
         raise UsageError(
             f"{where}: a device label is letters, digits, '-', '_' and '.' (a device slug such as rtx-a5000)"
         )
 
 
-def _no_unknown(data: dict[str, Any], known: set[str], where: str) -> None:
-    unknown = sorted(str(k) for k in set(data) - known)
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {unknown}; known: {sorted(known)}")
+def _own(value: T | UnsetType, plan_value: T) -> T:
+    """A device's own setting, or the plan's where its entry leaves the key out."""
+    return plan_value if value is UNSET else value
 
 
-def _mapping(value: Any, where: str) -> dict[str, Any]:
+def _names(value: str | list[str] | None, what: str, where: str) -> list[str]:
+    """A device's flows or models: its own, else the plan's; neither naming any is refused."""
     if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise UsageError(f"{where} must be a mapping, got {value!r}")
-    return value
+        raise UsageError(f"{where}: '{what}' must name at least one, in the plan or in the device's entry")
+    return _listed(value)
 
 
-def _names(value: Any, what: str, where: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise UsageError(f"{where}: '{what}' must name at least one, got {value!r}")
-    return value
+def _listed(value: T | list[T]) -> list[T]:
+    """A plan's single value as the one-item list it stands for."""
+    return value if isinstance(value, list) else [value]
 
 
 def _model_path(model: str, base: Path) -> str:
@@ -227,22 +258,12 @@ def _model_path(model: str, base: Path) -> str:
     return str(base / model) if model not in BUILTIN_ARCHS and (base / model).exists() else model
 
 
-def _plan_options(arch: ModelArch, grid: dict[str, Any], where: str) -> dict[str, Any]:
-    """``BuildPlan`` fields from a plan's grid, checked as build-lut checks its flags."""
-    options: dict[str, Any] = {}
-    if "widths" in grid:
-        widths = grid["widths"] if isinstance(grid["widths"], list) else [grid["widths"]]
-        options["widths"] = tuple(parse_ratio(str(w)) for w in widths)
-    for key in _GRID_INT_LISTS:
-        if key in grid:
-            values = grid[key] if isinstance(grid[key], list) else [grid[key]]
-            if not values:
-                raise UsageError(f"{where}: 'grid.{key}' must not be empty")
-            options[key] = tuple(positive_int(v, f"{where}: 'grid.{key}'") for v in values)
-    for key in _GRID_INTS:
-        if key in grid:
-            options[key] = positive_int(grid[key], f"{where}: 'grid.{key}'")
-    if "whole" in grid:
-        whole = grid["whole"] if isinstance(grid["whole"], list) else [grid["whole"]]
-        options["whole"] = parse_whole(arch, ",".join(str(w) for w in whole))
+def _plan_options(arch: ModelArch, grid: dict[str, Any]) -> dict[str, Any]:
+    """``BuildPlan`` fields from a plan's merged grid (types and bounds already checked by ``PlanGrid``);
+    widths and whole subnets are read as build-lut reads its flags."""
+    options = {key: tuple(_listed(value)) if key in _LISTED else value for key, value in grid.items()}
+    if "widths" in options:
+        options["widths"] = tuple(parse_ratio(str(w)) for w in options["widths"])
+    if "whole" in options:
+        options["whole"] = parse_whole(arch, ",".join(options["whole"]))
     return options
