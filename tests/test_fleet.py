@@ -82,7 +82,10 @@ def test_flags_build_every_device_flow_and_model(tmp_path):
     "data, message",
     [
         ({"devices": [], "flows": ["pytorch"], "models": ["tinyllama-1.1b"]}, "at least one device"),
-        ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}}, "unknown field `grids`"),
+        (
+            {"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grids": {}},
+            "unknown field `grids`; known fields: ['devices', 'flows', 'grid'",
+        ),
         (
             {"devices": {"a": {"dtyp": "f16"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},
             "device 'a': Object contains unknown field `dtyp`",
@@ -96,7 +99,7 @@ def test_flags_build_every_device_flow_and_model(tmp_path):
         ),
         ({"devices": ["a"], "flows": ["pytorch"], "models": ["tinyllama-1.1b"], "grid": {"widths": ["2"]}}, "(0, 1]"),
         ({"devices": ["a"], "flows": ["pytorch"], "models": ["no-such-model"]}, "unknown model"),
-        ([1, 2], "Expected `object`, got `array`"),
+        ([1, 2], "Expected `object`, got `array`; known fields: ['devices'"),
         # types and bounds (PlanFile, PlanDevice, PlanGrid) name the key and the value
         (
             {"devices": {"a": {"threads": "two"}}, "flows": ["pytorch"], "models": ["tinyllama-1.1b"]},

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Callable, Literal, TypeVar, get_args
+from typing import Annotated, Any, Callable, Literal, TypeVar, get_args, get_type_hints
 
 import msgspec
 
@@ -283,9 +283,11 @@ def describe(exc: msgspec.ValidationError, value: Any, kind: type[msgspec.Struct
     message = str(exc)
     match = _PATH.search(message)
     if match is None or not match.group(2):
-        return message
+        reason = message[: match.start()] if match is not None else message
+        return reason + _known(reason, kind, "")
     path = match.group(2).lstrip(".")
     reason = message[: match.start()]
+    reason += _known(reason, kind, path)
     if match.group(1):
         return f"a key of '{path}': {reason}"
     found: Any = value
@@ -296,6 +298,28 @@ def describe(exc: msgspec.ValidationError, value: Any, kind: type[msgspec.Struct
             return f"field '{path}': {reason}"
     plain = _PLAIN.get(kind.__annotations__.get(path, ""))
     return f"{path}={found!r} is {plain}" if plain else f"field '{path}'={found!r}: {reason}"
+
+
+def _known(reason: str, kind: type[msgspec.Struct], path: str) -> str:
+    """For an unknown field, or a value that is no object where one belongs, what would have been
+    accepted: the fields of the struct at ``path`` inside ``kind`` (``grid`` -> the grid's)."""
+    if not reason.startswith(("Object contains unknown field", "Expected `object")):
+        return ""
+    here: Any = kind
+    for name in re.findall(r"\w+", path):
+        hints = get_type_hints(here, include_extras=True) if isinstance(here, type) else {}
+        structs = [t for t in _members(hints.get(name)) if isinstance(t, type) and issubclass(t, msgspec.Struct)]
+        if not structs:
+            break
+        here = structs[0]
+    return f"; known fields: {sorted(set(here.__struct_fields__) - {'unknown_fields'})}"
+
+
+def _members(hint: Any) -> list[Any]:
+    """A type and what it unions or contains: ``list[Grid] | None`` -> Grid among them."""
+    if hint is None:
+        return []
+    return [hint, *(member for arg in get_args(hint) for member in _members(arg))]
 
 
 # A row column's rule in words (msgspec's message for an enumeration names only the bad value).
