@@ -229,7 +229,7 @@ def _sealed_table(tmp_path, arch):
 
     from amoeba_profile.core.entry import Entry
     from amoeba_profile.core.timing import Measurement
-    from amoeba_profile.table.lut import measured_row, rows_frame, write_table
+    from amoeba_profile.table.lut import frame_rows, measured_row, rows_frame, write_table
 
     lut = synthetic_lut(arch, lambda h, p, c: 1.0 + h / 8, lambda f, p: 2.0, lambda p, c: 3.0)
     model = measured_row(
@@ -248,7 +248,7 @@ def _sealed_table(tmp_path, arch):
         "grid": {"widths": [1.0, 0.75, 0.5, 0.25], "prompt_lens": [16], "contexts": [16, 64], "batch": 1},
     }
     path = tmp_path / "tiny-float32.csv"
-    write_table(path, rows_frame(lut.frame.to_dict("records") + [model]), meta)
+    write_table(path, rows_frame(frame_rows(lut.frame) + [model]), meta)
     return path
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from amoeba_profile.backends import get_backend
 from conftest import FAST_PROTOCOL
@@ -332,7 +333,7 @@ def test_an_entry_without_a_result_is_an_error_measured_again():
 
     entry = Entry("mlp", "prefill", 1, 16, 0, ffn=64)
     rows, failed = journal_rows([entry], SimpleNamespace(records=[]), FAST_PROTOCOL, "components")
-    assert [(r["status"], r["note"], r["n"]) for r in rows] == [("error", "no result", 0)]
+    assert [(r.status, r.note, r.n) for r in rows] == [("error", "no result", 0)]
     assert failed == [entry.label]
     assert _retried(rows[0])
-    assert not _retried({**rows[0], "status": "error", "n": 7})  # a measured error keeps its samples
+    assert not _retried(msgspec.structs.replace(rows[0], status="error", n=7))  # a measured error keeps its samples

@@ -65,11 +65,11 @@ def test_the_fit_recovers_scale_and_per_layer_cost(tiny_arch):
     derived, residuals, summary = calibrate_rows(rows, plan.fit_ids())
     assert summary[0]["scale"] == pytest.approx(1.1) and summary[0]["per_layer_ms"] == pytest.approx(0.3)
     assert max(abs(r) for r in residuals.values()) < 1e-6
-    layers = {(r["heads"], r["kv_heads"], r["ffn"]): r["median_ms"] for r in derived}
+    layers = {(r.heads, r.kv_heads, r.ffn): r.median_ms for r in derived}
     assert layers == pytest.approx(
         {(8, 4, 128): 1.1 * 5.0 + 0.3, (4, 2, 128): 1.1 * 4.2 + 0.3, (8, 4, 64): 1.1 * 3.8 + 0.3}
     )
-    assert all(r["std_ms"] > 0 and math.isnan(r["mean_ms"]) for r in derived)  # the fit's se; no mean
+    assert all(r.std_ms > 0 and math.isnan(r.mean_ms) for r in derived)  # the fit's se; no mean
 
 
 @pytest.mark.slow

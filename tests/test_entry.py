@@ -22,7 +22,7 @@ def test_one_row_key_for_entries_rows_and_fit_residuals(tiny_arch, tmp_path):
     """Entry.key, the key of its written (and re-read) row and the fit's residual keys are one formatter's."""
     from amoeba_profile.core.timing import Measurement
     from amoeba_profile.table.fit import fit_rows
-    from amoeba_profile.table.lut import entry_key_of_row, load_table, measured_row, rows_frame, write_table
+    from amoeba_profile.table.lut import entry_key_of_row, frame_rows, load_table, measured_row, rows_frame, write_table
 
     entries = [Entry("model", "decode", 1, 1, 64, subnet=Subnet.uniform(tiny_arch, depth, 1.0)) for depth in (1, 2, 3)]
     rows = [
@@ -33,7 +33,9 @@ def test_one_row_key_for_entries_rows_and_fit_residuals(tiny_arch, tmp_path):
     ]
     path = tmp_path / "t.csv"
     write_table(path, rows_frame(rows), {"arch": tiny_arch.to_dict()})
-    reread = load_table(path).frame.to_dict("records")
-    assert [e.key for e in entries] == [entry_key_of_row(r) for r in rows] == [entry_key_of_row(r) for r in reread]
+    frame = load_table(path).frame
+    reread = frame_rows(frame)
+    assert [e.key for e in entries] == [r.key for r in rows] == [r.key for r in reread]
+    assert [entry_key_of_row(r) for _, r in frame.iterrows()] == [r.key for r in reread]
     _, residuals, _ = fit_rows(reread, {e.subnet_id for e in entries})
     assert set(residuals) == {e.key for e in entries}

@@ -1,5 +1,6 @@
 import json
 
+import msgspec
 import pytest
 from conftest import synthetic_lut
 from hypothesis import given, settings
@@ -354,13 +355,13 @@ def test_noisy_decode_rows_load_and_a_non_positive_median_is_an_error_row(tmp_pa
         for e, samples in ((noisy, [-0.3, 0.4, 0.5, 0.45, 0.42]), (drowned, [-0.3, -0.2, 0.1]))
     ]
     rows, failed = _aggregate([noisy, drowned], records, 0.1, "components")
-    assert [r["status"] for r in rows] == ["ok", "error"] and failed == [drowned.label]
-    assert rows[0]["p10_ms"] < 0 < rows[0]["median_ms"] and "not positive" in rows[1]["note"]
+    assert [r.status for r in rows] == ["ok", "error"] and failed == [drowned.label]
+    assert rows[0].p10_ms < 0 < rows[0].median_ms and "not positive" in rows[1].note
     path = tmp_path / "t.csv"
     write_table(path, rows_frame(rows), {})
     lut = load_table(path)
     assert len(lut.ok) == 1 and json.loads(lut.frame.samples_ms[1]) == [-0.3, -0.2, 0.1]
-    timed = rows_frame([{**rows[0], "component": "mlp", "phase": "prefill", "tokens": 16, "context": 0}])
+    timed = rows_frame([msgspec.structs.replace(rows[0], component="mlp", phase="prefill", tokens=16, context=0)])
     timed_path = tmp_path / "u.csv"
     write_table(timed_path, timed, {})
     with pytest.raises(LutError, match="positive median"):

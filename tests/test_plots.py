@@ -10,13 +10,13 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.schema import meta_fields
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import Measurement
-from amoeba_profile.table.lut import Lut, measured_row, rows_frame
+from amoeba_profile.table.lut import Lut, frame_rows, measured_row, rows_frame
 
 
 def _table(arch, measured_ms):
     """A table whose whole-model decode rows measured ``measured_ms`` (one model per value)."""
     lut = synthetic_lut(arch, lambda h, p, c: 0.1 * h, lambda f, p: 0.01 * f, lambda p, c: 0.5)
-    rows = lut.frame.to_dict("records")
+    rows = frame_rows(lut.frame)
     for context, value in zip(range(16, 16 + len(measured_ms)), measured_ms):
         entry = Entry("model", "decode", 1, 1, context, subnet=Subnet.uniform(arch, 1 + context % arch.num_layers, 1.0))
         rows.append(

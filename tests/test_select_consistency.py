@@ -15,7 +15,7 @@ from amoeba_profile.core.timing import Measurement
 from amoeba_profile.core.workload import Workload
 from amoeba_profile.selection.picker import evaluate, select, table_space
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.table.lut import Lut, load_table, measured_row, rows_frame, write_table
+from amoeba_profile.table.lut import Lut, frame_rows, load_table, measured_row, rows_frame, write_table
 
 WORKLOAD = Workload(1, 16, 20)  # decode steps at contexts 16..34, inside the tables' 16 and 64
 
@@ -49,7 +49,7 @@ def _with_models(lut, subnet, prefill_ms, decode_ms, contexts=(16, 64)):
 
     rows = [row(Entry("model", "prefill", 1, 16, 0, subnet=subnet), prefill_ms)] if prefill_ms is not None else []
     rows += [row(Entry("model", "decode", 1, 1, c, subnet=subnet), decode_ms) for c in contexts]
-    frame = rows_frame(lut.frame.to_dict("records") + rows)
+    frame = rows_frame(frame_rows(lut.frame) + rows)
     return Lut(frame, lut.meta)
 
 

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Callable, Literal, TypeVar, get_args, get_typ
 
 import msgspec
 
+from amoeba_profile.core.entry import entry_key
 from amoeba_profile.core.errors import AmoebaError
 
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -93,6 +94,21 @@ class Row(msgspec.Struct, kw_only=True):
     samples_ms: str = "[]"
     subnet_json: str = ""
     note: str = ""
+
+    @property
+    def key(self) -> str:
+        """The entry this row measures (``entry.entry_key``): a table holds one row per key."""
+        return entry_key(
+            self.component,
+            self.phase,
+            int(self.batch),
+            int(self.tokens),
+            int(self.context),
+            int(self.heads),
+            int(self.kv_heads),
+            int(self.ffn),
+            self.subnet_id or "",
+        )
 
 
 COLUMNS: list[str] = list(Row.__struct_fields__)

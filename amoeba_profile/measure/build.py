@@ -37,7 +37,7 @@ from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import AmoebaError, ArtifactError, LutError, UnsupportedShape
 from amoeba_profile.core.files import Notice, held, table_lock
 from amoeba_profile.core.inputs import output_dir, read_bounded
-from amoeba_profile.core.schema import GRID_LISTS, Grid, TableMeta, grid_fields
+from amoeba_profile.core.schema import GRID_LISTS, Grid, Row, TableMeta, grid_fields
 from amoeba_profile.core.timing import Measurement, TimingProtocol, sample, warm_up
 from amoeba_profile.device import available_memory_bytes, fingerprint
 from amoeba_profile.device.load import CpuLoad
@@ -51,7 +51,7 @@ from amoeba_profile.selection.memory import check_fits
 from amoeba_profile.table.fit import calibrate_rows, fit_rows
 from amoeba_profile.table.lut import (
     Lut,
-    entry_key_of_row,
+    frame_rows,
     load_table,
     measured_row,
     rows_frame,
@@ -295,7 +295,7 @@ def to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _existing(path: Path, meta: TableMeta) -> tuple[list[dict[str, Any]], TableMeta | None]:
+def _existing(path: Path, meta: TableMeta) -> tuple[list[Row], TableMeta | None]:
     """Rows and sidecar of the table already at ``path``, checked to have this build's identity."""
     if not path.exists():
         return [], None
@@ -313,7 +313,7 @@ def _existing(path: Path, meta: TableMeta) -> tuple[list[dict[str, Any]], TableM
             f"{path}: existing table has {key} {identity_difference(old, new)}; tables with different "
             "identities are not merged - choose another --out"
         )
-    return lut.frame.to_dict("records"), lut.meta
+    return frame_rows(lut.frame), lut.meta
 
 
 def identity_difference(old: Any, new: Any) -> str:
@@ -418,7 +418,7 @@ def open_journal(
 
 def journal_rows(
     todo: list[Entry], journal: Journal, protocol: TimingProtocol, plan_method: str
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[Row], list[str]]:
     """The rows of ``todo`` from the journal's results, and the labels of the entries that failed
     (out of memory, or too noisy for a positive median; an unsupported shape is not a failure)."""
     return _aggregate(todo, journal.records, protocol.cv_threshold, plan_method)
@@ -437,7 +437,7 @@ class TableStart:
 
     path: Path
     meta: TableMeta
-    kept: list[dict[str, Any]]
+    kept: list[Row]
     old_meta: TableMeta | None
     todo: list[Entry]
     fit_ids: set[str]
@@ -468,15 +468,15 @@ def start_table(
     # one must not stay in the table for good.
     entries = plan.entries()
     planned = {e.key for e in entries}
-    kept = [row for row in kept if not (_retried(row) and entry_key_of_row(row) in planned)]
+    kept = [row for row in kept if not (_retried(row) and row.key in planned)]
     fit_ids = plan.fit_ids()
     remeasured: frozenset[str] = frozenset()
     if kept:
         frame = rows_frame(kept)
-        short = {entry_key_of_row(row) for row in frame[short_of(frame, protocol)].to_dict("records")}
+        short = {row.key for row in frame_rows(frame[short_of(frame, protocol)])}
         remeasured = frozenset(short & planned)
-        kept = [row for row in kept if entry_key_of_row(row) not in remeasured]
-    have = {entry_key_of_row(row) for row in kept}
+        kept = [row for row in kept if row.key not in remeasured]
+    have = {row.key for row in kept}
     todo = [e for e in entries if e.key not in have]
     nothing_new = False
     if old_meta is not None:
@@ -497,18 +497,18 @@ def leave_unchanged(start: TableStart, journal: Callable[[], Journal], started: 
     return BuildResult(start.path, 0, 0, len(start.kept), [], time.perf_counter() - started, written=False)
 
 
-def _retried(row: dict[str, Any]) -> bool:
+def _retried(row: Row) -> bool:
     """A failure a later build measures again: out of memory, or an error without a sample."""
-    return row["status"] == "oom" or (row["status"] == "error" and row["n"] == 0)
+    return row.status == "oom" or (row.status == "error" and row.n == 0)
 
 
 def finish_table(
-    start: TableStart, rows: list[dict[str, Any]], failed: list[str], journal: Journal, started: float
+    start: TableStart, rows: list[Row], failed: list[str], journal: Journal, started: float
 ) -> BuildResult:
     """Refit (difference), write the table atomically with ``start.meta`` (the caller has added the
     monitor and device state), then remove the journal."""
     meta = start.meta
-    recompiled = [entry_key_of_row(r) for r in rows if "recompiled" in r["flags"].split(";")]
+    recompiled = [r.key for r in rows if "recompiled" in r.flags.split(";")]
     all_rows = start.kept + rows
     if start.fit_ids:
         all_rows, meta.fit = _refit(all_rows, start.fit_ids, meta.method or "")
@@ -524,9 +524,7 @@ def finish_table(
         raise cannot_write(exc, start.path, f"the measurements are kept in the journal {journal.path}") from None
     journal.path.unlink(missing_ok=True)
     labels = {e.key: e.label for e in start.todo}
-    unsupported = [
-        labels[key] for key in (entry_key_of_row(r) for r in rows if r["status"] == "unsupported") if key in labels
-    ]
+    unsupported = [labels[r.key] for r in rows if r.status == "unsupported" and r.key in labels]
     return BuildResult(
         start.path,
         *_provenance(start.todo, journal),
@@ -692,7 +690,7 @@ class _Runner:
         self.monitor = measurer.monitor
         self.launcher = InlineLauncher(measurer, busy, notice, load)
 
-    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[dict[str, Any]], list[str]]:
+    def measure(self, todo: list[Entry], journal: Journal) -> tuple[list[Row], list[str]]:
         """Every (entry, round) of ``todo`` the journal lacks, then ``todo``'s rows from the journal."""
         run_rounds(todo, journal, self.protocol, self.launcher, self.progress)
         return journal_rows(todo, journal, self.protocol, self.plan.method)
@@ -747,31 +745,28 @@ def _extend_meta(old_meta: TableMeta, plan: BuildPlan, protocol: TimingProtocol)
     )
 
 
-def _refit(
-    rows: list[dict[str, Any]], fit_ids: set[str], method: str
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _refit(rows: list[Row], fit_ids: set[str], method: str) -> tuple[list[Row], list[dict[str, Any]]]:
     """Replace the derived rows with a fit over every fit model in the table (the difference fit,
     or the calibration of the component rows); residuals onto model rows."""
-    rows = [
-        r for r in rows if not (r["method"] in ("difference", "calibrated") and r["component"] in ("base", "layer"))
-    ]
-    models = [r for r in rows if r["component"] == "model"]
+    rows = [r for r in rows if not (r.method in ("difference", "calibrated") and r.component in ("base", "layer"))]
+    models = [r for r in rows if r.component == "model"]
     if method == "calibrated":
         derived, residuals, summary = calibrate_rows(rows, fit_ids)
     else:
         derived, residuals, summary = fit_rows(models, fit_ids)
     for row in models:
-        row["residual_pct"] = residuals.get(entry_key_of_row(row), math.nan)
+        row.residual_pct = residuals.get(row.key, math.nan)
     return rows + derived, summary
 
 
 def _aggregate(
     entries: list[Entry], records: list[dict[str, Any]], cv_threshold: float, plan_method: str
-) -> tuple[list[dict[str, Any]], list[str]]:
+) -> tuple[list[Row], list[str]]:
     by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_key[record["key"]].append(record)
-    rows, failed = [], []
+    rows: list[Row] = []
+    failed: list[str] = []
     for entry in entries:
         results = by_key.get(entry.key, [])
         method = _row_method(entry, plan_method)
@@ -857,17 +852,18 @@ def _summarize_state(states: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def add_rows(path: Path, rows: list[dict[str, Any]], note: dict[str, Any], notice: Notice | None = None) -> int:
+def add_rows(path: Path, rows: list[Row], note: dict[str, Any], notice: Notice | None = None) -> int:
     """Merge rows measured elsewhere (e.g. validation models) into a finished table, under its lock
     (``notice`` hears whom it waits for).
 
     Rows whose entry is already in the table are skipped; returns how many were added."""
     with table_lock(path, notice=notice):
         lut = load_table(path)
-        have = {entry_key_of_row(row) for row in lut.frame.to_dict("records")}
-        new = [row for row in rows if entry_key_of_row(row) not in have]
+        existing = frame_rows(lut.frame)
+        have = {row.key for row in existing}
+        new = [row for row in rows if row.key not in have]
         if new:
             lut.meta.later_builds = [*(lut.meta.later_builds or []), note]
             lut.meta.updated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            write_table(path, rows_frame(lut.frame.to_dict("records") + new), lut.meta)
+            write_table(path, rows_frame(existing + new), lut.meta)
     return len(new)

@@ -27,6 +27,7 @@ import numpy as np
 from amoeba_profile.backends import Backend, get_backend
 from amoeba_profile.core.errors import AmoebaError, LutError
 from amoeba_profile.core.files import Notice
+from amoeba_profile.core.schema import Row
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.core.workload import Workload
@@ -36,7 +37,7 @@ from amoeba_profile.measure.build import Progress, add_rows, measure_plan
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.selection.picker import Selection
 from amoeba_profile.selection.predict import Predictor
-from amoeba_profile.table.lut import Lut, load_table
+from amoeba_profile.table.lut import Lut, frame_rows, load_table
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class ValidationRun:
     validations: tuple[Validation, ...]
     table: Path
     drift: float
-    models: tuple[dict[str, Any], ...]
+    models: tuple[Row, ...]
     note: dict[str, Any]
     journal: Path
     measured: int
@@ -175,7 +176,7 @@ def measure_picks(
         truth = truths.measured_metric(cand.subnet, workload, selection.metric, selection.stat)
         now = fresh_predictor.predict(cand.subnet, workload, selection.stat).metric(selection.metric)
         out.append(Validation(cand.subnet, cand.latency_ms, now, truth, cand.source, selection.budget_ms))
-    models = tuple(fresh.frame[fresh.frame.component == "model"].to_dict("records"))
+    models = tuple(frame_rows(fresh.frame[fresh.frame.component == "model"]))
     # Components now against the same components stored: a pick the table already holds model rows
     # of is predicted from them, so the stored side is composed explicitly.
     stored = Predictor(lut, whole_models=False)

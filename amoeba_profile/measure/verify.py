@@ -19,13 +19,14 @@ from typing import Any
 
 from amoeba_profile.core.errors import AmoebaError, LutError, UsageError
 from amoeba_profile.core.files import Notice
+from amoeba_profile.core.schema import Row
 from amoeba_profile.core.timing import TimingProtocol
 from amoeba_profile.device.quiet import BusyPolicy
 from amoeba_profile.measure.build import Progress, add_rows, measure_plan
 from amoeba_profile.measure.plan import BuildPlan
 from amoeba_profile.measure.validate import measured_metric, table_backend
 from amoeba_profile.selection.picker import Candidate, Selection, rank
-from amoeba_profile.table.lut import load_table
+from amoeba_profile.table.lut import frame_rows, load_table
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Verification:
     pick: Verified | None
     table: Path
     journal: Path
-    models: tuple[dict[str, Any], ...]
+    models: tuple[Row, ...]
     measured: int
     from_journal: int
 
@@ -144,7 +145,7 @@ def verify_candidates(
     )
     fitting = [r for r in results if r.fits]
     best = fitting[0] if fitting else None  # results are in rank order: the first that fits is the best
-    models = tuple(measured.lut.frame[measured.lut.frame.component == "model"].to_dict("records"))
+    models = tuple(frame_rows(measured.lut.frame[measured.lut.frame.component == "model"]))
     return Verification(results, best, table_path, journal, models, measured.measured, measured.from_journal)
 
 

@@ -24,27 +24,26 @@ from typing import Any
 import numpy as np
 
 from amoeba_profile.core.entry import Entry
+from amoeba_profile.core.schema import Row
 from amoeba_profile.core.subnet import Subnet
 from amoeba_profile.core.timing import Measurement
-from amoeba_profile.table.lut import entry_key_of_row, measured_row
-
-_GROUP = ("phase", "batch", "tokens", "context")
+from amoeba_profile.table.lut import measured_row
 
 
-def _shapes(row: dict[str, Any]) -> Counter:
-    if not row["subnet_json"]:  # the 0-layer model
+def _shapes(row: Row) -> Counter:
+    if not row.subnet_json:  # the 0-layer model
         return Counter()
-    subnet = Subnet.from_json(row["subnet_json"])
+    subnet = Subnet.from_json(row.subnet_json)
     return Counter((l.heads, l.kv_heads, l.ffn) for l in subnet.layers)
 
 
-def _solve(X: np.ndarray, rows: list[dict[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+def _solve(X: np.ndarray, rows: list[Row]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Coefficients per statistic (least squares weighted by 1/median), the median fit's standard
     errors (ms) and its residuals (%)."""
-    y = np.array([r["median_ms"] for r in rows], dtype=float)
+    y = np.array([r.median_ms for r in rows], dtype=float)
     Xw = X / y[:, None]
     coefs = {
-        stat: np.linalg.lstsq(Xw, np.array([r[stat] for r in rows], dtype=float) / y, rcond=None)[0]
+        stat: np.linalg.lstsq(Xw, np.array([getattr(r, stat) for r in rows], dtype=float) / y, rcond=None)[0]
         for stat in ("median_ms", "p10_ms", "p90_ms")
     }
     resid = (y - X @ coefs["median_ms"]) / y
@@ -54,14 +53,12 @@ def _solve(X: np.ndarray, rows: list[dict[str, Any]]) -> tuple[dict[str, np.ndar
     return coefs, stderr, resid * 100
 
 
-def fit_rows(
-    model_rows: list[dict[str, Any]], fit_ids: set[str]
-) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+def fit_rows(model_rows: list[Row], fit_ids: set[str]) -> tuple[list[Row], dict[str, float], list[dict[str, Any]]]:
     """(derived base and layer rows, residual % per model row's entry key, one summary per fitted group)."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in model_rows:
-        if row["status"] == "ok" and row["subnet_id"] in fit_ids:
-            groups[tuple(int(row[k]) if k != "phase" else row[k] for k in _GROUP)].append(row)
+        if row.status == "ok" and row.subnet_id in fit_ids:
+            groups[(row.phase, int(row.batch), int(row.tokens), int(row.context))].append(row)
     derived, residuals, summary = [], {}, []
     for (phase, batch, tokens, context), rows in sorted(groups.items()):
         counts = [_shapes(r) for r in rows]
@@ -77,7 +74,7 @@ def fit_rows(
             coefs = {stat: np.concatenate([[0.0], c]) for stat, c in layer_coefs.items()}
             stderr = np.concatenate([[math.nan], layer_stderr])
         for row, r in zip(rows, resid):
-            residuals[entry_key_of_row(row)] = float(r)
+            residuals[row.key] = float(r)
         depths = sorted({sum(c.values()) for c in counts})
         rms = float(np.sqrt(np.mean(resid**2)))
         note = f"fit of {len(rows)} models (depths {','.join(map(str, depths))}); rms residual {rms:.2f} %"
@@ -97,9 +94,7 @@ def fit_rows(
             summary[-1]["unconstrained_base_ms"] = round(unconstrained_base[0], 4)
         entries = [Entry("base", phase, batch, tokens, context)]
         entries += [Entry("layer", phase, batch, tokens, context, h, kv, f) for h, kv, f in shapes]
-        flags = ";".join(
-            sorted({flag for r in rows if isinstance(r.get("flags"), str) for flag in r["flags"].split(";") if flag})
-        )
+        flags = ";".join(sorted({flag for r in rows for flag in r.flags.split(";") if flag}))
         for i, entry in enumerate(entries):
             if i == 0 and unconstrained_base is not None:
                 derived.append(_zero_base_row(entry, *unconstrained_base, len(rows), note, flags))
@@ -119,9 +114,7 @@ def fit_rows(
     return derived, residuals, summary
 
 
-def _zero_base_row(
-    entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str, flags: str
-) -> dict[str, Any]:
+def _zero_base_row(entry: Entry, unconstrained_ms: float, stderr_ms: float, n: int, note: str, flags: str) -> Row:
     measurement = Measurement((), 0.0, 0.0, 0.0, math.nan, math.nan, math.nan, n)
     return measured_row(
         entry,
@@ -138,7 +131,7 @@ def _zero_base_row(
 
 def _derived_row(
     entry: Entry, median: float, p10: float, p90: float, stderr: float, n: int, note: str, flags: str
-) -> dict[str, Any]:
+) -> Row:
     if not median > 0:
         return measured_row(
             entry,
@@ -158,36 +151,36 @@ def _derived_row(
     return measured_row(entry, measurement, "ok", method="difference", repeat=1, wall_s=0.0, note=note, flags=flags)
 
 
-def _component_ms(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+def _component_ms(rows: list[Row]) -> dict[tuple, Row]:
     """The ok attn, mlp and base rows by (component, phase, batch, tokens, context, heads, kv_heads, ffn)."""
     return {
         (
-            r["component"],
-            r["phase"],
-            int(r["batch"]),
-            int(r["tokens"]),
-            int(r["context"]),
-            int(r["heads"]),
-            int(r["kv_heads"]),
-            int(r["ffn"]),
+            r.component,
+            r.phase,
+            int(r.batch),
+            int(r.tokens),
+            int(r.context),
+            int(r.heads),
+            int(r.kv_heads),
+            int(r.ffn),
         ): r
         for r in rows
-        if r["status"] == "ok" and r["component"] in ("attn", "mlp", "base")
+        if r.status == "ok" and r.component in ("attn", "mlp", "base")
     }
 
 
-def _se(row: dict[str, Any]) -> float:
+def _se(row: Row) -> float:
     """Standard error of a measured row's central value: the std of its samples, pooled over every
     round (so drift between rounds is in it), over the square root of their number."""
-    std = float(row.get("std_ms", math.nan))
-    n = max(1, int(row.get("n") or 1))
+    std = float(row.std_ms)
+    n = max(1, int(row.n or 1))
     return std / math.sqrt(n) if math.isfinite(std) else 0.0
 
 
 def calibrate_rows(
-    rows: list[dict[str, Any]],
+    rows: list[Row],
     calibration_ids: set[str],
-) -> tuple[list[dict[str, Any]], dict[str, float], list[dict[str, Any]]]:
+) -> tuple[list[Row], dict[str, float], list[dict[str, Any]]]:
     """The calibrated method's fit: per (phase, batch, prompt length or context), the whole
     calibration models' serving-loop latencies y against their composed component cost C and
     layer count n: y - base = a * C + d * n, least squares weighted by 1/y (relative residuals).
@@ -196,10 +189,10 @@ def calibrate_rows(
     residuals where they are larger) as std_ms. Returns (derived rows, residual % per model row's
     entry key, one summary per group)."""
     comps = _component_ms(rows)
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
-        if row["component"] == "model" and row["status"] == "ok" and row["subnet_id"] in calibration_ids:
-            groups[(row["phase"], int(row["batch"]), int(row["tokens"]), int(row["context"]))].append(row)
+        if row.component == "model" and row.status == "ok" and row.subnet_id in calibration_ids:
+            groups[(row.phase, int(row.batch), int(row.tokens), int(row.context))].append(row)
     derived, residuals, summary = [], {}, []
     for (phase, batch, tokens, context), models in sorted(groups.items()):
         mlp_context = 0 if phase == "decode" else context  # the MLP sees one token whatever the context
@@ -212,7 +205,7 @@ def calibrate_rows(
             ffn: int = 0,
             at: tuple = (phase, batch, tokens),
             x: dict[str, int] = group,
-        ) -> dict[str, Any] | None:
+        ) -> Row | None:
             return comps.get((component, *at, x[component], heads, kv, ffn))
 
         base = comp("base")
@@ -224,14 +217,14 @@ def calibrate_rows(
                 if attn is None or mlp is None:
                     missing = True
                     break
-                total += attn["median_ms"] + mlp["median_ms"]
+                total += attn.median_ms + mlp.median_ms
             if not missing and base is not None:
                 usable.append((row, total, sum(_shapes(row).values())))
         if base is None or len(usable) < 2:
             continue  # nothing to calibrate against: the group keeps only its component rows
-        y = np.array([r["median_ms"] for r, _, _ in usable]) - base["median_ms"]
+        y = np.array([r.median_ms for r, _, _ in usable]) - base.median_ms
         X = np.array([[c, n] for _, c, n in usable], dtype=float)
-        weight = 1.0 / np.array([r["median_ms"] for r, _, _ in usable])
+        weight = 1.0 / np.array([r.median_ms for r, _, _ in usable])
         Xw, yw = X * weight[:, None], y * weight
         coef = np.linalg.lstsq(Xw, yw, rcond=None)[0]
         held = not coef[0] > 0  # a non-positive scale is noise, not physics: keep the components' scale
@@ -247,7 +240,7 @@ def calibrate_rows(
             cov = from_residuals if np.trace(from_residuals) > np.trace(cov) else cov
         scale, per_layer = float(coef[0]), float(coef[1])
         for (row, _, _), r in zip(usable, resid):
-            residuals[entry_key_of_row(row)] = float(100 * r)
+            residuals[row.key] = float(100 * r)
         rms = float(np.sqrt(np.mean((100 * resid) ** 2)))
         summary.append(
             {
@@ -271,7 +264,7 @@ def calibrate_rows(
         )
         if held:
             summary[-1]["scale_held"] = True
-        flags = ";".join(sorted({f for r, _, _ in usable for f in str(r.get("flags") or "").split(";") if f}))
+        flags = ";".join(sorted({f for r, _, _ in usable for f in r.flags.split(";") if f}))
         heads_axis = sorted(
             {(k[5], k[6]) for k in comps if k[0] == "attn" and k[1:5] == (phase, batch, tokens, context)}
         )
@@ -283,7 +276,7 @@ def calibrate_rows(
         for heads, kv, ffn in sorted(shapes):
             attn, mlp = comp("attn", heads, kv), comp("mlp", ffn=ffn)
             assert attn is not None and mlp is not None  # both axes were read from the measured components
-            composed = {stat: attn[stat] + mlp[stat] for stat in ("median_ms", "p10_ms", "p90_ms")}
+            composed = {stat: getattr(attn, stat) + getattr(mlp, stat) for stat in ("median_ms", "p10_ms", "p90_ms")}
             grad = np.array([composed["median_ms"], 1.0])
             se = math.sqrt(float(grad @ cov @ grad) + scale**2 * (_se(attn) ** 2 + _se(mlp) ** 2))
             entry = Entry("layer", phase, batch, tokens, context, heads, kv, ffn)

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import msgspec
 import pandas as pd
@@ -88,47 +88,40 @@ def measured_row(
     flags: str = "",
     note: str = "",
     state: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """One tidy row; stats are NaN unless status is ``ok``; ``state`` fills the device-state and
-    diagnostic columns."""
-    row: dict[str, Any] = {c: (state or {}).get(c, math.nan) for c in OPTIONAL_COLUMNS}
-    row.update(
-        {
-            "component": entry.component,
-            "phase": entry.phase,
-            "batch": entry.batch,
-            "tokens": entry.tokens,
-            "context": entry.context,
-            "heads": entry.heads,
-            "kv_heads": entry.kv_heads,
-            "ffn": entry.ffn,
-            "num_layers": entry.num_layers,
-            "subnet_id": entry.subnet_id,
-            "method": method,
-            "source": "measured",
-            "status": status,
-            "repeat": repeat,
-            "rounds": rounds,
-            "flags": flags,
-            "wall_s": round(wall_s, 3),
-            "note": note,
-            "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
+) -> Row:
+    """One tidy row, checked as a loaded one is (a status, method or count no table may hold fails
+    here, not when the table is next read); stats are NaN unless status is ``ok``; ``state`` fills
+    the device-state and diagnostic columns."""
+    stats: dict[str, Any] = {c: math.nan for c in STAT_COLUMNS} | {"n": 0}
+    if measurement is not None:
+        stats = {
+            "n": int(measurement.n),
+            **{
+                f"{stat}_ms": float(getattr(measurement, f"{stat}_ms"))
+                for stat in ("median", "p10", "p90", "mean", "std")
+            },
+            "cv": float(measurement.cv),
         }
-    )
-    if measurement is None:
-        row.update({c: math.nan for c in STAT_COLUMNS}, n=0, samples_ms="[]")
-    else:
-        row.update(
-            n=measurement.n,
-            median_ms=measurement.median_ms,
-            p10_ms=measurement.p10_ms,
-            p90_ms=measurement.p90_ms,
-            mean_ms=measurement.mean_ms,
-            std_ms=measurement.std_ms,
-            cv=measurement.cv,
-            samples_ms=json.dumps([round(x, 5) for x in measurement.samples_ms]),
-        )
-    return row
+    fields = {
+        "component": entry.component,
+        "phase": entry.phase,
+        **{name: int(getattr(entry, name)) for name in ("batch", "tokens", "context", "heads", "kv_heads", "ffn")},
+        "num_layers": int(entry.num_layers),
+        "subnet_id": entry.subnet_id,
+        "method": method,
+        "source": "measured",
+        "status": status,
+        "repeat": int(repeat),
+        "rounds": int(rounds),
+        "flags": flags,
+        "wall_s": round(float(wall_s), 3),
+        "note": note,
+        "subnet_json": entry.subnet.to_json() if entry.subnet is not None else "",
+        "samples_ms": json.dumps([round(x, 5) for x in measurement.samples_ms]) if measurement is not None else "[]",
+        **stats,
+        **{c: float((state or {}).get(c, math.nan)) for c in OPTIONAL_COLUMNS},
+    }
+    return parse(Row, fields, f"row of {entry.label}", LutError)
 
 
 def short_of(frame: pd.DataFrame, protocol: TimingProtocol) -> pd.Series:
@@ -141,11 +134,21 @@ def short_of(frame: pd.DataFrame, protocol: TimingProtocol) -> pd.Series:
     return measured & ((frame["rounds"] < protocol.rounds) | (frame["n"] < asked_n))
 
 
-def rows_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+def rows_frame(rows: Iterable[Row]) -> pd.DataFrame:
+    """A table's frame: the rows, in CSV column order, sorted by key."""
+    frame = pd.DataFrame([msgspec.structs.asdict(row) for row in rows], columns=COLUMNS)
+    return _sorted(frame)
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("subnet_id", "flags", "note", "subnet_json"):
         frame[column] = frame[column].fillna("").astype(str)
     return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def frame_rows(frame: pd.DataFrame) -> list[Row]:
+    """A frame's rows as ``Row``s (a loaded table's frame was checked row by row as it loaded)."""
+    return [Row(**record) for record in frame[COLUMNS].to_dict("records")]
 
 
 @dataclass
@@ -264,7 +267,7 @@ def write_table(path: Path, frame: pd.DataFrame, meta: TableMeta | dict[str, Any
     _refuse_read_only(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted_write(path)
-    data = rows_frame(frame.to_dict("records")).to_csv(index=False, float_format="%.6g").encode()
+    data = _sorted(frame.reindex(columns=COLUMNS)).to_csv(index=False, float_format="%.6g").encode()
     fields = meta_fields(meta) if isinstance(meta, TableMeta) else meta_fields(check_meta(sidecar_path(path), meta))
     fields.update(schema_version=SCHEMA_VERSION, rows=len(frame), content_sha256=hashlib.sha256(data).hexdigest())
     pending = pending_sidecar_path(path)

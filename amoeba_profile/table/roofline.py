@@ -21,13 +21,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from amoeba_profile.core.arch import ModelArch
 from amoeba_profile.core.dtypes import bytes_per_element
 from amoeba_profile.core.entry import Entry
 from amoeba_profile.core.errors import LutError, UsageError
-from amoeba_profile.core.schema import grid_fields
+from amoeba_profile.core.schema import Row, grid_fields
 from amoeba_profile.core.timing import Measurement
 from amoeba_profile.device.specs import DTYPE_PEAK, DeviceSpec
 from amoeba_profile.table.lut import Lut, measured_row
@@ -133,7 +134,7 @@ def component_ms(ops: list[Op], kernels: int, spec: DeviceSpec, dtype: str, eff:
 
 def roofline_rows(
     arch: ModelArch, entries: list[Entry], spec: DeviceSpec, flow: Flow, dtype: str, eff: Efficiency
-) -> list[dict[str, Any]]:
+) -> list[Row]:
     rows = []
     for entry in entries:
         if entry.component == "model":
@@ -150,8 +151,7 @@ def roofline_rows(
             wall_s=0.0,
             note=f"roofline {spec.slug} {flow.name}",
         )
-        row.update(source="roofline", n=0, samples_ms="[]")
-        rows.append(row)
+        rows.append(msgspec.structs.replace(row, source="roofline", n=0, samples_ms="[]"))
     return rows
 
 
