@@ -5,8 +5,9 @@ Each is a msgspec ``Struct`` whose field types and bounds are the validation: a 
 converting what it holds into its struct (``parse``), and a problem is reported with the file's
 own field name and value. msgspec, not pydantic v2 or attrs: it validates as strictly (a bool is
 no int, a float no int unless exact), costs ~15 ms to import, declare a struct and validate one
-against pydantic 2.14's ~60 ms (measured on the 2-core CI VM; ``select`` is a quick command), and attrs would leave the checking to hand-written code, which is what this
-module replaces. Checks that span fields (``p10 <= median``, a row's samples against its stats, an
+against pydantic 2.14's ~60 ms (measured on this project's 2-core VM; ``select`` is a quick
+command), and attrs would leave the checking to hand-written code, which is what this module
+replaces. Checks that span fields (``p10 <= median``, a row's samples against its stats, an
 entry key of this run) stay with the code that knows their context (``table.lut``,
 ``measure.journal``); every single-field rule is here.
 """
